@@ -1,0 +1,126 @@
+"""Checkpoints: save atomically, load safely, validate before use.
+
+A checkpoint is a plain dictionary of tensors and Python primitives::
+
+    format, format_version      what this file is
+    model_config                ModelConfig fields (enough to rebuild the network)
+    tokenizer                   the tokenizer's to_dict() (enough to encode and decode)
+    model                       the network's state_dict
+    train_config                the TrainConfig of the run that wrote it
+    optimizer, scaler           optimiser and gradient-scaler state (None in exports)
+    progress                    iteration, best val loss, evaluations since best, elapsed time
+    rng                         RNG states: torch CPU, CUDA, and the batch sampler
+
+It is written with ``torch.save`` through :func:`smolgpt.files.atomic_write` and always read
+with ``weights_only=True``: the unpickler then builds only tensors and primitive containers,
+so a malicious file cannot run code. Everything is then checked against the stored config
+before a model is built from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .errors import SmolGPTError
+from .files import atomic_write
+from .model import GPT
+from .tokenizer import Tokenizer, tokenizer_from_dict
+
+FORMAT = "smolgpt-checkpoint"
+FORMAT_VERSION = 1
+REQUIRED = ("format_version", "model_config", "tokenizer", "model")
+
+
+def save(path: Path, checkpoint: dict[str, Any]) -> None:
+    """Write a checkpoint dictionary atomically (old file or new file, never half of one)."""
+    checkpoint = {"format": FORMAT, "format_version": FORMAT_VERSION, **checkpoint}
+    atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
+
+
+def load(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read and validate a checkpoint; every problem is a SmolGPTError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SmolGPTError(f"checkpoint {path} does not exist: check the path")
+    if path.stat().st_size == 0:
+        raise SmolGPTError(f"checkpoint {path} is empty (an interrupted copy?)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc).lower() or "unsupported global" in str(exc).lower():
+            raise SmolGPTError(
+                f"{path} contains Python objects other than tensors and plain data, which "
+                "could run code when loaded; refusing to load it"
+            ) from None
+        raise SmolGPTError(f"{path} is not a readable checkpoint (corrupt or truncated)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError,
+            IndexError, TypeError, AttributeError) as exc:
+        raise SmolGPTError(
+            f"{path} is not a readable checkpoint (truncated or corrupt: {type(exc).__name__})"
+        ) from None
+    validate(ckpt, path)
+    return ckpt
+
+
+def validate(ckpt: Any, path: Path) -> None:
+    """Check format, version, keys and tensor shapes against the stored model config."""
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise SmolGPTError(f"{path} is not a smolgpt checkpoint (no smolgpt format marker)")
+    missing = [k for k in REQUIRED if k not in ckpt]
+    if missing:
+        raise SmolGPTError(f"{path} is missing {', '.join(missing)}: not a complete checkpoint")
+    version = ckpt["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise SmolGPTError(
+            f"{path} has checkpoint format version {version}, newer than this smolgpt "
+            f"understands ({FORMAT_VERSION}): upgrade smolgpt (pip install -U smolgpt)"
+        )
+    config = model_config(ckpt, path)
+    tokenizer = tokenizer_from_dict(ckpt["tokenizer"])
+    if tokenizer.vocab_size != config.vocab_size:
+        raise SmolGPTError(
+            f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model expects "
+            f"{config.vocab_size}; the checkpoint is inconsistent"
+        )
+    expected = _expected_shapes(config)
+    state = ckpt["model"]
+    if not isinstance(state, dict) or set(state) != set(expected):
+        raise SmolGPTError(f"{path}: the stored weights do not match the stored model config")
+    for name, shape in expected.items():
+        if not isinstance(state[name], torch.Tensor) or tuple(state[name].shape) != shape:
+            raise SmolGPTError(
+                f"{path}: weight {name} has shape {tuple(getattr(state[name], 'shape', ()))}, "
+                f"expected {shape}; the checkpoint is inconsistent"
+            )
+
+
+def _expected_shapes(config: ModelConfig) -> dict[str, tuple]:
+    # Built on the meta device: shapes without allocating or initialising any weights.
+    with torch.device("meta"):
+        model = GPT(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def model_config(ckpt: dict, path: Path = Path("checkpoint")) -> ModelConfig:
+    raw = ckpt.get("model_config")
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    if not isinstance(raw, dict) or not set(raw) <= names or "vocab_size" not in raw:
+        raise SmolGPTError(f"{path}: model_config is missing or malformed")
+    return ModelConfig(**raw)
+
+
+def load_model(path: Path, device: torch.device) -> tuple[GPT, Tokenizer, dict]:
+    """A ready-to-use model (eval mode, on device), its tokenizer, and the raw checkpoint."""
+    ckpt = load(path, map_location=device)
+    model = GPT(model_config(ckpt, path))
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return model, tokenizer_from_dict(ckpt["tokenizer"]), ckpt
+

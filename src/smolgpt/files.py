@@ -1,0 +1,139 @@
+"""Crash-safe files: atomic writes, the user cache directory, and one-run-per-directory locks.
+
+Every file smolgpt writes that a later run reads (checkpoints, token caches, downloads) goes
+through :func:`atomic_write`: the bytes go to a temporary file in the same directory, are
+flushed and fsync'ed, and the temporary file is renamed over the target. A rename within one
+directory is atomic, so a reader (or a process killed at any instant) sees either the old
+complete file or the new complete file, never a mixture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from .errors import SmolGPTError
+
+
+def cache_dir() -> Path:
+    """Where token caches and downloaded corpora live: $SMOLGPT_CACHE_DIR, else the XDG cache."""
+    if os.environ.get("SMOLGPT_CACHE_DIR"):
+        return Path(os.environ["SMOLGPT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "smolgpt"
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not possible (or needed) on every platform.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(file) on a temporary file, then atomically replace path with it.
+
+    On any failure (a full disk included) the temporary file is removed, path keeps its
+    previous content, and a SmolGPTError says what happened.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        if isinstance(exc, OSError) or isinstance(exc.__cause__, OSError):
+            os_error = exc if isinstance(exc, OSError) else exc.__cause__
+            kept = "the previous version is kept" if path.exists() else "nothing was written"
+            reason = "disk full" if os_error.errno == errno.ENOSPC else os_error.strerror
+            raise SmolGPTError(f"could not write {path} ({reason}); {kept}") from exc
+        if isinstance(exc, RuntimeError) and "file write failed" in str(exc):
+            # torch.save reports a failed write (ENOSPC among them) as a RuntimeError.
+            kept = "the previous version is kept" if path.exists() else "nothing was written"
+            raise SmolGPTError(f"could not write {path} (disk full?); {kept}") from exc
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held for the life of a training process.
+
+    It is an OS-level advisory lock (flock) on ``<dir>/.lock``: the kernel drops it when the
+    process dies, however it dies, so a crash never leaves a directory locked.
+    """
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / ".lock"
+        self._file = None
+
+    def acquire(self) -> "RunLock":
+        self._file = open(self.path, "a+")
+        try:
+            _lock_file(self._file)
+        except OSError:
+            self._file.close()
+            self._file = None
+            raise SmolGPTError(
+                f"{self.path.parent} is in use by another training process; "
+                "wait for it to finish or choose another --out_dir"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor releases the lock
+            self._file = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _lock_file(f) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def ensure_writable_dir(path: Path) -> Path:
+    """Create path if needed and check it is a writable directory, before any work starts."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SmolGPTError(f"--out_dir {path} is a file, not a directory: choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.TemporaryFile(dir=path)
+        probe.close()
+    except OSError as exc:
+        raise SmolGPTError(
+            f"cannot write to run directory {path} ({exc.strerror}): choose another --out_dir"
+        ) from None
+    return path

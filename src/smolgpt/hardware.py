@@ -1,0 +1,82 @@
+"""What the machine can do: which device to use, which mixed precision pays, how fast it is.
+
+Mixed precision is chosen by measurement, not by name: on a CPU, bfloat16 autocast is used
+only if a bfloat16 matrix product actually runs faster than a float32 one here (CPUs with
+AVX-512 BF16 or AMX run it several times faster; others emulate it slowly). On CUDA, bf16 is
+used where the GPU supports it and fp16 with a gradient scaler elsewhere (T4, V100).
+The same measurement gives the matmul peak that MFU (model FLOPs utilisation) is quoted
+against.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Optional
+
+import torch
+
+from .errors import SmolGPTError
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; an explicit choice must be available."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if name == "cuda" and not cuda:
+        raise SmolGPTError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+    if name == "mps" and not mps:
+        raise SmolGPTError("--device mps: Apple MPS is not available here; use --device cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise SmolGPTError(f"unknown device {name!r}: choose auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def _time_matmul(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 4) -> float:
+    """Best-of-reps FLOP/s of an n x n matrix product."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(reps + 1):  # the first is a warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_flops(device_type: str, dtype: torch.dtype) -> float:
+    """Measured peak-ish matmul FLOP/s on this device in this dtype (cached per process)."""
+    n = 4096 if device_type == "cuda" else 1024
+    return _time_matmul(torch.device(device_type), dtype, n=n)
+
+
+def amp_dtype(device: torch.device, enabled: bool) -> Optional[torch.dtype]:
+    """The autocast dtype to train in, or None for plain float32."""
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        try:
+            faster = matmul_flops("cpu", torch.bfloat16) > 1.2 * matmul_flops("cpu", torch.float32)
+        except RuntimeError:  # no bf16 kernels at all
+            return None
+        return torch.bfloat16 if faster else None
+    return None  # mps: autocast support is partial; float32 is the safe choice
+
+
+def peak_flops(device: torch.device, dtype: Optional[torch.dtype]) -> float:
+    return matmul_flops(device.type, dtype or torch.float32)
+
+
+def configure_backends(device: torch.device) -> None:
+    """Fast paths that are safe for training: TF32 matmuls on Ampere and newer GPUs."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

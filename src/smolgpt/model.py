@@ -1,0 +1,183 @@
+"""A GPT-2-style language model, from scratch.
+
+Reads top to bottom like the GPT-2 paper: token and learned position embeddings feed a stack
+of pre-LayerNorm transformer blocks (causal multi-head self-attention, then a 4x-wide GELU
+MLP, each wrapped in a residual connection), a final LayerNorm, and an output head that
+shares its weights with the token embedding.
+
+For generation, :class:`KVCache` keeps every layer's keys and values so that each new token
+costs one position of work instead of re-running the whole context.
+
+Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads, hs head size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from .config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to block_size."""
+
+    def __init__(self, config: ModelConfig):
+        self.n_layer, self.block_size = config.n_layer, config.block_size
+        self.keys: Optional[torch.Tensor] = None  # (n_layer, B, nh, block_size, hs)
+        self.values: Optional[torch.Tensor] = None
+        self.length = 0  # positions filled; the next token goes at this position
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, nh, T, hs) after the cached ones; return all keys and values so far."""
+        if self.keys is None:  # allocate on first use, in the dtype autocast gave k and v
+            B, nh, _, hs = k.shape
+            shape = (self.n_layer, B, nh, self.block_size, hs)
+            self.keys = k.new_zeros(shape)
+            self.values = v.new_zeros(shape)
+        start, end = self.length, self.length + k.size(2)
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        # One matrix computes queries, keys and values for all heads at once.
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, nh, T, hs): each head attends independently.
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
+        if past == 0:
+            mask, causal = None, True
+        elif T == 1:
+            mask, causal = None, False  # one new token may see everything before it
+        else:
+            # New token i sits at position past + i and may see keys 0 .. past + i.
+            rows = torch.arange(T, device=x.device).unsqueeze(1) + past
+            mask, causal = torch.arange(past + T, device=x.device) <= rows, False
+        # Dispatches to fused (flash / memory-efficient) kernels where the hardware has them.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm block: normalise, transform, add back to the residual stream."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache: Optional[KVCache] = None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embedding
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying: reading a token in and writing it out use the same vectors, which
+        # saves vocab_size * n_embd parameters and tends to help small models.
+        self.lm_head.weight = self.wte.weight
+
+        self.apply(self._init_weights)
+        # GPT-2: every block adds two projections onto the residual stream, so the stream's
+        # variance grows with depth; shrinking those projections' init by 1/sqrt(2 * n_layer)
+        # keeps it roughly constant at the start of training.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, counting the tied embedding/head matrix once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+    ):
+        """Logits (B, T, vocab) for token ids idx (B, T); plus the mean cross-entropy if
+        targets are given. With a cache, idx continues the cached tokens."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}"
+            )
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        if targets is None:
+            return logits, None
+        # Cross-entropy in float32 even under autocast: a bf16 log-softmax loses digits.
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1))
+        return logits, loss
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups: decay matrices (weights, embeddings), not biases or norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+
+    def estimate_flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L T C."""
+        c = self.config
+        n = self.num_parameters() - self.wpe.weight.numel()
+        return 6 * n + 12 * c.n_layer * c.block_size * c.n_embd

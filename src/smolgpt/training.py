@@ -1,0 +1,396 @@
+"""The training loop: optimise a GPT on a tokenized corpus, evaluate, checkpoint, resume.
+
+One :class:`Trainer` owns a run directory for the life of a run. Each iteration it takes one
+optimiser step (AdamW, warm-up then cosine learning rate, gradient accumulation, clipping,
+mixed precision); every ``eval_interval`` steps it measures train and val loss on fixed
+batches, appends a row to ``metrics.jsonl``, and saves ``latest_model.pth`` (and
+``best_model.pth`` on a new best val loss).
+
+A checkpoint holds everything that decides the future of a run (weights, optimiser, scaler,
+iteration, best loss, every RNG state), so a resumed run continues exactly where the saved
+one stopped: on a CPU, bit for bit. SIGINT and SIGTERM finish the current step and save
+before exiting; a NaN or infinite loss stops the run before it can overwrite a good
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint, hardware
+from .config import TrainConfig
+from .data import BatchSampler, TokenData
+from .errors import SmolGPTError
+from .files import atomic_write_text
+from .model import GPT
+
+log = logging.getLogger(__name__)
+
+LATEST, BEST, METRICS = "latest_model.pth", "best_model.pth", "metrics.jsonl"
+RUN_FILES = (LATEST, BEST, METRICS)
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint."""
+
+    iter: int = 0  # optimiser steps completed
+    evaluated: bool = False  # whether the evaluation at `iter` has been made and logged
+    best_val_loss: float = math.inf
+    evals_since_best: int = 0
+    elapsed_s: float = 0.0  # training wall time, summed over all processes of the run
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; latest_model.pth was saved. exit_code is 128 + signal."""
+
+    def __init__(self, signum: int, out_dir: Path, iteration: int):
+        self.signum, self.out_dir, self.iteration = signum, out_dir, iteration
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at iteration {iteration}")
+
+
+class TrainingDiverged(SmolGPTError):
+    """The loss became NaN or infinite."""
+
+
+def learning_rate(cfg: TrainConfig, step: int, elapsed: float) -> float:
+    """Linear warm-up, then constant or cosine decay to final_lr.
+
+    With --time_budget the schedule runs on the fraction of the budget spent instead of the
+    fraction of max_iters done; the warm-up keeps its share (warmup_iters / max_iters).
+    """
+    if cfg.time_budget:
+        done = min(elapsed / cfg.time_budget, 1.0)
+        warm = min(cfg.warmup_iters / cfg.max_iters, 1.0)
+        if done < warm:
+            return cfg.learning_rate * max(done / warm, 1.0 / max(cfg.warmup_iters, 1))
+    else:
+        if step < cfg.warmup_iters:
+            return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+        warm = cfg.warmup_iters / cfg.max_iters
+        done = min(step / cfg.max_iters, 1.0)
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    decay = (done - warm) / max(1.0 - warm, 1e-9)  # 0 -> 1 over the decay phase
+    return cfg.final_lr + 0.5 * (1.0 + math.cos(math.pi * decay)) * (cfg.learning_rate - cfg.final_lr)
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; the fused kernel where the device has one."""
+    groups = model.optimizer_groups(cfg.weight_decay)
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    if device.type in ("cuda", "cpu"):
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+class _SignalFlag:
+    """Record SIGINT/SIGTERM instead of dying mid-step; a second signal stops at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # asked twice: the user means it
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: finishing this step and saving (again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data: TokenData, out_dir: Path, device: torch.device,
+                 resume_from: Optional[dict] = None):
+        self.cfg, self.data, self.out_dir, self.device = cfg, data, Path(out_dir), device
+        hardware.configure_backends(device)
+        torch.manual_seed(cfg.seed)  # dropout and initialisation
+        self.model_config = cfg.model_config(data.tokenizer.vocab_size)
+        self.model = GPT(self.model_config).to(device)
+        self.optimizer = make_optimizer(self.model, cfg, device)
+        self.amp_dtype = hardware.amp_dtype(device, cfg.amp)
+        # fp16 gradients underflow without loss scaling; bf16 has float32's range.
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        self.sampler = BatchSampler(data.train, cfg.block_size, cfg.batch_size, cfg.seed, device)
+        self.progress = Progress()
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+        self.flops_per_token = self.model.estimate_flops_per_token()
+        self.peak_flops = hardware.peak_flops(device, self.amp_dtype)
+
+    # ----------------------------------------------------------------- state
+
+    def _restore(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        # The optimiser's peak lr is the configured one; the schedule sets each step's lr.
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.cfg.learning_rate
+        self.progress = Progress(**ckpt["progress"])
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda" and rng.get("cuda"):
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.sampler.load_state_dict(rng["sampler"])
+
+    def state(self) -> dict:
+        """The checkpoint dictionary for the run as it stands now."""
+        cuda = self.device.type == "cuda"
+        return {
+            "model_config": dataclasses.asdict(self.model_config),
+            "tokenizer": self.data.tokenizer.to_dict(),
+            "model": self.model.state_dict(),
+            "train_config": dataclasses.asdict(self.cfg),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "progress": dataclasses.asdict(self.progress),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if cuda else [],
+                "sampler": self.sampler.state_dict(),
+            },
+            "data": {"fingerprint": self.data.fingerprint},
+        }
+
+    def save(self, name: str) -> None:
+        checkpoint.save(self.out_dir / name, self.state())
+
+    # ----------------------------------------------------------------- steps
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, lr: float) -> torch.Tensor:
+        """One optimiser step over gradient_accumulation_steps micro-batches; the mean loss
+        stays on the device (reading it would wait for the GPU)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        steps = self.cfg.gradient_accumulation_steps
+        total = torch.zeros((), device=self.device)
+        for _ in range(steps):
+            x, y = self.sampler.next()
+            with self._autocast():
+                _, loss = self.forward(x, y)
+            loss = loss / steps
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skipped (not a fault) if fp16 gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss on eval_iters batches of each split. The batches are the same at every
+        evaluation (a fixed seed), so successive numbers differ only because the model did."""
+        self.model.eval()
+        out = {}
+        for offset, (split, ids) in enumerate((("train", self.data.train), ("val", self.data.val))):
+            sampler = BatchSampler(ids, self.cfg.block_size, self.cfg.batch_size,
+                                   self.cfg.seed + 1 + offset, self.device)
+            losses = torch.zeros(self.cfg.eval_iters, device=self.device)
+            for i in range(self.cfg.eval_iters):
+                with self._autocast():
+                    _, losses[i] = self.forward(*sampler.next())
+            out[split] = losses.mean().item()
+        self.model.train()
+        return out
+
+    # ----------------------------------------------------------------- the loop
+
+    def _diverged(self, iteration: int) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"the loss became NaN or infinite at iteration {iteration}: training stopped. "
+            f"{BEST} and {LATEST} hold the last good state; lower --learning_rate "
+            f"(now {self.cfg.learning_rate:g}) or keep --grad_clip on"
+        )
+
+    def _metrics_rewind(self) -> None:
+        """Drop metrics rows written after the checkpoint being resumed (a crash between a
+        row and its checkpoint leaves one), so every row is written exactly once."""
+        path = self.out_dir / METRICS
+        if not path.exists():
+            return
+        rows = [line for line in path.read_text().splitlines() if line.strip()]
+        keep = [r for r in rows if json.loads(r)["iter"] < self.progress.iter
+                or (self.progress.evaluated and json.loads(r)["iter"] == self.progress.iter)]
+        if len(keep) != len(rows):
+            atomic_write_text(path, "".join(r + "\n" for r in keep))
+
+    def run(self) -> Progress:
+        """Train to max_iters (or the time budget); return the final progress."""
+        cfg, p = self.cfg, self.progress
+        log.info(
+            "model: %.2fM parameters, %d layers, %d heads, %d wide, context %d | %s%s",
+            self.model.num_parameters() / 1e6, cfg.n_layer, cfg.n_head, cfg.n_embd,
+            cfg.block_size, self.device.type,
+            f", {str(self.amp_dtype).replace('torch.', '')} autocast" if self.amp_dtype else ", float32",
+        )
+        self._metrics_rewind()
+        metrics = open(self.out_dir / METRICS, "a", encoding="utf-8")
+        start = time.perf_counter()
+        elapsed = lambda: p.elapsed_s + time.perf_counter() - start  # noqa: E731
+        last_eval_s = 0.0
+        window_start, window_steps = time.perf_counter(), 0  # throughput since last eval
+        loss_sum, loss_count = torch.zeros((), device=self.device), 0  # since last report
+        bar = self._progress_bar()
+        self.model.train()
+        try:
+            with _SignalFlag() as stop:
+                while True:
+                    if cfg.time_budget:  # stop early enough for the final evaluation to fit
+                        finished = elapsed() + last_eval_s >= cfg.time_budget
+                    else:
+                        finished = p.iter >= cfg.max_iters
+                    early_stop = False
+                    if (p.iter % cfg.eval_interval == 0 or finished) and not p.evaluated:
+                        eval_start = time.perf_counter()
+                        losses = self.evaluate()
+                        if not all(map(math.isfinite, losses.values())):
+                            raise self._diverged(p.iter)
+                        last_eval_s = time.perf_counter() - eval_start
+                        row = self._record(losses, elapsed(), window_steps,
+                                           eval_start - window_start)
+                        metrics.write(json.dumps(row) + "\n")
+                        metrics.flush()
+                        p.evaluated, p.elapsed_s = True, elapsed()
+                        if p.evals_since_best == 0:
+                            self.save(BEST)
+                        self.save(LATEST)
+                        self._report_eval(row)
+                        early_stop = 0 < cfg.early_stop_patience <= p.evals_since_best
+                        window_start, window_steps = time.perf_counter(), 0
+                    if early_stop:
+                        log.info("early stop: no new best val loss in %d evaluations",
+                                 cfg.early_stop_patience)
+                        break
+                    if finished:
+                        break
+
+                    lr = learning_rate(cfg, p.iter, elapsed())
+                    loss = self.train_step(lr)
+                    p.iter, p.evaluated = p.iter + 1, False
+                    window_steps += 1
+                    # Reading a loss makes the host wait for the device. On a CPU that costs
+                    # nothing, so every step is checked; elsewhere only at progress lines.
+                    if self.device.type == "cpu" and not math.isfinite(loss.item()):
+                        raise self._diverged(p.iter)
+                    loss_sum, loss_count = loss_sum + loss, loss_count + 1
+                    if p.iter % cfg.log_interval == 0:
+                        mean_loss = loss_sum.item() / loss_count
+                        if not math.isfinite(mean_loss):
+                            raise self._diverged(p.iter)
+                        seconds = time.perf_counter() - window_start
+                        self._report_step(mean_loss, lr, elapsed(), window_steps, seconds, bar)
+                        loss_sum, loss_count = torch.zeros((), device=self.device), 0
+                    if bar is not None:
+                        bar.n = int(elapsed()) if cfg.time_budget else p.iter
+                        bar.refresh()
+                    if stop.signum is not None:
+                        p.elapsed_s = elapsed()
+                        self.save(LATEST)
+                        raise TrainingInterrupted(stop.signum, self.out_dir, p.iter)
+        finally:
+            metrics.close()
+            if bar is not None:
+                bar.close()
+        return p
+
+    # ----------------------------------------------------------------- reporting
+
+    def _record(self, losses: dict, elapsed: float, steps: int, train_s: float) -> dict:
+        """Update best-loss bookkeeping and return this evaluation's metrics row."""
+        p = self.progress
+        if losses["val"] < p.best_val_loss:
+            p.best_val_loss, p.evals_since_best = losses["val"], 0
+        else:
+            p.evals_since_best += 1
+        tokens_per_s = steps * self.tokens_per_step / train_s if steps else 0.0
+        return {
+            "iter": p.iter,
+            "train_loss": round(losses["train"], 6),
+            "val_loss": round(losses["val"], 6),
+            "best_val_loss": round(p.best_val_loss, 6),
+            "lr": learning_rate(self.cfg, max(p.iter - 1, 0), elapsed),
+            "elapsed_s": round(elapsed, 3),
+            "tokens_per_s": round(tokens_per_s, 1),
+            "mfu": round(self._mfu(tokens_per_s), 4),
+        }
+
+    def _mfu(self, tokens_per_s: float) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s over the measured matmul peak."""
+        return self.flops_per_token * tokens_per_s / self.peak_flops
+
+    def _progress_bar(self) -> Optional[tqdm]:
+        if not sys.stderr.isatty():
+            return None
+        total = int(self.cfg.time_budget) if self.cfg.time_budget else self.cfg.max_iters
+        return tqdm(total=total, initial=0, unit="s" if self.cfg.time_budget else "it",
+                    file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def _report_step(self, loss: float, lr: float, elapsed: float, steps: int, seconds: float,
+                     bar: Optional[tqdm]) -> None:
+        tok_s = steps * self.tokens_per_step / max(seconds, 1e-9)
+        if self.cfg.time_budget:
+            left = max(self.cfg.time_budget - elapsed, 0.0)
+        else:
+            left = (self.cfg.max_iters - self.progress.iter) * seconds / max(steps, 1)
+        fields = dict(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
+                      mfu=f"{100 * self._mfu(tok_s):.1f}%", left=_duration(left))
+        if bar is not None:
+            bar.set_postfix(fields, refresh=False)
+        else:
+            log.info("iter %d | %s", self.progress.iter,
+                     " | ".join(f"{k} {v}" for k, v in fields.items()))
+
+    def _report_eval(self, row: dict) -> None:
+        best = " (new best)" if row["val_loss"] == row["best_val_loss"] else ""
+        log.info("eval @ iter %d: train %.4f, val %.4f%s", row["iter"], row["train_loss"],
+                 row["val_loss"], best)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def existing_run_files(out_dir: Path) -> list[str]:
+    return [name for name in RUN_FILES if (Path(out_dir) / name).exists()]
