@@ -1,8 +1,9 @@
 """What the machine can do: which device to use, which mixed precision pays, how fast it is.
 
-Mixed precision is chosen by measurement, not by name: on a CPU, bfloat16 autocast is used
-only if a bfloat16 matrix product actually runs faster than a float32 one here (CPUs with
-AVX-512 BF16 or AMX run it several times faster; others emulate it slowly). On CUDA, bf16 is
+On a CPU, bfloat16 autocast is used only where the CPU multiplies bfloat16 natively (AVX-512
+BF16 or AMX, read from the CPU flags; several times faster than float32). Elsewhere bf16 is
+emulated and slower, so training stays in float32. The choice must not depend on a timing,
+or two runs of the same command could train in different precisions. On CUDA, bf16 is
 used where the GPU supports it and fp16 with a gradient scaler elsewhere (T4, V100).
 The same measurement gives the matmul peak that MFU (model FLOPs utilisation) is quoted
 against.
@@ -35,8 +36,10 @@ def resolve_device(name: str) -> torch.device:
 
 def _time_matmul(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 4) -> float:
     """Best-of-reps FLOP/s of an n x n matrix product."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    # A private generator: measuring must not move the global RNG that training draws from.
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device, dtype)
+    b = torch.randn(n, n, generator=gen).to(device, dtype)
     best = float("inf")
     for _ in range(reps + 1):  # the first is a warm-up
         if device.type == "cuda":
@@ -52,8 +55,19 @@ def _time_matmul(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: 
 @functools.lru_cache(maxsize=None)
 def matmul_flops(device_type: str, dtype: torch.dtype) -> float:
     """Measured peak-ish matmul FLOP/s on this device in this dtype (cached per process)."""
-    n = 4096 if device_type == "cuda" else 1024
-    return _time_matmul(torch.device(device_type), dtype, n=n)
+    n = 4096 if device_type == "cuda" else 1536
+    return _time_matmul(torch.device(device_type), dtype, n=n, reps=3)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU has bfloat16 dot-product instructions (x86 AVX-512 BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: no cheap, reliable way to tell; float32 is the safe choice
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def amp_dtype(device: torch.device, enabled: bool) -> Optional[torch.dtype]:
@@ -63,11 +77,7 @@ def amp_dtype(device: torch.device, enabled: bool) -> Optional[torch.dtype]:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
-        try:
-            faster = matmul_flops("cpu", torch.bfloat16) > 1.2 * matmul_flops("cpu", torch.float32)
-        except RuntimeError:  # no bf16 kernels at all
-            return None
-        return torch.bfloat16 if faster else None
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     return None  # mps: autocast support is partial; float32 is the safe choice
 
 

@@ -13,6 +13,7 @@ Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads, hs 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -49,7 +50,6 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.dropout = config.dropout
         # One matrix computes queries, keys and values for all heads at once.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -73,10 +73,16 @@ class CausalSelfAttention(nn.Module):
             rows = torch.arange(T, device=x.device).unsqueeze(1) + past
             mask, causal = torch.arange(past + T, device=x.device) <= rows, False
         # Dispatches to fused (flash / memory-efficient) kernels where the hardware has them.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        # No dropout on the attention weights: it would force the slow unfused path on CPUs,
+        # and dropout on the residual branches (below, and in the MLP) regularises enough.
+        # On a CPU the fused kernel is fast only in float32 (in bfloat16 it is 2-4x slower
+        # than float32 at these sizes), so under CPU autocast attention runs in float32.
+        dtype = q.dtype
+        on_cpu_bf16 = q.device.type == "cpu" and dtype == torch.bfloat16
+        with torch.autocast("cpu", enabled=False) if on_cpu_bf16 else contextlib.nullcontext():
+            if on_cpu_bf16:
+                q, k, v = q.float(), k.float(), v.float()
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal).to(dtype)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -85,7 +91,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+        # Exact (erf) GELU: GPT-2 used a tanh approximation, which on CPUs costs twice as much.
+        self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

@@ -1,0 +1,28 @@
+# Two commands on a fresh machine:
+#   make demo   set up .venv, train the char-level nano model on built-in Shakespeare, sample
+#   make test   set up .venv, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build on this machine's disk; on a CUDA machine pip picks the matching wheel.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+setup: $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+
+demo: setup
+	$(BIN)/python train.py --level char --preset nano --time_budget 60 --out_dir checkpoints/demo_char_nano
+	$(BIN)/python generate.py checkpoints/demo_char_nano/best_model.pth --prompt "ROMEO:" --max_new_tokens 300
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) checkpoints build *.egg-info
