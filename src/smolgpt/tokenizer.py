@@ -167,8 +167,11 @@ Tokenizer = Union[CharTokenizer, WordTokenizer]
 def tokenizer_from_dict(data: dict) -> Tokenizer:
     """Rebuild a tokenizer from :meth:`to_dict` output (as stored in a checkpoint)."""
     kind = data.get("type") if isinstance(data, dict) else None
-    if kind == "char":
-        return CharTokenizer(data["chars"])
-    if kind == "word":
+    if kind not in ("char", "word"):
+        raise SmolGPTError(f"unknown tokenizer type {kind!r} in checkpoint")
+    try:
+        if kind == "char":
+            return CharTokenizer(data["chars"])
         return WordTokenizer(data["words"], data.get("min_word_freq", 3))
-    raise SmolGPTError(f"unknown tokenizer type {kind!r} in checkpoint")
+    except (KeyError, TypeError) as exc:
+        raise SmolGPTError(f"malformed {kind} tokenizer in checkpoint ({exc!r})") from None

@@ -1,0 +1,233 @@
+"""Corpus preparation throughput: smolgpt.data.prepare at char and word level, in MB/s.
+
+The corpus (default: sherlock.txt repeated to about --mb megabytes) is written to a
+temporary file. Each measurement runs in its own subprocess with a fresh, empty
+SMOLGPT_CACHE_DIR, so nothing is cached: it is the first-run cost (fingerprint, learning the
+vocabulary, encoding, writing the ids). Per measurement it reports:
+
+- MB/s: corpus bytes / seconds spent inside ``prepare`` (imports excluded), and the wall
+  time of the whole subprocess;
+- peak RSS, from that subprocess's own rusage (os.wait4): the main process's peak, and the
+  peak of the largest worker process (RUSAGE_CHILDREN inside it);
+- the number of tokenizer worker processes prepare used (1: no process pool).
+
+Levels alternate in rounds and the median round is reported.
+
+    python benchmarks/prepare.py                 # 20 MB, char and word, 3 rounds
+    python benchmarks/prepare.py --mb 100 --levels word --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+MB = 1_000_000
+
+
+def child(level: str, path: str, min_word_freq: int) -> None:
+    """Runs in the measured subprocess: prepare once, print one JSON line."""
+    import resource
+    from concurrent import futures
+
+    sys.path.insert(0, str(REPO / "src"))
+    from smolgpt import data
+
+    # Count the workers of every process pool prepare opens (0 pools: single process).
+    pools: list[int] = []
+    original = futures.ProcessPoolExecutor
+
+    class CountingPool(original):  # type: ignore[misc, valid-type]
+        def __init__(self, max_workers=None, *args, **kwargs):
+            pools.append(max_workers or os.cpu_count() or 1)
+            super().__init__(max_workers, *args, **kwargs)
+
+    data.ProcessPoolExecutor = CountingPool
+    rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    corpus = data.resolve_corpus(path)
+    start = time.perf_counter()
+    tokens = data.prepare(corpus, level, min_word_freq)
+    seconds = time.perf_counter() - start
+    print(json.dumps({
+        "seconds": seconds,
+        "tokens": len(tokens.train) + len(tokens.val),
+        "vocab_size": tokens.tokenizer.vocab_size,
+        "workers": max(pools, default=1),
+        "process_pools": len(pools),
+        "rss_main_before_kb": rss_before_kb,  # imports (torch, numpy) before prepare
+        "rss_main_peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "rss_largest_worker_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+    }))
+
+
+def make_corpus(source: Path, mb: float, dest: Path) -> int:
+    """Repeat source (a blank line between copies) to about mb megabytes, cutting the last
+    copy at a line break."""
+    text = source.read_bytes()
+    target = max(int(mb * MB), 1)
+    written = 0
+    with open(dest, "wb") as f:
+        while written < target:
+            piece = (b"\n\n" if written else b"") + text
+            last = written + len(piece) >= target
+            if last:
+                cut = piece.rfind(b"\n", 0, target - written) + 1
+                piece = piece[:cut] if cut > 2 else b""
+            f.write(piece)
+            written += len(piece)
+            if last:
+                break
+    return written
+
+
+def measure(level: str, corpus: Path, min_word_freq: int, tmp_root: Path) -> dict:
+    """prepare() once in a fresh subprocess with an empty cache; its results, its wall time,
+    and its peak RSS from os.wait4 (this child's own rusage, so per measurement)."""
+    with tempfile.TemporaryDirectory(prefix="smolgpt-measure-", dir=tmp_root) as tmp:
+        cache = Path(tmp) / "cache"  # fresh and empty: nothing is cached
+        env = {**os.environ, "SMOLGPT_CACHE_DIR": str(cache)}
+        command = [sys.executable, str(Path(__file__).resolve()), "--_child", level,
+                   str(corpus), "--min-word-freq", str(min_word_freq)]
+        start = time.perf_counter()
+        err_path = Path(tmp) / "stderr.txt"
+        with open(err_path, "w") as err_file:
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err_file,
+                                    text=True, env=env)
+        try:
+            out = proc.stdout.read()
+            proc.stdout.close()
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # Ctrl-C: do not leave the child running
+            proc.kill()
+            proc.wait()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        err = err_path.read_text()
+    if proc.returncode:
+        raise SystemExit(f"prepare failed at {level} level (exit {proc.returncode}):\n{err}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["wall_s"] = wall
+    # Linux: the larger of the child's own peak and its descendants' (KB).
+    result["rss_tree_max_kb"] = usage.ru_maxrss
+    return result
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ["level", "corpus MB", "tokens", "vocab", "prepare s", "MB/s", "process wall s",
+            "workers", "peak RSS main MB", "peak RSS largest worker MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        m = r["median"]
+        worker_rss = f"{m['rss_largest_worker_kb'] / 1024:,.0f}" if m["process_pools"] else "-"
+        lines.append("| " + " | ".join([
+            r["level"], f"{r['corpus_bytes'] / MB:.1f}", f"{m['tokens']:,}",
+            f"{m['vocab_size']:,}", f"{m['seconds']:.2f}",
+            f"{r['corpus_bytes'] / MB / m['seconds']:.2f}", f"{m['wall_s']:.2f}",
+            str(m["workers"]), f"{m['rss_main_peak_kb'] / 1024:,.0f}", worker_rss,
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="First-run corpus preparation throughput (MB/s) of smolgpt.data.prepare "
+        "at char and word level, each measurement in a fresh subprocess with an empty cache; "
+        "prints a markdown table and writes JSON.")
+    parser.add_argument("--mb", type=float, default=20.0,
+                        help="corpus size in megabytes (10^6 bytes) of --source repeated "
+                        "(default: 20)")
+    parser.add_argument("--source", type=Path,
+                        default=REPO.parent / "shared" / "data" / "sherlock.txt",
+                        help="text to repeat (default: ../shared/data/sherlock.txt from the "
+                        "repository root)")
+    parser.add_argument("--corpus", type=Path, default=None,
+                        help="use this text file as it is instead of a repeated --source")
+    parser.add_argument("--levels", nargs="+", choices=("char", "word"),
+                        default=["char", "word"], help="levels to measure (default: both)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds; the median is reported (default: 3)")
+    parser.add_argument("--min-word-freq", type=int, default=3,
+                        help="word level min_word_freq (default: 3, smolgpt's default)")
+    parser.add_argument("--tmp-dir", type=Path, default=None,
+                        help="where the corpus and the fresh caches go (default: system temp)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "prepare.json",
+                        help="JSON results file (default: benchmarks/out/prepare.json)")
+    parser.add_argument("--_child", nargs=2, metavar=("LEVEL", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args._child:
+        child(args._child[0], args._child[1], args.min_word_freq)
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="smolgpt-prepare-bench-", dir=args.tmp_dir) as tmp:
+        tmp_root = Path(tmp)
+        if args.corpus is not None:
+            corpus, source = args.corpus, args.corpus
+        else:
+            if not args.source.is_file():
+                parser.error(f"{args.source} not found: pass --source or --corpus")
+            corpus, source = tmp_root / f"corpus-{args.mb:g}MB.txt", args.source
+            make_corpus(args.source, args.mb, corpus)
+        size = corpus.stat().st_size
+        print(f"corpus: {size / MB:.1f} MB ({source}); {os.cpu_count()} CPUs; "
+              f"{args.rounds} alternating rounds, fresh SMOLGPT_CACHE_DIR per measurement",
+              file=sys.stderr, flush=True)
+        runs: dict[str, list[dict]] = {level: [] for level in args.levels}
+        for r in range(args.rounds):
+            order = args.levels[r % len(args.levels):] + args.levels[:r % len(args.levels)]
+            for level in order:
+                res = measure(level, corpus, args.min_word_freq, tmp_root)
+                runs[level].append(res)
+                print(f"  round {r + 1} {level}: {res['seconds']:.2f}s in prepare "
+                      f"({size / MB / res['seconds']:.2f} MB/s), {res['workers']} worker(s), "
+                      f"peak RSS {res['rss_main_peak_kb'] / 1024:,.0f} MB",
+                      file=sys.stderr, flush=True)
+
+    rows = []
+    for level, results in runs.items():
+        med_seconds = statistics.median(x["seconds"] for x in results)
+        median = min(results, key=lambda x: abs(x["seconds"] - med_seconds))  # the median run
+        rows.append({
+            "level": level,
+            "corpus_bytes": size,
+            "median": median,
+            "mb_per_s_median": size / MB / median["seconds"],
+            "mb_per_s_rounds": [size / MB / x["seconds"] for x in results],
+            "runs": results,
+        })
+    print(markdown_table(rows))
+    print()
+    print("MB = 10^6 bytes. \"prepare s\" is the time inside smolgpt.data.prepare (fingerprint, "
+          "vocabulary, encoding, writing ids), with an empty cache; \"process wall s\" adds "
+          "interpreter start and imports. Peak RSS: the measuring process (torch is imported) "
+          "and its largest tokenizer worker, from rusage.")
+    print(f"Command: python benchmarks/prepare.py {shlex.join(argv or sys.argv[1:])}".rstrip())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "benchmark": "prepare",
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "settings": {"mb": args.mb, "source": str(source), "corpus_bytes": size,
+                     "levels": args.levels, "rounds": args.rounds,
+                     "min_word_freq": args.min_word_freq},
+        "results": rows,
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

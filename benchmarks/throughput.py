@@ -1,0 +1,293 @@
+"""Training throughput (tokens/s): smolgpt against Hugging Face transformers' GPT2LMHeadModel.
+
+Both models get the same shape (layers, heads, width, context, vocabulary, dropout) and the
+same batches (random token ids through smolgpt's BatchSampler), in the same process:
+
+- smolgpt: ``Trainer.train_step`` of a real ``smolgpt.training.Trainer`` built over an
+  in-memory corpus of random ids, i.e. exactly what ``train.py`` runs each step (its AdamW,
+  autocast dtype, gradient clipping).
+- transformers fp32: ``GPT2LMHeadModel(GPT2Config(...))`` and the loop a user would write:
+  ``torch.optim.AdamW``, ``model(input_ids=x, labels=x).loss.backward()``, clip to 1.0 (as
+  smolgpt and the HF Trainer do), step, zero_grad.
+- transformers bf16: the same loop with the forward under ``torch.autocast("cpu", bfloat16)``.
+
+Each implementation is warmed up, then timed for about --seconds per measurement; the
+implementations alternate in rounds (rotating who goes first) and the median round is
+reported, because a shared 2-core machine is noisy. MFU is smolgpt's model FLOPs
+(GPT.estimate_flops_per_token() x tokens/s) over smolgpt.hardware.peak_flops for the dtype
+smolgpt trains in.
+
+    python benchmarks/throughput.py                 # baby, nano/micro at char and word level
+    python benchmarks/throughput.py --tiny          # also the tiny preset
+    python benchmarks/throughput.py --configs baby --seconds 2 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # works without installing
+
+from smolgpt import hardware  # noqa: E402
+from smolgpt.config import PRESETS, TrainConfig  # noqa: E402
+from smolgpt.data import BatchSampler, TokenData  # noqa: E402
+from smolgpt.tokenizer import CharTokenizer, WordTokenizer  # noqa: E402
+from smolgpt.training import Trainer  # noqa: E402
+
+# Vocabulary sizes of the Sherlock Holmes corpus (/work/shared/data/sherlock.txt) at each
+# level with smolgpt's tokenizers (min_word_freq 3).
+CHAR_VOCAB, WORD_VOCAB = 88, 3171
+DEFAULT_DROPOUT = TrainConfig().dropout
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    name: str
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    batch_size: int
+    vocab_size: int
+    level: str
+    dropout: float
+
+
+def bench_configs(include_tiny: bool, dropout: float) -> list[BenchConfig]:
+    """nanoGPT's CPU 'baby GPT', then smolgpt presets at char and word level."""
+    configs = [BenchConfig("baby", 4, 4, 128, 64, 12, 65, "char", 0.0)]
+    presets = ["nano", "micro"] + (["tiny"] if include_tiny else [])
+    for preset in presets:
+        shape = {k: PRESETS[preset][k] for k in ("n_layer", "n_head", "n_embd")}
+        for level, vocab in (("char", CHAR_VOCAB), ("word", WORD_VOCAB)):
+            configs.append(BenchConfig(f"{preset}-{level}", **shape, block_size=128,
+                                       batch_size=32, vocab_size=vocab, level=level,
+                                       dropout=dropout))
+    return configs
+
+
+def random_token_data(c: BenchConfig, n_tokens: int, seed: int = 0) -> TokenData:
+    """An in-memory corpus of uniformly random ids with a real tokenizer of vocab_size."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, c.vocab_size, size=n_tokens, dtype=np.int64).astype(np.uint16)
+    if c.level == "char":
+        tokenizer = CharTokenizer(chr(0x100 + i) for i in range(c.vocab_size))
+    else:
+        tokenizer = WordTokenizer([f"w{i}" for i in range(c.vocab_size - 2)])
+    assert tokenizer.vocab_size == c.vocab_size
+    split = int(n_tokens * 0.9)
+    return TokenData(ids[:split], ids[split:], tokenizer, fingerprint="benchmark-random")
+
+
+def smolgpt_step(c: BenchConfig, data: TokenData, out_dir: Path, amp: bool):
+    """A real Trainer; returns (step function, trainer)."""
+    cfg = TrainConfig(level=c.level, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                      block_size=c.block_size, batch_size=c.batch_size, dropout=c.dropout,
+                      amp=amp, device="cpu")
+    trainer = Trainer(cfg, data, out_dir, torch.device("cpu"))
+    trainer.model.train()
+
+    def step() -> float:
+        # Trainer.run reads every step's loss on a CPU (a NaN check); so does this.
+        return trainer.train_step(cfg.learning_rate).item()
+
+    return step, trainer
+
+
+def transformers_step(c: BenchConfig, data: TokenData, bf16: bool):
+    """GPT2LMHeadModel at the same shape and a plain AdamW loop; returns (step, model)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1337)
+    config = GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+        n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=c.dropout, embd_pdrop=c.dropout,
+        attn_pdrop=c.dropout, bos_token_id=0, eos_token_id=0,
+    )  # activation_function stays transformers' default ("gelu_new")
+    model = GPT2LMHeadModel(config)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    sampler = BatchSampler(data.train, c.block_size, c.batch_size, 1337, torch.device("cpu"))
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+    def step() -> float:
+        x, _ = sampler.next()  # HF shifts the labels itself
+        with autocast():
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, model
+
+
+def time_steps(step: Callable[[], float], n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    return time.perf_counter() - start
+
+
+def measure_config(c: BenchConfig, args) -> dict:
+    tokens_per_step = c.batch_size * c.block_size
+    data = random_token_data(c, n_tokens=max(200_000, 20 * tokens_per_step))
+    impls: dict[str, Callable[[], float]] = {}
+    with tempfile.TemporaryDirectory(prefix="smolgpt-bench-") as tmp:
+        step, trainer = smolgpt_step(c, data, Path(tmp), amp=True)
+        impls["smolgpt"] = step
+        if args.smolgpt_fp32:
+            impls["smolgpt_fp32"], _ = smolgpt_step(c, data, Path(tmp), amp=False)
+        impls["transformers_fp32"], hf_model = transformers_step(c, data, bf16=False)
+        impls["transformers_bf16"], _ = transformers_step(c, data, bf16=True)
+
+        # Warm up each, and size a measurement at about args.seconds.
+        n_steps = {}
+        for name, fn in impls.items():
+            time_steps(fn, args.warmup)
+            per_step = time_steps(fn, 2) / 2
+            n_steps[name] = max(2, round(args.seconds / per_step))
+
+        rates: dict[str, list[float]] = {name: [] for name in impls}
+        names = list(impls)
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
+            for name in order:
+                seconds = time_steps(impls[name], n_steps[name])
+                rates[name].append(n_steps[name] * tokens_per_step / seconds)
+
+    smolgpt_dtype = trainer.amp_dtype
+    peak = hardware.peak_flops(torch.device("cpu"), smolgpt_dtype)
+    peak_fp32 = hardware.peak_flops(torch.device("cpu"), None)
+    peak_bf16 = hardware.peak_flops(torch.device("cpu"), torch.bfloat16)
+    med = {name: statistics.median(v) for name, v in rates.items()}
+    flops = trainer.flops_per_token
+    result = {
+        "config": dataclasses.asdict(c),
+        "tokens_per_step": tokens_per_step,
+        "steps_per_measurement": n_steps,
+        "tokens_per_s_rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+        "tokens_per_s_median": {k: round(v, 1) for k, v in med.items()},
+        "ratio_smolgpt_vs_transformers_fp32": med["smolgpt"] / med["transformers_fp32"],
+        "ratio_smolgpt_vs_transformers_bf16": med["smolgpt"] / med["transformers_bf16"],
+        "smolgpt_params": trainer.model.num_parameters(),
+        "transformers_params": sum(p.numel() for p in hf_model.parameters()),
+        "smolgpt_flops_per_token": flops,
+        "smolgpt_train_dtype": str(smolgpt_dtype or torch.float32).replace("torch.", ""),
+        "peak_flops_used_for_mfu": peak,
+        "peak_flops_fp32": peak_fp32,
+        "peak_flops_bf16": peak_bf16,
+        "smolgpt_mfu": flops * med["smolgpt"] / peak,
+        # Same model FLOPs per token (equal shapes), each against its own dtype's peak.
+        "transformers_fp32_mfu": flops * med["transformers_fp32"] / peak_fp32,
+        "transformers_bf16_mfu": flops * med["transformers_bf16"] / peak_bf16,
+    }
+    if "smolgpt_fp32" in med:
+        result["smolgpt_fp32_mfu"] = flops * med["smolgpt_fp32"] / peak_fp32
+    return result
+
+
+def markdown_table(results: list[dict], smolgpt_fp32: bool) -> str:
+    head = ["config", "smolgpt tok/s"]
+    if smolgpt_fp32:
+        head.append("smolgpt fp32 tok/s")
+    head += ["transformers fp32 tok/s", "transformers bf16 tok/s", "smolgpt / tf fp32",
+             "smolgpt / tf bf16", "smolgpt MFU"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        m, c = r["tokens_per_s_median"], r["config"]
+        shape = (f"{c['name']} ({c['n_layer']}L/{c['n_head']}H/{c['n_embd']}, "
+                 f"T{c['block_size']}, B{c['batch_size']}, V{c['vocab_size']})")
+        row = [shape, f"{m['smolgpt']:,.0f}"]
+        if smolgpt_fp32:
+            row.append(f"{m['smolgpt_fp32']:,.0f}")
+        row += [f"{m['transformers_fp32']:,.0f}", f"{m['transformers_bf16']:,.0f}",
+                f"{r['ratio_smolgpt_vs_transformers_fp32']:.2f}x",
+                f"{r['ratio_smolgpt_vs_transformers_bf16']:.2f}x",
+                f"{100 * r['smolgpt_mfu']:.1f}% ({r['smolgpt_train_dtype']})"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Training tokens/s of smolgpt vs transformers GPT2LMHeadModel at equal "
+        "shapes, in one process; prints a markdown table and writes JSON.")
+    parser.add_argument("--configs", nargs="+", metavar="NAME",
+                        help="run only these configs (baby, nano-char, nano-word, micro-char, "
+                        "micro-word, tiny-char, tiny-word); default: all but tiny")
+    parser.add_argument("--tiny", action="store_true", help="also benchmark the tiny preset")
+    parser.add_argument("--seconds", type=float, default=5.0,
+                        help="target seconds per timed measurement (default: 5)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds per config; the median is reported (default: 3)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default: 3)")
+    parser.add_argument("--dropout", type=float, default=DEFAULT_DROPOUT,
+                        help=f"dropout of the preset configs, both models (default: smolgpt's "
+                        f"{DEFAULT_DROPOUT}); baby always uses 0")
+    parser.add_argument("--smolgpt-fp32", action="store_true",
+                        help="add a column for smolgpt with --no-amp (float32)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "throughput.json",
+                        help="JSON results file (default: benchmarks/out/throughput.json)")
+    args = parser.parse_args(argv)
+
+    import transformers
+    transformers.logging.set_verbosity_error()
+
+    configs = bench_configs(args.tiny or bool(args.configs and any(
+        n.startswith("tiny") for n in args.configs)), args.dropout)
+    if args.configs:
+        known = {c.name for c in configs}
+        unknown = set(args.configs) - known
+        if unknown:
+            parser.error(f"unknown config(s) {', '.join(sorted(unknown))}; choose from "
+                         f"{', '.join(sorted(known))}")
+        configs = [c for c in configs if c.name in args.configs]
+
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+          f"{transformers.__version__}, {platform.processor() or platform.machine()}; "
+          f"~{args.seconds:g}s per measurement, median of {args.rounds} alternating rounds",
+          file=sys.stderr)
+    results = []
+    for c in configs:
+        print(f"measuring {c.name} ...", file=sys.stderr, flush=True)
+        results.append(measure_config(c, args))
+        m = results[-1]["tokens_per_s_median"]
+        print("  " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in m.items()),
+              file=sys.stderr, flush=True)
+
+    print(markdown_table(results, args.smolgpt_fp32))
+    print()
+    print(f"Command: python benchmarks/throughput.py {' '.join(argv or sys.argv[1:])}".rstrip())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "benchmark": "throughput",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_native_bf16": hardware.cpu_has_native_bf16(),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "results": results,
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

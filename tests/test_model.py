@@ -1,0 +1,156 @@
+"""The GPT network: shapes, causality, the KV cache, weight tying and initialisation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from smolgpt.config import ModelConfig
+from smolgpt.model import GPT, KVCache
+
+
+def ids(config: ModelConfig, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(config.vocab_size, (batch, length), generator=gen)
+
+
+def test_output_shapes(tiny_model, tiny_config):
+    x = ids(tiny_config, 3, 7)
+    logits, loss = tiny_model(x)
+    assert logits.shape == (3, 7, tiny_config.vocab_size)
+    assert loss is None
+    logits, loss = tiny_model(x, targets=ids(tiny_config, 3, 7, seed=1))
+    assert logits.shape == (3, 7, tiny_config.vocab_size)
+    assert loss.shape == () and loss.dtype == torch.float32
+
+
+def test_full_block_is_accepted_and_longer_raises(tiny_model, tiny_config):
+    block = tiny_config.block_size
+    logits, _ = tiny_model(ids(tiny_config, 1, block))
+    assert logits.shape[1] == block
+    with pytest.raises(ValueError, match="block_size"):
+        tiny_model(ids(tiny_config, 1, block + 1))
+
+
+def test_cache_beyond_block_size_raises(tiny_model, tiny_config):
+    cache = KVCache(tiny_config)
+    tiny_model(ids(tiny_config, 1, tiny_config.block_size - 2), cache=cache)
+    with pytest.raises(ValueError, match="block_size"):
+        tiny_model(ids(tiny_config, 1, 3), cache=cache)
+
+
+@pytest.mark.parametrize("changed", [0, 5, 11])
+def test_causal_future_tokens_do_not_change_earlier_logits(tiny_model, tiny_config, changed):
+    x = ids(tiny_config, 2, 12)
+    y = x.clone()
+    y[:, changed] = (y[:, changed] + 1) % tiny_config.vocab_size
+    with torch.no_grad():
+        a, _ = tiny_model(x)
+        b, _ = tiny_model(y)
+    torch.testing.assert_close(a[:, :changed], b[:, :changed], rtol=0, atol=0)
+    # ... and it does change the changed position itself (so the test can fail).
+    assert not torch.allclose(a[:, changed], b[:, changed])
+
+
+def test_kv_cache_single_steps_equal_full_recompute(tiny_model, tiny_config):
+    x = ids(tiny_config, 2, tiny_config.block_size)
+    with torch.no_grad():
+        full, _ = tiny_model(x)
+        cache = KVCache(tiny_config)
+        prefix = 5
+        pre, _ = tiny_model(x[:, :prefix], cache=cache)
+        torch.testing.assert_close(pre, full[:, :prefix], rtol=0, atol=1e-5)
+        assert cache.length == prefix
+        for t in range(prefix, tiny_config.block_size):
+            step, _ = tiny_model(x[:, t : t + 1], cache=cache)
+            torch.testing.assert_close(step[:, 0], full[:, t], rtol=0, atol=1e-5)
+        assert cache.length == tiny_config.block_size
+
+
+def test_kv_cache_multi_token_chunk_after_prefix(tiny_model, tiny_config):
+    x = ids(tiny_config, 2, 14, seed=3)
+    with torch.no_grad():
+        full, _ = tiny_model(x)
+        cache = KVCache(tiny_config)
+        tiny_model(x[:, :4], cache=cache)
+        chunk, _ = tiny_model(x[:, 4:9], cache=cache)  # five new tokens at once
+        torch.testing.assert_close(chunk, full[:, 4:9], rtol=0, atol=1e-5)
+        step, _ = tiny_model(x[:, 9:10], cache=cache)
+        torch.testing.assert_close(step[:, 0], full[:, 9], rtol=0, atol=1e-5)
+        rest, _ = tiny_model(x[:, 10:], cache=cache)
+        torch.testing.assert_close(rest, full[:, 10:], rtol=0, atol=1e-5)
+
+
+def test_lm_head_is_tied_to_token_embedding(tiny_model):
+    assert tiny_model.lm_head.weight is tiny_model.wte.weight
+    with torch.no_grad():
+        tiny_model.wte.weight[3, 0] = 42.0
+    assert tiny_model.lm_head.weight[3, 0].item() == 42.0
+
+
+def test_num_parameters_counts_tied_matrix_once(tiny_config):
+    model = GPT(tiny_config)
+    V, C, T, L = tiny_config.vocab_size, tiny_config.n_embd, tiny_config.block_size, tiny_config.n_layer
+    per_block = (
+        2 * 2 * C  # two LayerNorms, weight and bias
+        + C * 3 * C + 3 * C  # c_attn
+        + C * C + C  # attention c_proj
+        + C * 4 * C + 4 * C  # c_fc
+        + 4 * C * C + C  # MLP c_proj
+    )
+    expected = V * C + T * C + L * per_block + 2 * C  # + final LayerNorm
+    assert model.num_parameters() == expected
+
+
+def test_num_parameters_without_bias():
+    config = ModelConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8, bias=False)
+    C = 8
+    expected = 10 * C + 8 * C + (2 * C + 3 * C * C + C * C + 4 * C * C + 4 * C * C) + C
+    assert GPT(config).num_parameters() == expected
+
+
+def test_scaled_init_of_residual_projections():
+    torch.manual_seed(0)
+    n_layer = 4
+    config = ModelConfig(vocab_size=50, block_size=8, n_layer=n_layer, n_head=4, n_embd=64)
+    model = GPT(config)
+    proj = torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith("c_proj.weight")])
+    other = torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith("c_fc.weight")])
+    expected = 0.02 / math.sqrt(2 * n_layer)
+    assert proj.std().item() == pytest.approx(expected, rel=0.05)
+    assert other.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.wte.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    for name, p in model.named_parameters():
+        if name.endswith("bias") and "ln" not in name:
+            assert torch.count_nonzero(p) == 0, name
+
+
+def test_initial_loss_is_about_ln_vocab():
+    torch.manual_seed(0)
+    vocab = 64
+    config = ModelConfig(vocab_size=vocab, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    model = GPT(config).eval()
+    x = ids(config, 8, 16)
+    y = ids(config, 8, 16, seed=1)
+    with torch.no_grad():
+        _, loss = model(x, targets=y)
+    assert math.isfinite(loss.item())
+    assert loss.item() == pytest.approx(math.log(vocab), abs=0.15)
+
+
+def test_loss_backward_reaches_every_parameter(tiny_model, tiny_config):
+    tiny_model.train()
+    _, loss = tiny_model(ids(tiny_config, 2, 8), targets=ids(tiny_config, 2, 8, seed=1))
+    loss.backward()
+    for name, p in tiny_model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_optimizer_groups_split_matrices_from_vectors(tiny_model):
+    decay, no_decay = tiny_model.optimizer_groups(0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() < 2 for p in no_decay["params"])
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == tiny_model.num_parameters()

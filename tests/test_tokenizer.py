@@ -1,0 +1,163 @@
+"""Character and word tokenizers: round trips, vocabulary rules, serialisation."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from smolgpt.errors import SmolGPTError
+from smolgpt.tokenizer import CharTokenizer, WordTokenizer, tokenizer_from_dict
+
+UNICODE_TEXT = "Héllo, wörld! “Quoted” — naïve café. 日本語 and 🙂 emoji.\nTabs\tand\r\nCRLF."
+
+
+# --------------------------------------------------------------------------- char level
+
+def test_char_round_trip_including_unicode():
+    tok = CharTokenizer.train([UNICODE_TEXT])
+    ids = tok.encode(UNICODE_TEXT)
+    assert len(ids) == len(UNICODE_TEXT)
+    assert tok.decode(ids) == UNICODE_TEXT
+
+
+def test_char_vocabulary_is_sorted_distinct_characters():
+    tok = CharTokenizer.train(["banana", "\n", "🙂a"])
+    assert tok.chars == sorted(set("banana\n🙂"))
+    assert tok.vocab_size == 5
+    assert tok.encode("ab") == [tok.chars.index("a"), tok.chars.index("b")]
+
+
+def test_char_training_over_chunks_equals_whole_text():
+    chunks = [UNICODE_TEXT[:10], UNICODE_TEXT[10:30], UNICODE_TEXT[30:]]
+    assert CharTokenizer.train(chunks).chars == CharTokenizer.train([UNICODE_TEXT]).chars
+
+
+def test_char_encode_array_equals_encode():
+    tok = CharTokenizer.train([UNICODE_TEXT])
+    arr = tok.encode_array(UNICODE_TEXT)
+    assert arr.dtype == np.int64
+    assert arr.tolist() == tok.encode(UNICODE_TEXT)
+    assert tok.encode_array("").tolist() == []
+
+
+@pytest.mark.parametrize("method", ["encode", "encode_array"])
+def test_char_unknown_characters_raise_and_are_named(method):
+    tok = CharTokenizer.train(["abc"])
+    with pytest.raises(SmolGPTError) as err:
+        getattr(tok, method)("abzcy~")  # z, y: inside the code-point range; ~: above it
+    message = str(err.value)
+    for ch in "zy~":
+        assert repr(ch) in message
+    assert tok.unknown("abzcyz") == ["z", "y"]
+    with pytest.raises(SmolGPTError, match="'A'"):  # below the smallest code point
+        getattr(tok, method)("A")
+
+
+def test_char_empty_vocabulary_raises():
+    with pytest.raises(SmolGPTError):
+        CharTokenizer.train([""])
+
+
+# --------------------------------------------------------------------------- word level
+
+def test_word_split_lowercases_and_separates_punctuation():
+    assert WordTokenizer.split("Holmes SAID: don't, Watson's!") == [
+        "holmes", "said", ":", "don't", ",", "watson's", "!",
+    ]
+
+
+def test_word_special_ids_and_min_freq_cutoff():
+    text = "the cat the dog the cat a bird"
+    tok = WordTokenizer.train([text], min_word_freq=2)
+    assert tok.itos[:2] == ["<PAD>", "<UNK>"]
+    assert (tok.PAD_ID, tok.UNK_ID) == (0, 1)
+    assert tok.stoi["<PAD>"] == 0 and tok.stoi["<UNK>"] == 1
+    # 'the' (3) then 'cat' (2) are kept; dog, a, bird (1 each) are cut.
+    assert tok.itos[2:] == ["the", "cat"]
+    assert tok.encode("The dog and THE cat") == [2, 1, 1, 2, 3]
+    assert tok.unknown("the dog and the cat dog") == ["dog", "and"]
+
+
+def test_word_min_freq_one_keeps_everything():
+    text = "one two two three three three"
+    tok = WordTokenizer.train([text], min_word_freq=1)
+    assert tok.itos[2:] == ["three", "two", "one"]
+    assert 1 not in tok.encode(text)
+
+
+def test_word_vocabulary_order_is_deterministic():
+    text = "b a c b a c d e e f"
+    # frequency first, then alphabetical among ties; independent of insertion order
+    first = WordTokenizer.train([text], 1).itos
+    second = WordTokenizer.from_counts(Counter(dict(reversed(list(Counter(text.split()).items())))), 1).itos
+    assert first == second == ["<PAD>", "<UNK>", "a", "b", "c", "e", "d", "f"]
+
+
+def test_word_training_over_chunks_equals_whole_text():
+    lines = ["It was the best of times,\n", "it was the worst of times.\n"] * 3
+    assert WordTokenizer.train(lines, 2).itos == WordTokenizer.train(["".join(lines)], 2).itos
+
+
+def test_word_encode_array_equals_encode():
+    text = "Holmes said: it is quite simple, Watson. Simple!"
+    tok = WordTokenizer.train([text], 2)
+    arr = tok.encode_array(text)
+    assert arr.dtype == np.int64
+    assert arr.tolist() == tok.encode(text)
+    assert tok.encode_array("").tolist() == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "holmes said, “it is (quite) simple.” red-headed man's",
+        'he said, "it is so." and she said \'no\' to him.',
+        "one/two—three: four; five? six! [seven] {eight} $9 10% ‘single’ holmes’s",
+    ],
+)
+def test_word_decode_reattaches_punctuation(text):
+    tok = WordTokenizer.train([text], 1)
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_word_decode_lowercases_and_shows_unk():
+    tok = WordTokenizer.train(["the the cat"], 2)
+    assert tok.decode(tok.encode("The Cat.")) == "the <UNK> <UNK>"
+
+
+# --------------------------------------------------------------------------- serialisation
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_to_dict_round_trip_through_json(level):
+    text = "The quick brown fox, the lazy dog; the end. Ünïcödé 🙂"
+    tok = CharTokenizer.train([text]) if level == "char" else WordTokenizer.train([text], 1)
+    data = json.loads(json.dumps(tok.to_dict()))
+    again = tokenizer_from_dict(data)
+    assert type(again) is type(tok) and again.level == level
+    assert again.vocab_size == tok.vocab_size
+    assert again.encode(text) == tok.encode(text)
+    assert again.decode(tok.encode(text)) == tok.decode(tok.encode(text))
+    assert again.to_dict() == tok.to_dict()
+
+
+def test_word_to_dict_keeps_min_word_freq():
+    tok = WordTokenizer.train(["a a a b b c"], 2)
+    assert tokenizer_from_dict(tok.to_dict()).min_word_freq == 2
+
+
+@pytest.mark.parametrize("data", [{"type": "bpe"}, {}, {"type": None}, [], "char"])
+def test_unknown_tokenizer_type_raises(data):
+    with pytest.raises(SmolGPTError, match="unknown tokenizer type"):
+        tokenizer_from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{"type": "char"}, {"type": "word"}, {"type": "char", "chars": [1, 2]}, {"type": "char", "chars": []}],
+)
+def test_malformed_tokenizer_dict_raises(data):
+    with pytest.raises(SmolGPTError):
+        tokenizer_from_dict(data)
