@@ -249,15 +249,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     import transformers
     transformers.logging.set_verbosity_error()
 
-    configs = bench_configs(args.tiny or bool(args.configs and any(
-        n.startswith("tiny") for n in args.configs)), args.dropout)
+    configs = bench_configs(True, args.dropout)
     if args.configs:
-        known = {c.name for c in configs}
-        unknown = set(args.configs) - known
+        known = [c.name for c in configs]
+        unknown = set(args.configs) - set(known)
         if unknown:
             parser.error(f"unknown config(s) {', '.join(sorted(unknown))}; choose from "
-                         f"{', '.join(sorted(known))}")
+                         f"{', '.join(known)}")
         configs = [c for c in configs if c.name in args.configs]
+    elif not args.tiny:
+        configs = [c for c in configs if not c.name.startswith("tiny")]
 
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
           f"{transformers.__version__}, {platform.processor() or platform.machine()}; "

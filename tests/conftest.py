@@ -156,11 +156,12 @@ from concurrent.futures import ThreadPoolExecutor as _ThreadPoolExecutor  # noqa
 
 E2E_ROOT = Path(__file__).resolve().parents[1]
 
-# A model that trains 60 steps in well under a second on one CPU core.
+# A model that trains 60 steps in well under a second on one CPU core. Early stopping is
+# off whatever the preset's recipe says, so a run's length is exactly --max_iters.
 E2E_TINY = [
     "--preset", "nano", "--n_layer", "1", "--n_embd", "32", "--n_head", "2",
     "--block_size", "32", "--batch_size", "8", "--eval_iters", "4",
-    "--eval_interval", "10", "--log_interval", "10",
+    "--eval_interval", "10", "--log_interval", "10", "--early_stop_patience", "0",
 ]
 
 _PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "ftp_proxy")
@@ -232,6 +233,18 @@ class E2EResult:
                 f"--- stderr ---\n{self.stderr[-3000:]}")
 
 
+_E2E_LIVE: set = set()  # E2EProcesses not waited for yet
+
+
+@pytest.fixture(autouse=True)
+def _e2e_reap():
+    """A test that fails half-way leaves no training process of its own running."""
+    yield
+    for process in list(_E2E_LIVE):
+        process.kill()
+        process.wait(timeout=60)
+
+
 class E2EProcess:
     """A command running in the background; its output goes to files (no pipe can fill)."""
 
@@ -243,6 +256,7 @@ class E2EProcess:
         self.started = _time.monotonic()
         self.proc = _subprocess.Popen(args, stdin=_subprocess.DEVNULL, stdout=self._out,
                                       stderr=self._err, **kwargs)
+        _E2E_LIVE.add(self)
 
     @property
     def pid(self) -> int:
@@ -266,6 +280,7 @@ class E2EProcess:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"{self.args} did not finish within {timeout}s")
+        _E2E_LIVE.discard(self)
         seconds = _time.monotonic() - self.started
         texts = []
         for f in (self._out, self._err):
@@ -294,6 +309,7 @@ class SmolCLI:
         self.cache.mkdir(parents=True, exist_ok=True)
         self.closed_port = unused_port()
         self._logs = 0
+        self._logs_lock = threading.Lock()  # popen is called from several threads
 
     def env(self, **extra: str) -> dict:
         env = {k: v for k, v in _os.environ.items()
@@ -320,8 +336,10 @@ class SmolCLI:
 
     def popen(self, command: str, *args, env: dict = None, cwd: Path = None,
               **kwargs) -> E2EProcess:
-        self._logs += 1
-        return E2EProcess(self.argv(command, *args), self.base / "logs" / str(self._logs),
+        with self._logs_lock:
+            self._logs += 1
+            logs = self.base / "logs" / str(self._logs)
+        return E2EProcess(self.argv(command, *args), logs,
                           env=env or self.env(), cwd=str(cwd or self.base), **kwargs)
 
     def run(self, command: str, *args, timeout: float = 180, **kwargs) -> E2EResult:
@@ -393,7 +411,8 @@ def e2e_assert_one_line_error(result: E2EResult, *needles: str, status: int = 2)
     assert "Traceback" not in result.stderr, result.describe()
     assert len(lines) == 1, f"expected exactly one line on stderr\n{result.describe()}"
     for needle in needles:
-        assert needle.lower() in lines[0].lower(), f"{needle!r} not in the error\n{result.describe()}"
+        assert needle.lower() in lines[0].lower(), \
+            f"{needle!r} not in the error\n{result.describe()}"
     return lines[0]
 
 

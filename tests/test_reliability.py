@@ -18,6 +18,7 @@ import shlex
 import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,9 @@ def _tmp_files(run_dir: Path) -> list:
 @pytest.mark.parametrize("level", ["char", "word"])
 def test_interrupted_and_resumed_equals_uninterrupted(smol_cli, tmp_path, level):
     """SIGINT mid-run (exit 130), then --resume: metrics and weights identical, bit for bit,
-    to a run that was never interrupted (default settings: bf16 autocast where native)."""
-    flags = ["--max_iters", "200", "--eval_interval", "10"]
+    to a run that was never interrupted (default settings: bf16 autocast where native).
+    Dropout is on, so the restored random state matters too."""
+    flags = ["--max_iters", "200", "--eval_interval", "10", "--dropout", "0.1"]
     whole, broken = tmp_path / "uninterrupted", tmp_path / "interrupted"
     a = smol_cli.popen("train", *smol_cli.train_args(level, whole, *flags))
     b = smol_cli.popen("train", *smol_cli.train_args(level, broken, *flags))
@@ -129,24 +131,19 @@ def test_sigterm_saves_and_says_how_to_resume(smol_cli, tmp_path):
 
 # ------------------------------------------------------------------------------ SIGKILL
 
-def test_sigkill_at_any_moment_never_breaks_the_run(smol_cli, tmp_path):
-    """Kill -9 a training process again and again, at random instants: right after start,
-    during tokenization, between steps and in the middle of checkpoint saves. After every
-    kill each checkpoint present loads, and the next command (--resume if there is a
-    latest_model.pth, else a new run) is not refused; a final --resume completes."""
-    rng = random.Random(20250611)
-    out = tmp_path / "run"
-    env = smol_cli.env(SMOLGPT_CACHE_DIR=str(tmp_path / "cache"))  # tokenizes under fire too
-    base = ["--eval_interval", "2", "--log_interval", "2", "--max_iters", "100000"]
-    modes = ["save", "early", "late", "save", "early", "late", "save", "late", "early", "save",
-             "late", "save"]
+KILL_FLAGS = ["--eval_interval", "2", "--log_interval", "2", "--max_iters", "100000"]
+
+
+def _kill_lane(smol_cli, out: Path, env: dict, seed: int, modes: list) -> tuple[list, list]:
+    """One run directory, killed once per mode; returns (report lines, problems)."""
+    rng = random.Random(seed)
     report, problems = [], []
     for trial, mode in enumerate(modes):
         resume = (out / "latest_model.pth").exists()
         tmp_before = set(_tmp_files(out)) if out.exists() else set()
         rows_before = len(smol_cli.metrics(out))
         proc = smol_cli.popen("train", *smol_cli.train_args(
-            "char", out, *base, *(["--resume"] if resume else [])), env=env)
+            "char", out, *KILL_FLAGS, *(["--resume"] if resume else [])), env=env)
         deadline = time.monotonic() + 90
         if mode == "early":  # anywhere in start-up: imports, tokenizing, first steps
             delay = rng.uniform(0.05, 3.0)
@@ -164,11 +161,12 @@ def test_sigkill_at_any_moment_never_breaks_the_run(smol_cli, tmp_path):
                 time.sleep(0.0005)
         proc.kill()
         result = proc.wait()
-        report.append(f"{trial} {mode} resume={resume} exit={result.returncode} "
-                      f"after {result.seconds:.2f}s, "
+        report.append(f"{out.name} trial {trial} ({mode}, resume={resume}): exit "
+                      f"{result.returncode} after {result.seconds:.2f}s, "
                       f"{len(smol_cli.metrics(out))} metrics rows")
         if result.returncode not in (-signal.SIGKILL, 0):
-            problems.append(f"trial {trial} ({mode}) was refused or failed:\n{result.describe()}")
+            problems.append(f"{out.name} trial {trial} ({mode}) was refused or failed:\n"
+                            f"{result.describe()}")
             if not (out / "latest_model.pth").exists():
                 # Stuck without a checkpoint to resume: clear the run by hand, as a user
                 # would have to, so that the remaining trials still test something.
@@ -179,30 +177,55 @@ def test_sigkill_at_any_moment_never_breaks_the_run(smol_cli, tmp_path):
                 try:
                     checkpoint.load(out / name)
                 except Exception as exc:  # noqa: BLE001 (any failure is the finding)
-                    problems.append(f"trial {trial} ({mode}): {name} does not load: {exc}")
+                    problems.append(f"{out.name} trial {trial} ({mode}): {name} does not "
+                                    f"load: {exc}")
 
     # Finish: a few more steps from wherever the kills left the run.
     if (out / "latest_model.pth").exists():
         done = checkpoint.load(out / "latest_model.pth")["progress"]["iter"]
         final = smol_cli.run("train", *smol_cli.train_args(
-            "char", out, *base, "--resume", "--max_iters", str(done + 4)), env=env)
+            "char", out, *KILL_FLAGS, "--resume", "--max_iters", str(done + 4)), env=env)
     else:
         final = smol_cli.run("train", *smol_cli.train_args(
-            "char", out, *base, "--max_iters", "4"), env=env)
-    report.append(f"final exit={final.returncode}")
+            "char", out, *KILL_FLAGS, "--max_iters", "4"), env=env)
+    report.append(f"{out.name} final run: exit {final.returncode}; "
+                  f"{len(_tmp_files(out))} temporary files left by the kills")
     if final.returncode != 0:
-        problems.append(f"the final run failed:\n{final.describe()}")
+        problems.append(f"{out.name}: the final run failed:\n{final.describe()}")
     else:
         iters = [r["iter"] for r in smol_cli.metrics(out)]
         if iters != sorted(set(iters)):
-            problems.append(f"metrics rows repeated or out of order: {iters}")
+            problems.append(f"{out.name}: metrics rows repeated or out of order: {iters}")
         for name in ("best_model.pth", "latest_model.pth"):
             checkpoint.load(out / name)
-    print("\n".join(report), f"\nleft-over temporary files: {len(_tmp_files(out))}")
+    return report, problems
+
+
+def test_sigkill_at_any_moment_never_breaks_the_run(smol_cli, smol_runs, tmp_path):
+    """Kill -9 training processes again and again, at random (seeded) instants: during
+    start-up and tokenization, between steps, and in the middle of checkpoint saves
+    (--eval_interval 2 saves every other step). After every kill each checkpoint present
+    loads, and the next command (--resume if there is a latest_model.pth, else a new run)
+    is not refused; a final run completes. Two run directories at once: one new (with an
+    empty token cache), one continuing a finished run."""
+    fresh = tmp_path / "fresh"
+    existing = smol_runs["char"].copy(tmp_path / "existing")
+    lanes = [
+        (fresh, smol_cli.env(SMOLGPT_CACHE_DIR=str(tmp_path / "cache")), 11,
+         ["save", "early", "late", "early", "save", "late"]),
+        (existing, smol_cli.env(), 22, ["late", "save", "early", "save", "late", "save"]),
+    ]
+    with ThreadPoolExecutor(len(lanes)) as pool:
+        outcomes = list(pool.map(lambda lane: _kill_lane(smol_cli, *lane), lanes))
+    report = [line for lines, _ in outcomes for line in lines]
+    problems = [p for _, found in outcomes for p in found]
+    print("\n".join(report))
+    assert sum(len(lane[3]) for lane in lanes) >= 10
     assert not problems, "\n".join(report + problems)
 
 
-@pytest.mark.parametrize("left", [("metrics.jsonl",), ("metrics.jsonl", "best_model.pth")])
+@pytest.mark.parametrize("left", [("metrics.jsonl",), ("metrics.jsonl", "best_model.pth")],
+                         ids=["metrics only", "metrics and best"])
 def test_run_killed_during_its_first_save_can_be_restarted(smol_cli, smol_runs, tmp_path, left):
     """What SIGKILL leaves when it lands between the first metrics row and the first
     latest_model.pth. Following the messages must lead to a run that trains: a new run, or

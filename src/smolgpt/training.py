@@ -264,8 +264,9 @@ class Trainer:
         )
         self._metrics_rewind()
         metrics = open(self.out_dir / METRICS, "a", encoding="utf-8")
-        start = time.perf_counter()
-        elapsed = lambda: p.elapsed_s + time.perf_counter() - start  # noqa: E731
+        # Wall time of the whole run: what earlier processes of it spent, plus this one's.
+        start, before = time.perf_counter(), p.elapsed_s
+        elapsed = lambda: before + time.perf_counter() - start  # noqa: E731
         last_eval_s = 0.0
         window_start, window_steps = time.perf_counter(), 0  # throughput since last eval
         loss_sum, loss_count = torch.zeros((), device=self.device), 0  # since last report
