@@ -90,7 +90,7 @@ def random_token_data(c: BenchConfig, n_tokens: int, seed: int = 0) -> TokenData
         tokenizer = WordTokenizer([f"w{i}" for i in range(c.vocab_size - 2)])
     assert tokenizer.vocab_size == c.vocab_size
     split = int(n_tokens * 0.9)
-    return TokenData(ids[:split], ids[split:], tokenizer, fingerprint="benchmark-random")
+    return TokenData("random", ids[:split], ids[split:], tokenizer, fingerprint="benchmark-random")
 
 
 def smolgpt_step(c: BenchConfig, data: TokenData, out_dir: Path, amp: bool):

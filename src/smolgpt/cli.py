@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------- train
 
-def colab_run_dir(name: str) -> Path:
-    """Mount Google Drive (Colab only) and return MyDrive/smolgpt/<name>."""
+def colab_run_dir() -> Path:
+    """Mount Google Drive (Colab only) and return MyDrive/smolgpt."""
     try:
         in_colab = importlib.util.find_spec("google.colab") is not None
     except ModuleNotFoundError:
@@ -83,24 +83,23 @@ def colab_run_dir(name: str) -> Path:
     from google.colab import drive  # type: ignore[import-not-found]
 
     drive.mount("/content/drive")
-    return Path("/content/drive/MyDrive/smolgpt") / name
+    return Path("/content/drive/MyDrive/smolgpt")
 
 
 def run_train(explicit: dict[str, Any]) -> int:
+    requested = resolve_train_config(explicit)  # flags are checked before anything heavy
+
     from . import checkpoint, data, hardware
     from .files import RunLock, ensure_writable_dir
-    from .training import LATEST, Trainer, TrainingInterrupted, existing_run_files
+    from .training import LATEST, Trainer, TrainingInterrupted, clean_stale_temporaries
 
-    requested = resolve_train_config(explicit)  # validates flags before touching the disk
-    name = f"{requested.level}_{requested.preset}"
-    if "out_dir" in explicit:
-        out_dir = Path(explicit["out_dir"])
-    elif requested.colab_drive:
-        out_dir = colab_run_dir(name)
+    if requested.colab_drive:  # relative paths (and the default) land under MyDrive/smolgpt
+        out_dir = colab_run_dir() / Path(explicit.get("out_dir", requested.default_out_dir))
     else:
-        out_dir = Path(requested.default_out_dir)
+        out_dir = Path(explicit.get("out_dir", requested.default_out_dir))
     ensure_writable_dir(out_dir)
     with RunLock(out_dir):
+        clean_stale_temporaries(out_dir)
         resume_from = None
         if requested.resume:
             latest = out_dir / LATEST
@@ -114,16 +113,18 @@ def run_train(explicit: dict[str, Any]) -> int:
             for key, (old, new) in changed.items():
                 log.info("resume: %s changed from %s to %s", key, old, new)
         else:
-            found = existing_run_files(out_dir)
-            if found:
+            # A run exists once it has a latest checkpoint (saved before any best one); a
+            # directory killed before that holds nothing worth keeping and starts afresh.
+            if (out_dir / LATEST).exists():
                 raise SmolGPTError(
-                    f"{out_dir} already holds a run ({', '.join(found)}); pass --resume to "
-                    "continue it, or choose another --out_dir"
+                    f"{out_dir} already holds a run ({LATEST}); pass --resume to continue "
+                    "it, or choose another --out_dir"
                 )
             cfg = requested
         device = hardware.resolve_device(cfg.device)
         tokens = data.prepare(data.resolve_corpus(cfg.data), cfg.level, cfg.min_word_freq)
         data.check_long_enough(tokens, cfg.block_size)
+        log.info(tokens.summary())
         if resume_from is not None and resume_from.get("data", {}).get("fingerprint") != tokens.fingerprint:
             raise SmolGPTError(
                 f"--data {cfg.data} is not the text this run was trained on; pass the "
@@ -151,6 +152,8 @@ def run_train(explicit: dict[str, Any]) -> int:
 # ------------------------------------------------------------------------------- generate
 
 def run_generate(checkpoint_path: str, explicit: dict[str, Any]) -> int:
+    cfg = SampleConfig(**explicit)  # settings are checked before anything heavy
+
     import torch
 
     from . import hardware
@@ -158,7 +161,6 @@ def run_generate(checkpoint_path: str, explicit: dict[str, Any]) -> int:
     from .sampling import generate
     from .tokenizer import WordTokenizer
 
-    cfg = SampleConfig(**explicit)  # validates the sampling settings
     device = hardware.resolve_device(cfg.device)
     model, tokenizer, _ = load_model(Path(checkpoint_path), device)
     if not cfg.prompt:

@@ -168,7 +168,6 @@ def gutenberg_path(book: GutenbergBook, name: str) -> Path:
     if path.exists():
         return path
     url = book.url()
-    log.info("downloading %s (once; cached in %s)", url, path.parent)
     raw = _fetch(url, f"the built-in '{name}' corpus needs one download from {url}")
     text = strip_gutenberg(raw.decode("utf-8", errors="replace"))
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -178,6 +177,7 @@ def gutenberg_path(book: GutenbergBook, name: str) -> Path:
             f"{book.sha256[:12]}...); download the book yourself and pass --data FILE"
         )
     atomic_write_text(path, text)
+    log.info("downloaded %s, cached in %s", url, path)
     return path
 
 
@@ -187,9 +187,9 @@ def download_url(url: str) -> Path:
     name = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").rsplit("/", 1)[-1])[:60] or "data"
     path = cache_dir() / "downloads" / f"{key}-{name}"
     if not path.exists():
-        log.info("downloading %s", url)
         raw = _fetch(url, f"could not download {url}")
         atomic_write(path, lambda f: f.write(raw))
+        log.info("downloaded %s, cached in %s", url, path)
     return path
 
 
@@ -267,10 +267,16 @@ def iter_text(corpus: Corpus, chunk_bytes: Optional[int] = None) -> Iterator[str
 class TokenData:
     """A tokenized corpus: train and val id arrays (memory-mapped) and the tokenizer."""
 
+    source: str
     train: np.ndarray
     val: np.ndarray
     tokenizer: Tokenizer
     fingerprint: str
+
+    def summary(self) -> str:
+        total = len(self.train) + len(self.val)
+        return (f"{self.source}: {total:,} tokens ({len(self.train):,} train, "
+                f"{len(self.val):,} val), vocabulary {self.tokenizer.vocab_size:,}")
 
 
 def _word_counts(chunk: str) -> Counter:
@@ -345,7 +351,6 @@ def prepare(corpus: Corpus, level: str, min_word_freq: int = 3) -> TokenData:
     meta_path, ids_path = entry / "meta.json", entry / "tokens.bin"
     # meta.json is written last, so its presence means the ids beside it are complete.
     if not meta_path.exists():
-        log.info("tokenizing %s at %s level (cached for next time)", corpus.name, level)
         holder: dict = {}
 
         def write_ids(f) -> None:
@@ -366,12 +371,7 @@ def prepare(corpus: Corpus, level: str, min_word_freq: int = 3) -> TokenData:
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     ids = np.memmap(ids_path, dtype=meta["dtype"], mode="r") if meta["count"] else np.zeros(0)
     split = int(len(ids) * TRAIN_FRACTION)
-    log.info(
-        "%s: %s tokens (%s train, %s val), vocabulary %s",
-        corpus.name, f"{len(ids):,}", f"{split:,}", f"{len(ids) - split:,}",
-        f"{tokenizer.vocab_size:,}",
-    )
-    return TokenData(ids[:split], ids[split:], tokenizer, text_hash)
+    return TokenData(corpus.name, ids[:split], ids[split:], tokenizer, text_hash)
 
 
 def check_long_enough(data: TokenData, block_size: int) -> None:

@@ -40,7 +40,6 @@ from .model import GPT
 log = logging.getLogger(__name__)
 
 LATEST, BEST, METRICS = "latest_model.pth", "best_model.pth", "metrics.jsonl"
-RUN_FILES = (LATEST, BEST, METRICS)
 
 
 @dataclass
@@ -291,10 +290,11 @@ class Trainer:
                         metrics.write(json.dumps(row) + "\n")
                         metrics.flush()
                         p.evaluated, p.elapsed_s = True, elapsed()
+                        # latest first: a run directory with any checkpoint has a latest one.
+                        self.save(LATEST)
                         if p.evals_since_best == 0:
                             self.save(BEST)
-                        self.save(LATEST)
-                        self._report_eval(row)
+                        self._report_eval(row, new_best=p.evals_since_best == 0)
                         early_stop = 0 < cfg.early_stop_patience <= p.evals_since_best
                         window_start, window_steps = time.perf_counter(), 0
                     if early_stop:
@@ -380,8 +380,8 @@ class Trainer:
             log.info("iter %d | %s", self.progress.iter,
                      " | ".join(f"{k} {v}" for k, v in fields.items()))
 
-    def _report_eval(self, row: dict) -> None:
-        best = " (new best)" if row["val_loss"] == row["best_val_loss"] else ""
+    def _report_eval(self, row: dict, new_best: bool) -> None:
+        best = " (new best)" if new_best else ""
         log.info("eval @ iter %d: train %.4f, val %.4f%s", row["iter"], row["train_loss"],
                  row["val_loss"], best)
 
@@ -393,5 +393,8 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def existing_run_files(out_dir: Path) -> list[str]:
-    return [name for name in RUN_FILES if (Path(out_dir) / name).exists()]
+def clean_stale_temporaries(out_dir: Path) -> None:
+    """Remove half-written checkpoint files left by a process killed mid-save. Call only
+    while holding the run directory's lock (no live writer can own them then)."""
+    for tmp in Path(out_dir).glob(".*.pth.*.tmp"):
+        tmp.unlink(missing_ok=True)
