@@ -11,15 +11,17 @@ BIN := $(VENV)/bin
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 
 setup: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
 
+DEMO_DIR := checkpoints/demo_char_nano
+
 demo: setup
-	$(BIN)/python train.py --level char --preset nano --time_budget 60 --out_dir checkpoints/demo_char_nano
-	$(BIN)/python generate.py checkpoints/demo_char_nano/best_model.pth --prompt "ROMEO:" --max_new_tokens 300
+	rm -rf $(DEMO_DIR)  # the demo's own run directory: each demo starts afresh
+	$(BIN)/python train.py --level char --preset nano --time_budget 60 --out_dir $(DEMO_DIR)
+	$(BIN)/python generate.py $(DEMO_DIR)/best_model.pth --prompt "ROMEO:" --max_new_tokens 300
 
 test: setup
 	$(BIN)/python -m pytest -q
