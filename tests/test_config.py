@@ -184,3 +184,22 @@ def test_sample_config_accepts_greedy_and_edges():
 def test_sample_config_rejects_bad_values(kwargs, flag):
     with pytest.raises(SmolGPTError, match=f"--{flag}"):
         SampleConfig(**kwargs)
+
+
+# ------------------------------------------------------------------ per-level recipes
+
+def test_word_presets_stop_early_and_char_presets_do_not():
+    for preset in PRESETS:
+        assert resolve_train_config({"preset": preset, "level": "word"}).early_stop_patience > 0
+        assert resolve_train_config({"preset": preset, "level": "char"}).early_stop_patience == 0
+
+
+def test_recipe_depends_on_level_and_explicit_flags_still_win():
+    char = resolve_train_config({"preset": "nano", "level": "char"})
+    word = resolve_train_config({"preset": "nano", "level": "word"})
+    assert (char.learning_rate, char.dropout) == (3e-3, 0.0)
+    assert (word.learning_rate, word.dropout) == (2e-3, 0.2)
+    mine = resolve_train_config({"preset": "nano", "level": "word", "dropout": 0.05,
+                                 "early_stop_patience": 0, "learning_rate": 1e-4})
+    assert (mine.dropout, mine.early_stop_patience, mine.learning_rate) == (0.05, 0, 1e-4)
+    assert (mine.n_layer, mine.n_head, mine.n_embd) == (3, 3, 48)  # the shape still applies
