@@ -14,7 +14,7 @@ import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Optional
 
 from .errors import SmolGPTError
 
@@ -37,6 +37,16 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _write_failure(exc: BaseException) -> Optional[str]:
+    """Why a write failed, if it was the file system's doing (None for anything else)."""
+    os_error = exc if isinstance(exc, OSError) else exc.__cause__
+    if isinstance(os_error, OSError):
+        return "disk full" if os_error.errno == errno.ENOSPC else os_error.strerror
+    if isinstance(exc, RuntimeError) and "file write failed" in str(exc):
+        return "disk full?"  # torch.save reports a failed write as a RuntimeError
+    return None
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call write(file) on a temporary file, then atomically replace path with it.
 
@@ -55,16 +65,11 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
-        if isinstance(exc, OSError) or isinstance(exc.__cause__, OSError):
-            os_error = exc if isinstance(exc, OSError) else exc.__cause__
-            kept = "the previous version is kept" if path.exists() else "nothing was written"
-            reason = "disk full" if os_error.errno == errno.ENOSPC else os_error.strerror
-            raise SmolGPTError(f"could not write {path} ({reason}); {kept}") from exc
-        if isinstance(exc, RuntimeError) and "file write failed" in str(exc):
-            # torch.save reports a failed write (ENOSPC among them) as a RuntimeError.
-            kept = "the previous version is kept" if path.exists() else "nothing was written"
-            raise SmolGPTError(f"could not write {path} (disk full?); {kept}") from exc
-        raise
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
+        kept = "the previous version is kept" if path.exists() else "nothing was written"
+        raise SmolGPTError(f"could not write {path} ({reason}); {kept}") from exc
     _fsync_dir(path.parent)
 
 

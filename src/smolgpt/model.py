@@ -91,7 +91,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        # Exact (erf) GELU: GPT-2 used a tanh approximation, which on CPUs costs twice as much.
+        # Exact (erf) GELU: GPT-2 used a tanh approximation, which costs twice as much in bf16
+        # on CPUs (benchmarks/step_profile.py --kernels).
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)

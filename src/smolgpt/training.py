@@ -149,9 +149,6 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        # The optimiser's peak lr is the configured one; the schedule sets each step's lr.
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = self.cfg.learning_rate
         self.progress = Progress(**ckpt["progress"])
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch"])
