@@ -185,7 +185,10 @@ def test_weight_shape_mismatch(tmp_path):
 
 
 def test_block_size_mismatch_names_the_weight(tmp_path):
-    ckpt, _ = make_checkpoint()
+    tokenizer = CharTokenizer.train([TEXT])
+    ckpt, _ = make_checkpoint(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=16,
+                                          n_layer=1, n_head=2, n_embd=16, position="learned"),
+                              tokenizer)
     ckpt["model_config"] = {**ckpt["model_config"], "block_size": 64}
     path = tmp_path / "mismatch.pth"
     checkpoint.save(path, ckpt)

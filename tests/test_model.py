@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -90,8 +91,9 @@ def test_lm_head_is_tied_to_token_embedding(tiny_model):
     assert tiny_model.lm_head.weight[3, 0].item() == 42.0
 
 
-def test_num_parameters_counts_tied_matrix_once(tiny_config):
-    model = GPT(tiny_config)
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_num_parameters_counts_tied_matrix_once(tiny_config, position):
+    model = GPT(dataclasses.replace(tiny_config, position=position))
     V, C, T, L = tiny_config.vocab_size, tiny_config.n_embd, tiny_config.block_size, tiny_config.n_layer
     per_block = (
         2 * 2 * C  # two LayerNorms, weight and bias
@@ -100,12 +102,14 @@ def test_num_parameters_counts_tied_matrix_once(tiny_config):
         + C * 4 * C + 4 * C  # c_fc
         + 4 * C * C + C  # MLP c_proj
     )
-    expected = V * C + T * C + L * per_block + 2 * C  # + final LayerNorm
+    positions = T * C if position == "learned" else 0  # rotary tables are not parameters
+    expected = V * C + positions + L * per_block + 2 * C  # + final LayerNorm
     assert model.num_parameters() == expected
 
 
 def test_num_parameters_without_bias():
-    config = ModelConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8, bias=False)
+    config = ModelConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8, bias=False,
+                         position="learned")
     C = 8
     expected = 10 * C + 8 * C + (2 * C + 3 * C * C + C * C + 4 * C * C + 4 * C * C) + C
     assert GPT(config).num_parameters() == expected

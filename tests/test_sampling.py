@@ -14,11 +14,13 @@ def random_logits(rows: int = 4, vocab: int = 50, seed: int = 0) -> torch.Tensor
     return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-@pytest.fixture
-def model64() -> GPT:
+@pytest.fixture(params=["rope", "learned"])
+def model64(request) -> GPT:
     """A float64 model, so cached and recomputed logits agree far below any argmax tie."""
-    torch.manual_seed(2)
-    config = ModelConfig(vocab_size=31, block_size=12, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    # Seeds whose greedy paths are non-trivial (the tests below assert that they are).
+    torch.manual_seed({"rope": 4, "learned": 2}[request.param])
+    config = ModelConfig(vocab_size=31, block_size=12, n_layer=2, n_head=2, n_embd=16,
+                         dropout=0.0, position=request.param)
     model = GPT(config).double().eval()
     # At GPT-2's init a tied-embedding model mostly repeats its last token; large random
     # weights make the greedy path depend on the whole context and on positions.

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
+from .config import LEGACY_DEFAULTS, ModelConfig
 from .errors import SmolGPTError
 from .files import atomic_write
 from .model import GPT
@@ -113,7 +113,8 @@ def model_config(ckpt: dict, path: Path = Path("checkpoint")) -> ModelConfig:
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     if not isinstance(raw, dict) or not set(raw) <= names or "vocab_size" not in raw:
         raise SmolGPTError(f"{path}: model_config is missing or malformed")
-    return ModelConfig(**raw)
+    legacy = {k: v for k, v in LEGACY_DEFAULTS.items() if k in names}
+    return ModelConfig(**{**legacy, **raw})
 
 
 def load_model(path: Path, device: torch.device) -> tuple[GPT, Tokenizer, dict]:

@@ -21,6 +21,8 @@ from .errors import SmolGPTError
 
 LEVELS = ("char", "word")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+POSITIONS = ("rope", "learned")
+OPTIMIZERS = ("adamw", "muon")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -39,6 +41,7 @@ class ModelConfig:
     n_embd: int = 128
     dropout: float = 0.1
     bias: bool = True
+    position: str = "rope"  # "rope" (rotary) or "learned" (GPT-2's position embeddings)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -49,6 +52,15 @@ class ModelConfig:
             raise SmolGPTError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
                 f"choose e.g. --n_embd {self.n_head * max(1, round(self.n_embd / self.n_head))}"
+            )
+        if self.position not in POSITIONS:
+            raise SmolGPTError(
+                f"unknown position encoding {self.position!r}: choose {' or '.join(POSITIONS)}"
+            )
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise SmolGPTError(
+                f"rotary positions need an even head size, got n_embd / n_head = "
+                f"{self.n_embd // self.n_head}: change --n_embd or use --position learned"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise SmolGPTError(f"dropout must be in [0, 1), got {self.dropout}")
@@ -73,6 +85,10 @@ class TrainConfig:
     block_size: int = _opt(128, "context length in tokens")
     dropout: float = _opt(0.1, "dropout probability")
     bias: bool = _opt(True, "biases in linear layers and LayerNorms")
+    position: str = _opt(
+        "rope", "how the model knows token positions: rotary (rope) or GPT-2's learned "
+        "embeddings", choices=POSITIONS,
+    )
     # Optimisation.
     batch_size: int = _opt(32, "sequences per micro-batch")
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimiser step")
@@ -80,7 +96,15 @@ class TrainConfig:
     time_budget: Optional[float] = _opt(
         None, "train for this many seconds of wall time instead of max_iters"
     )
-    learning_rate: float = _opt(3e-4, "peak learning rate")
+    optimizer: str = _opt(
+        "adamw", "adamw, or muon: Muon for the blocks' weight matrices and AdamW for the rest",
+        choices=OPTIMIZERS,
+    )
+    learning_rate: float = _opt(
+        3e-4, "peak learning rate (of AdamW: with --optimizer muon, of the embeddings, biases "
+        "and norms)"
+    )
+    muon_lr: float = _opt(0.05, "peak learning rate of Muon's matrices (--optimizer muon)")
     min_lr: Optional[float] = _opt(None, "final learning rate of the cosine decay (default lr/10)")
     warmup_iters: int = _opt(100, "linear warm-up steps")
     lr_schedule: str = _opt(
@@ -92,7 +116,7 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "clip gradient norm to this (0 disables)")
     # Evaluation, stopping, logging.
     eval_interval: int = _opt(250, "steps between evaluations (and checkpoints)")
-    eval_iters: int = _opt(40, "batches per evaluation of train and val loss")
+    eval_iters: int = _opt(20, "batches per evaluation of train and val loss")
     log_interval: int = _opt(50, "steps between progress lines when stderr is not a terminal")
     early_stop_patience: int = _opt(
         0, "stop after this many evaluations without a new best val loss (0: never)"
@@ -124,6 +148,7 @@ class TrainConfig:
             n_embd=self.n_embd,
             dropout=self.dropout,
             bias=self.bias,
+            position=self.position,
         )
 
 
@@ -231,6 +256,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
             raise SmolGPTError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if not (math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0):
         raise SmolGPTError(f"--learning_rate must be a positive number, got {cfg.learning_rate}")
+    if not (math.isfinite(cfg.muon_lr) and cfg.muon_lr > 0):
+        raise SmolGPTError(f"--muon_lr must be a positive number, got {cfg.muon_lr}")
     if cfg.min_lr is not None and not 0 <= cfg.min_lr <= cfg.learning_rate:
         raise SmolGPTError(f"--min_lr must be in [0, learning_rate], got {cfg.min_lr}")
     if cfg.time_budget is not None and not cfg.time_budget > 0:
@@ -242,10 +269,14 @@ def validate_train_config(cfg: TrainConfig) -> None:
     cfg.model_config(vocab_size=1)  # shape checks (n_embd % n_head, dropout range)
 
 
+# Fields added after checkpoints were first written, with the value those older checkpoints
+# imply (they predate rotary positions, so their models learned position embeddings).
+LEGACY_DEFAULTS: dict[str, Any] = {"position": "learned", "optimizer": "adamw"}
+
 # Settings that define what a run *is*; a resumed run may not change them. (The training
 # text is checked by content, not by the --data string.)
 RESUME_FIXED = ("level", "preset", "n_layer", "n_head", "n_embd", "block_size", "bias",
-                "min_word_freq", "batch_size", "gradient_accumulation_steps", "seed")
+                "position", "optimizer", "min_word_freq", "batch_size", "gradient_accumulation_steps", "seed")
 # Bookkeeping that is not part of a run's recipe.
 _RESUME_IGNORED = ("resume", "out_dir", "data", "colab_drive")
 
@@ -258,6 +289,7 @@ def resume_train_config(saved: dict[str, Any], explicit: dict[str, Any]) -> tupl
     returned as {name: (old, new)} so the caller can report them.
     """
     names = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = {**LEGACY_DEFAULTS, **saved}
     base = TrainConfig(**{k: v for k, v in saved.items() if k in names})
     conflicts = [k for k in RESUME_FIXED if k in explicit and explicit[k] != getattr(base, k)]
     if conflicts:

@@ -39,9 +39,14 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_failure(exc: BaseException) -> Optional[str]:
     """Why a write failed, if it was the file system's doing (None for anything else)."""
-    os_error = exc if isinstance(exc, OSError) else exc.__cause__
-    if isinstance(os_error, OSError):
-        return "disk full" if os_error.errno == errno.ENOSPC else os_error.strerror
+    # torch.save may wrap the OSError, or fail again while closing the file after it: look
+    # down the chain of causes and contexts.
+    seen, link = set(), exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, OSError):
+            return "disk full" if link.errno == errno.ENOSPC else link.strerror
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
     if isinstance(exc, RuntimeError) and "file write failed" in str(exc):
         return "disk full?"  # torch.save reports a failed write as a RuntimeError
     return None

@@ -1,9 +1,17 @@
 """A GPT-2-style language model, from scratch.
 
-Reads top to bottom like the GPT-2 paper: token and learned position embeddings feed a stack
-of pre-LayerNorm transformer blocks (causal multi-head self-attention, then a 4x-wide GELU
-MLP, each wrapped in a residual connection), a final LayerNorm, and an output head that
-shares its weights with the token embedding.
+Reads top to bottom like the GPT-2 paper: token embeddings feed a stack of pre-LayerNorm
+transformer blocks (causal multi-head self-attention, then a 4x-wide GELU MLP, each wrapped in
+a residual connection), a final LayerNorm, and an output head that shares its weights with the
+token embedding.
+
+Where each token sits is told to the model in one of two ways (``ModelConfig.position``):
+GPT-2's learned position embeddings, added to the token embeddings, or rotary embeddings
+(RoPE, Su et al. 2021), which rotate each head's queries and keys by an angle proportional to
+the position, so that attention scores depend on how far apart two tokens are. Rotary is the
+default: a model knows "the previous character" from the first step instead of having to
+learn it position by position, and small models train markedly faster with it
+(benchmarks/RESULTS.md).
 
 For generation, :class:`KVCache` keeps every layer's keys and values so that each new token
 costs one position of work instead of re-running the whole context.
@@ -46,6 +54,22 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
+def rotary_tables(block_size: int, head_size: int, base: float = 10000.0):
+    """cos and sin of the rotation angles, (block_size, head_size / 2): channel pair i of the
+    token at position t turns by t * base^(-2i / head_size), fast for the first pairs and
+    slow for the last, so that near and far offsets are both distinguishable."""
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, nh, T, hs) queries or keys: the first and second halves of each head form
+    hs/2 planes, each turned by its own angle. q.k then depends only on the offset."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -55,11 +79,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0):
+    def forward(self, x: torch.Tensor, rotary=None, cache: Optional[KVCache] = None,
+                layer: int = 0):
+        """rotary: the (cos, sin) rows of this chunk's positions, or None (learned positions)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs): each head attends independently.
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rotary is not None:  # before caching: cached keys keep their own positions' angles
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         past = 0
         if cache is not None:
             past = cache.length
@@ -111,8 +139,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache: Optional[KVCache] = None, layer: int = 0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, rotary=None, cache: Optional[KVCache] = None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), rotary, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -121,7 +149,12 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embedding
+        if config.position == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)  # position embedding
+        else:  # rotary: fixed tables, rebuilt from the config (not saved in checkpoints)
+            cos, sin = rotary_tables(config.block_size, config.n_embd // config.n_head)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -163,10 +196,15 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}"
             )
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        rotary = None
+        if self.config.position == "learned":
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rotary = (self.rotary_cos[start:start + T], self.rotary_sin[start:start + T])
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            x = block(x, rotary, cache, i)
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
@@ -176,16 +214,24 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1))
         return logits, loss
 
-    def optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW parameter groups: decay matrices (weights, embeddings), not biases or norms."""
-        params = [p for p in self.parameters() if p.requires_grad]
+    def optimizer_groups(self, weight_decay: float, exclude=()) -> list[dict]:
+        """AdamW parameter groups: decay matrices (weights, embeddings), not biases or norms;
+        parameters in ``exclude`` (those another optimiser takes care of) are left out."""
+        skip = {id(p) for p in exclude}
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in skip]
         return [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
 
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The blocks' weight matrices: what Muon optimises (not embeddings, head or vectors)."""
+        return [p for p in self.blocks.parameters() if p.dim() == 2 and p.requires_grad]
+
     def estimate_flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L T C."""
         c = self.config
-        n = self.num_parameters() - self.wpe.weight.numel()
+        n = self.num_parameters()
+        if c.position == "learned":  # a lookup, not a matrix product
+            n -= self.wpe.weight.numel()
         return 6 * n + 12 * c.n_layer * c.block_size * c.n_embd

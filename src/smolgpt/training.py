@@ -66,14 +66,18 @@ class TrainingDiverged(SmolGPTError):
     """The loss became NaN or infinite."""
 
 
-def learning_rate(cfg: TrainConfig, step: int, elapsed: float) -> float:
+def learning_rate(cfg: TrainConfig, step: int, elapsed: float,
+                  train_seconds: Optional[float] = None) -> float:
     """Linear warm-up, then constant or cosine decay to final_lr.
 
-    With --time_budget the schedule runs on the fraction of the budget spent instead of the
-    fraction of max_iters done; the warm-up keeps its share (warmup_iters / max_iters).
+    With --time_budget the schedule runs on the fraction of the training time spent instead of
+    the fraction of max_iters done: ``train_seconds`` is the budget less the time held back for
+    the final evaluation (default: the whole budget), so the decay ends just as training does.
+    The warm-up keeps its share (warmup_iters / max_iters).
     """
     if cfg.time_budget:
-        done = min(elapsed / cfg.time_budget, 1.0)
+        horizon = train_seconds if train_seconds is not None else cfg.time_budget
+        done = min(elapsed / max(horizon, 1e-9), 1.0)
         warm = min(cfg.warmup_iters / cfg.max_iters, 1.0)
         if done < warm:
             return cfg.learning_rate * max(done / warm, 1.0 / max(cfg.warmup_iters, 1))
@@ -88,13 +92,35 @@ def learning_rate(cfg: TrainConfig, step: int, elapsed: float) -> float:
     return cfg.final_lr + 0.5 * (1.0 + math.cos(math.pi * decay)) * (cfg.learning_rate - cfg.final_lr)
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only; the fused kernel where the device has one."""
-    groups = model.optimizer_groups(cfg.weight_decay)
+def make_optimizers(model: GPT, cfg: TrainConfig,
+                    device: torch.device) -> list[torch.optim.Optimizer]:
+    """The optimisers of a run: [AdamW] or, with --optimizer muon, [AdamW, Muon].
+
+    Muon (Jordan et al. 2024) keeps a momentum of each weight matrix's gradient and replaces
+    it by the nearest orthogonal matrix (a few Newton-Schulz iterations) before the update,
+    so every direction of the matrix learns at the same rate instead of a few dominant ones.
+    It suits the 2-D weights inside the blocks; embeddings, the tied output head, biases and
+    LayerNorm gains stay with AdamW. AdamW decays matrices only, and uses the fused kernel
+    where the device has one.
+    """
+    muon_params = model.hidden_matrices() if cfg.optimizer == "muon" else []
+    groups = model.optimizer_groups(cfg.weight_decay, exclude=muon_params)
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
     if device.type in ("cuda", "cpu"):
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+        optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, fused=True, **kwargs)]
+    else:
+        optimizers = [torch.optim.AdamW(groups, foreach=True, **kwargs)]
+    if muon_params:
+        # "original": the update is scaled by sqrt(max(1, rows / cols)), Keller Jordan's rule.
+        optimizers.append(torch.optim.Muon(muon_params, lr=cfg.muon_lr,
+                                           weight_decay=cfg.weight_decay,
+                                           adjust_lr_fn="original"))
+    return optimizers
+
+
+def peak_lr(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate an optimiser peaks at; the schedule scales all of them alike."""
+    return cfg.muon_lr if isinstance(optimizer, torch.optim.Muon) else cfg.learning_rate
 
 
 class _SignalFlag:
@@ -121,6 +147,39 @@ class _SignalFlag:
             signal.signal(sig, handler)
 
 
+class _StepTimer:
+    """Under --time_budget: how much of the budget training may use, so that the final
+    evaluation still fits and the learning-rate decay ends when training does."""
+
+    # An evaluation batch is a forward pass only: about a third of a training step's work,
+    # rounded up so that an estimate errs towards finishing early rather than late.
+    FORWARD_SHARE = 0.4
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.eval_s: Optional[float] = None  # the last evaluation's duration
+        self.steps, self.step_s = 0, 0.0  # steps timed, and their total time (first excluded)
+
+    def add_step(self, seconds: float) -> None:
+        self.steps += 1
+        if self.steps > 1:  # the first step pays for one-off allocations
+            self.step_s += seconds
+
+    def final_eval_s(self) -> float:
+        """The measured time of the last evaluation, or before there is one, an estimate from
+        the step time: 2 splits x eval_iters micro-batches, each a forward pass."""
+        if self.eval_s is not None:
+            return self.eval_s
+        if self.steps < 2:
+            return 0.0
+        micro_batch_s = self.step_s / (self.steps - 1) / self.cfg.gradient_accumulation_steps
+        return 2 * self.cfg.eval_iters * micro_batch_s * self.FORWARD_SHARE
+
+    def train_seconds(self) -> float:
+        budget = self.cfg.time_budget or 0.0
+        return max(budget - self.final_eval_s(), 0.0)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: TokenData, out_dir: Path, device: torch.device,
                  resume_from: Optional[dict] = None):
@@ -129,7 +188,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # dropout and initialisation
         self.model_config = cfg.model_config(data.tokenizer.vocab_size)
         self.model = GPT(self.model_config).to(device)
-        self.optimizer = make_optimizer(self.model, cfg, device)
+        self.optimizers = make_optimizers(self.model, cfg, device)
         self.amp_dtype = hardware.amp_dtype(device, cfg.amp)
         # fp16 gradients underflow without loss scaling; bf16 has float32's range.
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
@@ -146,7 +205,16 @@ class Trainer:
 
     def _restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        states = ckpt["optimizer"]
+        if isinstance(states, dict):  # written before runs could have several optimisers
+            states = [states]
+        if len(states) != len(self.optimizers):
+            raise SmolGPTError(
+                f"the checkpoint holds {len(states)} optimiser states, this run has "
+                f"{len(self.optimizers)}: it was written with another --optimizer"
+            )
+        for optimizer, state in zip(self.optimizers, states):
+            optimizer.load_state_dict(state)
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress(**ckpt["progress"])
@@ -164,7 +232,7 @@ class Trainer:
             "tokenizer": self.data.tokenizer.to_dict(),
             "model": self.model.state_dict(),
             "train_config": dataclasses.asdict(self.cfg),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": [opt.state_dict() for opt in self.optimizers],
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "progress": dataclasses.asdict(self.progress),
             "rng": {
@@ -188,8 +256,9 @@ class Trainer:
     def train_step(self, lr: float) -> torch.Tensor:
         """One optimiser step over gradient_accumulation_steps micro-batches; the mean loss
         stays on the device (reading it would wait for the GPU)."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = peak_lr(self.cfg, optimizer) * lr / self.cfg.learning_rate
         steps = self.cfg.gradient_accumulation_steps
         total = torch.zeros((), device=self.device)
         for _ in range(steps):
@@ -200,15 +269,18 @@ class Trainer:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         if self.scaler:
-            self.scaler.unscale_(self.optimizer)
+            for optimizer in self.optimizers:
+                self.scaler.unscale_(optimizer)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        for optimizer in self.optimizers:
+            if self.scaler:  # skipped (not a fault) if fp16 gradients overflowed
+                self.scaler.step(optimizer)
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if self.scaler:
-            self.scaler.step(self.optimizer)  # skipped (not a fault) if fp16 gradients overflowed
             self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return total
 
     @torch.no_grad()
@@ -263,7 +335,7 @@ class Trainer:
         # Wall time of the whole run: what earlier processes of it spent, plus this one's.
         start, before = time.perf_counter(), p.elapsed_s
         elapsed = lambda: before + time.perf_counter() - start  # noqa: E731
-        last_eval_s = 0.0
+        timing = _StepTimer(cfg)
         window_start, window_steps = time.perf_counter(), 0  # throughput since last eval
         loss_sum, loss_count = torch.zeros((), device=self.device), 0  # since last report
         bar = self._progress_bar()
@@ -272,18 +344,21 @@ class Trainer:
             with _SignalFlag() as stop:
                 while True:
                     if cfg.time_budget:  # stop early enough for the final evaluation to fit
-                        finished = elapsed() + last_eval_s >= cfg.time_budget
+                        finished = elapsed() >= timing.train_seconds()
                     else:
                         finished = p.iter >= cfg.max_iters
                     early_stop = False
-                    if (p.iter % cfg.eval_interval == 0 or finished) and not p.evaluated:
+                    # A time-budgeted run skips the evaluation of the untrained model: it
+                    # tells nothing (the loss is about ln(vocab)) and would eat the budget.
+                    scheduled = p.iter % cfg.eval_interval == 0 and not (cfg.time_budget and p.iter == 0)
+                    if (scheduled or finished) and not p.evaluated:
                         eval_start = time.perf_counter()
                         losses = self.evaluate()
                         if not all(map(math.isfinite, losses.values())):
                             raise self._diverged(p.iter)
-                        last_eval_s = time.perf_counter() - eval_start
+                        timing.eval_s = time.perf_counter() - eval_start
                         row = self._record(losses, elapsed(), window_steps,
-                                           eval_start - window_start)
+                                           eval_start - window_start, timing.train_seconds())
                         metrics.write(json.dumps(row) + "\n")
                         metrics.flush()
                         p.evaluated, p.elapsed_s = True, elapsed()
@@ -301,7 +376,8 @@ class Trainer:
                     if finished:
                         break
 
-                    lr = learning_rate(cfg, p.iter, elapsed())
+                    lr = learning_rate(cfg, p.iter, elapsed(), timing.train_seconds())
+                    step_start = time.perf_counter()
                     loss = self.train_step(lr)
                     p.iter, p.evaluated = p.iter + 1, False
                     window_steps += 1
@@ -309,6 +385,7 @@ class Trainer:
                     # nothing, so every step is checked; elsewhere only at progress lines.
                     if self.device.type == "cpu" and not math.isfinite(loss.item()):
                         raise self._diverged(p.iter)
+                    timing.add_step(time.perf_counter() - step_start)
                     loss_sum, loss_count = loss_sum + loss, loss_count + 1
                     if p.iter % cfg.log_interval == 0:
                         mean_loss = loss_sum.item() / loss_count
@@ -332,7 +409,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- reporting
 
-    def _record(self, losses: dict, elapsed: float, steps: int, train_s: float) -> dict:
+    def _record(self, losses: dict, elapsed: float, steps: int, train_s: float,
+                train_seconds: float) -> dict:
         """Update best-loss bookkeeping and return this evaluation's metrics row."""
         p = self.progress
         if losses["val"] < p.best_val_loss:
@@ -345,7 +423,7 @@ class Trainer:
             "train_loss": round(losses["train"], 6),
             "val_loss": round(losses["val"], 6),
             "best_val_loss": round(p.best_val_loss, 6),
-            "lr": learning_rate(self.cfg, max(p.iter - 1, 0), elapsed),
+            "lr": learning_rate(self.cfg, max(p.iter - 1, 0), elapsed, train_seconds),
             "elapsed_s": round(elapsed, 3),
             "tokens_per_s": round(tokens_per_s, 1),
             "mfu": round(self._mfu(tokens_per_s), 4),
