@@ -113,10 +113,12 @@ def http_server():
     server.stop()
 
 
-@pytest.fixture
-def tiny_config() -> ModelConfig:
-    """A model shape small enough that a forward pass costs well under a millisecond."""
-    return ModelConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+@pytest.fixture(params=["rope", "learned"])
+def tiny_config(request) -> ModelConfig:
+    """A model shape small enough that a forward pass costs well under a millisecond; every
+    test that uses it runs once with rotary and once with learned positions."""
+    return ModelConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=16,
+                       dropout=0.0, position=request.param)
 
 
 @pytest.fixture

@@ -70,6 +70,20 @@ def test_round_trip(saved):
                        ckpt["optimizer"]["state"][first]["exp_avg"])
 
 
+def test_checkpoint_from_before_rotary_loads_with_learned_positions(tmp_path):
+    tokenizer = CharTokenizer.train([TEXT])
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2,
+                         n_embd=16, dropout=0.0, position="learned")
+    ckpt, model = make_checkpoint(config, tokenizer)
+    del ckpt["model_config"]["position"]  # as written by smolgpt 0.1.0
+    path = tmp_path / "old.pth"
+    checkpoint.save(path, ckpt)
+    loaded, _, _ = checkpoint.load_model(path, torch.device("cpu"))
+    assert loaded.config.position == "learned"
+    x = torch.randint(config.vocab_size, (1, 10))
+    torch.testing.assert_close(loaded(x)[0], model.eval()(x)[0])
+
+
 def test_load_model_gives_same_outputs(saved):
     path, _, model = saved
     loaded, tokenizer, raw = checkpoint.load_model(path, torch.device("cpu"))

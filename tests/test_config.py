@@ -116,14 +116,16 @@ def test_model_config_from_train_config():
 # --------------------------------------------------------------------------- resume
 
 def saved_config(**changes) -> dict:
-    cfg = resolve_train_config({"preset": "nano", "level": "char", "max_iters": 100, **changes})
+    cfg = resolve_train_config({"preset": "nano", "level": "char", "max_iters": 100,
+                                "optimizer": "muon", **changes})
     return dataclasses.asdict(cfg)
 
 
 @pytest.mark.parametrize(
     "flag, value",
     [("n_layer", 5), ("n_embd", 96), ("block_size", 64), ("level", "word"),
-     ("preset", "micro"), ("batch_size", 7), ("seed", 1), ("min_word_freq", 1)],
+     ("preset", "micro"), ("batch_size", 7), ("seed", 1), ("min_word_freq", 1),
+     ("position", "learned"), ("optimizer", "adamw")],
 )
 def test_resume_refuses_conflicting_flags(flag, value):
     with pytest.raises(SmolGPTError, match=f"--{flag}"):
@@ -150,6 +152,14 @@ def test_resume_applies_and_reports_harmless_flags():
 def test_resume_validates_applied_flags():
     with pytest.raises(SmolGPTError, match="max_iters"):
         resume_train_config(saved_config(), {"max_iters": 0})
+
+
+def test_resume_of_a_run_saved_before_rotary_and_muon_keeps_what_it_used():
+    saved = saved_config()
+    del saved["position"], saved["optimizer"], saved["muon_lr"]
+    cfg, changed = resume_train_config(saved, {})
+    assert (cfg.position, cfg.optimizer) == ("learned", "adamw")
+    assert changed == {}
 
 
 def test_resume_ignores_unknown_saved_keys():

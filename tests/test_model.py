@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
 from smolgpt.config import ModelConfig
-from smolgpt.model import GPT, KVCache
+from smolgpt.errors import SmolGPTError
+from smolgpt.model import GPT, KVCache, apply_rotary, rotary_tables
 
 
 def ids(config: ModelConfig, batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -91,9 +91,9 @@ def test_lm_head_is_tied_to_token_embedding(tiny_model):
     assert tiny_model.lm_head.weight[3, 0].item() == 42.0
 
 
-@pytest.mark.parametrize("position", ["rope", "learned"])
-def test_num_parameters_counts_tied_matrix_once(tiny_config, position):
-    model = GPT(dataclasses.replace(tiny_config, position=position))
+def test_num_parameters_counts_tied_matrix_once(tiny_config):
+    model = GPT(tiny_config)
+    position = tiny_config.position
     V, C, T, L = tiny_config.vocab_size, tiny_config.n_embd, tiny_config.block_size, tiny_config.n_layer
     per_block = (
         2 * 2 * C  # two LayerNorms, weight and bias
@@ -158,3 +158,55 @@ def test_optimizer_groups_split_matrices_from_vectors(tiny_model):
     assert all(p.dim() >= 2 for p in decay["params"])
     assert all(p.dim() < 2 for p in no_decay["params"])
     assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == tiny_model.num_parameters()
+
+
+def test_optimizer_groups_can_leave_out_what_another_optimiser_takes(tiny_model):
+    hidden = tiny_model.hidden_matrices()
+    assert hidden and all(p.dim() == 2 for p in hidden)
+    assert id(tiny_model.wte.weight) not in map(id, hidden)  # embedding and tied head: AdamW
+    groups = tiny_model.optimizer_groups(0.1, exclude=hidden)
+    rest = [p for g in groups for p in g["params"]]
+    assert not {id(p) for p in rest} & {id(p) for p in hidden}
+    assert sum(p.numel() for p in rest + hidden) == tiny_model.num_parameters()
+
+
+# --------------------------------------------------------------------------- rotary
+
+def test_rotary_scores_depend_only_on_the_offset():
+    torch.manual_seed(0)
+    cos, sin = rotary_tables(block_size=64, head_size=8)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(m: int, n: int) -> float:
+        qm = apply_rotary(q, cos[m:m + 1], sin[m:m + 1])
+        kn = apply_rotary(k, cos[n:n + 1], sin[n:n + 1])
+        return float((qm * kn).sum())
+
+    assert score(10, 7) == pytest.approx(score(50, 47), abs=1e-5)
+    assert score(3, 3) == pytest.approx(float((q * k).sum()), abs=1e-5)  # offset 0: plain q.k
+    assert score(10, 7) != pytest.approx(score(10, 2), abs=1e-3)  # other offsets differ
+
+
+def test_rotary_keeps_lengths_and_dtype():
+    cos, sin = rotary_tables(block_size=16, head_size=8)
+    x = torch.randn(2, 3, 16, 8, dtype=torch.bfloat16)
+    y = apply_rotary(x, cos, sin)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float().norm(dim=-1), x.float().norm(dim=-1), rtol=1e-2, atol=1e-2)
+
+
+def test_rotary_model_sees_positions():
+    # Without any position signal a causal model would give a repeated token the same
+    # logits wherever it stands (after the same history). Rotary breaks that symmetry.
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8,
+                            dropout=0.0)).eval()
+    logits, _ = model(torch.tensor([[3, 5, 3, 5, 3]]))
+    assert not torch.allclose(logits[0, 1], logits[0, 3])
+    assert not hasattr(model, "wpe") and "rotary_cos" not in model.state_dict()
+
+
+def test_rotary_needs_an_even_head_size():
+    with pytest.raises(SmolGPTError, match="even head size"):
+        ModelConfig(vocab_size=10, n_head=4, n_embd=12)
+    ModelConfig(vocab_size=10, n_head=4, n_embd=12, position="learned")  # fine without rotary

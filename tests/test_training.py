@@ -1,11 +1,15 @@
-"""The learning-rate schedule: warm-up, cosine or constant, by steps or by wall time."""
+"""The learning-rate schedule (warm-up, cosine or constant, by steps or by wall time), the
+optimisers, and how a time budget is shared between training and the final evaluation."""
 
 import math
 
 import pytest
+import torch
 
+from smolgpt import data
 from smolgpt.config import resolve_train_config
-from smolgpt.training import learning_rate
+from smolgpt.model import GPT
+from smolgpt.training import Trainer, _StepTimer, learning_rate, make_optimizers
 
 
 def cfg(**overrides):
@@ -44,3 +48,54 @@ def test_time_budget_schedule_follows_elapsed_time_not_steps():
     assert learning_rate(c, 0, 1.0) < learning_rate(c, 0, 5.0) < 1e-3
     decay_mid = 100 * (10 / 110 + (1 - 10 / 110) / 2)
     assert learning_rate(c, 0, decay_mid) == pytest.approx(1e-4 + 0.45 * 1e-3 * (1 + math.cos(math.pi / 2)))
+
+
+def test_time_budget_decay_ends_when_training_time_does():
+    c = cfg(time_budget=100.0)
+    # 20 s held back for the final evaluation: the decay is complete after 80 s.
+    assert learning_rate(c, 0, 80.0, train_seconds=80.0) == pytest.approx(1e-4)
+    assert learning_rate(c, 0, 40.0, train_seconds=80.0) == learning_rate(c, 0, 50.0)
+
+
+def test_step_timer_holds_back_time_for_the_final_evaluation():
+    c = cfg(time_budget=60.0, eval_iters=10, gradient_accumulation_steps=2)
+    timer = _StepTimer(c)
+    assert timer.train_seconds() == 60.0  # nothing measured yet
+    timer.add_step(5.0)  # the first step (one-off costs) is not counted
+    timer.add_step(0.2)
+    timer.add_step(0.2)
+    # 2 splits x 10 batches, each a forward pass of one 0.1 s micro-batch (0.2 s / 2).
+    expected = 2 * 10 * 0.1 * _StepTimer.FORWARD_SHARE
+    assert timer.final_eval_s() == pytest.approx(expected)
+    assert timer.train_seconds() == pytest.approx(60.0 - expected)
+    timer.eval_s = 3.0  # once an evaluation has been timed, its time is used
+    assert timer.train_seconds() == pytest.approx(57.0)
+
+
+# --------------------------------------------------------------------------- optimisers
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny_model):
+    adamw, muon = make_optimizers(tiny_model, cfg(optimizer="muon"), torch.device("cpu"))
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    adamw_ids = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert muon_ids == {id(p) for p in tiny_model.hidden_matrices()}
+    assert not muon_ids & adamw_ids
+    assert muon_ids | adamw_ids == {id(p) for p in tiny_model.parameters()}
+    (only,) = make_optimizers(tiny_model, cfg(optimizer="adamw"), torch.device("cpu"))
+    assert len({id(p) for g in only.param_groups for p in g["params"]}) == len(list(tiny_model.parameters()))
+
+
+def test_schedule_scales_every_optimiser_alike(write_text, tmp_path):
+    corpus = data.Corpus("t", (write_text("t.txt", "to be or not to be, that is it. " * 200),))
+    token_data = data.prepare(corpus, "char")
+    c = cfg(optimizer="muon", learning_rate=4e-3, muon_lr=0.04, n_layer=1, n_embd=16,
+            n_head=2, block_size=16, batch_size=4)
+    trainer = Trainer(c, token_data, tmp_path / "run", torch.device("cpu"))
+    before = [p.detach().clone() for p in trainer.model.hidden_matrices()]
+    loss = trainer.train_step(lr=1e-3)  # a quarter of the peak
+    adamw, muon = trainer.optimizers
+    assert all(g["lr"] == pytest.approx(1e-3) for g in adamw.param_groups)
+    assert all(g["lr"] == pytest.approx(0.01) for g in muon.param_groups)
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(a, b) for a, b in zip(before, trainer.model.hidden_matrices()))
