@@ -207,9 +207,33 @@ def test_word_presets_stop_early_and_char_presets_do_not():
 def test_recipe_depends_on_level_and_explicit_flags_still_win():
     char = resolve_train_config({"preset": "nano", "level": "char"})
     word = resolve_train_config({"preset": "nano", "level": "word"})
-    assert (char.learning_rate, char.dropout) == (3e-3, 0.0)
-    assert (word.learning_rate, word.dropout) == (2e-3, 0.2)
+    assert (char.learning_rate, char.dropout) == (2e-2, 0.0)
+    assert (word.learning_rate, word.dropout) == (1e-2, 0.2)
     mine = resolve_train_config({"preset": "nano", "level": "word", "dropout": 0.05,
                                  "early_stop_patience": 0, "learning_rate": 1e-4})
     assert (mine.dropout, mine.early_stop_patience, mine.learning_rate) == (0.05, 0, 1e-4)
     assert (mine.n_layer, mine.n_head, mine.n_embd) == (3, 3, 48)  # the shape still applies
+
+
+def test_small_presets_train_with_muon_and_rotary_big_ones_with_adamw():
+    for preset, optimizer in (("nano", "muon"), ("micro", "muon"), ("tiny", "adamw"),
+                              ("small", "adamw")):
+        for level in ("char", "word"):
+            cfg = resolve_train_config({"preset": preset, "level": level})
+            assert (cfg.optimizer, cfg.position) == (optimizer, "rope"), (preset, level)
+
+
+def test_micro_char_recipe_is_the_time_budget_one():
+    cfg = resolve_train_config({"preset": "micro", "level": "char"})
+    assert (cfg.batch_size, cfg.learning_rate, cfg.muon_lr, cfg.dropout) == (16, 5e-2, 0.05, 0.0)
+    word = resolve_train_config({"preset": "micro", "level": "word"})
+    assert (word.batch_size, word.learning_rate, word.dropout) == (32, 1e-2, 0.2)
+
+
+def test_the_original_recipe_is_still_reachable_by_flags():
+    cfg = resolve_train_config({"preset": "micro", "level": "char", "optimizer": "adamw",
+                                "position": "learned", "learning_rate": 3e-4,
+                                "lr_schedule": "constant", "dropout": 0.1, "batch_size": 32,
+                                "eval_iters": 100})
+    assert (cfg.optimizer, cfg.position, cfg.learning_rate, cfg.batch_size) == (
+        "adamw", "learned", 3e-4, 32)

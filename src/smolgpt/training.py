@@ -357,6 +357,8 @@ class Trainer:
                         if not all(map(math.isfinite, losses.values())):
                             raise self._diverged(p.iter)
                         timing.eval_s = time.perf_counter() - eval_start
+                        if cfg.time_budget and not finished:  # this one may serve as the final
+                            finished = elapsed() >= timing.train_seconds()
                         row = self._record(losses, elapsed(), window_steps,
                                            eval_start - window_start, timing.train_seconds())
                         metrics.write(json.dumps(row) + "\n")
