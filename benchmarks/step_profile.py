@@ -5,6 +5,7 @@ timings behind the model's speed choices (GELU variant, attention precision).
     python benchmarks/step_profile.py --no-amp --dropout 0.1   # float32, with dropout
     python benchmarks/step_profile.py --profile                # torch.profiler table
     python benchmarks/step_profile.py --kernels                # GELU and attention timings
+    python benchmarks/step_profile.py --position learned --muon --batch 16
 
 Prints tokens/s of forward + backward + fused AdamW on random batches (vocabulary 88).
 """
@@ -60,6 +61,9 @@ def main() -> int:
     parser.add_argument("--n_head", type=int, default=4)
     parser.add_argument("--n_embd", type=int, default=128)
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--position", choices=("rope", "learned"), default="rope")
+    parser.add_argument("--muon", action="store_true",
+                        help="Muon for the blocks' matrices, AdamW for the rest (as --optimizer muon)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                         help="bf16 autocast (default on)")
     parser.add_argument("--steps", type=int, default=20)
@@ -72,9 +76,13 @@ def main() -> int:
 
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=88, block_size=args.block, n_layer=args.n_layer,
-                         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+                         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                         position=args.position)
     model = GPT(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    hidden = model.hidden_matrices() if args.muon else []
+    optimizers = [torch.optim.AdamW(model.optimizer_groups(0.1, exclude=hidden), lr=1e-3, fused=True)]
+    if hidden:
+        optimizers.append(torch.optim.Muon(hidden, lr=0.05, adjust_lr_fn="original"))
     x = torch.randint(0, 88, (args.batch, args.block))
     y = torch.randint(0, 88, (args.batch, args.block))
 
@@ -82,8 +90,9 @@ def main() -> int:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp):
             _, loss = model(x, y)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     for _ in range(5):
         step()
@@ -91,7 +100,8 @@ def main() -> int:
     for _ in range(args.steps):
         step()
     seconds = time.perf_counter() - start
-    print(f"batch {args.batch} x {args.block}, amp={args.amp}, dropout={args.dropout}: "
+    print(f"batch {args.batch} x {args.block}, amp={args.amp}, dropout={args.dropout}, "
+          f"position={args.position}, muon={args.muon}: "
           f"{args.steps * args.batch * args.block / seconds:,.0f} tokens/s")
     if args.profile:
         from torch.profiler import profile

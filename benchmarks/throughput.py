@@ -4,8 +4,11 @@ Both models get the same shape (layers, heads, width, context, vocabulary, dropo
 same batches (random token ids through smolgpt's BatchSampler), in the same process:
 
 - smolgpt: ``Trainer.train_step`` of a real ``smolgpt.training.Trainer`` built over an
-  in-memory corpus of random ids, i.e. exactly what ``train.py`` runs each step (its AdamW,
-  autocast dtype, gradient clipping).
+  in-memory corpus of random ids, i.e. exactly what ``train.py`` runs each step (rotary
+  positions, autocast dtype, gradient clipping), with AdamW like the peer's loop; and again
+  with ``--optimizer muon`` (what the nano and micro presets train with), whose extra
+  per-step cost shows in its own column; and with ``--position learned``, GPT-2's own
+  architecture and so exactly the peer's model.
 - transformers fp32: ``GPT2LMHeadModel(GPT2Config(...))`` and the loop a user would write:
   ``torch.optim.AdamW``, ``model(input_ids=x, labels=x).loss.backward()``, clip to 1.0 (as
   smolgpt and the HF Trainer do), step, zero_grad.
@@ -93,11 +96,12 @@ def random_token_data(c: BenchConfig, n_tokens: int, seed: int = 0) -> TokenData
     return TokenData("random", ids[:split], ids[split:], tokenizer, fingerprint="benchmark-random")
 
 
-def smolgpt_step(c: BenchConfig, data: TokenData, out_dir: Path, amp: bool):
+def smolgpt_step(c: BenchConfig, data: TokenData, out_dir: Path, amp: bool,
+                 optimizer: str = "adamw", position: str = "rope"):
     """A real Trainer; returns (step function, trainer)."""
     cfg = TrainConfig(level=c.level, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
                       block_size=c.block_size, batch_size=c.batch_size, dropout=c.dropout,
-                      amp=amp, device="cpu")
+                      amp=amp, device="cpu", optimizer=optimizer, position=position)
     trainer = Trainer(cfg, data, out_dir, torch.device("cpu"))
     trainer.model.train()
 
@@ -151,6 +155,9 @@ def measure_config(c: BenchConfig, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="smolgpt-bench-") as tmp:
         step, trainer = smolgpt_step(c, data, Path(tmp), amp=True)
         impls["smolgpt"] = step
+        impls["smolgpt_muon"], _ = smolgpt_step(c, data, Path(tmp), amp=True, optimizer="muon")
+        impls["smolgpt_learned"], _ = smolgpt_step(c, data, Path(tmp), amp=True,
+                                                   position="learned")
         if args.smolgpt_fp32:
             impls["smolgpt_fp32"], _ = smolgpt_step(c, data, Path(tmp), amp=False)
         impls["transformers_fp32"], hf_model = transformers_step(c, data, bf16=False)
@@ -185,6 +192,7 @@ def measure_config(c: BenchConfig, args) -> dict:
         "tokens_per_s_median": {k: round(v, 1) for k, v in med.items()},
         "ratio_smolgpt_vs_transformers_fp32": med["smolgpt"] / med["transformers_fp32"],
         "ratio_smolgpt_vs_transformers_bf16": med["smolgpt"] / med["transformers_bf16"],
+        "ratio_smolgpt_learned_vs_transformers_fp32": med["smolgpt_learned"] / med["transformers_fp32"],
         "smolgpt_params": trainer.model.num_parameters(),
         "transformers_params": sum(p.numel() for p in hf_model.parameters()),
         "smolgpt_flops_per_token": flops,
@@ -203,22 +211,24 @@ def measure_config(c: BenchConfig, args) -> dict:
 
 
 def markdown_table(results: list[dict], smolgpt_fp32: bool) -> str:
-    head = ["config", "smolgpt tok/s"]
+    head = ["config", "smolgpt tok/s", "smolgpt + Muon tok/s", "smolgpt, learned positions tok/s"]
     if smolgpt_fp32:
         head.append("smolgpt fp32 tok/s")
     head += ["transformers fp32 tok/s", "transformers bf16 tok/s", "smolgpt / tf fp32",
-             "smolgpt / tf bf16", "smolgpt MFU"]
+             "smolgpt / tf bf16", "learned positions / tf fp32", "smolgpt MFU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         m, c = r["tokens_per_s_median"], r["config"]
         shape = (f"{c['name']} ({c['n_layer']}L/{c['n_head']}H/{c['n_embd']}, "
                  f"T{c['block_size']}, B{c['batch_size']}, V{c['vocab_size']})")
-        row = [shape, f"{m['smolgpt']:,.0f}"]
+        row = [shape, f"{m['smolgpt']:,.0f}", f"{m['smolgpt_muon']:,.0f}",
+               f"{m['smolgpt_learned']:,.0f}"]
         if smolgpt_fp32:
             row.append(f"{m['smolgpt_fp32']:,.0f}")
         row += [f"{m['transformers_fp32']:,.0f}", f"{m['transformers_bf16']:,.0f}",
                 f"{r['ratio_smolgpt_vs_transformers_fp32']:.2f}x",
                 f"{r['ratio_smolgpt_vs_transformers_bf16']:.2f}x",
+                f"{r['ratio_smolgpt_learned_vs_transformers_fp32']:.2f}x",
                 f"{100 * r['smolgpt_mfu']:.1f}% ({r['smolgpt_train_dtype']})"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

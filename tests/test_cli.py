@@ -163,6 +163,7 @@ def test_time_budget_stops_by_itself(smol_cli, tmp_path):
     assert (out / "best_model.pth").is_file() and (out / "latest_model.pth").is_file()
     rows = smol_cli.metrics(out)
     assert len(rows) >= 2 and rows[-1]["iter"] > 0, result.describe()
+    assert rows[0]["iter"] > 0, "a time-budgeted run does not evaluate the untrained model"
     assert 2.0 <= rows[-1]["elapsed_s"] <= 8.0, rows[-1]
     assert checkpoint.load(out / "latest_model.pth")["progress"]["iter"] == rows[-1]["iter"]
 

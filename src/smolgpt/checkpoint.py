@@ -7,7 +7,7 @@ A checkpoint is a plain dictionary of tensors and Python primitives::
     tokenizer                   the tokenizer's to_dict() (enough to encode and decode)
     model                       the network's state_dict
     train_config                the TrainConfig of the run that wrote it
-    optimizer, scaler           optimiser and gradient-scaler state (None in exports)
+    optimizer, scaler           the state of each optimiser (a list), and of the gradient scaler
     progress                    iteration, best val loss, evaluations since best, elapsed time
     rng                         RNG states: torch CPU, CUDA, and the batch sampler
 
@@ -34,7 +34,9 @@ from .model import GPT
 from .tokenizer import Tokenizer, tokenizer_from_dict
 
 FORMAT = "smolgpt-checkpoint"
-FORMAT_VERSION = 1
+# 2 (smolgpt 0.2): rotary positions (model_config["position"]) and a list of optimiser
+# states. Version 1 files still load: their models learned position embeddings.
+FORMAT_VERSION = 2
 REQUIRED = ("format_version", "model_config", "tokenizer", "model")
 
 

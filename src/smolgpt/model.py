@@ -55,19 +55,25 @@ class KVCache:
 
 
 def rotary_tables(block_size: int, head_size: int, base: float = 10000.0):
-    """cos and sin of the rotation angles, (block_size, head_size / 2): channel pair i of the
-    token at position t turns by t * base^(-2i / head_size), fast for the first pairs and
-    slow for the last, so that near and far offsets are both distinguishable."""
+    """cos and sin of the rotation angles, each (block_size, head_size).
+
+    Channel i of a head and channel i + head_size/2 form a plane; at position t it turns by
+    the angle t * base^(-2i / head_size), fast for the first planes and slow for the last,
+    so that near and far offsets are both distinguishable. Both halves of a row hold the
+    same angles; sin is negated in the first half, which is what :func:`apply_rotary` needs.
+    """
     inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
     angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    return torch.cat((angles.cos(), angles.cos()), -1), torch.cat((-angles.sin(), angles.sin()), -1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, nh, T, hs) queries or keys: the first and second halves of each head form
-    hs/2 planes, each turned by its own angle. q.k then depends only on the offset."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+    """Rotate queries or keys (..., hs) by the angles of their positions (cos and sin from
+    :func:`rotary_tables`, broadcast against x). Each plane (x1, x2) of channels i and
+    i + hs/2 becomes (x1 cos - x2 sin, x2 cos + x1 sin); q.k then depends only on the offset
+    between the two positions. Written as x * cos + swap_halves(x) * sin: four operations."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat((x2, x1), dim=-1) * sin.to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -83,11 +89,21 @@ class CausalSelfAttention(nn.Module):
                 layer: int = 0):
         """rotary: the (cos, sin) rows of this chunk's positions, or None (learned positions)."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, nh, T, hs): each head attends independently.
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        qkv = self.c_attn(x)  # (B, T, 3C): queries, keys and values of every head at once
+        # On a CPU the fused attention kernel is fast only in float32 (in bfloat16 it is 2-4x
+        # slower than float32 at these sizes), so under CPU autocast the rotation and the
+        # attention run in float32, converted once for q, k and v together.
+        dtype = qkv.dtype
+        on_cpu_bf16 = qkv.device.type == "cpu" and dtype == torch.bfloat16
+        if on_cpu_bf16:
+            qkv = qkv.float()
+        qkv = qkv.view(B, T, 3, self.n_head, C // self.n_head)
         if rotary is not None:  # before caching: cached keys keep their own positions' angles
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            q, k = apply_rotary(qkv[:, :, :2], *rotary).unbind(2)  # queries and keys in one go
+        else:
+            q, k = qkv[:, :, 0], qkv[:, :, 1]
+        # (B, T, nh, hs) -> (B, nh, T, hs): each head attends independently.
+        q, k, v = (t.transpose(1, 2) for t in (q, k, qkv[:, :, 2]))
         past = 0
         if cache is not None:
             past = cache.length
@@ -103,13 +119,7 @@ class CausalSelfAttention(nn.Module):
         # Dispatches to fused (flash / memory-efficient) kernels where the hardware has them.
         # No dropout on the attention weights: it would force the slow unfused path on CPUs,
         # and dropout on the residual branches (below, and in the MLP) regularises enough.
-        # On a CPU the fused kernel is fast only in float32 (in bfloat16 it is 2-4x slower
-        # than float32 at these sizes), so under CPU autocast attention runs in float32.
-        dtype = q.dtype
-        on_cpu_bf16 = q.device.type == "cpu" and dtype == torch.bfloat16
         with torch.autocast("cpu", enabled=False) if on_cpu_bf16 else contextlib.nullcontext():
-            if on_cpu_bf16:
-                q, k, v = q.float(), k.float(), v.float()
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal).to(dtype)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
@@ -201,7 +211,9 @@ class GPT(nn.Module):
         if self.config.position == "learned":
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         else:
-            rotary = (self.rotary_cos[start:start + T], self.rotary_sin[start:start + T])
+            # (T, 1, 1, hs/2): broadcast over q/k, heads and half-channels of (B, T, 2, nh, hs).
+            rotary = tuple(t[start:start + T].view(T, 1, 1, -1)
+                           for t in (self.rotary_cos, self.rotary_sin))
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rotary, cache, i)
