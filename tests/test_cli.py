@@ -169,12 +169,12 @@ def test_time_budget_stops_by_itself(smol_cli, tmp_path):
 
 
 def test_early_stop_when_val_loss_stops_improving(smol_cli, tmp_path):
-    # A learning rate of 1e-30 (and no biases, which start at exactly zero) cannot move any
-    # float32 weight: the val loss repeats exactly, which is no improvement.
+    # Learning rates of 1e-30 (AdamW's and Muon's; and no biases, which start at exactly
+    # zero) cannot move any float32 weight: the val loss repeats exactly, no improvement.
     out = tmp_path / "run"
     result = smol_cli.run("train", *smol_cli.train_args(
-        "char", out, "--max_iters", "200", "--learning_rate", "1e-30", "--no-bias",
-        "--early_stop_patience", "1"))
+        "char", out, "--max_iters", "200", "--learning_rate", "1e-30", "--muon_lr", "1e-30",
+        "--no-bias", "--early_stop_patience", "1"))
     assert result.returncode == 0, result.describe()
     rows = smol_cli.metrics(out)
     assert len(rows) < 200 // 10 + 1, rows
