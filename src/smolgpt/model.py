@@ -43,7 +43,7 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, nh, T, hs) after the cached ones; return all keys and values so far."""
-        if self.keys is None:  # allocate on first use, in the dtype autocast gave k and v
+        if self.keys is None:  # allocate on first use, in the dtype k and v arrive in
             B, nh, _, hs = k.shape
             shape = (self.n_layer, B, nh, self.block_size, hs)
             self.keys = k.new_zeros(shape)
