@@ -19,10 +19,11 @@ from smolgpt.tokenizer import CharTokenizer, WordTokenizer
 TEXT = "It is a capital mistake to theorize before one has data.\n"
 
 
-def make_checkpoint(config: ModelConfig | None = None, tokenizer=None) -> tuple[dict, GPT]:
+def make_checkpoint(config: ModelConfig | None = None, tokenizer=None,
+                    position: str = "rope") -> tuple[dict, GPT]:
     tokenizer = tokenizer or CharTokenizer.train([TEXT])
     config = config or ModelConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1,
-                                   n_head=2, n_embd=16, dropout=0.0)
+                                   n_head=2, n_embd=16, dropout=0.0, position=position)
     torch.manual_seed(0)
     model = GPT(config)
     optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3)
@@ -71,16 +72,13 @@ def test_round_trip(saved):
 
 
 def test_checkpoint_from_before_rotary_loads_with_learned_positions(tmp_path):
-    tokenizer = CharTokenizer.train([TEXT])
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2,
-                         n_embd=16, dropout=0.0, position="learned")
-    ckpt, model = make_checkpoint(config, tokenizer)
+    ckpt, model = make_checkpoint(position="learned")
     del ckpt["model_config"]["position"]  # as written by smolgpt 0.1.0
     path = tmp_path / "old.pth"
     checkpoint.save(path, ckpt)
     loaded, _, _ = checkpoint.load_model(path, torch.device("cpu"))
     assert loaded.config.position == "learned"
-    x = torch.randint(config.vocab_size, (1, 10))
+    x = torch.randint(model.config.vocab_size, (1, 10))
     torch.testing.assert_close(loaded(x)[0], model.eval()(x)[0])
 
 
@@ -199,10 +197,7 @@ def test_weight_shape_mismatch(tmp_path):
 
 
 def test_block_size_mismatch_names_the_weight(tmp_path):
-    tokenizer = CharTokenizer.train([TEXT])
-    ckpt, _ = make_checkpoint(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=16,
-                                          n_layer=1, n_head=2, n_embd=16, position="learned"),
-                              tokenizer)
+    ckpt, _ = make_checkpoint(position="learned")
     ckpt["model_config"] = {**ckpt["model_config"], "block_size": 64}
     path = tmp_path / "mismatch.pth"
     checkpoint.save(path, ckpt)
