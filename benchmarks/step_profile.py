@@ -7,7 +7,8 @@ timings behind the model's speed choices (GELU variant, attention precision).
     python benchmarks/step_profile.py --kernels                # GELU and attention timings
     python benchmarks/step_profile.py --position learned --muon --batch 16
 
-Prints tokens/s of forward + backward + fused AdamW on random batches (vocabulary 88).
+Prints tokens/s of forward + backward + fused AdamW on random batches (vocabulary 88 unless
+--vocab says otherwise).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main() -> int:
     parser.add_argument("--n_layer", type=int, default=4)
     parser.add_argument("--n_head", type=int, default=4)
     parser.add_argument("--n_embd", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=88, help="vocabulary size (default: 88)")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--position", choices=("rope", "learned"), default="rope")
     parser.add_argument("--muon", action="store_true",
@@ -75,7 +77,7 @@ def main() -> int:
         return 0
 
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=88, block_size=args.block, n_layer=args.n_layer,
+    config = ModelConfig(vocab_size=args.vocab, block_size=args.block, n_layer=args.n_layer,
                          n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
                          position=args.position)
     model = GPT(config)
@@ -83,8 +85,8 @@ def main() -> int:
     optimizers = [torch.optim.AdamW(model.optimizer_groups(0.1, exclude=hidden), lr=1e-3, fused=True)]
     if hidden:
         optimizers.append(torch.optim.Muon(hidden, lr=0.05, adjust_lr_fn="original"))
-    x = torch.randint(0, 88, (args.batch, args.block))
-    y = torch.randint(0, 88, (args.batch, args.block))
+    x = torch.randint(0, args.vocab, (args.batch, args.block))
+    y = torch.randint(0, args.vocab, (args.batch, args.block))
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp):

@@ -31,6 +31,9 @@ from torch.nn import functional as F
 
 from .config import ModelConfig
 
+# Logits per chunk of the head's loss: 2^20 float32 = 4 MB, which stays in a CPU's cache.
+HEAD_CHUNK_ELEMENTS = 1 << 20
+
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated to block_size."""
@@ -76,6 +79,80 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.to(x.dtype) + torch.cat((x2, x1), dim=-1) * sin.to(x.dtype)
 
 
+class Dropout(nn.Module):
+    """nn.Dropout, with a faster mask on CPUs.
+
+    PyTorch's CPU dropout draws one random number per element, and drawing is most of its
+    cost (3-4 ms for a 4096 x 128 activation on a 2-core CPU, as much as a matrix product).
+    Here one 64-bit draw makes four 15-bit numbers, each compared with p * 2^15 to decide
+    whether its element is kept: about half the time. Elsewhere (CUDA) the fused kernel is used.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_()
+        # random_() fills int64 with 63 random bits; masking the top bit of each 16-bit
+        # quarter leaves four uniform numbers in [0, 2^15).
+        quarters = (draws & 0x7FFF_7FFF_7FFF_7FFF).view(torch.int16)[: x.numel()].view(x.shape)
+        keep = quarters >= round(self.p * 2**15)
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight.T (N x vocab) against targets (N), made a
+    chunk of rows at a time without ever holding all the logits.
+
+    At word level the logits are large (4096 tokens x 3171 words = 52 MB in float32), and the
+    ordinary path makes several passes over them (cast, log-softmax, its gradient, cast back),
+    each from main memory. Here each chunk is turned into logits, loss and gradient while it
+    is in cache. The gradient of the mean loss with respect to a row of logits is
+    (softmax(row) - onehot(target)) / N, known as soon as the loss is, so the gradients of x
+    and weight are computed in the forward pass and backward only scales them: on a 2-core CPU
+    the head and loss take half the time, and the logits' memory is never needed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, dtype: torch.dtype, rows: int):
+        """x (N, C), weight (vocab, C), targets (N,); the matrix products run in dtype."""
+        n = x.size(0)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        xs, w = x.to(dtype), weight.to(dtype)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        for start in range(0, n, rows):
+            xc, tc = xs[start:start + rows], targets[start:start + rows, None]
+            logits = (xc @ w.t()).float()  # (rows, vocab), in float32: a bf16 softmax loses digits
+            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+            loss += (log_norm - logits.gather(1, tc)).sum()  # -log softmax at the targets
+            if need_grad:
+                probs = logits.sub_(log_norm).exp_()  # softmax, in place of the logits
+                probs.scatter_add_(1, tc, probs.new_full(tc.shape, -1.0))  # minus onehot
+                grad = probs.to(dtype)
+                grad_x[start:start + rows] = grad @ w
+                grad_w += grad.t() @ xc
+        if need_grad:
+            ctx.save_for_backward(grad_x, grad_w)
+        ctx.n = n
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_loss / ctx.n
+        return (grad_x * scale).to(grad_x.dtype), (grad_w * scale).to(grad_w.dtype), None, None, None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -83,7 +160,7 @@ class CausalSelfAttention(nn.Module):
         # One matrix computes queries, keys and values for all heads at once.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rotary=None, cache: Optional[KVCache] = None,
                 layer: int = 0):
@@ -133,7 +210,7 @@ class MLP(nn.Module):
         # on CPUs (benchmarks/step_profile.py --kernels).
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
@@ -165,7 +242,7 @@ class GPT(nn.Module):
             cos, sin = rotary_tables(config.block_size, config.n_embd // config.n_head)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -198,8 +275,9 @@ class GPT(nn.Module):
         targets: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
     ):
-        """Logits (B, T, vocab) for token ids idx (B, T); plus the mean cross-entropy if
-        targets are given. With a cache, idx continues the cached tokens."""
+        """(logits (B, T, vocab), None) for token ids idx (B, T); with targets (B, T), (None,
+        mean cross-entropy) instead: the loss is made without keeping the logits (see
+        :class:`ChunkedHeadLoss`). With a cache, idx continues the cached tokens."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -219,12 +297,21 @@ class GPT(nn.Module):
             x = block(x, rotary, cache, i)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        x = self.ln_f(x)
         if targets is None:
-            return logits, None
-        # Cross-entropy in float32 even under autocast: a bf16 log-softmax loses digits.
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1))
-        return logits, loss
+            return self.lm_head(x), None  # (B, T, vocab)
+        return None, self.loss(x.flatten(0, 1), targets.reshape(-1))
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the head's predictions from final hidden states x (N, C)."""
+        vocab = self.lm_head.weight.size(0)
+        rows = max(1, HEAD_CHUNK_ELEMENTS // vocab)
+        if x.size(0) <= rows:  # the logits are small: the ordinary path is faster
+            # In float32 even under autocast: a bf16 log-softmax loses digits.
+            return F.cross_entropy(self.lm_head(x).float(), targets)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return ChunkedHeadLoss.apply(x, self.lm_head.weight, targets, dtype, rows)
 
     def optimizer_groups(self, weight_decay: float, exclude=()) -> list[dict]:
         """AdamW parameter groups: decay matrices (weights, embeddings), not biases or norms;
