@@ -174,13 +174,15 @@ class CausalSelfAttention(nn.Module):
         on_cpu_bf16 = qkv.device.type == "cpu" and dtype == torch.bfloat16
         if on_cpu_bf16:
             qkv = qkv.float()
-        qkv = qkv.view(B, T, 3, self.n_head, C // self.n_head)
+        # split, not indexing: the backward of a split joins the gradients in one pass, where
+        # that of an index first fills a zero tensor the size of qkv.
+        qk, v = qkv.split([2 * C, C], dim=-1)
+        qk = qk.view(B, T, 2, self.n_head, C // self.n_head)
         if rotary is not None:  # before caching: cached keys keep their own positions' angles
-            q, k = apply_rotary(qkv[:, :, :2], *rotary).unbind(2)  # queries and keys in one go
-        else:
-            q, k = qkv[:, :, 0], qkv[:, :, 1]
+            qk = apply_rotary(qk, *rotary)  # queries and keys in one go
+        q, k = qk.unbind(2)
         # (B, T, nh, hs) -> (B, nh, T, hs): each head attends independently.
-        q, k, v = (t.transpose(1, 2) for t in (q, k, qkv[:, :, 2]))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v.view(B, T, self.n_head, C // self.n_head)))
         past = 0
         if cache is not None:
             past = cache.length
