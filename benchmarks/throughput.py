@@ -15,8 +15,10 @@ same batches (random token ids through smolgpt's BatchSampler), in the same proc
 - transformers bf16: the same loop with the forward under ``torch.autocast("cpu", bfloat16)``.
 
 Each implementation is warmed up, then timed for about --seconds per measurement; the
-implementations alternate in rounds (rotating who goes first) and the median round is
-reported, because a shared 2-core machine is noisy. MFU is smolgpt's model FLOPs
+implementations alternate in rounds (rotating who goes first), because a shared 2-core
+machine is noisy: tokens/s is the median over rounds, and a ratio is the median of the
+rounds' ratios, each from two measurements a few seconds apart, so that a slow spell of the machine
+slows both sides of it. MFU is smolgpt's model FLOPs
 (GPT.estimate_flops_per_token() x tokens/s) over smolgpt.hardware.peak_flops for the dtype
 smolgpt trains in.
 
@@ -183,6 +185,10 @@ def measure_config(c: BenchConfig, args) -> dict:
     peak_fp32 = hardware.peak_flops(torch.device("cpu"), None)
     peak_bf16 = hardware.peak_flops(torch.device("cpu"), torch.bfloat16)
     med = {name: statistics.median(v) for name, v in rates.items()}
+
+    def ratio(name: str, peer: str) -> float:
+        return statistics.median(a / b for a, b in zip(rates[name], rates[peer]))
+
     flops = trainer.flops_per_token
     result = {
         "config": dataclasses.asdict(c),
@@ -190,9 +196,9 @@ def measure_config(c: BenchConfig, args) -> dict:
         "steps_per_measurement": n_steps,
         "tokens_per_s_rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         "tokens_per_s_median": {k: round(v, 1) for k, v in med.items()},
-        "ratio_smolgpt_vs_transformers_fp32": med["smolgpt"] / med["transformers_fp32"],
-        "ratio_smolgpt_vs_transformers_bf16": med["smolgpt"] / med["transformers_bf16"],
-        "ratio_smolgpt_learned_vs_transformers_fp32": med["smolgpt_learned"] / med["transformers_fp32"],
+        "ratio_smolgpt_vs_transformers_fp32": ratio("smolgpt", "transformers_fp32"),
+        "ratio_smolgpt_vs_transformers_bf16": ratio("smolgpt", "transformers_bf16"),
+        "ratio_smolgpt_learned_vs_transformers_fp32": ratio("smolgpt_learned", "transformers_fp32"),
         "smolgpt_params": trainer.model.num_parameters(),
         "transformers_params": sum(p.numel() for p in hf_model.parameters()),
         "smolgpt_flops_per_token": flops,
@@ -244,8 +250,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="also benchmark the tiny preset")
     parser.add_argument("--seconds", type=float, default=5.0,
                         help="target seconds per timed measurement (default: 5)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="alternating rounds per config; the median is reported (default: 3)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="alternating rounds per config; medians are reported (default: 5)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default: 3)")
     parser.add_argument("--dropout", type=float, default=DEFAULT_DROPOUT,
                         help=f"dropout of the preset configs, both models (default: smolgpt's "

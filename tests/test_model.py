@@ -164,7 +164,7 @@ def test_chunked_head_loss_equals_cross_entropy_and_its_gradients():
     expected = torch.nn.functional.cross_entropy(x @ weight.t(), targets)
     expected_grads = torch.autograd.grad(2 * expected, (x, weight))
     # 3 rows per chunk: the last chunk is a partial one.
-    loss = ChunkedHeadLoss.apply(x, weight, targets, torch.float64, 3)
+    loss = ChunkedHeadLoss.apply(x, weight, targets, torch.float64, 3, True)
     grads = torch.autograd.grad(2 * loss, (x, weight))  # backward scales by the upstream 2
     torch.testing.assert_close(loss, expected.float())
     for got, want in zip(grads, expected_grads):

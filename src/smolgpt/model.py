@@ -122,10 +122,11 @@ class ChunkedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, dtype: torch.dtype, rows: int):
-        """x (N, C), weight (vocab, C), targets (N,); the matrix products run in dtype."""
+    def forward(ctx, x, weight, targets, dtype: torch.dtype, rows: int, grad_enabled: bool):
+        """x (N, C), weight (vocab, C), targets (N,); the matrix products run in dtype.
+        grad_enabled: torch.is_grad_enabled() of the caller (inside forward it is off)."""
         n = x.size(0)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         xs, w = x.to(dtype), weight.to(dtype)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x) if need_grad else None
@@ -150,7 +151,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         scale = grad_loss / ctx.n
-        return (grad_x * scale).to(grad_x.dtype), (grad_w * scale).to(grad_w.dtype), None, None, None
+        return (grad_x * scale).to(grad_x.dtype), (grad_w * scale).to(grad_w.dtype), None, None, None, None
 
 
 class CausalSelfAttention(nn.Module):
@@ -313,7 +314,8 @@ class GPT(nn.Module):
             return F.cross_entropy(self.lm_head(x).float(), targets)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        return ChunkedHeadLoss.apply(x, self.lm_head.weight, targets, dtype, rows)
+        return ChunkedHeadLoss.apply(x, self.lm_head.weight, targets, dtype, rows,
+                                     torch.is_grad_enabled())
 
     def optimizer_groups(self, weight_decay: float, exclude=()) -> list[dict]:
         """AdamW parameter groups: decay matrices (weights, embeddings), not biases or norms;
