@@ -6,6 +6,7 @@ timings behind the model's speed choices (GELU variant, attention precision).
     python benchmarks/step_profile.py --profile                # torch.profiler table
     python benchmarks/step_profile.py --kernels                # GELU and attention timings
     python benchmarks/step_profile.py --position learned --muon --batch 16
+    python benchmarks/step_profile.py --vocab 3171 --dropout 0.1 --variants  # vs 0.2.0's step
 
 Prints tokens/s of forward + backward + fused AdamW on random batches (vocabulary 88 unless
 --vocab says otherwise).
@@ -14,6 +15,7 @@ Prints tokens/s of forward + backward + fused AdamW on random batches (vocabular
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # works without installing
 
 from smolgpt.config import ModelConfig  # noqa: E402
-from smolgpt.model import GPT  # noqa: E402
+from smolgpt.model import GPT, Dropout  # noqa: E402
 
 
 def _best_ms(fn, reps: int = 10) -> float:
@@ -54,6 +56,72 @@ def kernels() -> None:
             print(f"| attention 32x4x128x32 | {dtype} | {backend.name} | {_best_ms(attend):.2f} |")
 
 
+def build_step(args, torch_dropout: bool = False, whole_loss: bool = False):
+    """A training step of a fresh model on fixed random batches. torch_dropout swaps the
+    model's CPU dropout for torch.nn.Dropout; whole_loss makes the loss from all the logits
+    at once (both as smolgpt 0.2.0 did)."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=args.vocab, block_size=args.block, n_layer=args.n_layer,
+                         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                         position=args.position)
+    model = GPT(config)
+    if torch_dropout:
+        for module in list(model.modules()):
+            for name, child in module.named_children():
+                if isinstance(child, Dropout):
+                    setattr(module, name, torch.nn.Dropout(child.p))
+    if whole_loss:
+        model.loss_chunk_elements = sys.maxsize
+    hidden = model.hidden_matrices() if args.muon else []
+    optimizers = [torch.optim.AdamW(model.optimizer_groups(0.1, exclude=hidden), lr=1e-3, fused=True)]
+    if hidden:
+        optimizers.append(torch.optim.Muon(hidden, lr=0.05, adjust_lr_fn="original"))
+    x = torch.randint(0, args.vocab, (args.batch, args.block))
+    y = torch.randint(0, args.vocab, (args.batch, args.block))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp):
+            _, loss = model(x, y)
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def tokens_per_s(step, steps: int, tokens_per_step: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * tokens_per_step / (time.perf_counter() - start)
+
+
+def compare_variants(args) -> None:
+    """The default step against 0.2.0's dropout and whole-logits loss, in alternating rounds."""
+    variants = {
+        "default": build_step(args),
+        "torch.nn.Dropout": build_step(args, torch_dropout=True),
+        "loss from all logits at once": build_step(args, whole_loss=True),
+        "both (as 0.2.0)": build_step(args, torch_dropout=True, whole_loss=True),
+    }
+    tokens = args.batch * args.block
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for step in variants.values():
+        tokens_per_s(step, 3, tokens)  # warm-up
+    for r in range(args.rounds):
+        names = list(variants)[r % len(variants):] + list(variants)[:r % len(variants)]
+        for name in names:
+            rates[name].append(tokens_per_s(variants[name], args.steps, tokens))
+    base = rates["both (as 0.2.0)"]
+    print(f"batch {args.batch} x {args.block}, vocabulary {args.vocab}, dropout {args.dropout}, "
+          f"amp={args.amp}; median of {args.rounds} alternating rounds of {args.steps} steps\n")
+    print("| variant | tokens/s | speed-up over 0.2.0's step |\n|---|---|---|")
+    for name, values in rates.items():
+        speedup = statistics.median(a / b for a, b in zip(values, base))
+        print(f"| {name} | {statistics.median(values):,.0f} | {speedup:.2f}x |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -71,40 +139,23 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table")
     parser.add_argument("--kernels", action="store_true", help="time GELU and attention kernels")
+    parser.add_argument("--variants", action="store_true",
+                        help="compare the step with 0.2.0's dropout and loss, in alternating rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of --variants (default: 5)")
     args = parser.parse_args()
     if args.kernels:
         kernels()
         return 0
+    if args.variants:
+        compare_variants(args)
+        return 0
 
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=args.vocab, block_size=args.block, n_layer=args.n_layer,
-                         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
-                         position=args.position)
-    model = GPT(config)
-    hidden = model.hidden_matrices() if args.muon else []
-    optimizers = [torch.optim.AdamW(model.optimizer_groups(0.1, exclude=hidden), lr=1e-3, fused=True)]
-    if hidden:
-        optimizers.append(torch.optim.Muon(hidden, lr=0.05, adjust_lr_fn="original"))
-    x = torch.randint(0, args.vocab, (args.batch, args.block))
-    y = torch.randint(0, args.vocab, (args.batch, args.block))
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp):
-            _, loss = model(x, y)
-        loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+    step = build_step(args)
     for _ in range(5):
         step()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    seconds = time.perf_counter() - start
+    rate = tokens_per_s(step, args.steps, args.batch * args.block)
     print(f"batch {args.batch} x {args.block}, amp={args.amp}, dropout={args.dropout}, "
-          f"position={args.position}, muon={args.muon}: "
-          f"{args.steps * args.batch * args.block / seconds:,.0f} tokens/s")
+          f"position={args.position}, muon={args.muon}: {rate:,.0f} tokens/s")
     if args.profile:
         from torch.profiler import profile
 

@@ -10,7 +10,6 @@ import torch
 
 from smolgpt.config import ModelConfig
 from smolgpt.errors import SmolGPTError
-from smolgpt import model as model_module
 from smolgpt.model import GPT, ChunkedHeadLoss, Dropout, KVCache, apply_rotary, rotary_tables
 
 
@@ -173,7 +172,7 @@ def test_chunked_head_loss_equals_cross_entropy_and_its_gradients():
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_model_loss_is_the_same_in_chunks_or_whole(tiny_config, monkeypatch, autocast):
+def test_model_loss_is_the_same_in_chunks_or_whole(tiny_config, autocast):
     torch.manual_seed(0)
     model = GPT(tiny_config).train()
     x, y = ids(tiny_config, 3, 16), ids(tiny_config, 3, 16, seed=1)
@@ -186,7 +185,7 @@ def test_model_loss_is_the_same_in_chunks_or_whole(tiny_config, monkeypatch, aut
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
     whole, whole_grads = loss_and_grads()  # 48 rows x 23 logits: one ordinary cross-entropy
-    monkeypatch.setattr(model_module, "HEAD_CHUNK_ELEMENTS", 5 * tiny_config.vocab_size)
+    model.loss_chunk_elements = 5 * tiny_config.vocab_size
     chunked, chunked_grads = loss_and_grads()  # 5 rows per chunk
     tol = {"rtol": 2e-2, "atol": 2e-3} if autocast else {"rtol": 1e-4, "atol": 1e-6}
     torch.testing.assert_close(chunked, whole, **tol)

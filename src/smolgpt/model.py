@@ -31,9 +31,6 @@ from torch.nn import functional as F
 
 from .config import ModelConfig
 
-# Logits per chunk of the head's loss: 2^20 float32 = 4 MB, which stays in a CPU's cache.
-HEAD_CHUNK_ELEMENTS = 1 << 20
-
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated to block_size."""
@@ -235,6 +232,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    # Logits per chunk of the loss (:meth:`loss`): 2^20 float32 = 4 MB, which stays in cache.
+    loss_chunk_elements = 1 << 20
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -308,7 +308,7 @@ class GPT(nn.Module):
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the head's predictions from final hidden states x (N, C)."""
         vocab = self.lm_head.weight.size(0)
-        rows = max(1, HEAD_CHUNK_ELEMENTS // vocab)
+        rows = max(1, self.loss_chunk_elements // vocab)
         if x.size(0) <= rows:  # the logits are small: the ordinary path is faster
             # In float32 even under autocast: a bf16 log-softmax loses digits.
             return F.cross_entropy(self.lm_head(x).float(), targets)
