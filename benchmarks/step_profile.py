@@ -4,12 +4,13 @@ timings behind the model's speed choices (GELU variant, attention precision).
     python benchmarks/step_profile.py                          # micro, batch 32 x 128, bf16
     python benchmarks/step_profile.py --no-amp --dropout 0.1   # float32, with dropout
     python benchmarks/step_profile.py --profile                # torch.profiler table
-    python benchmarks/step_profile.py --kernels                # GELU and attention timings
+    python benchmarks/step_profile.py --kernels                # GELU, attention, linear timings
+    python benchmarks/step_profile.py --batch 12 --block 64 --vocab 65 --variants --compile  # baby
     python benchmarks/step_profile.py --position learned --muon --batch 16
     python benchmarks/step_profile.py --vocab 3171 --dropout 0.1 --variants  # vs 0.2.0's step
 
-Prints tokens/s of forward + backward + fused AdamW on random batches (vocabulary 88 unless
---vocab says otherwise).
+Prints tokens/s of forward + backward + clipping + fused AdamW on random batches (vocabulary
+88 unless --vocab says otherwise).
 """
 
 from __future__ import annotations
@@ -38,28 +39,45 @@ def _best_ms(fn, reps: int = 10) -> float:
     return (time.perf_counter() - start) / reps * 1e3
 
 
-def kernels() -> None:
-    """Forward + backward times of the two GELUs and of fused vs unfused attention."""
+def kernels(args) -> None:
+    """Forward + backward times of the two GELUs and of fused vs unfused attention at the
+    shape of --batch, --block, --n_head, --n_embd; and of a linear layer in float32, in
+    float32 with oneDNN allowed to compute in bf16, and in bf16."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    B, T, nh, C = args.batch, args.block, args.n_head, args.n_embd
     print("| op | dtype | variant | ms (fwd+bwd) |\n|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(4096, 512).to(dtype).requires_grad_()
+        x = torch.randn(B * T, 4 * C).to(dtype).requires_grad_()
         for approx in ("none", "tanh"):
             ms = _best_ms(lambda: F.gelu(x, approximate=approx).sum().backward())
-            print(f"| gelu 4096x512 | {dtype} | {approx} | {ms:.2f} |")
-        q, k, v = (torch.randn(32, 4, 128, 32).to(dtype).requires_grad_() for _ in range(3))
+            print(f"| gelu {B * T}x{4 * C} | {dtype} | {approx} | {ms:.2f} |")
+        q, k, v = (torch.randn(B, nh, T, C // nh).to(dtype).requires_grad_() for _ in range(3))
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
             def attend():
                 with sdpa_kernel([backend]):
                     F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
-            print(f"| attention 32x4x128x32 | {dtype} | {backend.name} | {_best_ms(attend):.2f} |")
+            print(f"| attention {B}x{nh}x{T}x{C // nh} | {dtype} | {backend.name} | "
+                  f"{_best_ms(attend):.2f} |")
+    x = torch.randn(B * T, C, requires_grad=True)
+    linear = torch.nn.Linear(C, 4 * C)
+    for dtype, precision in ((torch.float32, "ieee"), (torch.float32, "bf16"),
+                             (torch.bfloat16, "ieee")):
+        torch.backends.mkldnn.matmul.fp32_precision = precision
+        layer, inputs = linear.to(dtype), x.detach().to(dtype).requires_grad_()
+        ms = _best_ms(lambda: layer(inputs).sum().backward())
+        print(f"| linear {B * T}x{C}->{4 * C} | {dtype} | oneDNN fp32_precision={precision} | {ms:.2f} |")
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
 
 
-def build_step(args, torch_dropout: bool = False, whole_loss: bool = False):
-    """A training step of a fresh model on fixed random batches. torch_dropout swaps the
-    model's CPU dropout for torch.nn.Dropout; whole_loss makes the loss from all the logits
-    at once (both as smolgpt 0.2.0 did)."""
+def build_step(args, torch_dropout: bool = False, whole_loss: bool = False,
+               pure_bf16: bool = False, foreach_clip: bool = False, compile: bool = False):
+    """A training step (as Trainer.train_step: autocast forward, backward, clipping, fused
+    AdamW) of a fresh model on fixed random batches. Variants: torch_dropout swaps the
+    model's CPU dropout for torch.nn.Dropout and whole_loss makes the loss from all the
+    logits at once (both as smolgpt 0.2.0 did); pure_bf16 trains the whole model in bf16
+    without autocast (a bound on what keeping bf16 copies of the weights could save);
+    foreach_clip clips with foreach=True; compile runs the model through torch.compile."""
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=args.vocab, block_size=args.block, n_layer=args.n_layer,
                          n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
@@ -72,6 +90,9 @@ def build_step(args, torch_dropout: bool = False, whole_loss: bool = False):
                     setattr(module, name, torch.nn.Dropout(child.p))
     if whole_loss:
         model.loss_chunk_elements = sys.maxsize
+    if pure_bf16:
+        model = model.bfloat16()
+    forward = torch.compile(model) if compile else model
     hidden = model.hidden_matrices() if args.muon else []
     optimizers = [torch.optim.AdamW(model.optimizer_groups(0.1, exclude=hidden), lr=1e-3, fused=True)]
     if hidden:
@@ -80,9 +101,10 @@ def build_step(args, torch_dropout: bool = False, whole_loss: bool = False):
     y = torch.randint(0, args.vocab, (args.batch, args.block))
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp):
-            _, loss = model(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp and not pure_bf16):
+            _, loss = forward(x, y)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=foreach_clip or None)
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -98,13 +120,19 @@ def tokens_per_s(step, steps: int, tokens_per_step: int) -> float:
 
 
 def compare_variants(args) -> None:
-    """The default step against 0.2.0's dropout and whole-logits loss, in alternating rounds."""
+    """The default step against 0.2.0's dropout and whole-logits loss and against things
+    tried for speed, in alternating rounds."""
     variants = {
         "default": build_step(args),
         "torch.nn.Dropout": build_step(args, torch_dropout=True),
         "loss from all logits at once": build_step(args, whole_loss=True),
         "both (as 0.2.0)": build_step(args, torch_dropout=True, whole_loss=True),
+        "whole model in bf16, no autocast": build_step(args, pure_bf16=True),
+        "clip_grad_norm_(foreach=True)": build_step(args, foreach_clip=True),
     }
+    if args.compile:
+        print("compiling (tens of seconds) ...", file=sys.stderr, flush=True)
+        variants["torch.compile"] = build_step(args, compile=True)
     tokens = args.batch * args.block
     rates: dict[str, list[float]] = {name: [] for name in variants}
     for step in variants.values():
@@ -116,7 +144,7 @@ def compare_variants(args) -> None:
     base = rates["both (as 0.2.0)"]
     print(f"batch {args.batch} x {args.block}, vocabulary {args.vocab}, dropout {args.dropout}, "
           f"amp={args.amp}; median of {args.rounds} alternating rounds of {args.steps} steps\n")
-    print("| variant | tokens/s | speed-up over 0.2.0's step |\n|---|---|---|")
+    print("| variant | tokens/s | speed-up over \"both (as 0.2.0)\" |\n|---|---|---|")
     for name, values in rates.items():
         speedup = statistics.median(a / b for a, b in zip(values, base))
         print(f"| {name} | {statistics.median(values):,.0f} | {speedup:.2f}x |")
@@ -140,11 +168,13 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table")
     parser.add_argument("--kernels", action="store_true", help="time GELU and attention kernels")
     parser.add_argument("--variants", action="store_true",
-                        help="compare the step with 0.2.0's dropout and loss, in alternating rounds")
+                        help="compare the step with 0.2.0's dropout and loss and with things "
+                        "tried for speed, in alternating rounds")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of --variants (default: 5)")
+    parser.add_argument("--compile", action="store_true", help="--variants: add torch.compile")
     args = parser.parse_args()
     if args.kernels:
-        kernels()
+        kernels(args)
         return 0
     if args.variants:
         compare_variants(args)

@@ -13,6 +13,8 @@ default: a model knows "the previous character" from the first step instead of h
 learn it position by position, and small models train markedly faster with it
 (benchmarks/RESULTS.md).
 
+For training, the loss is made from the final hidden states a chunk of tokens at a time
+(:class:`ChunkedHeadLoss`), so that a word-level model never holds all its logits at once.
 For generation, :class:`KVCache` keeps every layer's keys and values so that each new token
 costs one position of work instead of re-running the whole context.
 
@@ -127,7 +129,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
         xs, w = x.to(dtype), weight.to(dtype)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x) if need_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        grad_w = torch.zeros_like(weight) if need_grad else None  # summed over chunks
         for start in range(0, n, rows):
             xc, tc = xs[start:start + rows], targets[start:start + rows, None]
             logits = (xc @ w.t()).float()  # (rows, vocab), in float32: a bf16 softmax loses digits
@@ -148,7 +150,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         scale = grad_loss / ctx.n
-        return (grad_x * scale).to(grad_x.dtype), (grad_w * scale).to(grad_w.dtype), None, None, None, None
+        return grad_x * scale, grad_w * scale, None, None, None, None
 
 
 class CausalSelfAttention(nn.Module):
