@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # works wi
 
 from smolgpt.config import ModelConfig  # noqa: E402
 from smolgpt.model import GPT, Dropout  # noqa: E402
+from smolgpt.training import BatchedMuon  # noqa: E402
 
 
 def _best_ms(fn, reps: int = 10) -> float:
@@ -71,13 +72,15 @@ def kernels(args) -> None:
 
 
 def build_step(args, torch_dropout: bool = False, whole_loss: bool = False,
-               pure_bf16: bool = False, foreach_clip: bool = False, compile: bool = False):
+               pure_bf16: bool = False, foreach_clip: bool = False, compile: bool = False,
+               torch_muon: bool = False):
     """A training step (as Trainer.train_step: autocast forward, backward, clipping, fused
     AdamW) of a fresh model on fixed random batches. Variants: torch_dropout swaps the
     model's CPU dropout for torch.nn.Dropout and whole_loss makes the loss from all the
     logits at once (both as smolgpt 0.2.0 did); pure_bf16 trains the whole model in bf16
     without autocast (a bound on what keeping bf16 copies of the weights could save);
-    foreach_clip clips with foreach=True; compile runs the model through torch.compile."""
+    foreach_clip clips with foreach=True; compile runs the model through torch.compile;
+    torch_muon (with --muon) uses torch.optim.Muon instead of smolgpt's BatchedMuon."""
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=args.vocab, block_size=args.block, n_layer=args.n_layer,
                          n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
@@ -96,7 +99,8 @@ def build_step(args, torch_dropout: bool = False, whole_loss: bool = False,
     hidden = model.hidden_matrices() if args.muon else []
     optimizers = [torch.optim.AdamW(model.optimizer_groups(0.1, exclude=hidden), lr=1e-3, fused=True)]
     if hidden:
-        optimizers.append(torch.optim.Muon(hidden, lr=0.05, adjust_lr_fn="original"))
+        muon = torch.optim.Muon if torch_muon else BatchedMuon
+        optimizers.append(muon(hidden, lr=0.05, adjust_lr_fn="original"))
     x = torch.randint(0, args.vocab, (args.batch, args.block))
     y = torch.randint(0, args.vocab, (args.batch, args.block))
 
@@ -130,6 +134,8 @@ def compare_variants(args) -> None:
         "whole model in bf16, no autocast": build_step(args, pure_bf16=True),
         "clip_grad_norm_(foreach=True)": build_step(args, foreach_clip=True),
     }
+    if args.muon:
+        variants["torch.optim.Muon (0.2.0)"] = build_step(args, torch_muon=True)
     if args.compile:
         print("compiling (tens of seconds) ...", file=sys.stderr, flush=True)
         variants["torch.compile"] = build_step(args, compile=True)

@@ -9,7 +9,7 @@ import torch
 from smolgpt import data
 from smolgpt.config import resolve_train_config
 from smolgpt.model import GPT
-from smolgpt.training import Trainer, _StepTimer, learning_rate, make_optimizers
+from smolgpt.training import BatchedMuon, Trainer, _StepTimer, learning_rate, make_optimizers
 
 
 def cfg(**overrides):
@@ -76,7 +76,7 @@ def test_step_timer_holds_back_time_for_the_final_evaluation():
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny_model):
     adamw, muon = make_optimizers(tiny_model, cfg(optimizer="muon"), torch.device("cpu"))
-    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, BatchedMuon)
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
     adamw_ids = {id(p) for g in adamw.param_groups for p in g["params"]}
     assert muon_ids == {id(p) for p in tiny_model.hidden_matrices()}
@@ -84,6 +84,48 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny_model):
     assert muon_ids | adamw_ids == {id(p) for p in tiny_model.parameters()}
     (only,) = make_optimizers(tiny_model, cfg(optimizer="adamw"), torch.device("cpu"))
     assert len({id(p) for g in only.param_groups for p in g["params"]}) == len(list(tiny_model.parameters()))
+
+
+def _matrices(seed: int) -> list[torch.nn.Parameter]:
+    """Two shapes, tall and wide, several of each (as in a model's blocks)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(24, 8), (8, 24), (24, 8), (16, 16), (8, 24), (24, 8)]
+    return [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in shapes]
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_batched_muon_makes_torch_muons_updates(nesterov):
+    ours, theirs = _matrices(0), _matrices(0)
+    kwargs = dict(lr=0.05, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn="original")
+    batched, reference = BatchedMuon(ours, **kwargs), torch.optim.Muon(theirs, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        batched.step()
+        reference.step()
+    start = _matrices(0)
+    for a, b, p0 in zip(ours, theirs, start):
+        torch.testing.assert_close(batched.state[a]["momentum_buffer"],
+                                   reference.state[b]["momentum_buffer"])
+        # Orthogonalised in bf16, batched or one at a time: equal up to bf16 rounding.
+        torch.testing.assert_close(a - p0, b - p0, rtol=0, atol=2e-3)
+        assert (a - p0).abs().max() > 0.05  # and the parameters did move
+
+
+def test_batched_muon_and_torch_muon_load_each_others_state():
+    ours, theirs = _matrices(0), _matrices(0)
+    batched, reference = BatchedMuon(ours, lr=0.05), torch.optim.Muon(theirs, lr=0.05)
+    for p in ours + theirs:
+        p.grad = torch.ones_like(p)
+    reference.step()
+    batched.load_state_dict(reference.state_dict())
+    assert torch.equal(batched.state[ours[3]]["momentum_buffer"],
+                       reference.state[theirs[3]]["momentum_buffer"])
+    batched.step()
+    reference.load_state_dict(batched.state_dict())
+    reference.step()
 
 
 def test_schedule_scales_every_optimiser_alike(write_text, tmp_path):
