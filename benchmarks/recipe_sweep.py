@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from time_to_loss import read_metrics  # the sibling script (benchmarks/ is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # name -> (corpus file, flags common to every variant, variants)
@@ -76,8 +78,7 @@ def run_variant(corpus: Path, common: str, variant: str) -> dict:
         start = time.perf_counter()
         proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         wall = time.perf_counter() - start
-        metrics = out / "metrics.jsonl"
-        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        rows = read_metrics(out / "metrics.jsonl")
     last = rows[-1] if rows else {}
     return {
         "variant": variant,

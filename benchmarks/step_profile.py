@@ -41,9 +41,11 @@ def _best_ms(fn, reps: int = 10) -> float:
 
 
 def kernels(args) -> None:
-    """Forward + backward times of the two GELUs and of fused vs unfused attention at the
-    shape of --batch, --block, --n_head, --n_embd; and of a linear layer in float32, in
-    float32 with oneDNN allowed to compute in bf16, and in bf16."""
+    """Forward + backward times, at the shape of --batch, --block, --n_head, --n_embd,
+    --vocab, of: the two GELUs; fused vs unfused attention; a linear layer in float32, in
+    float32 with oneDNN allowed to compute in bf16, and in bf16; torch.nn.Dropout vs
+    smolgpt's (p = --dropout, or 0.1); and the head's loss from all logits at once vs
+    chunk by chunk (bf16 autocast)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     B, T, nh, C = args.batch, args.block, args.n_head, args.n_embd
@@ -69,6 +71,27 @@ def kernels(args) -> None:
         ms = _best_ms(lambda: layer(inputs).sum().backward())
         print(f"| linear {B * T}x{C}->{4 * C} | {dtype} | oneDNN fp32_precision={precision} | {ms:.2f} |")
     torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+
+    p = args.dropout or 0.1
+    h = torch.randn(B * T, C, dtype=torch.bfloat16, requires_grad=True)
+    for name, drop in (("torch.nn.Dropout", torch.nn.Dropout(p)), ("smolgpt Dropout", Dropout(p))):
+        ms = _best_ms(lambda: drop(h).sum().backward())
+        print(f"| dropout p={p} {B * T}x{C} | torch.bfloat16 | {name} | {ms:.2f} |")
+
+    model = GPT(ModelConfig(vocab_size=args.vocab, block_size=T, n_layer=1, n_head=nh, n_embd=C))
+    hidden = torch.randn(B * T, C, requires_grad=True)
+    targets = torch.randint(0, args.vocab, (B * T,))
+    for name, chunk in (("all logits at once", sys.maxsize),
+                        ("smolgpt (in chunks if larger than one)", GPT.loss_chunk_elements)):
+        model.loss_chunk_elements = chunk
+
+        def head_loss():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model.loss(hidden, targets)
+            loss.backward()
+
+        print(f"| head + loss {B * T}x{C}->{args.vocab} | bf16 autocast | {name} | "
+              f"{_best_ms(head_loss):.2f} |")
 
 
 def build_step(args, torch_dropout: bool = False, whole_loss: bool = False,

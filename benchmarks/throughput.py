@@ -17,10 +17,9 @@ same batches (random token ids through smolgpt's BatchSampler), in the same proc
 Each implementation is warmed up, then timed for about --seconds per measurement; the
 implementations alternate in rounds (rotating who goes first), because a shared 2-core
 machine is noisy: tokens/s is the median over rounds, and a ratio is the median of the
-rounds' ratios, each from two measurements a few seconds apart, so that a slow spell of the machine
-slows both sides of it. MFU is smolgpt's model FLOPs
-(GPT.estimate_flops_per_token() x tokens/s) over smolgpt.hardware.peak_flops for the dtype
-smolgpt trains in.
+rounds' ratios, each from two measurements a few seconds apart, so that a slow spell of the
+machine slows both sides of it. MFU is smolgpt's model FLOPs (GPT.estimate_flops_per_token()
+x tokens/s) over smolgpt.hardware.peak_flops for the dtype smolgpt trains in.
 
     python benchmarks/throughput.py                 # baby, nano/micro at char and word level
     python benchmarks/throughput.py --tiny          # also the tiny preset

@@ -93,10 +93,11 @@ def _matrices(seed: int) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in shapes]
 
 
-@pytest.mark.parametrize("nesterov", [True, False])
-def test_batched_muon_makes_torch_muons_updates(nesterov):
+@pytest.mark.parametrize("nesterov,adjust_lr_fn", [(True, "original"), (False, "original"),
+                                                   (True, "match_rms_adamw")])
+def test_batched_muon_makes_torch_muons_updates(nesterov, adjust_lr_fn):
     ours, theirs = _matrices(0), _matrices(0)
-    kwargs = dict(lr=0.05, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn="original")
+    kwargs = dict(lr=0.05, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
     batched, reference = BatchedMuon(ours, **kwargs), torch.optim.Muon(theirs, **kwargs)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):

@@ -132,14 +132,17 @@ class BatchedMuon(torch.optim.Muon):
             for shape, members in by_shape.items():
                 ortho = orthogonalise(torch.stack([updates[i] for i in members]),
                                       group["ns_coefficients"], group["ns_steps"], group["eps"])
-                rows, cols = shape
-                scale = {"original": math.sqrt(max(1.0, rows / cols)),
-                         "match_rms_adamw": 0.2 * math.sqrt(max(rows, cols))}.get(
-                             group["adjust_lr_fn"] or "original", 1.0)
                 torch._foreach_add_([params[i] for i in members],
                                     list(ortho.to(params[members[0]].dtype).unbind(0)),
-                                    alpha=-lr * scale)
+                                    alpha=-lr * _muon_lr_scale(group["adjust_lr_fn"], *shape))
         return loss
+
+
+def _muon_lr_scale(adjust_lr_fn: Optional[str], rows: int, cols: int) -> float:
+    """torch.optim.Muon's factor on the rate of a rows x cols matrix."""
+    if adjust_lr_fn == "match_rms_adamw":  # the update's RMS matches AdamW's
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1.0, rows / cols))  # "original" (the default): Keller Jordan's rule
 
 
 def orthogonalise(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
@@ -178,7 +181,6 @@ def make_optimizers(model: GPT, cfg: TrainConfig,
     else:
         optimizers = [torch.optim.AdamW(groups, foreach=True, **kwargs)]
     if muon_params:
-        # "original": the update is scaled by sqrt(max(1, rows / cols)), Keller Jordan's rule.
         optimizers.append(BatchedMuon(muon_params, lr=cfg.muon_lr,
                                       weight_decay=cfg.weight_decay, adjust_lr_fn="original"))
     return optimizers
