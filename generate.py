@@ -11,4 +11,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # works withou
 from smolgpt.cli import generate_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(generate_main())
+    generate_main()

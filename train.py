@@ -11,4 +11,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))  # works withou
 from smolgpt.cli import train_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(train_main())
+    train_main()

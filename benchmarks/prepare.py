@@ -207,6 +207,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             "mb_per_s_rounds": [size / MB / x["seconds"] for x in results],
             "runs": results,
         })
+    sys.path.insert(0, str(REPO / "src"))  # works without installing
+    from smolgpt import hardware
+
+    machine = hardware.this_cpu()
+    print(machine["line"] + "\n")
     print(markdown_table(rows))
     print()
     print("MB = 10^6 bytes. \"prepare s\" is the time inside smolgpt.data.prepare (fingerprint, "
@@ -217,6 +222,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "prepare",
+        "hardware": machine,
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "settings": {"mb": args.mb, "source": str(source), "corpus_bytes": size,

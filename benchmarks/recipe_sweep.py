@@ -119,7 +119,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if r["exit_code"]:
             print(r["error"], file=sys.stderr)
 
-    print(f"{corpus_name}, common flags: `{common}`\n")
+    from smolgpt import hardware
+
+    machine = hardware.this_cpu()
+    print(f"{machine['line']}\n\n{corpus_name}, common flags: `{common}`\n")
     print("| # | flags | final val | best val | train loss | steps | training s |")
     print("|---|---|---|---|---|---|---|")
     for (i, _), r in zip(chosen, results):
@@ -128,8 +131,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"\nCommand: python benchmarks/recipe_sweep.py {' '.join(argv or sys.argv[1:])}".rstrip())
     out = args.out or REPO / "benchmarks" / "out" / f"sweep-{args.sweep}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"sweep": args.sweep, "corpus": corpus_name, "common": common,
-                               "results": results}, indent=2) + "\n")
+    out.write_text(json.dumps({"sweep": args.sweep, "hardware": machine, "corpus": corpus_name,
+                               "common": common, "results": results}, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

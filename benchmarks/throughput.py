@@ -12,14 +12,20 @@ same batches (random token ids through smolgpt's BatchSampler), in the same proc
 - transformers fp32: ``GPT2LMHeadModel(GPT2Config(...))`` and the loop a user would write:
   ``torch.optim.AdamW``, ``model(input_ids=x, labels=x).loss.backward()``, clip to 1.0 (as
   smolgpt and the HF Trainer do), step, zero_grad.
-- transformers bf16: the same loop with the forward under ``torch.autocast("cpu", bfloat16)``.
+- transformers bf16: the same loop with the forward under ``torch.autocast("cpu", bfloat16)``,
+  measured only where smolgpt's precision policy computes in bf16 (a CPU with native bf16):
+  elsewhere bf16 is emulated, some 100x slower, and nobody would train that way.
+
+Precision follows smolgpt's policy for this CPU (``smolgpt.hardware.precision_policy``; the
+JSON and the table name the CPU, its flags and the policy). SMOLGPT_CPU_BF16=1/0 forces it.
 
 Each implementation is warmed up, then timed for about --seconds per measurement; the
 implementations alternate in rounds (rotating who goes first), because a shared 2-core
 machine is noisy: tokens/s is the median over rounds, and a ratio is the median of the
 rounds' ratios, each from two measurements a few seconds apart, so that a slow spell of the
 machine slows both sides of it. MFU is smolgpt's model FLOPs (GPT.estimate_flops_per_token()
-x tokens/s) over smolgpt.hardware.peak_flops for the dtype smolgpt trains in.
+x tokens/s) over smolgpt.hardware.peak_flops for the dtype smolgpt trains in. "Muon step
+cost" is the median over rounds of the AdamW step's tokens/s over the Muon step's.
 
     python benchmarks/throughput.py                 # baby, nano/micro at char and word level
     python benchmarks/throughput.py --tiny          # also the tiny preset
@@ -32,7 +38,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -47,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # works without installing
 
 from smolgpt import hardware  # noqa: E402
-from smolgpt.config import PRESETS, TrainConfig  # noqa: E402
+from smolgpt.config import PRESETS, TrainConfig, preset_values  # noqa: E402
 from smolgpt.data import BatchSampler, TokenData  # noqa: E402
 from smolgpt.tokenizer import CharTokenizer, WordTokenizer  # noqa: E402
 from smolgpt.training import Trainer  # noqa: E402
@@ -69,18 +74,23 @@ class BenchConfig:
     vocab_size: int
     level: str
     dropout: float
+    muon_ns_steps: int = TrainConfig().muon_ns_steps  # the preset's, on this kind of CPU
 
 
 def bench_configs(include_tiny: bool, dropout: float) -> list[BenchConfig]:
-    """nanoGPT's CPU 'baby GPT', then smolgpt presets at char and word level."""
+    """nanoGPT's CPU 'baby GPT', then smolgpt presets at char and word level (with the
+    presets' Muon settings for this CPU's precision policy)."""
     configs = [BenchConfig("baby", 4, 4, 128, 64, 12, 65, "char", 0.0)]
+    cpu_float32 = hardware.precision_policy(torch.device("cpu")).float32_cpu
     presets = ["nano", "micro"] + (["tiny"] if include_tiny else [])
     for preset in presets:
         shape = {k: PRESETS[preset][k] for k in ("n_layer", "n_head", "n_embd")}
         for level, vocab in (("char", CHAR_VOCAB), ("word", WORD_VOCAB)):
+            recipe = preset_values(preset, level, cpu_float32)
             configs.append(BenchConfig(f"{preset}-{level}", **shape, block_size=128,
                                        batch_size=32, vocab_size=vocab, level=level,
-                                       dropout=dropout))
+                                       dropout=dropout,
+                                       muon_ns_steps=recipe.get("muon_ns_steps", 5)))
     return configs
 
 
@@ -102,7 +112,8 @@ def smolgpt_step(c: BenchConfig, data: TokenData, out_dir: Path, amp: bool,
     """A real Trainer; returns (step function, trainer)."""
     cfg = TrainConfig(level=c.level, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
                       block_size=c.block_size, batch_size=c.batch_size, dropout=c.dropout,
-                      amp=amp, device="cpu", optimizer=optimizer, position=position)
+                      amp=amp, device="cpu", optimizer=optimizer, position=position,
+                      muon_ns_steps=c.muon_ns_steps)
     trainer = Trainer(cfg, data, out_dir, torch.device("cpu"))
     trainer.model.train()
 
@@ -162,7 +173,8 @@ def measure_config(c: BenchConfig, args) -> dict:
         if args.smolgpt_fp32:
             impls["smolgpt_fp32"], _ = smolgpt_step(c, data, Path(tmp), amp=False)
         impls["transformers_fp32"], hf_model = transformers_step(c, data, bf16=False)
-        impls["transformers_bf16"], _ = transformers_step(c, data, bf16=True)
+        if trainer.precision.reduced == torch.bfloat16:
+            impls["transformers_bf16"], _ = transformers_step(c, data, bf16=True)
 
         # Warm up each, and size a measurement at about args.seconds.
         n_steps = {}
@@ -179,13 +191,13 @@ def measure_config(c: BenchConfig, args) -> dict:
                 seconds = time_steps(impls[name], n_steps[name])
                 rates[name].append(n_steps[name] * tokens_per_step / seconds)
 
-    smolgpt_dtype = trainer.amp_dtype
-    peak = hardware.peak_flops(torch.device("cpu"), smolgpt_dtype)
-    peak_fp32 = hardware.peak_flops(torch.device("cpu"), None)
-    peak_bf16 = hardware.peak_flops(torch.device("cpu"), torch.bfloat16)
+    peak = hardware.peak_flops(torch.device("cpu"), trainer.precision)
+    peak_fp32 = hardware.matmul_flops("cpu", torch.float32)
     med = {name: statistics.median(v) for name, v in rates.items()}
 
-    def ratio(name: str, peer: str) -> float:
+    def ratio(name: str, peer: str) -> Optional[float]:
+        if peer not in rates:
+            return None
         return statistics.median(a / b for a, b in zip(rates[name], rates[peer]))
 
     flops = trainer.flops_per_token
@@ -196,20 +208,23 @@ def measure_config(c: BenchConfig, args) -> dict:
         "tokens_per_s_rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         "tokens_per_s_median": {k: round(v, 1) for k, v in med.items()},
         "ratio_smolgpt_vs_transformers_fp32": ratio("smolgpt", "transformers_fp32"),
+        "ratio_smolgpt_muon_vs_transformers_fp32": ratio("smolgpt_muon", "transformers_fp32"),
+        "muon_step_cost": ratio("smolgpt", "smolgpt_muon"),
         "ratio_smolgpt_vs_transformers_bf16": ratio("smolgpt", "transformers_bf16"),
         "ratio_smolgpt_learned_vs_transformers_fp32": ratio("smolgpt_learned", "transformers_fp32"),
         "smolgpt_params": trainer.model.num_parameters(),
         "transformers_params": sum(p.numel() for p in hf_model.parameters()),
         "smolgpt_flops_per_token": flops,
-        "smolgpt_train_dtype": str(smolgpt_dtype or torch.float32).replace("torch.", ""),
+        "smolgpt_train_dtype": str(trainer.precision.matmul_dtype).replace("torch.", ""),
         "peak_flops_used_for_mfu": peak,
         "peak_flops_fp32": peak_fp32,
-        "peak_flops_bf16": peak_bf16,
         "smolgpt_mfu": flops * med["smolgpt"] / peak,
+        "smolgpt_muon_mfu": flops * med["smolgpt_muon"] / peak,
         # Same model FLOPs per token (equal shapes), each against its own dtype's peak.
         "transformers_fp32_mfu": flops * med["transformers_fp32"] / peak_fp32,
-        "transformers_bf16_mfu": flops * med["transformers_bf16"] / peak_bf16,
     }
+    if "transformers_bf16" in med:
+        result["transformers_bf16_mfu"] = flops * med["transformers_bf16"] / peak
     if "smolgpt_fp32" in med:
         result["smolgpt_fp32_mfu"] = flops * med["smolgpt_fp32"] / peak_fp32
     return result
@@ -220,7 +235,8 @@ def markdown_table(results: list[dict], smolgpt_fp32: bool) -> str:
     if smolgpt_fp32:
         head.append("smolgpt fp32 tok/s")
     head += ["transformers fp32 tok/s", "transformers bf16 tok/s", "smolgpt / tf fp32",
-             "smolgpt / tf bf16", "learned positions / tf fp32", "smolgpt MFU"]
+             "smolgpt + Muon / tf fp32", "smolgpt / tf bf16", "learned positions / tf fp32",
+             "Muon step cost", "smolgpt MFU", "smolgpt + Muon MFU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         m, c = r["tokens_per_s_median"], r["config"]
@@ -230,11 +246,17 @@ def markdown_table(results: list[dict], smolgpt_fp32: bool) -> str:
                f"{m['smolgpt_learned']:,.0f}"]
         if smolgpt_fp32:
             row.append(f"{m['smolgpt_fp32']:,.0f}")
-        row += [f"{m['transformers_fp32']:,.0f}", f"{m['transformers_bf16']:,.0f}",
-                f"{r['ratio_smolgpt_vs_transformers_fp32']:.2f}x",
-                f"{r['ratio_smolgpt_vs_transformers_bf16']:.2f}x",
-                f"{r['ratio_smolgpt_learned_vs_transformers_fp32']:.2f}x",
-                f"{100 * r['smolgpt_mfu']:.1f}% ({r['smolgpt_train_dtype']})"]
+        times = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
+        bf16 = m.get("transformers_bf16")
+        row += [f"{m['transformers_fp32']:,.0f}",
+                "- (no native bf16)" if bf16 is None else f"{bf16:,.0f}",
+                times(r["ratio_smolgpt_vs_transformers_fp32"]),
+                times(r["ratio_smolgpt_muon_vs_transformers_fp32"]),
+                times(r["ratio_smolgpt_vs_transformers_bf16"]),
+                times(r["ratio_smolgpt_learned_vs_transformers_fp32"]),
+                times(r["muon_step_cost"]),
+                f"{100 * r['smolgpt_mfu']:.1f}% ({r['smolgpt_train_dtype']})",
+                f"{100 * r['smolgpt_muon_mfu']:.1f}%"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -275,10 +297,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif not args.tiny:
         configs = [c for c in configs if not c.name.startswith("tiny")]
 
+    machine = hardware.this_cpu()
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-          f"{transformers.__version__}, {platform.processor() or platform.machine()}; "
-          f"~{args.seconds:g}s per measurement, median of {args.rounds} alternating rounds",
-          file=sys.stderr)
+          f"{transformers.__version__}; ~{args.seconds:g}s per measurement, median of "
+          f"{args.rounds} alternating rounds", file=sys.stderr)
     results = []
     for c in configs:
         print(f"measuring {c.name} ...", file=sys.stderr, flush=True)
@@ -287,6 +309,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("  " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in m.items()),
               file=sys.stderr, flush=True)
 
+    print(machine["line"] + "\n")
     print(markdown_table(results, args.smolgpt_fp32))
     print()
     print(f"Command: python benchmarks/throughput.py {' '.join(argv or sys.argv[1:])}".rstrip())
@@ -296,7 +319,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
-        "cpu_native_bf16": hardware.cpu_has_native_bf16(),
+        "hardware": machine,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": results,
     }

@@ -248,6 +248,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             if r["exit_code"]:
                 print(r["log_tail"], file=sys.stderr)
 
+    from smolgpt import hardware
+
+    machine = hardware.this_cpu()
+    print(machine["line"] + "\n")
     print(markdown_table(results))
     print()
     print("Wall time is the whole `python train.py` process (start to exit). At the first "
@@ -261,6 +265,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "time_to_loss",
+        "hardware": machine,
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "settings": {"scenarios": [s.name for s in chosen], "extra": extra,

@@ -168,6 +168,29 @@ def test_time_budget_stops_by_itself(smol_cli, tmp_path):
     assert checkpoint.load(out / "latest_model.pth")["progress"]["iter"] == rows[-1]["iter"]
 
 
+def test_start_up_line_names_the_precision_policy_of_either_cpu_kind(smol_cli, tmp_path):
+    """SMOLGPT_CPU_BF16 forces each CPU kind's path on any machine; the start-up line says
+    which policy was chosen and why, and the micro preset adapts its recipe to float32."""
+    short = ("--max_iters", "2", "--eval_interval", "2")
+    calls = [("train", smol_cli.train_args("char", tmp_path / f"run{flag}", "--preset", "micro",
+                                           *short),
+              {"env": smol_cli.env(SMOLGPT_CPU_BF16=flag)}) for flag in ("0", "1")]
+    calls.append(("train", smol_cli.train_args("char", tmp_path / "bad", *short),
+                  {"env": smol_cli.env(SMOLGPT_CPU_BF16="yes")}))
+    fp32, bf16, bad = smol_cli.run_many(calls)
+    assert fp32.returncode == 0, fp32.describe()
+    assert "cpu, float32 (SMOLGPT_CPU_BF16=0)" in fp32.stderr, fp32.describe()
+    assert "for a CPU computing in float32: muon_ns_steps 3" in fp32.stderr, fp32.describe()
+    assert bf16.returncode == 0, bf16.describe()
+    assert "cpu, bfloat16 (SMOLGPT_CPU_BF16=1)" in bf16.stderr, bf16.describe()
+    assert "computing in float32" not in bf16.stderr
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.describe()
+    assert bad.stderr.strip().splitlines() == [
+        "error: SMOLGPT_CPU_BF16='yes': set it to 1 (native bf16) or 0 (float32), or unset it "
+        "to follow the CPU's flags"], bad.describe()
+    assert not (tmp_path / "bad" / "latest_model.pth").exists()
+
+
 def test_early_stop_when_val_loss_stops_improving(smol_cli, tmp_path):
     # Learning rates of 1e-30 (AdamW's and Muon's; and no biases, which start at exactly
     # zero) cannot move any float32 weight: the val loss repeats exactly, no improvement.

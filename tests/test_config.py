@@ -8,6 +8,7 @@ import math
 import pytest
 
 from smolgpt.config import (
+    CPU_FLOAT32,
     PRESETS,
     RESUME_FIXED,
     ModelConfig,
@@ -237,3 +238,29 @@ def test_the_original_recipe_is_still_reachable_by_flags():
                                 "eval_iters": 100})
     assert (cfg.optimizer, cfg.position, cfg.learning_rate, cfg.batch_size) == (
         "adamw", "learned", 3e-4, 32)
+
+
+def test_presets_choose_their_recipe_by_the_cpu_kind():
+    """On a CPU without native bf16, Muon's iteration runs in float32 and costs more of a
+    step: micro orthogonalises in fewer iterations there (benchmarks/RESULTS.md)."""
+    bf16 = resolve_train_config({"preset": "micro", "level": "char"})
+    fp32 = resolve_train_config({"preset": "micro", "level": "char"}, cpu_float32=True)
+    assert (bf16.batch_size, bf16.muon_ns_steps) == (16, 5)
+    assert (fp32.batch_size, fp32.muon_ns_steps) == (16, 3)
+    word = resolve_train_config({"preset": "micro", "level": "word"}, cpu_float32=True)
+    assert (word.batch_size, word.dropout, word.muon_ns_steps) == (16, 0.2, 3)
+    assert (fp32.n_layer, fp32.n_embd, fp32.optimizer) == (bf16.n_layer, bf16.n_embd, "muon")
+    mine = resolve_train_config({"preset": "micro", "level": "word", "batch_size": 32,
+                                 "muon_ns_steps": 5}, cpu_float32=True)
+    assert (mine.batch_size, mine.muon_ns_steps) == (32, 5)  # explicit flags still win
+    for preset in PRESETS:  # presets without float32 entries are the same on both kinds
+        for level in ("char", "word"):
+            if CPU_FLOAT32 not in PRESETS[preset] or level not in PRESETS[preset][CPU_FLOAT32]:
+                assert (resolve_train_config({"preset": preset, "level": level})
+                        == resolve_train_config({"preset": preset, "level": level},
+                                                cpu_float32=True))
+
+
+def test_muon_ns_steps_must_be_positive():
+    with pytest.raises(SmolGPTError, match="--muon_ns_steps"):
+        resolve_train_config({"preset": "micro", "level": "char", "muon_ns_steps": 0})

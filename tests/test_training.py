@@ -142,3 +142,31 @@ def test_schedule_scales_every_optimiser_alike(write_text, tmp_path):
     assert all(g["lr"] == pytest.approx(0.01) for g in muon.param_groups)
     assert torch.isfinite(loss)
     assert all(not torch.equal(a, b) for a, b in zip(before, trainer.model.hidden_matrices()))
+
+
+@pytest.mark.parametrize("dtype, steps", [(torch.bfloat16, 5), (torch.float32, 5),
+                                          (torch.float32, 3)])
+def test_orthogonalise_in_the_policys_dtype(dtype, steps):
+    from smolgpt.training import orthogonalise
+
+    g = torch.randn(3, 64, 24, generator=torch.Generator().manual_seed(0))
+    ortho = orthogonalise(g, (3.4445, -4.7750, 2.0315), steps, 1e-7, dtype)
+    assert ortho.dtype == dtype and ortho.shape == g.shape
+    singular = torch.linalg.svdvals(ortho.float())
+    # Muon's iteration leaves the singular values near 1 (within about [0.7, 1.2] after
+    # five steps), not exactly at it; three steps leave the small ones lower.
+    low = 0.6 if steps == 5 else 0.2
+    assert singular.min() > low and singular.max() < 1.25, singular
+
+
+def test_a_resumed_run_uses_its_own_muon_ns_steps(write_text, tmp_path):
+    corpus = data.Corpus("t", (write_text("t.txt", "to be or not to be, that is it. " * 200),))
+    token_data = data.prepare(corpus, "char")
+    shape = dict(optimizer="muon", n_layer=1, n_embd=16, n_head=2, block_size=16, batch_size=4)
+    first = Trainer(cfg(**shape), token_data, tmp_path / "run", torch.device("cpu"))
+    first.train_step(lr=1e-3)
+    state = first.state()
+    assert state["optimizer"][1]["param_groups"][0]["ns_steps"] == 5
+    resumed = Trainer(cfg(**shape, muon_ns_steps=3), token_data, tmp_path / "run",
+                      torch.device("cpu"), resume_from=state)
+    assert all(g["ns_steps"] == 3 for g in resumed.optimizers[1].param_groups)

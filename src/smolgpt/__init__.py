@@ -4,4 +4,4 @@ Modules, in the order data flows through them:
 config -> tokenizer -> data -> model -> training -> checkpoint -> sampling, with cli on top.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import importlib.util
 import logging
+import os
 import shlex
 import sys
 import time
@@ -93,6 +94,18 @@ def run_train(explicit: dict[str, Any]) -> int:
     from .files import RunLock, ensure_writable_dir
     from .training import LATEST, Trainer, TrainingInterrupted, clean_stale_temporaries
 
+    # The device and its precision policy are checked before anything touches the disk.
+    policy = hardware.precision_policy(hardware.resolve_device(requested.device), requested.amp)
+    if policy.float32_cpu and not requested.resume:
+        # A preset's recipe can differ on CPUs that compute in float32 (no native bf16); a
+        # resumed run keeps the recipe it started with.
+        adapted = resolve_train_config(explicit, cpu_float32=True)
+        changes = {k: v for k, v in dataclasses.asdict(adapted).items()
+                   if v != getattr(requested, k)}
+        if changes:
+            log.info("preset %s for a CPU computing in float32: %s", adapted.preset,
+                     ", ".join(f"{k} {v}" for k, v in changes.items()))
+        requested = adapted
     if requested.colab_drive:  # relative paths (and the default) land under MyDrive/smolgpt
         out_dir = colab_run_dir() / Path(explicit.get("out_dir", requested.default_out_dir))
     else:
@@ -220,11 +233,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
-def train_main() -> int:
+def _exit(code: int) -> typing.NoReturn:
+    """End the process with code at once. The interpreter's usual teardown of torch's
+    modules takes about a second on a small CPU and does nothing a finished command needs:
+    by now every file it wrote is closed and every lock released."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed by its reader (`| head`): nothing to lose
+            pass
+    os._exit(code)
+
+
+def console_main() -> typing.NoReturn:
+    """Entry point of the `smolgpt` command and of `python -m smolgpt`."""
+    _exit(main())
+
+
+def train_main() -> typing.NoReturn:
     """Entry point of the root train.py: `smolgpt train` with the same flags."""
-    return main(["train", *sys.argv[1:]])
+    _exit(main(["train", *sys.argv[1:]]))
 
 
-def generate_main() -> int:
+def generate_main() -> typing.NoReturn:
     """Entry point of the root generate.py: `smolgpt generate` with the same flags."""
-    return main(["generate", *sys.argv[1:]])
+    _exit(main(["generate", *sys.argv[1:]]))

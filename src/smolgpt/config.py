@@ -6,8 +6,9 @@ run). Each field carries its command-line help in ``metadata``, and ``cli.py`` b
 flags from the fields, so an option is added in one place and appears everywhere.
 
 Presets are plain data (:data:`PRESETS`). A setting is resolved in three layers, later
-layers winning: the dataclass default, then the preset (and its per-level entries), then a
-flag the user typed. A preset changes only the fields it names.
+layers winning: the dataclass default, then the preset (its per-level entries, and on a CPU
+that computes in float32 its ``cpu_float32`` entries), then a flag the user typed. A preset
+changes only the fields it names.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ LEVELS = ("char", "word")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 POSITIONS = ("rope", "learned")
 OPTIMIZERS = ("adamw", "muon")
+# The preset entries that apply on a CPU without native bf16, which trains in float32.
+CPU_FLOAT32 = "cpu_float32"
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -105,6 +108,10 @@ class TrainConfig:
         "and norms)"
     )
     muon_lr: float = _opt(0.05, "peak learning rate of Muon's matrices (--optimizer muon)")
+    muon_ns_steps: int = _opt(
+        5, "Newton-Schulz iterations of Muon's orthogonalisation (fewer: cheaper steps, "
+        "rougher orthogonalisation)"
+    )
     min_lr: Optional[float] = _opt(None, "final learning rate of the cosine decay (default lr/10)")
     warmup_iters: int = _opt(100, "linear warm-up steps")
     lr_schedule: str = _opt(
@@ -124,7 +131,8 @@ class TrainConfig:
     # Tokenizer.
     min_word_freq: int = _opt(3, "word level: words seen fewer times become <UNK>")
     # Hardware and bookkeeping.
-    amp: bool = _opt(True, "mixed precision (bf16 where fast, else fp16 on CUDA)")
+    amp: bool = _opt(True, "reduced precision where the hardware computes it natively (see "
+                     "Precision); --no-amp: float32 everywhere")
     device: str = _opt("auto", "where to train", choices=DEVICES)
     compile: bool = _opt(False, "torch.compile the model (slow start, can be faster)")
     seed: int = _opt(1337, "random seed")
@@ -193,6 +201,11 @@ class SampleConfig:
 # few epochs: they keep dropout (more for the larger micro) and stop early once validation
 # stops improving. tiny and small are GPU-sized and were not measured here; they keep AdamW
 # at conventional rates.
+#
+# On a CPU without native bf16 (most laptops), Muon's iteration runs in float32 and costs a
+# larger share of a step, while every step is slower: micro orthogonalises with three
+# Newton-Schulz iterations instead of five there, and at word level it makes more, smaller
+# steps (batches of 16) with less dropout (the fewer steps overfit less).
 PRESETS: dict[str, dict[str, Any]] = {
     "nano": {
         "n_layer": 3, "n_head": 3, "n_embd": 48, "optimizer": "muon",
@@ -203,6 +216,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_layer": 4, "n_head": 4, "n_embd": 128, "optimizer": "muon",
         "char": {"batch_size": 16, "learning_rate": 5e-2, "dropout": 0.0},
         "word": {"learning_rate": 1e-2, "dropout": 0.3, "early_stop_patience": 4},
+        CPU_FLOAT32: {
+            "char": {"muon_ns_steps": 3},
+            "word": {"batch_size": 16, "dropout": 0.2, "muon_ns_steps": 3},
+        },
     },
     "tiny": {
         "n_layer": 6, "n_head": 6, "n_embd": 384,
@@ -217,8 +234,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_values(preset: str, level: str) -> dict[str, Any]:
-    """The fields a preset sets at a level: its common entries, then the level's own."""
+def preset_values(preset: str, level: str, cpu_float32: bool = False) -> dict[str, Any]:
+    """The fields a preset sets at a level: its common entries, then the level's own, then
+    (on a CPU that computes in float32, see ``hardware.PrecisionPolicy``) the level's
+    ``cpu_float32`` entries."""
     if preset not in PRESETS:
         raise SmolGPTError(
             f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}"
@@ -226,13 +245,16 @@ def preset_values(preset: str, level: str) -> dict[str, Any]:
     if level not in LEVELS:
         raise SmolGPTError(f"unknown level {level!r}: choose one of {', '.join(LEVELS)}")
     entry = PRESETS[preset]
-    values = {k: v for k, v in entry.items() if k not in LEVELS}
+    values = {k: v for k, v in entry.items() if k not in (*LEVELS, CPU_FLOAT32)}
     values.update(entry.get(level, {}))
+    if cpu_float32:
+        values.update(entry.get(CPU_FLOAT32, {}).get(level, {}))
     return values
 
 
-def resolve_train_config(explicit: dict[str, Any]) -> TrainConfig:
-    """Build a TrainConfig from the flags a user typed: defaults < preset < explicit flags."""
+def resolve_train_config(explicit: dict[str, Any], cpu_float32: bool = False) -> TrainConfig:
+    """Build a TrainConfig from the flags a user typed: defaults < preset < explicit flags.
+    cpu_float32: the run trains on a CPU without native bf16 (the preset may differ there)."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(explicit) - known
     if unknown:
@@ -240,7 +262,7 @@ def resolve_train_config(explicit: dict[str, Any]) -> TrainConfig:
     base = TrainConfig()
     level = explicit.get("level", base.level)
     preset = explicit.get("preset", base.preset)
-    values = preset_values(preset, level)
+    values = preset_values(preset, level, cpu_float32)
     values.update(explicit)
     cfg = dataclasses.replace(base, **values)
     validate_train_config(cfg)
@@ -251,7 +273,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
     """Reject settings no run could use, with the flag to change."""
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters",
                  "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
-                 "min_word_freq"):
+                 "min_word_freq", "muon_ns_steps"):
         value = getattr(cfg, name)
         if value <= 0:
             raise SmolGPTError(f"--{name} must be a positive integer, got {value}")

@@ -1,18 +1,32 @@
-"""What the machine can do: which device to use, which mixed precision pays, how fast it is.
+"""What the machine can do: which device to use, which precision to compute in, how fast it is.
 
-On a CPU, bfloat16 autocast is used only where the CPU multiplies bfloat16 natively (AVX-512
-BF16 or AMX, read from the CPU flags; several times faster than float32). Elsewhere bf16 is
-emulated and slower, so training stays in float32. The choice must not depend on a timing,
-or two runs of the same command could train in different precisions. On CUDA, bf16 is
-used where the GPU supports it and fp16 with a gradient scaler elsewhere (T4, V100).
-The same measurement gives the matmul peak that MFU (model FLOPs utilisation) is quoted
-against.
+The precision policy (:class:`PrecisionPolicy`) is decided once per device from what the
+hardware is (CPU flags, CUDA compute capability), never from a timing, so that two runs of
+one command always train in the same precision. Reduced precision is used only where the
+hardware multiplies it natively:
+
+- x86 CPUs with AVX-512 BF16 or AMX, and aarch64 CPUs with the BF16 extension: bf16 autocast
+  (several times faster than float32 there);
+- every other CPU (AVX2 laptops and servers, older Arm): float32 everywhere, because a bf16
+  product is emulated, some 100x slower than a float32 one;
+- CUDA GPUs of compute capability 8.0 and later: bf16 autocast; earlier ones (T4, V100), whose
+  bf16 is emulated: fp16 autocast with a gradient scaler;
+- Apple MPS: float32.
+
+Every place that picks a dtype follows the policy: the autocast of training and evaluation,
+Muon's orthogonalisation and the head loss. ``--no-amp`` (``amp=False``) means float32
+everywhere. The matmul peak that MFU (model FLOPs utilisation) is quoted against is measured
+here too, in the policy's dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import platform
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -34,6 +48,180 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# ------------------------------------------------------------------------------ the CPU
+
+# The /proc/cpuinfo flags that decide (or explain) the CPU's precision policy.
+PRECISION_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "bf16")
+_ARM = ("aarch64", "arm64")
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """What /proc/cpuinfo says about a CPU: its name, the precision flags it has, and whether
+    it multiplies bfloat16 natively."""
+
+    model: str
+    arch: str  # platform.machine(): "x86_64", "aarch64", ...
+    flags: tuple[str, ...]  # the PRECISION_FLAGS present, in that order
+    native_bf16: bool
+
+    def describe(self) -> str:
+        """e.g. "AMD EPYC 7B13 (x86_64: avx2; no native bf16)"."""
+        flags = ", ".join(self.flags) or "none of " + ", ".join(PRECISION_FLAGS)
+        return f"{self.model} ({self.arch}: {flags}; {'native' if self.native_bf16 else 'no native'} bf16)"
+
+
+def parse_cpuinfo(text: str, arch: str) -> CpuInfo:
+    """Read a /proc/cpuinfo text. x86 lists its features on "flags" lines, and multiplies bf16
+    natively with AVX-512 BF16 or AMX; aarch64 lists them on "Features" lines, and does with
+    the Armv8.6 BF16 extension ("bf16")."""
+    model, features = "", None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("flags", "features") and features is None:
+            features = set(value.split())
+        elif key in ("model name", "cpu model") and not model:
+            model = value.strip()
+    features = features or set()
+    if arch in _ARM:
+        native = "bf16" in features
+    else:
+        native = "avx512_bf16" in features or "amx_bf16" in features
+    return CpuInfo(model=model or "unknown CPU", arch=arch,
+                   flags=tuple(f for f in PRECISION_FLAGS if f in features), native_bf16=native)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_info() -> CpuInfo:
+    """This machine's CPU, read once per process."""
+    arch = platform.machine().lower()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return parse_cpuinfo(f.read(), arch)
+    except OSError:  # not Linux: no cheap, reliable way to tell; float32 is the safe choice
+        return CpuInfo(model=platform.processor() or "unknown CPU", arch=arch, flags=(),
+                       native_bf16=False)
+
+
+# ----------------------------------------------------------------------- the policy
+
+# "1" or "0" overrides what the CPU flags say about native bf16: for a virtual machine that
+# hides its flags, and to run the other CPU kind's code path on any machine (the tests do).
+CPU_BF16_ENV = "SMOLGPT_CPU_BF16"
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """The one decision about reduced precision on a device.
+
+    ``reduced`` is the dtype that matrix products may run in (under autocast, and in Muon's
+    orthogonalisation), or None for float32 everywhere; ``reason`` says why, for the start-up
+    line and benchmark records.
+    """
+
+    device_type: str
+    reduced: Optional[torch.dtype]
+    reason: str
+
+    @property
+    def matmul_dtype(self) -> torch.dtype:
+        """The dtype of the products smolgpt makes outside autocast (Muon's iteration)."""
+        return self.reduced or torch.float32
+
+    @property
+    def float32_cpu(self) -> bool:
+        """A CPU that computes in float32: where presets may choose another recipe."""
+        return self.device_type == "cpu" and self.reduced is None
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        """fp16 gradients underflow without loss scaling; bf16 has float32's range."""
+        return self.reduced == torch.float16
+
+    def autocast(self):
+        """The context a forward pass runs in under this policy."""
+        if self.reduced is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.reduced)
+
+    def describe(self) -> str:
+        """e.g. "float32 (the CPU has no AVX-512 BF16 or AMX: bf16 would be emulated)"."""
+        name = "float32" if self.reduced is None else str(self.reduced).replace("torch.", "")
+        return f"{name} ({self.reason})"
+
+
+def cpu_policy(cpu: CpuInfo, amp: bool = True, forced: Optional[str] = None) -> PrecisionPolicy:
+    """bf16 autocast where the CPU multiplies bf16 natively, float32 everywhere else.
+    ``forced``: the value of $SMOLGPT_CPU_BF16, which wins over the flags."""
+    if not amp:
+        return PrecisionPolicy("cpu", None, "--no-amp")
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise SmolGPTError(f"{CPU_BF16_ENV}={forced!r}: set it to 1 (native bf16) or 0 "
+                               "(float32), or unset it to follow the CPU's flags")
+        native, why = forced == "1", f"{CPU_BF16_ENV}={forced}"
+    elif cpu.arch in _ARM:
+        native = cpu.native_bf16
+        why = ("the CPU has the Arm BF16 extension" if native
+               else "the CPU has no Arm BF16 extension: bf16 would be emulated")
+    else:
+        native = cpu.native_bf16
+        found = " and ".join(f.upper() for f in ("avx512_bf16", "amx_bf16") if f in cpu.flags)
+        why = (f"the CPU has {found}" if native
+               else "the CPU has no AVX512_BF16 or AMX: bf16 would be emulated")
+    return PrecisionPolicy("cpu", torch.bfloat16 if native else None, why)
+
+
+def cuda_policy(capability: tuple[int, int], amp: bool = True) -> PrecisionPolicy:
+    """bf16 autocast from compute capability 8.0 (Ampere) on. On 7.x (T4, V100) bf16 is
+    emulated, while the tensor cores multiply fp16: fp16 autocast with a gradient scaler.
+    Older GPUs have no tensor cores: float32."""
+    if not amp:
+        return PrecisionPolicy("cuda", None, "--no-amp")
+    cc = f"compute capability {capability[0]}.{capability[1]}"
+    if tuple(capability) >= (8, 0):
+        return PrecisionPolicy("cuda", torch.bfloat16, f"{cc} has native bf16")
+    if tuple(capability) >= (7, 0):
+        return PrecisionPolicy("cuda", torch.float16,
+                               f"{cc} has no native bf16: fp16 with loss scaling")
+    return PrecisionPolicy("cuda", None, f"{cc} has no tensor cores")
+
+
+def precision_policy(device: torch.device, amp: bool = True) -> PrecisionPolicy:
+    """The precision policy of a device, from what the hardware is, never from a timing."""
+    if device.type == "cuda":
+        return cuda_policy(torch.cuda.get_device_capability(device), amp)
+    if device.type == "cpu":
+        return cpu_policy(cpu_info(), amp, os.environ.get(CPU_BF16_ENV))
+    # mps: autocast support is partial there; float32 is the safe choice
+    return PrecisionPolicy(device.type, None, f"no mixed precision on {device.type}")
+
+
+def describe_hardware(device: torch.device, policy: PrecisionPolicy) -> dict:
+    """What a benchmark record names: the CPU and its precision flags, the GPU if any, the
+    torch build and the policy."""
+    cpu = cpu_info()
+    info = {"cpu": cpu.describe(), "cpu_model": cpu.model, "arch": cpu.arch,
+            "cpu_flags": list(cpu.flags), "cpu_native_bf16": cpu.native_bf16,
+            "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "device": device.type, "policy": policy.describe()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def this_cpu() -> dict:
+    """describe_hardware() of this CPU under its default policy, plus "line": the one-line
+    form that benchmark tables print above themselves."""
+    cpu = torch.device("cpu")
+    info = describe_hardware(cpu, precision_policy(cpu))
+    info["line"] = f"CPU: {info['cpu']}; smolgpt's precision policy: {info['policy']}"
+    return info
+
+
+# ----------------------------------------------------------------------- the peak
+
 def _time_matmul(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 4) -> float:
     """Best-of-reps FLOP/s of an n x n matrix product."""
     # A private generator: measuring must not move the global RNG that training draws from.
@@ -41,7 +229,9 @@ def _time_matmul(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: 
     a = torch.randn(n, n, generator=gen).to(device, dtype)
     b = torch.randn(n, n, generator=gen).to(device, dtype)
     best = float("inf")
-    for _ in range(reps + 1):  # the first is a warm-up
+    for _ in range(3):  # warm-up: the first products of a process also start its threads
+        a @ b
+    for _ in range(reps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -55,34 +245,14 @@ def _time_matmul(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: 
 @functools.lru_cache(maxsize=None)
 def matmul_flops(device_type: str, dtype: torch.dtype) -> float:
     """Measured peak-ish matmul FLOP/s on this device in this dtype (cached per process)."""
-    n = 4096 if device_type == "cuda" else 1536
-    return _time_matmul(torch.device(device_type), dtype, n=n, reps=3)
+    # The best of several products: a roof, which a busy moment of the machine must not lower.
+    n, reps = (4096, 3) if device_type == "cuda" else (1024, 12)
+    return _time_matmul(torch.device(device_type), dtype, n=n, reps=reps)
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_has_native_bf16() -> bool:
-    """Whether the CPU has bfloat16 dot-product instructions (x86 AVX-512 BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:  # not Linux: no cheap, reliable way to tell; float32 is the safe choice
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def amp_dtype(device: torch.device, enabled: bool) -> Optional[torch.dtype]:
-    """The autocast dtype to train in, or None for plain float32."""
-    if not enabled:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else None
-    return None  # mps: autocast support is partial; float32 is the safe choice
-
-
-def peak_flops(device: torch.device, dtype: Optional[torch.dtype]) -> float:
-    return matmul_flops(device.type, dtype or torch.float32)
+def peak_flops(device: torch.device, policy: PrecisionPolicy) -> float:
+    """The matmul peak that MFU is quoted against: in the dtype the policy computes in."""
+    return matmul_flops(device.type, policy.matmul_dtype)
 
 
 def configure_backends(device: torch.device) -> None:

@@ -16,15 +16,23 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable, Union
 
+import functools
+
 import numpy as np
-from nltk.tokenize import RegexpTokenizer
 
 from .errors import SmolGPTError
 
 # A word is letters/digits, possibly joined by apostrophes (don't, holmes's); every other
 # non-space character is a token of its own.
 WORD_PATTERN = r"\w+(?:['’]\w+)*|[^\w\s]"
-_splitter = RegexpTokenizer(WORD_PATTERN)
+
+
+@functools.lru_cache(maxsize=None)
+def _splitter():
+    # Imported on first use: NLTK takes half a second to import, and char level needs none.
+    from nltk.tokenize import RegexpTokenizer
+
+    return RegexpTokenizer(WORD_PATTERN)
 
 # Detokenization: marks that hug the previous token, and marks the next token hugs.
 _NO_SPACE_BEFORE = set(".,;:!?)]}%”’…") | {"n't"}
@@ -102,7 +110,7 @@ class WordTokenizer:
     @staticmethod
     def split(text: str) -> list[str]:
         """Lowercase and split into word and punctuation tokens."""
-        return _splitter.tokenize(text.lower())
+        return _splitter().tokenize(text.lower())
 
     @staticmethod
     def count(text: str) -> Counter:

@@ -15,7 +15,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -102,7 +101,16 @@ class BatchedMuon(torch.optim.Muon):
     to all matrices in single list operations. The hyper-parameters, the update and the
     state (one momentum buffer per matrix) are torch.optim.Muon's, so either can load the
     other's checkpoints.
+
+    ``ns_dtype`` is the dtype of the iteration. torch.optim.Muon always uses bf16: right
+    where bf16 products are native, some 100x slower than float32 where they are emulated.
+    The trainer passes its precision policy's ``matmul_dtype``; in bf16 the result is
+    torch.optim.Muon's, bit for bit.
     """
+
+    def __init__(self, params, *, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -131,7 +139,8 @@ class BatchedMuon(torch.optim.Muon):
                 by_shape.setdefault(p.shape, []).append(i)
             for shape, members in by_shape.items():
                 ortho = orthogonalise(torch.stack([updates[i] for i in members]),
-                                      group["ns_coefficients"], group["ns_steps"], group["eps"])
+                                      group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                      self.ns_dtype)
                 torch._foreach_add_([params[i] for i in members],
                                     list(ortho.to(params[members[0]].dtype).unbind(0)),
                                     alpha=-lr * _muon_lr_scale(group["adjust_lr_fn"], *shape))
@@ -146,12 +155,13 @@ def _muon_lr_scale(adjust_lr_fn: Optional[str], rows: int, cols: int) -> float:
 
 
 def orthogonalise(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
-                  eps: float) -> torch.Tensor:
-    """Approximately the nearest orthogonal matrix to each matrix of g (n, rows, cols), in
-    bf16: Muon's quintic Newton-Schulz iteration, as torch.optim.Muon computes it. Each step
-    maps every singular value s to about a*s + b*s^3 + c*s^5, which pushes them towards 1."""
+                  eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """Approximately the nearest orthogonal matrix to each matrix of g (n, rows, cols),
+    computed in dtype: Muon's quintic Newton-Schulz iteration, as torch.optim.Muon computes
+    it (in bf16). Each step maps every singular value s to about a*s + b*s^3 + c*s^5, which
+    pushes them towards 1."""
     a, b, c = coefficients
-    x = g.bfloat16()
+    x = g.to(dtype)
     tall = g.size(-2) > g.size(-1)
     if tall:  # iterate on the wide orientation: the Gram matrix is the smaller one
         x = x.mT
@@ -162,8 +172,8 @@ def orthogonalise(g: torch.Tensor, coefficients: tuple[float, float, float], ste
     return x.mT if tall else x
 
 
-def make_optimizers(model: GPT, cfg: TrainConfig,
-                    device: torch.device) -> list[torch.optim.Optimizer]:
+def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device,
+                    matmul_dtype: torch.dtype = torch.float32) -> list[torch.optim.Optimizer]:
     """The optimisers of a run: [AdamW] or, with --optimizer muon, [AdamW, Muon].
 
     Muon (Jordan et al. 2024) keeps a momentum of each weight matrix's gradient and replaces
@@ -171,7 +181,7 @@ def make_optimizers(model: GPT, cfg: TrainConfig,
     so every direction of the matrix learns at the same rate instead of a few dominant ones.
     It suits the 2-D weights inside the blocks; embeddings, the tied output head, biases and
     LayerNorm gains stay with AdamW. AdamW decays matrices only, and uses the fused kernel
-    where the device has one.
+    where the device has one. Muon's iteration runs in matmul_dtype (the precision policy's).
     """
     muon_params = model.hidden_matrices() if cfg.optimizer == "muon" else []
     groups = model.optimizer_groups(cfg.weight_decay, exclude=muon_params)
@@ -181,8 +191,9 @@ def make_optimizers(model: GPT, cfg: TrainConfig,
     else:
         optimizers = [torch.optim.AdamW(groups, foreach=True, **kwargs)]
     if muon_params:
-        optimizers.append(BatchedMuon(muon_params, lr=cfg.muon_lr,
-                                      weight_decay=cfg.weight_decay, adjust_lr_fn="original"))
+        optimizers.append(BatchedMuon(muon_params, lr=cfg.muon_lr, ns_steps=cfg.muon_ns_steps,
+                                      ns_dtype=matmul_dtype, weight_decay=cfg.weight_decay,
+                                      adjust_lr_fn="original"))
     return optimizers
 
 
@@ -249,17 +260,22 @@ class _StepTimer:
 
 
 class Trainer:
+    """A training run in a run directory. Its clock starts when it is built: building the
+    model and the optimisers (whose first use imports part of torch, seconds on a small
+    CPU) counts against --time_budget, so that the whole process stays close to it."""
+
     def __init__(self, cfg: TrainConfig, data: TokenData, out_dir: Path, device: torch.device,
                  resume_from: Optional[dict] = None):
+        self.clock_start = time.perf_counter()
         self.cfg, self.data, self.out_dir, self.device = cfg, data, Path(out_dir), device
         hardware.configure_backends(device)
         torch.manual_seed(cfg.seed)  # dropout and initialisation
         self.model_config = cfg.model_config(data.tokenizer.vocab_size)
         self.model = GPT(self.model_config).to(device)
-        self.optimizers = make_optimizers(self.model, cfg, device)
-        self.amp_dtype = hardware.amp_dtype(device, cfg.amp)
-        # fp16 gradients underflow without loss scaling; bf16 has float32's range.
-        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        # One decision about reduced precision, followed by autocast, Muon and the loss.
+        self.precision = hardware.precision_policy(device, cfg.amp)
+        self.optimizers = make_optimizers(self.model, cfg, device, self.precision.matmul_dtype)
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision.needs_grad_scaler else None
         self.sampler = BatchSampler(data.train, cfg.block_size, cfg.batch_size, cfg.seed, device)
         self.progress = Progress()
         if resume_from is not None:
@@ -267,7 +283,7 @@ class Trainer:
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
         self.flops_per_token = self.model.estimate_flops_per_token()
-        self.peak_flops = hardware.peak_flops(device, self.amp_dtype)
+        self.peak_flops = hardware.peak_flops(device, self.precision)
 
     # ----------------------------------------------------------------- state
 
@@ -283,6 +299,9 @@ class Trainer:
             )
         for optimizer, state in zip(self.optimizers, states):
             optimizer.load_state_dict(state)
+            if isinstance(optimizer, torch.optim.Muon):  # the run's setting, not the saved one
+                for group in optimizer.param_groups:
+                    group["ns_steps"] = self.cfg.muon_ns_steps
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress(**ckpt["progress"])
@@ -316,11 +335,6 @@ class Trainer:
 
     # ----------------------------------------------------------------- steps
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
     def train_step(self, lr: float) -> torch.Tensor:
         """One optimiser step over gradient_accumulation_steps micro-batches; the mean loss
         stays on the device (reading it would wait for the GPU)."""
@@ -331,7 +345,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for _ in range(steps):
             x, y = self.sampler.next()
-            with self._autocast():
+            with self.precision.autocast():
                 _, loss = self.forward(x, y)
             loss = loss / steps
             (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -362,7 +376,7 @@ class Trainer:
                                    self.cfg.seed + 1 + offset, self.device)
             losses = torch.zeros(self.cfg.eval_iters, device=self.device)
             for i in range(self.cfg.eval_iters):
-                with self._autocast():
+                with self.precision.autocast():
                     _, losses[i] = self.forward(*sampler.next())
             out[split] = losses.mean().item()
         self.model.train()
@@ -393,15 +407,14 @@ class Trainer:
         """Train to max_iters (or the time budget); return the final progress."""
         cfg, p = self.cfg, self.progress
         log.info(
-            "model: %.2fM parameters, %d layers, %d heads, %d wide, context %d | %s%s",
+            "model: %.2fM parameters, %d layers, %d heads, %d wide, context %d | %s, %s",
             self.model.num_parameters() / 1e6, cfg.n_layer, cfg.n_head, cfg.n_embd,
-            cfg.block_size, self.device.type,
-            f", {str(self.amp_dtype).replace('torch.', '')} autocast" if self.amp_dtype else ", float32",
+            cfg.block_size, self.device.type, self.precision.describe(),
         )
         self._metrics_rewind()
         metrics = open(self.out_dir / METRICS, "a", encoding="utf-8")
         # Wall time of the whole run: what earlier processes of it spent, plus this one's.
-        start, before = time.perf_counter(), p.elapsed_s
+        start, before = self.clock_start, p.elapsed_s
         elapsed = lambda: before + time.perf_counter() - start  # noqa: E731
         timing = _StepTimer(cfg)
         window_start, window_steps = time.perf_counter(), 0  # throughput since last eval
@@ -412,7 +425,8 @@ class Trainer:
             with _SignalFlag() as stop:
                 while True:
                     if cfg.time_budget:  # stop early enough for the final evaluation to fit
-                        finished = elapsed() >= timing.train_seconds()
+                        # (after one step at least, should start-up eat a short budget)
+                        finished = p.iter > 0 and elapsed() >= timing.train_seconds()
                     else:
                         finished = p.iter >= cfg.max_iters
                     early_stop = False
