@@ -462,3 +462,24 @@ def smol_runs(smol_cli, tmp_path_factory) -> dict:
         assert result.returncode == 0, result.describe()
         runs[level] = E2ERun(level, base / level, args[level], result)
     return runs
+
+
+def flip_bit_in_tensor_data(path: Path) -> str:
+    """Flip one bit in the middle of the largest tensor stored in a torch.save file (a zip
+    archive), found through the zip directory; return the archive entry's name."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename),
+                   key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)  # the local file header; its name and extra field follow
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        where = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+        f.seek(where)
+        byte = f.read(1)[0]
+        f.seek(where)
+        f.write(bytes([byte ^ 0x10]))
+    return info.filename

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import flip_bit_in_tensor_data
 
 from smolgpt import checkpoint
 from smolgpt.config import ModelConfig, resolve_train_config
@@ -300,3 +302,39 @@ def test_malicious_pickle_is_refused(tmp_path, payload, writer):
     with pytest.raises(SmolGPTError):
         checkpoint.load_model(path, torch.device("cpu"))
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------ checksums
+
+def test_every_tensor_has_a_checksum(saved):
+    path, ckpt, _ = saved
+    raw = torch.load(path, weights_only=True)
+    places = set(raw["checksums"])
+    assert {"model/wte.weight", "rng/torch", "rng/sampler"} <= places
+    assert any(p.startswith("optimizer/state/") for p in places)
+    assert raw["checksums"] == checkpoint.checksums(raw)
+
+
+def test_a_flipped_bit_in_a_tensor_is_refused(saved, tmp_path):
+    path, _, _ = saved
+    before = torch.load(path, weights_only=True)
+    entry = flip_bit_in_tensor_data(path)
+    after = torch.load(path, weights_only=True)  # torch itself reads the damage silently
+    assert checkpoint.checksums(after) != checkpoint.checksums(before), entry
+    with pytest.raises(SmolGPTError, match=r"is damaged: the bytes of \S+ no longer match") as err:
+        checkpoint.load(path)
+    assert str(path) in str(err.value) and "best_model.pth" in str(err.value)
+    with pytest.raises(SmolGPTError, match="is damaged"):
+        checkpoint.load_model(path, torch.device("cpu"))  # what generate and the API use
+
+
+def test_checkpoints_without_checksums_still_load_with_a_note(tmp_path, caplog):
+    ckpt, model = make_checkpoint()
+    path = tmp_path / "old.pth"
+    # As smolgpt 0.3 wrote them: the same dictionary, no checksums.
+    torch.save({"format": checkpoint.FORMAT, "format_version": 2, **ckpt}, path)
+    with caplog.at_level(logging.INFO, logger="smolgpt.checkpoint"):
+        loaded, _, _ = checkpoint.load_model(path, torch.device("cpu"))
+    assert "written before smolgpt checkpoints carried checksums" in caplog.text
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor)

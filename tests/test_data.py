@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
+import logging
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -477,3 +481,104 @@ def test_download_url_failure_caches_nothing(http_server, isolated_cache, closed
     with pytest.raises(SmolGPTError, match="--data FILE"):
         download_url(f"{closed_url}/corpus.txt")
     assert all_files(isolated_cache) == {}
+
+
+# ---------------------------------------------------------------- damaged token caches
+
+def _truncate(fraction: float):
+    def damage(entry: Path) -> None:
+        ids = entry / "tokens.bin"
+        with open(ids, "r+b") as f:
+            f.truncate(int(ids.stat().st_size * fraction))
+    return damage
+
+
+def _flip_one_bit(entry: Path) -> None:
+    ids = entry / "tokens.bin"
+    with open(ids, "r+b") as f:
+        f.seek(ids.stat().st_size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x04]))
+
+
+def _edit_meta(change):
+    def damage(entry: Path) -> None:
+        meta = json.loads((entry / "meta.json").read_text())
+        change(meta)
+        (entry / "meta.json").write_text(json.dumps(meta))
+    return damage
+
+
+CACHE_DAMAGE = {
+    "emptied": _truncate(0.0),
+    "cut to half": _truncate(0.5),
+    "one byte short": lambda e: os.truncate(e / "tokens.bin", (e / "tokens.bin").stat().st_size - 1),
+    "one flipped bit": _flip_one_bit,
+    "ids missing": lambda e: (e / "tokens.bin").unlink(),
+    "metadata missing": lambda e: (e / "meta.json").unlink(),
+    "metadata garbled": lambda e: (e / "meta.json").write_bytes(b'{"format": 2, "count": 1'),
+    "metadata of another format": _edit_meta(lambda m: m.update(format=1)),
+    "metadata without checksum": _edit_meta(lambda m: m.pop("crc32")),
+}
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+@pytest.mark.parametrize("damage", CACHE_DAMAGE)
+def test_a_damaged_token_cache_is_rebuilt(write_text, isolated_cache, caplog, level, damage):
+    corpus = Corpus("book", (write_text("book.txt", prose(3000)),))
+    whole = prepare(corpus, level, min_word_freq=1)
+    train, val = np.array(whole.train), np.array(whole.val)
+    tokenizer = whole.tokenizer.to_dict()
+    del whole  # its memory map: a cut file under a live map would fault on reading
+    (entry,) = (isolated_cache / "tokens").iterdir()
+    CACHE_DAMAGE[damage](entry)
+    with caplog.at_level(logging.WARNING, logger="smolgpt.data"):
+        again = prepare(corpus, level, min_word_freq=1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("token cache for book was damaged (")
+    assert warnings[0].endswith("): rebuilding")
+    assert np.array_equal(again.train, train) and np.array_equal(again.val, val)
+    assert again.tokenizer.to_dict() == tokenizer
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="smolgpt.data"):
+        prepare(corpus, level, min_word_freq=1)  # the rebuilt entry is whole
+    assert not caplog.records
+    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "tokens.bin"]
+
+
+def test_the_cache_records_size_and_checksum(write_text, isolated_cache):
+    corpus = Corpus("book", (write_text("book.txt", prose(500)),))
+    tokens = prepare(corpus, "word", min_word_freq=1)
+    (entry,) = (isolated_cache / "tokens").iterdir()
+    meta = json.loads((entry / "meta.json").read_text())
+    assert meta["format"] == data.CACHE_FORMAT and meta["dtype"] == "uint16"
+    assert meta["bytes"] == (entry / "tokens.bin").stat().st_size == 2 * meta["count"]
+    assert meta["count"] == len(tokens.train) + len(tokens.val)
+    assert meta["crc32"] == data.file_crc32(entry / "tokens.bin")
+
+
+_PREPARE = """
+import json, sys
+from pathlib import Path
+from smolgpt import data
+tokens = data.prepare(data.Corpus("book", (Path(sys.argv[1]),)), "word", min_word_freq=1)
+print(json.dumps([len(tokens.train), len(tokens.val), int(tokens.train.sum())]))
+"""
+
+
+def test_two_processes_preparing_one_corpus_both_succeed(write_text, isolated_cache):
+    path = write_text("book.txt", prose(60_000))  # long enough for the two to overlap
+    env = {**os.environ, "SMOLGPT_CACHE_DIR": str(isolated_cache)}
+    procs = [subprocess.Popen([sys.executable, "-c", _PREPARE, str(path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err
+        assert "damaged" not in err, err
+    assert outputs[0][0] == outputs[1][0]
+    (entry,) = (isolated_cache / "tokens").iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "tokens.bin"]
+    assert data._checked_entry(entry / "meta.json", entry / "tokens.bin")[1] == ""

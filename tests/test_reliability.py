@@ -6,12 +6,14 @@
   next run;
 - a diverging run stops with one line and keeps its last good checkpoints;
 - one training process per run directory, and a dead one never leaves it locked;
-- a full disk, bad output paths, and malicious, truncated, empty or foreign checkpoints are
-  refused with one line, touching nothing.
+- a full disk, bad output paths, and malicious, truncated, empty, foreign or damaged
+  checkpoints are refused with one line, touching nothing;
+- a token cache damaged after it was written is rebuilt, and the run is the same.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import resource
 import shlex
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import flip_bit_in_tensor_data
 
 from smolgpt import checkpoint
 
@@ -308,6 +311,15 @@ def refused_outputs(smol_cli, smol_runs, tmp_path_factory) -> dict:
     empty.write_bytes(b"")
     foreign = base / "foreign.pth"
     torch.save({"state_dict": {"w": torch.ones(3)}, "epoch": 7}, foreign)
+    damaged = base / "damaged.pth"
+    shutil.copyfile(good, damaged)
+    flip_bit_in_tensor_data(damaged)
+    # Runs to resume whose latest checkpoint was damaged, or cut short, after it was written.
+    resume_damaged = smol_runs["char"].copy(base / "resume-damaged")
+    flip_bit_in_tensor_data(resume_damaged / "latest_model.pth")
+    resume_truncated = smol_runs["char"].copy(base / "resume-truncated")
+    latest = resume_truncated / "latest_model.pth"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
     marker = base / "pwned"
     evil = base / "evil.pth"
     _write_evil_checkpoint(evil, good, marker)
@@ -320,6 +332,12 @@ def refused_outputs(smol_cli, smol_runs, tmp_path_factory) -> dict:
         "truncated checkpoint": (("generate", [truncated]), base),
         "empty checkpoint": (("generate", [empty]), base),
         "foreign checkpoint": (("generate", [foreign]), base),
+        "damaged checkpoint": (("generate", [damaged, "--prompt", "The "]), base),
+        "resume from a damaged checkpoint": (
+            ("train", train(resume_damaged) + ["--resume", "--max_iters", "60"]), resume_damaged),
+        "resume from a truncated checkpoint": (
+            ("train", train(resume_truncated) + ["--resume", "--max_iters", "60"]),
+            resume_truncated),
     }
     before = {name: smol_cli.snapshot(watch) for name, (_, watch) in calls.items()}
     results = smol_cli.run_many([call for call, _ in calls.values()], workers=3)
@@ -375,12 +393,40 @@ def test_evil_checkpoint_runs_no_code(smol_cli, refused_outputs):
 
 
 @pytest.mark.parametrize("name", ["truncated checkpoint", "empty checkpoint",
-                                  "foreign checkpoint"])
+                                  "foreign checkpoint", "damaged checkpoint"])
 def test_broken_checkpoints_are_refused(smol_cli, refused_outputs, name):
     result, watch, before, after, _ = refused_outputs[name]
     smol_cli.assert_one_line_error(result, name.split()[0] + ".pth")
     assert result.stdout == ""
     assert after == before
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("resume from a damaged checkpoint", "is damaged: the bytes of"),
+    ("resume from a truncated checkpoint", "not a readable checkpoint"),
+])
+def test_resume_refuses_a_checkpoint_damaged_after_it_was_written(smol_cli, refused_outputs,
+                                                                   name, needle):
+    result, watch, before, after, _ = refused_outputs[name]
+    smol_cli.assert_one_line_error(result, "latest_model.pth", needle)
+    assert after == before  # nothing overwritten, best_model.pth included
+
+
+def test_a_damaged_token_cache_is_rebuilt_and_trains_the_same(smol_cli, tmp_path):
+    cache = tmp_path / "cache"
+    env = smol_cli.env(SMOLGPT_CACHE_DIR=str(cache))
+    args = lambda out: smol_cli.train_args("char", out, "--max_iters", "10")  # noqa: E731
+    whole = smol_cli.run("train", *args(tmp_path / "whole"), env=env)
+    assert whole.returncode == 0, whole.describe()
+    (ids,) = cache.glob("tokens/*/tokens.bin")
+    os.truncate(ids, ids.stat().st_size // 2)  # as a full disk or an interrupted copy leaves it
+    rebuilt = smol_cli.run("train", *args(tmp_path / "rebuilt"), env=env)
+    assert rebuilt.returncode == 0, rebuilt.describe()
+    warnings = [line for line in rebuilt.stderr.splitlines() if "was damaged" in line]
+    assert len(warnings) == 1 and warnings[0].endswith("): rebuilding"), rebuilt.describe()
+    strip = lambda row: {k: v for k, v in row.items() if k in ("iter", "train_loss", "val_loss")}  # noqa: E731
+    assert [strip(r) for r in smol_cli.metrics(tmp_path / "rebuilt")] == \
+        [strip(r) for r in smol_cli.metrics(tmp_path / "whole")]
 
 
 # ------------------------------------------------------------------------------ disk full

@@ -10,20 +10,25 @@ A checkpoint is a plain dictionary of tensors and Python primitives::
     optimizer, scaler           the state of each optimiser (a list), and of the gradient scaler
     progress                    iteration, best val loss, evaluations since best, elapsed time
     rng                         RNG states: torch CPU, CUDA, and the batch sampler
+    checksums                   CRC-32 of every tensor's bytes, by its place in the dictionary
 
 It is written with ``torch.save`` through :func:`smolgpt.files.atomic_write` and always read
 with ``weights_only=True``: the unpickler then builds only tensors and primitive containers,
-so a malicious file cannot run code. Everything is then checked against the stored config
-before a model is built from it.
+so a malicious file cannot run code. Every tensor is then checked against its checksum
+(atomic writes guard against our own crashes, checksums against bytes changed afterwards:
+a bad copy, a failing disk), and everything against the stored config, before a model is
+built from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pickle
 import zipfile
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -39,10 +44,35 @@ FORMAT = "smolgpt-checkpoint"
 FORMAT_VERSION = 2
 REQUIRED = ("format_version", "model_config", "tokenizer", "model")
 
+log = logging.getLogger(__name__)
+
+
+def _tensors(obj: Any, place: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor inside nested dicts, lists and tuples, with its place ("model/wte.weight")."""
+    if isinstance(obj, torch.Tensor):
+        yield place, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _tensors(value, f"{place}/{key}" if place else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _tensors(value, f"{place}/{i}")
+
+
+def checksums(checkpoint: dict[str, Any]) -> dict[str, int]:
+    """CRC-32 of the bytes of every tensor in a checkpoint (its "checksums" entry aside)."""
+    out = {}
+    for place, tensor in _tensors({k: v for k, v in checkpoint.items() if k != "checksums"}):
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        out[place] = zlib.crc32(data.numpy())
+    return out
+
 
 def save(path: Path, checkpoint: dict[str, Any]) -> None:
-    """Write a checkpoint dictionary atomically (old file or new file, never half of one)."""
+    """Write a checkpoint dictionary atomically (old file or new file, never half of one),
+    with the checksum of every tensor."""
     checkpoint = {"format": FORMAT, "format_version": FORMAT_VERSION, **checkpoint}
+    checkpoint["checksums"] = checksums(checkpoint)
     atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
 
 
@@ -67,8 +97,30 @@ def load(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
         raise SmolGPTError(
             f"{path} is not a readable checkpoint (truncated or corrupt: {type(exc).__name__})"
         ) from None
+    verify_checksums(ckpt, path)
     validate(ckpt, path)
     return ckpt
+
+
+def verify_checksums(ckpt: Any, path: Path) -> None:
+    """Every tensor's bytes must match the checksum saved with it. Files written before
+    checksums were (smolgpt 0.3 and earlier) load with a note."""
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        return  # not a smolgpt checkpoint: validate() says so
+    saved = ckpt.get("checksums")
+    if saved is None:
+        log.info("%s was written before smolgpt checkpoints carried checksums: its bytes "
+                 "cannot be verified", path)
+        return
+    found = checksums(ckpt)
+    damaged = sorted(k for k in set(saved) | set(found) if saved.get(k) != found.get(k))
+    if damaged:
+        raise SmolGPTError(
+            f"{path} is damaged: the bytes of {damaged[0]}"
+            f"{f' (and {len(damaged) - 1} more)' if len(damaged) > 1 else ''} no longer match "
+            "their checksum (a bad copy or disk?); use another copy, or the run's other "
+            "checkpoint (best_model.pth / latest_model.pth)"
+        )
 
 
 def validate(ckpt: Any, path: Path) -> None:

@@ -1,0 +1,148 @@
+"""What checking bytes on read costs: the token cache's CRC-32, and checkpoint checksums.
+
+- Token cache: Sherlock Holmes repeated to --mb megabytes (as prepare.py makes it), prepared
+  once at each level into an empty cache (what the cache saves on every later run), then
+  opened again (the cached path: fingerprint of the text, checksum of tokens.bin, memory
+  map), and the checksum of tokens.bin alone.
+- Checkpoints: a model of the --preset shape (default small, 85M parameters) with AdamW's
+  state after one step, as train.py saves it; ``checkpoint.save`` (checksums, and an atomic
+  write with fsync) and ``checkpoint.load`` (checksums verified) against plain
+  ``torch.save`` / ``torch.load`` of the same dictionary, and the checksums alone. Best of
+  --repeats.
+
+    python benchmarks/integrity.py
+    python benchmarks/integrity.py --mb 20 --preset micro
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # works without installing
+
+from prepare import MB, make_corpus  # noqa: E402  the sibling script (benchmarks/ is on sys.path)
+
+
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def token_cache_rows(source: Path, mb: float, repeats: int, tmp: Path) -> list[dict]:
+    from smolgpt import data
+
+    corpus_path = tmp / "corpus.txt"
+    make_corpus(source, mb, corpus_path)
+    corpus = data.Corpus("corpus", (corpus_path,))
+    rows = []
+    for level in ("char", "word"):
+        os.environ["SMOLGPT_CACHE_DIR"] = str(tmp / f"cache-{level}")
+        start = time.perf_counter()
+        data.prepare(corpus, level)
+        build = time.perf_counter() - start
+        (ids,) = (tmp / f"cache-{level}" / "tokens").glob("*/tokens.bin")
+        rows.append({
+            "what": f"token cache, {level} level ({ids.stat().st_size / MB:.1f} MB of ids)",
+            "without": build,  # a run without the cache tokenizes every time
+            "with": best_seconds(lambda: data.prepare(corpus, level), repeats),
+            "check": best_seconds(lambda: data.file_crc32(ids), repeats),
+            "labels": ("first preparation", "cached open (checked)", "CRC-32 of tokens.bin"),
+        })
+    return rows
+
+
+def checkpoint_row(preset: str, repeats: int, tmp: Path) -> dict:
+    import torch
+
+    from smolgpt import checkpoint
+    from smolgpt.config import resolve_train_config
+    from smolgpt.model import GPT
+    from smolgpt.tokenizer import WordTokenizer
+
+    cfg = resolve_train_config({"preset": preset, "level": "word"})
+    tokenizer = WordTokenizer([f"w{i}" for i in range(3169)])  # Sherlock's 3,171 ids
+    model_config = cfg.model_config(tokenizer.vocab_size)
+    model = GPT(model_config)
+    optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4)
+    x = torch.randint(model_config.vocab_size, (1, 32))
+    model(x, x)[1].backward()
+    optimizer.step()
+    ckpt = {"model_config": dataclasses.asdict(model_config), "tokenizer": tokenizer.to_dict(),
+            "model": model.state_dict(), "train_config": dataclasses.asdict(cfg),
+            "optimizer": [optimizer.state_dict()], "scaler": None,
+            "progress": {"iter": 1}, "rng": {"torch": torch.get_rng_state()}}
+    plain, checked = tmp / "plain.pth", tmp / "checked.pth"
+    plain_dict = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, **ckpt}
+    save_plain = best_seconds(lambda: torch.save(plain_dict, plain), repeats)
+    save_checked = best_seconds(lambda: checkpoint.save(checked, ckpt), repeats)
+    load_plain = best_seconds(lambda: torch.load(plain, weights_only=True), repeats)
+    load_checked = best_seconds(lambda: checkpoint.load(checked), repeats)
+    loaded = torch.load(checked, weights_only=True)
+    return {
+        "what": f"{preset} checkpoint ({model.num_parameters() / 1e6:.1f}M parameters, "
+                f"{checked.stat().st_size / MB:.0f} MB)",
+        "save_plain": save_plain, "save_checked": save_checked,
+        "load_plain": load_plain, "load_checked": load_checked,
+        "checksums": best_seconds(lambda: checkpoint.checksums(loaded), repeats),
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mb", type=float, default=100.0, help="corpus size (default: 100)")
+    parser.add_argument("--source", type=Path,
+                        default=REPO.parent / "shared" / "data" / "sherlock.txt",
+                        help="text to repeat (default: ../shared/data/sherlock.txt)")
+    parser.add_argument("--preset", default="small", help="checkpoint shape (default: small)")
+    parser.add_argument("--repeats", type=int, default=3, help="best of (default: 3)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "integrity.json")
+    args = parser.parse_args(argv)
+    if not args.source.is_file():
+        parser.error(f"{args.source} not found: pass --source")
+
+    from smolgpt import hardware
+
+    with tempfile.TemporaryDirectory(prefix="smolgpt-integrity-") as tmp:
+        print(f"preparing a {args.mb:g} MB corpus at two levels ...", file=sys.stderr, flush=True)
+        cache = token_cache_rows(args.source, args.mb, args.repeats, Path(tmp))
+        print(f"saving and loading a {args.preset} checkpoint ...", file=sys.stderr, flush=True)
+        ckpt = checkpoint_row(args.preset, args.repeats, Path(tmp))
+
+    machine = hardware.this_cpu()
+    print(machine["line"] + "\n")
+    print("| token cache | first preparation s | cached open s (checked) | CRC-32 of tokens.bin s |")
+    print("|---|---|---|---|")
+    for r in cache:
+        print(f"| {r['what']} | {r['without']:.2f} | {r['with']:.3f} | {r['check']:.3f} |")
+    print("\n| checkpoint | torch.save s | checkpoint.save s (checksums, atomic write with "
+          "fsync) | torch.load s | checkpoint.load s (checksums verified) | checksums alone s |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {ckpt['what']} | {ckpt['save_plain']:.2f} | {ckpt['save_checked']:.2f} | "
+          f"{ckpt['load_plain']:.2f} | {ckpt['load_checked']:.2f} | {ckpt['checksums']:.2f} |")
+    print(f"\nBest of {args.repeats}; MB = 10^6 bytes.")
+    print(f"Command: python benchmarks/integrity.py {shlex.join(argv or sys.argv[1:])}".rstrip())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"benchmark": "integrity", "hardware": machine,
+                                    "settings": {"mb": args.mb, "preset": args.preset,
+                                                 "repeats": args.repeats},
+                                    "token_cache": cache, "checkpoint": ckpt}, indent=2) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
