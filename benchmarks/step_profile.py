@@ -106,7 +106,7 @@ def kernels(args) -> None:
                 loss = model.loss(hidden, targets)
             loss.backward()
 
-        print(f"| head + loss {B * T}x{C}->{args.vocab} | {pol.matmul_dtype} | {name} | "
+        print(f"| head + loss {B * T}x{C}->{args.vocab} | {pol.reduced or torch.float32} | {name} | "
               f"{_best_ms(head_loss):.2f} |")
 
 
@@ -143,7 +143,7 @@ def build_step(args, torch_dropout: bool = False, whole_loss: bool = False,
             optimizers.append(torch.optim.Muon(hidden, lr=0.05, adjust_lr_fn="original"))
         else:
             optimizers.append(BatchedMuon(hidden, lr=0.05, adjust_lr_fn="original",
-                                          ns_dtype=pol.matmul_dtype, ns_steps=args.ns_steps))
+                                          ns_dtype=pol.muon_dtype, ns_steps=args.ns_steps))
     x = torch.randint(0, args.vocab, (args.batch, args.block))
     y = torch.randint(0, args.vocab, (args.batch, args.block))
 

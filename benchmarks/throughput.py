@@ -215,7 +215,7 @@ def measure_config(c: BenchConfig, args) -> dict:
         "smolgpt_params": trainer.model.num_parameters(),
         "transformers_params": sum(p.numel() for p in hf_model.parameters()),
         "smolgpt_flops_per_token": flops,
-        "smolgpt_train_dtype": str(trainer.precision.matmul_dtype).replace("torch.", ""),
+        "smolgpt_train_dtype": str(trainer.precision.reduced or torch.float32).replace("torch.", ""),
         "peak_flops_used_for_mfu": peak,
         "peak_flops_fp32": peak_fp32,
         "smolgpt_mfu": flops * med["smolgpt"] / peak,

@@ -64,7 +64,7 @@ def test_native_bf16_is_read_from_the_cpu_flags(text, arch, native, flags):
     assert cpu.flags == flags
     policy = hardware.cpu_policy(cpu)
     assert policy.reduced == (torch.bfloat16 if native else None)
-    assert policy.matmul_dtype == (torch.bfloat16 if native else torch.float32)
+    assert policy.muon_dtype == (torch.bfloat16 if native else torch.float32)
     assert not policy.needs_grad_scaler
 
 
@@ -83,7 +83,7 @@ def test_the_policy_says_why():
 def test_no_amp_means_float32_everywhere():
     for policy in (hardware.cpu_policy(hardware.parse_cpuinfo(ZEN4_AVX512_BF16, "x86_64"), amp=False),
                    hardware.cuda_policy((9, 0), amp=False)):
-        assert policy.reduced is None and policy.matmul_dtype == torch.float32
+        assert policy.reduced is None and policy.muon_dtype == torch.float32
         assert "--no-amp" in policy.describe()
 
 
@@ -109,6 +109,8 @@ def test_cuda_policy_follows_the_compute_capability(capability, reduced):
     policy = hardware.cuda_policy(capability)
     assert policy.reduced == reduced
     assert policy.needs_grad_scaler is (reduced == torch.float16)
+    # Muon's iteration: bf16 where native, never fp16 (its range is too narrow).
+    assert policy.muon_dtype == (torch.bfloat16 if reduced == torch.bfloat16 else torch.float32)
     assert f"{capability[0]}.{capability[1]}" in policy.describe()
 
 

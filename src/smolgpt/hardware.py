@@ -115,9 +115,9 @@ CPU_BF16_ENV = "SMOLGPT_CPU_BF16"
 class PrecisionPolicy:
     """The one decision about reduced precision on a device.
 
-    ``reduced`` is the dtype that matrix products may run in (under autocast, and in Muon's
-    orthogonalisation), or None for float32 everywhere; ``reason`` says why, for the start-up
-    line and benchmark records.
+    ``reduced`` is the dtype that matrix products may run in under autocast (and, if it is
+    bf16, in Muon's orthogonalisation), or None for float32 everywhere; ``reason`` says why,
+    for the start-up line and benchmark records.
     """
 
     device_type: str
@@ -125,9 +125,11 @@ class PrecisionPolicy:
     reason: str
 
     @property
-    def matmul_dtype(self) -> torch.dtype:
-        """The dtype of the products smolgpt makes outside autocast (Muon's iteration)."""
-        return self.reduced or torch.float32
+    def muon_dtype(self) -> torch.dtype:
+        """The dtype of the products smolgpt makes outside autocast (Muon's iteration): bf16
+        where it is native, else float32 (fp16's narrow range does not suit an iteration
+        that multiplies its matrices by themselves)."""
+        return torch.bfloat16 if self.reduced == torch.bfloat16 else torch.float32
 
     @property
     def float32_cpu(self) -> bool:
@@ -146,7 +148,7 @@ class PrecisionPolicy:
         return torch.autocast(self.device_type, dtype=self.reduced)
 
     def describe(self) -> str:
-        """e.g. "float32 (the CPU has no AVX-512 BF16 or AMX: bf16 would be emulated)"."""
+        """e.g. "float32 (the CPU has no AVX512_BF16 or AMX: bf16 would be emulated)"."""
         name = "float32" if self.reduced is None else str(self.reduced).replace("torch.", "")
         return f"{name} ({self.reason})"
 
@@ -251,8 +253,8 @@ def matmul_flops(device_type: str, dtype: torch.dtype) -> float:
 
 
 def peak_flops(device: torch.device, policy: PrecisionPolicy) -> float:
-    """The matmul peak that MFU is quoted against: in the dtype the policy computes in."""
-    return matmul_flops(device.type, policy.matmul_dtype)
+    """The matmul peak that MFU is quoted against: in the dtype the model's products run in."""
+    return matmul_flops(device.type, policy.reduced or torch.float32)
 
 
 def configure_backends(device: torch.device) -> None:

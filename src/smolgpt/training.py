@@ -104,7 +104,7 @@ class BatchedMuon(torch.optim.Muon):
 
     ``ns_dtype`` is the dtype of the iteration. torch.optim.Muon always uses bf16: right
     where bf16 products are native, some 100x slower than float32 where they are emulated.
-    The trainer passes its precision policy's ``matmul_dtype``; in bf16 the result is
+    The trainer passes its precision policy's ``muon_dtype``; in bf16 the result is
     torch.optim.Muon's, bit for bit.
     """
 
@@ -173,7 +173,7 @@ def orthogonalise(g: torch.Tensor, coefficients: tuple[float, float, float], ste
 
 
 def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device,
-                    matmul_dtype: torch.dtype = torch.float32) -> list[torch.optim.Optimizer]:
+                    muon_dtype: torch.dtype = torch.float32) -> list[torch.optim.Optimizer]:
     """The optimisers of a run: [AdamW] or, with --optimizer muon, [AdamW, Muon].
 
     Muon (Jordan et al. 2024) keeps a momentum of each weight matrix's gradient and replaces
@@ -181,7 +181,7 @@ def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device,
     so every direction of the matrix learns at the same rate instead of a few dominant ones.
     It suits the 2-D weights inside the blocks; embeddings, the tied output head, biases and
     LayerNorm gains stay with AdamW. AdamW decays matrices only, and uses the fused kernel
-    where the device has one. Muon's iteration runs in matmul_dtype (the precision policy's).
+    where the device has one. Muon's iteration runs in muon_dtype (the precision policy's).
     """
     muon_params = model.hidden_matrices() if cfg.optimizer == "muon" else []
     groups = model.optimizer_groups(cfg.weight_decay, exclude=muon_params)
@@ -192,7 +192,7 @@ def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device,
         optimizers = [torch.optim.AdamW(groups, foreach=True, **kwargs)]
     if muon_params:
         optimizers.append(BatchedMuon(muon_params, lr=cfg.muon_lr, ns_steps=cfg.muon_ns_steps,
-                                      ns_dtype=matmul_dtype, weight_decay=cfg.weight_decay,
+                                      ns_dtype=muon_dtype, weight_decay=cfg.weight_decay,
                                       adjust_lr_fn="original"))
     return optimizers
 
@@ -274,7 +274,7 @@ class Trainer:
         self.model = GPT(self.model_config).to(device)
         # One decision about reduced precision, followed by autocast, Muon and the loss.
         self.precision = hardware.precision_policy(device, cfg.amp)
-        self.optimizers = make_optimizers(self.model, cfg, device, self.precision.matmul_dtype)
+        self.optimizers = make_optimizers(self.model, cfg, device, self.precision.muon_dtype)
         self.scaler = torch.amp.GradScaler(device.type) if self.precision.needs_grad_scaler else None
         self.sampler = BatchSampler(data.train, cfg.block_size, cfg.batch_size, cfg.seed, device)
         self.progress = Progress()
