@@ -113,6 +113,8 @@ def verify_checksums(ckpt: Any, path: Path) -> None:
                  "cannot be verified", path)
         return
     found = checksums(ckpt)
+    if not isinstance(saved, dict):  # the checksums themselves were garbled
+        saved = {}
     damaged = sorted(k for k in set(saved) | set(found) if saved.get(k) != found.get(k))
     if damaged:
         raise SmolGPTError(
