@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from smolgpt import data, hardware
-from smolgpt.config import resolve_train_config
+from smolgpt.config import SampleConfig, resolve_train_config
 from smolgpt.errors import SmolGPTError
 from smolgpt.sampling import generate
 from smolgpt.training import Trainer
@@ -186,10 +186,9 @@ def test_without_native_bf16_no_product_runs_in_reduced_precision(
     assert trainer.precision.reduced is None
     with ProductDtypes() as watch:
         for _ in range(2):  # two steps: Muon's and AdamW's state exist on the second
-            trainer.train_step(lr=1e-3)
+            trainer.train_step()
         trainer.evaluate()
-        generate(trainer.model.eval(), [1, 2, 3], max_new_tokens=20, temperature=0.8,
-                 top_k=5, generator=torch.Generator().manual_seed(0))
+        generate(trainer.model.eval(), [1, 2, 3], SampleConfig(max_new_tokens=20, top_k=5))
     assert watch.seen, "no matrix product was seen: the watch is broken"
     assert watch.dtypes() == {torch.float32}, sorted(set(watch.seen), key=str)
     assert {"mm", "addmm"} <= watch.ops()
@@ -204,7 +203,7 @@ def test_with_native_bf16_the_products_run_in_bf16(tmp_path, monkeypatch, level,
     trainer = _trainer(tmp_path, level, **overrides)
     assert trainer.precision.reduced == torch.bfloat16
     with ProductDtypes() as watch:
-        trainer.train_step(lr=1e-3)
+        trainer.train_step()
     bf16 = {name for name, dtype in watch.seen if dtype == torch.bfloat16}
     assert {"addmm", "mm"} <= bf16  # the linear layers, forward and backward
     if overrides["optimizer"] == "muon":
@@ -219,5 +218,5 @@ def test_trainer_follows_the_policy_of_no_amp(tmp_path, monkeypatch):
     assert trainer.precision.reduced is None
     assert trainer.optimizers[1].ns_dtype == torch.float32
     with ProductDtypes() as watch:
-        trainer.train_step(lr=1e-3)
+        trainer.train_step()
     assert watch.dtypes() == {torch.float32}

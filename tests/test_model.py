@@ -10,7 +10,8 @@ import torch
 
 from smolgpt.config import ModelConfig
 from smolgpt.errors import SmolGPTError
-from smolgpt.model import GPT, ChunkedHeadLoss, Dropout, KVCache, apply_rotary, rotary_tables
+from smolgpt.kernels import ChunkedHeadLoss, Dropout
+from smolgpt.model import GPT, KVCache, apply_rotary, rotary_tables
 
 
 def ids(config: ModelConfig, batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -23,9 +24,15 @@ def test_output_shapes(tiny_model, tiny_config):
     logits, loss = tiny_model(x)
     assert logits.shape == (3, 7, tiny_config.vocab_size)
     assert loss is None
-    logits, loss = tiny_model(x, targets=ids(tiny_config, 3, 7, seed=1))
-    assert logits is None  # the loss is made without keeping the logits
+    targets = ids(tiny_config, 3, 7, seed=1)
+    logits_with_loss, loss = tiny_model(x, targets=targets)
+    torch.testing.assert_close(logits_with_loss, logits)  # small logits are returned too
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()))
     assert loss.shape == () and loss.dtype == torch.float32
+    tiny_model.loss_chunk_elements = 4 * tiny_config.vocab_size  # fewer than 21 rows of logits
+    skipped, chunked_loss = tiny_model(x, targets=targets)
+    assert skipped is None  # large logits are never held: the loss is made chunk by chunk
+    torch.testing.assert_close(chunked_loss, loss)
 
 
 def test_full_block_is_accepted_and_longer_raises(tiny_model, tiny_config):

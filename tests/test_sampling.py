@@ -7,6 +7,7 @@ import torch
 
 from smolgpt.config import ModelConfig
 from smolgpt.model import GPT
+from smolgpt.config import SampleConfig
 from smolgpt.sampling import filter_logits, generate, next_token
 
 
@@ -121,7 +122,7 @@ def test_greedy_equals_naive_argmax_within_block(model64):
     prompt = [3, 1, 4, 1, 5]
     steps = model64.config.block_size - len(prompt)
     expected = naive_generate(model64, prompt, steps, lambda l: int(l.argmax()))
-    (got,) = generate(model64, prompt, steps, temperature=0.0)
+    (got,) = generate(model64, prompt, SampleConfig(max_new_tokens=steps, temperature=0.0))
     assert got == expected
     assert len(set(got)) > 1  # a non-trivial path
 
@@ -130,7 +131,7 @@ def test_greedy_past_block_size_equals_naive_with_restart(model64):
     prompt = [2, 7, 1, 8]
     steps = 3 * model64.config.block_size + 5  # several cache restarts
     expected = naive_generate(model64, prompt, steps, lambda l: int(l.argmax()))
-    (got,) = generate(model64, prompt, steps, temperature=0.0)
+    (got,) = generate(model64, prompt, SampleConfig(max_new_tokens=steps, temperature=0.0))
     assert len(got) == steps
     assert got == expected
     # The comparison is sensitive to the restart rule: other rules give other text.
@@ -142,8 +143,8 @@ def test_prompt_longer_than_block_uses_its_tail(model64):
     block = model64.config.block_size
     prompt = [i % 31 for i in range(2 * block + 3)]
     expected = naive_generate(model64, prompt, 6, lambda l: int(l.argmax()))
-    assert generate(model64, prompt, 6, temperature=0.0)[0] == expected
-    assert generate(model64, prompt[-block:], 6, temperature=0.0)[0] == expected
+    assert generate(model64, prompt, SampleConfig(max_new_tokens=6, temperature=0.0))[0] == expected
+    assert generate(model64, prompt[-block:], SampleConfig(max_new_tokens=6, temperature=0.0))[0] == expected
 
 
 def test_seeded_sampling_equals_naive_sampling(model64):
@@ -153,40 +154,41 @@ def test_seeded_sampling_equals_naive_sampling(model64):
     expected = naive_generate(
         model64, prompt, steps, lambda l: int(next_token(l, 0.9, 10, 0.95, ref_gen))
     )
-    got = generate(model64, prompt, steps, 0.9, 10, 0.95, generator=torch.Generator().manual_seed(11))
+    got = generate(model64, prompt, SampleConfig(max_new_tokens=steps, temperature=0.9, top_k=10,
+                                                top_p=0.95, seed=11))
     assert got == [expected]
 
 
 def test_same_seed_same_tokens_different_seed_different(tiny_model):
     def run(seed):
-        gen = torch.Generator().manual_seed(seed)
-        return generate(tiny_model, [1, 2, 3], 40, temperature=1.0, num_samples=2, generator=gen)
+        return generate(tiny_model, [1, 2, 3],
+                        SampleConfig(max_new_tokens=40, temperature=1.0, num_samples=2, seed=seed))
 
     assert run(0) == run(0)
     assert run(0) != run(1)
 
 
 def test_num_samples_rows_are_independent(tiny_model):
-    gen = torch.Generator().manual_seed(0)
-    rows = generate(tiny_model, [1, 2], 30, temperature=1.0, num_samples=3, generator=gen)
+    rows = generate(tiny_model, [1, 2],
+                    SampleConfig(max_new_tokens=30, temperature=1.0, num_samples=3, seed=0))
     assert len(rows) == 3 and all(len(r) == 30 for r in rows)
     assert all(0 <= t < tiny_model.config.vocab_size for r in rows for t in r)
     assert len({tuple(r) for r in rows}) > 1  # different continuations
 
 
 def test_greedy_rows_are_identical(tiny_model):
-    rows = generate(tiny_model, [4, 5, 6], 20, temperature=0.0, num_samples=3)
+    rows = generate(tiny_model, [4, 5, 6], SampleConfig(max_new_tokens=20, temperature=0.0, num_samples=3))
     assert rows[0] == rows[1] == rows[2]
 
 
 def test_zero_new_tokens(tiny_model):
-    assert generate(tiny_model, [1, 2, 3], 0, num_samples=2) == [[], []]
+    assert generate(tiny_model, [1, 2, 3], SampleConfig(max_new_tokens=0, num_samples=2)) == [[], []]
 
 
 def test_block_size_one_model_can_generate():
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=7, block_size=1, n_layer=1, n_head=1, n_embd=8)).eval()
-    (got,) = generate(model, [3], 5, temperature=0.0)
+    (got,) = generate(model, [3], SampleConfig(max_new_tokens=5, temperature=0.0))
     assert len(got) == 5
     expected = naive_generate(model, [3], 5, lambda l: int(l.argmax()))
     assert got == expected

@@ -1,7 +1,31 @@
 """smolgpt: a small GPT-2-style language model to train on your own text and sample from.
 
-Modules, in the order data flows through them:
-config -> tokenizer -> data -> model -> training -> checkpoint -> sampling, with cli on top.
+The API::
+
+    smolgpt.train(**settings) -> TrainResult     train, as `smolgpt train` does
+    smolgpt.load(path, device="auto") -> Model   a checkpoint, ready to .generate(prompt)
+
+Modules, in the order data flows through them: config -> tokenizer -> data -> model (with
+kernels) -> optim, training (with runlog) -> checkpoint -> sampling, and api and cli on top.
+``import smolgpt`` is cheap: torch is imported when train or load is first used.
 """
 
-__version__ = "0.4.0"
+from typing import Any
+
+from .config import GenerateConfig, ModelConfig, SampleConfig, TrainConfig
+from .errors import SmolGPTError
+
+__version__ = "0.5.0"
+__all__ = ["train", "load", "TrainResult", "Model", "TrainConfig", "ModelConfig",
+           "SampleConfig", "GenerateConfig", "SmolGPTError", "__version__"]
+
+_FROM_API = ("train", "load", "TrainResult", "Model")
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the API (and torch with it) is imported on first use, not with the package.
+    if name in _FROM_API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'smolgpt' has no attribute {name!r}")

@@ -1,7 +1,8 @@
 """The command line: ``smolgpt train`` and ``smolgpt generate`` (and the root train.py /
 generate.py, which call the same parsers).
 
-Flags are generated from the config dataclasses, so each is defined once. This is the only
+A thin layer over the Python API (``smolgpt.train``, ``smolgpt.load``): flags are generated
+from the config dataclasses, so each setting is defined once, for both. This is the only
 place that prints for the user or chooses an exit status: a :class:`SmolGPTError` becomes
 one line on stderr and status 2; an interrupt saves first, then exits 130 (SIGINT) or 143
 (SIGTERM).
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import logging
 import os
 import shlex
@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 from tqdm import tqdm
 
 from . import __version__
-from .config import PRESETS, SampleConfig, TrainConfig, resolve_train_config, resume_train_config
+from .config import HELP_GROUPS, PRESETS, GenerateConfig, TrainConfig, default_text
 from .errors import SmolGPTError
 
 log = logging.getLogger("smolgpt")
@@ -37,22 +37,33 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def flag_help(cls: type, f: dataclasses.Field) -> str:
+    """A setting's --help text (the README's flag tables show the same)."""
+    return f"{f.metadata['help']} (default: {default_text(cls, f.name)})"
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One --flag per dataclass field; unset flags stay absent, so presets can fill them."""
+    """One --flag per dataclass field, under its group's heading; flags not given stay
+    absent, so that presets can fill them."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        if typing.get_origin(kind) is typing.Union:  # Optional[X]
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        default = f.default if f.default is not None else "unset"
-        help_text = f"{f.metadata['help']} (default: {default})"
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
-                                choices=f.metadata.get("choices"), help=help_text,
-                                metavar=None if "choices" in f.metadata else kind.__name__.upper())
+    fields = dataclasses.fields(cls)
+    for group, title in HELP_GROUPS.items():
+        members = [f for f in fields if f.metadata["group"] == group]
+        if not members:
+            continue
+        section = parser.add_argument_group(title)
+        for f in members:
+            kind = hints[f.name]
+            if typing.get_origin(kind) is typing.Union:  # Optional[X]
+                kind = next(a for a in typing.get_args(kind) if a is not type(None))
+            if kind is bool:
+                section.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
+                                     default=argparse.SUPPRESS, help=flag_help(cls, f))
+            else:
+                section.add_argument(
+                    f"--{f.name}", type=kind, default=argparse.SUPPRESS, help=flag_help(cls, f),
+                    choices=f.metadata.get("choices"),
+                    metavar=None if "choices" in f.metadata else kind.__name__.upper())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,139 +73,46 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="train a model",
         description=f"Train a GPT. Presets: {', '.join(PRESETS)}; a preset sets the model "
-        "size (and some defaults); any flag you give wins over it.",
+        "size and its training recipe; any flag you give wins over it.",
     )
     add_config_flags(train, TrainConfig)
     generate = commands.add_parser("generate", help="generate text from a checkpoint")
     generate.add_argument("checkpoint", help="a .pth checkpoint written by smolgpt train")
-    add_config_flags(generate, SampleConfig)
+    add_config_flags(generate, GenerateConfig)
     return parser
 
 
-# ---------------------------------------------------------------------------------- train
-
-def colab_run_dir() -> Path:
-    """Mount Google Drive (Colab only) and return MyDrive/smolgpt."""
-    try:
-        in_colab = importlib.util.find_spec("google.colab") is not None
-    except ModuleNotFoundError:
-        in_colab = False
-    if not in_colab:
-        raise SmolGPTError("--colab_drive works only inside Google Colab; elsewhere use --out_dir")
-    from google.colab import drive  # type: ignore[import-not-found]
-
-    drive.mount("/content/drive")
-    return Path("/content/drive/MyDrive/smolgpt")
-
-
 def run_train(explicit: dict[str, Any]) -> int:
-    requested = resolve_train_config(explicit)  # flags are checked before anything heavy
+    from .api import train
+    from .training import TrainingInterrupted
 
-    from . import checkpoint, data, hardware
-    from .files import RunLock, ensure_writable_dir
-    from .training import LATEST, Trainer, TrainingInterrupted, clean_stale_temporaries
-
-    # The device and its precision policy are checked before anything touches the disk.
-    policy = hardware.precision_policy(hardware.resolve_device(requested.device), requested.amp)
-    if policy.float32_cpu and not requested.resume:
-        # A preset's recipe can differ on CPUs that compute in float32 (no native bf16); a
-        # resumed run keeps the recipe it started with.
-        adapted = resolve_train_config(explicit, cpu_float32=True)
-        changes = {k: v for k, v in dataclasses.asdict(adapted).items()
-                   if v != getattr(requested, k)}
-        if changes:
-            log.info("preset %s for a CPU computing in float32: %s", adapted.preset,
-                     ", ".join(f"{k} {v}" for k, v in changes.items()))
-        requested = adapted
-    if requested.colab_drive:  # relative paths (and the default) land under MyDrive/smolgpt
-        out_dir = colab_run_dir() / Path(explicit.get("out_dir", requested.default_out_dir))
-    else:
-        out_dir = Path(explicit.get("out_dir", requested.default_out_dir))
-    ensure_writable_dir(out_dir)
-    with RunLock(out_dir):
-        clean_stale_temporaries(out_dir)
-        resume_from = None
-        if requested.resume:
-            latest = out_dir / LATEST
-            if not latest.exists():
-                raise SmolGPTError(
-                    f"--resume: nothing to resume in {out_dir} (no {LATEST}); "
-                    "start a new run without --resume"
-                )
-            resume_from = checkpoint.load(latest)
-            cfg, changed = resume_train_config(resume_from.get("train_config", {}), explicit)
-            for key, (old, new) in changed.items():
-                log.info("resume: %s changed from %s to %s", key, old, new)
-        else:
-            # A run exists once it has a latest checkpoint (saved before any best one); a
-            # directory killed before that holds nothing worth keeping and starts afresh.
-            if (out_dir / LATEST).exists():
-                raise SmolGPTError(
-                    f"{out_dir} already holds a run ({LATEST}); pass --resume to continue "
-                    "it, or choose another --out_dir"
-                )
-            cfg = requested
-        device = hardware.resolve_device(cfg.device)
-        tokens = data.prepare(data.resolve_corpus(cfg.data), cfg.level, cfg.min_word_freq)
-        data.check_long_enough(tokens, cfg.block_size)
-        log.info(tokens.summary())
-        if resume_from is not None and resume_from.get("data", {}).get("fingerprint") != tokens.fingerprint:
-            raise SmolGPTError(
-                f"--data {cfg.data} is not the text this run was trained on; pass the "
-                "original text, or start a new run in another --out_dir"
-            )
-        trainer = Trainer(cfg, tokens, out_dir, device, resume_from)
-        start = time.perf_counter()
-        try:
-            progress = trainer.run()
-        except TrainingInterrupted as stop:
-            command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
-            resume_hint = command if "--resume" in sys.argv else command + " --resume"
-            print(f"{stop}: saved {out_dir / LATEST}. Resume with: {resume_hint}",
-                  file=sys.stderr)
-            return stop.exit_code
+    start = time.perf_counter()
+    try:
+        result = train(**explicit)
+    except TrainingInterrupted as stop:
+        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        resume_hint = command if "--resume" in sys.argv else command + " --resume"
+        print(f"{stop}: saved {stop.out_dir / 'latest_model.pth'}. Resume with: {resume_hint}",
+              file=sys.stderr)
+        return stop.exit_code
     print(
-        f"done: {progress.iter} iterations in {time.perf_counter() - start:.1f}s, best val loss "
-        f"{progress.best_val_loss:.4f}; checkpoints in {out_dir}/\n"
-        f"sample with: python generate.py {out_dir / 'best_model.pth'} --prompt \"...\"",
+        f"done: {result.iterations} iterations in {time.perf_counter() - start:.1f}s, best val "
+        f"loss {result.best_val_loss:.4f}; checkpoints in {result.out_dir}/\n"
+        f"sample with: python generate.py {result.best_checkpoint} --prompt \"...\"",
         file=sys.stderr,
     )
     return 0
 
 
-# ------------------------------------------------------------------------------- generate
-
 def run_generate(checkpoint_path: str, explicit: dict[str, Any]) -> int:
-    cfg = SampleConfig(**explicit)  # settings are checked before anything heavy
+    cfg = GenerateConfig(**explicit)  # settings are checked before anything heavy
+    from .api import load
 
-    import torch
-
-    from . import hardware
-    from .checkpoint import load_model
-    from .sampling import generate
-    from .tokenizer import WordTokenizer
-
-    device = hardware.resolve_device(cfg.device)
-    model, tokenizer, _ = load_model(Path(checkpoint_path), device)
-    if not cfg.prompt:
-        raise SmolGPTError("--prompt is empty: give some text to continue")
-    prompt_ids = tokenizer.encode(cfg.prompt)  # raises for unknown characters
-    if isinstance(tokenizer, WordTokenizer):
-        unknown = tokenizer.unknown(cfg.prompt)
-        if unknown:
-            log.warning("words not in the vocabulary, read as <UNK>: %s", ", ".join(unknown[:10]))
-    if not prompt_ids:
-        raise SmolGPTError("--prompt has no words the model can read: give some text")
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    model = load(checkpoint_path, cfg.device)
     start = time.perf_counter()
-    samples = generate(model, prompt_ids, cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                       cfg.top_p, cfg.num_samples, generator)
+    texts = model.generate(cfg.prompt, **dataclasses.asdict(cfg.sampling()))
     seconds = time.perf_counter() - start
-    for n, new_ids in enumerate(samples):
-        if n:
-            print("\n---")
-        text = tokenizer.decode(prompt_ids + new_ids)
-        print(text)
+    print("\n---\n".join([texts] if isinstance(texts, str) else texts))
     total = cfg.max_new_tokens * cfg.num_samples
     log.info("generated %d tokens in %.2fs (%.0f tokens/s)", total, seconds, total / max(seconds, 1e-9))
     return 0

@@ -1,14 +1,24 @@
 """Every setting smolgpt has, defined once.
 
-Three typed dataclasses hold them: :class:`ModelConfig` (the network's shape, stored in every
-checkpoint), :class:`TrainConfig` (a training run) and :class:`SampleConfig` (a generation
-run). Each field carries its command-line help in ``metadata``, and ``cli.py`` builds the
-flags from the fields, so an option is added in one place and appears everywhere.
+Typed dataclasses hold them:
 
-Presets are plain data (:data:`PRESETS`). A setting is resolved in three layers, later
-layers winning: the dataclass default, then the preset (its per-level entries, and on a CPU
-that computes in float32 its ``cpu_float32`` entries), then a flag the user typed. A preset
-changes only the fields it names.
+- :class:`ModelShape`: the network's size and architecture, shared by the two below;
+- :class:`ModelConfig`: a shape plus the vocabulary size: enough to rebuild a network, and
+  stored in every checkpoint;
+- :class:`TrainConfig`: a training run (a shape plus data, optimisation, evaluation, ...);
+- :class:`SampleConfig`: how to sample a continuation, and :class:`GenerateConfig`, which adds
+  the prompt and the device for ``smolgpt generate``.
+
+Each field carries its command-line help (and its ``--help`` group) in ``metadata``; the
+command line builds its flags from the fields and the Python API passes keyword arguments
+straight to the dataclasses, so both accept the same names with the same defaults. Every
+config checks itself in ``__post_init__``: a bad value is a :class:`SmolGPTError` naming the
+setting, however the config was made.
+
+Presets are plain data (:data:`PRESETS`). A training setting is resolved in three layers,
+later layers winning: the dataclass default, then the preset (its per-level entries, and on a
+CPU that computes in float32 its ``cpu_float32`` entries), then a setting the user gave. A
+preset changes only the fields it names.
 """
 
 from __future__ import annotations
@@ -24,168 +34,19 @@ LEVELS = ("char", "word")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 POSITIONS = ("rope", "learned")
 OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "constant")
 # The preset entries that apply on a CPU without native bf16, which trains in float32.
 CPU_FLOAT32 = "cpu_float32"
-
-
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    """A dataclass field whose help text (and argparse extras such as choices) travel along."""
-    return field(default=default, metadata={"help": help, **extra})
-
-
-@dataclass
-class ModelConfig:
-    """The shape of a GPT; enough to rebuild the network from a checkpoint."""
-
-    vocab_size: int
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.1
-    bias: bool = True
-    position: str = "rope"  # "rope" (rotary) or "learned" (GPT-2's position embeddings)
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise SmolGPTError(f"{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise SmolGPTError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
-                f"choose e.g. --n_embd {self.n_head * max(1, round(self.n_embd / self.n_head))}"
-            )
-        if self.position not in POSITIONS:
-            raise SmolGPTError(
-                f"unknown position encoding {self.position!r}: choose {' or '.join(POSITIONS)}"
-            )
-        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
-            raise SmolGPTError(
-                f"rotary positions need an even head size, got n_embd / n_head = "
-                f"{self.n_embd // self.n_head}: change --n_embd or use --position learned"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise SmolGPTError(f"dropout must be in [0, 1), got {self.dropout}")
-
-
-@dataclass
-class TrainConfig:
-    """One training run. Field order is the order of ``smolgpt train --help``."""
-
-    level: str = _opt("word", "tokenization level", choices=LEVELS)
-    preset: str = _opt("tiny", "model size preset (see the preset table in README)")
-    data: str = _opt(
-        "shakespeare",
-        "training text: a built-in corpus (shakespeare, sherlock), a .txt file, "
-        "a directory of .txt files, or an http(s) URL",
-    )
-    out_dir: Optional[str] = _opt(None, "run directory (default: checkpoints/<level>_<preset>)")
-    # Model shape; the preset fills these in.
-    n_layer: int = _opt(4, "transformer blocks")
-    n_head: int = _opt(4, "attention heads per block")
-    n_embd: int = _opt(128, "embedding width (divisible by n_head)")
-    block_size: int = _opt(128, "context length in tokens")
-    dropout: float = _opt(0.1, "dropout probability")
-    bias: bool = _opt(True, "biases in linear layers and LayerNorms")
-    position: str = _opt(
-        "rope", "how the model knows token positions: rotary (rope) or GPT-2's learned "
-        "embeddings", choices=POSITIONS,
-    )
-    # Optimisation.
-    batch_size: int = _opt(32, "sequences per micro-batch")
-    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimiser step")
-    max_iters: int = _opt(5000, "optimiser steps to train for")
-    time_budget: Optional[float] = _opt(
-        None, "train for this many seconds of wall time instead of max_iters"
-    )
-    optimizer: str = _opt(
-        "adamw", "adamw, or muon: Muon for the blocks' weight matrices and AdamW for the rest",
-        choices=OPTIMIZERS,
-    )
-    learning_rate: float = _opt(
-        3e-4, "peak learning rate (of AdamW: with --optimizer muon, of the embeddings, biases "
-        "and norms)"
-    )
-    muon_lr: float = _opt(0.05, "peak learning rate of Muon's matrices (--optimizer muon)")
-    muon_ns_steps: int = _opt(
-        5, "Newton-Schulz iterations of Muon's orthogonalisation (fewer: cheaper steps, "
-        "rougher orthogonalisation)"
-    )
-    min_lr: Optional[float] = _opt(None, "final learning rate of the cosine decay (default lr/10)")
-    warmup_iters: int = _opt(100, "linear warm-up steps")
-    lr_schedule: str = _opt(
-        "cosine", "learning-rate schedule after warm-up", choices=("cosine", "constant")
-    )
-    weight_decay: float = _opt(0.1, "weight decay of matrices and embeddings (AdamW and Muon; not biases or norms)")
-    beta1: float = _opt(0.9, "AdamW beta1")
-    beta2: float = _opt(0.99, "AdamW beta2")
-    grad_clip: float = _opt(1.0, "clip gradient norm to this (0 disables)")
-    # Evaluation, stopping, logging.
-    eval_interval: int = _opt(250, "steps between evaluations (and checkpoints)")
-    eval_iters: int = _opt(20, "batches per evaluation of train and val loss")
-    log_interval: int = _opt(50, "steps between progress lines when stderr is not a terminal")
-    early_stop_patience: int = _opt(
-        0, "stop after this many evaluations without a new best val loss (0: never)"
-    )
-    # Tokenizer.
-    min_word_freq: int = _opt(3, "word level: words seen fewer times become <UNK>")
-    # Hardware and bookkeeping.
-    amp: bool = _opt(True, "reduced precision where the hardware computes it natively (see "
-                     "Precision); --no-amp: float32 everywhere")
-    device: str = _opt("auto", "where to train", choices=DEVICES)
-    compile: bool = _opt(False, "torch.compile the model (slow start, can be faster)")
-    seed: int = _opt(1337, "random seed")
-    resume: bool = _opt(False, "continue from latest_model.pth in the run directory")
-    colab_drive: bool = _opt(False, "on Colab: write the run to Google Drive")
-
-    @property
-    def final_lr(self) -> float:
-        return self.learning_rate / 10 if self.min_lr is None else self.min_lr
-
-    @property
-    def default_out_dir(self) -> str:
-        return f"checkpoints/{self.level}_{self.preset}"
-
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(
-            vocab_size=vocab_size,
-            block_size=self.block_size,
-            n_layer=self.n_layer,
-            n_head=self.n_head,
-            n_embd=self.n_embd,
-            dropout=self.dropout,
-            bias=self.bias,
-            position=self.position,
-        )
-
-
-@dataclass
-class SampleConfig:
-    """One generation run; names follow Hugging Face ``generate`` where one exists."""
-
-    prompt: str = _opt("Hello,", "text to continue")
-    max_new_tokens: int = _opt(100, "tokens (words or characters) to generate")
-    temperature: float = _opt(0.8, "sampling temperature; 0 means greedy decoding")
-    top_k: int = _opt(50, "sample only from the k most likely tokens (0 disables)")
-    top_p: float = _opt(1.0, "nucleus sampling: smallest set of tokens with this much probability")
-    num_samples: int = _opt(1, "independent continuations to print")
-    seed: int = _opt(1337, "random seed; the same seed gives the same text")
-    device: str = _opt("auto", "where to run", choices=DEVICES)
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise SmolGPTError(f"--max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise SmolGPTError(
-                f"--temperature must be >= 0 (0 means greedy), got {self.temperature}"
-            )
-        if self.top_k < 0:
-            raise SmolGPTError(f"--top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise SmolGPTError(f"--top_p must be in (0, 1], got {self.top_p}")
-        if self.num_samples < 1:
-            raise SmolGPTError(f"--num_samples must be >= 1, got {self.num_samples}")
+# The headings of `--help`, in order; every field names one in its metadata.
+HELP_GROUPS = {
+    "data": "what to train on",
+    "model": "model shape",
+    "optimisation": "optimisation",
+    "evaluation": "evaluation, stopping and logging",
+    "input": "input",
+    "sampling": "sampling",
+    "system": "hardware and bookkeeping",
+}
 
 
 # Presets: the original smolgpt's model sizes, plus a training recipe for each size and level
@@ -234,16 +95,236 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _opt(default: Any, help: str, group: str, **extra: Any) -> Any:
+    """A dataclass field whose help text, --help group and argparse extras (choices) travel
+    along with it."""
+    return field(default=default, metadata={"help": help, "group": group, **extra})
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise SmolGPTError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
+
+
+def _check_positive_ints(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise SmolGPTError(f"--{name} must be a positive integer, got {value!r}")
+
+
+def _check_positive_number(name: str, value: Any) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise SmolGPTError(f"--{name} must be a positive number, got {value!r}")
+
+
+@dataclass
+class ModelShape:
+    """The size and architecture of a GPT, declared once for models and training runs."""
+
+    n_layer: int = _opt(4, "transformer blocks", "model")
+    n_head: int = _opt(4, "attention heads per block", "model")
+    n_embd: int = _opt(128, "embedding width (divisible by n_head)", "model")
+    block_size: int = _opt(128, "context length in tokens", "model")
+    dropout: float = _opt(0.1, "dropout probability", "model")
+    bias: bool = _opt(True, "biases in linear layers and LayerNorms", "model")
+    position: str = _opt(
+        "rope", "how the model knows token positions: rotary (rope) or GPT-2's learned "
+        "embeddings", "model", choices=POSITIONS,
+    )
+
+    def __post_init__(self) -> None:
+        _check_positive_ints(self, "n_layer", "n_head", "n_embd", "block_size")
+        if self.n_embd % self.n_head:
+            raise SmolGPTError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+                f"choose e.g. --n_embd {self.n_head * max(1, round(self.n_embd / self.n_head))}"
+            )
+        _check_choice("position encoding", self.position, POSITIONS)
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise SmolGPTError(
+                f"rotary positions need an even head size, got n_embd / n_head = "
+                f"{self.n_embd // self.n_head}: change --n_embd or use --position learned"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise SmolGPTError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def shape(self) -> dict[str, Any]:
+        """The shape fields alone, as keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelShape)}
+
+
+@dataclass
+class ModelConfig(ModelShape):
+    """A model shape and its vocabulary: enough to rebuild the network from a checkpoint."""
+
+    vocab_size: int = field(kw_only=True)  # the tokenizer's
+
+    def __post_init__(self) -> None:
+        _check_positive_ints(self, "vocab_size")
+        super().__post_init__()
+
+
+@dataclass
+class TrainConfig(ModelShape):
+    """One training run: a model shape (from :class:`ModelShape`) and everything else."""
+
+    level: str = _opt("word", "tokenization level", "data", choices=LEVELS)
+    preset: str = _opt("tiny", "model size and training recipe (see Presets in the README)",
+                       "data", choices=tuple(PRESETS))
+    data: str = _opt(
+        "shakespeare",
+        "training text: a built-in corpus (shakespeare, sherlock), a .txt file, "
+        "a directory of .txt files, or an http(s) URL", "data",
+    )
+    out_dir: Optional[str] = _opt(None, "run directory", "data")
+    # Optimisation.
+    batch_size: int = _opt(32, "sequences per micro-batch", "optimisation")
+    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimiser step", "optimisation")
+    max_iters: int = _opt(5000, "optimiser steps to train for", "optimisation")
+    time_budget: Optional[float] = _opt(
+        None, "train for this many seconds of wall time instead of max_iters", "optimisation"
+    )
+    optimizer: str = _opt(
+        "adamw", "adamw, or muon: Muon for the blocks' weight matrices and AdamW for the rest",
+        "optimisation", choices=OPTIMIZERS,
+    )
+    learning_rate: float = _opt(
+        3e-4, "peak learning rate (of AdamW: with --optimizer muon, of the embeddings, biases "
+        "and norms)", "optimisation",
+    )
+    muon_lr: float = _opt(0.05, "peak learning rate of Muon's matrices (--optimizer muon)",
+                          "optimisation")
+    muon_ns_steps: int = _opt(
+        5, "Newton-Schulz iterations of Muon's orthogonalisation (fewer: cheaper steps, "
+        "rougher orthogonalisation)", "optimisation",
+    )
+    min_lr: Optional[float] = _opt(None, "final learning rate of the cosine decay",
+                                   "optimisation")
+    warmup_iters: int = _opt(100, "linear warm-up steps", "optimisation")
+    warmup_budget_share: float = _opt(
+        0.02, "with --time_budget: the share of the budget spent warming up, instead of "
+        "warmup_iters", "optimisation",
+    )
+    lr_schedule: str = _opt("cosine", "learning-rate schedule after warm-up", "optimisation",
+                            choices=SCHEDULES)
+    weight_decay: float = _opt(
+        0.1, "weight decay of matrices and embeddings (AdamW and Muon; not biases or norms)",
+        "optimisation",
+    )
+    beta1: float = _opt(0.9, "AdamW beta1", "optimisation")
+    beta2: float = _opt(0.99, "AdamW beta2", "optimisation")
+    grad_clip: float = _opt(1.0, "clip gradient norm to this (0 disables)", "optimisation")
+    # Evaluation, stopping, logging.
+    eval_interval: int = _opt(250, "steps between evaluations (and checkpoints)", "evaluation")
+    eval_iters: int = _opt(20, "batches per evaluation of train and val loss", "evaluation")
+    log_interval: int = _opt(
+        50, "steps between progress lines when stderr is not a terminal", "evaluation"
+    )
+    early_stop_patience: int = _opt(
+        0, "stop after this many evaluations without a new best val loss (0: never)",
+        "evaluation",
+    )
+    # Tokenizer.
+    min_word_freq: int = _opt(3, "word level: words seen fewer times become <UNK>", "data")
+    # Hardware and bookkeeping.
+    amp: bool = _opt(True, "reduced precision where the hardware computes it natively (see "
+                     "Precision); --no-amp: float32 everywhere", "system")
+    device: str = _opt("auto", "where to train", "system", choices=DEVICES)
+    compile: bool = _opt(False, "torch.compile the model (slow start, can be faster)", "system")
+    seed: int = _opt(1337, "random seed", "system")
+    resume: bool = _opt(False, "continue from latest_model.pth in the run directory", "system")
+    colab_drive: bool = _opt(False, "on Colab: write the run to Google Drive", "system")
+
+    def __post_init__(self) -> None:
+        """Reject settings no run could use, naming the flag to change."""
+        _check_choice("level", self.level, LEVELS)
+        _check_choice("preset", self.preset, tuple(PRESETS))
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        _check_choice("device", self.device, DEVICES)
+        _check_positive_ints(self, "batch_size", "max_iters", "gradient_accumulation_steps",
+                             "eval_interval", "eval_iters", "log_interval", "min_word_freq",
+                             "muon_ns_steps")
+        for name in ("warmup_iters", "early_stop_patience"):
+            if getattr(self, name) < 0:
+                raise SmolGPTError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        _check_positive_number("learning_rate", self.learning_rate)
+        _check_positive_number("muon_lr", self.muon_lr)
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:
+            raise SmolGPTError(f"--min_lr must be in [0, learning_rate], got {self.min_lr}")
+        if self.time_budget is not None:
+            _check_positive_number("time_budget", self.time_budget)
+        if not 0.0 <= self.warmup_budget_share < 1.0:
+            raise SmolGPTError(
+                f"--warmup_budget_share must be in [0, 1), got {self.warmup_budget_share}"
+            )
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise SmolGPTError("--grad_clip and --weight_decay must be >= 0")
+        super().__post_init__()  # the shape
+
+    @property
+    def final_lr(self) -> float:
+        return self.learning_rate / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def default_out_dir(self) -> str:
+        return f"checkpoints/{self.level}_{self.preset}"
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(vocab_size=vocab_size, **self.shape())
+
+
+@dataclass
+class SampleConfig:
+    """How to sample a continuation; names and defaults follow Hugging Face ``generate``
+    where one exists, except the defaults of temperature and top_k, which suit small models."""
+
+    max_new_tokens: int = _opt(100, "tokens (words or characters) to generate", "sampling")
+    temperature: float = _opt(0.8, "sampling temperature; 0 means greedy decoding", "sampling")
+    top_k: int = _opt(50, "sample only from the k most likely tokens (0 disables)", "sampling")
+    top_p: float = _opt(1.0, "nucleus sampling: smallest set of tokens with this much "
+                        "probability", "sampling")
+    num_samples: int = _opt(1, "independent continuations to generate", "sampling")
+    seed: int = _opt(1337, "random seed; the same seed gives the same text", "sampling")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise SmolGPTError(f"--max_new_tokens must be >= 0, got {self.max_new_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise SmolGPTError(
+                f"--temperature must be >= 0 (0 means greedy), got {self.temperature}"
+            )
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise SmolGPTError(f"--top_k must be >= 0 (0 disables it), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SmolGPTError(f"--top_p must be in (0, 1], got {self.top_p}")
+        _check_positive_ints(self, "num_samples")
+
+
+@dataclass
+class GenerateConfig(SampleConfig):
+    """``smolgpt generate``: the sampling settings, plus what to continue and where."""
+
+    prompt: str = _opt("Hello,", "text to continue", "input")
+    device: str = _opt("auto", "where to run", "system", choices=DEVICES)
+
+    def __post_init__(self) -> None:
+        _check_choice("device", self.device, DEVICES)
+        super().__post_init__()
+
+    def sampling(self) -> SampleConfig:
+        """The sampling settings alone."""
+        return SampleConfig(**{f.name: getattr(self, f.name)
+                               for f in dataclasses.fields(SampleConfig)})
+
+
 def preset_values(preset: str, level: str, cpu_float32: bool = False) -> dict[str, Any]:
     """The fields a preset sets at a level: its common entries, then the level's own, then
     (on a CPU that computes in float32, see ``hardware.PrecisionPolicy``) the level's
     ``cpu_float32`` entries."""
-    if preset not in PRESETS:
-        raise SmolGPTError(
-            f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}"
-        )
-    if level not in LEVELS:
-        raise SmolGPTError(f"unknown level {level!r}: choose one of {', '.join(LEVELS)}")
+    _check_choice("preset", preset, tuple(PRESETS))
+    _check_choice("level", level, LEVELS)
     entry = PRESETS[preset]
     values = {k: v for k, v in entry.items() if k not in (*LEVELS, CPU_FLOAT32)}
     values.update(entry.get(level, {}))
@@ -253,46 +334,58 @@ def preset_values(preset: str, level: str, cpu_float32: bool = False) -> dict[st
 
 
 def resolve_train_config(explicit: dict[str, Any], cpu_float32: bool = False) -> TrainConfig:
-    """Build a TrainConfig from the flags a user typed: defaults < preset < explicit flags.
+    """Build a TrainConfig from the settings a user gave: defaults < preset < given.
     cpu_float32: the run trains on a CPU without native bf16 (the preset may differ there)."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(explicit) - known
     if unknown:
-        raise SmolGPTError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-    base = TrainConfig()
-    level = explicit.get("level", base.level)
-    preset = explicit.get("preset", base.preset)
-    values = preset_values(preset, level, cpu_float32)
-    values.update(explicit)
-    cfg = dataclasses.replace(base, **values)
-    validate_train_config(cfg)
-    return cfg
+        raise SmolGPTError(f"unknown setting(s): {', '.join(sorted(unknown))} "
+                           "(see smolgpt train --help)")
+    level = explicit.get("level", TrainConfig.level)
+    preset = explicit.get("preset", TrainConfig.preset)
+    return TrainConfig(**{**preset_values(preset, level, cpu_float32), **explicit})
 
 
-def validate_train_config(cfg: TrainConfig) -> None:
-    """Reject settings no run could use, with the flag to change."""
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters",
-                 "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
-                 "min_word_freq", "muon_ns_steps"):
-        value = getattr(cfg, name)
-        if value <= 0:
-            raise SmolGPTError(f"--{name} must be a positive integer, got {value}")
-    for name in ("warmup_iters", "early_stop_patience"):
-        if getattr(cfg, name) < 0:
-            raise SmolGPTError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    if not (math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0):
-        raise SmolGPTError(f"--learning_rate must be a positive number, got {cfg.learning_rate}")
-    if not (math.isfinite(cfg.muon_lr) and cfg.muon_lr > 0):
-        raise SmolGPTError(f"--muon_lr must be a positive number, got {cfg.muon_lr}")
-    if cfg.min_lr is not None and not 0 <= cfg.min_lr <= cfg.learning_rate:
-        raise SmolGPTError(f"--min_lr must be in [0, learning_rate], got {cfg.min_lr}")
-    if cfg.time_budget is not None and not cfg.time_budget > 0:
-        raise SmolGPTError(f"--time_budget must be a positive number of seconds, got {cfg.time_budget}")
-    if cfg.grad_clip < 0 or cfg.weight_decay < 0:
-        raise SmolGPTError("--grad_clip and --weight_decay must be >= 0")
-    if cfg.device not in DEVICES:
-        raise SmolGPTError(f"unknown device {cfg.device!r}: choose one of {', '.join(DEVICES)}")
-    cfg.model_config(vocab_size=1)  # shape checks (n_embd % n_head, dropout range)
+def preset_default(name: str) -> Optional[str]:
+    """What the presets set a TrainConfig field to, for --help and the README's flag table
+    ("nano 3, micro 4, tiny 6, small 12"), or None if no preset sets it."""
+    if not any(name in preset_values(p, level, f32) for p in PRESETS for level in LEVELS
+               for f32 in (False, True)):
+        return None
+    fallback = getattr(TrainConfig, name)
+    parts = []
+    for preset in PRESETS:
+        by_level = {level: preset_values(preset, level).get(name, fallback) for level in LEVELS}
+        if len(set(by_level.values())) == 1:
+            text = f"{preset} {by_level[LEVELS[0]]}"
+        else:
+            text = f"{preset} " + ", ".join(f"{v} {level}" for level, v in by_level.items())
+        on_float32 = {level: preset_values(preset, level, True).get(name, fallback)
+                      for level in LEVELS}
+        changed = {level: v for level, v in on_float32.items() if v != by_level[level]}
+        if len(changed) == len(LEVELS) and len(set(changed.values())) == 1:
+            text += f" ({changed[LEVELS[0]]} on a float32 CPU)"
+        elif changed:
+            text += " (" + ", ".join(f"{v} {level}" for level, v in changed.items()) + \
+                " on a float32 CPU)"
+        parts.append(text)
+    return "from --preset: " + "; ".join(parts)
+
+
+def default_text(cls: type, name: str) -> str:
+    """The default of a setting as --help and the README's flag tables show it."""
+    if cls is TrainConfig:
+        from_preset = preset_default(name)
+        if from_preset:
+            return from_preset
+        if name == "out_dir":
+            return "checkpoints/<level>_<preset>"
+        if name == "min_lr":
+            return "learning_rate / 10"
+    default = getattr(cls, name)
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return "unset" if default is None else str(default)
 
 
 # Fields added after checkpoints were first written, with the value those older checkpoints
@@ -326,6 +419,4 @@ def resume_train_config(saved: dict[str, Any], explicit: dict[str, Any]) -> tupl
         )
     changed = {k: (getattr(base, k), v) for k, v in explicit.items()
                if k not in _RESUME_IGNORED and getattr(base, k) != v}
-    cfg = dataclasses.replace(base, **explicit)
-    validate_train_config(cfg)
-    return cfg, changed
+    return dataclasses.replace(base, **explicit), changed

@@ -13,29 +13,32 @@ default: a model knows "the previous character" from the first step instead of h
 learn it position by position, and small models train markedly faster with it
 (benchmarks/RESULTS.md).
 
-For training, the loss is made from the final hidden states a chunk of tokens at a time
-(:class:`ChunkedHeadLoss`), so that a word-level model never holds all its logits at once.
 For generation, :class:`KVCache` keeps every layer's keys and values so that each new token
 costs one position of work instead of re-running the whole context.
+
+Three computations call faster versions of themselves in ``kernels.py`` (dropout, the
+attention product on CPUs, and the loss of the output head); each is a drop-in for the plain
+PyTorch expression its docstring names, so this file can be read without them.
 
 Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads, hs head size.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional
 
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
 
+from . import kernels
 from .config import ModelConfig
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated to block_size."""
+    """Keys and values of every layer for the tokens seen so far, preallocated to block_size.
+    It knows its own position: ``length`` advances once the last layer has stored the keys
+    and values of new tokens."""
 
     def __init__(self, config: ModelConfig):
         self.n_layer, self.block_size = config.n_layer, config.block_size
@@ -53,6 +56,8 @@ class KVCache:
         start, end = self.length, self.length + k.size(2)
         self.keys[layer, :, :, start:end] = k
         self.values[layer, :, :, start:end] = v
+        if layer == self.n_layer - 1:  # every layer has seen the new tokens
+            self.length = end
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
@@ -78,82 +83,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.to(x.dtype) + torch.cat((x2, x1), dim=-1) * sin.to(x.dtype)
 
 
-class Dropout(nn.Module):
-    """nn.Dropout, with a faster mask on CPUs.
-
-    PyTorch's CPU dropout draws one random number per element, and drawing is most of its
-    cost. Here one 64-bit draw makes four 15-bit numbers, each compared with p * 2^15 to
-    decide whether its element is kept (``benchmarks/step_profile.py --kernels`` times both).
-    Elsewhere (CUDA) PyTorch's fused kernel is used.
-    """
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_()
-        # random_() fills int64 with 63 random bits; masking the top bit of each 16-bit
-        # quarter leaves four uniform numbers in [0, 2^15).
-        quarters = (draws & 0x7FFF_7FFF_7FFF_7FFF).view(torch.int16)[: x.numel()].view(x.shape)
-        keep = quarters >= round(self.p * 2**15)
-        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-class ChunkedHeadLoss(torch.autograd.Function):
-    """Mean cross-entropy of the logits x @ weight.T (N x vocab) against targets (N), made a
-    chunk of rows at a time without ever holding all the logits.
-
-    At word level the logits are large (4096 tokens x 3171 words = 52 MB in float32), and the
-    ordinary path makes several passes over them (cast, log-softmax, its gradient, cast back),
-    each from main memory. Here each chunk is turned into logits, loss and gradient while it
-    is in cache. The gradient of the mean loss with respect to a row of logits is
-    (softmax(row) - onehot(target)) / N, known as soon as the loss is, so the gradients of x
-    and weight are computed in the forward pass and backward only scales them, and the
-    logits' memory is never needed (``benchmarks/step_profile.py --kernels --vocab 3171``
-    times both ways).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, dtype: torch.dtype, rows: int, grad_enabled: bool):
-        """x (N, C), weight (vocab, C), targets (N,); the matrix products run in dtype.
-        grad_enabled: torch.is_grad_enabled() of the caller (inside forward it is off)."""
-        n = x.size(0)
-        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        xs, w = x.to(dtype), weight.to(dtype)
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        grad_x = torch.empty_like(x) if need_grad else None
-        grad_w = torch.zeros_like(weight) if need_grad else None  # summed over chunks
-        for start in range(0, n, rows):
-            xc, tc = xs[start:start + rows], targets[start:start + rows, None]
-            logits = (xc @ w.t()).float()  # (rows, vocab), in float32: a bf16 softmax loses digits
-            log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-            loss += (log_norm - logits.gather(1, tc)).sum()  # -log softmax at the targets
-            if need_grad:
-                probs = logits.sub_(log_norm).exp_()  # softmax, in place of the logits
-                probs.scatter_add_(1, tc, probs.new_full(tc.shape, -1.0))  # minus onehot
-                grad = probs.to(dtype)
-                grad_x[start:start + rows] = grad @ w
-                grad_w += grad.t() @ xc
-        if need_grad:
-            ctx.save_for_backward(grad_x, grad_w)
-        ctx.n = n
-        return loss / n
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        scale = grad_loss / ctx.n
-        return grad_x * scale, grad_w * scale, None, None, None, None
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -161,20 +90,15 @@ class CausalSelfAttention(nn.Module):
         # One matrix computes queries, keys and values for all heads at once.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = Dropout(config.dropout)
+        self.resid_dropout = kernels.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rotary=None, cache: Optional[KVCache] = None,
                 layer: int = 0):
         """rotary: the (cos, sin) rows of this chunk's positions, or None (learned positions)."""
         B, T, C = x.shape
         qkv = self.c_attn(x)  # (B, T, 3C): queries, keys and values of every head at once
-        # On a CPU the fused attention kernel is fast only in float32 (in bfloat16 it is 2-4x
-        # slower than float32 at these sizes), so under CPU autocast the rotation and the
-        # attention run in float32, converted once for q, k and v together.
         dtype = qkv.dtype
-        on_cpu_bf16 = qkv.device.type == "cpu" and dtype == torch.bfloat16
-        if on_cpu_bf16:
-            qkv = qkv.float()
+        qkv = kernels.attention_input(qkv)  # float32 on a CPU under bf16 autocast
         # split, not indexing: the backward of a split joins the gradients in one pass, where
         # that of an index first fills a zero tensor the size of qkv.
         qk, v = qkv.split([2 * C, C], dim=-1)
@@ -196,11 +120,10 @@ class CausalSelfAttention(nn.Module):
             # New token i sits at position past + i and may see keys 0 .. past + i.
             rows = torch.arange(T, device=x.device).unsqueeze(1) + past
             mask, causal = torch.arange(past + T, device=x.device) <= rows, False
-        # Dispatches to fused (flash / memory-efficient) kernels where the hardware has them.
+        # softmax(q k^T / sqrt(hs)) v, masked so a token sees only itself and earlier ones.
         # No dropout on the attention weights: it would force the slow unfused path on CPUs,
         # and dropout on the residual branches (below, and in the MLP) regularises enough.
-        with torch.autocast("cpu", enabled=False) if on_cpu_bf16 else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal).to(dtype)
+        y = kernels.attention(q, k, v, mask, causal).to(dtype)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -213,7 +136,7 @@ class MLP(nn.Module):
         # on CPUs (benchmarks/step_profile.py --kernels).
         self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = Dropout(config.dropout)
+        self.dropout = kernels.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
@@ -235,8 +158,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    # Logits per chunk of the loss (:meth:`loss`): 2^20 float32 = 4 MB, which stays in cache.
-    loss_chunk_elements = 1 << 20
+    # The largest logits the loss of a training batch is made from in one piece (see forward).
+    loss_chunk_elements = kernels.LOSS_CHUNK_ELEMENTS
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -248,7 +171,7 @@ class GPT(nn.Module):
             cos, sin = rotary_tables(config.block_size, config.n_embd // config.n_head)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
-        self.drop = Dropout(config.dropout)
+        self.drop = kernels.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -275,15 +198,15 @@ class GPT(nn.Module):
         """Trainable parameters, counting the tied embedding/head matrix once."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: Optional[torch.Tensor] = None,
-        cache: Optional[KVCache] = None,
-    ):
-        """(logits (B, T, vocab), None) for token ids idx (B, T); with targets (B, T), (None,
-        mean cross-entropy) instead: the loss is made without keeping the logits (see
-        :class:`ChunkedHeadLoss`). With a cache, idx continues the cached tokens."""
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None):
+        """(logits, loss) for token ids idx (B, T).
+
+        logits (B, T, vocab) are the next-token scores at every position; loss is the mean
+        cross-entropy against targets (B, T), or None without targets. With targets and
+        logits of more than ``loss_chunk_elements`` numbers (a word-level training batch), the loss is made a chunk at a time and logits is None: they are never held
+        in memory. With a cache, idx continues the cached tokens.
+        """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -301,24 +224,12 @@ class GPT(nn.Module):
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rotary, cache, i)
-        if cache is not None:
-            cache.length += T
         x = self.ln_f(x)
         if targets is None:
-            return self.lm_head(x), None  # (B, T, vocab)
-        return None, self.loss(x.flatten(0, 1), targets.reshape(-1))
-
-    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the head's predictions from final hidden states x (N, C)."""
-        vocab = self.lm_head.weight.size(0)
-        rows = max(1, self.loss_chunk_elements // vocab)
-        if x.size(0) <= rows:  # the logits are small: the ordinary path is faster
-            # In float32 even under autocast: a bf16 log-softmax loses digits.
-            return F.cross_entropy(self.lm_head(x).float(), targets)
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        return ChunkedHeadLoss.apply(x, self.lm_head.weight, targets, dtype, rows,
-                                     torch.is_grad_enabled())
+            return self.lm_head(x), None
+        logits, loss = kernels.head_loss(x.flatten(0, 1), self.lm_head.weight,
+                                         targets.reshape(-1), self.loss_chunk_elements)
+        return (None if logits is None else logits.view(B, T, -1)), loss
 
     def optimizer_groups(self, weight_decay: float, exclude=()) -> list[dict]:
         """AdamW parameter groups: decay matrices (weights, embeddings), not biases or norms;

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from .config import SampleConfig
 from .model import GPT, KVCache
 
 
@@ -40,31 +41,27 @@ def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
 
 
 @torch.no_grad()
-def generate(
-    model: GPT,
-    prompt: list[int],
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    num_samples: int = 1,
-    generator: Optional[torch.Generator] = None,
-) -> list[list[int]]:
-    """Continue the prompt num_samples times; return only the new token ids of each."""
+def generate(model: GPT, prompt: list[int], settings: Optional[SampleConfig] = None
+             ) -> list[list[int]]:
+    """Continue the token ids of prompt settings.num_samples times (default settings:
+    :class:`~smolgpt.config.SampleConfig`'s, the command line's); return only the new ids of
+    each. The same settings, seed included, give the same ids."""
+    cfg = settings or SampleConfig()
     device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     block = model.config.block_size
-    tokens = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
-    out = tokens.new_empty((num_samples, 0))
+    tokens = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)
+    out = tokens.new_empty((cfg.num_samples, 0))
     cache: Optional[KVCache] = None
     pending = tokens  # tokens the model has not seen yet
-    for _ in range(max_new_tokens):
+    for _ in range(cfg.max_new_tokens):
         if cache is None or cache.length + pending.size(1) > block:
             # (Re)start from the most recent context: all of it, or half a block once full.
             keep = block if cache is None else max(1, block // 2)  # (block_size 1: keep 1)
             history = torch.cat([tokens, out], dim=1)[:, -keep:]
             cache, pending = KVCache(model.config), history
         logits, _ = model(pending, cache=cache)
-        nxt = next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+        nxt = next_token(logits[:, -1, :], cfg.temperature, cfg.top_k, cfg.top_p, generator)
         out = torch.cat([out, nxt], dim=1)
         pending = nxt
     return out.tolist()

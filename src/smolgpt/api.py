@@ -1,0 +1,210 @@
+"""The Python API: :func:`train` a model, :func:`load` one and generate text from it.
+
+Everything the command line does goes through here (``smolgpt train`` is
+``smolgpt.train(**flags)``, ``smolgpt generate`` is ``smolgpt.load(...).generate(...)``), so a
+notebook gets the same checks, files and errors as ``train.py``::
+
+    import smolgpt
+    result = smolgpt.train(data="my_book.txt", level="char", preset="nano", time_budget=60)
+    model = smolgpt.load(result.best_checkpoint)
+    print(model.generate("Once upon a time", max_new_tokens=200))
+
+Progress and reports go to the ``smolgpt`` logger; ``logging.basicConfig(level=logging.INFO)``
+shows them. Mistakes raise :class:`~smolgpt.errors.SmolGPTError` with a message that says
+what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from . import checkpoint, data, hardware
+from .config import (
+    HELP_GROUPS,
+    ModelConfig,
+    SampleConfig,
+    TrainConfig,
+    resolve_train_config,
+    resume_train_config,
+)
+from .errors import SmolGPTError
+from .files import RunLock, ensure_writable_dir
+from .model import GPT
+from .sampling import generate as sample_ids
+from .tokenizer import Tokenizer, WordTokenizer
+from .training import BEST, LATEST, Trainer, clean_stale_temporaries
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run left behind."""
+
+    out_dir: Path  # the run directory
+    iterations: int  # optimiser steps, over every process of the run
+    best_val_loss: float
+    last_val_loss: float
+    elapsed_s: float  # training wall time, over every process of the run
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.out_dir / BEST
+
+    @property
+    def latest_checkpoint(self) -> Path:
+        return self.out_dir / LATEST
+
+
+def train(**settings: Any) -> TrainResult:
+    """Train a model as ``smolgpt train`` does: the same settings by the flags' names
+    (``level="char", preset="nano", max_iters=2000, ...``), the same preset rules, checks,
+    run-directory lock, resume rules and files.
+
+    Raises SmolGPTError for a setting, text or run directory that cannot be used, and
+    :class:`~smolgpt.training.TrainingInterrupted` after saving latest_model.pth if SIGINT or
+    SIGTERM arrives (``resume=True`` continues the run).
+    """
+    requested = resolve_train_config(settings)  # settings are checked before anything heavy
+    # The device and its precision policy are checked before anything touches the disk.
+    policy = hardware.precision_policy(hardware.resolve_device(requested.device), requested.amp)
+    if policy.float32_cpu and not requested.resume:
+        # A preset's recipe can differ on CPUs that compute in float32 (no native bf16); a
+        # resumed run keeps the recipe it started with.
+        adapted = resolve_train_config(settings, cpu_float32=True)
+        changes = {k: v for k, v in dataclasses.asdict(adapted).items()
+                   if v != getattr(requested, k)}
+        if changes:
+            log.info("preset %s for a CPU computing in float32: %s", adapted.preset,
+                     ", ".join(f"{k} {v}" for k, v in changes.items()))
+        requested = adapted
+    out_dir = Path(settings.get("out_dir") or requested.default_out_dir)
+    if requested.colab_drive:  # relative paths (and the default) land under MyDrive/smolgpt
+        out_dir = colab_run_dir() / out_dir
+    ensure_writable_dir(out_dir)
+    with RunLock(out_dir):
+        clean_stale_temporaries(out_dir)
+        resume_from, cfg = None, requested
+        if requested.resume:
+            resume_from, cfg = _resumable(out_dir, settings)
+        elif (out_dir / LATEST).exists():
+            # A run exists once it has a latest checkpoint (saved before any best one); a
+            # directory killed before that holds nothing worth keeping and starts afresh.
+            raise SmolGPTError(
+                f"{out_dir} already holds a run ({LATEST}); pass --resume to continue it, "
+                "or choose another --out_dir"
+            )
+        tokens = data.prepare(data.resolve_corpus(cfg.data), cfg.level, cfg.min_word_freq)
+        data.check_long_enough(tokens, cfg.block_size)
+        log.info(tokens.summary())
+        if resume_from is not None and resume_from.get("data", {}).get("fingerprint") != tokens.fingerprint:
+            raise SmolGPTError(
+                f"--data {cfg.data} is not the text this run was trained on; pass the "
+                "original text, or start a new run in another --out_dir"
+            )
+        log.info(describe_settings(cfg))
+        trainer = Trainer(cfg, tokens, out_dir, hardware.resolve_device(cfg.device), resume_from)
+        progress = trainer.run()
+    return TrainResult(out_dir=out_dir, iterations=progress.iter,
+                       best_val_loss=progress.best_val_loss,
+                       last_val_loss=progress.last_val_loss, elapsed_s=progress.elapsed_s)
+
+
+def _resumable(out_dir: Path, settings: dict[str, Any]) -> tuple[dict, TrainConfig]:
+    """The checkpoint to resume and the run's config, with the settings given now applied."""
+    latest = out_dir / LATEST
+    if not latest.exists():
+        raise SmolGPTError(f"--resume: nothing to resume in {out_dir} (no {LATEST}); "
+                           "start a new run without --resume")
+    ckpt = checkpoint.load(latest)
+    cfg, changed = resume_train_config(ckpt.get("train_config", {}), settings)
+    for key, (old, new) in changed.items():
+        log.info("resume: %s changed from %s to %s", key, old, new)
+    return ckpt, cfg
+
+
+def describe_settings(cfg: TrainConfig) -> str:
+    """The resolved settings of a run, compactly: one line per --help group."""
+    groups: dict[str, list[str]] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is not None:
+            groups.setdefault(f.metadata["group"], []).append(f"{f.name}={value}")
+    return "settings:\n" + "\n".join(f"  {title}: {' '.join(groups[g])}"
+                                     for g, title in HELP_GROUPS.items() if g in groups)
+
+
+def colab_run_dir() -> Path:
+    """Mount Google Drive (Colab only) and return MyDrive/smolgpt."""
+    try:
+        in_colab = importlib.util.find_spec("google.colab") is not None
+    except ModuleNotFoundError:
+        in_colab = False
+    if not in_colab:
+        raise SmolGPTError("--colab_drive works only inside Google Colab; elsewhere use --out_dir")
+    from google.colab import drive  # type: ignore[import-not-found]
+
+    drive.mount("/content/drive")
+    return Path("/content/drive/MyDrive/smolgpt")
+
+
+class Model:
+    """A trained model, ready to generate text.
+
+    ``module`` is the :class:`~smolgpt.model.GPT` (a ``torch.nn.Module``, in eval mode, on
+    ``device``), ``tokenizer`` turns text into its token ids and back, ``config`` is its
+    :class:`~smolgpt.config.ModelConfig`, and ``train_config`` the settings of the run that
+    trained it (a dict; empty for checkpoints that did not record them).
+    """
+
+    def __init__(self, module: GPT, tokenizer: Tokenizer, train_config: dict[str, Any]):
+        self.module, self.tokenizer, self.train_config = module, tokenizer, train_config
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.module.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def generate(self, prompt: str, **sampling: Any) -> Union[str, list[str]]:
+        """The prompt and its continuation as text: one string, or a list of num_samples.
+
+        Sampling settings are :class:`~smolgpt.config.SampleConfig`'s, with the command
+        line's names and defaults: max_new_tokens=100, temperature=0.8 (0: greedy), top_k=50,
+        top_p=1.0, num_samples=1, seed=1337 (the same seed gives the same text).
+        """
+        names = {f.name for f in dataclasses.fields(SampleConfig)}
+        unknown = sorted(set(sampling) - names)
+        if unknown:
+            raise SmolGPTError(f"unknown sampling setting(s): {', '.join(unknown)}; choose "
+                               f"from {', '.join(sorted(names))}")
+        settings = SampleConfig(**sampling)
+        if not prompt:
+            raise SmolGPTError("the prompt is empty: give some text to continue")
+        prompt_ids = self.tokenizer.encode(prompt)  # raises for unknown characters
+        if isinstance(self.tokenizer, WordTokenizer):
+            unknown_words = self.tokenizer.unknown(prompt)
+            if unknown_words:
+                log.warning("words not in the vocabulary, read as <UNK>: %s",
+                            ", ".join(unknown_words[:10]))
+        if not prompt_ids:
+            raise SmolGPTError("the prompt has no words the model can read: give some text")
+        texts = [self.tokenizer.decode(prompt_ids + new_ids)
+                 for new_ids in sample_ids(self.module, prompt_ids, settings)]
+        return texts[0] if settings.num_samples == 1 else texts
+
+
+def load(path: Union[str, Path], device: str = "auto") -> Model:
+    """A model from a checkpoint written by :func:`train` (best_model.pth or
+    latest_model.pth), checked before use, on device ("auto": cuda, then mps, then cpu)."""
+    module, tokenizer, ckpt = checkpoint.load_model(Path(path), hardware.resolve_device(device))
+    return Model(module, tokenizer, ckpt.get("train_config", {}))

@@ -1,0 +1,169 @@
+"""Optimisers and the learning-rate schedule of a training run.
+
+:func:`make_optimizers` gives a run AdamW, or with ``--optimizer muon``, AdamW plus Muon
+(:class:`BatchedMuon`) for the blocks' weight matrices. :func:`lr_multiplier` is the
+schedule: a multiple of each optimiser's peak rate, the same for all of them, as a function
+of how far training has got.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .config import TrainConfig
+from .model import GPT
+
+# Under --time_budget the first step learns at this share of the peak rate at least: its
+# warm-up position is the elapsed time, which may be near zero.
+WARMUP_FLOOR = 0.01
+
+
+def lr_multiplier(cfg: TrainConfig, step: int, done: float) -> float:
+    """The learning rate as a share of its peak: a linear warm-up, then constant, or a cosine
+    decay to ``final_lr`` by the end of training.
+
+    step: optimiser steps completed; done: the share of training done (of max_iters, or with
+    --time_budget of the time training may use). A run counted in steps warms up over
+    ``warmup_iters`` steps; a time-budgeted run over ``warmup_budget_share`` of its time.
+    """
+    if cfg.time_budget:
+        warm = cfg.warmup_budget_share
+        if done < warm:
+            return max(done / warm, WARMUP_FLOOR)
+    else:
+        if step < cfg.warmup_iters:
+            return (step + 1) / (cfg.warmup_iters + 1)
+        warm = cfg.warmup_iters / cfg.max_iters
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    floor = cfg.final_lr / cfg.learning_rate
+    decay = min(max((done - warm) / max(1.0 - warm, 1e-9), 0.0), 1.0)  # 0 -> 1 while decaying
+    return floor + 0.5 * (1.0 + math.cos(math.pi * decay)) * (1.0 - floor)
+
+
+class BatchedMuon(torch.optim.Muon):
+    """PyTorch's Muon, with all the matrices of one shape orthogonalised together.
+
+    torch.optim.Muon runs its Newton-Schulz iterations one matrix at a time, some twenty
+    small operations per matrix, whose fixed cost dominates a step at nano and micro sizes.
+    Here the matrices of one shape (every block's c_attn, every block's c_fc, ...) are
+    stacked and iterated as batched products, and the momentum and weight decay are applied
+    to all matrices in single list operations. The hyper-parameters, the update and the
+    state (one momentum buffer per matrix) are torch.optim.Muon's, so either can load the
+    other's checkpoints.
+
+    ``ns_dtype`` is the dtype of the iteration. torch.optim.Muon always uses bf16: right
+    where bf16 products are native, some 100x slower than float32 where they are emulated.
+    The trainer passes its precision policy's ``muon_dtype``; in bf16 the result is
+    torch.optim.Muon's, bit for bit.
+    """
+
+    def __init__(self, params, *, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            buffers = []
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+                buffers.append(self.state[p]["momentum_buffer"])
+            # torch._foreach_*: one call for a whole list of tensors (what PyTorch's own
+            # optimisers use for speed).
+            momentum, lr = group["momentum"], group["lr"]
+            torch._foreach_lerp_(buffers, grads, 1 - momentum)
+            updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            by_shape: dict[torch.Size, list[int]] = {}
+            for i, p in enumerate(params):
+                by_shape.setdefault(p.shape, []).append(i)
+            for shape, members in by_shape.items():
+                ortho = orthogonalise(torch.stack([updates[i] for i in members]),
+                                      group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                      self.ns_dtype)
+                torch._foreach_add_([params[i] for i in members],
+                                    list(ortho.to(params[members[0]].dtype).unbind(0)),
+                                    alpha=-lr * _muon_lr_scale(group["adjust_lr_fn"], *shape))
+        return loss
+
+
+def _muon_lr_scale(adjust_lr_fn: Optional[str], rows: int, cols: int) -> float:
+    """torch.optim.Muon's factor on the rate of a rows x cols matrix."""
+    if adjust_lr_fn == "match_rms_adamw":  # the update's RMS matches AdamW's
+        return 0.2 * math.sqrt(max(rows, cols))
+    return math.sqrt(max(1.0, rows / cols))  # "original" (the default): Keller Jordan's rule
+
+
+def orthogonalise(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                  eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """Approximately the nearest orthogonal matrix to each matrix of g (n, rows, cols),
+    computed in dtype: Muon's quintic Newton-Schulz iteration, as torch.optim.Muon computes
+    it (in bf16). Each step maps every singular value s to about a*s + b*s^3 + c*s^5, which
+    pushes them towards 1."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = g.size(-2) > g.size(-1)
+    if tall:  # iterate on the wide orientation: the Gram matrix is the smaller one
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # singular values <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device,
+                    muon_dtype: torch.dtype = torch.float32) -> list[torch.optim.Optimizer]:
+    """The optimisers of a run: [AdamW] or, with --optimizer muon, [AdamW, Muon].
+
+    Muon (Jordan et al. 2024) keeps a momentum of each weight matrix's gradient and replaces
+    it by the nearest orthogonal matrix (a few Newton-Schulz iterations) before the update,
+    so every direction of the matrix learns at the same rate instead of a few dominant ones.
+    It suits the 2-D weights inside the blocks; embeddings, the tied output head, biases and
+    LayerNorm gains stay with AdamW. AdamW decays matrices only, and uses the fused kernel
+    where the device has one. Muon's iteration runs in muon_dtype (the precision policy's).
+    """
+    muon_params = model.hidden_matrices() if cfg.optimizer == "muon" else []
+    groups = model.optimizer_groups(cfg.weight_decay, exclude=muon_params)
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    if device.type in ("cuda", "cpu"):
+        optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, fused=True, **kwargs)]
+    else:
+        optimizers = [torch.optim.AdamW(groups, foreach=True, **kwargs)]
+    if muon_params:
+        optimizers.append(BatchedMuon(muon_params, lr=cfg.muon_lr, ns_steps=cfg.muon_ns_steps,
+                                      ns_dtype=muon_dtype, weight_decay=cfg.weight_decay,
+                                      adjust_lr_fn="original"))
+    return optimizers
+
+
+def set_learning_rates(optimizers: list[torch.optim.Optimizer], cfg: TrainConfig,
+                       multiplier: float) -> None:
+    """Set every optimiser to ``multiplier`` times its peak rate (Muon's is cfg.muon_lr,
+    AdamW's cfg.learning_rate)."""
+    for optimizer in optimizers:
+        peak = cfg.muon_lr if isinstance(optimizer, torch.optim.Muon) else cfg.learning_rate
+        for group in optimizer.param_groups:
+            group["lr"] = peak * multiplier
+
+
+def use_settings(optimizers: list[torch.optim.Optimizer], cfg: TrainConfig) -> None:
+    """After loading optimiser states from a checkpoint: the run's own Muon setting
+    (--muon_ns_steps may change on resume), not the saved one."""
+    for optimizer in optimizers:
+        if isinstance(optimizer, torch.optim.Muon):
+            for group in optimizer.param_groups:
+                group["ns_steps"] = cfg.muon_ns_steps

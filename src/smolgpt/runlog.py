@@ -1,0 +1,136 @@
+"""What a training run reports: ``metrics.jsonl``, progress (a bar on a terminal, plain lines
+elsewhere) and MFU.
+
+:class:`RunLog` is told about every step and every evaluation and keeps the counts that
+reports need (loss since the last line, steps and seconds since the last evaluation); it
+decides nothing about training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from .config import TrainConfig
+from .files import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.jsonl"
+
+
+class RunLog:
+    """The reports of one run into ``out_dir``; use as a context manager (it opens
+    metrics.jsonl and the progress bar, and closes them).
+
+    flops_per_token and peak_flops: the model's training FLOPs per token and the device's
+    matmul peak, for MFU (model FLOPs utilisation).
+    """
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path, flops_per_token: float,
+                 peak_flops: float):
+        self.cfg, self.path = cfg, Path(out_dir) / METRICS
+        self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.file = None
+        self.bar: Optional[tqdm] = None
+        self.window_start, self.window_steps = time.perf_counter(), 0  # since the last eval
+        self.loss_sum: Optional[torch.Tensor] = None  # training loss since the last line
+        self.loss_count = 0
+
+    def __enter__(self) -> "RunLog":
+        self.file = open(self.path, "a", encoding="utf-8")
+        if sys.stderr.isatty():
+            budget = self.cfg.time_budget
+            self.bar = tqdm(total=int(budget) if budget else self.cfg.max_iters,
+                            unit="s" if budget else "it", file=sys.stderr, dynamic_ncols=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+        if self.bar is not None:
+            self.bar.close()
+
+    def rewind(self, iteration: int, evaluated: bool) -> None:
+        """Drop rows written after the checkpoint being resumed (a crash between a row and
+        its checkpoint leaves one), so that every row is written exactly once. Call before
+        entering."""
+        if not self.path.exists():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+        keep = [r for r in rows if json.loads(r)["iter"] < iteration
+                or (evaluated and json.loads(r)["iter"] == iteration)]
+        if len(keep) != len(rows):
+            atomic_write_text(self.path, "".join(r + "\n" for r in keep))
+
+    def mfu(self, tokens_per_s: float) -> float:
+        """Achieved training FLOP/s over the measured matmul peak."""
+        return self.flops_per_token * tokens_per_s / self.peak_flops
+
+    def step(self, iteration: int, loss: torch.Tensor, lr: float, elapsed: float) -> Optional[float]:
+        """A step finished with this (on-device) loss. Every log_interval steps a progress
+        line; returns the mean loss it reports then (reading it waits for the device), else
+        None."""
+        self.window_steps += 1
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.loss_count += 1
+        mean_loss = None
+        if iteration % self.cfg.log_interval == 0:
+            mean_loss = self.loss_sum.item() / self.loss_count
+            self.loss_sum, self.loss_count = None, 0
+            self._progress_line(iteration, mean_loss, lr, elapsed)
+        if self.bar is not None:
+            self.bar.n = int(elapsed) if self.cfg.time_budget else iteration
+            self.bar.refresh()
+        return mean_loss
+
+    def _progress_line(self, iteration: int, loss: float, lr: float, elapsed: float) -> None:
+        seconds = time.perf_counter() - self.window_start
+        tok_s = self.window_steps * self.tokens_per_step / max(seconds, 1e-9)
+        if self.cfg.time_budget:
+            left = max(self.cfg.time_budget - elapsed, 0.0)
+        else:
+            left = (self.cfg.max_iters - iteration) * seconds / max(self.window_steps, 1)
+        fields = dict(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
+                      mfu=f"{100 * self.mfu(tok_s):.1f}%", left=_duration(left))
+        if self.bar is not None:
+            self.bar.set_postfix(fields, refresh=False)
+        else:
+            log.info("iter %d | %s", iteration, " | ".join(f"{k} {v}" for k, v in fields.items()))
+
+    def evaluation(self, iteration: int, losses: dict[str, float], best_val_loss: float,
+                   new_best: bool, lr: float, elapsed: float, eval_seconds: float) -> dict:
+        """Write the metrics row of an evaluation that took eval_seconds and report it;
+        throughput counts the training since the previous evaluation. Returns the row."""
+        train_s = time.perf_counter() - self.window_start - eval_seconds
+        tokens_per_s = self.window_steps * self.tokens_per_step / train_s if self.window_steps else 0.0
+        row = {
+            "iter": iteration,
+            "train_loss": round(losses["train"], 6),
+            "val_loss": round(losses["val"], 6),
+            "best_val_loss": round(best_val_loss, 6),
+            "lr": lr,
+            "elapsed_s": round(elapsed, 3),
+            "tokens_per_s": round(tokens_per_s, 1),
+            "mfu": round(self.mfu(tokens_per_s), 4),
+        }
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        log.info("eval @ iter %d: train %.4f, val %.4f%s", iteration, row["train_loss"],
+                 row["val_loss"], " (new best)" if new_best else "")
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        return row
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"

@@ -1,0 +1,153 @@
+"""The learning-rate schedule (warm-up, cosine or constant, by steps or by share of a time
+budget) and the optimisers (AdamW, and BatchedMuon against torch.optim.Muon)."""
+
+import math
+
+import pytest
+import torch
+
+from smolgpt import data
+from smolgpt.config import resolve_train_config
+from smolgpt.optim import BatchedMuon, lr_multiplier, make_optimizers, orthogonalise
+from smolgpt.training import Trainer
+
+
+def cfg(**overrides):
+    base = {"preset": "nano", "level": "char", "learning_rate": 1e-3, "warmup_iters": 10,
+            "max_iters": 110}
+    return resolve_train_config({**base, **overrides})
+
+
+def test_warmup_rises_linearly_to_the_peak():
+    c = cfg()
+    rates = [lr_multiplier(c, step, step / 110) for step in range(10)]
+    assert rates == sorted(rates) and rates[0] > 0
+    assert rates[4] == pytest.approx(5 / 11)
+    assert lr_multiplier(c, 10, 10 / 110) == pytest.approx(1.0)
+
+
+def test_cosine_decays_to_final_lr_at_the_end():
+    c = cfg()
+    assert lr_multiplier(c, 60, 60 / 110) == pytest.approx(0.1 + 0.5 * 0.9)  # half-way
+    assert lr_multiplier(c, 110, 1.0) == pytest.approx(0.1)
+    assert lr_multiplier(cfg(min_lr=0.0), 110, 1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_constant_schedule_keeps_the_peak_after_warmup():
+    c = cfg(lr_schedule="constant")
+    assert lr_multiplier(c, 5, 5 / 110) < 1.0
+    assert all(lr_multiplier(c, s, s / 110) == 1.0 for s in (10, 50, 110))
+
+
+def test_time_budget_schedule_follows_the_share_of_time_not_steps():
+    c = cfg(time_budget=100.0, warmup_budget_share=0.1)
+    assert lr_multiplier(c, 0, 0.5) == lr_multiplier(c, 10_000, 0.5)
+    assert lr_multiplier(c, 0, 0.1) == pytest.approx(1.0)  # warm-up is 10% of the budget
+    assert lr_multiplier(c, 0, 1.0) == pytest.approx(0.1)
+    assert lr_multiplier(c, 0, 0.01) < lr_multiplier(c, 0, 0.05) < 1.0
+    assert lr_multiplier(c, 0, 0.55) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 2)))
+
+
+def test_time_budget_warmup_does_not_depend_on_max_iters():
+    for max_iters in (110, 5000, 10):
+        c = cfg(time_budget=100.0, max_iters=max_iters)  # warm-up: the default 2% share
+        assert lr_multiplier(c, 0, 0.01) == pytest.approx(0.5)
+        assert lr_multiplier(c, 0, 0.02) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- optimisers
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny_model):
+    adamw, muon = make_optimizers(tiny_model, cfg(optimizer="muon"), torch.device("cpu"))
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, BatchedMuon)
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    adamw_ids = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert muon_ids == {id(p) for p in tiny_model.hidden_matrices()}
+    assert not muon_ids & adamw_ids
+    assert muon_ids | adamw_ids == {id(p) for p in tiny_model.parameters()}
+    (only,) = make_optimizers(tiny_model, cfg(optimizer="adamw"), torch.device("cpu"))
+    assert len({id(p) for g in only.param_groups for p in g["params"]}) == len(list(tiny_model.parameters()))
+
+
+def _matrices(seed: int) -> list[torch.nn.Parameter]:
+    """Two shapes, tall and wide, several of each (as in a model's blocks)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(24, 8), (8, 24), (24, 8), (16, 16), (8, 24), (24, 8)]
+    return [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in shapes]
+
+
+@pytest.mark.parametrize("nesterov,adjust_lr_fn", [(True, "original"), (False, "original"),
+                                                   (True, "match_rms_adamw")])
+def test_batched_muon_makes_torch_muons_updates(nesterov, adjust_lr_fn):
+    ours, theirs = _matrices(0), _matrices(0)
+    kwargs = dict(lr=0.05, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
+    batched, reference = BatchedMuon(ours, **kwargs), torch.optim.Muon(theirs, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        batched.step()
+        reference.step()
+    start = _matrices(0)
+    for a, b, p0 in zip(ours, theirs, start):
+        torch.testing.assert_close(batched.state[a]["momentum_buffer"],
+                                   reference.state[b]["momentum_buffer"])
+        # Orthogonalised in bf16, batched or one at a time: equal up to bf16 rounding.
+        torch.testing.assert_close(a - p0, b - p0, rtol=0, atol=2e-3)
+        assert (a - p0).abs().max() > 0.05  # and the parameters did move
+
+
+def test_batched_muon_and_torch_muon_load_each_others_state():
+    ours, theirs = _matrices(0), _matrices(0)
+    batched, reference = BatchedMuon(ours, lr=0.05), torch.optim.Muon(theirs, lr=0.05)
+    for p in ours + theirs:
+        p.grad = torch.ones_like(p)
+    reference.step()
+    batched.load_state_dict(reference.state_dict())
+    assert torch.equal(batched.state[ours[3]]["momentum_buffer"],
+                       reference.state[theirs[3]]["momentum_buffer"])
+    batched.step()
+    reference.load_state_dict(batched.state_dict())
+    reference.step()
+
+
+def test_schedule_scales_every_optimiser_alike(write_text, tmp_path):
+    corpus = data.Corpus("t", (write_text("t.txt", "to be or not to be, that is it. " * 200),))
+    token_data = data.prepare(corpus, "char")
+    c = cfg(optimizer="muon", learning_rate=4e-3, muon_lr=0.04, n_layer=1, n_embd=16,
+            n_head=2, block_size=16, batch_size=4)
+    trainer = Trainer(c, token_data, tmp_path / "run", torch.device("cpu"))
+    before = [p.detach().clone() for p in trainer.model.hidden_matrices()]
+    loss = trainer.train_step(0.25)  # a quarter of the peak
+    adamw, muon = trainer.optimizers
+    assert all(g["lr"] == pytest.approx(1e-3) for g in adamw.param_groups)
+    assert all(g["lr"] == pytest.approx(0.01) for g in muon.param_groups)
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(a, b) for a, b in zip(before, trainer.model.hidden_matrices()))
+
+
+@pytest.mark.parametrize("dtype, steps", [(torch.bfloat16, 5), (torch.float32, 5),
+                                          (torch.float32, 3)])
+def test_orthogonalise_in_the_policys_dtype(dtype, steps):
+    g = torch.randn(3, 64, 24, generator=torch.Generator().manual_seed(0))
+    ortho = orthogonalise(g, (3.4445, -4.7750, 2.0315), steps, 1e-7, dtype)
+    assert ortho.dtype == dtype and ortho.shape == g.shape
+    singular = torch.linalg.svdvals(ortho.float())
+    # Muon's iteration leaves the singular values near 1 (within about [0.7, 1.2] after
+    # five steps), not exactly at it; three steps leave the small ones lower.
+    low = 0.6 if steps == 5 else 0.2
+    assert singular.min() > low and singular.max() < 1.25, singular
+
+
+def test_a_resumed_run_uses_its_own_muon_ns_steps(write_text, tmp_path):
+    corpus = data.Corpus("t", (write_text("t.txt", "to be or not to be, that is it. " * 200),))
+    token_data = data.prepare(corpus, "char")
+    shape = dict(optimizer="muon", n_layer=1, n_embd=16, n_head=2, block_size=16, batch_size=4)
+    first = Trainer(cfg(**shape), token_data, tmp_path / "run", torch.device("cpu"))
+    first.train_step(0.25)
+    state = first.state()
+    assert state["optimizer"][1]["param_groups"][0]["ns_steps"] == 5
+    resumed = Trainer(cfg(**shape, muon_ns_steps=3), token_data, tmp_path / "run",
+                      torch.device("cpu"), resume_from=state)
+    assert all(g["ns_steps"] == 3 for g in resumed.optimizers[1].param_groups)
