@@ -3,7 +3,8 @@
 #   make test   set up .venv, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build on this machine's disk; on a CUDA machine pip picks the matching wheel.
+# torch goes in first, pinned, so that installing smolgpt does not pull a build of pip's
+# choosing; TORCH=... picks another (e.g. a CUDA wheel from PyTorch's index).
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
@@ -14,7 +15,7 @@ $(BIN)/python:
 
 setup: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e .
 
 DEMO_DIR := checkpoints/demo_char_nano
 
@@ -23,7 +24,8 @@ demo: setup
 	$(BIN)/python train.py --level char --preset nano --time_budget 60 --out_dir $(DEMO_DIR)
 	$(BIN)/python generate.py $(DEMO_DIR)/best_model.pth --prompt "ROMEO:" --max_new_tokens 300
 
-test: setup
+test: setup  # with every optional extra: the tests cover them all
+	$(BIN)/pip install -q -e ".[test,bench]"
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -9,16 +9,19 @@ notebook gets the same checks, files and errors as ``train.py``::
     model = smolgpt.load(result.best_checkpoint)
     print(model.generate("Once upon a time", max_new_tokens=200))
 
-Progress and reports go to the ``smolgpt`` logger; ``logging.basicConfig(level=logging.INFO)``
-shows them. Mistakes raise :class:`~smolgpt.errors.SmolGPTError` with a message that says
+Progress and reports go to the ``smolgpt`` logger. An application that configures logging
+decides where they go; otherwise (a script, a notebook) :func:`train` shows them on stderr
+while it runs, as the command line does. Mistakes raise :class:`~smolgpt.errors.SmolGPTError` with a message that says
 what to change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -63,6 +66,26 @@ class TrainResult:
         return self.out_dir / LATEST
 
 
+@contextlib.contextmanager
+def _reports_on_stderr():
+    """Show smolgpt's progress lines on stderr for the duration of a call, unless the
+    application has configured logging itself (a handler on the root or smolgpt logger)."""
+    package = logging.getLogger("smolgpt")
+    if package.handlers or logging.getLogger().handlers:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = package.level
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+
+
 def train(**settings: Any) -> TrainResult:
     """Train a model as ``smolgpt train`` does: the same settings by the flags' names
     (``level="char", preset="nano", max_iters=2000, ...``), the same preset rules, checks,
@@ -72,6 +95,11 @@ def train(**settings: Any) -> TrainResult:
     :class:`~smolgpt.training.TrainingInterrupted` after saving latest_model.pth if SIGINT or
     SIGTERM arrives (``resume=True`` continues the run).
     """
+    with _reports_on_stderr():
+        return _train(settings)
+
+
+def _train(settings: dict[str, Any]) -> TrainResult:
     requested = resolve_train_config(settings)  # settings are checked before anything heavy
     # The device and its precision policy are checked before anything touches the disk.
     policy = hardware.precision_policy(hardware.resolve_device(requested.device), requested.amp)

@@ -36,6 +36,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from .config import LEVELS
 from .errors import SmolGPTError
 from .files import atomic_write, atomic_write_text, cache_dir
 from .tokenizer import CharTokenizer, Tokenizer, WordTokenizer, tokenizer_from_dict
@@ -353,8 +354,8 @@ def token_dtype(vocab_size: int):
 
 def prepare(corpus: Corpus, level: str, min_word_freq: int = 3) -> TokenData:
     """Tokenize a corpus once (or load the cached ids) and split it 90/10."""
-    if level not in ("char", "word"):
-        raise SmolGPTError(f"unknown level {level!r}: choose char or word")
+    if level not in LEVELS:
+        raise SmolGPTError(f"unknown level {level!r}: choose {' or '.join(LEVELS)}")
     text_hash = fingerprint(corpus)
     settings = f"v{CACHE_FORMAT}-{level}" + (f"-min{min_word_freq}" if level == "word" else "")
     key = hashlib.sha256(f"{text_hash}-{settings}".encode()).hexdigest()[:24]

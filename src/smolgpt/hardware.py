@@ -31,11 +31,14 @@ from typing import Optional
 
 import torch
 
+from .config import DEVICES
 from .errors import SmolGPTError
 
 
 def resolve_device(name: str) -> torch.device:
     """'auto' picks cuda, then mps, then cpu; an explicit choice must be available."""
+    if name not in DEVICES:
+        raise SmolGPTError(f"unknown device {name!r}: choose one of {', '.join(DEVICES)}")
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
@@ -43,8 +46,6 @@ def resolve_device(name: str) -> torch.device:
         raise SmolGPTError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
     if name == "mps" and not mps:
         raise SmolGPTError("--device mps: Apple MPS is not available here; use --device cpu")
-    if name not in ("cpu", "cuda", "mps"):
-        raise SmolGPTError(f"unknown device {name!r}: choose auto, cpu, cuda or mps")
     return torch.device(name)
 
 

@@ -20,6 +20,7 @@ import functools
 
 import numpy as np
 
+from .config import LEVELS
 from .errors import SmolGPTError
 
 # A word is letters/digits, possibly joined by apostrophes (don't, holmes's); every other
@@ -175,7 +176,7 @@ Tokenizer = Union[CharTokenizer, WordTokenizer]
 def tokenizer_from_dict(data: dict) -> Tokenizer:
     """Rebuild a tokenizer from :meth:`to_dict` output (as stored in a checkpoint)."""
     kind = data.get("type") if isinstance(data, dict) else None
-    if kind not in ("char", "word"):
+    if kind not in LEVELS:  # a tokenizer's type is the level it tokenizes at
         raise SmolGPTError(f"unknown tokenizer type {kind!r} in checkpoint")
     try:
         if kind == "char":

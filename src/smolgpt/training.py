@@ -325,8 +325,10 @@ class Trainer:
             raise self._diverged()
 
     def _evaluate_and_save(self, run_log: RunLog) -> bool:
-        """Evaluate, record, checkpoint; return whether training is finished now (under a
-        time budget this evaluation may serve as the final one)."""
+        """Evaluate, record, checkpoint; return whether training is finished now. Under a
+        time budget this evaluation may serve as the final one; and where an estimate of the
+        final evaluation's time ended training, the measured time may show that there is
+        time left for more steps."""
         p = self.progress
         start = time.perf_counter()
         losses = self.evaluate()
