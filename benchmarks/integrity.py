@@ -4,33 +4,30 @@
   once at each level into an empty cache (what the cache saves on every later run), then
   opened again (the cached path: fingerprint of the text, checksum of tokens.bin, memory
   map), and the checksum of tokens.bin alone.
-- Checkpoints: a model of the --preset shape (default small, 85M parameters) with AdamW's
-  state after one step, as train.py saves it; ``checkpoint.save`` (checksums, and an atomic
+- Checkpoints: a real Trainer of the --preset (default small, 85M parameters) after one
+  step, its ``state()`` being what train.py saves (weights, optimiser states, RNG states);
+  ``checkpoint.save`` (checksums, and an atomic
   write with fsync) and ``checkpoint.load`` (checksums verified) against plain
   ``torch.save`` / ``torch.load`` of the same dictionary, and the checksums alone. Best of
   --repeats.
 
     python benchmarks/integrity.py
     python benchmarks/integrity.py --mb 20 --preset micro
+    python benchmarks/integrity.py --source any.txt --mb 0.1 --preset nano --repeats 1  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))  # works without installing
-
-from prepare import MB, make_corpus  # noqa: E402  the sibling script (benchmarks/ is on sys.path)
+import common
+from common import MB
 
 
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -46,7 +43,7 @@ def token_cache_rows(source: Path, mb: float, repeats: int, tmp: Path) -> list[d
     from smolgpt import data
 
     corpus_path = tmp / "corpus.txt"
-    make_corpus(source, mb, corpus_path)
+    common.make_corpus(source, mb, corpus_path)
     corpus = data.Corpus("corpus", (corpus_path,))
     rows = []
     for level in ("char", "word"):
@@ -69,22 +66,15 @@ def checkpoint_row(preset: str, repeats: int, tmp: Path) -> dict:
     import torch
 
     from smolgpt import checkpoint
-    from smolgpt.config import resolve_train_config
-    from smolgpt.model import GPT
-    from smolgpt.tokenizer import WordTokenizer
+    from smolgpt.config import preset_values
 
-    cfg = resolve_train_config({"preset": preset, "level": "word"})
-    tokenizer = WordTokenizer([f"w{i}" for i in range(3169)])  # Sherlock's 3,171 ids
-    model_config = cfg.model_config(tokenizer.vocab_size)
-    model = GPT(model_config)
-    optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4)
-    x = torch.randint(model_config.vocab_size, (1, 32))
-    model(x, x)[1].backward()
-    optimizer.step()
-    ckpt = {"model_config": dataclasses.asdict(model_config), "tokenizer": tokenizer.to_dict(),
-            "model": model.state_dict(), "train_config": dataclasses.asdict(cfg),
-            "optimizer": [optimizer.state_dict()], "scaler": None,
-            "progress": {"iter": 1}, "rng": {"torch": torch.get_rng_state()}}
+    # Sherlock's 3,171 words. One step of one short sequence: it gives the optimisers their
+    # state, whose size (like the weights') does not depend on the batch.
+    data = common.random_token_data(3171, "word", n_tokens=1000)
+    trainer = common.cpu_trainer(data, **{**preset_values(preset, "word"), "preset": preset,
+                                          "level": "word", "batch_size": 1, "block_size": 32})
+    trainer.train_step()
+    ckpt = trainer.state()
     plain, checked = tmp / "plain.pth", tmp / "checked.pth"
     plain_dict = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, **ckpt}
     save_plain = best_seconds(lambda: torch.save(plain_dict, plain), repeats)
@@ -93,7 +83,7 @@ def checkpoint_row(preset: str, repeats: int, tmp: Path) -> dict:
     load_checked = best_seconds(lambda: checkpoint.load(checked), repeats)
     loaded = torch.load(checked, weights_only=True)
     return {
-        "what": f"{preset} checkpoint ({model.num_parameters() / 1e6:.1f}M parameters, "
+        "what": f"{preset} checkpoint ({trainer.model.num_parameters() / 1e6:.1f}M parameters, "
                 f"{checked.stat().st_size / MB:.0f} MB)",
         "save_plain": save_plain, "save_checked": save_checked,
         "load_plain": load_plain, "load_checked": load_checked,
@@ -104,17 +94,15 @@ def checkpoint_row(preset: str, repeats: int, tmp: Path) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=float, default=100.0, help="corpus size (default: 100)")
-    parser.add_argument("--source", type=Path,
-                        default=REPO.parent / "shared" / "data" / "sherlock.txt",
+    parser.add_argument("--source", type=Path, default=common.SHARED_DATA / "sherlock.txt",
                         help="text to repeat (default: ../shared/data/sherlock.txt)")
     parser.add_argument("--preset", default="small", help="checkpoint shape (default: small)")
     parser.add_argument("--repeats", type=int, default=3, help="best of (default: 3)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "integrity.json")
+    parser.add_argument("--out", type=Path, default=common.OUT / "integrity.json",
+                        help="JSON results file (default: benchmarks/out/integrity.json)")
     args = parser.parse_args(argv)
     if not args.source.is_file():
         parser.error(f"{args.source} not found: pass --source")
-
-    from smolgpt import hardware
 
     with tempfile.TemporaryDirectory(prefix="smolgpt-integrity-") as tmp:
         print(f"preparing a {args.mb:g} MB corpus at two levels ...", file=sys.stderr, flush=True)
@@ -122,25 +110,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"saving and loading a {args.preset} checkpoint ...", file=sys.stderr, flush=True)
         ckpt = checkpoint_row(args.preset, args.repeats, Path(tmp))
 
-    machine = hardware.this_cpu()
-    print(machine["line"] + "\n")
-    print("| token cache | first preparation s | cached open s (checked) | CRC-32 of tokens.bin s |")
-    print("|---|---|---|---|")
-    for r in cache:
-        print(f"| {r['what']} | {r['without']:.2f} | {r['with']:.3f} | {r['check']:.3f} |")
-    print("\n| checkpoint | torch.save s | checkpoint.save s (checksums, atomic write with "
-          "fsync) | torch.load s | checkpoint.load s (checksums verified) | checksums alone s |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {ckpt['what']} | {ckpt['save_plain']:.2f} | {ckpt['save_checked']:.2f} | "
-          f"{ckpt['load_plain']:.2f} | {ckpt['load_checked']:.2f} | {ckpt['checksums']:.2f} |")
+    common.print_machine()
+    print(common.markdown_table(
+        ["token cache", "first preparation s", "cached open s (checked)", "CRC-32 of tokens.bin s"],
+        [[r["what"], f"{r['without']:.2f}", f"{r['with']:.3f}", f"{r['check']:.3f}"]
+         for r in cache]))
+    print()
+    print(common.markdown_table(
+        ["checkpoint", "torch.save s", "checkpoint.save s (checksums, atomic write with fsync)",
+         "torch.load s", "checkpoint.load s (checksums verified)", "checksums alone s"],
+        [[ckpt["what"], *(f"{ckpt[k]:.2f}" for k in ("save_plain", "save_checked", "load_plain",
+                                                      "load_checked", "checksums"))]]))
     print(f"\nBest of {args.repeats}; MB = 10^6 bytes.")
-    print(f"Command: python benchmarks/integrity.py {shlex.join(argv or sys.argv[1:])}".rstrip())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "integrity", "hardware": machine,
-                                    "settings": {"mb": args.mb, "preset": args.preset,
-                                                 "repeats": args.repeats},
-                                    "token_cache": cache, "checkpoint": ckpt}, indent=2) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    common.print_command(__file__, argv)
+    common.write_record(args.out, "integrity",
+                        settings={"mb": args.mb, "preset": args.preset, "repeats": args.repeats},
+                        token_cache=cache, checkpoint=ckpt)
     return 0
 
 

@@ -15,6 +15,7 @@ Levels alternate in rounds and the median round is reported.
 
     python benchmarks/prepare.py                 # 20 MB, char and word, 3 rounds
     python benchmarks/prepare.py --mb 100 --levels word --rounds 1
+    python benchmarks/prepare.py --source any.txt --mb 0.1 --rounds 1   # smoke test: seconds
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -32,8 +31,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-REPO = Path(__file__).resolve().parents[1]
-MB = 1_000_000
+import common
+from common import MB
 
 
 def child(level: str, path: str, min_word_freq: int) -> None:
@@ -41,7 +40,6 @@ def child(level: str, path: str, min_word_freq: int) -> None:
     import resource
     from concurrent import futures
 
-    sys.path.insert(0, str(REPO / "src"))
     from smolgpt import data
 
     # Count the workers of every process pool prepare opens (0 pools: single process).
@@ -69,26 +67,6 @@ def child(level: str, path: str, min_word_freq: int) -> None:
         "rss_main_peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "rss_largest_worker_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
     }))
-
-
-def make_corpus(source: Path, mb: float, dest: Path) -> int:
-    """Repeat source (a blank line between copies) to about mb megabytes, cutting the last
-    copy at a line break."""
-    text = source.read_bytes()
-    target = max(int(mb * MB), 1)
-    written = 0
-    with open(dest, "wb") as f:
-        while written < target:
-            piece = (b"\n\n" if written else b"") + text
-            last = written + len(piece) >= target
-            if last:
-                cut = piece.rfind(b"\n", 0, target - written) + 1
-                piece = piece[:cut] if cut > 2 else b""
-            f.write(piece)
-            written += len(piece)
-            if last:
-                break
-    return written
 
 
 def measure(level: str, corpus: Path, min_word_freq: int, tmp_root: Path) -> dict:
@@ -127,17 +105,17 @@ def measure(level: str, corpus: Path, min_word_freq: int, tmp_root: Path) -> dic
 def markdown_table(rows: list[dict]) -> str:
     head = ["level", "corpus MB", "tokens", "vocab", "prepare s", "MB/s", "process wall s",
             "workers", "peak RSS main MB", "peak RSS largest worker MB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = []
     for r in rows:
         m = r["median"]
         worker_rss = f"{m['rss_largest_worker_kb'] / 1024:,.0f}" if m["process_pools"] else "-"
-        lines.append("| " + " | ".join([
+        cells.append([
             r["level"], f"{r['corpus_bytes'] / MB:.1f}", f"{m['tokens']:,}",
             f"{m['vocab_size']:,}", f"{m['seconds']:.2f}",
             f"{r['corpus_bytes'] / MB / m['seconds']:.2f}", f"{m['wall_s']:.2f}",
             str(m["workers"]), f"{m['rss_main_peak_kb'] / 1024:,.0f}", worker_rss,
-        ]) + " |")
-    return "\n".join(lines)
+        ])
+    return common.markdown_table(head, cells)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -148,8 +126,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--mb", type=float, default=20.0,
                         help="corpus size in megabytes (10^6 bytes) of --source repeated "
                         "(default: 20)")
-    parser.add_argument("--source", type=Path,
-                        default=REPO.parent / "shared" / "data" / "sherlock.txt",
+    parser.add_argument("--source", type=Path, default=common.SHARED_DATA / "sherlock.txt",
                         help="text to repeat (default: ../shared/data/sherlock.txt from the "
                         "repository root)")
     parser.add_argument("--corpus", type=Path, default=None,
@@ -162,7 +139,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="word level min_word_freq (default: 3, smolgpt's default)")
     parser.add_argument("--tmp-dir", type=Path, default=None,
                         help="where the corpus and the fresh caches go (default: system temp)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "prepare.json",
+    parser.add_argument("--out", type=Path, default=common.OUT / "prepare.json",
                         help="JSON results file (default: benchmarks/out/prepare.json)")
     parser.add_argument("--_child", nargs=2, metavar=("LEVEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -179,15 +156,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             if not args.source.is_file():
                 parser.error(f"{args.source} not found: pass --source or --corpus")
             corpus, source = tmp_root / f"corpus-{args.mb:g}MB.txt", args.source
-            make_corpus(args.source, args.mb, corpus)
+            common.make_corpus(args.source, args.mb, corpus)
         size = corpus.stat().st_size
         print(f"corpus: {size / MB:.1f} MB ({source}); {os.cpu_count()} CPUs; "
               f"{args.rounds} alternating rounds, fresh SMOLGPT_CACHE_DIR per measurement",
               file=sys.stderr, flush=True)
         runs: dict[str, list[dict]] = {level: [] for level in args.levels}
         for r in range(args.rounds):
-            order = args.levels[r % len(args.levels):] + args.levels[:r % len(args.levels)]
-            for level in order:
+            for level in common.rotated(args.levels, r):
                 res = measure(level, corpus, args.min_word_freq, tmp_root)
                 runs[level].append(res)
                 print(f"  round {r + 1} {level}: {res['seconds']:.2f}s in prepare "
@@ -207,31 +183,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             "mb_per_s_rounds": [size / MB / x["seconds"] for x in results],
             "runs": results,
         })
-    sys.path.insert(0, str(REPO / "src"))  # works without installing
-    from smolgpt import hardware
-
-    machine = hardware.this_cpu()
-    print(machine["line"] + "\n")
+    common.print_machine()
     print(markdown_table(rows))
     print()
     print("MB = 10^6 bytes. \"prepare s\" is the time inside smolgpt.data.prepare (fingerprint, "
           "vocabulary, encoding, writing ids), with an empty cache; \"process wall s\" adds "
           "interpreter start and imports. Peak RSS: the measuring process (torch is imported) "
           "and its largest tokenizer worker, from rusage.")
-    print(f"Command: python benchmarks/prepare.py {shlex.join(argv or sys.argv[1:])}".rstrip())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "benchmark": "prepare",
-        "hardware": machine,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "settings": {"mb": args.mb, "source": str(source), "corpus_bytes": size,
-                     "levels": args.levels, "rounds": args.rounds,
-                     "min_word_freq": args.min_word_freq},
-        "results": rows,
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    common.print_command(__file__, argv)
+    common.write_record(
+        args.out, "prepare",
+        settings={"mb": args.mb, "source": str(source), "corpus_bytes": size,
+                  "levels": args.levels, "rounds": args.rounds,
+                  "min_word_freq": args.min_word_freq},
+        results=rows)
     return 0
 
 

@@ -14,23 +14,20 @@ own metrics.jsonl). The named sweeps are the experiments behind the presets
     python benchmarks/recipe_sweep.py                              # shakespeare-steps
     python benchmarks/recipe_sweep.py --sweep sherlock-nano-60s
     python benchmarks/recipe_sweep.py --sweep shakespeare-steps --only 0 6
+    python benchmarks/recipe_sweep.py --only 0 5 --data-dir DIR --extra "--max_iters 4 \\
+        --eval_interval 4 --eval_iters 2 --n_layer 1 --n_head 2 --n_embd 32"   # toy size
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
-from time_to_loss import read_metrics  # the sibling script (benchmarks/ is on sys.path)
-
-REPO = Path(__file__).resolve().parents[1]
+import common
 
 # name -> (corpus file, flags common to every variant, variants)
 SWEEPS: dict[str, tuple[str, str, list[str]]] = {
@@ -70,26 +67,23 @@ SWEEPS: dict[str, tuple[str, str, list[str]]] = {
 }
 
 
-def run_variant(corpus: Path, common: str, variant: str) -> dict:
+def run_variant(corpus: Path, common_flags: str, variant: str, extra: str) -> dict:
+    """One whole train.py run of the variant in a fresh run directory; what its last
+    metrics row says."""
     with tempfile.TemporaryDirectory(prefix="smolgpt-sweep-") as tmp:
-        out = Path(tmp) / "run"
-        command = [sys.executable, "train.py", "--data", str(corpus), *shlex.split(common),
-                   *shlex.split(variant), "--out_dir", str(out)]
-        start = time.perf_counter()
-        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-        wall = time.perf_counter() - start
-        rows = read_metrics(out / "metrics.jsonl")
-    last = rows[-1] if rows else {}
+        run = common.run_train(["--data", str(corpus), *shlex.split(common_flags),
+                                *shlex.split(variant), *shlex.split(extra)], Path(tmp) / "run")
+    last = run.rows[-1] if run.rows else {}
     return {
         "variant": variant,
-        "exit_code": proc.returncode,
+        "exit_code": run.exit_code,
         "final_val": last.get("val_loss"),
         "best_val": last.get("best_val_loss"),
         "train_loss": last.get("train_loss"),
         "steps": last.get("iter"),
         "train_s": last.get("elapsed_s"),
-        "wall_s": round(wall, 1),
-        "error": proc.stderr[-1500:] if proc.returncode else "",
+        "wall_s": round(run.wall_s, 1),
+        "error": run.output[-1500:] if run.exit_code else "",
     }
 
 
@@ -98,13 +92,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--sweep", choices=SWEEPS, default="shakespeare-steps")
     parser.add_argument("--only", type=int, nargs="+", metavar="I",
                         help="run only these variants (0-based indices)")
-    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data",
+    parser.add_argument("--extra", default="",
+                        help='flags appended to every train.py command line, after the '
+                        'variant\'s (later flags win), e.g. "--seed 1"')
+    parser.add_argument("--data-dir", type=Path, default=common.SHARED_DATA,
                         help="where the corpus files are (default: ../shared/data)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON results (default: benchmarks/out/sweep-<name>.json)")
     args = parser.parse_args(argv)
 
-    corpus_name, common, variants = SWEEPS[args.sweep]
+    corpus_name, common_flags, variants = SWEEPS[args.sweep]
     corpus = args.data_dir / corpus_name
     if not corpus.is_file():
         parser.error(f"{corpus} does not exist: pass --data-dir")
@@ -112,28 +109,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = []
     for i, variant in chosen:
         print(f"[{i}] {variant} ...", file=sys.stderr, flush=True)
-        results.append(run_variant(corpus, common, variant))
+        results.append(run_variant(corpus, common_flags, variant, args.extra))
         r = results[-1]
         print(f"    val {r['final_val']}, {r['steps']} steps, exit {r['exit_code']}",
               file=sys.stderr, flush=True)
         if r["exit_code"]:
             print(r["error"], file=sys.stderr)
 
-    from smolgpt import hardware
-
-    machine = hardware.this_cpu()
-    print(f"{machine['line']}\n\n{corpus_name}, common flags: `{common}`\n")
-    print("| # | flags | final val | best val | train loss | steps | training s |")
-    print("|---|---|---|---|---|---|---|")
-    for (i, _), r in zip(chosen, results):
-        print(f"| {i} | `{r['variant']}` | {r['final_val']} | {r['best_val']} | "
-              f"{r['train_loss']} | {r['steps']} | {r['train_s']} |")
-    print(f"\nCommand: python benchmarks/recipe_sweep.py {' '.join(argv or sys.argv[1:])}".rstrip())
-    out = args.out or REPO / "benchmarks" / "out" / f"sweep-{args.sweep}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"sweep": args.sweep, "hardware": machine, "corpus": corpus_name,
-                               "common": common, "results": results}, indent=2) + "\n")
-    print(f"wrote {out}", file=sys.stderr)
+    common.print_machine()
+    print(f"{corpus_name}, common flags: `{common_flags}`"
+          + (f", then `{args.extra}`" if args.extra else "") + "\n")
+    print(common.markdown_table(
+        ["#", "flags", "final val", "best val", "train loss", "steps", "training s"],
+        [[i, f"`{r['variant']}`", r["final_val"], r["best_val"], r["train_loss"], r["steps"],
+          r["train_s"]] for (i, _), r in zip(chosen, results)]))
+    print()
+    common.print_command(__file__, argv)
+    common.write_record(args.out or common.OUT / f"sweep-{args.sweep}.json", "recipe_sweep",
+                        sweep=args.sweep, corpus=corpus_name, common=common_flags,
+                        extra=args.extra, results=results)
     return 0
 
 

@@ -1,9 +1,12 @@
-"""One training step of smolgpt's model, timed and (optionally) profiled; plus the CPU kernel
-timings behind the model's speed choices (GELU variant, attention precision).
+"""One training step of smolgpt, timed and (optionally) profiled; plus the CPU kernel timings
+behind the model's speed choices (GELU variant, attention precision, dropout, head loss).
 
-Precision follows smolgpt's policy for this CPU (``smolgpt.hardware.precision_policy``): bf16
-autocast and a bf16 Muon iteration where the CPU multiplies bf16 natively, float32 elsewhere;
-``--no-amp`` is float32 everywhere, and SMOLGPT_CPU_BF16=1/0 forces either path.
+The step is ``train_step`` of a real ``smolgpt.training.Trainer`` (what ``train.py`` runs each
+step: autocast forward, backward, clipping, fused AdamW, and Muon with --muon) at the shape
+the flags give, over random token ids. Precision follows smolgpt's policy for this CPU
+(``smolgpt.hardware.precision_policy``): bf16 autocast and a bf16 Muon iteration where the
+CPU multiplies bf16 natively, float32 elsewhere; ``--no-amp`` is float32 everywhere, and
+SMOLGPT_CPU_BF16=1/0 forces either path.
 
     python benchmarks/step_profile.py                          # micro, batch 32 x 128
     python benchmarks/step_profile.py --no-amp --dropout 0.1   # float32, with dropout
@@ -12,32 +15,31 @@ autocast and a bf16 Muon iteration where the CPU multiplies bf16 natively, float
     python benchmarks/step_profile.py --batch 12 --block 64 --vocab 65 --variants --compile  # baby
     python benchmarks/step_profile.py --position learned --muon --batch 16
     python benchmarks/step_profile.py --vocab 3171 --dropout 0.1 --variants  # vs 0.2.0's step
+    python benchmarks/step_profile.py --batch 2 --block 16 --n_layer 1 --n_head 2 --n_embd 32 \\
+        --steps 2 --rounds 1 --profile --kernels --variants --muon-cost   # smoke test: seconds
 
-Prints tokens/s of forward + backward + clipping + fused AdamW on random batches (vocabulary
-88 unless --vocab says otherwise).
+Prints tokens/s of the step on random batches (vocabulary 88 unless --vocab says otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import statistics
 import sys
 import time
-from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # works without installing
-
-from smolgpt import hardware  # noqa: E402
-from smolgpt.config import ModelConfig  # noqa: E402
-from smolgpt.model import GPT, Dropout  # noqa: E402
-from smolgpt.training import BatchedMuon  # noqa: E402
+import common
+from smolgpt import hardware, kernels
 
 
-def _best_ms(fn, reps: int = 10) -> float:
+def mean_ms(fn: Callable[[], object], reps: int = 10) -> float:
+    """Milliseconds per call of fn, the mean of reps calls after 3 warm-up calls."""
     for _ in range(3):
         fn()
     start = time.perf_counter()
@@ -47,34 +49,39 @@ def _best_ms(fn, reps: int = 10) -> float:
 
 
 def policy(args) -> hardware.PrecisionPolicy:
+    """smolgpt's precision policy for this CPU, under --amp / --no-amp."""
     return hardware.precision_policy(torch.device("cpu"), args.amp)
 
 
-def kernels(args) -> None:
+def print_setting(args, what: str) -> None:
+    """What was measured, at which shape and precision."""
+    print(f"batch {args.batch} x {args.block}, n_layer {args.n_layer}, n_head {args.n_head}, "
+          f"n_embd {args.n_embd}, vocabulary {args.vocab}, dropout {args.dropout}, position "
+          f"{args.position}{'' if args.amp else ', --no-amp (float32)'}; {what}")
+
+
+def time_kernels(args) -> None:
     """Forward + backward times, at the shape of --batch, --block, --n_head, --n_embd,
     --vocab, of: the two GELUs; fused vs unfused attention; a linear layer; torch.nn.Dropout
     vs smolgpt's (p = --dropout, or 0.1); and the head's loss from all logits at once vs
     chunk by chunk. In float32, and also in bf16 where the policy computes in bf16 (there
     the linear layer is also timed in float32 with oneDNN allowed to compute in bf16)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     B, T, nh, C = args.batch, args.block, args.n_head, args.n_embd
     pol = policy(args)
     dtypes = (torch.float32,) if pol.reduced is None else (torch.float32, pol.reduced)
-    print(f"{hardware.cpu_info().describe()}; policy {pol.describe()}\n")
-    print("| op | dtype | variant | ms (fwd+bwd) |\n|---|---|---|---|")
+    rows = []
     for dtype in dtypes:
         x = torch.randn(B * T, 4 * C).to(dtype).requires_grad_()
         for approx in ("none", "tanh"):
-            ms = _best_ms(lambda: F.gelu(x, approximate=approx).sum().backward())
-            print(f"| gelu {B * T}x{4 * C} | {dtype} | {approx} | {ms:.2f} |")
+            ms = mean_ms(lambda: F.gelu(x, approximate=approx).sum().backward())
+            rows.append([f"gelu {B * T}x{4 * C}", dtype, approx, f"{ms:.2f}"])
         q, k, v = (torch.randn(B, nh, T, C // nh).to(dtype).requires_grad_() for _ in range(3))
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
             def attend():
                 with sdpa_kernel([backend]):
                     F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
-            print(f"| attention {B}x{nh}x{T}x{C // nh} | {dtype} | {backend.name} | "
-                  f"{_best_ms(attend):.2f} |")
+            rows.append([f"attention {B}x{nh}x{T}x{C // nh}", dtype, backend.name,
+                         f"{mean_ms(attend):.2f}"])
     x = torch.randn(B * T, C, requires_grad=True)
     linear = torch.nn.Linear(C, 4 * C)
     settings = [(torch.float32, "ieee")]
@@ -83,87 +90,78 @@ def kernels(args) -> None:
     for dtype, precision in settings:
         torch.backends.mkldnn.matmul.fp32_precision = precision
         layer, inputs = linear.to(dtype), x.detach().to(dtype).requires_grad_()
-        ms = _best_ms(lambda: layer(inputs).sum().backward())
-        print(f"| linear {B * T}x{C}->{4 * C} | {dtype} | oneDNN fp32_precision={precision} | {ms:.2f} |")
+        ms = mean_ms(lambda: layer(inputs).sum().backward())
+        rows.append([f"linear {B * T}x{C}->{4 * C}", dtype,
+                     f"oneDNN fp32_precision={precision}", f"{ms:.2f}"])
     torch.backends.mkldnn.matmul.fp32_precision = "ieee"
 
     p = args.dropout or 0.1
     for dtype in dtypes:
         h = torch.randn(B * T, C, dtype=dtype, requires_grad=True)
-        for name, drop in (("torch.nn.Dropout", torch.nn.Dropout(p)), ("smolgpt Dropout", Dropout(p))):
-            ms = _best_ms(lambda: drop(h).sum().backward())
-            print(f"| dropout p={p} {B * T}x{C} | {dtype} | {name} | {ms:.2f} |")
+        for name, drop in (("torch.nn.Dropout", torch.nn.Dropout(p)),
+                           ("smolgpt Dropout", kernels.Dropout(p))):
+            ms = mean_ms(lambda: drop(h).sum().backward())
+            rows.append([f"dropout p={p} {B * T}x{C}", dtype, name, f"{ms:.2f}"])
 
-    model = GPT(ModelConfig(vocab_size=args.vocab, block_size=T, n_layer=1, n_head=nh, n_embd=C))
     hidden = torch.randn(B * T, C, requires_grad=True)
+    weight = (0.02 * torch.randn(args.vocab, C)).requires_grad_()  # the tied embedding
     targets = torch.randint(0, args.vocab, (B * T,))
     for name, chunk in (("all logits at once", sys.maxsize),
-                        ("smolgpt (in chunks if larger than one)", GPT.loss_chunk_elements)):
-        model.loss_chunk_elements = chunk
-
+                        ("smolgpt (in chunks if larger than one)", kernels.LOSS_CHUNK_ELEMENTS)):
         def head_loss():
             with pol.autocast():
-                loss = model.loss(hidden, targets)
+                _, loss = kernels.head_loss(hidden, weight, targets, chunk)
             loss.backward()
 
-        print(f"| head + loss {B * T}x{C}->{args.vocab} | {pol.reduced or torch.float32} | {name} | "
-              f"{_best_ms(head_loss):.2f} |")
+        rows.append([f"head + loss {B * T}x{C}->{args.vocab}", pol.reduced or torch.float32,
+                     name, f"{mean_ms(head_loss):.2f}"])
+    print(common.markdown_table(["op", "dtype", "variant", "ms (fwd+bwd)"], rows))
 
 
 def build_step(args, torch_dropout: bool = False, whole_loss: bool = False,
                pure_bf16: bool = False, foreach_clip: bool = False, compile: bool = False,
-               torch_muon: bool = False):
-    """A training step (as Trainer.train_step: autocast forward, backward, clipping, fused
-    AdamW) of a fresh model on fixed random batches. Variants: torch_dropout swaps the
-    model's CPU dropout for torch.nn.Dropout and whole_loss makes the loss from all the
-    logits at once (both as smolgpt 0.2.0 did); pure_bf16 trains the whole model in bf16
-    without autocast (a bound on what keeping bf16 copies of the weights could save);
-    foreach_clip clips with foreach=True; compile runs the model through torch.compile;
-    torch_muon (with --muon) uses torch.optim.Muon instead of smolgpt's BatchedMuon."""
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=args.vocab, block_size=args.block, n_layer=args.n_layer,
-                         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
-                         position=args.position)
-    model = GPT(config)
+               torch_muon: bool = False) -> Callable[[], object]:
+    """train_step of a fresh Trainer at the shape of args, over random ids. Variants change
+    the Trainer before its first step: torch_dropout swaps the model's CPU dropout for
+    torch.nn.Dropout and whole_loss makes the loss from all the logits at once (both as
+    smolgpt 0.2.0 did); pure_bf16 trains the whole model in bf16 without autocast (a bound
+    on what keeping bf16 copies of the weights could save); foreach_clip clips with
+    foreach=True; compile runs the model through torch.compile; torch_muon (with --muon)
+    uses torch.optim.Muon instead of smolgpt's BatchedMuon."""
+    trainer = common.cpu_trainer(
+        common.random_token_data(args.vocab), n_layer=args.n_layer, n_head=args.n_head,
+        n_embd=args.n_embd, block_size=args.block, batch_size=args.batch,
+        dropout=args.dropout, position=args.position, amp=args.amp, compile=compile,
+        optimizer="muon" if args.muon else "adamw", muon_ns_steps=args.ns_steps)
+    model, cfg = trainer.model, trainer.cfg
     if torch_dropout:
         for module in list(model.modules()):
             for name, child in module.named_children():
-                if isinstance(child, Dropout):
+                if isinstance(child, kernels.Dropout):
                     setattr(module, name, torch.nn.Dropout(child.p))
     if whole_loss:
         model.loss_chunk_elements = sys.maxsize
     if pure_bf16:
-        model = model.bfloat16()
-    forward = torch.compile(model) if compile else model
-    hidden = model.hidden_matrices() if args.muon else []
-    optimizers = [torch.optim.AdamW(model.optimizer_groups(0.1, exclude=hidden), lr=1e-3, fused=True)]
-    pol = policy(args)
-    if hidden:
-        if torch_muon:
-            optimizers.append(torch.optim.Muon(hidden, lr=0.05, adjust_lr_fn="original"))
-        else:
-            optimizers.append(BatchedMuon(hidden, lr=0.05, adjust_lr_fn="original",
-                                          ns_dtype=pol.muon_dtype, ns_steps=args.ns_steps))
-    x = torch.randint(0, args.vocab, (args.batch, args.block))
-    y = torch.randint(0, args.vocab, (args.batch, args.block))
-
-    def step() -> None:
-        with pol.autocast() if not pure_bf16 else contextlib.nullcontext():
-            _, loss = forward(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=foreach_clip or None)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    return step
+        model.bfloat16()
+        trainer.precision = hardware.cpu_policy(hardware.cpu_info(), amp=False)  # no autocast
+    if torch_muon and args.muon:
+        trainer.optimizers[-1] = torch.optim.Muon(
+            model.hidden_matrices(), lr=cfg.muon_lr, ns_steps=cfg.muon_ns_steps,
+            weight_decay=cfg.weight_decay, adjust_lr_fn="original")
+    if foreach_clip:
+        return lambda: with_foreach_clipping(trainer.train_step)
+    return trainer.train_step
 
 
-def tokens_per_s(step, steps: int, tokens_per_step: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * tokens_per_step / (time.perf_counter() - start)
+def with_foreach_clipping(step: Callable[[], object]) -> object:
+    """step(), with torch.nn.utils.clip_grad_norm_ (which Trainer.train_step calls) clipping
+    with foreach=True: on a CPU torch's default is one tensor at a time."""
+    original = torch.nn.utils.clip_grad_norm_
+    torch.nn.utils.clip_grad_norm_ = functools.partial(original, foreach=True)
+    try:
+        return step()
+    finally:
+        torch.nn.utils.clip_grad_norm_ = original
 
 
 def compare_variants(args) -> None:
@@ -183,22 +181,15 @@ def compare_variants(args) -> None:
     if args.compile:
         print("compiling (tens of seconds) ...", file=sys.stderr, flush=True)
         variants["torch.compile"] = build_step(args, compile=True)
-    tokens = args.batch * args.block
-    rates: dict[str, list[float]] = {name: [] for name in variants}
-    for step in variants.values():
-        tokens_per_s(step, 3, tokens)  # warm-up
-    for r in range(args.rounds):
-        names = list(variants)[r % len(variants):] + list(variants)[:r % len(variants)]
-        for name in names:
-            rates[name].append(tokens_per_s(variants[name], args.steps, tokens))
+    rates = timed_rounds(args, variants)
     base = rates["both (as 0.2.0)"]
-    print(f"{hardware.cpu_info().describe()}; policy {policy(args).describe()}\n"
-          f"batch {args.batch} x {args.block}, vocabulary {args.vocab}, dropout {args.dropout}, "
-          f"muon={args.muon}; median of {args.rounds} alternating rounds of {args.steps} steps\n")
-    print("| variant | tokens/s | speed-up over \"both (as 0.2.0)\" |\n|---|---|---|")
-    for name, values in rates.items():
-        speedup = statistics.median(a / b for a, b in zip(values, base))
-        print(f"| {name} | {statistics.median(values):,.0f} | {speedup:.2f}x |")
+    print_setting(args, f"muon={args.muon}; median of {args.rounds} alternating rounds of "
+                        f"{args.steps} steps")
+    print()
+    print(common.markdown_table(
+        ["variant", "tokens/s", 'speed-up over "both (as 0.2.0)"'],
+        [[name, f"{statistics.median(values):,.0f}", f"{common.median_ratio(values, base):.2f}x"]
+         for name, values in rates.items()]))
 
 
 def muon_cost(args) -> None:
@@ -206,26 +197,30 @@ def muon_cost(args) -> None:
     alternating rounds: how much Muon's orthogonalisation adds to a step."""
     steps = {"AdamW": build_step(argparse.Namespace(**{**vars(args), "muon": False})),
              "Muon + AdamW": build_step(argparse.Namespace(**{**vars(args), "muon": True}))}
-    tokens = args.batch * args.block
-    rates: dict[str, list[float]] = {name: [] for name in steps}
-    for step in steps.values():
-        tokens_per_s(step, 3, tokens)  # warm-up
-    for r in range(args.rounds):
-        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
-            rates[name].append(tokens_per_s(steps[name], args.steps, tokens))
-    cost = statistics.median(a / m for a, m in zip(rates["AdamW"], rates["Muon + AdamW"]))
-    print(f"{hardware.cpu_info().describe()}; policy {policy(args).describe()}\n"
-          f"batch {args.batch} x {args.block}, vocabulary {args.vocab}, dropout {args.dropout}, "
-          f"Muon ns_steps {args.ns_steps}; median of {args.rounds} alternating rounds of "
-          f"{args.steps} steps\n")
-    print("| step | tokens/s |\n|---|---|")
-    for name, values in rates.items():
-        print(f"| {name} | {statistics.median(values):,.0f} |")
+    rates = timed_rounds(args, steps)
+    print_setting(args, f"Muon ns_steps {args.ns_steps}; median of {args.rounds} alternating "
+                        f"rounds of {args.steps} steps")
+    print()
+    print(common.markdown_table(["step", "tokens/s"],
+                                [[name, f"{statistics.median(values):,.0f}"]
+                                 for name, values in rates.items()]))
+    cost = common.median_ratio(rates["AdamW"], rates["Muon + AdamW"])
     print(f"\nMuon step / AdamW step: {cost:.2f}x")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def timed_rounds(args, steps: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
+    """Tokens/s of each step over --rounds alternating rounds of --steps steps, after a
+    warm-up of 3 steps each."""
+    for step in steps.values():
+        common.time_steps(step, 3)
+    return common.tokens_per_s_rounds(steps, dict.fromkeys(steps, args.steps),
+                                      args.batch * args.block, args.rounds)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()) + " --profile, --kernels, "
+        "--variants and --muon-cost may be combined; without any of them, the step is timed.")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--n_layer", type=int, default=4)
@@ -241,43 +236,42 @@ def main() -> int:
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                         help="reduced precision where the CPU has it natively (default on)")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table")
+    parser.add_argument("--profile", action="store_true",
+                        help="time the step and print a torch.profiler table of it")
     parser.add_argument("--kernels", action="store_true", help="time GELU and attention kernels")
     parser.add_argument("--variants", action="store_true",
                         help="compare the step with 0.2.0's dropout and loss and with things "
                         "tried for speed, in alternating rounds")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of --variants (default: 5)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds of --variants and --muon-cost (default: 5)")
     parser.add_argument("--compile", action="store_true", help="--variants: add torch.compile")
     parser.add_argument("--muon-cost", action="store_true",
                         help="time the step with Muon against the step with AdamW alone")
-    args = parser.parse_args()
-    if args.kernels:
-        kernels(args)
-        return 0
-    if args.variants:
-        compare_variants(args)
-        return 0
-    if args.muon_cost:
-        muon_cost(args)
-        return 0
+    args = parser.parse_args(argv)
+    modes = [mode for flag, mode in ((args.profile, time_step), (args.kernels, time_kernels),
+                                     (args.variants, compare_variants),
+                                     (args.muon_cost, muon_cost)) if flag]
+    common.print_machine()
+    for mode in modes or [time_step]:
+        mode(args)
+        print()
+    common.print_command(__file__, argv)
+    return 0
 
+
+def time_step(args) -> None:
+    """Tokens/s of the step, and with --profile torch.profiler's table of five steps."""
     step = build_step(args)
-    for _ in range(5):
-        step()
-    rate = tokens_per_s(step, args.steps, args.batch * args.block)
-    print(f"{hardware.cpu_info().describe()}; policy {policy(args).describe()}\n"
-          f"batch {args.batch} x {args.block}, dropout={args.dropout}, "
-          f"position={args.position}, muon={args.muon} (ns_steps {args.ns_steps}): "
-          f"{rate:,.0f} tokens/s")
+    common.time_steps(step, 5)  # warm-up
+    rate = args.steps * args.batch * args.block / common.time_steps(step, args.steps)
+    print_setting(args, f"muon={args.muon} (ns_steps {args.ns_steps}): {rate:,.0f} tokens/s")
     if args.profile:
         from torch.profiler import profile
 
         with profile() as prof:
-            for _ in range(5):
-                step()
+            common.time_steps(step, 5)
+        print()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

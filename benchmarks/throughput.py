@@ -3,8 +3,8 @@
 Both models get the same shape (layers, heads, width, context, vocabulary, dropout) and the
 same batches (random token ids through smolgpt's BatchSampler), in the same process:
 
-- smolgpt: ``Trainer.train_step`` of a real ``smolgpt.training.Trainer`` built over an
-  in-memory corpus of random ids, i.e. exactly what ``train.py`` runs each step (rotary
+- smolgpt: ``train_step`` of a real ``smolgpt.training.Trainer`` built over an in-memory
+  corpus of random ids, i.e. exactly what ``train.py`` runs each step (rotary
   positions, autocast dtype, gradient clipping), with AdamW like the peer's loop; and again
   with ``--optimizer muon`` (what the nano and micro presets train with), whose extra
   per-step cost shows in its own column; and with ``--position learned``, GPT-2's own
@@ -19,6 +19,9 @@ same batches (random token ids through smolgpt's BatchSampler), in the same proc
 Precision follows smolgpt's policy for this CPU (``smolgpt.hardware.precision_policy``; the
 JSON and the table name the CPU, its flags and the policy). SMOLGPT_CPU_BF16=1/0 forces it.
 
+transformers is optional (``pip install "transformers>=4.40"``, smolgpt's ``bench`` extra):
+without it the transformers columns are left out, and a line above the table says so.
+
 Each implementation is warmed up, then timed for about --seconds per measurement; the
 implementations alternate in rounds (rotating who goes first), because a shared 2-core
 machine is noisy: tokens/s is the median over rounds, and a ratio is the median of the
@@ -30,6 +33,7 @@ cost" is the median over rounds of the AdamW step's tokens/s over the Muon step'
     python benchmarks/throughput.py                 # baby, nano/micro at char and word level
     python benchmarks/throughput.py --tiny          # also the tiny preset
     python benchmarks/throughput.py --configs baby --seconds 2 --rounds 3
+    python benchmarks/throughput.py --configs baby --seconds 0.1 --rounds 1 --warmup 1  # smoke
 """
 
 from __future__ import annotations
@@ -37,30 +41,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))  # works without installing
+import common
+from smolgpt import hardware
+from smolgpt.config import PRESETS, TrainConfig, preset_values
+from smolgpt.data import BatchSampler, TokenData
+from smolgpt.training import Trainer
 
-from smolgpt import hardware  # noqa: E402
-from smolgpt.config import PRESETS, TrainConfig, preset_values  # noqa: E402
-from smolgpt.data import BatchSampler, TokenData  # noqa: E402
-from smolgpt.tokenizer import CharTokenizer, WordTokenizer  # noqa: E402
-from smolgpt.training import Trainer  # noqa: E402
-
-# Vocabulary sizes of the Sherlock Holmes corpus (/work/shared/data/sherlock.txt) at each
-# level with smolgpt's tokenizers (min_word_freq 3).
+# Vocabulary sizes of the Sherlock Holmes corpus (../shared/data/sherlock.txt) at each level
+# with smolgpt's tokenizers (min_word_freq 3).
 CHAR_VOCAB, WORD_VOCAB = 88, 3171
-DEFAULT_DROPOUT = TrainConfig().dropout
+INSTALL = 'pip install "transformers>=4.40" (smolgpt\'s bench extra)'
 
 
 @dataclasses.dataclass
@@ -74,16 +71,15 @@ class BenchConfig:
     vocab_size: int
     level: str
     dropout: float
-    muon_ns_steps: int = TrainConfig().muon_ns_steps  # the preset's, on this kind of CPU
+    muon_ns_steps: int = TrainConfig.muon_ns_steps  # the preset's, on this kind of CPU
 
 
-def bench_configs(include_tiny: bool, dropout: float) -> list[BenchConfig]:
-    """nanoGPT's CPU 'baby GPT', then smolgpt presets at char and word level (with the
-    presets' Muon settings for this CPU's precision policy)."""
+def bench_configs(dropout: float) -> list[BenchConfig]:
+    """nanoGPT's CPU 'baby GPT', then smolgpt's nano, micro and tiny presets at char and word
+    level (with the presets' Muon settings for this CPU's precision policy)."""
     configs = [BenchConfig("baby", 4, 4, 128, 64, 12, 65, "char", 0.0)]
     cpu_float32 = hardware.precision_policy(torch.device("cpu")).float32_cpu
-    presets = ["nano", "micro"] + (["tiny"] if include_tiny else [])
-    for preset in presets:
+    for preset in ("nano", "micro", "tiny"):
         shape = {k: PRESETS[preset][k] for k in ("n_layer", "n_head", "n_embd")}
         for level, vocab in (("char", CHAR_VOCAB), ("word", WORD_VOCAB)):
             recipe = preset_values(preset, level, cpu_float32)
@@ -94,34 +90,16 @@ def bench_configs(include_tiny: bool, dropout: float) -> list[BenchConfig]:
     return configs
 
 
-def random_token_data(c: BenchConfig, n_tokens: int, seed: int = 0) -> TokenData:
-    """An in-memory corpus of uniformly random ids with a real tokenizer of vocab_size."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, c.vocab_size, size=n_tokens, dtype=np.int64).astype(np.uint16)
-    if c.level == "char":
-        tokenizer = CharTokenizer(chr(0x100 + i) for i in range(c.vocab_size))
-    else:
-        tokenizer = WordTokenizer([f"w{i}" for i in range(c.vocab_size - 2)])
-    assert tokenizer.vocab_size == c.vocab_size
-    split = int(n_tokens * 0.9)
-    return TokenData("random", ids[:split], ids[split:], tokenizer, fingerprint="benchmark-random")
-
-
-def smolgpt_step(c: BenchConfig, data: TokenData, out_dir: Path, amp: bool,
-                 optimizer: str = "adamw", position: str = "rope"):
-    """A real Trainer; returns (step function, trainer)."""
-    cfg = TrainConfig(level=c.level, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
-                      block_size=c.block_size, batch_size=c.batch_size, dropout=c.dropout,
-                      amp=amp, device="cpu", optimizer=optimizer, position=position,
-                      muon_ns_steps=c.muon_ns_steps)
-    trainer = Trainer(cfg, data, out_dir, torch.device("cpu"))
-    trainer.model.train()
-
-    def step() -> float:
-        # Trainer.run reads every step's loss on a CPU (a NaN check); so does this.
-        return trainer.train_step(cfg.learning_rate).item()
-
-    return step, trainer
+def smolgpt_step(c: BenchConfig, data: TokenData,
+                 **settings) -> tuple[Callable[[], float], Trainer]:
+    """(step function, trainer): train_step of a real Trainer of config c; settings such
+    as optimizer="muon" or amp=False go to its TrainConfig."""
+    trainer = common.cpu_trainer(
+        data, level=c.level, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+        block_size=c.block_size, batch_size=c.batch_size, dropout=c.dropout,
+        muon_ns_steps=c.muon_ns_steps, **settings)
+    # Trainer.run reads every step's loss on a CPU (a NaN check); so does this.
+    return (lambda: trainer.train_step().item()), trainer
 
 
 def transformers_step(c: BenchConfig, data: TokenData, bf16: bool):
@@ -153,54 +131,39 @@ def transformers_step(c: BenchConfig, data: TokenData, bf16: bool):
     return step, model
 
 
-def time_steps(step: Callable[[], float], n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        step()
-    return time.perf_counter() - start
-
-
-def measure_config(c: BenchConfig, args) -> dict:
+def measure_config(c: BenchConfig, args, peer: bool) -> dict:
+    """Tokens/s of each implementation at config c in alternating rounds, with the ratios
+    and MFUs derived from them; peer: whether transformers is there to compare with."""
     tokens_per_step = c.batch_size * c.block_size
-    data = random_token_data(c, n_tokens=max(200_000, 20 * tokens_per_step))
+    data = common.random_token_data(c.vocab_size, c.level, max(200_000, 20 * tokens_per_step))
     impls: dict[str, Callable[[], float]] = {}
-    with tempfile.TemporaryDirectory(prefix="smolgpt-bench-") as tmp:
-        step, trainer = smolgpt_step(c, data, Path(tmp), amp=True)
-        impls["smolgpt"] = step
-        impls["smolgpt_muon"], _ = smolgpt_step(c, data, Path(tmp), amp=True, optimizer="muon")
-        impls["smolgpt_learned"], _ = smolgpt_step(c, data, Path(tmp), amp=True,
-                                                   position="learned")
-        if args.smolgpt_fp32:
-            impls["smolgpt_fp32"], _ = smolgpt_step(c, data, Path(tmp), amp=False)
+    impls["smolgpt"], trainer = smolgpt_step(c, data)
+    impls["smolgpt_muon"], _ = smolgpt_step(c, data, optimizer="muon")
+    impls["smolgpt_learned"], _ = smolgpt_step(c, data, position="learned")
+    if args.smolgpt_fp32:
+        impls["smolgpt_fp32"], _ = smolgpt_step(c, data, amp=False)
+    hf_model = None
+    if peer:
         impls["transformers_fp32"], hf_model = transformers_step(c, data, bf16=False)
         if trainer.precision.reduced == torch.bfloat16:
             impls["transformers_bf16"], _ = transformers_step(c, data, bf16=True)
 
-        # Warm up each, and size a measurement at about args.seconds.
-        n_steps = {}
-        for name, fn in impls.items():
-            time_steps(fn, args.warmup)
-            per_step = time_steps(fn, 2) / 2
-            n_steps[name] = max(2, round(args.seconds / per_step))
-
-        rates: dict[str, list[float]] = {name: [] for name in impls}
-        names = list(impls)
-        for r in range(args.rounds):
-            order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
-            for name in order:
-                seconds = time_steps(impls[name], n_steps[name])
-                rates[name].append(n_steps[name] * tokens_per_step / seconds)
+    # Warm up each, and size a measurement at about args.seconds.
+    n_steps = {}
+    for name, fn in impls.items():
+        common.time_steps(fn, args.warmup)
+        per_step = common.time_steps(fn, 2) / 2
+        n_steps[name] = max(2, round(args.seconds / per_step))
+    rates = common.tokens_per_s_rounds(impls, n_steps, tokens_per_step, args.rounds)
 
     peak = hardware.peak_flops(torch.device("cpu"), trainer.precision)
     peak_fp32 = hardware.matmul_flops("cpu", torch.float32)
     med = {name: statistics.median(v) for name, v in rates.items()}
 
-    def ratio(name: str, peer: str) -> Optional[float]:
-        if peer not in rates:
-            return None
-        return statistics.median(a / b for a, b in zip(rates[name], rates[peer]))
+    def ratio(name: str, other: str) -> Optional[float]:
+        return common.median_ratio(rates[name], rates[other]) if other in rates else None
 
-    flops = trainer.flops_per_token
+    flops = trainer.model.estimate_flops_per_token()
     result = {
         "config": dataclasses.asdict(c),
         "tokens_per_step": tokens_per_step,
@@ -213,16 +176,17 @@ def measure_config(c: BenchConfig, args) -> dict:
         "ratio_smolgpt_vs_transformers_bf16": ratio("smolgpt", "transformers_bf16"),
         "ratio_smolgpt_learned_vs_transformers_fp32": ratio("smolgpt_learned", "transformers_fp32"),
         "smolgpt_params": trainer.model.num_parameters(),
-        "transformers_params": sum(p.numel() for p in hf_model.parameters()),
+        "transformers_params": sum(p.numel() for p in hf_model.parameters()) if peer else None,
         "smolgpt_flops_per_token": flops,
         "smolgpt_train_dtype": str(trainer.precision.reduced or torch.float32).replace("torch.", ""),
         "peak_flops_used_for_mfu": peak,
         "peak_flops_fp32": peak_fp32,
         "smolgpt_mfu": flops * med["smolgpt"] / peak,
         "smolgpt_muon_mfu": flops * med["smolgpt_muon"] / peak,
-        # Same model FLOPs per token (equal shapes), each against its own dtype's peak.
-        "transformers_fp32_mfu": flops * med["transformers_fp32"] / peak_fp32,
     }
+    # Same model FLOPs per token (equal shapes), each against its own dtype's peak.
+    if "transformers_fp32" in med:
+        result["transformers_fp32_mfu"] = flops * med["transformers_fp32"] / peak_fp32
     if "transformers_bf16" in med:
         result["transformers_bf16_mfu"] = flops * med["transformers_bf16"] / peak
     if "smolgpt_fp32" in med:
@@ -230,14 +194,16 @@ def measure_config(c: BenchConfig, args) -> dict:
     return result
 
 
-def markdown_table(results: list[dict], smolgpt_fp32: bool) -> str:
+def markdown_table(results: list[dict], smolgpt_fp32: bool, peer: bool) -> str:
+    """One row per config; the transformers columns only with peer."""
     head = ["config", "smolgpt tok/s", "smolgpt + Muon tok/s", "smolgpt, learned positions tok/s"]
     if smolgpt_fp32:
         head.append("smolgpt fp32 tok/s")
-    head += ["transformers fp32 tok/s", "transformers bf16 tok/s", "smolgpt / tf fp32",
-             "smolgpt + Muon / tf fp32", "smolgpt / tf bf16", "learned positions / tf fp32",
-             "Muon step cost", "smolgpt MFU", "smolgpt + Muon MFU"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if peer:
+        head += ["transformers fp32 tok/s", "transformers bf16 tok/s", "smolgpt / tf fp32",
+                 "smolgpt + Muon / tf fp32", "smolgpt / tf bf16", "learned positions / tf fp32"]
+    head += ["Muon step cost", "smolgpt MFU", "smolgpt + Muon MFU"]
+    rows = []
     for r in results:
         m, c = r["tokens_per_s_median"], r["config"]
         shape = (f"{c['name']} ({c['n_layer']}L/{c['n_head']}H/{c['n_embd']}, "
@@ -247,18 +213,29 @@ def markdown_table(results: list[dict], smolgpt_fp32: bool) -> str:
         if smolgpt_fp32:
             row.append(f"{m['smolgpt_fp32']:,.0f}")
         times = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
-        bf16 = m.get("transformers_bf16")
-        row += [f"{m['transformers_fp32']:,.0f}",
-                "- (no native bf16)" if bf16 is None else f"{bf16:,.0f}",
-                times(r["ratio_smolgpt_vs_transformers_fp32"]),
-                times(r["ratio_smolgpt_muon_vs_transformers_fp32"]),
-                times(r["ratio_smolgpt_vs_transformers_bf16"]),
-                times(r["ratio_smolgpt_learned_vs_transformers_fp32"]),
-                times(r["muon_step_cost"]),
+        if peer:
+            bf16 = m.get("transformers_bf16")
+            row += [f"{m['transformers_fp32']:,.0f}",
+                    "- (no native bf16)" if bf16 is None else f"{bf16:,.0f}",
+                    times(r["ratio_smolgpt_vs_transformers_fp32"]),
+                    times(r["ratio_smolgpt_muon_vs_transformers_fp32"]),
+                    times(r["ratio_smolgpt_vs_transformers_bf16"]),
+                    times(r["ratio_smolgpt_learned_vs_transformers_fp32"])]
+        row += [times(r["muon_step_cost"]),
                 f"{100 * r['smolgpt_mfu']:.1f}% ({r['smolgpt_train_dtype']})",
                 f"{100 * r['smolgpt_muon_mfu']:.1f}%"]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append(row)
+    return common.markdown_table(head, rows)
+
+
+def import_transformers():
+    """(transformers, None), or (None, why not) where it cannot be imported."""
+    try:
+        import transformers
+    except ImportError as exc:
+        return None, str(exc)
+    transformers.logging.set_verbosity_error()
+    return transformers, None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -274,19 +251,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=5,
                         help="alternating rounds per config; medians are reported (default: 5)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default: 3)")
-    parser.add_argument("--dropout", type=float, default=DEFAULT_DROPOUT,
+    parser.add_argument("--dropout", type=float, default=TrainConfig.dropout,
                         help=f"dropout of the preset configs, both models (default: smolgpt's "
-                        f"{DEFAULT_DROPOUT}); baby always uses 0")
+                        f"{TrainConfig.dropout}); baby always uses 0")
     parser.add_argument("--smolgpt-fp32", action="store_true",
                         help="add a column for smolgpt with --no-amp (float32)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "throughput.json",
+    parser.add_argument("--out", type=Path, default=common.OUT / "throughput.json",
                         help="JSON results file (default: benchmarks/out/throughput.json)")
     args = parser.parse_args(argv)
 
-    import transformers
-    transformers.logging.set_verbosity_error()
-
-    configs = bench_configs(True, args.dropout)
+    configs = bench_configs(args.dropout)
     if args.configs:
         known = [c.name for c in configs]
         unknown = set(args.configs) - set(known)
@@ -297,34 +271,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif not args.tiny:
         configs = [c for c in configs if not c.name.startswith("tiny")]
 
-    machine = hardware.this_cpu()
+    transformers, missing = import_transformers()
+    peer = transformers is not None
+    skipped = None if peer else f"transformers columns skipped ({missing}): {INSTALL}"
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-          f"{transformers.__version__}; ~{args.seconds:g}s per measurement, median of "
-          f"{args.rounds} alternating rounds", file=sys.stderr)
+          f"{transformers.__version__ if peer else 'not available'}; ~{args.seconds:g}s per "
+          f"measurement, median of {args.rounds} alternating rounds", file=sys.stderr)
     results = []
     for c in configs:
         print(f"measuring {c.name} ...", file=sys.stderr, flush=True)
-        results.append(measure_config(c, args))
+        results.append(measure_config(c, args, peer))
         m = results[-1]["tokens_per_s_median"]
         print("  " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in m.items()),
               file=sys.stderr, flush=True)
 
-    print(machine["line"] + "\n")
-    print(markdown_table(results, args.smolgpt_fp32))
+    common.print_machine()
+    if skipped:
+        print(skipped + "\n")
+    print(markdown_table(results, args.smolgpt_fp32, peer))
     print()
-    print(f"Command: python benchmarks/throughput.py {' '.join(argv or sys.argv[1:])}".rstrip())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "benchmark": "throughput",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(),
-        "hardware": machine,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "results": results,
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    common.print_command(__file__, argv)
+    common.write_record(
+        args.out, "throughput", threads=torch.get_num_threads(),
+        transformers=transformers.__version__ if peer else None,
+        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        results=results)
     return 0
 
 

@@ -14,16 +14,14 @@ excludes first-time tokenization (a steady-state run, not a first run).
     python benchmarks/time_to_loss.py --scenario shakespeare-char-micro-20s
     python benchmarks/time_to_loss.py --scenario sherlock-char-micro-200s --extra "--learning_rate 1e-3"
     python benchmarks/time_to_loss.py --quick                          # 5 s smoke test
+    python benchmarks/time_to_loss.py --scenario shakespeare-char-micro-20s --data-dir DIR \\
+        --extra "--time_budget 1 --n_layer 1 --n_embd 32 --n_head 2 --eval_iters 2"  # toy size
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))  # works without installing
+import common
 
 
 @dataclass(frozen=True)
@@ -82,52 +79,15 @@ def warm_token_cache(args: list[str]) -> str:
     return f"{cfg.level} {Path(cfg.data).name}: ready in {time.perf_counter() - start:.2f}s ({cache_dir()})"
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def run_and_watch(command: list[str], metrics_path: Path, log_path: Path,
-                  poll_s: float = 0.25) -> tuple[int, float, list[float]]:
-    """Run command to the end; return (exit code, wall seconds, and for each metrics row the
-    process-clock second at which it appeared), polling the metrics file as it grows."""
-    seen: list[float] = []
-    with open(log_path, "w") as log:
-        start = time.perf_counter()
-        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            while proc.poll() is None:
-                time.sleep(poll_s)
-                if metrics_path.exists():
-                    n = metrics_path.read_bytes().count(b"\n")
-                    seen.extend([time.perf_counter() - start] * (n - len(seen)))
-        except BaseException:  # Ctrl-C here: do not leave train.py running
-            proc.kill()
-            proc.wait()
-            raise
-        wall = time.perf_counter() - start
-    if metrics_path.exists():  # rows written in the last poll interval
-        n = metrics_path.read_bytes().count(b"\n")
-        seen.extend([wall] * (n - len(seen)))
-    return proc.returncode, wall, seen
-
-
 def run_scenario(s: Scenario, data_dir: Path, extra: list[str], keep_logs: Optional[Path],
                  repeat: int = 1) -> dict:
+    """Run one scenario's train.py in a fresh run directory; its results and checks."""
     with tempfile.TemporaryDirectory(prefix=f"smolgpt-ttl-{s.name}-") as tmp:
-        out_dir = Path(tmp) / "run"
-        command = [sys.executable, "train.py", *train_args(s, data_dir, extra),
-                   "--out_dir", str(out_dir)]
-        log_path = Path(tmp) / "train.log"
-        code, wall, seen = run_and_watch(command, out_dir / "metrics.jsonl", log_path)
-        rows = read_metrics(out_dir / "metrics.jsonl")
-        output = log_path.read_text(errors="replace")
+        run = common.run_train(train_args(s, data_dir, extra), Path(tmp) / "run")
     if keep_logs is not None:
         keep_logs.mkdir(parents=True, exist_ok=True)
-        (keep_logs / f"{s.name}-{repeat}.log").write_text(output)
-    for row, t in zip(rows, seen):
-        row["process_s"] = round(t, 2)  # seconds after process start that the row appeared
+        (keep_logs / f"{s.name}-{repeat}.log").write_text(run.output)
+    rows = run.rows
     vals = [r["val_loss"] for r in rows]
     best = min(vals) if vals else None
     last = vals[-1] if vals else None
@@ -135,33 +95,33 @@ def run_scenario(s: Scenario, data_dir: Path, extra: list[str], keep_logs: Optio
     met = first_hit is not None
     checks = {"target": met}
     if s.max_wall_s is not None:
-        checks["wall"] = wall <= s.max_wall_s
+        checks["wall"] = run.wall_s <= s.max_wall_s
     if s.max_overfit is not None:
         checks["overfit"] = last is not None and last - best <= s.max_overfit
     return {
         "scenario": s.name,
         "source": s.source,
-        "command": shlex.join(["python", *command[1:]]),
-        "exit_code": code,
+        "command": shlex.join(["python", *run.command[1:]]),
+        "exit_code": run.exit_code,
         "target_val_loss": s.target,
         "max_wall_s": s.max_wall_s,
         "max_overfit": s.max_overfit,
-        "wall_s": round(wall, 2),
+        "wall_s": round(run.wall_s, 2),
         "best_val_loss": best,
         "last_val_loss": last,
         "target_met": met,
         # metrics.jsonl's own clock (the training loop's elapsed_s) at the first row at or
         # below the target, and this script's clock (since process start) when it appeared.
         "elapsed_s_at_target": first_hit["elapsed_s"] if met else None,
-        "process_s_at_target": first_hit.get("process_s") if met else None,
+        "process_s_at_target": first_hit["process_s"] if met else None,
         "iter_at_target": first_hit["iter"] if met else None,
         "final_iter": rows[-1]["iter"] if rows else None,
         "final_elapsed_s": rows[-1]["elapsed_s"] if rows else None,
         "tokens_per_s_last_window": rows[-1]["tokens_per_s"] if rows else None,
         "checks": checks,
-        "passed": code == 0 and all(checks.values()),
+        "passed": run.exit_code == 0 and all(checks.values()),
         "metrics": rows,
-        "log_tail": output[-2000:] if code else "",
+        "log_tail": run.output[-2000:] if run.exit_code else "",
     }
 
 
@@ -173,7 +133,7 @@ def markdown_table(results: list[dict]) -> str:
     head = ["scenario", "target val", "best val", "last val", "target met",
             "elapsed_s at target", "process s at target", "iter at target",
             "wall s (whole process)", "other checks", "pass"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for r in results:
         other = []
         if r["max_wall_s"] is not None:
@@ -183,14 +143,12 @@ def markdown_table(results: list[dict]) -> str:
                          f"{'yes' if r['checks']['overfit'] else 'NO'}")
         if r["exit_code"]:
             other.append(f"exit code {r['exit_code']}")
-        row = [r["scenario"], fmt(r["target_val_loss"]), fmt(r["best_val_loss"]),
-               fmt(r["last_val_loss"]), "yes" if r["target_met"] else "no",
-               fmt(r["elapsed_s_at_target"], ".1f"), fmt(r["process_s_at_target"], ".1f"),
-               fmt(r["iter_at_target"], "d"),
-               fmt(r["wall_s"], ".1f"), "; ".join(other) or "-",
-               "PASS" if r["passed"] else "FAIL"]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+        rows.append([r["scenario"], fmt(r["target_val_loss"]), fmt(r["best_val_loss"]),
+                     fmt(r["last_val_loss"]), "yes" if r["target_met"] else "no",
+                     fmt(r["elapsed_s_at_target"], ".1f"), fmt(r["process_s_at_target"], ".1f"),
+                     fmt(r["iter_at_target"], "d"), fmt(r["wall_s"], ".1f"),
+                     "; ".join(other) or "-", "PASS" if r["passed"] else "FAIL"])
+    return common.markdown_table(head, rows)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -208,11 +166,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "not be met)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run each scenario this many times (default: 1)")
-    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data",
+    parser.add_argument("--data-dir", type=Path, default=common.SHARED_DATA,
                         help="directory holding tinyshakespeare.txt and sherlock.txt "
                         "(default: ../shared/data from the repository root)")
-    parser.add_argument("--out", type=Path,
-                        default=REPO / "benchmarks" / "out" / "time_to_loss.json",
+    parser.add_argument("--out", type=Path, default=common.OUT / "time_to_loss.json",
                         help="JSON results file (default: benchmarks/out/time_to_loss.json)")
     parser.add_argument("--logs", type=Path, default=None,
                         help="keep each run's train.py output in this directory")
@@ -248,10 +205,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if r["exit_code"]:
                 print(r["log_tail"], file=sys.stderr)
 
-    from smolgpt import hardware
-
-    machine = hardware.this_cpu()
-    print(machine["line"] + "\n")
+    common.print_machine()
     print(markdown_table(results))
     print()
     print("Wall time is the whole `python train.py` process (start to exit). At the first "
@@ -261,20 +215,12 @@ def main(argv: Optional[list[str]] = None) -> int:
           "were warmed untimed first, so first-time tokenization is excluded.")
     if extra:
         print(f"Extra flags: {shlex.join(extra)}")
-    print(f"Command: python benchmarks/time_to_loss.py {shlex.join(argv or sys.argv[1:])}".rstrip())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "benchmark": "time_to_loss",
-        "hardware": machine,
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "settings": {"scenarios": [s.name for s in chosen], "extra": extra,
-                     "repeats": args.repeats, "data_dir": str(args.data_dir)},
-        "scenarios": [asdict(s) for s in chosen],
-        "results": results,
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    common.print_command(__file__, argv)
+    common.write_record(
+        args.out, "time_to_loss",
+        settings={"scenarios": [s.name for s in chosen], "extra": extra,
+                  "repeats": args.repeats, "data_dir": str(args.data_dir)},
+        scenarios=[asdict(s) for s in chosen], results=results)
     return 0
 
 

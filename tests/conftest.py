@@ -1,4 +1,4 @@
-"""Shared fixtures for the smolgpt tests.
+"""Shared fixtures for the smolgpt tests (the helpers they build on are in e2e.py).
 
 Every test runs with its own token/corpus cache (``SMOLGPT_CACHE_DIR``) and with the
 Gutenberg mirror pointed at a closed local port, so no test reads or writes the user's real
@@ -8,16 +8,16 @@ skips when the reference corpora beside the project (``../shared/data``) are abs
 
 from __future__ import annotations
 
-import http.server
-import socket
-import threading
 from pathlib import Path
 
 import pytest
 import torch
+from e2e import E2ERun, LocalServer, SmolCLI, e2e_corpus_text, kill_live_processes, unused_port
 
-from smolgpt.config import ModelConfig
+from smolgpt import data
+from smolgpt.config import ModelConfig, resolve_train_config
 from smolgpt.model import GPT
+from smolgpt.training import Trainer
 
 # The test models are tiny: extra intra-op threads only add synchronisation, and on a busy
 # 2-core machine they make every small op wait for a core (a 100x slowdown was measured).
@@ -25,13 +25,6 @@ torch.set_num_threads(1)
 
 # ../shared/data beside the repository: reference corpora that may be absent for users.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def unused_port() -> int:
-    """A local TCP port nothing listens on (bound, read, released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +38,13 @@ def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     return cache
+
+
+@pytest.fixture(autouse=True)
+def _reap_processes():
+    """A test that fails half-way leaves no training process of its own running."""
+    yield
+    kill_live_processes()
 
 
 @pytest.fixture
@@ -66,48 +66,9 @@ def sherlock_text(shared_data) -> str:
     return (shared_data / "sherlock.txt").read_text(encoding="utf-8")
 
 
-class LocalServer:
-    """A real HTTP server on 127.0.0.1 in a thread, serving ``routes`` (path -> bytes)."""
-
-    def __init__(self) -> None:
-        self.routes: dict[str, bytes] = {}
-        self.requests: list[str] = []
-        routes, requests = self.routes, self.requests
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                requests.append(self.path)
-                body = routes.get(self.path)
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:  # keep test output quiet
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self._server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
-        self._thread.start()
-        self.running = True
-
-    def stop(self) -> None:
-        if self.running:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(timeout=10)
-            self.running = False
-
-
 @pytest.fixture
 def http_server():
-    """A running :class:`LocalServer`; add content with ``server.routes[path] = bytes``."""
+    """A running :class:`e2e.LocalServer`; add content with ``server.routes[path] = bytes``."""
     server = LocalServer()
     yield server
     server.stop()
@@ -140,313 +101,36 @@ def write_text(tmp_path):
     return write
 
 
-# ------------------------------------------------------------------------------------------
-# End-to-end helpers for tests/test_cli.py and tests/test_reliability.py: the real command
-# lines (train.py, generate.py, python -m smolgpt) in subprocesses, offline, with a private
-# cache, on a generated English-like corpus and a model small enough to train in a second.
-# ------------------------------------------------------------------------------------------
+@pytest.fixture
+def make_trainer(tmp_path_factory):
+    """make_trainer(level="char", **settings) -> Trainer: a real Trainer (nano's recipe, on
+    the CPU) of a tiny model (1 layer, 16 wide, 2 heads, context 16, batches of 4) on a small
+    generated text. Its state() is exactly what training writes to a checkpoint, so tests
+    build checkpoints from it rather than by hand. Its files are outside the test's tmp_path."""
+    base = tmp_path_factory.mktemp("trainer")
+    text = base / "corpus.txt"
+    text.write_text(e2e_corpus_text(8_000), encoding="utf-8")
 
-import dataclasses as _dataclasses  # noqa: E402
-import json as _json  # noqa: E402
-import os as _os  # noqa: E402
-import random as _random  # noqa: E402
-import shutil as _shutil  # noqa: E402
-import subprocess as _subprocess  # noqa: E402
-import sys as _sys  # noqa: E402
-import time as _time  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor as _ThreadPoolExecutor  # noqa: E402
+    def make(level: str = "char", **settings) -> Trainer:
+        tokens = data.prepare(data.Corpus("tiny", (text,)), level, min_word_freq=1)
+        cfg = resolve_train_config({"preset": "nano", "level": level, "n_layer": 1,
+                                    "n_embd": 16, "n_head": 2, "block_size": 16,
+                                    "batch_size": 4, **settings})
+        return Trainer(cfg, tokens, base / "run", torch.device("cpu"))
 
-E2E_ROOT = Path(__file__).resolve().parents[1]
-
-# A model that trains 60 steps in well under a second on one CPU core. Early stopping is
-# off whatever the preset's recipe says, so a run's length is exactly --max_iters.
-E2E_TINY = [
-    "--preset", "nano", "--n_layer", "1", "--n_embd", "32", "--n_head", "2",
-    "--block_size", "32", "--batch_size", "8", "--eval_iters", "4",
-    "--eval_interval", "10", "--log_interval", "10", "--early_stop_patience", "0",
-]
-
-_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "ftp_proxy")
+    return make
 
 
-def e2e_corpus_text(target_chars: int = 80_000, seed: int = 2024) -> str:
-    """Deterministic English-like prose: sentences from templates and a small word list,
-    with capitals, punctuation, quotes, apostrophes, wrapped lines and paragraphs."""
-    rng = _random.Random(seed)
-    names = ["Holmes", "Watson", "Mary", "Lestrade", "Irene", "Hudson", "Moriarty", "Toby"]
-    adjs = ["old", "quiet", "bright", "dark", "narrow", "cold", "strange", "little", "grey",
-            "heavy", "curious", "silent", "broken", "yellow", "long"]
-    nouns = ["house", "river", "letter", "window", "door", "garden", "road", "lamp", "key",
-             "stone", "city", "train", "clock", "hat", "stair", "fire", "box", "ship"]
-    verbs = ["opened", "closed", "found", "watched", "carried", "followed", "left", "took",
-             "heard", "saw", "kept", "lost", "crossed", "painted"]
-    advs = ["slowly", "quickly", "again", "at once", "in silence", "without a word", "twice"]
-    templates = [
-        "{N} {v} the {a} {n}.",
-        "The {a} {n} was {a2}, and {N} {v} it {adv}.",
-        "\"Did you see the {n}?\" asked {N}.",
-        "\"{A}!\" said {N}; \"the {n} is {a}.\"",
-        "It was {a}, and the {n} by the {n2} was {a2}.",
-        "{N}'s {n} wasn't {a}, but the {n2} was.",
-        "Why had {N} {v} the {n} {adv}?",
-        "Then {N} and {N2} {v} the {a} {n}: one, two, three.",
-        "We {v} the {n} at {d} o'clock, {adv}.",
-        "Nobody {v} the {a} {n} -- not even {N}.",
-    ]
-    paragraphs, size = [], 0
-    while size < target_chars:
-        sentences = []
-        for _ in range(rng.randint(3, 7)):
-            words = dict(
-                N=rng.choice(names), N2=rng.choice(names), a=rng.choice(adjs),
-                a2=rng.choice(adjs), n=rng.choice(nouns), n2=rng.choice(nouns),
-                v=rng.choice(verbs), adv=rng.choice(advs), d=rng.randint(1, 12),
-            )
-            words["A"] = words["a"].capitalize()
-            sentence = rng.choice(templates).format(**words)
-            sentences.append(sentence[0].upper() + sentence[1:])
-        lines, line = [], ""
-        for word in " ".join(sentences).split(" "):
-            if line and len(line) + 1 + len(word) > 70:
-                lines.append(line)
-                line = word
-            else:
-                line = f"{line} {word}" if line else word
-        lines.append(line)
-        paragraph = "\n".join(lines)
-        paragraphs.append(paragraph)
-        size += len(paragraph) + 2
-    return "\n\n".join(paragraphs) + "\n"
-
-
-@_dataclasses.dataclass
-class E2EResult:
-    """What a finished command did."""
-
-    args: list
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    def describe(self) -> str:
-        return (f"$ {' '.join(map(str, self.args))}\nexit {self.returncode} after "
-                f"{self.seconds:.1f}s\n--- stdout ---\n{self.stdout[-3000:]}\n"
-                f"--- stderr ---\n{self.stderr[-3000:]}")
-
-
-_E2E_LIVE: set = set()  # E2EProcesses not waited for yet
-
-
-@pytest.fixture(autouse=True)
-def _e2e_reap():
-    """A test that fails half-way leaves no training process of its own running."""
-    yield
-    for process in list(_E2E_LIVE):
-        process.kill()
-        process.wait(timeout=60)
-
-
-class E2EProcess:
-    """A command running in the background; its output goes to files (no pipe can fill)."""
-
-    def __init__(self, args: list, logs: Path, **kwargs):
-        self.args = args
-        logs.mkdir(parents=True, exist_ok=True)
-        self._out = open(logs / "stdout", "w+", encoding="utf-8")
-        self._err = open(logs / "stderr", "w+", encoding="utf-8")
-        self.started = _time.monotonic()
-        self.proc = _subprocess.Popen(args, stdin=_subprocess.DEVNULL, stdout=self._out,
-                                      stderr=self._err, **kwargs)
-        _E2E_LIVE.add(self)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def poll(self):
-        return self.proc.poll()
-
-    def send_signal(self, signum: int) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signum)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-
-    def wait(self, timeout: float = 180) -> E2EResult:
-        try:
-            self.proc.wait(timeout=timeout)
-        except _subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"{self.args} did not finish within {timeout}s")
-        _E2E_LIVE.discard(self)
-        seconds = _time.monotonic() - self.started
-        texts = []
-        for f in (self._out, self._err):
-            f.flush()
-            f.seek(0)
-            texts.append(f.read())
-            f.close()
-        return E2EResult(self.args, self.proc.returncode, texts[0], texts[1], seconds)
-
-
-class SmolCLI:
-    """Runs smolgpt's real command lines in subprocesses.
-
-    Every process gets SMOLGPT_CACHE_DIR (and XDG_CACHE_HOME) in a temporary directory, no
-    proxy settings, and a Gutenberg mirror on a closed local port, so nothing reaches the
-    network or the user's cache. OMP_NUM_THREADS=1: several runs at once on a small
-    machine, and a thread count that never varies between runs compared bit for bit.
-    """
-
-    root = E2E_ROOT
-    tiny = E2E_TINY
-
-    def __init__(self, base: Path, corpus: Path):
-        self.base, self.corpus = base, corpus
-        self.cache = base / "cache"
-        self.cache.mkdir(parents=True, exist_ok=True)
-        self.closed_port = unused_port()
-        self._logs = 0
-        self._logs_lock = threading.Lock()  # popen is called from several threads
-
-    def env(self, **extra: str) -> dict:
-        env = {k: v for k, v in _os.environ.items()
-               if k.lower() not in _PROXY_VARS and not k.startswith("SMOLGPT_")}
-        env.update(
-            SMOLGPT_CACHE_DIR=str(self.cache),
-            XDG_CACHE_HOME=str(self.base / "xdg-cache"),
-            SMOLGPT_GUTENBERG_MIRROR=f"http://127.0.0.1:{self.closed_port}",
-            NO_PROXY="*", no_proxy="*",
-            OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-            PYTHONDONTWRITEBYTECODE="1",
-        )
-        env.pop("PYTHONPATH", None)
-        env.update(extra)
-        return env
-
-    def argv(self, command: str, *args) -> list:
-        """command: 'train' / 'generate' (the root scripts) or 'module' (python -m smolgpt)."""
-        if command == "module":
-            head = [_sys.executable, "-m", "smolgpt"]
-        else:
-            head = [_sys.executable, str(self.root / f"{command}.py")]
-        return head + [str(a) for a in args]
-
-    def popen(self, command: str, *args, env: dict = None, cwd: Path = None,
-              **kwargs) -> E2EProcess:
-        with self._logs_lock:
-            self._logs += 1
-            logs = self.base / "logs" / str(self._logs)
-        return E2EProcess(self.argv(command, *args), logs,
-                          env=env or self.env(), cwd=str(cwd or self.base), **kwargs)
-
-    def run(self, command: str, *args, timeout: float = 180, **kwargs) -> E2EResult:
-        return self.popen(command, *args, **kwargs).wait(timeout)
-
-    def run_many(self, calls: list, workers: int = 3) -> list:
-        """Run (command, args, kwargs) calls concurrently; results in the same order."""
-        with _ThreadPoolExecutor(workers) as pool:
-            futures = [pool.submit(self.run, c[0], *c[1], **(c[2] if len(c) > 2 else {}))
-                       for c in calls]
-            return [f.result() for f in futures]
-
-    def train_args(self, level: str, out_dir: Path, *extra) -> list:
-        return ["--level", level, "--data", self.corpus, *self.tiny,
-                "--out_dir", out_dir, *extra]
-
-
-def e2e_metrics(run_dir: Path) -> list:
-    """The rows of run_dir/metrics.jsonl ([] while it does not exist)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                rows.append(_json.loads(line))
-            except ValueError:  # a line being written right now
-                break
-    return rows
-
-
-def e2e_snapshot(path: Path) -> dict:
-    """{relative path: bytes (None for a directory)} of everything under path, except the
-    run lock (which a refused run may rewrite); {} when path does not exist."""
-    path = Path(path)
-    if path.is_file():
-        return {".": path.read_bytes()}
-    if not path.exists():
-        return {}
-    out = {}
-    for p in sorted(path.rglob("*")):
-        if p.name == ".lock":
-            continue
-        out[str(p.relative_to(path))] = None if p.is_dir() else p.read_bytes()
-    return out
-
-
-def e2e_wait_for(condition, timeout: float = 120, process: E2EProcess = None,
-                 interval: float = 0.01, what: str = "condition"):
-    """Poll condition() until truthy; fail on timeout or if process ends first."""
-    deadline = _time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if process is not None and process.poll() is not None:
-            result = process.wait()
-            raise AssertionError(f"process ended before {what}:\n{result.describe()}")
-        if _time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        _time.sleep(interval)
-
-
-def e2e_assert_one_line_error(result: E2EResult, *needles: str, status: int = 2) -> str:
-    """Exit status 2, one line on stderr (no traceback), naming each needle; returns it."""
-    lines = result.stderr.strip("\n").splitlines()
-    assert result.returncode == status, result.describe()
-    assert "Traceback" not in result.stderr, result.describe()
-    assert len(lines) == 1, f"expected exactly one line on stderr\n{result.describe()}"
-    for needle in needles:
-        assert needle.lower() in lines[0].lower(), \
-            f"{needle!r} not in the error\n{result.describe()}"
-    return lines[0]
-
-
-# The helpers, reachable from the tests through the smol_cli fixture.
-SmolCLI.metrics = staticmethod(e2e_metrics)
-SmolCLI.snapshot = staticmethod(e2e_snapshot)
-SmolCLI.wait_for = staticmethod(e2e_wait_for)
-SmolCLI.assert_one_line_error = staticmethod(e2e_assert_one_line_error)
-
+# --------------------------------------------------------------- end-to-end (e2e.py)
 
 @pytest.fixture(scope="session")
 def smol_cli(tmp_path_factory) -> SmolCLI:
-    """A :class:`SmolCLI` with its own cache and an ~80 KB generated corpus."""
+    """A :class:`e2e.SmolCLI` with its own cache and an ~80 KB generated corpus."""
     base = tmp_path_factory.mktemp("e2e")
     corpus = base / "data" / "corpus.txt"
     corpus.parent.mkdir()
     corpus.write_text(e2e_corpus_text(), encoding="utf-8")
     return SmolCLI(base, corpus)
-
-
-@_dataclasses.dataclass
-class E2ERun:
-    """A finished training run made once per session; tests copy it before changing it."""
-
-    level: str
-    out_dir: Path
-    args: list  # the train.py arguments that made it
-    result: E2EResult
-
-    def copy(self, dest: Path) -> Path:
-        _shutil.copytree(self.out_dir, dest, ignore=_shutil.ignore_patterns(".lock"))
-        return dest
 
 
 @pytest.fixture(scope="session")
@@ -462,24 +146,3 @@ def smol_runs(smol_cli, tmp_path_factory) -> dict:
         assert result.returncode == 0, result.describe()
         runs[level] = E2ERun(level, base / level, args[level], result)
     return runs
-
-
-def flip_bit_in_tensor_data(path: Path) -> str:
-    """Flip one bit in the middle of the largest tensor stored in a torch.save file (a zip
-    archive), found through the zip directory; return the archive entry's name."""
-    import struct
-    import zipfile
-
-    with zipfile.ZipFile(path) as archive:
-        info = max((i for i in archive.infolist() if "/data/" in i.filename),
-                   key=lambda i: i.file_size)
-    with open(path, "r+b") as f:
-        f.seek(info.header_offset)
-        header = f.read(30)  # the local file header; its name and extra field follow
-        name_len, extra_len = struct.unpack("<HH", header[26:30])
-        where = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
-        f.seek(where)
-        byte = f.read(1)[0]
-        f.seek(where)
-        f.write(bytes([byte ^ 0x10]))
-    return info.filename

@@ -1,8 +1,10 @@
-"""Checkpoints: round trip, and every broken, foreign or hostile file refused clearly."""
+"""Checkpoints: round trip, and every broken, foreign or hostile file refused clearly.
+
+The checkpoints are built from a real Trainer's state() (see the make_trainer fixture), so
+they hold exactly what training writes and cannot drift from it."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import pickle
@@ -10,106 +12,91 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import flip_bit_in_tensor_data
+from e2e import flip_bit_in_tensor_data
 
 from smolgpt import checkpoint
-from smolgpt.config import ModelConfig, resolve_train_config
 from smolgpt.errors import SmolGPTError
 from smolgpt.model import GPT
-from smolgpt.tokenizer import CharTokenizer, WordTokenizer
-
-TEXT = "It is a capital mistake to theorize before one has data.\n"
+from smolgpt.tokenizer import CharTokenizer
 
 
-def make_checkpoint(config: ModelConfig | None = None, tokenizer=None,
-                    position: str = "rope") -> tuple[dict, GPT]:
-    tokenizer = tokenizer or CharTokenizer.train([TEXT])
-    config = config or ModelConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1,
-                                   n_head=2, n_embd=16, dropout=0.0, position=position)
-    torch.manual_seed(0)
-    model = GPT(config)
-    optimizer = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3)
-    x = torch.randint(config.vocab_size, (2, 8))
-    _, loss = model(x, targets=x)
-    loss.backward()
-    optimizer.step()
-    ckpt = {
-        "model_config": dataclasses.asdict(config),
-        "tokenizer": tokenizer.to_dict(),
-        "model": model.state_dict(),
-        "train_config": dataclasses.asdict(resolve_train_config({"preset": "nano"})),
-        "optimizer": optimizer.state_dict(),
-        "scaler": None,
-        "progress": {"iteration": 7, "best_val_loss": 1.5, "evals_since_best": 0, "elapsed": 3.0},
-        "rng": {"torch": torch.get_rng_state(), "cuda": [], "sampler": torch.Generator().get_state()},
-    }
-    return ckpt, model
+def trained(make_trainer, level: str = "char", **settings) -> tuple[dict, GPT]:
+    """A checkpoint dictionary as training writes it: the state() of a real Trainer after
+    one step (so the optimisers hold moments), and its model."""
+    trainer = make_trainer(level, **settings)
+    trainer.train_step()
+    return trainer.state(), trainer.model.eval()
 
 
 @pytest.fixture
-def saved(tmp_path) -> tuple[Path, dict, GPT]:
-    ckpt, model = make_checkpoint()
+def state(make_trainer) -> tuple[dict, GPT]:
+    return trained(make_trainer)
+
+
+@pytest.fixture
+def saved(tmp_path, state) -> tuple[Path, dict, GPT]:
+    ckpt, model = state
     path = tmp_path / "model.pth"
     checkpoint.save(path, ckpt)
     return path, ckpt, model
 
 
 def test_round_trip(saved):
+    """Everything a run needs to resume survives save and the weights-only unpickler."""
     path, ckpt, model = saved
     loaded = checkpoint.load(path)
-    assert loaded["format"] == checkpoint.FORMAT
-    assert loaded["format_version"] == checkpoint.FORMAT_VERSION
-    assert loaded["model_config"] == ckpt["model_config"]
-    assert loaded["tokenizer"] == ckpt["tokenizer"]
-    assert loaded["train_config"] == ckpt["train_config"]
-    assert loaded["progress"] == ckpt["progress"]
-    assert torch.equal(loaded["rng"]["torch"], ckpt["rng"]["torch"])
+    assert (loaded["format"], loaded["format_version"]) == (checkpoint.FORMAT,
+                                                           checkpoint.FORMAT_VERSION)
+    for key in ("model_config", "tokenizer", "train_config", "progress", "data"):
+        assert loaded[key] == ckpt[key], key
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded["model"][name], tensor), name
-    # the optimiser state (AdamW moments) survives the weights-only unpickler too
-    assert loaded["optimizer"]["state"].keys() == ckpt["optimizer"]["state"].keys()
-    first = next(iter(ckpt["optimizer"]["state"]))
-    assert torch.equal(loaded["optimizer"]["state"][first]["exp_avg"],
-                       ckpt["optimizer"]["state"][first]["exp_avg"])
+    assert len(loaded["optimizer"]) == len(ckpt["optimizer"]) == 2  # AdamW and Muon
+    for mine, theirs in zip(loaded["optimizer"], ckpt["optimizer"]):
+        assert mine["state"], "the step left no optimiser state: nothing was compared"
+        assert mine["param_groups"] == theirs["param_groups"]
+        torch.testing.assert_close(mine["state"], theirs["state"], rtol=0, atol=0)
+    for key in ("torch", "sampler"):
+        assert torch.equal(loaded["rng"][key], ckpt["rng"][key]), key
 
 
-def test_checkpoint_from_before_rotary_loads_with_learned_positions(tmp_path):
-    ckpt, model = make_checkpoint(position="learned")
+def test_checkpoint_from_before_rotary_loads_with_learned_positions(make_trainer, tmp_path):
+    ckpt, model = trained(make_trainer, position="learned")
     del ckpt["model_config"]["position"]  # as written by smolgpt 0.1.0
     path = tmp_path / "old.pth"
     checkpoint.save(path, ckpt)
     loaded, _, _ = checkpoint.load_model(path, torch.device("cpu"))
     assert loaded.config.position == "learned"
     x = torch.randint(model.config.vocab_size, (1, 10))
-    torch.testing.assert_close(loaded(x)[0], model.eval()(x)[0])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], model(x)[0])
 
 
 def test_load_model_gives_same_outputs(saved):
     path, _, model = saved
-    loaded, tokenizer, raw = checkpoint.load_model(path, torch.device("cpu"))
+    loaded, tokenizer, _ = checkpoint.load_model(path, torch.device("cpu"))
     assert not loaded.training
-    assert tokenizer.decode(tokenizer.encode(TEXT)) == TEXT
-    assert raw["progress"]["iteration"] == 7
-    x = torch.tensor([tokenizer.encode("It is a capital")])
-    model.eval()
+    text = "Holmes and Watson opened the old door."
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    x = torch.tensor([tokenizer.encode(text)[:16]])
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], model(x)[0])
     assert loaded.lm_head.weight is loaded.wte.weight  # tying survives loading
 
 
-def test_word_tokenizer_round_trip(tmp_path):
-    tok = WordTokenizer.train([TEXT * 3], 2)
-    ckpt, _ = make_checkpoint(tokenizer=tok)
+def test_word_tokenizer_round_trip(make_trainer, tmp_path):
+    ckpt, _ = trained(make_trainer, "word")
     checkpoint.save(tmp_path / "w.pth", ckpt)
     _, tokenizer, _ = checkpoint.load_model(tmp_path / "w.pth", torch.device("cpu"))
-    assert tokenizer.to_dict() == tok.to_dict()
+    assert tokenizer.level == "word"
+    assert tokenizer.to_dict() == ckpt["tokenizer"]
 
 
 def test_save_replaces_atomically(saved):
     path, ckpt, _ = saved
-    ckpt = {**ckpt, "progress": {**ckpt["progress"], "iteration": 99}}
+    ckpt = {**ckpt, "progress": {**ckpt["progress"], "iter": 99}}
     checkpoint.save(path, ckpt)
-    assert checkpoint.load(path)["progress"]["iteration"] == 99
+    assert checkpoint.load(path)["progress"]["iter"] == 99
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.pth"]  # no temp files
 
 
@@ -156,16 +143,16 @@ def test_foreign_file(tmp_path, obj):
         checkpoint.load(path)
 
 
-def test_plain_state_dict_is_foreign(tmp_path):
-    _, model = make_checkpoint()
+def test_plain_state_dict_is_foreign(tmp_path, state):
+    _, model = state
     path = tmp_path / "state_dict.pth"
     torch.save(model.state_dict(), path)
     with pytest.raises(SmolGPTError, match="not a smolgpt checkpoint"):
         checkpoint.load(path)
 
 
-def test_newer_format_version(tmp_path):
-    ckpt, _ = make_checkpoint()
+def test_newer_format_version(tmp_path, state):
+    ckpt, _ = state
     path = tmp_path / "future.pth"
     checkpoint.save(path, {**ckpt, "format_version": checkpoint.FORMAT_VERSION + 1})
     with pytest.raises(SmolGPTError, match="newer than this smolgpt") as err:
@@ -174,8 +161,8 @@ def test_newer_format_version(tmp_path):
 
 
 @pytest.mark.parametrize("key", checkpoint.REQUIRED)
-def test_missing_required_key(tmp_path, key):
-    ckpt, _ = make_checkpoint()
+def test_missing_required_key(tmp_path, state, key):
+    ckpt, _ = state
     path = tmp_path / "partial.pth"
     torch.save({"format": checkpoint.FORMAT, "format_version": 1,
                 **{k: v for k, v in ckpt.items() if k != key}}, path)
@@ -189,8 +176,8 @@ def test_missing_required_key(tmp_path, key):
         checkpoint.load(path)
 
 
-def test_weight_shape_mismatch(tmp_path):
-    ckpt, _ = make_checkpoint()
+def test_weight_shape_mismatch(tmp_path, state):
+    ckpt, _ = state
     ckpt["model_config"] = {**ckpt["model_config"], "n_embd": 32}
     path = tmp_path / "mismatch.pth"
     checkpoint.save(path, ckpt)
@@ -198,8 +185,8 @@ def test_weight_shape_mismatch(tmp_path):
         checkpoint.load(path)
 
 
-def test_block_size_mismatch_names_the_weight(tmp_path):
-    ckpt, _ = make_checkpoint(position="learned")
+def test_block_size_mismatch_names_the_weight(tmp_path, make_trainer):
+    ckpt, _ = trained(make_trainer, position="learned")
     ckpt["model_config"] = {**ckpt["model_config"], "block_size": 64}
     path = tmp_path / "mismatch.pth"
     checkpoint.save(path, ckpt)
@@ -207,11 +194,11 @@ def test_block_size_mismatch_names_the_weight(tmp_path):
         checkpoint.load(path)
 
 
-def test_missing_or_extra_weights(tmp_path):
-    ckpt, _ = make_checkpoint()
-    state = dict(ckpt["model"])
-    state.pop("ln_f.weight")
-    checkpoint.save(tmp_path / "a.pth", {**ckpt, "model": state})
+def test_missing_or_extra_weights(tmp_path, state):
+    ckpt, _ = state
+    weights = dict(ckpt["model"])
+    weights.pop("ln_f.weight")
+    checkpoint.save(tmp_path / "a.pth", {**ckpt, "model": weights})
     with pytest.raises(SmolGPTError, match="do not match"):
         checkpoint.load(tmp_path / "a.pth")
     extra = {**ckpt["model"], "extra.weight": torch.zeros(2)}
@@ -220,8 +207,8 @@ def test_missing_or_extra_weights(tmp_path):
         checkpoint.load(tmp_path / "b.pth")
 
 
-def test_tokenizer_vocab_mismatch(tmp_path):
-    ckpt, _ = make_checkpoint()
+def test_tokenizer_vocab_mismatch(tmp_path, state):
+    ckpt, _ = state
     ckpt["tokenizer"] = CharTokenizer.train(["abc"]).to_dict()
     checkpoint.save(tmp_path / "t.pth", ckpt)
     with pytest.raises(SmolGPTError, match="tokenizer has 3 tokens"):
@@ -232,16 +219,16 @@ def test_tokenizer_vocab_mismatch(tmp_path):
     "model_config",
     [None, "n_embd=16", {"block_size": 8}, {"vocab_size": 5, "bogus": 1}, {"vocab_size": 0}],
 )
-def test_malformed_model_config(tmp_path, model_config):
-    ckpt, _ = make_checkpoint()
+def test_malformed_model_config(tmp_path, state, model_config):
+    ckpt, _ = state
     ckpt["model_config"] = model_config
     checkpoint.save(tmp_path / "m.pth", ckpt)
     with pytest.raises(SmolGPTError):
         checkpoint.load(tmp_path / "m.pth")
 
 
-def test_malformed_tokenizer(tmp_path):
-    ckpt, _ = make_checkpoint()
+def test_malformed_tokenizer(tmp_path, state):
+    ckpt, _ = state
     ckpt["tokenizer"] = {"type": "char"}
     checkpoint.save(tmp_path / "tok.pth", ckpt)
     with pytest.raises(SmolGPTError, match="tokenizer"):
@@ -272,9 +259,9 @@ class RunShell:
 
 @pytest.mark.parametrize("payload", [OpenFile, RunShell])
 @pytest.mark.parametrize("writer", ["torch", "pickle"])
-def test_malicious_pickle_is_refused(tmp_path, payload, writer):
+def test_malicious_pickle_is_refused(tmp_path, state, payload, writer):
     def write(path: Path, marker: Path) -> None:
-        ckpt, _ = make_checkpoint()
+        ckpt, _ = state
         evil = {**ckpt, "format": checkpoint.FORMAT, "format_version": 1, "extra": payload(marker)}
         if writer == "torch":
             torch.save(evil, path)
@@ -311,7 +298,8 @@ def test_every_tensor_has_a_checksum(saved):
     raw = torch.load(path, weights_only=True)
     places = set(raw["checksums"])
     assert {"model/wte.weight", "rng/torch", "rng/sampler"} <= places
-    assert any(p.startswith("optimizer/state/") for p in places)
+    for i in range(len(ckpt["optimizer"])):  # AdamW's moments and Muon's momentum
+        assert any(p.startswith(f"optimizer/{i}/state/") for p in places), i
     assert raw["checksums"] == checkpoint.checksums(raw)
 
 
@@ -328,8 +316,8 @@ def test_a_flipped_bit_in_a_tensor_is_refused(saved, tmp_path):
         checkpoint.load_model(path, torch.device("cpu"))  # what generate and the API use
 
 
-def test_checkpoints_without_checksums_still_load_with_a_note(tmp_path, caplog):
-    ckpt, model = make_checkpoint()
+def test_checkpoints_without_checksums_still_load_with_a_note(tmp_path, caplog, state):
+    ckpt, model = state
     path = tmp_path / "old.pth"
     # As smolgpt 0.3 wrote them: the same dictionary, no checksums.
     torch.save({"format": checkpoint.FORMAT, "format_version": 2, **ckpt}, path)

@@ -1,24 +1,29 @@
 """End-to-end tests of the command lines as a user runs them.
 
-Each test drives the real ``train.py`` / ``generate.py`` (and ``python -m smolgpt``) in a
-subprocess, offline and with a private cache (see ``SmolCLI`` in conftest.py), on a
-generated ~80 KB English-like text and a model small enough to train in about a second.
-Independent commands run concurrently to keep the whole file quick.
+Most tests drive the real ``train.py`` / ``generate.py`` (and ``python -m smolgpt``) in a
+subprocess, offline and with a private cache (see ``SmolCLI`` in e2e.py), on a generated
+~80 KB English-like text and a model small enough to train in about a second. Independent
+commands run concurrently to keep the whole file quick. Refused commands, which stop before
+any training, mostly run in-process through ``smolgpt.cli.main`` (what the scripts call).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import re
 import shutil
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
 import torch
+from e2e import PROXY_VARS, E2EResult, e2e_assert_one_line_error, e2e_snapshot
 
-from smolgpt import checkpoint
+from smolgpt import checkpoint, cli
 
 pytestmark = pytest.mark.slow
 
@@ -154,6 +159,7 @@ def test_resume_trains_on_to_a_new_max_iters(smol_cli, smol_runs, tmp_path):
     assert checkpoint.load(out / "latest_model.pth")["progress"]["iter"] == 40
 
 
+@pytest.mark.stress  # wall-clock bounds: a heavily loaded machine can break them
 def test_time_budget_stops_by_itself(smol_cli, tmp_path):
     out = tmp_path / "run"
     result = smol_cli.run("train", *smol_cli.train_args(
@@ -207,17 +213,20 @@ def test_early_stop_when_val_loss_stops_improving(smol_cli, tmp_path):
 
 
 # ------------------------------------------------------------------------- bad inputs
+#
+# A refused command prints one line on stderr, exits with status 2 and changes nothing on
+# disk. Every case runs in-process through cli.main, which is quick; a handful also run as
+# real processes (SUBPROCESS_CASES), so the contract is checked for the scripts a user starts.
 
 @dataclass
 class Case:
     """A command that must be refused: exit 2, one line on stderr, `watch` untouched."""
 
-    command: str
+    command: str  # "train" or "generate"
     args: list
     watch: Path
     needles: tuple = ()
     cwd: Optional[Path] = None
-    env: dict = field(default_factory=dict)
 
 
 class Ctx:
@@ -294,7 +303,7 @@ BAD_INPUTS = {
     "unknown built-in corpus": _train(("nosuchcorpus",), lambda c: [
         "--resume", "--data", "nosuchcorpus"]),
     "sherlock offline": _train(("--data FILE",), lambda c: ["--resume", "--data", "sherlock"]),
-    # Settings.
+    # Settings (the first two are argparse's usage errors).
     "unknown preset": _train(("enormous",), lambda c: ["--preset", "enormous"]),
     "unknown level": _train(("sentence",), lambda c: ["--level", "sentence"]),
     "n_embd not divisible by n_head": _train(("n_embd", "n_head"), lambda c: [
@@ -322,26 +331,84 @@ BAD_INPUTS = {
         c.ckpt, "--prompt", "The €5 snowman ☃"]),
 }
 
-
-@pytest.fixture(scope="module")
-def refused(smol_cli, smol_runs, tmp_path_factory) -> dict:
-    """Every BAD_INPUTS case run once (concurrently): {id: (case, before, result, after)}."""
-    ctx = Ctx(smol_cli, smol_runs, tmp_path_factory.mktemp("bad-inputs"))
-    cases = {name: make(ctx) for name, make in BAD_INPUTS.items()}
-    before = {name: smol_cli.snapshot(case.watch) for name, case in cases.items()}
-    results = smol_cli.run_many([
-        (case.command, case.args, {"cwd": case.cwd} if case.cwd else {})
-        for case in cases.values()
-    ], workers=4)
-    return {name: (case, before[name], result, smol_cli.snapshot(case.watch))
-            for (name, case), result in zip(cases.items(), results)}
+# One of each kind, also run as a real process: a usage error (argparse), a bad text, a
+# resume that conflicts with its run, and a checkpoint generate.py cannot read.
+SUBPROCESS_CASES = ["unknown preset", "binary data file", "resume changes the model shape",
+                    "truncated checkpoint"]
 
 
-@pytest.mark.parametrize("name", list(BAD_INPUTS))
-def test_bad_input_is_one_line_and_touches_nothing(smol_cli, refused, name):
-    case, before, result, after = refused[name]
-    smol_cli.assert_one_line_error(result, *case.needles)
+def assert_refused(case: Case, before: dict, result: E2EResult) -> None:
+    """One line on stderr naming the needles, status 2, nothing on stdout, nothing changed."""
+    e2e_assert_one_line_error(result, *case.needles)
     assert result.stdout == "", result.describe()
+    after = e2e_snapshot(case.watch)
     assert after == before, f"{case.watch} changed:\n{result.describe()}"
     if not before:  # a new run directory: a refused run leaves no run files in it
         assert not any(name.endswith((".pth", ".jsonl")) for name in after), after
+
+
+@pytest.fixture(scope="module")
+def ctx(smol_cli, smol_runs, tmp_path_factory) -> Ctx:
+    return Ctx(smol_cli, smol_runs, tmp_path_factory.mktemp("bad-inputs"))
+
+
+@pytest.fixture
+def cli_main(monkeypatch, capsys):
+    """cli_main(argv, cwd=None) -> E2EResult: smolgpt.cli.main(argv) run in this process,
+    with stdout and stderr captured (the log handler main() installs writes to sys.stderr
+    as it is when a line is logged, so capsys sees it too).
+
+    The environment is the one SmolCLI gives its subprocesses: no proxies, and no SMOLGPT_
+    setting but this test's private cache and closed mirror. The 'smolgpt' logger, which
+    main() configures, is put back as it was afterwards, so later tests see no handler."""
+    for name in list(os.environ):
+        if name.lower() in PROXY_VARS or (
+                name.startswith("SMOLGPT_")
+                and name not in ("SMOLGPT_CACHE_DIR", "SMOLGPT_GUTENBERG_MIRROR")):
+            monkeypatch.delenv(name)
+    logger = logging.getLogger("smolgpt")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+
+    def run(argv: list, cwd: Optional[Path] = None) -> E2EResult:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        argv = [str(a) for a in argv]
+        capsys.readouterr()
+        start = time.perf_counter()
+        try:
+            status = cli.main(argv)
+        except SystemExit as exc:  # argparse ends a usage mistake with sys.exit(2)
+            status = exc.code
+        out, err = capsys.readouterr()
+        return E2EResult(["smolgpt", *argv], status, out, err, time.perf_counter() - start)
+
+    yield run
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_touches_nothing(ctx, cli_main, name):
+    case = BAD_INPUTS[name](ctx)
+    before = e2e_snapshot(case.watch)
+    assert_refused(case, before, cli_main([case.command, *case.args], cwd=case.cwd))
+
+
+@pytest.fixture(scope="module")
+def refused_processes(smol_cli, ctx) -> dict:
+    """The SUBPROCESS_CASES run once as real processes, concurrently:
+    {name: (case, snapshot before, result)}."""
+    cases = {name: BAD_INPUTS[name](ctx) for name in SUBPROCESS_CASES}
+    before = {name: e2e_snapshot(case.watch) for name, case in cases.items()}
+    results = smol_cli.run_many([(case.command, case.args) for case in cases.values()],
+                                workers=4)
+    return {name: (case, before[name], result)
+            for (name, case), result in zip(cases.items(), results)}
+
+
+@pytest.mark.parametrize("name", SUBPROCESS_CASES)
+def test_bad_input_in_a_real_process(refused_processes, name):
+    """The same contract for train.py and generate.py as a user runs them: the process's
+    own exit status, and nothing else on its stderr (no warning at import, no traceback)."""
+    assert_refused(*refused_processes[name])

@@ -568,6 +568,8 @@ print(json.dumps([len(tokens.train), len(tokens.val), int(tokens.train.sum())]))
 """
 
 
+@pytest.mark.slow
+@pytest.mark.stress  # whether the two really overlap depends on timing
 def test_two_processes_preparing_one_corpus_both_succeed(write_text, isolated_cache):
     path = write_text("book.txt", prose(60_000))  # long enough for the two to overlap
     env = {**os.environ, "SMOLGPT_CACHE_DIR": str(isolated_cache)}

@@ -94,9 +94,6 @@ def test_kv_cache_multi_token_chunk_after_prefix(tiny_model, tiny_config):
 
 def test_lm_head_is_tied_to_token_embedding(tiny_model):
     assert tiny_model.lm_head.weight is tiny_model.wte.weight
-    with torch.no_grad():
-        tiny_model.wte.weight[3, 0] = 42.0
-    assert tiny_model.lm_head.weight[3, 0].item() == 42.0
 
 
 def test_num_parameters_counts_tied_matrix_once(tiny_config):

@@ -225,15 +225,13 @@ def this_cpu() -> dict:
 
 # ----------------------------------------------------------------------- the peak
 
-def _time_matmul(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 4) -> float:
+def _time_matmul(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
     """Best-of-reps FLOP/s of an n x n matrix product."""
     # A private generator: measuring must not move the global RNG that training draws from.
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(device, dtype)
     b = torch.randn(n, n, generator=gen).to(device, dtype)
     best = float("inf")
-    for _ in range(3):  # warm-up: the first products of a process also start its threads
-        a @ b
     for _ in range(reps):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -245,12 +243,26 @@ def _time_matmul(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: 
     return 2 * n**3 / best
 
 
+# The longest one product of the peak measurement may take: an emulated dtype (bf16 on a CPU
+# without it, forced by SMOLGPT_CPU_BF16=1) is measured on smaller matrices rather than for
+# seconds of a --time_budget.
+PRODUCT_SECONDS = 0.05
+
+
 @functools.lru_cache(maxsize=None)
 def matmul_flops(device_type: str, dtype: torch.dtype) -> float:
-    """Measured peak-ish matmul FLOP/s on this device in this dtype (cached per process)."""
-    # The best of several products: a roof, which a busy moment of the machine must not lower.
+    """Measured peak-ish matmul FLOP/s on this device in this dtype (cached per process): the
+    best of several products (a roof, which a busy moment of the machine must not lower) of
+    1024 x 1024 matrices on a CPU (4096 on a GPU), or smaller ones where a product would take
+    longer than PRODUCT_SECONDS."""
+    device = torch.device(device_type)
     n, reps = (4096, 3) if device_type == "cuda" else (1024, 12)
-    return _time_matmul(torch.device(device_type), dtype, n=n, reps=reps)
+    # A small product first: it starts the threads and tells how large a product fits.
+    probe = _time_matmul(device, dtype, n=256, reps=2)
+    while n > 256 and 2 * n**3 / probe > PRODUCT_SECONDS:
+        n //= 2
+    _time_matmul(device, dtype, n=n, reps=2)  # warm-up at the measured size
+    return _time_matmul(device, dtype, n=n, reps=reps)
 
 
 def peak_flops(device: torch.device, policy: PrecisionPolicy) -> float:

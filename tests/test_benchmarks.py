@@ -1,0 +1,161 @@
+"""Every benchmark script, run at toy size: each must finish and print its table.
+
+The benchmarks in ``benchmarks/`` are scripts, not tests, and nothing else runs them, so a
+rename in the package would break one silently. Here each runs as a user runs it
+(``python benchmarks/<name>.py`` from the repository root) with flags that make it seconds
+of work, in the ``smol_cli`` environment: offline, on a generated corpus, with a private
+token cache, one thread per process; its JSON record goes to a temporary folder. The
+numbers mean nothing at this size. All the runs start at once, in a fixture; each test
+checks one script's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from e2e import E2EProcess, E2EResult
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Flags that shrink a train.py run (time_to_loss.py and recipe_sweep.py append them to
+# their own) and a step_profile.py step to a model of one small layer.
+TOY_TRAIN = "--n_layer 1 --n_head 2 --n_embd 32 --block_size 32 --batch_size 4 --eval_iters 2"
+TOY_STEP = ["--batch", "2", "--block", "16", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+            "--steps", "2", "--rounds", "1"]
+# SMOLGPT_CPU_BF16=1 takes the code paths of a CPU with native bf16 on any CPU (emulated,
+# slow, but at this size it costs a second).
+BF16 = {"SMOLGPT_CPU_BF16": "1"}
+
+
+def toy_runs(data: Path, records: Path, no_transformers: Path) -> dict[str, tuple[list, dict]]:
+    """name -> (the script and its toy flags, extra environment), longest first. data holds
+    the corpora the benchmarks name; JSON records go to records; no_transformers holds a
+    transformers module that fails to import."""
+    corpus = data / "sherlock.txt"
+
+    def out(name: str) -> list:
+        return ["--out", records / f"{name}.json"]
+
+    throughput = ["throughput.py", "--configs", "baby", "--seconds", "0.1", "--rounds", "1",
+                  "--warmup", "1"]
+    return {
+        "throughput": ([*throughput, *out("throughput")], {}),
+        "time_to_loss": (["time_to_loss.py", "--scenario", "shakespeare-char-micro-20s",
+                          "--data-dir", data, "--extra", f"{TOY_TRAIN} --time_budget 1",
+                          *out("time_to_loss")], {}),
+        "recipe_sweep": (["recipe_sweep.py", "--only", "5", "--data-dir", data, "--extra",
+                          f"{TOY_TRAIN} --max_iters 4 --eval_interval 4", *out("sweep")], {}),
+        "prepare": (["prepare.py", "--source", corpus, "--mb", "0.1", "--rounds", "1",
+                     *out("prepare")], {}),
+        "throughput-without-transformers": ([*throughput, *out("throughput-without")],
+                                            {"PYTHONPATH": str(no_transformers)}),
+        "integrity": (["integrity.py", "--source", corpus, "--mb", "0.1", "--preset", "nano",
+                       "--repeats", "1", *out("integrity")], {}),
+        # step_profile.py writes no record. Its modes combine: all of them in one process.
+        "step_profile": (["step_profile.py", *TOY_STEP, "--muon", "--profile", "--kernels",
+                          "--variants", "--muon-cost"], BF16),
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(smol_cli, tmp_path_factory) -> dict[str, E2EResult]:
+    """name (of toy_runs) -> the finished run."""
+    base = tmp_path_factory.mktemp("benchmarks")
+    data = base / "data"
+    data.mkdir()
+    for name in ("tinyshakespeare.txt", "sherlock.txt"):  # the files the benchmarks ask for
+        shutil.copy(smol_cli.corpus, data / name)
+    no_transformers = base / "no-transformers"
+    no_transformers.mkdir()
+    (no_transformers / "transformers.py").write_text(
+        'raise ImportError("hidden by tests/test_benchmarks.py")\n')
+
+    def run(name: str, script: list, env: dict) -> E2EResult:
+        args = [sys.executable, f"benchmarks/{script[0]}", *map(str, script[1:])]
+        process = E2EProcess(args, base / "logs" / name, env=smol_cli.env(**env), cwd=str(ROOT))
+        return process.wait(timeout=300)
+
+    # Three at a time: each process computes with one thread, and runs are partly start-up.
+    with ThreadPoolExecutor(3) as pool:
+        futures = {name: pool.submit(run, name, script, env) for name, (script, env)
+                   in toy_runs(data, base / "records", no_transformers).items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def check(result: E2EResult, *needles: str) -> dict:
+    """Check that the run exited 0 and printed the machine line, each needle and its
+    command; return its JSON record ({} where --out asked for none), which must name the
+    same machine."""
+    assert result.returncode == 0, result.describe()
+    machine = ("CPU: ", "smolgpt's precision policy: ")
+    for needle in (*machine, *needles, "Command: python benchmarks/"):
+        assert needle in result.stdout, f"{needle!r} not printed\n{result.describe()}"
+    if "--out" not in result.args:
+        return {}
+    record = json.loads(Path(result.args[result.args.index("--out") + 1]).read_text())
+    assert record["hardware"]["line"] in result.stdout
+    return record
+
+
+def test_throughput(runs):
+    record = check(runs["throughput"], "| config | smolgpt tok/s | smolgpt + Muon tok/s |",
+                   "| baby (4L/4H/128, T64, B12, V65) |")
+    if importlib.util.find_spec("transformers") is not None:
+        assert "| transformers fp32 tok/s |" in runs["throughput"].stdout
+        assert record["transformers"] is not None
+    else:
+        assert "transformers columns skipped (No module named" in runs["throughput"].stdout
+
+
+def test_throughput_without_transformers(runs):
+    """Without the `bench` extra the peer's columns go, and one line says what to install."""
+    run = runs["throughput-without-transformers"]
+    record = check(run, "| config | smolgpt tok/s |",
+                   "transformers columns skipped (hidden by tests/test_benchmarks.py): "
+                   'pip install "transformers>=4.40"')
+    assert "transformers fp32 tok/s" not in run.stdout
+    assert record["transformers"] is None
+
+
+def test_step_profile(runs):
+    check(runs["step_profile"],
+          "tokens/s", "Self CPU time total",  # --profile: the step and the profiler's table
+          "| op | dtype | variant | ms (fwd+bwd) |", "| torch.bfloat16 | smolgpt Dropout |",
+          '| variant | tokens/s | speed-up over "both (as 0.2.0)" |',
+          "| whole model in bf16, no autocast |", "| torch.optim.Muon (0.2.0) |",
+          "| step | tokens/s |", "| Muon + AdamW |", "Muon step / AdamW step: ")
+
+
+def test_time_to_loss(runs):
+    record = check(runs["time_to_loss"], "| scenario | target val | best val |",
+                   "| shakespeare-char-micro-20s | 1.8860 |")
+    (result,) = record["results"]  # the script reports a failed train.py; it must not fail
+    assert result["exit_code"] == 0, result["log_tail"]
+    assert result["best_val_loss"] is not None and result["metrics"][-1]["process_s"] > 0
+
+
+def test_recipe_sweep(runs):
+    record = check(runs["recipe_sweep"], "| # | flags | final val | best val | train loss |",
+                   "| 5 | `--optimizer muon --learning_rate 1e-2` |")
+    (result,) = record["results"]
+    assert result["exit_code"] == 0, result["error"]
+    assert result["steps"] == 4
+
+
+def test_prepare(runs):
+    check(runs["prepare"], "| level | corpus MB | tokens | vocab | prepare s | MB/s |",
+          "| char | 0.1 |", "| word | 0.1 |")
+
+
+def test_integrity(runs):
+    check(runs["integrity"], "| token cache | first preparation s |",
+          "| checkpoint | torch.save s |", "| nano checkpoint (")
