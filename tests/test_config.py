@@ -12,9 +12,12 @@ from smolgpt.config import (
     LEVELS,
     PRESETS,
     RESUME_FIXED,
+    GenerateConfig,
     ModelConfig,
+    ModelShape,
     SampleConfig,
     TrainConfig,
+    preset_default,
     preset_values,
     resolve_train_config,
     resume_train_config,
@@ -228,3 +231,45 @@ def test_presets_choose_their_recipe_by_the_cpu_kind():
 def test_muon_ns_steps_must_be_positive():
     with pytest.raises(SmolGPTError, match="--muon_ns_steps"):
         resolve_train_config({"preset": "micro", "level": "char", "muon_ns_steps": 0})
+
+
+# --------------------------------------------------------------------------- one definition
+
+def test_every_config_checks_itself_however_it_is_made():
+    # The API builds configs from keyword arguments, the command line from flags, a resume
+    # from a checkpoint's dict: all go through __post_init__.
+    with pytest.raises(SmolGPTError, match="learning_rate"):
+        TrainConfig(learning_rate=-1.0)
+    with pytest.raises(SmolGPTError, match="divisible"):
+        dataclasses.replace(TrainConfig(), n_head=5)
+    with pytest.raises(SmolGPTError, match="top_p"):
+        SampleConfig(top_p=0.0)
+    with pytest.raises(SmolGPTError, match="unknown device 'tpu'"):
+        GenerateConfig(device="tpu")
+    with pytest.raises(SmolGPTError, match="vocab_size"):
+        ModelConfig(vocab_size=0)
+
+
+def test_model_and_training_share_one_shape_definition():
+    shape = {f.name for f in dataclasses.fields(ModelShape)}
+    assert shape <= {f.name for f in dataclasses.fields(TrainConfig)}
+    assert {f.name for f in dataclasses.fields(ModelConfig)} == shape | {"vocab_size"}
+    cfg = resolve_train_config({"preset": "micro", "level": "word"})
+    assert cfg.model_config(vocab_size=99) == ModelConfig(vocab_size=99, **cfg.shape())
+
+
+@pytest.mark.parametrize("name", ["n_layer", "batch_size", "learning_rate", "dropout",
+                                  "muon_ns_steps", "optimizer"])
+def test_help_shows_each_presets_real_default(name):
+    # "--n_layer (default: from --preset: nano 3; micro 4; ...)": every number shown is the
+    # one the preset resolves to, at each level, on either kind of CPU.
+    text = preset_default(name)
+    assert text.startswith("from --preset: ")
+    for preset, part in zip(PRESETS, text.removeprefix("from --preset: ").split("; ")):
+        assert part.startswith(preset + " ")
+        for level in ("char", "word"):
+            for cpu_float32 in (False, True):
+                value = getattr(resolve_train_config({"preset": preset, "level": level},
+                                                     cpu_float32), name)
+                assert str(value) in part, (preset, level, cpu_float32, part)
+    assert preset_default("block_size") is None  # no preset sets it: the plain default
