@@ -23,6 +23,7 @@ from smolgpt.data import (
     Corpus,
     check_long_enough,
     download_url,
+    file_encoding,
     gutenberg_path,
     iter_text,
     markdown_play_to_text,
@@ -111,6 +112,36 @@ def test_iter_text_chunks_end_at_line_breaks_and_join_files(write_text, tmp_path
     assert "".join(chunks) == one.read_text() + "\n\n" + "no trailing newline"
     for chunk in chunks[:-2]:
         assert chunk.endswith("\n")
+
+
+@pytest.mark.parametrize("ending", ["\r\n", "\r"])
+def test_iter_text_reads_every_line_ending_as_lf_across_chunk_boundaries(tmp_path, ending):
+    # Lines of every length from 0 to 40 put a line ending at every offset of the small
+    # chunks; the long first line puts one across the 8 KiB blocks the file is decoded in.
+    lf = "x" * 8191 + "\n" + "".join("y" * n + "\n" for n in range(41)) * 3
+    path = tmp_path / "t.txt"
+    path.write_bytes(lf.replace("\n", ending).encode("utf-8"))
+    for chunk_bytes in (1, 2, 3, 7, 8192, 1 << 20):
+        chunks = list(iter_text(Corpus("t", (path,)), chunk_bytes=chunk_bytes))
+        assert "".join(chunks) == lf, chunk_bytes
+        assert all(chunk.endswith("\n") for chunk in chunks)
+
+
+def test_file_encoding_follows_a_byte_order_mark(tmp_path):
+    cases = {
+        b"\xef\xbb\xbfhi": "utf-8-sig",
+        "hi".encode("utf-16"): "utf-16",  # with the machine's byte order and its mark
+        b"\xff\xfeh\x00": "utf-16",
+        b"\xfe\xff\x00h": "utf-16",
+        b"\xff\xfe\x00\x00h\x00\x00\x00": "utf-32",
+        b"\x00\x00\xfe\xffh": "utf-32",
+        b"plain": "cp1252",
+        b"": "cp1252",
+    }
+    for n, (head, expected) in enumerate(cases.items()):
+        path = tmp_path / f"{n}.txt"
+        path.write_bytes(head)
+        assert file_encoding(path, "cp1252") == expected, head
 
 
 def test_iter_text_default_chunk_follows_module_setting(write_text, monkeypatch):
@@ -209,8 +240,11 @@ def test_prepare_unknown_level(write_text):
     [
         (b"", "is empty"),
         (b"hello\x00\x01\x02world", "binary"),
-        ("café au lait\n".encode("latin-1"), "UTF-8"),
-        ("ends mid-character é".encode("utf-8")[:-1], "UTF-8"),
+        (bytes(range(256)) * 4, "binary"),  # binary that does not decode either
+        ("UTF-16 without a mark\n".encode("utf-16-le"), "binary .*--encoding utf-16-le"),
+        ("café au lait\n".encode("latin-1"), "not utf-8 text .*--encoding cp1252"),
+        ("ends mid-character é".encode("utf-8")[:-1], "not utf-8 text .*ends mid-character"),
+        ("\ufeffodd bytes".encode("utf-16-le") + b"!", "not utf-16 text .*ends mid-character"),
     ],
 )
 def test_prepare_rejects_bad_files(tmp_path, isolated_cache, content, message):
@@ -222,11 +256,91 @@ def test_prepare_rejects_bad_files(tmp_path, isolated_cache, content, message):
     assert not (isolated_cache / "tokens").exists()  # nothing cached
 
 
-def test_non_utf8_error_names_the_offset(tmp_path):
+def test_undecodable_error_names_the_byte_and_its_offset(tmp_path, monkeypatch):
     path = tmp_path / "latin.txt"
     path.write_bytes(b"abc" + "é".encode("latin-1") + b"def\n")
-    with pytest.raises(SmolGPTError, match="offset 3"):
+    with pytest.raises(SmolGPTError, match="byte 0xe9 at offset 3 "):
         prepare(resolve_corpus(str(path)), "word")
+    # ...also after a character cut in two by the blocks the file is checked in
+    monkeypatch.setattr(data, "CHUNK_BYTES", 4)
+    path.write_bytes("abé".encode("utf-8") + b"\xff\n")  # é is bytes 2 and 3
+    with pytest.raises(SmolGPTError, match="byte 0xff at offset 4 "):
+        prepare(resolve_corpus(str(path)), "word")
+
+
+def test_encoding_reads_the_file_and_a_byte_order_mark_wins(tmp_path):
+    text = "Café “au lait”, naïve résumé.\n" * 20
+    cp1252 = tmp_path / "cp1252.txt"
+    cp1252.write_bytes(text.encode("cp1252"))
+    marked = tmp_path / "marked.txt"
+    marked.write_bytes(text.encode("utf-8-sig"))
+    expected = prepare(resolve_corpus(str(marked)), "char")
+    for path in (cp1252, marked):
+        tokens = prepare(resolve_corpus(str(path), "cp1252"), "char")
+        assert tokens.tokenizer.to_dict() == expected.tokenizer.to_dict()
+        assert tokens.train.tolist() == expected.train.tolist()
+
+
+def test_prepare_cache_key_depends_on_encoding(tmp_path, isolated_cache):
+    path = tmp_path / "t.txt"
+    path.write_bytes("Café au lait.\n".encode("utf-8") * 50)
+
+    def entries() -> int:
+        return len(list((isolated_cache / "tokens").iterdir()))
+
+    as_utf8 = prepare(resolve_corpus(str(path)), "char")
+    prepare(resolve_corpus(str(path), "UTF8"), "char")  # another name of the same codec
+    assert entries() == 1
+    as_cp1252 = prepare(resolve_corpus(str(path), "cp1252"), "char")
+    assert entries() == 2
+    # The same bytes, read otherwise: é is two bytes in UTF-8, Ã© in cp1252.
+    assert "Ã" in as_cp1252.tokenizer.chars and "Ã" not in as_utf8.tokenizer.chars
+    assert as_cp1252.fingerprint == as_utf8.fingerprint  # the bytes are the same
+
+
+def spread_out_rare_words(every: int, n_words: int = 2000) -> str:
+    """Four frequent words, one of every `every` words a word seen only once instead."""
+    words = [f"unique{i}" if i % every == every - 1 else ("the", "old", "grey", "house")[i % 4]
+             for i in range(n_words)]
+    return "\n".join(" ".join(words[i : i + 10]) for i in range(0, n_words, 10)) + "\n"
+
+
+def test_summary_reports_unk_at_word_level(write_text, monkeypatch):
+    path = write_text("t.txt", spread_out_rare_words(every=50))
+    words = prepare(resolve_corpus(str(path)), "word", min_word_freq=2)
+    assert words.unk_rates == (0.02, 0.02)
+    assert words.summary().endswith(", vocabulary 6, <UNK> 2.0% of train and 2.0% of val")
+    assert words.unk_warning() is None  # 2% is under UNK_WARN_RATE
+    monkeypatch.setattr(data, "COUNT_BLOCK", 7)  # counted a block at a time: the same
+    del words.unk_rates
+    assert words.unk_rates == (0.02, 0.02)
+    chars = prepare(resolve_corpus(str(path)), "char")
+    assert chars.unk_rates is None and chars.unk_warning() is None
+    assert "<UNK>" not in chars.summary()
+
+
+@pytest.mark.parametrize("min_word_freq, lower", [(2, 1), (3, 1), (5, 2), (40, 3)])
+def test_unk_over_the_threshold_is_warned_with_the_flag_that_helps(write_text, min_word_freq,
+                                                                  lower):
+    path = write_text("t.txt", spread_out_rare_words(every=10))
+    tokens = prepare(resolve_corpus(str(path)), "word", min_word_freq)
+    assert tokens.unk_rates == (0.1, 0.1) and data.UNK_WARN_RATE < 0.1
+    warning = tokens.unk_warning()
+    assert warning.startswith("<UNK> is 10.0% of the training and 10.0% of the validation text")
+    assert f"--min_word_freq {lower}," in warning  # lower, and at most the default
+
+
+@pytest.mark.parametrize("text, min_word_freq", [
+    (" ".join("the" if i % 3 == 0 else f"rare{i}" for i in range(900)), 2),  # 2/3 <UNK>
+    (prose(2000), 100_000),  # no word is that frequent: the vocabulary holds no word
+    ("the old house. " * 10 + "!!! ,,, ... " * 100, 20),  # punctuation only
+])
+def test_a_vocabulary_that_teaches_nothing_is_refused(write_text, text, min_word_freq):
+    path = write_text("t.txt", text)
+    with pytest.raises(SmolGPTError, match=f"^--min_word_freq {min_word_freq} leaves ") as err:
+        prepare(resolve_corpus(str(path)), "word", min_word_freq)
+    assert "<UNK>" in str(err.value) and "--min_word_freq " in str(err.value).split(":")[-1]
+    prepare(resolve_corpus(str(path)), "word", min_word_freq=1)  # keeps every word: fine
 
 
 def test_check_long_enough(write_text):
@@ -260,6 +374,17 @@ def test_word_level_process_pool_gives_same_ids(write_text, tmp_path, monkeypatc
     assert pooled.train.tolist() == single.train.tolist()
     assert pooled.val.tolist() == single.val.tolist()
     assert pooled.fingerprint == single.fingerprint
+
+    # The pool's workers count and encode normalised text too.
+    windows = tmp_path / "windows.txt"
+    windows.write_bytes(("\ufeff" + text.replace("\n", "\r\n").replace(" it ", " it’s ")
+                         ).encode("utf-8"))
+    typed = write_text("typed.txt", text.replace(" it ", " it's "))
+    expected = prepare(resolve_corpus(str(typed)), "word", min_word_freq=2)
+    assert "it's" in expected.tokenizer.stoi
+    from_windows = prepare(resolve_corpus(str(windows)), "word", min_word_freq=2)
+    assert from_windows.tokenizer.to_dict() == expected.tokenizer.to_dict()
+    assert from_windows.train.tolist() == expected.train.tolist()
 
 
 # --------------------------------------------------------------------------- BatchSampler
@@ -389,8 +514,9 @@ def test_shakespeare_path_builds_once_and_caches(isolated_cache):
     assert "HAMLET:\n\n" not in text  # a speaker is followed by their lines
     mtime = path.stat().st_mtime_ns
     assert shakespeare_path() == path and path.stat().st_mtime_ns == mtime
-    corpus = resolve_corpus("shakespeare")
+    corpus = resolve_corpus("shakespeare", "cp1252")
     assert corpus.paths == (path,)
+    assert corpus.encoding == "utf-8"  # the built-in corpora are ours, written as UTF-8
 
 
 # --------------------------------------------------------------------------- Gutenberg
@@ -440,6 +566,7 @@ def test_gutenberg_path_verifies_and_caches(http_server, sherlock_text, monkeypa
     http_server.stop()  # cached: no second download
     assert gutenberg_path(SHERLOCK, "sherlock") == path
     assert resolve_corpus("sherlock").paths == (path,)
+    assert resolve_corpus("sherlock", "cp1252").encoding == "utf-8"
 
 
 def test_gutenberg_path_rejects_wrong_content(http_server, monkeypatch, isolated_cache):

@@ -1,7 +1,9 @@
 """The learning-rate schedule (warm-up, cosine or constant, by steps or by share of a time
 budget) and the optimisers (AdamW, and BatchedMuon against torch.optim.Muon)."""
 
+import dataclasses
 import math
+import time
 
 import pytest
 import torch
@@ -151,3 +153,70 @@ def test_a_resumed_run_uses_its_own_muon_ns_steps(write_text, tmp_path):
     resumed = Trainer(cfg(**shape, muon_ns_steps=3), token_data, tmp_path / "run",
                       torch.device("cpu"), resume_from=state)
     assert all(g["ns_steps"] == 3 for g in resumed.optimizers[1].param_groups)
+
+
+# ------------------------------------------------------------- extending a resumed run
+
+def _resume(trainer, **changes):
+    """A real Trainer resumed from trainer's checkpoint, with some settings changed."""
+    return Trainer(dataclasses.replace(trainer.cfg, **changes), trainer.data, trainer.out_dir,
+                   torch.device("cpu"), resume_from=trainer.state())
+
+
+def _multipliers(trainer, steps):
+    """The multiplier each of these steps would train at, as Trainer._step computes it."""
+    return [lr_multiplier(trainer.cfg, s, trainer.budget.done(s)) for s in steps]
+
+
+def _assert_decays_smoothly(before: float, after: list):
+    """No jump at the resume point, and a monotone decay from there."""
+    assert after[0] <= before + 1e-9 and after[0] == pytest.approx(before, abs=0.02)
+    assert all(b <= a + 1e-12 for a, b in zip(after, after[1:])), after
+
+
+@pytest.mark.parametrize("stop_at", [20, 12])  # a finished run, and one stopped mid-decay
+def test_extending_a_run_counted_in_steps_continues_its_decay(make_trainer, stop_at):
+    first = make_trainer(max_iters=20, warmup_iters=5)
+    first.progress.iter = stop_at
+    before = _multipliers(first, range(stop_at + 1))
+    second = _resume(first, max_iters=40)
+    after = _multipliers(second, range(stop_at, 40))
+    _assert_decays_smoothly(before[-1], after)
+    floor = second.cfg.final_lr / second.cfg.learning_rate
+    assert after[-1] == pytest.approx(floor, abs=0.01)  # and the decay ends with training
+    if stop_at == 20:  # a finished run goes on at final_lr
+        assert after == pytest.approx([floor] * 20)
+    # A further resume, with nothing changed, keeps the extended schedule.
+    second.progress.iter = 30
+    third = _resume(second)
+    assert _multipliers(third, range(30, 40)) == _multipliers(second, range(30, 40))
+
+
+def test_extending_a_time_budgeted_run_continues_its_decay(make_trainer):
+    first = make_trainer(time_budget=10.0)
+    first.budget.clock_start, first.budget.elapsed_before = time.perf_counter(), 6.0
+    first.progress.iter, first.progress.elapsed_s = 30, 6.0
+    before = _multipliers(first, [30])[0]
+    second = _resume(first, time_budget=20.0)
+    after = []
+    for elapsed in range(6, 21):  # the extended run, second by second
+        second.budget.clock_start, second.budget.elapsed_before = time.perf_counter(), elapsed
+        after += _multipliers(second, [30 + elapsed])
+    _assert_decays_smoothly(before, after)
+    assert after[-1] == pytest.approx(second.cfg.final_lr / second.cfg.learning_rate, abs=1e-3)
+
+
+def test_a_run_resumed_during_warm_up_keeps_warming_up(make_trainer):
+    first = make_trainer(max_iters=20, warmup_iters=10)
+    first.progress.iter = 4
+    second = _resume(first, max_iters=40)
+    assert second.progress.extended_at is None
+    assert _multipliers(second, range(4, 10)) == _multipliers(first, range(4, 10))
+
+
+def test_an_unchanged_resume_keeps_the_schedule_exactly(make_trainer):
+    first = make_trainer(max_iters=20, warmup_iters=5)
+    first.progress.iter = 12
+    second = _resume(first)
+    assert second.progress.extended_at is None
+    assert _multipliers(second, range(12, 20)) == _multipliers(first, range(12, 20))

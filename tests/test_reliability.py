@@ -128,12 +128,13 @@ def test_sigterm_saves_and_says_how_to_resume(smol_cli, tmp_path):
     saved = checkpoint.load(out / "latest_model.pth")
     assert 10 <= saved["progress"]["iter"] < 200
 
-    # The hint is a command line that works as printed (train.py relative to the repo).
+    # The hint is the command as it was started (an interpreter, then train.py as typed),
+    # with --resume; tests/test_signals_hints.py pastes such hints into a shell.
     hint = stopped.stderr.rsplit("Resume with:", 1)
     assert len(hint) == 2, stopped.describe()
     words = shlex.split(hint[1].strip().splitlines()[0])
-    assert words[0] == "train.py" and "--resume" in words, hint[1]
-    resumed = smol_cli.run("train", *words[1:])
+    assert words[1] == str(smol_cli.root / "train.py") and words[-1] == "--resume", hint[1]
+    resumed = smol_cli.run("train", *words[2:])
     assert resumed.returncode == 0, resumed.describe()
     assert [r["iter"] for r in smol_cli.metrics(out)] == list(range(0, 201, 10))
 

@@ -1,4 +1,5 @@
-"""Character and word tokenizers: round trips, vocabulary rules, serialisation."""
+"""Character and word tokenizers: round trips, vocabulary rules, text normalisation,
+serialisation."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import numpy as np
 import pytest
 
 from smolgpt.errors import SmolGPTError
-from smolgpt.tokenizer import CharTokenizer, WordTokenizer, tokenizer_from_dict
+from smolgpt.tokenizer import CharTokenizer, WordTokenizer, normalize_text, tokenizer_from_dict
 
 UNICODE_TEXT = "Héllo, wörld! “Quoted” — naïve café. 日本語 and 🙂 emoji.\nTabs\tand\r\nCRLF."
+# UNICODE_TEXT as the tokenizers read it.
+UNICODE_READ = "Héllo, wörld! \"Quoted\" — naïve café. 日本語 and 🙂 emoji.\nTabs\tand\nCRLF."
 
 
 # --------------------------------------------------------------------------- char level
@@ -19,8 +22,9 @@ UNICODE_TEXT = "Héllo, wörld! “Quoted” — naïve café. 日本語 and �
 def test_char_round_trip_including_unicode():
     tok = CharTokenizer.train([UNICODE_TEXT])
     ids = tok.encode(UNICODE_TEXT)
-    assert len(ids) == len(UNICODE_TEXT)
-    assert tok.decode(ids) == UNICODE_TEXT
+    assert len(ids) == len(UNICODE_READ)
+    assert tok.decode(ids) == UNICODE_READ
+    assert tok.encode(UNICODE_READ) == ids
 
 
 def test_char_vocabulary_is_sorted_distinct_characters():
@@ -38,6 +42,7 @@ def test_char_training_over_chunks_equals_whole_text():
 def test_char_encode_array_equals_encode():
     tok = CharTokenizer.train([UNICODE_TEXT])
     arr = tok.encode_array(UNICODE_TEXT)
+    assert len(arr) == len(UNICODE_READ)
     assert arr.dtype == np.int64
     assert arr.tolist() == tok.encode(UNICODE_TEXT)
     assert tok.encode_array("").tolist() == []
@@ -119,12 +124,69 @@ def test_word_encode_array_equals_encode():
 )
 def test_word_decode_reattaches_punctuation(text):
     tok = WordTokenizer.train([text], 1)
-    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode(text)) == normalize_text(text)  # with ASCII quotes
 
 
 def test_word_decode_lowercases_and_shows_unk():
     tok = WordTokenizer.train(["the the cat"], 2)
     assert tok.decode(tok.encode("The Cat.")) == "the <UNK> <UNK>"
+
+
+# --------------------------------------------------------------------------- normalisation
+
+def test_normalize_text():
+    assert normalize_text("\ufeffa\r\nb\rc\n\r\n\rd") == "a\nb\nc\n\n\nd"
+    assert normalize_text("‘single’ “double” ‚low‛ „low‟ don’t") == \
+        "'single' \"double\" 'low' \"low\" don't"
+    assert normalize_text("a\ufeffb") == "ab"  # a mark left mid-text by joining two files
+    untouched = "plain ASCII, «guillemets», — dashes ′primes″ and ünïcödé\n"
+    assert normalize_text(untouched) == untouched
+    assert normalize_text(normalize_text(UNICODE_TEXT)) == normalize_text(UNICODE_TEXT)
+
+
+CURLY_BOOK = ("“Don’t,” said Holmes, “it’s the ‘speckled band’.” I don’t know. " * 3
+              + "\ufeffCRLF line\r\nand a lone CR\r" * 2)
+
+
+def trained_on_curly_book(level: str):
+    if level == "char":
+        return CharTokenizer.train([CURLY_BOOK])
+    return WordTokenizer.train([CURLY_BOOK], 1)
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_vocabulary_holds_no_curly_quote_cr_or_bom(level):
+    tok = trained_on_curly_book(level)
+    vocabulary = "".join(tok.chars if level == "char" else tok.itos)
+    for ch in "‘’“”\r\ufeff":
+        assert ch not in vocabulary
+    assert tok.unknown(CURLY_BOOK) == []
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_curly_and_typed_quotes_give_the_same_ids(level):
+    tok = trained_on_curly_book(level)
+    typed = 'I don\'t know, said Holmes. "It\'s the \'speckled band\'."'
+    curly = "I don’t know, said Holmes. “It’s the ‘speckled band’.”"
+    assert tok.encode(curly) == tok.encode(typed)
+    assert tok.encode_array(curly).tolist() == tok.encode(typed)
+    assert tok.unknown(curly) == tok.unknown(typed) == []
+    if level == "word":
+        assert tok.stoi["don't"] in tok.encode(curly)
+        assert "don’t" not in tok.stoi
+
+
+def test_a_tokenizer_saved_before_normalisation_reads_text_as_given():
+    # A checkpoint from before 0.5 has no "normalize": its vocabulary may hold CR and curly
+    # quotes, and it must read a prompt the way it read its training text.
+    char = tokenizer_from_dict({"type": "char", "chars": list("\r\n'dnot’")})
+    assert char.normalize is False
+    assert char.decode(char.encode("don’t\r\n")) == "don’t\r\n"
+    assert char.encode("don't") != char.encode("don’t")
+    word = tokenizer_from_dict({"type": "word", "words": ["don’t", "“", "”"], "min_word_freq": 1})
+    assert word.normalize is False
+    assert word.decode(word.encode("“Don’t”")) == "“don’t”"
+    assert word.to_dict()["normalize"] is False
 
 
 # --------------------------------------------------------------------------- serialisation
@@ -145,6 +207,13 @@ def test_to_dict_round_trip_through_json(level):
 def test_word_to_dict_keeps_min_word_freq():
     tok = WordTokenizer.train(["a a a b b c"], 2)
     assert tokenizer_from_dict(tok.to_dict()).min_word_freq == 2
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_to_dict_keeps_normalisation(level):
+    tok = CharTokenizer.train(["abc"]) if level == "char" else WordTokenizer.train(["abc"], 1)
+    assert tok.to_dict()["normalize"] is True
+    assert tokenizer_from_dict(json.loads(json.dumps(tok.to_dict()))).normalize is True
 
 
 @pytest.mark.parametrize("data", [{"type": "bpe"}, {}, {"type": None}, [], "char"])

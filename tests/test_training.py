@@ -1,16 +1,23 @@
-"""The time budget: when a run is finished, and the share of training done that the
-learning-rate schedule follows."""
+"""The time budget: when a run is finished, the share of training done that the
+learning-rate schedule follows, the time held back for the final evaluation, and the
+projected length of a run."""
 
 import time
 
 import pytest
+import torch
 
 from smolgpt.config import resolve_train_config
-from smolgpt.training import Budget
+from smolgpt.training import Budget, projection
 
 
 def cfg(**overrides):
     return resolve_train_config({"preset": "nano", "level": "char", "max_iters": 110, **overrides})
+
+
+def budgeted(**overrides):
+    """A time-budgeted config whose max_iters is left at its default."""
+    return resolve_train_config({"preset": "nano", "level": "char", **overrides})
 
 
 def test_a_budget_of_steps_finishes_at_max_iters():
@@ -20,24 +27,72 @@ def test_a_budget_of_steps_finishes_at_max_iters():
 
 
 def test_a_time_budget_counts_earlier_processes_and_makes_one_step_at_least():
-    b = Budget(cfg(time_budget=10.0), clock_start=time.perf_counter(), elapsed_before=12.0)
+    b = Budget(budgeted(time_budget=10.0), clock_start=time.perf_counter(), elapsed_before=12.0)
     assert b.elapsed() >= 12.0
     assert not b.finished(0)  # even with the budget spent, one step first
     assert b.finished(1) and b.done(1) == 1.0
-    fresh = Budget(cfg(time_budget=1000.0), clock_start=time.perf_counter())
+    fresh = Budget(budgeted(time_budget=1000.0), clock_start=time.perf_counter())
     assert not fresh.finished(5) and 0 <= fresh.done(5) < 0.01
 
 
-def test_budget_holds_back_time_for_the_final_evaluation():
-    c = cfg(time_budget=60.0, eval_iters=10, gradient_accumulation_steps=2)
+def test_max_iters_left_at_its_default_does_not_cap_a_time_budget():
+    b = Budget(budgeted(time_budget=1000.0), clock_start=time.perf_counter())
+    assert b.max_iters is None and not b.finished(100_000) and b.done(100_000) < 0.01
+
+
+def test_max_iters_given_with_a_time_budget_caps_the_steps():
+    """Whichever limit comes first ends training, and the schedule's decay with it."""
+    b = Budget(cfg(time_budget=1000.0, max_iters=50), clock_start=time.perf_counter())
+    assert not b.finished(49) and b.finished(50)
+    assert b.done(25) == pytest.approx(0.5, abs=0.01) and b.done(50) == 1.0
+    short = Budget(cfg(time_budget=10.0, max_iters=50), clock_start=time.perf_counter(),
+                   elapsed_before=10.0)
+    assert short.finished(3) and short.done(3) == 1.0  # the time ran out first
+
+
+def test_the_final_evaluation_is_estimated_from_evaluation_batches_not_steps():
+    c = cfg(time_budget=60.0, eval_iters=10)
     timer = Budget(c, clock_start=time.perf_counter())
     assert timer.train_seconds() == 60.0  # nothing measured yet
     timer.add_step(5.0)  # the first step (one-off costs) is not counted
-    timer.add_step(0.2)
-    timer.add_step(0.2)
-    # 2 splits x 10 batches, each a forward pass of one 0.1 s micro-batch (0.2 s / 2).
-    expected = 2 * 10 * 0.1 * Budget.FORWARD_SHARE
-    assert timer.final_eval_s() == pytest.approx(expected)
-    assert timer.train_seconds() == pytest.approx(60.0 - expected)
+    for _ in range(3):
+        timer.add_step(4.0)  # slow steps (an expensive optimiser) ...
+    timer.eval_batch_s = 0.1  # ... but cheap forward passes
+    assert timer.step_time() == 4.0
+    assert timer.final_eval_s() == pytest.approx(2 * 10 * 0.1)  # 2 splits x 10 batches
+    assert timer.train_seconds() == pytest.approx(58.0)
     timer.eval_s = 3.0  # once an evaluation has been timed, its time is used
     assert timer.train_seconds() == pytest.approx(57.0)
+
+
+def test_a_real_run_times_an_evaluation_batch_after_its_first_step(make_trainer):
+    trainer = make_trainer(max_iters=3, time_budget=600.0, eval_iters=5)
+    trainer.out_dir.mkdir()
+    trainer.run()
+    b = trainer.budget
+    assert b.eval_batch_s is not None and 0 < b.eval_batch_s < b.eval_s
+    assert trainer.progress.iter == 3  # max_iters capped the time budget
+
+
+def test_the_projection_counts_the_steps_and_evaluations_left():
+    c = cfg(max_iters=1000, eval_interval=100, early_stop_patience=0)
+    b = Budget(c, clock_start=time.perf_counter())
+    for seconds in (9.0, 0.5, 0.5, 0.5):  # the first is not counted
+        b.add_step(seconds)
+    b.eval_s = 2.0
+    (line,) = projection(b, 4, torch.device("cpu"))
+    # 996 steps at 0.5 s, and 10 evaluations (at 100, 200, ... 1000) at 2 s: 518 s.
+    assert line == ("projected training time: 8m38s (996 steps at 0.50 s, 10 evaluations "
+                    "at 2.0 s)")
+
+
+def test_a_long_run_on_a_cpu_suggests_a_shorter_one():
+    c = cfg(level="word", max_iters=5000, eval_interval=250)  # early stopping on
+    b = Budget(c, clock_start=time.perf_counter())
+    for seconds in (9.0, 3.8, 3.8):
+        b.add_step(seconds)
+    b.eval_batch_s = 0.3
+    lines = projection(b, 3, torch.device("cpu"))
+    assert lines[0].startswith("projected training time: 5h") and "early stopping" in lines[0]
+    assert len(lines) == 2 and "--preset micro" in lines[1] and "--time_budget" in lines[1]
+    assert len(projection(b, 3, torch.device("cuda"))) == 1  # the suggestion is for CPUs

@@ -22,9 +22,10 @@ import dataclasses
 import importlib.util
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -117,26 +118,32 @@ def _train(settings: dict[str, Any]) -> TrainResult:
     if requested.colab_drive:  # relative paths (and the default) land under MyDrive/smolgpt
         out_dir = colab_run_dir() / out_dir
     ensure_writable_dir(out_dir)
-    with RunLock(out_dir):
+    with RunLock(out_dir) as lock:
         clean_stale_temporaries(out_dir)
         resume_from, cfg = None, requested
         if requested.resume:
             resume_from, cfg = _resumable(out_dir, settings)
-        elif (out_dir / LATEST).exists():
+        elif (out_dir / LATEST).exists() and not requested.overwrite:
             # A run exists once it has a latest checkpoint (saved before any best one); a
             # directory killed before that holds nothing worth keeping and starts afresh.
             raise SmolGPTError(
                 f"{out_dir} already holds a run ({LATEST}); pass --resume to continue it, "
-                "or choose another --out_dir"
+                "--overwrite to start afresh (the old run is moved aside), or choose another "
+                "--out_dir"
             )
-        tokens = data.prepare(data.resolve_corpus(cfg.data), cfg.level, cfg.min_word_freq)
+        tokens = data.prepare(data.resolve_corpus(cfg.data, cfg.encoding), cfg.level,
+                              cfg.min_word_freq)
         data.check_long_enough(tokens, cfg.block_size)
         log.info(tokens.summary())
+        if unk_warning := tokens.unk_warning():
+            log.warning(unk_warning)
         if resume_from is not None and resume_from.get("data", {}).get("fingerprint") != tokens.fingerprint:
             raise SmolGPTError(
                 f"--data {cfg.data} is not the text this run was trained on; pass the "
                 "original text, or start a new run in another --out_dir"
             )
+        if requested.overwrite and (out_dir / LATEST).exists():  # only once the text is good
+            log.info("--overwrite: moved the previous run to %s", _move_aside(out_dir, lock))
         log.info(describe_settings(cfg))
         trainer = Trainer(cfg, tokens, out_dir, hardware.resolve_device(cfg.device), resume_from)
         progress = trainer.run()
@@ -156,6 +163,20 @@ def _resumable(out_dir: Path, settings: dict[str, Any]) -> tuple[dict, TrainConf
     for key, (old, new) in changed.items():
         log.info("resume: %s changed from %s to %s", key, old, new)
     return ckpt, cfg
+
+
+def _move_aside(out_dir: Path, lock: RunLock) -> Path:
+    """Move a run's files into a new sibling directory named after the time, never deleting
+    anything; the run directory itself, and the lock this process holds in it, stay."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = out_dir.with_name(f"{out_dir.name}.{stamp}"), 1
+    while target.exists():
+        target, n = out_dir.with_name(f"{out_dir.name}.{stamp}-{n}"), n + 1
+    target.mkdir()
+    for entry in out_dir.iterdir():
+        if entry != lock.path:
+            entry.rename(target / entry.name)
+    return target
 
 
 def describe_settings(cfg: TrainConfig) -> str:
@@ -203,8 +224,16 @@ class Model:
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
-    def generate(self, prompt: str, **sampling: Any) -> Union[str, list[str]]:
-        """The prompt and its continuation as text: one string, or a list of num_samples.
+    def default_prompt(self) -> str:
+        """A prompt any model can read: a line break at character level (if the text had
+        any), the most frequent word at word level."""
+        if isinstance(self.tokenizer, WordTokenizer):  # its vocabulary is by frequency
+            return next((w for w in self.tokenizer.itos if w.isalpha()), self.tokenizer.itos[-1])
+        return "\n" if "\n" in self.tokenizer.stoi else self.tokenizer.chars[-1]
+
+    def generate(self, prompt: Optional[str] = None, **sampling: Any) -> Union[str, list[str]]:
+        """The prompt (default: :meth:`default_prompt`) and its continuation as text: one
+        string, or a list of num_samples.
 
         Sampling settings are :class:`~smolgpt.config.SampleConfig`'s, with the command
         line's names and defaults: max_new_tokens=100, temperature=0.8 (0: greedy), top_k=50,
@@ -216,6 +245,8 @@ class Model:
             raise SmolGPTError(f"unknown sampling setting(s): {', '.join(unknown)}; choose "
                                f"from {', '.join(sorted(names))}")
         settings = SampleConfig(**sampling)
+        if prompt is None:
+            prompt = self.default_prompt()
         if not prompt:
             raise SmolGPTError("the prompt is empty: give some text to continue")
         prompt_ids = self.tokenizer.encode(prompt)  # raises for unknown characters
@@ -233,6 +264,15 @@ class Model:
 
 def load(path: Union[str, Path], device: str = "auto") -> Model:
     """A model from a checkpoint written by :func:`train` (best_model.pth or
-    latest_model.pth), checked before use, on device ("auto": cuda, then mps, then cpu)."""
-    module, tokenizer, ckpt = checkpoint.load_model(Path(path), hardware.resolve_device(device))
+    latest_model.pth; a run directory means its best_model.pth), checked before use, on
+    device ("auto": cuda, then mps, then cpu)."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in (BEST, LATEST) if (path / name).is_file()]
+        if not found:
+            raise SmolGPTError(f"{path} is a directory without {BEST} or {LATEST}: pass a "
+                               "checkpoint, or a run directory that smolgpt train wrote")
+        log.info("%s is a run directory: using %s", path, found[0])
+        path = found[0]
+    module, tokenizer, ckpt = checkpoint.load_model(path, hardware.resolve_device(device))
     return Model(module, tokenizer, ckpt.get("train_config", {}))

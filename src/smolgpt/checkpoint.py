@@ -83,6 +83,9 @@ def load(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
         raise SmolGPTError(f"checkpoint {path} does not exist: check the path")
     if path.stat().st_size == 0:
         raise SmolGPTError(f"checkpoint {path} is empty (an interrupted copy?)")
+    if not _written_by_torch_save(path):
+        raise SmolGPTError(f"{path} is not a smolgpt checkpoint (not a file torch.save "
+                           "writes): pass a best_model.pth or latest_model.pth")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -100,6 +103,15 @@ def load(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     verify_checksums(ckpt, path)
     validate(ckpt, path)
     return ckpt
+
+
+def _written_by_torch_save(path: Path) -> bool:
+    """Whether the file starts like a torch.save file: a zip archive (PyTorch's format since
+    1.6; a cut one still starts so, and is reported as truncated) or a pickle (older files,
+    and hand-made ones). Anything else (text, random bytes) is simply not a checkpoint."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def verify_checksums(ckpt: Any, path: Path) -> None:

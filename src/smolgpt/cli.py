@@ -4,8 +4,11 @@ generate.py, which call the same parsers).
 A thin layer over the Python API (``smolgpt.train``, ``smolgpt.load``): flags are generated
 from the config dataclasses, so each setting is defined once, for both. This is the only
 place that prints for the user or chooses an exit status: a :class:`SmolGPTError` becomes
-one line on stderr and status 2; an interrupt saves first, then exits 130 (SIGINT) or 143
-(SIGTERM).
+one line on stderr and status 2; an interrupt saves first, then exits 130 (SIGINT), 143
+(SIGTERM) or 129 (SIGHUP).
+
+Every command it prints for the user to run next (how to resume, how to sample) starts the
+way this process was started (a :class:`Launcher`), so that it can be pasted as it is.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ import dataclasses
 import logging
 import os
 import shlex
+import shutil
 import sys
 import time
 import typing
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from tqdm import tqdm
@@ -82,7 +85,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_train(explicit: dict[str, Any]) -> int:
+# ------------------------------------------------------------------ commands to paste
+
+@dataclasses.dataclass(frozen=True)
+class Launcher:
+    """How the user starts each command, as the shell words before its arguments: the way
+    this process was started, so that a printed command can be pasted as it is."""
+
+    train: tuple[str, ...]  # ("python", "train.py"), ("smolgpt", "train"), ...
+    generate: tuple[str, ...]
+
+    def command(self, name: str, args: Sequence[str]) -> str:
+        """The command line of `name` ("train" or "generate") with args, quoted for a shell."""
+        return shlex.join([*getattr(self, name), *args])
+
+    @classmethod
+    def subcommands(cls, *head: str) -> "Launcher":
+        """`HEAD train ...` and `HEAD generate ...`."""
+        return cls((*head, "train"), (*head, "generate"))
+
+    @classmethod
+    def scripts(cls, folder: str) -> "Launcher":
+        """`python FOLDER/train.py ...` and `python FOLDER/generate.py ...`, the root scripts,
+        with the folder as the user typed it (relative paths stay relative)."""
+        python = typed_name(sys.executable, "python")
+        return cls((python, os.path.join(folder, "train.py")),
+                   (python, os.path.join(folder, "generate.py")))
+
+
+def typed_name(path: str, name: str) -> str:
+    """name if typing it in a shell starts the program at path, else path itself. The same
+    program means the same file in the same folder: a virtual environment's python is a link
+    to the base interpreter, and only its folder makes it the environment's."""
+    found = shutil.which(name)
+    if found is None:
+        return path
+    same_file = os.path.realpath(found) == os.path.realpath(path)
+    same_folder = (os.path.realpath(os.path.dirname(os.path.abspath(found)))
+                   == os.path.realpath(os.path.dirname(os.path.abspath(path))))
+    return name if same_file and same_folder else path
+
+
+SMOLGPT = Launcher.subcommands("smolgpt")  # what main() assumes unless told
+
+
+def resume_args(args: Sequence[str]) -> list[str]:
+    """The arguments of a train command changed to continue its run: --resume added, and
+    --overwrite (which would move the run aside and start afresh) removed."""
+    dropped = ("--resume", "--no-resume", "--overwrite", "--no-overwrite")
+    return [a for a in args if a not in dropped] + ["--resume"]
+
+
+# ---------------------------------------------------------------------------- commands
+
+def run_train(explicit: dict[str, Any], args: Sequence[str], launcher: Launcher) -> int:
+    """Train with the parsed flags; args (as typed) and launcher make the printed commands."""
     from .api import train
     from .training import TrainingInterrupted
 
@@ -90,15 +147,15 @@ def run_train(explicit: dict[str, Any]) -> int:
     try:
         result = train(**explicit)
     except TrainingInterrupted as stop:
-        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
-        resume_hint = command if "--resume" in sys.argv else command + " --resume"
-        print(f"{stop}: saved {stop.out_dir / 'latest_model.pth'}. Resume with: {resume_hint}",
+        resume = launcher.command("train", resume_args(args))
+        print(f"{stop}: saved {stop.out_dir / 'latest_model.pth'}. Resume with: {resume}",
               file=sys.stderr)
         return stop.exit_code
+    sample = launcher.command("generate", [str(result.best_checkpoint)])
     print(
         f"done: {result.iterations} iterations in {time.perf_counter() - start:.1f}s, best val "
         f"loss {result.best_val_loss:.4f}; checkpoints in {result.out_dir}/\n"
-        f"sample with: python generate.py {result.best_checkpoint} --prompt \"...\"",
+        f"sample with: {sample}",
         file=sys.stderr,
     )
     return 0
@@ -135,13 +192,18 @@ def _setup_logging() -> None:
     log.propagate = False
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, launcher: Launcher = SMOLGPT) -> int:
+    """Run one command (argv: its words after the program's name; default sys.argv[1:]) and
+    return the exit status. launcher: how the user started it, for the commands printed."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = vars(build_parser().parse_args(argv))
     _setup_logging()
     command = args.pop("command")
     try:
         if command == "train":
-            return run_train(args)
+            # The parser takes no words before the command but --help and --version, which
+            # exit: argv[0] is the command.
+            return run_train(args, argv[1:], launcher)
         return run_generate(args.pop("checkpoint"), args)
     except SmolGPTError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -166,14 +228,19 @@ def _exit(code: int) -> typing.NoReturn:
 
 def console_main() -> typing.NoReturn:
     """Entry point of the `smolgpt` command and of `python -m smolgpt`."""
-    _exit(main())
+    main_module = sys.modules["__main__"]
+    if getattr(main_module.__spec__, "name", None) == "smolgpt.__main__":  # python -m smolgpt
+        launcher = Launcher.subcommands(typed_name(sys.executable, "python"), "-m", "smolgpt")
+    else:  # the console script, as typed or found on PATH
+        launcher = Launcher.subcommands(typed_name(sys.argv[0], "smolgpt"))
+    _exit(main(launcher=launcher))
 
 
 def train_main() -> typing.NoReturn:
     """Entry point of the root train.py: `smolgpt train` with the same flags."""
-    _exit(main(["train", *sys.argv[1:]]))
+    _exit(main(["train", *sys.argv[1:]], Launcher.scripts(os.path.dirname(sys.argv[0]))))
 
 
 def generate_main() -> typing.NoReturn:
     """Entry point of the root generate.py: `smolgpt generate` with the same flags."""
-    _exit(main(["generate", *sys.argv[1:]]))
+    _exit(main(["generate", *sys.argv[1:]], Launcher.scripts(os.path.dirname(sys.argv[0]))))

@@ -23,6 +23,7 @@ preset changes only the fields it names.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -96,8 +97,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _opt(default: Any, help: str, group: str, **extra: Any) -> Any:
-    """A dataclass field whose help text, --help group and argparse extras (choices) travel
-    along with it."""
+    """A dataclass field whose help text, --help group and extras travel along with it:
+    ``choices`` (for argparse) and ``shown``, the default as --help shows it where the value
+    itself would not say it (None meaning "worked out at run time")."""
     return field(default=default, metadata={"help": help, "group": group, **extra})
 
 
@@ -177,7 +179,8 @@ class TrainConfig(ModelShape):
         "training text: a built-in corpus (shakespeare, sherlock), a .txt file, "
         "a directory of .txt files, or an http(s) URL", "data",
     )
-    out_dir: Optional[str] = _opt(None, "run directory", "data")
+    out_dir: Optional[str] = _opt(None, "run directory", "data",
+                                  shown="checkpoints/<level>_<preset>")
     # Optimisation.
     batch_size: int = _opt(32, "sequences per micro-batch", "optimisation")
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimiser step", "optimisation")
@@ -200,7 +203,7 @@ class TrainConfig(ModelShape):
         "rougher orthogonalisation)", "optimisation",
     )
     min_lr: Optional[float] = _opt(None, "final learning rate of the cosine decay",
-                                   "optimisation")
+                                   "optimisation", shown="learning_rate / 10")
     warmup_iters: int = _opt(100, "linear warm-up steps", "optimisation")
     warmup_budget_share: float = _opt(
         0.02, "with --time_budget: the share of the budget spent warming up, instead of "
@@ -227,6 +230,11 @@ class TrainConfig(ModelShape):
     )
     # Tokenizer.
     min_word_freq: int = _opt(3, "word level: words seen fewer times become <UNK>", "data")
+    encoding: str = _opt(
+        "utf-8", "text encoding of --data files (a UTF-8 or UTF-16 byte-order mark is "
+        "recognised by itself); e.g. cp1252 or latin-1 for older Windows or European texts",
+        "data",
+    )
     # Hardware and bookkeeping.
     amp: bool = _opt(True, "reduced precision where the hardware computes it natively (see "
                      "Precision); --no-amp: float32 everywhere", "system")
@@ -234,6 +242,10 @@ class TrainConfig(ModelShape):
     compile: bool = _opt(False, "torch.compile the model (slow start, can be faster)", "system")
     seed: int = _opt(1337, "random seed", "system")
     resume: bool = _opt(False, "continue from latest_model.pth in the run directory", "system")
+    overwrite: bool = _opt(
+        False, "start a new run in an --out_dir that holds one: the old run is moved aside "
+        "(renamed with a timestamp), never deleted", "system",
+    )
     colab_drive: bool = _opt(False, "on Colab: write the run to Google Drive", "system")
 
     def __post_init__(self) -> None:
@@ -261,6 +273,14 @@ class TrainConfig(ModelShape):
             )
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise SmolGPTError("--grad_clip and --weight_decay must be >= 0")
+        if self.resume and self.overwrite:
+            raise SmolGPTError("--resume continues the run in --out_dir and --overwrite "
+                               "starts a new one there: pass one of them")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise SmolGPTError(f"unknown --encoding {self.encoding!r}: use a Python codec "
+                               "name such as utf-8, utf-16, cp1252 or latin-1") from None
         super().__post_init__()  # the shape
 
     @property
@@ -306,7 +326,10 @@ class SampleConfig:
 class GenerateConfig(SampleConfig):
     """``smolgpt generate``: the sampling settings, plus what to continue and where."""
 
-    prompt: str = _opt("Hello,", "text to continue", "input")
+    prompt: Optional[str] = _opt(
+        None, "text to continue", "input",
+        shown="a line break at char level, the most frequent word at word level",
+    )
     device: str = _opt("auto", "where to run", "system", choices=DEVICES)
 
     def __post_init__(self) -> None:
@@ -378,10 +401,9 @@ def default_text(cls: type, name: str) -> str:
         from_preset = preset_default(name)
         if from_preset:
             return from_preset
-        if name == "out_dir":
-            return "checkpoints/<level>_<preset>"
-        if name == "min_lr":
-            return "learning_rate / 10"
+    shown = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("shown")
+    if shown:
+        return shown
     default = getattr(cls, name)
     if isinstance(default, bool):
         return "on" if default else "off"
@@ -395,9 +417,10 @@ LEGACY_DEFAULTS: dict[str, Any] = {"position": "learned", "optimizer": "adamw"}
 # Settings that define what a run *is*; a resumed run may not change them. (The training
 # text is checked by content, not by the --data string.)
 RESUME_FIXED = ("level", "preset", "n_layer", "n_head", "n_embd", "block_size", "bias",
-                "position", "optimizer", "min_word_freq", "batch_size", "gradient_accumulation_steps", "seed")
+                "position", "optimizer", "min_word_freq", "encoding", "batch_size",
+                "gradient_accumulation_steps", "seed")
 # Bookkeeping that is not part of a run's recipe.
-_RESUME_IGNORED = ("resume", "out_dir", "data", "colab_drive")
+_RESUME_IGNORED = ("resume", "overwrite", "out_dir", "data", "colab_drive")
 
 
 def resume_train_config(saved: dict[str, Any], explicit: dict[str, Any]) -> tuple[TrainConfig, dict]:

@@ -5,7 +5,13 @@
    Project Gutenberg), a .txt file, a directory of .txt files, or an http(s) URL.
 2. :func:`prepare` reads the text in chunks (so a corpus larger than memory works), learns
    the tokenizer, encodes everything once, and caches the ids on disk, keyed by the text's
-   SHA-256 and the tokenizer settings; the next run with the same text starts at once.
+   SHA-256, its --encoding and the tokenizer settings; the next run with the same text
+   starts at once. Every source is read the same way: files (and URLs) are decoded in
+   --encoding, unless they start with a UTF-8, UTF-16 or UTF-32 byte-order mark, which
+   wins (built-in corpora are UTF-8); CRLF and lone CR line endings become LF; then the
+   tokenizer normalises the text (:func:`~smolgpt.tokenizer.normalize_text`: no byte-order
+   mark, typographic quotes as ASCII). At word level, training is refused when the
+   vocabulary would teach nothing, and the share of <UNK> is reported.
    Word-level tokenization is spread over all CPU cores. Every open checks the cached ids
    against the size and CRC-32 recorded when they were written, and rebuilds an entry that
    was damaged since (cut short, a flipped bit, lost or garbled metadata) instead of
@@ -17,6 +23,7 @@
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -36,7 +43,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .config import LEVELS
+from .config import LEVELS, TrainConfig
 from .errors import SmolGPTError
 from .files import atomic_write, atomic_write_text, cache_dir
 from .tokenizer import CharTokenizer, Tokenizer, WordTokenizer, tokenizer_from_dict
@@ -46,19 +53,31 @@ log = logging.getLogger(__name__)
 TRAIN_FRACTION = 0.9
 # Bump when tokenization or the entry's layout changes, so old caches are not reused.
 # 2 (smolgpt 0.4): meta.json records the format, size and CRC-32 of tokens.bin.
-CACHE_FORMAT = 2
+# 3 (smolgpt 0.5): line endings, byte-order marks and quotes normalised; keyed by encoding.
+CACHE_FORMAT = 3
 CHECKSUM_BLOCK = 16 << 20  # bytes read at a time when checking tokens.bin
 CHUNK_BYTES = 4 << 20  # text is read, tokenized and encoded 4 MiB at a time
+COUNT_BLOCK = 16 << 20  # token ids compared at a time when counting <UNK>
+
+# At word level, more <UNK> than this in either split is warned about. At the default
+# --min_word_freq 3, a whole novel (Sherlock Holmes, 560 KB) has 4.9% <UNK>, a 60 KB part of
+# it 16%: beyond about one word in twenty, samples are visibly full of <UNK>.
+UNK_WARN_RATE = 0.05
+# More <UNK> than this in the training split (or no word in the vocabulary) is refused: the
+# model would learn mostly to predict <UNK>, and its loss would look excellent.
+UNK_REFUSE_RATE = 0.5
 
 
 # --------------------------------------------------------------------------- corpora
 
 @dataclass(frozen=True)
 class Corpus:
-    """Text files that make one corpus, read in this order."""
+    """Text files that make one corpus, read in this order, decoded in encoding unless a
+    file starts with a byte-order mark (see :func:`file_encoding`)."""
 
     name: str
     paths: tuple[Path, ...]
+    encoding: str = "utf-8"
 
 
 @dataclass(frozen=True)
@@ -81,22 +100,23 @@ BUILTINS = ("shakespeare", "sherlock")
 SHAKESPEARE_FORMAT = 2  # bump when markdown_play_to_text changes, so the text is rebuilt
 
 
-def resolve_corpus(spec: str) -> Corpus:
-    """Map a --data argument to files on disk, fetching or building a built-in if needed."""
+def resolve_corpus(spec: str, encoding: str = "utf-8") -> Corpus:
+    """Map a --data argument to files on disk, fetching or building a built-in if needed.
+    Files, directories and URLs are read in encoding; built-in corpora are cached as UTF-8."""
     if spec == "shakespeare":
         return Corpus(spec, (shakespeare_path(),))
     if spec == "sherlock":
         return Corpus(spec, (gutenberg_path(SHERLOCK, "sherlock"),))
     if re.match(r"https?://", spec):
-        return Corpus(spec, (download_url(spec),))
+        return Corpus(spec, (download_url(spec),), encoding)
     path = Path(spec).expanduser()
     if path.is_dir():
         files = tuple(sorted(p for p in path.rglob("*.txt") if p.is_file()))
         if not files:
             raise SmolGPTError(f"directory {path} holds no .txt files: add some or pass a file")
-        return Corpus(str(path), files)
+        return Corpus(str(path), files, encoding)
     if path.is_file():
-        return Corpus(str(path), (path,))
+        return Corpus(str(path), (path,), encoding)
     raise SmolGPTError(
         f"--data {spec!r} is neither a file, a directory, a URL nor a built-in corpus "
         f"({', '.join(BUILTINS)}): check the path"
@@ -214,32 +234,39 @@ def _fetch(url: str, what: str) -> bytes:
 
 # --------------------------------------------------------------------------- reading text
 
+# Byte-order marks and the codecs that read (and drop) them. UTF-32's come first: the
+# UTF-32-LE mark begins with the UTF-16-LE one.
+BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def file_encoding(path: Path, encoding: str) -> str:
+    """The codec that reads path: the one its byte-order mark names, else encoding."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    for mark, codec in BYTE_ORDER_MARKS:
+        if head.startswith(mark):
+            return codec
+    return encoding
+
+
 def fingerprint(corpus: Corpus) -> str:
-    """SHA-256 over the corpus files' bytes, checking each is non-empty, text, and UTF-8."""
+    """SHA-256 over the corpus files' bytes, checking each is non-empty text that decodes."""
     digest = hashlib.sha256()
     for path in corpus.paths:
-        decoder = codecs.getincrementaldecoder("utf-8")()
         size = 0
         try:
+            encoding = file_encoding(path, corpus.encoding)
+            decoder = codecs.getincrementaldecoder(encoding)()
             with open(path, "rb") as f:
                 while block := f.read(CHUNK_BYTES):
-                    if b"\x00" in block:
-                        raise SmolGPTError(
-                            f"{path} looks like a binary file (it contains NUL bytes): "
-                            "--data needs plain UTF-8 text"
-                        )
-                    try:
-                        decoder.decode(block)
-                    except UnicodeDecodeError as exc:
-                        raise SmolGPTError(
-                            f"{path} is not valid UTF-8 (bad byte at offset {size + exc.start}): "
-                            "convert it, e.g. iconv -f latin1 -t utf-8"
-                        ) from None
+                    _check_decodes(decoder, block, path, encoding, size)
                     digest.update(block)
                     size += len(block)
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            raise SmolGPTError(f"{path} is not valid UTF-8 (it ends mid-character)") from None
+            _check_decodes(decoder, b"", path, encoding, size, final=True)
         except OSError as exc:
             raise SmolGPTError(f"cannot read {path}: {exc.strerror}") from None
         if size == 0:
@@ -248,15 +275,43 @@ def fingerprint(corpus: Corpus) -> str:
     return digest.hexdigest()
 
 
+def _check_decodes(decoder, block: bytes, path: Path, encoding: str, offset: int,
+                   final: bool = False) -> None:
+    """Feed block (which starts offset bytes into path) to decoder; raise SmolGPTError
+    unless it decodes to text without NUL characters."""
+    try:
+        text = decoder.decode(block, final)
+    except UnicodeDecodeError as exc:
+        if b"\x00" in block:  # binary data rarely decodes: its NUL bytes say more
+            text = "\x00"
+        else:
+            # exc.object is the bytes the decoder still held from earlier blocks, then block.
+            where = offset - (len(exc.object) - len(block)) + exc.start
+            problem = ("it ends mid-character" if final else
+                       f"byte 0x{exc.object[exc.start]:02x} at offset {where} does not decode")
+            raise SmolGPTError(
+                f"{path} is not {encoding} text ({problem}): pass the encoding it was saved "
+                "in, e.g. --encoding cp1252 for Windows text or --encoding latin-1"
+            ) from None
+    if "\x00" in text:
+        raise SmolGPTError(
+            f"{path} looks like a binary file (it contains NUL bytes): --data needs plain "
+            "text (UTF-16 text without a byte-order mark: --encoding utf-16-le or utf-16-be)"
+        )
+
+
 def iter_text(corpus: Corpus, chunk_bytes: Optional[int] = None) -> Iterator[str]:
-    """The corpus as text chunks of about chunk_bytes (default CHUNK_BYTES), each ending at a
-    line break, so no word is cut in two. Files are separated by a blank line."""
+    """The corpus as text chunks of about chunk_bytes characters (default CHUNK_BYTES), each
+    ending at a line break, so no word is cut in two. Files are decoded as :func:`fingerprint`
+    checked them, with every line ending read as LF, and separated by a blank line."""
     chunk_bytes = chunk_bytes or CHUNK_BYTES  # read at call time, like fingerprint and _workers
     for n, path in enumerate(corpus.paths):
         if n:
             yield "\n\n"
         carry = ""
-        with open(path, encoding="utf-8", newline="") as f:
+        # newline=None: universal newlines turn CRLF and a lone CR into LF, and hold back a
+        # CR that ends one read until the next shows whether an LF follows it.
+        with open(path, encoding=file_encoding(path, corpus.encoding), newline=None) as f:
             while block := f.read(chunk_bytes):
                 block = carry + block
                 cut = block.rfind("\n") + 1
@@ -282,9 +337,64 @@ class TokenData:
     fingerprint: str
 
     def summary(self) -> str:
+        """One line: the token counts, the vocabulary and (word level) the share of <UNK>."""
         total = len(self.train) + len(self.val)
-        return (f"{self.source}: {total:,} tokens ({len(self.train):,} train, "
+        line = (f"{self.source}: {total:,} tokens ({len(self.train):,} train, "
                 f"{len(self.val):,} val), vocabulary {self.tokenizer.vocab_size:,}")
+        if self.unk_rates is not None:
+            train, val = self.unk_rates
+            line += f", <UNK> {train:.1%} of train and {val:.1%} of val"
+        return line
+
+    @functools.cached_property
+    def unk_rates(self) -> Optional[tuple[float, float]]:
+        """The share of <UNK> among the train and among the val ids; None at char level."""
+        if not isinstance(self.tokenizer, WordTokenizer):
+            return None
+        return _share(self.train, WordTokenizer.UNK_ID), _share(self.val, WordTokenizer.UNK_ID)
+
+    def unk_warning(self) -> Optional[str]:
+        """A warning when <UNK> is more than UNK_WARN_RATE of either split, else None."""
+        if self.unk_rates is None or max(self.unk_rates) <= UNK_WARN_RATE:
+            return None
+        train, val = self.unk_rates
+        return (f"<UNK> is {train:.1%} of the training and {val:.1%} of the validation text "
+                f"(over {UNK_WARN_RATE:.0%}), so the model will often write <UNK>: "
+                f"{_fewer_unk(self.tokenizer.min_word_freq)}")
+
+
+def _share(ids: np.ndarray, token: int) -> float:
+    """The share of token among ids, compared a block at a time (ids may be a memory map
+    larger than memory)."""
+    hits = sum(int(np.count_nonzero(ids[i : i + COUNT_BLOCK] == token))
+               for i in range(0, len(ids), COUNT_BLOCK))
+    return hits / len(ids) if len(ids) else 0.0
+
+
+def _fewer_unk(min_word_freq: int) -> str:
+    """What makes fewer words <UNK>: a lower --min_word_freq (half, and no more than the
+    default), or more text."""
+    if min_word_freq > 1:
+        lower = min(min_word_freq // 2, TrainConfig.min_word_freq)
+        return f"keep rarer words with --min_word_freq {lower}, or train on more text"
+    return "train on a text with more words, or use --level char"
+
+
+def check_vocabulary(data: TokenData) -> None:
+    """Refuse a word-level vocabulary that would teach nothing: one without a single word
+    (punctuation at most), or one that leaves more than UNK_REFUSE_RATE of the training
+    text <UNK>."""
+    tokenizer = data.tokenizer
+    if not isinstance(tokenizer, WordTokenizer):
+        return
+    words = sum(1 for token in tokenizer.itos[2:] if re.match(r"\w", token))
+    train_unk = data.unk_rates[0]
+    if words == 0 or train_unk > UNK_REFUSE_RATE:
+        raise SmolGPTError(
+            f"--min_word_freq {tokenizer.min_word_freq} leaves {words:,} words in the "
+            f"vocabulary and {train_unk:.0%} of the training text <UNK>: the model would "
+            f"learn nothing from it; {_fewer_unk(tokenizer.min_word_freq)}"
+        )
 
 
 def _word_counts(chunk: str) -> Counter:
@@ -353,11 +463,15 @@ def token_dtype(vocab_size: int):
 
 
 def prepare(corpus: Corpus, level: str, min_word_freq: int = 3) -> TokenData:
-    """Tokenize a corpus once (or load the cached ids) and split it 90/10."""
+    """Tokenize a corpus once (or load the cached ids) and split it 90/10; refuse a word
+    vocabulary that would teach nothing (:func:`check_vocabulary`)."""
     if level not in LEVELS:
         raise SmolGPTError(f"unknown level {level!r}: choose {' or '.join(LEVELS)}")
     text_hash = fingerprint(corpus)
-    settings = f"v{CACHE_FORMAT}-{level}" + (f"-min{min_word_freq}" if level == "word" else "")
+    # The hash is of the bytes; read in another encoding they are another text.
+    encoding = codecs.lookup(corpus.encoding).name  # one name for utf8, UTF-8, ...
+    settings = (f"v{CACHE_FORMAT}-{encoding}-{level}"
+                + (f"-min{min_word_freq}" if level == "word" else ""))
     key = hashlib.sha256(f"{text_hash}-{settings}".encode()).hexdigest()[:24]
     entry = cache_dir() / "tokens" / key
     meta_path, ids_path = entry / "meta.json", entry / "tokens.bin"
@@ -389,7 +503,9 @@ def prepare(corpus: Corpus, level: str, min_word_freq: int = 3) -> TokenData:
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     ids = np.memmap(ids_path, dtype=meta["dtype"], mode="r") if meta["count"] else np.zeros(0)
     split = int(len(ids) * TRAIN_FRACTION)
-    return TokenData(corpus.name, ids[:split], ids[split:], tokenizer, text_hash)
+    tokens = TokenData(corpus.name, ids[:split], ids[split:], tokenizer, text_hash)
+    check_vocabulary(tokens)
+    return tokens
 
 
 def file_crc32(path: Path) -> int:

@@ -25,23 +25,36 @@ def lr_multiplier(cfg: TrainConfig, step: int, done: float) -> float:
     """The learning rate as a share of its peak: a linear warm-up, then constant, or a cosine
     decay to ``final_lr`` by the end of training.
 
-    step: optimiser steps completed; done: the share of training done (of max_iters, or with
-    --time_budget of the time training may use). A run counted in steps warms up over
-    ``warmup_iters`` steps; a time-budgeted run over ``warmup_budget_share`` of its time.
+    step: optimiser steps completed; done: how far along its schedule the run is, in [0, 1]
+    (the share of training done: see ``training.Budget.done``). A run counted in steps warms
+    up over ``warmup_iters`` steps; a time-budgeted run over ``warmup_budget_share`` of it.
     """
-    if cfg.time_budget:
-        warm = cfg.warmup_budget_share
-        if done < warm:
-            return max(done / warm, WARMUP_FLOOR)
-    else:
-        if step < cfg.warmup_iters:
-            return (step + 1) / (cfg.warmup_iters + 1)
-        warm = cfg.warmup_iters / cfg.max_iters
+    if warming_up(cfg, step, done):
+        if cfg.time_budget:
+            return max(done / cfg.warmup_budget_share, WARMUP_FLOOR)
+        return (step + 1) / (cfg.warmup_iters + 1)
     if cfg.lr_schedule == "constant":
         return 1.0
     floor = cfg.final_lr / cfg.learning_rate
-    decay = min(max((done - warm) / max(1.0 - warm, 1e-9), 0.0), 1.0)  # 0 -> 1 while decaying
-    return floor + 0.5 * (1.0 + math.cos(math.pi * decay)) * (1.0 - floor)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * decay_share(cfg, done))) * (1.0 - floor)
+
+
+def warming_up(cfg: TrainConfig, step: int, done: float) -> bool:
+    """Whether the schedule is still warming up after `step` steps, `done` of the way."""
+    return done < cfg.warmup_budget_share if cfg.time_budget else step < cfg.warmup_iters
+
+
+def warmup_share(cfg: TrainConfig) -> float:
+    """Where warm-up ends, as a share of training: warmup_budget_share of a time budget, or
+    warmup_iters of max_iters."""
+    return cfg.warmup_budget_share if cfg.time_budget else cfg.warmup_iters / cfg.max_iters
+
+
+def decay_share(cfg: TrainConfig, done: float) -> float:
+    """How far the cosine decay has got at `done`: 0 at the end of warm-up (the peak rate),
+    1 at the end of training (final_lr)."""
+    warm = warmup_share(cfg)
+    return min(max((done - warm) / max(1.0 - warm, 1e-9), 0.0), 1.0)
 
 
 class BatchedMuon(torch.optim.Muon):

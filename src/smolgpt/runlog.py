@@ -31,12 +31,19 @@ class RunLog:
     metrics.jsonl and the progress bar, and closes them).
 
     flops_per_token and peak_flops: the model's training FLOPs per token and the device's
-    matmul peak, for MFU (model FLOPs utilisation).
+    matmul peak, for MFU (model FLOPs utilisation). iteration and elapsed: where the run
+    starts (a resumed run's bar starts there, so that its rate and ETA count only the steps
+    of this process).
+
+    On a terminal the bar counts steps of max_iters (with this process's rate and ETA), or
+    under --time_budget seconds of the budget (no rate or ETA: the budget is the time left);
+    it ends at 100% when the budget ends training.
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: Path, flops_per_token: float,
-                 peak_flops: float):
+                 peak_flops: float, iteration: int = 0, elapsed: float = 0.0):
         self.cfg, self.path = cfg, Path(out_dir) / METRICS
+        self.start_iteration, self.start_elapsed = iteration, elapsed
         self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.file = None
@@ -48,9 +55,13 @@ class RunLog:
     def __enter__(self) -> "RunLog":
         self.file = open(self.path, "a", encoding="utf-8")
         if sys.stderr.isatty():
-            budget = self.cfg.time_budget
-            self.bar = tqdm(total=int(budget) if budget else self.cfg.max_iters,
-                            unit="s" if budget else "it", file=sys.stderr, dynamic_ncols=True)
+            if self.cfg.time_budget:
+                self.bar = tqdm(total=self.cfg.time_budget, initial=self.start_elapsed,
+                                file=sys.stderr, dynamic_ncols=True,
+                                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s{postfix}")
+            else:
+                self.bar = tqdm(total=self.cfg.max_iters, initial=self.start_iteration,
+                                unit="it", file=sys.stderr, dynamic_ncols=True)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -86,10 +97,18 @@ class RunLog:
             mean_loss = self.loss_sum.item() / self.loss_count
             self.loss_sum, self.loss_count = None, 0
             self._progress_line(iteration, mean_loss, lr, elapsed)
-        if self.bar is not None:
-            self.bar.n = int(elapsed) if self.cfg.time_budget else iteration
-            self.bar.refresh()
+        self._move_bar(elapsed if self.cfg.time_budget else iteration)
         return mean_loss
+
+    def finish(self) -> None:
+        """The budget has ended training: the bar shows it all spent."""
+        if self.bar is not None:
+            self._move_bar(self.bar.total)
+
+    def _move_bar(self, position: float) -> None:
+        if self.bar is not None:
+            self.bar.n = min(position, self.bar.total)
+            self.bar.refresh()
 
     def _progress_line(self, iteration: int, loss: float, lr: float, elapsed: float) -> None:
         seconds = time.perf_counter() - self.window_start
@@ -99,10 +118,11 @@ class RunLog:
         else:
             left = (self.cfg.max_iters - iteration) * seconds / max(self.window_steps, 1)
         fields = dict(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
-                      mfu=f"{100 * self.mfu(tok_s):.1f}%", left=_duration(left))
-        if self.bar is not None:
+                      mfu=f"{100 * self.mfu(tok_s):.1f}%")
+        if self.bar is not None:  # which shows the time left itself
             self.bar.set_postfix(fields, refresh=False)
         else:
+            fields["left"] = duration(left)
             log.info("iter %d | %s", iteration, " | ".join(f"{k} {v}" for k, v in fields.items()))
 
     def evaluation(self, iteration: int, losses: dict[str, float], best_val_loss: float,
@@ -126,10 +146,13 @@ class RunLog:
         log.info("eval @ iter %d: train %.4f, val %.4f%s", iteration, row["train_loss"],
                  row["val_loss"], " (new best)" if new_best else "")
         self.window_start, self.window_steps = time.perf_counter(), 0
+        if self.cfg.time_budget:  # evaluations spend the budget too
+            self._move_bar(elapsed)
         return row
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """A duration as 1h05m or 3m07s."""
     seconds = int(seconds)
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -10,9 +10,9 @@ when the time left holds just the final evaluation.
 
 A checkpoint holds everything that decides the future of a run (weights, optimiser, scaler,
 iteration, best loss, every RNG state), so a resumed run continues exactly where the saved
-one stopped: on a CPU, bit for bit. SIGINT and SIGTERM finish the current step and save
-before exiting; a NaN or infinite loss stops the run before it can overwrite a good
-checkpoint.
+one stopped: on a CPU, bit for bit. SIGINT, SIGTERM and SIGHUP finish the current step (or
+abandon an evaluation) and save before exiting; a NaN or infinite loss stops the run before
+it can overwrite a good checkpoint.
 
 The safety checks around a run (the run directory's lock, what may be resumed, the training
 text) are :func:`smolgpt.train`'s; a Trainer assumes its run directory exists and is its own.
@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -37,8 +38,16 @@ from .config import TrainConfig
 from .data import BatchSampler, TokenData
 from .errors import SmolGPTError
 from .model import GPT
-from .optim import lr_multiplier, make_optimizers, set_learning_rates, use_settings
-from .runlog import RunLog
+from .optim import (
+    decay_share,
+    lr_multiplier,
+    make_optimizers,
+    set_learning_rates,
+    use_settings,
+    warming_up,
+    warmup_share,
+)
+from .runlog import RunLog, duration
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +64,18 @@ class Progress:
     evals_since_best: int = 0
     elapsed_s: float = 0.0  # training wall time, summed over all processes of the run
     last_val_loss: float = math.inf
+    # Fields added later have defaults, so that older checkpoints still load.
+    # How far along its learning-rate schedule the run was when saved (Budget.done); None
+    # in checkpoints written before it was recorded.
+    done: Optional[float] = None
+    # Set when --resume changed the run's horizon (max_iters or time_budget) after warm-up:
+    # [iteration, elapsed_s, decay share reached there]; see Budget.done.
+    extended_at: Optional[list] = None
 
 
 class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM arrived; latest_model.pth was saved. exit_code is 128 + signal."""
+    """SIGINT, SIGTERM or SIGHUP arrived; latest_model.pth was saved. exit_code is
+    128 + signal, as a shell reports a process killed by it."""
 
     def __init__(self, signum: int, out_dir: Path, iteration: int):
         self.signum, self.out_dir, self.iteration = signum, out_dir, iteration
@@ -72,20 +89,25 @@ class TrainingDiverged(SmolGPTError):
 
 class Budget:
     """How long a run trains and how far it has got: max_iters steps, or with --time_budget
-    seconds of wall time, summed over every process of a resumed run.
+    seconds of wall time, summed over every process of a resumed run. Under a time budget a
+    max_iters other than its default caps the steps too: training ends at whichever limit
+    comes first.
 
     A time-budgeted run holds back the time of its final evaluation (the last one measured,
-    or before there is one an estimate from the step time), so that the evaluation still fits
-    and the learning-rate decay ends when training does.
+    or before there is one an estimate from a timed evaluation batch), so that the
+    evaluation still fits and the learning-rate decay ends when training does.
     """
 
-    # An evaluation batch is a forward pass only: about a third of a training step's work,
-    # rounded up so that an estimate errs towards finishing early rather than late.
-    FORWARD_SHARE = 0.4
-
-    def __init__(self, cfg: TrainConfig, clock_start: float, elapsed_before: float = 0.0):
+    def __init__(self, cfg: TrainConfig, clock_start: float, elapsed_before: float = 0.0,
+                 extended_at: Optional[list] = None):
         self.cfg, self.clock_start, self.elapsed_before = cfg, clock_start, elapsed_before
+        self.extended_at = extended_at  # Progress.extended_at
+        # max_iters has a default (5000), which must not cut a time budget short: under one
+        # it counts only when set to another value.
+        capped = not cfg.time_budget or cfg.max_iters != TrainConfig.max_iters
+        self.max_iters: Optional[int] = cfg.max_iters if capped else None
         self.eval_s: Optional[float] = None  # the last evaluation's duration
+        self.eval_batch_s: Optional[float] = None  # one evaluation batch's, when timed
         self.steps, self.step_s = 0, 0.0  # steps timed, and their total time (first excluded)
 
     def elapsed(self) -> float:
@@ -94,53 +116,133 @@ class Budget:
 
     def add_step(self, seconds: float) -> None:
         self.steps += 1
-        if self.steps > 1:  # the first step pays for one-off allocations
+        if self.steps > 1:  # the first step pays for one-off allocations and imports
             self.step_s += seconds
 
+    def step_time(self) -> Optional[float]:
+        """The mean time of this process's steps, the first excluded (None before two)."""
+        return self.step_s / (self.steps - 1) if self.steps > 1 else None
+
     def final_eval_s(self) -> float:
-        """The measured time of the last evaluation, or before there is one, an estimate from
-        the step time: 2 splits x eval_iters micro-batches, each a forward pass."""
+        """The measured time of the last evaluation, or before there is one, an estimate
+        from one timed evaluation batch: 2 splits x eval_iters batches (0 before either).
+        Batches, not training steps: a step's backward pass and optimiser (Muon's above
+        all) cost an evaluation nothing."""
         if self.eval_s is not None:
             return self.eval_s
-        if self.steps < 2:
+        if self.eval_batch_s is None:
             return 0.0
-        micro_batch_s = self.step_s / (self.steps - 1) / self.cfg.gradient_accumulation_steps
-        return 2 * self.cfg.eval_iters * micro_batch_s * self.FORWARD_SHARE
+        return 2 * self.cfg.eval_iters * self.eval_batch_s
 
     def train_seconds(self) -> float:
         """The schedule's horizon under --time_budget: the budget less the final evaluation."""
         return max((self.cfg.time_budget or 0.0) - self.final_eval_s(), 0.0)
 
     def finished(self, iteration: int) -> bool:
-        if self.cfg.time_budget:  # (after one step at least, should start-up eat the budget)
-            return iteration > 0 and self.elapsed() >= self.train_seconds()
-        return iteration >= self.cfg.max_iters
+        """Whether training is over after `iteration` steps (as far as the budget goes)."""
+        if self.max_iters is not None and iteration >= self.max_iters:
+            return True
+        if not self.cfg.time_budget:
+            return False
+        # After one step at least, should start-up eat the budget.
+        return iteration > 0 and self.elapsed() >= self.train_seconds()
+
+    def share(self, iteration: int, elapsed: float) -> float:
+        """The share of training done after `iteration` steps and `elapsed` seconds, in
+        [0, 1]: of max_iters, or of the time training may use, whichever is further on."""
+        shares = []
+        if self.max_iters is not None:
+            shares.append(iteration / self.max_iters)
+        if self.cfg.time_budget:
+            shares.append(elapsed / max(self.train_seconds(), 1e-9))
+        return min(max(shares), 1.0)
 
     def done(self, iteration: int) -> float:
-        """The share of training done, in [0, 1]: what the learning-rate schedule follows."""
-        if self.cfg.time_budget:
-            return min(self.elapsed() / max(self.train_seconds(), 1e-9), 1.0)
-        return min(iteration / self.cfg.max_iters, 1.0)
+        """How far along its learning-rate schedule the run is, in [0, 1]: what
+        lr_multiplier follows. That is the share of training done, except in a run resumed
+        with another horizon after warm-up (extended_at): it goes on from the point of the
+        new schedule where the decay had got to, and spreads the rest of the decay over
+        what is left of training, so that the rate never jumps."""
+        share = self.share(iteration, self.elapsed())
+        if self.extended_at is None:
+            return share
+        iteration_then, elapsed_then, decay_then = self.extended_at
+        start = self.share(iteration_then, elapsed_then)
+        rest = min(max((share - start) / max(1.0 - start, 1e-9), 0.0), 1.0)
+        warm = warmup_share(self.cfg)
+        return warm + (1.0 - warm) * (decay_then + (1.0 - decay_then) * rest)
+
+
+# A run counted in steps says how long it will take after this many steps of its process
+# (the first, with its one-off costs, is not timed), and on a CPU, beyond LONG_RUN_S, how
+# to make it shorter.
+PROJECT_AFTER_STEPS = 5
+LONG_RUN_S = 3600
+
+
+def projection(budget: Budget, iteration: int, device: torch.device) -> list[str]:
+    """The log lines that project the rest of a run counted in steps: the steps left at the
+    mean step time so far, plus the evaluations still due (at budget.final_eval_s() each);
+    and on a CPU, where that is over LONG_RUN_S, one that suggests a shorter run."""
+    cfg, every = budget.cfg, budget.cfg.eval_interval
+    steps_left = max(cfg.max_iters - iteration, 0)
+    # An evaluation every eval_interval steps, and one at the end.
+    evals_left = cfg.max_iters // every - iteration // every + (cfg.max_iters % every != 0)
+    evals_left = evals_left if steps_left else 0
+    step_s, eval_s = budget.step_time() or 0.0, budget.final_eval_s()
+    total = steps_left * step_s + evals_left * eval_s
+    lines = [f"projected training time: {duration(total)} ({steps_left} steps at {step_s:.2f} "
+             f"s, {evals_left} evaluations at {eval_s:.1f} s"
+             f"{'; early stopping may end it sooner' if cfg.early_stop_patience else ''})"]
+    if device.type == "cpu" and total > LONG_RUN_S:
+        lines.append("that is long for a CPU: --preset micro or --preset nano train smaller "
+                     "models many times faster, and --time_budget SECONDS stops training "
+                     "after that many seconds")
+    return lines
 
 
 class _SignalFlag:
-    """Record SIGINT/SIGTERM instead of dying mid-step; a second signal stops at once.
-    Python lets only the main thread handle signals: elsewhere this does nothing."""
+    """Record SIGINT, SIGTERM and SIGHUP (a closed terminal or a dropped SSH session)
+    instead of dying mid-step; a second signal stops at once. The training loop reads
+    ``signum`` after each step, and an evaluation between its batches (it sets
+    ``evaluating`` meanwhile, so that the warning says which will happen). Python lets only
+    the main thread handle signals: elsewhere this does nothing."""
+
+    # SIGHUP does not exist on Windows.
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                    if hasattr(signal, name))
 
     def __init__(self):
         self.signum: Optional[int] = None
+        self.evaluating = False
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame):
+        if signum == getattr(signal, "SIGHUP", None):
+            self._silence_closed_terminal()
         if self.signum is not None:  # asked twice: the user means it
             raise KeyboardInterrupt
         self.signum = signum
-        log.warning("%s received: finishing this step and saving (again to stop at once)",
-                    signal.Signals(signum).name)
+        doing = "stopping the evaluation" if self.evaluating else "finishing this step"
+        log.warning("%s received: %s and saving (again to stop at once)",
+                    signal.Signals(signum).name, doing)
+
+    @staticmethod
+    def _silence_closed_terminal() -> None:
+        """Send stdout and stderr to /dev/null where they went to a terminal that has closed
+        (SIGHUP's usual cause). Every write to a closed terminal fails, and a failed progress
+        line would end the run before it saves; an empty write tells, and costs nothing."""
+        for fd in (1, 2):
+            try:
+                os.write(fd, b"")
+            except OSError:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, fd)
+                os.close(devnull)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -174,7 +276,8 @@ class Trainer:
         self.progress = Progress()
         if resume_from is not None:
             self._restore(resume_from)
-        self.budget = Budget(cfg, clock_start, self.progress.elapsed_s)
+        self.budget = Budget(cfg, clock_start, self.progress.elapsed_s,
+                             self.progress.extended_at)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
     # ----------------------------------------------------------------- state
@@ -200,6 +303,23 @@ class Trainer:
         if self.device.type == "cuda" and rng.get("cuda"):
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.sampler.load_state_dict(rng["sampler"])
+        self._continue_schedule(ckpt.get("train_config") or {})
+
+    def _continue_schedule(self, saved: dict) -> None:
+        """Where --resume changed the run's horizon (max_iters or time_budget) after warm-up,
+        record where the old schedule's decay had got to: the new one goes on from there
+        (Budget.done), so the learning rate does not jump back up. During warm-up nothing is
+        recorded: warm-up goes on as configured."""
+        p = self.progress
+        old = dataclasses.replace(self.cfg, max_iters=saved.get("max_iters", self.cfg.max_iters),
+                                  time_budget=saved.get("time_budget", self.cfg.time_budget))
+        if (old.max_iters, old.time_budget) == (self.cfg.max_iters, self.cfg.time_budget):
+            return
+        done = p.done
+        if done is None:  # an older checkpoint: the share of its steps or budget
+            done = Budget(old, time.perf_counter()).share(p.iter, p.elapsed_s)
+        if not warming_up(old, p.iter, done):
+            p.extended_at = [p.iter, p.elapsed_s, decay_share(old, done)]
 
     def state(self) -> dict:
         """The checkpoint dictionary for the run as it stands now."""
@@ -211,7 +331,8 @@ class Trainer:
             "train_config": dataclasses.asdict(self.cfg),
             "optimizer": [opt.state_dict() for opt in self.optimizers],
             "scaler": self.scaler.state_dict() if self.scaler else None,
-            "progress": dataclasses.asdict(self.progress),
+            "progress": dataclasses.asdict(
+                dataclasses.replace(self.progress, done=self.budget.done(self.progress.iter))),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if cuda else [],
@@ -255,21 +376,35 @@ class Trainer:
         return total
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, stop: Optional[_SignalFlag] = None) -> Optional[dict[str, float]]:
         """Mean loss on eval_iters batches of each split. The batches are the same at every
-        evaluation (a fixed seed), so successive numbers differ only because the model did."""
+        evaluation (a fixed seed), so successive numbers differ only because the model did.
+
+        With a stop flag, returns None as soon as a signal has been recorded (checked after
+        every batch): a long evaluation is abandoned rather than awaited. Evaluating changes
+        nothing a checkpoint holds (its batches come from their own generator, and dropout
+        is off), so the run's state is then still the state from before it."""
         self.model.eval()
-        out = {}
-        for offset, (split, ids) in enumerate((("train", self.data.train), ("val", self.data.val))):
-            sampler = BatchSampler(ids, self.cfg.block_size, self.cfg.batch_size,
-                                   self.cfg.seed + 1 + offset, self.device)
-            losses = torch.zeros(self.cfg.eval_iters, device=self.device)
-            for i in range(self.cfg.eval_iters):
-                with self.precision.autocast():
-                    _, losses[i] = self.forward(*sampler.next())
-            out[split] = losses.mean().item()
-        self.model.train()
-        return out
+        if stop is not None:
+            stop.evaluating = True
+        try:
+            out = {}
+            for offset, (split, ids) in enumerate((("train", self.data.train),
+                                                   ("val", self.data.val))):
+                sampler = BatchSampler(ids, self.cfg.block_size, self.cfg.batch_size,
+                                       self.cfg.seed + 1 + offset, self.device)
+                losses = torch.zeros(self.cfg.eval_iters, device=self.device)
+                for i in range(self.cfg.eval_iters):
+                    with self.precision.autocast():
+                        _, losses[i] = self.forward(*sampler.next())
+                    if stop is not None and stop.signum is not None:
+                        return None
+                out[split] = losses.mean().item()
+            return out
+        finally:
+            self.model.train()
+            if stop is not None:
+                stop.evaluating = False
 
     # ----------------------------------------------------------------- the loop
 
@@ -281,26 +416,33 @@ class Trainer:
                  self.cfg.n_embd, self.cfg.block_size, self.device.type,
                  self.precision.describe())
         run_log = RunLog(self.cfg, self.out_dir, self.model.estimate_flops_per_token(),
-                         hardware.peak_flops(self.device, self.precision))
+                         hardware.peak_flops(self.device, self.precision),
+                         iteration=p.iter, elapsed=p.elapsed_s)
         run_log.rewind(p.iter, p.evaluated)
         self.model.train()
         with run_log, _SignalFlag() as stop:
             while True:
                 finished = self.budget.finished(p.iter)
                 if (finished or self._evaluation_due()) and not p.evaluated:
-                    finished = self._evaluate_and_save(run_log)
+                    finished = self._evaluate_and_save(run_log, stop)
                     if 0 < self.cfg.early_stop_patience <= p.evals_since_best:
                         log.info("early stop: no new best val loss in %d evaluations",
                                  self.cfg.early_stop_patience)
                         break
                 if finished:
+                    run_log.finish()
                     break
                 self._step(run_log)
                 if stop.signum is not None:
-                    p.elapsed_s = self.budget.elapsed()
-                    self.save(LATEST)
-                    raise TrainingInterrupted(stop.signum, self.out_dir, p.iter)
+                    raise self._save_interrupted(stop.signum)
         return p
+
+    def _save_interrupted(self, signum: int) -> TrainingInterrupted:
+        """Save the run as it stands, for --resume to carry on from, and return the
+        exception that ends it."""
+        self.progress.elapsed_s = self.budget.elapsed()
+        self.save(LATEST)
+        return TrainingInterrupted(signum, self.out_dir, self.progress.iter)
 
     def _evaluation_due(self) -> bool:
         # A time-budgeted run skips the evaluation of the untrained model: it tells nothing
@@ -319,19 +461,51 @@ class Trainer:
         if self.device.type == "cpu" and not math.isfinite(loss.item()):
             raise self._diverged()
         self.budget.add_step(time.perf_counter() - start)
+        if self.budget.steps == 1 and self.budget.eval_s is None:
+            # No evaluation timed yet: time one evaluation batch for the estimate of the
+            # final evaluation (after the first step, which pays the one-off costs).
+            loss.item()  # wait for the step, so that the clock times the batch alone
+            self.budget.eval_batch_s = self._time_eval_batch()
+        if self.budget.steps == PROJECT_AFTER_STEPS and not self.cfg.time_budget:
+            for line in projection(self.budget, p.iter, self.device):
+                log.info(line)
         reported = run_log.step(p.iter, loss, self.cfg.learning_rate * multiplier,
                                 self.budget.elapsed())
         if reported is not None and not math.isfinite(reported):
             raise self._diverged()
 
-    def _evaluate_and_save(self, run_log: RunLog) -> bool:
+    @torch.no_grad()
+    def _time_eval_batch(self) -> float:
+        """Seconds that one evaluation batch takes (a forward pass in eval mode): the faster
+        of two, as the first may pay one-off costs (a compilation with --compile). It draws
+        no random number that training uses, so exact resume is unaffected."""
+        x, y = BatchSampler(self.data.val, self.cfg.block_size, self.cfg.batch_size,
+                            self.cfg.seed, self.device).next()
+        self.model.eval()
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            with self.precision.autocast():
+                _, loss = self.forward(x, y)
+            loss.item()  # waits for the device
+            times.append(time.perf_counter() - start)
+        self.model.train()
+        return min(times)
+
+    def _evaluate_and_save(self, run_log: RunLog, stop: _SignalFlag) -> bool:
         """Evaluate, record, checkpoint; return whether training is finished now. Under a
         time budget this evaluation may serve as the final one; and where an estimate of the
         final evaluation's time ended training, the measured time may show that there is
-        time left for more steps."""
+        time left for more steps.
+
+        A signal during the evaluation abandons it: latest_model.pth gets the state from
+        before it, still marked not evaluated, so a resumed run makes this evaluation (and
+        writes its metrics row) once; then TrainingInterrupted is raised."""
         p = self.progress
         start = time.perf_counter()
-        losses = self.evaluate()
+        losses = self.evaluate(stop)
+        if losses is None:
+            raise self._save_interrupted(stop.signum)
         if not all(map(math.isfinite, losses.values())):
             raise self._diverged()
         self.budget.eval_s = time.perf_counter() - start
