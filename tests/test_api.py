@@ -114,3 +114,16 @@ def test_importing_smolgpt_does_not_import_torch():
             "smolgpt.load; assert 'torch' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True,
                    env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+
+
+def test_resume_refuses_a_run_whose_text_now_reads_into_another_vocabulary(corpus, tmp_path):
+    # A run started by smolgpt before 0.5, which did not normalise text, has such a tokenizer.
+    from smolgpt import checkpoint
+
+    run = dict(data=str(corpus), out_dir=str(tmp_path / "run"), **TINY)
+    result = smolgpt.train(max_iters=5, **run)
+    ckpt = checkpoint.load(result.latest_checkpoint)
+    ckpt["tokenizer"]["normalize"] = False
+    checkpoint.save(result.latest_checkpoint, ckpt)
+    with pytest.raises(smolgpt.SmolGPTError, match="another vocabulary"):
+        smolgpt.train(max_iters=10, resume=True, **run)

@@ -142,6 +142,14 @@ def _train(settings: dict[str, Any]) -> TrainResult:
                 f"--data {cfg.data} is not the text this run was trained on; pass the "
                 "original text, or start a new run in another --out_dir"
             )
+        if resume_from is not None and resume_from["tokenizer"] != tokens.tokenizer.to_dict():
+            # The same text, read by another smolgpt version (0.5 normalises line endings
+            # and quotes): ids would no longer mean what the model learned.
+            raise SmolGPTError(
+                f"this smolgpt reads {cfg.data} into another vocabulary than the one the run "
+                f"in {out_dir} was trained with (written by an older smolgpt?); start a new "
+                "run with --overwrite or another --out_dir"
+            )
         if requested.overwrite and (out_dir / LATEST).exists():  # only once the text is good
             log.info("--overwrite: moved the previous run to %s", _move_aside(out_dir, lock))
         log.info(describe_settings(cfg))
