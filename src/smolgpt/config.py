@@ -36,6 +36,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 POSITIONS = ("rope", "learned")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "constant")
+DEFAULT_MAX_ITERS = 5000  # the original smolgpt's: the length of a run not given one
 # The preset entries that apply on a CPU without native bf16, which trains in float32.
 CPU_FLOAT32 = "cpu_float32"
 # The headings of `--help`, in order; every field names one in its metadata.
@@ -184,9 +185,13 @@ class TrainConfig(ModelShape):
     # Optimisation.
     batch_size: int = _opt(32, "sequences per micro-batch", "optimisation")
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimiser step", "optimisation")
-    max_iters: int = _opt(5000, "optimiser steps to train for", "optimisation")
+    max_iters: Optional[int] = _opt(
+        None, "optimiser steps to train for; with --time_budget, a cap on them", "optimisation",
+        shown=f"{DEFAULT_MAX_ITERS}; no cap with --time_budget",
+    )
     time_budget: Optional[float] = _opt(
-        None, "train for this many seconds of wall time instead of max_iters", "optimisation"
+        None, "train for this many seconds of wall time (instead of, or up to, max_iters)",
+        "optimisation",
     )
     optimizer: str = _opt(
         "adamw", "adamw, or muon: Muon for the blocks' weight matrices and AdamW for the rest",
@@ -255,7 +260,9 @@ class TrainConfig(ModelShape):
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _check_choice("device", self.device, DEVICES)
-        _check_positive_ints(self, "batch_size", "max_iters", "gradient_accumulation_steps",
+        if self.max_iters is not None:
+            _check_positive_ints(self, "max_iters")
+        _check_positive_ints(self, "batch_size", "gradient_accumulation_steps",
                              "eval_interval", "eval_iters", "log_interval", "min_word_freq",
                              "muon_ns_steps")
         for name in ("warmup_iters", "early_stop_patience"):
@@ -282,6 +289,14 @@ class TrainConfig(ModelShape):
             raise SmolGPTError(f"unknown --encoding {self.encoding!r}: use a Python codec "
                                "name such as utf-8, utf-16, cp1252 or latin-1") from None
         super().__post_init__()  # the shape
+
+    @property
+    def step_limit(self) -> Optional[int]:
+        """The steps a run may make: max_iters if given, else DEFAULT_MAX_ITERS, and no limit
+        under a time budget (which then ends training alone)."""
+        if self.max_iters is not None:
+            return self.max_iters
+        return None if self.time_budget else DEFAULT_MAX_ITERS
 
     @property
     def final_lr(self) -> float:

@@ -46,8 +46,8 @@ def warming_up(cfg: TrainConfig, step: int, done: float) -> bool:
 
 def warmup_share(cfg: TrainConfig) -> float:
     """Where warm-up ends, as a share of training: warmup_budget_share of a time budget, or
-    warmup_iters of max_iters."""
-    return cfg.warmup_budget_share if cfg.time_budget else cfg.warmup_iters / cfg.max_iters
+    warmup_iters of the step limit."""
+    return cfg.warmup_budget_share if cfg.time_budget else cfg.warmup_iters / cfg.step_limit
 
 
 def decay_share(cfg: TrainConfig, done: float) -> float:

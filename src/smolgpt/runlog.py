@@ -60,7 +60,7 @@ class RunLog:
                                 file=sys.stderr, dynamic_ncols=True,
                                 bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s{postfix}")
             else:
-                self.bar = tqdm(total=self.cfg.max_iters, initial=self.start_iteration,
+                self.bar = tqdm(total=self.cfg.step_limit, initial=self.start_iteration,
                                 unit="it", file=sys.stderr, dynamic_ncols=True)
         return self
 
@@ -116,7 +116,7 @@ class RunLog:
         if self.cfg.time_budget:
             left = max(self.cfg.time_budget - elapsed, 0.0)
         else:
-            left = (self.cfg.max_iters - iteration) * seconds / max(self.window_steps, 1)
+            left = (self.cfg.step_limit - iteration) * seconds / max(self.window_steps, 1)
         fields = dict(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
                       mfu=f"{100 * self.mfu(tok_s):.1f}%")
         if self.bar is not None:  # which shows the time left itself

@@ -90,8 +90,7 @@ class TrainingDiverged(SmolGPTError):
 class Budget:
     """How long a run trains and how far it has got: max_iters steps, or with --time_budget
     seconds of wall time, summed over every process of a resumed run. Under a time budget a
-    max_iters other than its default caps the steps too: training ends at whichever limit
-    comes first.
+    max_iters given too caps the steps: training ends at whichever limit comes first.
 
     A time-budgeted run holds back the time of its final evaluation (the last one measured,
     or before there is one an estimate from a timed evaluation batch), so that the
@@ -102,10 +101,7 @@ class Budget:
                  extended_at: Optional[list] = None):
         self.cfg, self.clock_start, self.elapsed_before = cfg, clock_start, elapsed_before
         self.extended_at = extended_at  # Progress.extended_at
-        # max_iters has a default (5000), which must not cut a time budget short: under one
-        # it counts only when set to another value.
-        capped = not cfg.time_budget or cfg.max_iters != TrainConfig.max_iters
-        self.max_iters: Optional[int] = cfg.max_iters if capped else None
+        self.max_iters = cfg.step_limit  # None: the time budget alone ends training
         self.eval_s: Optional[float] = None  # the last evaluation's duration
         self.eval_batch_s: Optional[float] = None  # one evaluation batch's, when timed
         self.steps, self.step_s = 0, 0.0  # steps timed, and their total time (first excluded)
@@ -185,9 +181,10 @@ def projection(budget: Budget, iteration: int, device: torch.device) -> list[str
     mean step time so far, plus the evaluations still due (at budget.final_eval_s() each);
     and on a CPU, where that is over LONG_RUN_S, one that suggests a shorter run."""
     cfg, every = budget.cfg, budget.cfg.eval_interval
-    steps_left = max(cfg.max_iters - iteration, 0)
+    limit = cfg.step_limit  # (a run counted in steps has one)
+    steps_left = max(limit - iteration, 0)
     # An evaluation every eval_interval steps, and one at the end.
-    evals_left = cfg.max_iters // every - iteration // every + (cfg.max_iters % every != 0)
+    evals_left = limit // every - iteration // every + (limit % every != 0)
     evals_left = evals_left if steps_left else 0
     step_s, eval_s = budget.step_time() or 0.0, budget.final_eval_s()
     total = steps_left * step_s + evals_left * eval_s
@@ -313,7 +310,7 @@ class Trainer:
         p = self.progress
         old = dataclasses.replace(self.cfg, max_iters=saved.get("max_iters", self.cfg.max_iters),
                                   time_budget=saved.get("time_budget", self.cfg.time_budget))
-        if (old.max_iters, old.time_budget) == (self.cfg.max_iters, self.cfg.time_budget):
+        if (old.step_limit, old.time_budget) == (self.cfg.step_limit, self.cfg.time_budget):
             return
         done = p.done
         if done is None:  # an older checkpoint: the share of its steps or budget
