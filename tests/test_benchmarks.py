@@ -61,6 +61,10 @@ def toy_runs(data: Path, records: Path, no_transformers: Path) -> dict[str, tupl
         "integrity": (["integrity.py", "--source", corpus, "--mb", "0.1", "--preset", "nano",
                        "--repeats", "1", *out("integrity")], {}),
         # step_profile.py writes no record. Its modes combine: all of them in one process.
+        "generation": (["generation.py", "--quick", *out("generation")], {}),
+        "generation-without-transformers": (["generation.py", "--quick",
+                                             *out("generation-without")],
+                                            {"PYTHONPATH": str(no_transformers)}),
         "step_profile": (["step_profile.py", *TOY_STEP, "--muon", "--profile", "--kernels",
                           "--variants", "--muon-cost"], BF16),
     }
@@ -123,6 +127,24 @@ def test_throughput_without_transformers(runs):
                    "transformers columns skipped (hidden by tests/test_benchmarks.py): "
                    'pip install "transformers>=4.40"')
     assert "transformers fp32 tok/s" not in run.stdout
+    assert record["transformers"] is None
+
+
+def test_generation(runs):
+    record = check(runs["generation"], "| model | batch | smolgpt tok/s | smolgpt, no cache",
+                   "| nano (3L/3H/48, T128, V65) | 1 |", "| nano (3L/3H/48, T128, V65) | 2 |")
+    if importlib.util.find_spec("transformers") is not None:
+        assert "| transformers tok/s | smolgpt / transformers |" in runs["generation"].stdout
+        assert record["transformers"] is not None
+    else:
+        assert "transformers columns skipped (No module named" in runs["generation"].stdout
+
+
+def test_generation_without_transformers(runs):
+    run = runs["generation-without-transformers"]
+    record = check(run, "| model | batch | smolgpt tok/s |",
+                   "transformers columns skipped (hidden by tests/test_benchmarks.py)")
+    assert "transformers tok/s" not in run.stdout
     assert record["transformers"] is None
 
 

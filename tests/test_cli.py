@@ -329,6 +329,19 @@ BAD_INPUTS = {
     "foreign .pth": _generate(("foreign.pth",), lambda c: [c.foreign]),
     "prompt outside the vocabulary": _generate(("€", "☃"), lambda c: [
         c.ckpt, "--prompt", "The €5 snowman ☃"]),
+    "empty stop string": _generate(("--stop",), lambda c: [c.ckpt, "--stop", ""]),
+    "min_p 1.5": _generate(("min_p",), lambda c: [c.ckpt, "--min_p", "1.5"]),
+    "repetition_penalty 0": _generate(("repetition_penalty",), lambda c: [
+        c.ckpt, "--repetition_penalty", "0"]),
+    "prompt and prompt_file": _generate(("--prompt_file",), lambda c: [
+        c.ckpt, "--prompt", "a", "--prompt_file", c.short]),
+    "missing prompt_file": _generate(("nope.txt",), lambda c: [
+        c.ckpt, "--prompt_file", c.base / "nope.txt"]),
+    "interactive with a prompt": _generate(("--interactive",), lambda c: [
+        c.ckpt, "--interactive", "--prompt", "a"]),
+    "--out in a missing folder": _generate(("nowhere",), lambda c: [
+        c.ckpt, "--out", c.ckpt_dir / "nowhere" / "out.txt"]),
+    "--out is a directory": _generate(("directory",), lambda c: [c.ckpt, "--out", c.ckpt_dir]),
 }
 
 # One of each kind, also run as a real process: a usage error (argparse), a bad text, a

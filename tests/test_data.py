@@ -188,7 +188,8 @@ def test_prepare_second_call_is_served_from_cache(write_text, isolated_cache, mo
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("the cached ids should have been used")
 
-    monkeypatch.setattr(data, "_learn_and_encode", no_tokenizing)
+    monkeypatch.setattr(data, "_learn", no_tokenizing)
+    monkeypatch.setattr(data, "_encode", no_tokenizing)
     second = prepare(corpus, "char")
     assert all_files(isolated_cache) == files  # nothing new, nothing rewritten
     assert second.train.tolist() == first.train.tolist()

@@ -25,11 +25,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
-from . import checkpoint, data, hardware
+from . import checkpoint, data, finetune, hardware
 from .config import (
     HELP_GROUPS,
     ModelConfig,
@@ -41,9 +41,9 @@ from .config import (
 from .errors import SmolGPTError
 from .files import RunLock, ensure_writable_dir
 from .model import GPT
-from .sampling import generate as sample_ids
-from .tokenizer import Tokenizer, WordTokenizer
-from .training import BEST, LATEST, Trainer, clean_stale_temporaries
+from .sampling import TextStream
+from .tokenizer import Tokenizer, WordTokenizer, tokenizer_from_dict
+from .training import BEST, LATEST, Trainer, clean_stale_temporaries, run_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +100,27 @@ def train(**settings: Any) -> TrainResult:
         return _train(settings)
 
 
+def _resolve(settings: dict[str, Any], source: Optional[finetune.Source],
+             cpu_float32: bool = False) -> TrainConfig:
+    """A run's config from the settings given (defaults < preset < given); when fine-tuning
+    (settings already completed from the source), with the learning rates scaled down."""
+    cfg = resolve_train_config(settings, cpu_float32)
+    return cfg if source is None else finetune.scale_learning_rates(cfg, settings)
+
+
 def _train(settings: dict[str, Any]) -> TrainResult:
-    requested = resolve_train_config(settings)  # settings are checked before anything heavy
+    source = None
+    if settings.get("init_from") and not settings.get("resume"):
+        # The source decides the level and shape: it is read before they are resolved.
+        source = finetune.load_source(settings["init_from"])
+        settings = finetune.source_settings(settings, source)
+    requested = _resolve(settings, source)  # settings are checked before anything heavy
     # The device and its precision policy are checked before anything touches the disk.
     policy = hardware.precision_policy(hardware.resolve_device(requested.device), requested.amp)
     if policy.float32_cpu and not requested.resume:
         # A preset's recipe can differ on CPUs that compute in float32 (no native bf16); a
         # resumed run keeps the recipe it started with.
-        adapted = resolve_train_config(settings, cpu_float32=True)
+        adapted = _resolve(settings, source, cpu_float32=True)
         changes = {k: v for k, v in dataclasses.asdict(adapted).items()
                    if v != getattr(requested, k)}
         if changes:
@@ -131,12 +144,19 @@ def _train(settings: dict[str, Any]) -> TrainResult:
                 "--overwrite to start afresh (the old run is moved aside), or choose another "
                 "--out_dir"
             )
+        # A fine-tuning run reads its text with its source's tokenizer, on resume too.
+        tokenizer = None
+        if source is not None:
+            tokenizer = source.tokenizer
+        elif resume_from is not None and cfg.init_from:
+            tokenizer = tokenizer_from_dict(resume_from["tokenizer"])
         tokens = data.prepare(data.resolve_corpus(cfg.data, cfg.encoding), cfg.level,
-                              cfg.min_word_freq)
+                              cfg.min_word_freq, tokenizer)
         data.check_long_enough(tokens, cfg.block_size)
         log.info(tokens.summary())
-        if unk_warning := tokens.unk_warning():
-            log.warning(unk_warning)
+        for warning in (tokens.unk_warning(), tokens.dropped_warning()):
+            if warning:
+                log.warning(warning)
         if resume_from is not None and resume_from.get("data", {}).get("fingerprint") != tokens.fingerprint:
             raise SmolGPTError(
                 f"--data {cfg.data} is not the text this run was trained on; pass the "
@@ -152,8 +172,11 @@ def _train(settings: dict[str, Any]) -> TrainResult:
             )
         if requested.overwrite and (out_dir / LATEST).exists():  # only once the text is good
             log.info("--overwrite: moved the previous run to %s", _move_aside(out_dir, lock))
+        if source is not None:
+            log.info(finetune.describe(source, cfg, settings))
         log.info(describe_settings(cfg))
-        trainer = Trainer(cfg, tokens, out_dir, hardware.resolve_device(cfg.device), resume_from)
+        trainer = Trainer(cfg, tokens, out_dir, hardware.resolve_device(cfg.device), resume_from,
+                          init_weights=source.module.state_dict() if source else None)
         progress = trainer.run()
     return TrainResult(out_dir=out_dir, iterations=progress.iter,
                        best_val_loss=progress.best_val_loss,
@@ -170,6 +193,9 @@ def _resumable(out_dir: Path, settings: dict[str, Any]) -> tuple[dict, TrainConf
     cfg, changed = resume_train_config(ckpt.get("train_config", {}), settings)
     for key, (old, new) in changed.items():
         log.info("resume: %s changed from %s to %s", key, old, new)
+    if settings.get("init_from") and settings["init_from"] != cfg.init_from:
+        log.info("resume: --init_from %s is not used: the run continues from its %s",
+                 settings["init_from"], LATEST)
     return ckpt, cfg
 
 
@@ -245,8 +271,23 @@ class Model:
 
         Sampling settings are :class:`~smolgpt.config.SampleConfig`'s, with the command
         line's names and defaults: max_new_tokens=100, temperature=0.8 (0: greedy), top_k=50,
-        top_p=1.0, num_samples=1, seed=1337 (the same seed gives the same text).
+        top_p=1.0, min_p=0.0, repetition_penalty=1.0, stop=() (strings that end the text,
+        left out of it), num_samples=1, seed=1337 (the same seed gives the same text).
         """
+        stream = self._text_stream(prompt, sampling)
+        texts = ["".join(pieces) for pieces in zip(*stream)]
+        return texts[0] if len(texts) == 1 else texts
+
+    def stream(self, prompt: Optional[str] = None, **sampling: Any) -> Iterator[str]:
+        """:meth:`generate`'s text (num_samples=1) in pieces as it is made: first the prompt,
+        then the continuation; the pieces join into what generate returns for the same
+        settings. Stop iterating to stop generating. ``.new_tokens`` on the iterator counts
+        the tokens made so far."""
+        if sampling.get("num_samples", 1) != 1:
+            raise SmolGPTError("stream() makes one sample; use generate() for num_samples > 1")
+        return _Pieces(self._text_stream(prompt, sampling))
+
+    def _text_stream(self, prompt: Optional[str], sampling: dict[str, Any]) -> TextStream:
         names = {f.name for f in dataclasses.fields(SampleConfig)}
         unknown = sorted(set(sampling) - names)
         if unknown:
@@ -265,22 +306,48 @@ class Model:
                             ", ".join(unknown_words[:10]))
         if not prompt_ids:
             raise SmolGPTError("the prompt has no words the model can read: give some text")
-        texts = [self.tokenizer.decode(prompt_ids + new_ids)
-                 for new_ids in sample_ids(self.module, prompt_ids, settings)]
-        return texts[0] if settings.num_samples == 1 else texts
+        return TextStream(self.module, self.tokenizer, prompt_ids, settings)
+
+
+class _Pieces:
+    """The first sample's pieces of a TextStream, skipping empty ones."""
+
+    def __init__(self, stream: TextStream):
+        self._stream = stream
+
+    @property
+    def new_tokens(self) -> int:
+        return self._stream.new_tokens
+
+    def __iter__(self) -> "_Pieces":
+        return self
+
+    def __next__(self) -> str:
+        while True:
+            (piece,) = next(self._stream)
+            if piece:
+                return piece
+
+    def close(self) -> None:
+        self._stream.close()
 
 
 def load(path: Union[str, Path], device: str = "auto") -> Model:
     """A model from a checkpoint written by :func:`train` (best_model.pth or
-    latest_model.pth; a run directory means its best_model.pth), checked before use, on
-    device ("auto": cuda, then mps, then cpu)."""
+    latest_model.pth; a run directory means its best_model.pth), or from a directory
+    ``smolgpt export`` wrote (either format), checked before use, on device ("auto": cuda,
+    then mps, then cpu)."""
+    from . import interop
+
     path = Path(path)
     if path.is_dir():
-        found = [path / name for name in (BEST, LATEST) if (path / name).is_file()]
-        if not found:
-            raise SmolGPTError(f"{path} is a directory without {BEST} or {LATEST}: pass a "
-                               "checkpoint, or a run directory that smolgpt train wrote")
-        log.info("%s is a run directory: using %s", path, found[0])
-        path = found[0]
-    module, tokenizer, ckpt = checkpoint.load_model(path, hardware.resolve_device(device))
-    return Model(module, tokenizer, ckpt.get("train_config", {}))
+        found = run_checkpoint(path)
+        if found is not None:
+            log.info("%s is a run directory: using %s", path, found)
+            path = found
+        elif not any((path / name).is_file() for name in (interop.META, interop.HF_CONFIG)):
+            raise SmolGPTError(f"{path} is a directory without {BEST} or {LATEST} (nor an "
+                               f"export's {interop.META}): pass a checkpoint, a run directory "
+                               "that smolgpt train wrote, or a directory smolgpt export wrote")
+    module, tokenizer, train_config = interop.load_source(path, hardware.resolve_device(device))
+    return Model(module, tokenizer, train_config)

@@ -1,5 +1,5 @@
-"""The command line: ``smolgpt train`` and ``smolgpt generate`` (and the root train.py /
-generate.py, which call the same parsers).
+"""The command line: ``smolgpt train``, ``smolgpt generate`` and ``smolgpt export`` (and
+the root train.py / generate.py, which call the same parsers).
 
 A thin layer over the Python API (``smolgpt.train``, ``smolgpt.load``): flags are generated
 from the config dataclasses, so each setting is defined once, for both. This is the only
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import logging
 import os
 import shlex
@@ -22,6 +23,7 @@ import shutil
 import sys
 import time
 import typing
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from tqdm import tqdm
@@ -29,6 +31,7 @@ from tqdm import tqdm
 from . import __version__
 from .config import HELP_GROUPS, PRESETS, GenerateConfig, TrainConfig, default_text
 from .errors import SmolGPTError
+from .files import atomic_write_text
 
 log = logging.getLogger("smolgpt")
 
@@ -62,11 +65,29 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             if kind is bool:
                 section.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
                                      default=argparse.SUPPRESS, help=flag_help(cls, f))
+            elif typing.get_origin(kind) is tuple:  # one or more strings: --stop A B --stop C
+                section.add_argument(f"--{f.name}", nargs="+", action="extend",
+                                     type=unescape, default=argparse.SUPPRESS,
+                                     help=flag_help(cls, f), metavar="TEXT")
             else:
                 section.add_argument(
                     f"--{f.name}", type=kind, default=argparse.SUPPRESS, help=flag_help(cls, f),
                     choices=f.metadata.get("choices"),
                     metavar=None if "choices" in f.metadata else kind.__name__.upper())
+
+
+def unescape(text: str) -> str:
+    """A string typed on the command line with \\n, \\t and \\\\ read as a line break, a tab
+    and a backslash: a shell cannot easily pass a line break."""
+    escapes = {"n": "\n", "t": "\t", "\\": "\\"}
+    out, chars = [], iter(text)
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, "")
+            out.append(escapes.get(nxt, ch + nxt))
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate text from a checkpoint")
     generate.add_argument("checkpoint", help="a .pth checkpoint written by smolgpt train")
     add_config_flags(generate, GenerateConfig)
+    export = commands.add_parser(
+        "export", help="export a model for Hugging Face transformers or as safetensors",
+        description="Write a model to a new directory: --format hf for transformers "
+        "(AutoModelForCausalLM, AutoTokenizer), --format safetensors for smolgpt alone.",
+    )
+    export.add_argument("checkpoint", help="a .pth checkpoint, a run directory, or an export")
+    export.add_argument("out_dir", help="the directory to write (new or empty)")
+    export.add_argument("--format", required=True, choices=("hf", "safetensors"),
+                        help="hf: a transformers model and tokenizer; safetensors: smolgpt's "
+                        "weights and settings, without pickle")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace out_dir if it holds an earlier export")
     return parser
 
 
@@ -162,16 +195,124 @@ def run_train(explicit: dict[str, Any], args: Sequence[str], launcher: Launcher)
 
 
 def run_generate(checkpoint_path: str, explicit: dict[str, Any]) -> int:
+    """Generate with the parsed flags: streamed to stdout, or written to --out, or in a
+    prompt loop (--interactive)."""
     cfg = GenerateConfig(**explicit)  # settings are checked before anything heavy
+    prompt = read_prompt_file(cfg.prompt_file) if cfg.prompt_file else cfg.prompt
+    if cfg.out:
+        check_output_file(Path(cfg.out))
     from .api import load
 
     model = load(checkpoint_path, cfg.device)
+    sampling = dataclasses.asdict(cfg.sampling())
+    if cfg.interactive:
+        return interactive(model, sampling)
     start = time.perf_counter()
-    texts = model.generate(cfg.prompt, **dataclasses.asdict(cfg.sampling()))
+    if cfg.num_samples == 1 and not cfg.out:
+        stream = model.stream(prompt, **sampling)
+        write_stream(stream)
+        new_tokens = stream.new_tokens
+    else:
+        texts = model.generate(prompt, **sampling)
+        text = "\n---\n".join([texts] if isinstance(texts, str) else texts) + "\n"
+        if cfg.out:
+            atomic_write_text(Path(cfg.out), text)
+            log.info("wrote %s", cfg.out)
+        else:
+            sys.stdout.write(text)
+        new_tokens = cfg.max_new_tokens * cfg.num_samples  # an upper bound under --stop
     seconds = time.perf_counter() - start
-    print("\n---\n".join([texts] if isinstance(texts, str) else texts))
-    total = cfg.max_new_tokens * cfg.num_samples
-    log.info("generated %d tokens in %.2fs (%.0f tokens/s)", total, seconds, total / max(seconds, 1e-9))
+    log.info("generated %d tokens in %.2fs (%.0f tokens/s)", new_tokens, seconds,
+             new_tokens / max(seconds, 1e-9))
+    return 0
+
+
+def write_stream(pieces) -> None:
+    """Write text pieces to stdout as they come, then a line break."""
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def interactive(model, sampling: dict[str, Any]) -> int:
+    """Read prompts from stdin, one per line, and stream each continuation. A blank line or
+    end of input quits; Ctrl-C stops the generation under way and asks for the next prompt.
+    Turn n samples with seed + n - 1, so that a session replays exactly."""
+    print("type a prompt and press Enter; a blank line or Ctrl-D quits, Ctrl-C stops a "
+          "generation", file=sys.stderr)
+    for turn in itertools.count():
+        try:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:  # at the prompt: discard the line, ask again
+            sys.stderr.write("\n")
+            continue
+        prompt = line.rstrip("\r\n")
+        if not prompt.strip():
+            return 0
+        stream = None
+        try:
+            stream = model.stream(prompt, **{**sampling, "seed": sampling["seed"] + turn})
+            write_stream(stream)
+        except KeyboardInterrupt:
+            if stream is not None:
+                stream.close()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            print("(stopped)", file=sys.stderr)
+        except SmolGPTError as exc:  # a prompt the model cannot read: say so, ask again
+            print(f"error: {exc}", file=sys.stderr)
+    return 0
+
+
+def read_prompt_file(path: str) -> str:
+    """The text of a --prompt_file (UTF-8, or what its byte-order mark says)."""
+    from .data import file_encoding
+
+    try:
+        return Path(path).read_text(encoding=file_encoding(Path(path), "utf-8"))
+    except FileNotFoundError:
+        raise SmolGPTError(f"--prompt_file {path} does not exist: check the path") from None
+    except IsADirectoryError:
+        raise SmolGPTError(f"--prompt_file {path} is a directory: give a text file") from None
+    except UnicodeDecodeError:
+        raise SmolGPTError(f"--prompt_file {path} is not UTF-8 text: save it as UTF-8") from None
+    except OSError as exc:
+        raise SmolGPTError(f"cannot read --prompt_file {path} ({exc.strerror})") from None
+
+
+def check_output_file(path: Path) -> None:
+    """Refuse an --out the text could not be written to, before generating it."""
+    if path.is_dir():
+        raise SmolGPTError(f"--out {path} is a directory: give a file name")
+    folder = path.parent
+    if not folder.is_dir():
+        raise SmolGPTError(f"--out {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise SmolGPTError(f"--out {path}: the folder {folder} is not writable")
+
+
+def run_export(source: str, out_dir: str, fmt: str, overwrite: bool,
+               launcher: Launcher) -> int:
+    """Export the model at source to out_dir in format fmt ("hf" or "safetensors")."""
+    from . import interop
+    from .api import load
+
+    if fmt == "hf":
+        interop.require_hf()
+    interop.check_out_dir(out_dir, overwrite)  # both before the work of loading
+    model = load(source, "cpu")
+    export = interop.export_hf if fmt == "hf" else interop.export_safetensors
+    out = export(model.module, model.tokenizer, out_dir, model.train_config, overwrite)
+    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}", file=sys.stderr)
+    if fmt == "hf":
+        print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}), "
+              f"AutoTokenizer.from_pretrained({str(out)!r})", file=sys.stderr)
+    else:
+        print(f"sample with: {launcher.command('generate', [str(out)])}", file=sys.stderr)
     return 0
 
 
@@ -204,6 +345,9 @@ def main(argv: Optional[Sequence[str]] = None, launcher: Launcher = SMOLGPT) -> 
             # The parser takes no words before the command but --help and --version, which
             # exit: argv[0] is the command.
             return run_train(args, argv[1:], launcher)
+        if command == "export":
+            return run_export(args["checkpoint"], args["out_dir"], args["format"],
+                              args["overwrite"], launcher)
         return run_generate(args.pop("checkpoint"), args)
     except SmolGPTError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -18,7 +18,9 @@ setting, however the config was made.
 Presets are plain data (:data:`PRESETS`). A training setting is resolved in three layers,
 later layers winning: the dataclass default, then the preset (its per-level entries, and on a
 CPU that computes in float32 its ``cpu_float32`` entries), then a setting the user gave. A
-preset changes only the fields it names.
+preset changes only the fields it names. A fine-tuning run (``--init_from``) takes its level
+and shape from its source model instead, and scales down a learning rate not given (see
+``finetune.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import codecs
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from .errors import SmolGPTError
@@ -37,6 +40,9 @@ POSITIONS = ("rope", "learned")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "constant")
 DEFAULT_MAX_ITERS = 5000  # the original smolgpt's: the length of a run not given one
+# Fine-tuning (--init_from) without a learning rate given trains at this share of the
+# preset's: full-size steps on a new text would soon wipe out what the source had learned.
+FINETUNE_LR_FACTOR = 0.1
 # The preset entries that apply on a CPU without native bf16, which trains in float32.
 CPU_FLOAT32 = "cpu_float32"
 # The headings of `--help`, in order; every field names one in its metadata.
@@ -47,6 +53,7 @@ HELP_GROUPS = {
     "evaluation": "evaluation, stopping and logging",
     "input": "input",
     "sampling": "sampling",
+    "output": "output",
     "system": "hardware and bookkeeping",
 }
 
@@ -180,8 +187,14 @@ class TrainConfig(ModelShape):
         "training text: a built-in corpus (shakespeare, sherlock), a .txt file, "
         "a directory of .txt files, or an http(s) URL", "data",
     )
+    init_from: Optional[str] = _opt(
+        None, "fine-tune: start from this model's weights, tokenizer and shape (a .pth "
+        "checkpoint, a run directory, or a directory written by smolgpt export)", "data",
+        shown="unset: a new model",
+    )
     out_dir: Optional[str] = _opt(None, "run directory", "data",
-                                  shown="checkpoints/<level>_<preset>")
+                                  shown="checkpoints/<level>_<preset>; with --init_from, "
+                                  "checkpoints/<source>_finetune")
     # Optimisation.
     batch_size: int = _opt(32, "sequences per micro-batch", "optimisation")
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimiser step", "optimisation")
@@ -304,6 +317,11 @@ class TrainConfig(ModelShape):
 
     @property
     def default_out_dir(self) -> str:
+        """checkpoints/<level>_<preset>; for a fine-tuning run checkpoints/<source>_finetune,
+        named after --init_from as typed (so that resuming needs no look at the source), and
+        never the source's own run directory."""
+        if self.init_from:
+            return f"checkpoints/{source_name(self.init_from)}_finetune"
         return f"checkpoints/{self.level}_{self.preset}"
 
     def model_config(self, vocab_size: int) -> ModelConfig:
@@ -313,14 +331,25 @@ class TrainConfig(ModelShape):
 @dataclass
 class SampleConfig:
     """How to sample a continuation; names and defaults follow Hugging Face ``generate``
-    where one exists, except the defaults of temperature and top_k, which suit small models."""
+    where one exists, except the defaults of temperature and top_k, which suit small models.
+    The filters apply in transformers' order: repetition penalty, temperature, top-k, top-p,
+    min-p."""
 
     max_new_tokens: int = _opt(100, "tokens (words or characters) to generate", "sampling")
-    temperature: float = _opt(0.8, "sampling temperature; 0 means greedy decoding", "sampling")
+    temperature: float = _opt(0.8, "sampling temperature; 0 means greedy decoding (always the "
+                              "most likely token)", "sampling")
     top_k: int = _opt(50, "sample only from the k most likely tokens (0 disables)", "sampling")
     top_p: float = _opt(1.0, "nucleus sampling: smallest set of tokens with this much "
                         "probability", "sampling")
-    num_samples: int = _opt(1, "independent continuations to generate", "sampling")
+    min_p: float = _opt(0.0, "drop tokens less likely than min_p times the most likely one "
+                        "(0 disables)", "sampling")
+    repetition_penalty: float = _opt(
+        1.0, "divide the scores of tokens already in the text by this (CTRL's penalty, as in "
+        "transformers; 1 disables, >1 repeats less)", "sampling")
+    stop: tuple[str, ...] = _opt(
+        (), "stop at any of these strings (not printed); on the command line \\n and \\t "
+        "mean a line break and a tab", "sampling", shown="none")
+    num_samples: int = _opt(1, "independent continuations to generate, as one batch", "sampling")
     seed: int = _opt(1337, "random seed; the same seed gives the same text", "sampling")
 
     def __post_init__(self) -> None:
@@ -334,27 +363,57 @@ class SampleConfig:
             raise SmolGPTError(f"--top_k must be >= 0 (0 disables it), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise SmolGPTError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise SmolGPTError(f"--min_p must be in [0, 1] (0 disables it), got {self.min_p}")
+        _check_positive_number("repetition_penalty", self.repetition_penalty)
+        if isinstance(self.stop, str):  # one string given where a list is expected
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise SmolGPTError(f"--stop strings must be non-empty text, got {list(self.stop)!r}")
         _check_positive_ints(self, "num_samples")
 
 
 @dataclass
 class GenerateConfig(SampleConfig):
-    """``smolgpt generate``: the sampling settings, plus what to continue and where."""
+    """``smolgpt generate``: the sampling settings, plus what to continue, where to write it
+    and where to run."""
 
     prompt: Optional[str] = _opt(
         None, "text to continue", "input",
         shown="a line break at char level, the most frequent word at word level",
     )
+    prompt_file: Optional[str] = _opt(None, "read the text to continue from this file", "input")
+    interactive: bool = _opt(False, "a prompt loop that keeps the model loaded: type a prompt, "
+                             "see its continuation; a blank line or Ctrl-D quits, Ctrl-C stops "
+                             "one generation", "input")
+    out: Optional[str] = _opt(None, "write the text to this file (atomically) instead of "
+                              "stdout", "output")
     device: str = _opt("auto", "where to run", "system", choices=DEVICES)
 
     def __post_init__(self) -> None:
         _check_choice("device", self.device, DEVICES)
+        if self.prompt is not None and self.prompt_file is not None:
+            raise SmolGPTError("give --prompt or --prompt_file, not both")
+        if self.interactive and (self.prompt is not None or self.prompt_file is not None
+                                 or self.out is not None):
+            raise SmolGPTError("--interactive reads its prompts from the terminal: drop "
+                               "--prompt, --prompt_file and --out")
         super().__post_init__()
 
     def sampling(self) -> SampleConfig:
         """The sampling settings alone."""
         return SampleConfig(**{f.name: getattr(self, f.name)
                                for f in dataclasses.fields(SampleConfig)})
+
+
+def source_name(init_from: str) -> str:
+    """A short name for an --init_from path: its run directory's for a checkpoint a run wrote
+    (runs/x/best_model.pth: x), else the file's stem or the directory's name."""
+    path = Path(init_from).expanduser().resolve()
+    if path.name in ("best_model.pth", "latest_model.pth"):  # training.BEST and LATEST
+        path = path.parent
+    return (path.stem if path.suffix == ".pth" else path.name) or "source"
 
 
 def preset_values(preset: str, level: str, cpu_float32: bool = False) -> dict[str, Any]:
@@ -436,6 +495,10 @@ RESUME_FIXED = ("level", "preset", "n_layer", "n_head", "n_embd", "block_size", 
                 "gradient_accumulation_steps", "seed")
 # Bookkeeping that is not part of a run's recipe.
 _RESUME_IGNORED = ("resume", "overwrite", "out_dir", "data", "colab_drive")
+# Where a run started: its history, which a resumed run keeps whatever is given now (it
+# continues from its own latest_model.pth, so a --init_from given then is neither refused
+# nor used).
+RESUME_KEPT = ("init_from",)
 
 
 def resume_train_config(saved: dict[str, Any], explicit: dict[str, Any]) -> tuple[TrainConfig, dict]:
@@ -447,6 +510,7 @@ def resume_train_config(saved: dict[str, Any], explicit: dict[str, Any]) -> tupl
     """
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     saved = {**LEGACY_DEFAULTS, **saved}
+    explicit = {k: v for k, v in explicit.items() if k not in RESUME_KEPT}
     base = TrainConfig(**{k: v for k, v in saved.items() if k in names})
     conflicts = [k for k in RESUME_FIXED if k in explicit and explicit[k] != getattr(base, k)]
     if conflicts:

@@ -6,11 +6,13 @@
 2. :func:`prepare` reads the text in chunks (so a corpus larger than memory works), learns
    the tokenizer, encodes everything once, and caches the ids on disk, keyed by the text's
    SHA-256, its --encoding and the tokenizer settings; the next run with the same text
-   starts at once. Every source is read the same way: files (and URLs) are decoded in
-   --encoding, unless they start with a UTF-8, UTF-16 or UTF-32 byte-order mark, which
-   wins (built-in corpora are UTF-8); CRLF and lone CR line endings become LF; then the
-   tokenizer normalises the text (:func:`~smolgpt.tokenizer.normalize_text`: no byte-order
-   mark, typographic quotes as ASCII). At word level, training is refused when the
+   starts at once. (A fine-tuning run gives its source model's tokenizer instead of
+   learning one: the cache is then keyed by that tokenizer.) Every source is read the same
+   way: files (and URLs) are decoded in --encoding, unless they start with a UTF-8,
+   UTF-16 or UTF-32 byte-order mark, which wins (built-in corpora are UTF-8); CRLF and
+   lone CR line endings become LF; then the tokenizer normalises the text
+   (:func:`~smolgpt.tokenizer.normalize_text`: no byte-order mark, typographic quotes as
+   ASCII). At word level, training is refused when the
    vocabulary would teach nothing, and the share of <UNK> is reported.
    Word-level tokenization is spread over all CPU cores. Every open checks the cached ids
    against the size and CRC-32 recorded when they were written, and rebuilds an entry that
@@ -36,7 +38,7 @@ import urllib.request
 import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -335,6 +337,10 @@ class TokenData:
     val: np.ndarray
     tokenizer: Tokenizer
     fingerprint: str
+    # Whether the tokenizer was given (a fine-tuned model's) rather than learned from the text.
+    given_tokenizer: bool = False
+    # Characters a given char tokenizer does not know, dropped from the text: {char: count}.
+    dropped: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line: the token counts, the vocabulary and (word level) the share of <UNK>."""
@@ -360,7 +366,24 @@ class TokenData:
         train, val = self.unk_rates
         return (f"<UNK> is {train:.1%} of the training and {val:.1%} of the validation text "
                 f"(over {UNK_WARN_RATE:.0%}), so the model will often write <UNK>: "
-                f"{_fewer_unk(self.tokenizer.min_word_freq)}")
+                f"{_fewer_unk(self.tokenizer.min_word_freq, self.given_tokenizer)}")
+
+    @property
+    def dropped_share(self) -> float:
+        """The share of the text's characters dropped as unknown to a given char tokenizer."""
+        dropped = sum(self.dropped.values())
+        return dropped / (dropped + len(self.train) + len(self.val)) if dropped else 0.0
+
+    def dropped_warning(self) -> Optional[str]:
+        """A warning naming the characters dropped (the most frequent first), else None."""
+        if not self.dropped:
+            return None
+        common = sorted(self.dropped, key=lambda ch: (-self.dropped[ch], ch))
+        shown = ", ".join(repr(ch) for ch in common[:10])
+        more = f" and {len(common) - 10} more" if len(common) > 10 else ""
+        return (f"{sum(self.dropped.values()):,} characters of the text "
+                f"({self.dropped_share:.1%}) are not in the vocabulary of the --init_from "
+                f"model and were left out: {len(common)} distinct, {shown}{more}")
 
 
 def _share(ids: np.ndarray, token: int) -> float:
@@ -371,9 +394,12 @@ def _share(ids: np.ndarray, token: int) -> float:
     return hits / len(ids) if len(ids) else 0.0
 
 
-def _fewer_unk(min_word_freq: int) -> str:
+def _fewer_unk(min_word_freq: int, given_tokenizer: bool = False) -> str:
     """What makes fewer words <UNK>: a lower --min_word_freq (half, and no more than the
-    default), or more text."""
+    default), or more text; with a given (fine-tuned model's) vocabulary, other text."""
+    if given_tokenizer:
+        return ("the vocabulary is the --init_from model's: fine-tune on text closer to what "
+                "it learned, or train a new model without --init_from")
     if min_word_freq > 1:
         lower = min(min_word_freq // 2, TrainConfig.min_word_freq)
         return f"keep rarer words with --min_word_freq {lower}, or train on more text"
@@ -383,10 +409,23 @@ def _fewer_unk(min_word_freq: int) -> str:
 def check_vocabulary(data: TokenData) -> None:
     """Refuse a word-level vocabulary that would teach nothing: one without a single word
     (punctuation at most), or one that leaves more than UNK_REFUSE_RATE of the training
-    text <UNK>."""
+    text <UNK>; and a given char vocabulary that leaves out more than UNK_REFUSE_RATE of
+    the text's characters."""
     tokenizer = data.tokenizer
+    if data.dropped_share > UNK_REFUSE_RATE:
+        raise SmolGPTError(
+            f"{data.dropped_share:.0%} of the characters of {data.source} are not in the "
+            "vocabulary of the --init_from model: fine-tune on text in the characters it "
+            "knows, or train a new model without --init_from"
+        )
     if not isinstance(tokenizer, WordTokenizer):
         return
+    if data.given_tokenizer and data.unk_rates[0] > UNK_REFUSE_RATE:
+        raise SmolGPTError(
+            f"{data.unk_rates[0]:.0%} of the training text is <UNK> in the vocabulary of the "
+            f"--init_from model: the model would learn nothing from it; "
+            f"{_fewer_unk(tokenizer.min_word_freq, True)}"
+        )
     words = sum(1 for token in tokenizer.itos[2:] if re.match(r"\w", token))
     train_unk = data.unk_rates[0]
     if words == 0 or train_unk > UNK_REFUSE_RATE:
@@ -420,30 +459,47 @@ def _workers(corpus: Corpus) -> int:
     return max(1, min(os.cpu_count() or 1, size // CHUNK_BYTES))
 
 
-def _learn_and_encode(corpus: Corpus, level: str, min_word_freq: int,
-                      out) -> tuple[Tokenizer, int, int]:
-    """Learn the tokenizer from the corpus, write its ids to out; return (tokenizer, count,
-    CRC-32 of the bytes written)."""
+def _learn(corpus: Corpus, level: str, min_word_freq: int) -> Tokenizer:
+    """The tokenizer of the corpus at level (word counts spread over processes for a large
+    corpus)."""
     if level == "char":
-        tokenizer: Tokenizer = CharTokenizer.train(iter_text(corpus))
-        encoded = map(tokenizer.encode_array, iter_text(corpus))
-        pool = None
+        return CharTokenizer.train(iter_text(corpus))
+    workers = _workers(corpus)
+    if workers == 1:
+        return WordTokenizer.train(iter_text(corpus), min_word_freq)
+    counts: Counter = Counter()
+    with ProcessPoolExecutor(workers) as counters:
+        for c in counters.map(_word_counts, iter_text(corpus)):
+            counts.update(c)
+    return WordTokenizer.from_counts(counts, min_word_freq)
+
+
+def _known_chars(tokenizer: CharTokenizer, chunk: str, dropped: Counter) -> np.ndarray:
+    """The ids of chunk's characters, leaving out (and counting into dropped) those the
+    tokenizer does not know. A char tokenizer has no unknown id; a learned one knows every
+    character of its text, a given one (a fine-tuned model's) may not."""
+    text = tokenizer.read(chunk)
+    missing = set(text).difference(tokenizer.stoi)
+    if missing:
+        for ch in missing:
+            dropped[ch] += text.count(ch)
+        text = text.translate(dict.fromkeys(map(ord, missing)))
+    return tokenizer.encode_array(text)
+
+
+def _encode(corpus: Corpus, tokenizer: Tokenizer, out) -> tuple[int, int, Counter]:
+    """Write the corpus's ids to out; return (count, CRC-32 of the bytes written, characters
+    left out as unknown: {char: count}). Words a word tokenizer does not know are <UNK>."""
+    dropped: Counter = Counter()
+    pool = None
+    if isinstance(tokenizer, CharTokenizer):
+        encoded = (_known_chars(tokenizer, chunk, dropped) for chunk in iter_text(corpus))
+    elif (workers := _workers(corpus)) > 1:
+        pool = ProcessPoolExecutor(workers, initializer=_init_encoder,
+                                   initargs=(tokenizer.to_dict(),))
+        encoded = pool.map(_encode_chunk, iter_text(corpus))
     else:
-        workers = _workers(corpus)
-        if workers == 1:
-            tokenizer = WordTokenizer.train(iter_text(corpus), min_word_freq)
-            encoded = map(tokenizer.encode_array, iter_text(corpus))
-            pool = None
-        else:
-            counts: Counter = Counter()
-            with ProcessPoolExecutor(workers) as counters:
-                for c in counters.map(_word_counts, iter_text(corpus)):
-                    counts.update(c)
-            tokenizer = WordTokenizer.from_counts(counts, min_word_freq)
-            pool = ProcessPoolExecutor(
-                workers, initializer=_init_encoder, initargs=(tokenizer.to_dict(),)
-            )
-            encoded = pool.map(_encode_chunk, iter_text(corpus))
+        encoded = map(tokenizer.encode_array, iter_text(corpus))
     dtype = token_dtype(tokenizer.vocab_size)
     count = crc = 0
     try:
@@ -455,23 +511,36 @@ def _learn_and_encode(corpus: Corpus, level: str, min_word_freq: int,
     finally:
         if pool is not None:
             pool.shutdown()
-    return tokenizer, count, crc
+    return count, crc, dropped
 
 
 def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-def prepare(corpus: Corpus, level: str, min_word_freq: int = 3) -> TokenData:
+def prepare(corpus: Corpus, level: str, min_word_freq: int = 3,
+            tokenizer: Optional[Tokenizer] = None) -> TokenData:
     """Tokenize a corpus once (or load the cached ids) and split it 90/10; refuse a word
-    vocabulary that would teach nothing (:func:`check_vocabulary`)."""
+    vocabulary that would teach nothing (:func:`check_vocabulary`).
+
+    tokenizer: encode with this one (a fine-tuned model's, at level) instead of learning one
+    from the text; min_word_freq then does not apply. Words it does not know become <UNK>;
+    characters a char tokenizer does not know are left out, and reported
+    (:meth:`TokenData.dropped_warning`)."""
     if level not in LEVELS:
         raise SmolGPTError(f"unknown level {level!r}: choose {' or '.join(LEVELS)}")
+    given = tokenizer is not None
+    if given and tokenizer.level != level:
+        raise SmolGPTError(f"a {tokenizer.level}-level tokenizer cannot tokenize at {level} "
+                           f"level: use --level {tokenizer.level}")
     text_hash = fingerprint(corpus)
     # The hash is of the bytes; read in another encoding they are another text.
     encoding = codecs.lookup(corpus.encoding).name  # one name for utf8, UTF-8, ...
-    settings = (f"v{CACHE_FORMAT}-{encoding}-{level}"
-                + (f"-min{min_word_freq}" if level == "word" else ""))
+    settings = f"v{CACHE_FORMAT}-{encoding}-{level}"
+    if given:  # the ids depend on the whole vocabulary
+        settings += f"-tokenizer{tokenizer_hash(tokenizer)}"
+    elif level == "word":
+        settings += f"-min{min_word_freq}"
     key = hashlib.sha256(f"{text_hash}-{settings}".encode()).hexdigest()[:24]
     entry = cache_dir() / "tokens" / key
     meta_path, ids_path = entry / "meta.json", entry / "tokens.bin"
@@ -482,8 +551,9 @@ def prepare(corpus: Corpus, level: str, min_word_freq: int = 3) -> TokenData:
         holder: dict = {}
 
         def write_ids(f) -> None:
-            holder["tokenizer"], holder["count"], holder["crc32"] = _learn_and_encode(
-                corpus, level, min_word_freq, f
+            holder["tokenizer"] = tokenizer or _learn(corpus, level, min_word_freq)
+            holder["count"], holder["crc32"], holder["dropped"] = _encode(
+                corpus, holder["tokenizer"], f
             )
 
         atomic_write(ids_path, write_ids)
@@ -497,15 +567,23 @@ def prepare(corpus: Corpus, level: str, min_word_freq: int = 3) -> TokenData:
             "bytes": holder["count"] * dtype.itemsize,
             "crc32": holder["crc32"],
             "tokenizer": holder["tokenizer"].to_dict(),
+            "dropped": dict(holder["dropped"]),
         }
         # Written last: an entry without it is incomplete (or damaged) and is rebuilt.
         atomic_write_text(meta_path, json.dumps(meta))
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     ids = np.memmap(ids_path, dtype=meta["dtype"], mode="r") if meta["count"] else np.zeros(0)
     split = int(len(ids) * TRAIN_FRACTION)
-    tokens = TokenData(corpus.name, ids[:split], ids[split:], tokenizer, text_hash)
+    tokens = TokenData(corpus.name, ids[:split], ids[split:], tokenizer, text_hash,
+                       given_tokenizer=given, dropped=meta.get("dropped", {}))
     check_vocabulary(tokens)
     return tokens
+
+
+def tokenizer_hash(tokenizer: Tokenizer) -> str:
+    """A short SHA-256 of a tokenizer's vocabulary and settings (its to_dict())."""
+    text = json.dumps(tokenizer.to_dict(), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def file_crc32(path: Path) -> int:
@@ -536,6 +614,8 @@ def _checked_entry(meta_path: Path, ids_path: Path) -> tuple[Optional[dict], str
         expected = meta["count"] * np.dtype(meta["dtype"]).itemsize
         tokenizer_from_dict(meta["tokenizer"])
         crc = meta["crc32"]
+        if not isinstance(meta.get("dropped", {}), dict):
+            raise TypeError("dropped")
     except (KeyError, TypeError, ValueError, SmolGPTError):
         return None, "its metadata is incomplete"
     try:

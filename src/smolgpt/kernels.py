@@ -1,10 +1,13 @@
-"""Faster ways to compute three parts of the model, chosen by measurement on CPUs.
+"""Faster ways to compute four parts of the model, chosen by measurement on CPUs.
 
 ``model.py`` says *what* a GPT computes; this module holds the places where *how* it is
 computed matters for speed, each a drop-in for the plain PyTorch expression named in its
-docstring (``benchmarks/step_profile.py --kernels`` times each against it):
+docstring (``benchmarks/step_profile.py --kernels`` times each against it, and
+``benchmarks/generation.py`` the generation step):
 
 - :class:`Dropout`: ``nn.Dropout`` with a cheaper random mask on CPUs;
+- :class:`GELU`: ``nn.GELU()``, without oneDNN's fixed cost on the small inputs of a
+  generation step;
 - :func:`attention_input` and :func:`attention`: ``F.scaled_dot_product_attention``, run in
   float32 on a CPU under bf16 autocast, where the fused kernel is fast only in float32;
 - :func:`head_loss`: ``F.cross_entropy(x @ weight.T, targets)``, made a chunk of rows at a time
@@ -13,7 +16,6 @@ docstring (``benchmarks/step_profile.py --kernels`` times each against it):
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -22,6 +24,8 @@ from torch.nn import functional as F
 
 # Logits per chunk of the head loss: 2^20 float32 = 4 MB, which stays in cache.
 LOSS_CHUNK_ELEMENTS = 1 << 20
+# PyTorch's grain size: below this many numbers its elementwise kernels use one thread.
+SMALL_ELEMENTS = 32768
 
 
 class Dropout(nn.Module):
@@ -52,6 +56,29 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+class GELU(nn.Module):
+    """nn.GELU(): x * Phi(x), exact (with erf), by PyTorch's own kernel on small CPU inputs.
+
+    On a CPU, F.gelu hands every float32 tensor to oneDNN, whose fixed cost (some 50 us a
+    call, and a wake-up of every thread, which waits for a free core on a busy machine) is
+    nothing next to a training batch but most of the work in a generation step, where a
+    layer has a few hundred numbers per sequence. Below SMALL_ELEMENTS numbers, oneDNN is
+    switched off for the call, and F.gelu runs PyTorch's own vectorised kernel (same
+    function, to float rounding) on the calling thread. (The switch is process-wide: an op
+    that another thread runs at that moment takes PyTorch's own kernels too, as correct.)
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        small = x.device.type == "cpu" and x.numel() < SMALL_ELEMENTS
+        if not (small and torch.backends.mkldnn.enabled):
+            return F.gelu(x)
+        torch.backends.mkldnn.enabled = False
+        try:
+            return F.gelu(x)
+        finally:
+            torch.backends.mkldnn.enabled = True
+
+
 def attention_input(qkv: torch.Tensor) -> torch.Tensor:
     """The queries, keys and values (one tensor) in the dtype attention should run in.
 
@@ -67,9 +94,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     """F.scaled_dot_product_attention (fused flash / memory-efficient kernels where the
     hardware has them), kept in the inputs' dtype: float32 inputs on a CPU are not cast back
     to bf16 by autocast (see :func:`attention_input`)."""
-    cpu_autocast = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-    with torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    # No context manager otherwise: entering even a null one costs a few microseconds per
+    # layer, which a generation step at batch 1 notices.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
 class ChunkedHeadLoss(torch.autograd.Function):

@@ -16,7 +16,7 @@ learn it position by position, and small models train markedly faster with it
 For generation, :class:`KVCache` keeps every layer's keys and values so that each new token
 costs one position of work instead of re-running the whole context.
 
-Three computations call faster versions of themselves in ``kernels.py`` (dropout, the
+Four computations call faster versions of themselves in ``kernels.py`` (dropout, GELU, the
 attention product on CPUs, and the loss of the output head); each is a drop-in for the plain
 PyTorch expression its docstring names, so this file can be read without them.
 
@@ -78,9 +78,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate queries or keys (..., hs) by the angles of their positions (cos and sin from
     :func:`rotary_tables`, broadcast against x). Each plane (x1, x2) of channels i and
     i + hs/2 becomes (x1 cos - x2 sin, x2 cos + x1 sin); q.k then depends only on the offset
-    between the two positions. Written as x * cos + swap_halves(x) * sin: four operations."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos.to(x.dtype) + torch.cat((x2, x1), dim=-1) * sin.to(x.dtype)
+    between the two positions. Written as x * cos + swap_halves(x) * sin: four operations,
+    swapping the halves being a roll by half a head."""
+    if cos.dtype != x.dtype:  # half-precision queries and keys (autocast on a GPU)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
 class CausalSelfAttention(nn.Module):
@@ -134,7 +136,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         # Exact (erf) GELU: GPT-2 used a tanh approximation, which costs twice as much in bf16
         # on CPUs (benchmarks/step_profile.py --kernels).
-        self.gelu = nn.GELU()
+        self.gelu = kernels.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = kernels.Dropout(config.dropout)
 

@@ -1,23 +1,44 @@
-"""Text generation from a trained model: temperature, top-k and top-p (nucleus) sampling.
+"""Text generation from a trained model: the sampling filters, the token loop, and text that
+streams out as it is made.
 
-Generation runs the prompt through the model once, then feeds one token at a time while a
-:class:`~smolgpt.model.KVCache` remembers every earlier position's keys and values. The
-model's learned position embeddings stop at block_size, so when the context is full the
-cache is rebuilt from the most recent half-context and generation goes on from there.
+The token loop (:func:`sample`) runs the prompt through the model once, then feeds one token at
+a time while a :class:`~smolgpt.model.KVCache` remembers every earlier position's keys and
+values. Once the context is full (block_size tokens), each new token is predicted from the
+most recent block_size tokens, recomputed without the cache: a sliding window that shows the
+model exactly what it saw in training, a full window, at every step past the boundary. (A
+cache cannot slide: every cached key was computed from tokens that have since left the
+window.) Past the boundary a token therefore costs one forward pass over the window.
+
+:class:`TextStream` turns the tokens into text: it decodes them as they come, holds back text
+that might be the start of a stop string, and ends a sample at its first stop string. The
+pieces it gives out join into exactly the final text.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
 from .config import SampleConfig
 from .model import GPT, KVCache
+from .tokenizer import Tokenizer
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set to -inf every logit outside the top k and outside the top-p probability mass."""
+def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019), as transformers applies it: the score of
+    every token already in the text (seen, a bool mask like logits) is divided by penalty if
+    positive and multiplied by it if negative, so that penalty > 1 always makes it less likely."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
+                  min_p: float = 0.0) -> torch.Tensor:
+    """Set to -inf every logit outside the top k, outside the top-p probability mass, and of
+    probability below min_p times the most likely token's. The most likely token always stays."""
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -28,40 +49,141 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         drop = probs.cumsum(dim=-1) - probs >= top_p
         drop[..., 0] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if min_p > 0.0:
+        # p < min_p * p_max  <=>  logit < logit_max + log(min_p): no softmax needed.
+        threshold = logits.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(min_p))
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
     return logits
 
 
-def next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-               generator: Optional[torch.Generator]) -> torch.Tensor:
-    """Choose one token per row of logits (B, vocab); temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+def next_token(logits: torch.Tensor, settings: SampleConfig,
+               generator: Optional[torch.Generator] = None,
+               seen: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One token per row of logits (B, vocab), as a (B,) tensor: the repetition penalty (on the
+    tokens marked in seen), then greedy at temperature 0, else a draw after the filters."""
+    logits = logits.float()
+    if seen is not None:
+        logits = penalize_repetition(logits, seen, settings.repetition_penalty)
+    if settings.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / settings.temperature, settings.top_k, settings.top_p,
+                           settings.min_p)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
+def sample(model: GPT, prompt: list[int], settings: SampleConfig) -> Iterator[torch.Tensor]:
+    """Yield settings.max_new_tokens tokens continuing prompt, one (num_samples,) tensor per
+    step, as soon as each is chosen; stop iterating to stop generating. The same settings,
+    seed included, give the same tokens."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    block = model.config.block_size
+    rows = settings.num_samples
+    window = torch.tensor([prompt[-block:]] * rows, dtype=torch.long, device=device)
+    seen = None  # which tokens are in each row's text, for the repetition penalty
+    if settings.repetition_penalty != 1.0:
+        seen = torch.zeros(rows, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen[:, prompt] = True
+    cache = KVCache(model.config)
+    logits, _ = model(window, cache=cache)
+    for step in range(settings.max_new_tokens):
+        token = next_token(logits[:, -1, :], settings, generator, seen)
+        yield token
+        if step + 1 == settings.max_new_tokens:
+            break  # no forward pass for a token nobody will see
+        if seen is not None:
+            seen[torch.arange(rows, device=device), token] = True
+        window = torch.cat([window, token[:, None]], dim=1)[:, -block:]
+        if cache.length < block:
+            logits, _ = model(token[:, None], cache=cache)
+        else:  # the context is full: slide the window, recomputed (see the module docstring)
+            logits, _ = model(window)
+
+
 def generate(model: GPT, prompt: list[int], settings: Optional[SampleConfig] = None
              ) -> list[list[int]]:
     """Continue the token ids of prompt settings.num_samples times (default settings:
     :class:`~smolgpt.config.SampleConfig`'s, the command line's); return only the new ids of
     each. The same settings, seed included, give the same ids."""
-    cfg = settings or SampleConfig()
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    block = model.config.block_size
-    tokens = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)
-    out = tokens.new_empty((cfg.num_samples, 0))
-    cache: Optional[KVCache] = None
-    pending = tokens  # tokens the model has not seen yet
-    for _ in range(cfg.max_new_tokens):
-        if cache is None or cache.length + pending.size(1) > block:
-            # (Re)start from the most recent context: all of it, or half a block once full.
-            keep = block if cache is None else max(1, block // 2)  # (block_size 1: keep 1)
-            history = torch.cat([tokens, out], dim=1)[:, -keep:]
-            cache, pending = KVCache(model.config), history
-        logits, _ = model(pending, cache=cache)
-        nxt = next_token(logits[:, -1, :], cfg.temperature, cfg.top_k, cfg.top_p, generator)
-        out = torch.cat([out, nxt], dim=1)
-        pending = nxt
-    return out.tolist()
+    settings = settings or SampleConfig()
+    steps = list(sample(model, prompt, settings))
+    if not steps:
+        return [[] for _ in range(settings.num_samples)]
+    return torch.stack(steps, dim=1).tolist()
+
+
+class _SampleText:
+    """One sample's text as it grows: the decoded continuation, cut at the first stop string,
+    and how much of it has been given out."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt: list[int], stops: tuple[str, ...]):
+        self.decoder = tokenizer.decoder()
+        self.prompt = self.decoder.add(prompt)
+        self.stops = stops
+        self.text = ""  # the continuation so far
+        self.shown = 0  # characters of text given out
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """Take one new token; return the text that can now be shown."""
+        if self.stopped:
+            return ""
+        # A stop string ending in the new text started at most longest-1 characters earlier.
+        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0) + 1)
+        self.text += self.decoder.add([token])
+        found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if found:
+            self.text, self.stopped = self.text[:min(found)], True
+            return self._show(len(self.text))
+        return self._show(len(self.text) - self._held_back())
+
+    def _held_back(self) -> int:
+        """Length of the longest end of text that may be the start of a stop string."""
+        return max((n for s in self.stops for n in range(min(len(s) - 1, len(self.text)), 0, -1)
+                    if self.text.endswith(s[:n])), default=0)
+
+    def finish(self) -> str:
+        """The text held back, once no token will follow."""
+        return self._show(len(self.text))
+
+    def _show(self, end: int) -> str:
+        piece, self.shown = self.text[self.shown:end], max(self.shown, end)
+        return piece
+
+
+class TextStream:
+    """The text of settings.num_samples samples as it is generated. Iterating gives, for each
+    step, one string per sample: first each sample's prompt, then the new text of each
+    (often empty). Joined, a sample's pieces are its final text: the prompt and its
+    continuation, cut before the first of settings.stop. ``new_tokens`` counts the tokens
+    generated so far; iteration ends when every sample has stopped or max_new_tokens is
+    reached. Stop iterating (or :meth:`close`) to stop generating."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, prompt: list[int],
+                 settings: SampleConfig):
+        self.samples = [_SampleText(tokenizer, prompt, settings.stop)
+                        for _ in range(settings.num_samples)]
+        self.new_tokens = 0
+        self._tokens = sample(model, prompt, settings)
+        self._pieces = self._generate()
+
+    def _generate(self) -> Iterator[list[str]]:
+        yield [s.prompt for s in self.samples]
+        for tokens in self._tokens:
+            self.new_tokens += 1
+            yield [s.add(t) for s, t in zip(self.samples, tokens.tolist())]
+            if all(s.stopped for s in self.samples):
+                break
+        yield [s.finish() for s in self.samples]
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> list[str]:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop generating (the model is not run again)."""
+        self._pieces.close()
+        self._tokens.close()

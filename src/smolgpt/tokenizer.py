@@ -64,10 +64,10 @@ def _splitter():
 
 # Detokenization: marks that hug the previous token, and marks the next token hugs. (The
 # curly quotes are in vocabularies from before 0.5 only.)
-_NO_SPACE_BEFORE = set(".,;:!?)]}%”’…") | {"n't"}
-_NO_SPACE_AFTER = set("([{“‘$#")
-_JOINERS = set("-—–/")  # hyphens, dashes and slashes join their neighbours: red-headed
-_TOGGLE_QUOTES = set("\"'")  # ASCII quotes: alternately opening and closing
+NO_SPACE_BEFORE = set(".,;:!?)]}%”’…") | {"n't"}
+NO_SPACE_AFTER = set("([{“‘$#")
+JOINERS = set("-—–/")  # hyphens, dashes and slashes join their neighbours: red-headed
+TOGGLE_QUOTES = set("\"'")  # ASCII quotes: alternately opening and closing
 
 
 class _TextReader:
@@ -134,6 +134,10 @@ class CharTokenizer(_TextReader):
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.chars[i] for i in ids)
 
+    def decoder(self) -> "CharDecoder":
+        """An incremental decoder: text for ids given a few at a time (for streaming)."""
+        return CharDecoder(self)
+
     def to_dict(self) -> dict:
         return {"type": "char", "chars": list(self.chars), "normalize": self.normalize}
 
@@ -192,27 +196,56 @@ class WordTokenizer(_TextReader):
 
     def decode(self, ids: Iterable[int]) -> str:
         """Join tokens with spaces, except where punctuation attaches to a neighbour."""
-        out: list[str] = []
-        glue_next = True  # no space before the very first token
-        open_quotes = {q: False for q in _TOGGLE_QUOTES}
-        for i in ids:
-            tok = self.itos[i]
-            if tok in _TOGGLE_QUOTES:
-                opening = not open_quotes[tok]
-                open_quotes[tok] = opening
-                glue_before, glue_after = not opening, opening
-            else:
-                glue_before = tok in _NO_SPACE_BEFORE or tok in _JOINERS
-                glue_after = tok in _NO_SPACE_AFTER or tok in _JOINERS
-            if out and not (glue_next or glue_before):
-                out.append(" ")
-            out.append(tok)
-            glue_next = glue_after
-        return "".join(out)
+        return self.decoder().add(ids)
+
+    def decoder(self) -> "WordDecoder":
+        """An incremental decoder: text for ids given a few at a time (for streaming)."""
+        return WordDecoder(self)
 
     def to_dict(self) -> dict:
         return {"type": "word", "words": self.itos[2:], "min_word_freq": self.min_word_freq,
                 "normalize": self.normalize}
+
+
+class CharDecoder:
+    """Text of ids given a few at a time; the pieces join into :meth:`CharTokenizer.decode`."""
+
+    def __init__(self, tokenizer: CharTokenizer):
+        self.chars = tokenizer.chars
+
+    def add(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+class WordDecoder:
+    """Text of ids given a few at a time; the pieces join into :meth:`WordTokenizer.decode`.
+
+    Whether a space goes before a token depends on the token before it (an opening bracket
+    takes none after it) and on the quotes opened so far, so the decoder keeps both. A token's
+    text therefore never changes once given: what streams out is the final text.
+    """
+
+    def __init__(self, tokenizer: WordTokenizer):
+        self.itos = tokenizer.itos
+        self.glue_next = True  # no space before the very first token
+        self.open_quotes = {q: False for q in TOGGLE_QUOTES}
+
+    def add(self, ids: Iterable[int]) -> str:
+        out: list[str] = []
+        for i in ids:
+            tok = self.itos[i]
+            if tok in TOGGLE_QUOTES:
+                opening = not self.open_quotes[tok]
+                self.open_quotes[tok] = opening
+                glue_before, glue_after = not opening, opening
+            else:
+                glue_before = tok in NO_SPACE_BEFORE or tok in JOINERS
+                glue_after = tok in NO_SPACE_AFTER or tok in JOINERS
+            if not (self.glue_next or glue_before):
+                out.append(" ")
+            out.append(tok)
+            self.glue_next = glue_after
+        return "".join(out)
 
 
 Tokenizer = Union[CharTokenizer, WordTokenizer]

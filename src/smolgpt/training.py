@@ -255,16 +255,23 @@ class Trainer:
     dropout draw from it) and, on CUDA, allows TF32 matrix products; its clock starts when it
     is built, so that building the model and the optimisers (whose first use imports part of
     torch, seconds on a small CPU) counts against --time_budget.
+
+    resume_from: a checkpoint to continue. init_weights: a state_dict of the same shape to
+    start from instead of the random initialisation (fine-tuning, --init_from).
     """
 
     def __init__(self, cfg: TrainConfig, data: TokenData, out_dir: Path, device: torch.device,
-                 resume_from: Optional[dict] = None):
+                 resume_from: Optional[dict] = None, init_weights: Optional[dict] = None):
         clock_start = time.perf_counter()
         self.cfg, self.data, self.out_dir, self.device = cfg, data, Path(out_dir), device
         hardware.configure_backends(device)
         torch.manual_seed(cfg.seed)
         self.model_config = cfg.model_config(data.tokenizer.vocab_size)
         self.model = GPT(self.model_config).to(device)
+        if init_weights is not None:
+            # After the random initialisation all the same, so that the RNG streams (dropout)
+            # are those of any run with this seed.
+            self.model.load_state_dict(init_weights)
         # One decision about reduced precision, followed by autocast, Muon and the loss.
         self.precision = hardware.precision_policy(device, cfg.amp)
         self.optimizers = make_optimizers(self.model, cfg, device, self.precision.muon_dtype)
@@ -526,6 +533,12 @@ class Trainer:
             f"stopped. {BEST} and {LATEST} hold the last good state; lower --learning_rate "
             f"(now {self.cfg.learning_rate:g}) or keep --grad_clip on"
         )
+
+
+def run_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The checkpoint that stands for a run directory: its best_model.pth, else its
+    latest_model.pth; None if it holds neither."""
+    return next((run_dir / name for name in (BEST, LATEST) if (run_dir / name).is_file()), None)
 
 
 def clean_stale_temporaries(out_dir: Path) -> None:

@@ -1,0 +1,310 @@
+"""Generation speed (new tokens/s): smolgpt with its KV cache, smolgpt without it, and
+Hugging Face transformers' ``generate`` on the exported copy of the same model.
+
+Models: for each preset shape (nano, micro, tiny; context 128, rotary positions, the
+65-character vocabulary of tinyshakespeare) a smolgpt GPT is made with random weights (the
+cost of a step does not depend on what the weights learned), saved as a smolgpt checkpoint
+(``smolgpt.checkpoint.save``) and loaded back with ``smolgpt.load``, as a user gets a model.
+Then, at batch 1 and batch 8, in one process, with the same prompt (8 characters), the same
+number of new tokens for every row (default 120: the prompt and its continuation fill the
+context of 128) and the same sampling (temperature 0.8, then top-k 40):
+
+- smolgpt: the public call, ``model.generate(prompt, max_new_tokens=..., temperature=...,
+  top_k=..., num_samples=batch)``: the prompt goes through the model once, then each new
+  token costs one position of work thanks to the KV cache;
+- smolgpt, no cache: a reference loop written below (:func:`generate_without_cache`), which
+  feeds the whole context through the same model for every new token, as generation did
+  before the cache, with the same sampling in plain PyTorch;
+- transformers: the model exported with ``smolgpt.interop.export_hf`` and read back with
+  ``AutoModelForCausalLM.from_pretrained``, then ``generate(ids, do_sample=True, top_k=...,
+  temperature=..., max_new_tokens=...)`` with no end-of-text token, on the prompt's ids
+  repeated batch times as the input batch (its logits are checked to equal smolgpt's).
+
+Tokens/s is batch x new tokens over the wall time of the whole call, prompt included.
+Nothing is warmed up but torch itself (one small product, paid by any torch program): the
+first call of each implementation on each model and batch is timed on its own ("first
+call"), because a user pays it, in an order rotated from row to row. Then --rounds rounds
+call each implementation once, in an order rotated every round (a shared 2-core machine has
+slow spells; see common.rotated); the table gives the median over rounds, and a ratio is
+the median of the rounds' ratios. PyTorch's default threads are used, as a user gets them.
+
+transformers is optional (``pip install "transformers>=4.40"``, smolgpt's ``bench`` extra):
+without it the transformers columns are left out, and a line above the table says so.
+
+    python benchmarks/generation.py                        # nano, micro, tiny at batch 1 and 8
+    python benchmarks/generation.py --configs micro --batches 1 --rounds 5
+    python benchmarks/generation.py --quick                # smoke: nano, batch 1 and 2, 8 tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+import common
+import smolgpt
+from smolgpt import checkpoint
+from smolgpt.config import PRESETS, ModelConfig
+from smolgpt.model import GPT
+from smolgpt.tokenizer import CharTokenizer
+
+# tinyshakespeare's 65 characters, and a prompt of 8 of them.
+CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+PROMPT = "ROMEO:\nI"
+BLOCK_SIZE = 128
+INSTALL = 'pip install "transformers>=4.40" (smolgpt\'s bench extra)'
+NAMES = ("smolgpt", "smolgpt_no_cache", "transformers")
+
+
+@dataclasses.dataclass
+class Settings:
+    """What every implementation is asked for: the same prompt ids, lengths and sampling."""
+
+    prompt_ids: list[int]
+    new_tokens: int
+    temperature: float
+    top_k: int
+    seed: int = 1337
+
+
+# ------------------------------------------------------------------------------ models
+
+def smolgpt_model(preset: str, folder: Path) -> "smolgpt.Model":
+    """A random-initialised smolgpt model of the preset's shape, through a checkpoint file
+    and ``smolgpt.load`` (on the CPU, in eval mode), as a user's trained model would be."""
+    shape = {k: PRESETS[preset][k] for k in ("n_layer", "n_head", "n_embd")}
+    tokenizer = CharTokenizer(CHARS)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=BLOCK_SIZE, dropout=0.0,
+                         **shape)
+    torch.manual_seed(0)
+    module = GPT(config)
+    path = folder / f"{preset}.pth"
+    checkpoint.save(path, {"model_config": dataclasses.asdict(config),
+                           "tokenizer": tokenizer.to_dict(), "model": module.state_dict()})
+    return smolgpt.load(path, device="cpu")
+
+
+def transformers_model(model: "smolgpt.Model", folder: Path):
+    """The transformers copy of model, in eval mode: written by smolgpt.interop.export_hf,
+    read by AutoModelForCausalLM.from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from smolgpt import interop
+
+    out_dir = interop.export_hf(model.module, model.tokenizer, folder / f"hf-{id(model)}")
+    return AutoModelForCausalLM.from_pretrained(out_dir).eval()
+
+
+def check_same_model(model: "smolgpt.Model", hf) -> None:
+    """Raise unless the transformers copy is in float32 and gives smolgpt's logits. (After
+    the measurements: a forward pass before them would warm both up.)"""
+    ids = torch.tensor([model.tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        same = torch.allclose(hf(ids).logits, model.module(ids)[0], atol=1e-4)
+    if next(hf.parameters()).dtype != torch.float32 or not same:
+        raise RuntimeError("the transformers copy is not the same float32 model")
+
+
+# ------------------------------------------------------------------ the implementations
+
+def smolgpt_generate(model: "smolgpt.Model", s: Settings, batch: int) -> int:
+    """The public call; returns the new tokens made (batch x s.new_tokens)."""
+    texts = model.generate(model.tokenizer.decode(s.prompt_ids), max_new_tokens=s.new_tokens,
+                           temperature=s.temperature, top_k=s.top_k, num_samples=batch,
+                           seed=s.seed)
+    texts = [texts] if batch == 1 else texts
+    return sum(len(model.tokenizer.encode(t)) - len(s.prompt_ids) for t in texts)
+
+
+@torch.no_grad()
+def generate_without_cache(module: GPT, s: Settings, batch: int) -> int:
+    """Reference, not smolgpt's way: for every new token the whole context (its last
+    block_size tokens) goes through the model again and only the last position's logits are
+    used, so a token costs the work of the whole context instead of one position."""
+    generator = torch.Generator().manual_seed(s.seed)
+    ids = torch.tensor([s.prompt_ids] * batch)
+    for _ in range(s.new_tokens):
+        logits, _ = module(ids[:, -module.config.block_size:])
+        logits = logits[:, -1, :] / s.temperature
+        kth = torch.topk(logits, s.top_k).values[:, -1:]  # the k-th largest of each row
+        probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    return ids[:, len(s.prompt_ids):].numel()
+
+
+def transformers_generate(hf, s: Settings, batch: int) -> int:
+    """transformers' generate as its documentation shows it; no end-of-text token, so every
+    row gets s.new_tokens new tokens."""
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([s.prompt_ids] * batch)
+    config = GenerationConfig(do_sample=True, temperature=s.temperature, top_k=s.top_k,
+                              top_p=1.0, max_new_tokens=s.new_tokens, eos_token_id=None,
+                              pad_token_id=0)
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    return out[:, ids.size(1):].numel()
+
+
+# ---------------------------------------------------------------------------- measuring
+
+def timed(call: Callable[[], int], expected: int) -> float:
+    """New tokens per second of one call, which must make expected new tokens."""
+    start = time.perf_counter()
+    made = call()
+    seconds = time.perf_counter() - start
+    if made != expected:
+        raise RuntimeError(f"a generation call made {made} new tokens, expected {expected}")
+    return made / seconds
+
+
+def measure(calls: dict[str, Callable[[], int]], expected: int, rounds: int,
+            first_order: int) -> dict:
+    """First-call and per-round tokens/s of each call (see the module docstring)."""
+    first = {}
+    for name in common.rotated(list(calls), first_order):
+        first[name] = timed(calls[name], expected)
+    rates: dict[str, list[float]] = {name: [] for name in calls}
+    for r in range(rounds):
+        for name in common.rotated(list(calls), r):
+            rates[name].append(timed(calls[name], expected))
+    result = {
+        "first_call_tokens_per_s": {k: round(v, 1) for k, v in first.items()},
+        "tokens_per_s_rounds": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+        "tokens_per_s_median": {k: round(statistics.median(v), 1) for k, v in rates.items()},
+    }
+    if "transformers" in calls:
+        result["ratio_smolgpt_vs_transformers"] = round(
+            common.median_ratio(rates["smolgpt"], rates["transformers"]), 2)
+        result["first_call_ratio_smolgpt_vs_transformers"] = round(
+            first["smolgpt"] / first["transformers"], 2)
+    result["ratio_cache_vs_no_cache"] = round(
+        common.median_ratio(rates["smolgpt"], rates["smolgpt_no_cache"]), 2)
+    return result
+
+
+def markdown_table(results: list[dict], peer: bool) -> str:
+    """One row per model and batch; the transformers columns only with peer."""
+    head = ["model", "batch", "smolgpt tok/s", "smolgpt, no cache tok/s", "cache speed-up"]
+    if peer:
+        head += ["transformers tok/s", "smolgpt / transformers", "first call: smolgpt tok/s",
+                 "first call: transformers tok/s", "first call: smolgpt / transformers"]
+    else:
+        head.append("first call: smolgpt tok/s")
+    rows = []
+    for r in results:
+        m, first, c = r["tokens_per_s_median"], r["first_call_tokens_per_s"], r["config"]
+        row = [f"{c['preset']} ({c['n_layer']}L/{c['n_head']}H/{c['n_embd']}, "
+               f"T{c['block_size']}, V{c['vocab_size']})", r["batch"],
+               f"{m['smolgpt']:,.0f}", f"{m['smolgpt_no_cache']:,.0f}",
+               f"{r['ratio_cache_vs_no_cache']:.1f}x"]
+        if peer:
+            row += [f"{m['transformers']:,.0f}", f"**{r['ratio_smolgpt_vs_transformers']:.2f}x**",
+                    f"{first['smolgpt']:,.0f}", f"{first['transformers']:,.0f}",
+                    f"{r['first_call_ratio_smolgpt_vs_transformers']:.2f}x"]
+        else:
+            row.append(f"{first['smolgpt']:,.0f}")
+        rows.append(row)
+    return common.markdown_table(head, rows)
+
+
+def import_transformers():
+    """(transformers, None), or (None, why not) where it cannot be imported."""
+    try:
+        import transformers
+    except ImportError as exc:
+        return None, str(exc)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on stderr
+    return transformers, None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="New tokens/s of generation: smolgpt (KV cache), smolgpt without the "
+        "cache, and transformers' generate on the exported model, in one process; prints a "
+        "markdown table and writes JSON.")
+    parser.add_argument("--configs", nargs="+", default=["nano", "micro", "tiny"],
+                        choices=["nano", "micro", "tiny", "small"], metavar="PRESET",
+                        help="preset shapes to run (default: nano micro tiny)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], metavar="B",
+                        help="batch sizes: sequences generated at once (default: 1 8)")
+    parser.add_argument("--new-tokens", type=int, default=BLOCK_SIZE - len(PROMPT),
+                        help=f"new tokens per sequence (default: {BLOCK_SIZE - len(PROMPT)}, "
+                        "which fills the context)")
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds after the first calls; medians are reported "
+                        "(default: 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: nano, batches 1 and 2, 8 new tokens, 1 round")
+    parser.add_argument("--out", type=Path, default=common.OUT / "generation.json",
+                        help="JSON results file (default: benchmarks/out/generation.json)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.configs, args.batches, args.new_tokens, args.rounds = ["nano"], [1, 2], 8, 1
+    if not 0 < args.new_tokens <= BLOCK_SIZE - len(PROMPT):
+        parser.error(f"--new-tokens must be in 1..{BLOCK_SIZE - len(PROMPT)}: the context "
+                     f"holds {BLOCK_SIZE} tokens, the prompt {len(PROMPT)}")
+
+    transformers, missing = import_transformers()
+    peer = transformers is not None
+    skipped = None if peer else f"transformers columns skipped ({missing}): {INSTALL}"
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+          f"{transformers.__version__ if peer else 'not available'}; median of {args.rounds} "
+          "alternating rounds", file=sys.stderr)
+    torch.ones(8, 8) @ torch.ones(8, 8)  # torch's own start-up, which no library is to pay
+    settings = Settings(CharTokenizer(CHARS).encode(PROMPT), args.new_tokens,
+                        args.temperature, args.top_k)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="smolgpt-generation-") as scratch:
+        for preset in args.configs:
+            for batch in args.batches:
+                print(f"measuring {preset}, batch {batch} ...", file=sys.stderr, flush=True)
+                # Freshly loaded models for every batch: each first call is a user's first.
+                model = smolgpt_model(preset, Path(scratch))
+                calls = {"smolgpt": lambda: smolgpt_generate(model, settings, batch),
+                         "smolgpt_no_cache": lambda: generate_without_cache(model.module,
+                                                                            settings, batch)}
+                if peer:
+                    hf = transformers_model(model, Path(scratch))
+                    calls["transformers"] = lambda: transformers_generate(hf, settings, batch)
+                result = measure(calls, batch * args.new_tokens, args.rounds, len(results))
+                if peer:
+                    check_same_model(model, hf)
+                result.update(batch=batch, config={"preset": preset, "vocab_size": len(CHARS),
+                                                   **model.config.shape()})
+                results.append(result)
+                print("  " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in
+                                       result["tokens_per_s_median"].items()),
+                      file=sys.stderr, flush=True)
+
+    common.print_machine()
+    if skipped:
+        print(skipped + "\n")
+    print(f"smolgpt {smolgpt.__version__}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), float32; prompt {len(PROMPT)} tokens, "
+          f"{args.new_tokens} new tokens per sequence, temperature {args.temperature:g}, "
+          f"top-k {args.top_k}; new tokens/s, median of {args.rounds} rounds; first call: "
+          "the first generate call on a freshly loaded model\n")
+    print(markdown_table(results, peer))
+    print()
+    common.print_command(__file__, argv)
+    common.write_record(
+        args.out, "generation", threads=torch.get_num_threads(),
+        smolgpt=smolgpt.__version__, transformers=transformers.__version__ if peer else None,
+        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        results=results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
