@@ -232,6 +232,25 @@ def test_safetensors_export_loads_back_exactly(tmp_path, level, position):
     assert loaded.module.lm_head.weight is loaded.module.wte.weight
 
 
+def test_model_export_from_python(transformers, tmp_path):
+    """smolgpt.load(...).export(...): the API behind `smolgpt export`, both formats."""
+    tokenizer = make_tokenizer("char")
+    source = interop.export_safetensors(make_model(tokenizer.vocab_size, "rope"), tokenizer,
+                                        tmp_path / "source")
+    model = smolgpt.load(source, device="cpu")
+    ids = tokenizer.encode("Holmes said")
+    for fmt in ("hf", "safetensors"):
+        out = model.export(tmp_path / fmt, format=fmt)
+        assert out == tmp_path / fmt and (out / "smolgpt.json").is_file()
+        assert torch.equal(logits(smolgpt.load(out, device="cpu").module, ids),
+                           logits(model.module, ids))
+    with pytest.raises(SmolGPTError, match="choose one of hf, safetensors"):
+        model.export(tmp_path / "gguf", format="gguf")
+    with pytest.raises(SmolGPTError, match="not empty"):
+        model.export(tmp_path / "hf", format="hf")
+    assert model.export(tmp_path / "hf", format="hf", overwrite=True) == tmp_path / "hf"
+
+
 def test_exports_load_without_transformers_and_hf_export_says_what_to_install(
         make_trainer, tmp_path):
     pytest.importorskip("tokenizers")  # to write the Hugging Face export read below

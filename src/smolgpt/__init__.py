@@ -15,7 +15,7 @@ from typing import Any
 from .config import GenerateConfig, ModelConfig, SampleConfig, TrainConfig
 from .errors import SmolGPTError
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 __all__ = ["train", "load", "TrainResult", "Model", "TrainConfig", "ModelConfig",
            "SampleConfig", "GenerateConfig", "SmolGPTError", "__version__"]
 

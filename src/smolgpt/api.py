@@ -31,6 +31,7 @@ import torch
 
 from . import checkpoint, data, finetune, hardware
 from .config import (
+    EXPORT_FORMATS,
     HELP_GROUPS,
     ModelConfig,
     SampleConfig,
@@ -286,6 +287,20 @@ class Model:
         if sampling.get("num_samples", 1) != 1:
             raise SmolGPTError("stream() makes one sample; use generate() for num_samples > 1")
         return _Pieces(self._text_stream(prompt, sampling))
+
+    def export(self, out_dir: Union[str, Path], format: str = "hf",
+               overwrite: bool = False) -> Path:
+        """Write the model to out_dir as ``smolgpt export`` does: format "hf" (a directory
+        transformers loads with no custom code; needs the hf extra) or "safetensors"
+        (smolgpt's own, without pickle). out_dir must be new or empty; overwrite replaces an
+        earlier export only. Returns the directory written."""
+        from . import interop
+
+        if format not in EXPORT_FORMATS:
+            raise SmolGPTError(f"unknown export format {format!r}: choose one of "
+                               f"{', '.join(EXPORT_FORMATS)}")
+        write = interop.export_hf if format == "hf" else interop.export_safetensors
+        return write(self.module, self.tokenizer, out_dir, self.train_config, overwrite)
 
     def _text_stream(self, prompt: Optional[str], sampling: dict[str, Any]) -> TextStream:
         names = {f.name for f in dataclasses.fields(SampleConfig)}

@@ -29,7 +29,14 @@ from typing import Any, Optional, Sequence
 from tqdm import tqdm
 
 from . import __version__
-from .config import HELP_GROUPS, PRESETS, GenerateConfig, TrainConfig, default_text
+from .config import (
+    EXPORT_FORMATS,
+    HELP_GROUPS,
+    PRESETS,
+    GenerateConfig,
+    TrainConfig,
+    default_text,
+)
 from .errors import SmolGPTError
 from .files import atomic_write_text
 
@@ -110,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("checkpoint", help="a .pth checkpoint, a run directory, or an export")
     export.add_argument("out_dir", help="the directory to write (new or empty)")
-    export.add_argument("--format", required=True, choices=("hf", "safetensors"),
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS,
                         help="hf: a transformers model and tokenizer; safetensors: smolgpt's "
                         "weights and settings, without pickle")
     export.add_argument("--overwrite", action="store_true",
@@ -304,9 +311,7 @@ def run_export(source: str, out_dir: str, fmt: str, overwrite: bool,
     if fmt == "hf":
         interop.require_hf()
     interop.check_out_dir(out_dir, overwrite)  # both before the work of loading
-    model = load(source, "cpu")
-    export = interop.export_hf if fmt == "hf" else interop.export_safetensors
-    out = export(model.module, model.tokenizer, out_dir, model.train_config, overwrite)
+    out = load(source, "cpu").export(out_dir, fmt, overwrite)
     print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}", file=sys.stderr)
     if fmt == "hf":
         print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}), "
