@@ -27,6 +27,9 @@ call"), because a user pays it, in an order rotated from row to row. Then --roun
 call each implementation once, in an order rotated every round (a shared 2-core machine has
 slow spells; see common.rotated); the table gives the median over rounds, and a ratio is
 the median of the rounds' ratios. PyTorch's default threads are used, as a user gets them.
+On a small machine shared with other processes, every op that PyTorch spreads over threads
+waits for a free core, so the numbers move with their load: a line above the table gives
+the 1-minute load average during the run.
 
 transformers is optional (``pip install "transformers>=4.40"``, smolgpt's ``bench`` extra):
 without it the transformers columns are left out, and a line above the table says so.
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import tempfile
@@ -61,7 +65,6 @@ CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 PROMPT = "ROMEO:\nI"
 BLOCK_SIZE = 128
 INSTALL = 'pip install "transformers>=4.40" (smolgpt\'s bench extra)'
-NAMES = ("smolgpt", "smolgpt_no_cache", "transformers")
 
 
 @dataclasses.dataclass
@@ -277,11 +280,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if peer:
                     hf = transformers_model(model, Path(scratch))
                     calls["transformers"] = lambda: transformers_generate(hf, settings, batch)
+                load_before = os.getloadavg()[0]
                 result = measure(calls, batch * args.new_tokens, args.rounds, len(results))
                 if peer:
                     check_same_model(model, hf)
-                result.update(batch=batch, config={"preset": preset, "vocab_size": len(CHARS),
-                                                   **model.config.shape()})
+                result.update(batch=batch, load_average=[load_before, os.getloadavg()[0]],
+                              config={"preset": preset, "vocab_size": len(CHARS),
+                                      **model.config.shape()})
                 results.append(result)
                 print("  " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in
                                        result["tokens_per_s_median"].items()),
@@ -294,7 +299,12 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"({torch.get_num_threads()} threads), float32; prompt {len(PROMPT)} tokens, "
           f"{args.new_tokens} new tokens per sequence, temperature {args.temperature:g}, "
           f"top-k {args.top_k}; new tokens/s, median of {args.rounds} rounds; first call: "
-          "the first generate call on a freshly loaded model\n")
+          "the first generate call on a freshly loaded model")
+    # Other processes' load decides much on a small machine: every multi-threaded op
+    # waits for a free core.
+    loads = [x for r in results for x in r["load_average"]]
+    print(f"1-minute load average during the run: {min(loads):.2f} to {max(loads):.2f} "
+          f"({os.cpu_count()} CPUs)\n")
     print(markdown_table(results, peer))
     print()
     common.print_command(__file__, argv)

@@ -10,7 +10,7 @@ import torch
 
 from smolgpt.config import ModelConfig
 from smolgpt.errors import SmolGPTError
-from smolgpt.kernels import ChunkedHeadLoss, Dropout
+from smolgpt.kernels import GELU, ChunkedHeadLoss, Dropout
 from smolgpt.model import GPT, KVCache, apply_rotary, rotary_tables
 
 
@@ -227,6 +227,13 @@ def test_dropout_is_seeded_odd_sized_and_off_in_eval():
     assert not torch.equal(drop(x), a)  # the next draw differs
     assert torch.equal(drop.eval()(x), x)
     assert torch.equal(Dropout(0.0).train()(x), x)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 192), (16, 64, 512)])  # a generation step; a batch
+def test_gelu_kernel_is_exact_gelu_and_leaves_onednn_on(shape):
+    x = torch.randn(shape) * 3
+    torch.testing.assert_close(GELU()(x), torch.nn.functional.gelu(x))
+    assert torch.backends.mkldnn.enabled  # switched off for small inputs only while it runs
 
 
 def test_optimizer_groups_split_matrices_from_vectors(tiny_model):

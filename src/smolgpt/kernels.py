@@ -60,17 +60,19 @@ class GELU(nn.Module):
     """nn.GELU(): x * Phi(x), exact (with erf), by PyTorch's own kernel on small CPU inputs.
 
     On a CPU, F.gelu hands every float32 tensor to oneDNN, whose fixed cost (some 50 us a
-    call, and a wake-up of every thread, which waits for a free core on a busy machine) is
-    nothing next to a training batch but most of the work in a generation step, where a
-    layer has a few hundred numbers per sequence. Below SMALL_ELEMENTS numbers, oneDNN is
-    switched off for the call, and F.gelu runs PyTorch's own vectorised kernel (same
-    function, to float rounding) on the calling thread. (The switch is process-wide: an op
-    that another thread runs at that moment takes PyTorch's own kernels too, as correct.)
+    call on a 2-core development machine, and a wake-up of every thread, which waits for a
+    free core on a busy machine) is nothing next to a training batch but a large part of a
+    generation step, where a layer has a few hundred numbers per sequence. Below
+    SMALL_ELEMENTS numbers, oneDNN is switched off for the call, and F.gelu runs PyTorch's
+    own vectorised kernel (the same function, to float rounding) on the calling thread.
+    (The switch is process-wide: an op that another thread runs at that moment takes
+    PyTorch's own kernels too, as correct.)
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        small = x.device.type == "cpu" and x.numel() < SMALL_ELEMENTS
-        if not (small and torch.backends.mkldnn.enabled):
+        small_on_cpu = x.device.type == "cpu" and x.numel() < SMALL_ELEMENTS
+        # (Flags frozen by torch.backends.disable_global_flags() cannot be switched.)
+        if not small_on_cpu or not torch.backends.mkldnn.enabled or torch.backends.flags_frozen():
             return F.gelu(x)
         torch.backends.mkldnn.enabled = False
         try:

@@ -68,7 +68,13 @@ def next_token(logits: torch.Tensor, settings: SampleConfig,
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / settings.temperature, settings.top_k, settings.top_p,
                            settings.min_p)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+    probs = torch.softmax(logits, dim=-1)
+    # A draw from probs: the argmax of p / E with E ~ Exponential(1) picks token i with
+    # probability p_i (the "exponential race"). It is what torch.multinomial(probs, 1) does
+    # inside, and gives the same tokens for the same generator, without multinomial's
+    # checks of its input, which wait for the values (half the cost of a step's sampling).
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)
 
 
 @torch.inference_mode()
@@ -80,13 +86,18 @@ def sample(model: GPT, prompt: list[int], settings: SampleConfig) -> Iterator[to
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     block = model.config.block_size
     rows = settings.num_samples
-    window = torch.tensor([prompt[-block:]] * rows, dtype=torch.long, device=device)
+    context = prompt[-block:]
+    # The recent tokens, in a buffer of two windows: when it fills up, its second half
+    # moves to the front, so keeping the last block_size tokens costs no copy per step.
+    recent = torch.empty(rows, 2 * block, dtype=torch.long, device=device)
+    recent[:, :len(context)] = torch.tensor(context, dtype=torch.long, device=device)
+    end = len(context)
     seen = None  # which tokens are in each row's text, for the repetition penalty
     if settings.repetition_penalty != 1.0:
         seen = torch.zeros(rows, model.config.vocab_size, dtype=torch.bool, device=device)
         seen[:, prompt] = True
     cache = KVCache(model.config)
-    logits, _ = model(window, cache=cache)
+    logits, _ = model(recent[:, :end], cache=cache)
     for step in range(settings.max_new_tokens):
         token = next_token(logits[:, -1, :], settings, generator, seen)
         yield token
@@ -94,11 +105,15 @@ def sample(model: GPT, prompt: list[int], settings: SampleConfig) -> Iterator[to
             break  # no forward pass for a token nobody will see
         if seen is not None:
             seen[torch.arange(rows, device=device), token] = True
-        window = torch.cat([window, token[:, None]], dim=1)[:, -block:]
+        if end == 2 * block:
+            recent[:, :block] = recent[:, block:].clone()
+            end = block
+        recent[:, end] = token
+        end += 1
         if cache.length < block:
             logits, _ = model(token[:, None], cache=cache)
         else:  # the context is full: slide the window, recomputed (see the module docstring)
-            logits, _ = model(window)
+            logits, _ = model(recent[:, end - block:end])
 
 
 def generate(model: GPT, prompt: list[int], settings: Optional[SampleConfig] = None
