@@ -347,3 +347,14 @@ def test_a_stream_stopped_early_runs_no_further(model64):
     assert stream.new_tokens == 4  # the prompt, then four tokens
     with pytest.raises(StopIteration):
         next(stream)
+
+
+def test_word_level_stop_string_ends_the_text_before_it(model64):
+    words = ["the", "cat", "said", ".", ",", "holmes"] + [chr(ord("a") + i) for i in range(23)]
+    tok = WordTokenizer(words)
+    settings = dict(max_new_tokens=60, temperature=1.5, top_k=0, seed=1)
+    full = continuation(model64, tok, "the cat", **settings)
+    stop = " ".join(full.split()[4:6])  # two words: a stop string across tokens and a space
+    pieces, stream = stream_pieces(model64, tok, "the cat", stop=(stop,), **settings)
+    assert "".join(pieces) == "the cat" + full[:full.index(stop)]
+    assert stream.new_tokens < 60

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_flags(train, TrainConfig)
     generate = commands.add_parser("generate", help="generate text from a checkpoint")
-    generate.add_argument("checkpoint", help="a .pth checkpoint written by smolgpt train")
+    generate.add_argument("checkpoint", help="a .pth checkpoint, a run directory (its "
+                          "best_model.pth), or a directory written by smolgpt export")
     add_config_flags(generate, GenerateConfig)
     export = commands.add_parser(
         "export", help="export a model for Hugging Face transformers or as safetensors",
