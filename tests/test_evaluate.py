@@ -132,3 +132,15 @@ def test_bad_batch_size_is_refused_and_training_mode_is_restored():
         evaluate_text(model, tokenizer, TEXT, batch_size=0)
     evaluate_text(model, tokenizer, TEXT)
     assert model.training
+
+
+def test_a_loaded_model_evaluates_text_through_the_api(tmp_path):
+    """smolgpt.load(...).evaluate(text): the same numbers as evaluate_text."""
+    from smolgpt.api import Model
+
+    tok = CharTokenizer("abc ")
+    torch.manual_seed(0)
+    module = GPT(ModelConfig(vocab_size=4, block_size=8, n_layer=1, n_head=1, n_embd=8)).eval()
+    model = Model(module, tok, {})
+    text = "abc cab bca " * 5
+    assert model.evaluate(text).to_dict() == evaluate_text(module, tok, text).to_dict()

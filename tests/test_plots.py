@@ -254,3 +254,20 @@ def test_without_matplotlib_the_error_says_what_to_install(tmp_path):
     assert done.stdout.splitlines() == ["available False", f"error {hint}", f"error {hint}"]
     assert not (run / "loss.png").exists()
     assert plots.plotting_available()  # and here, where it is installed
+
+
+def test_the_plot_command_overlays_runs_and_refuses_in_one_line(tmp_path):
+    first = make_run(tmp_path / "first")
+    second = make_run(tmp_path / "second", n_evals=6, seconds_per_eval=50.0)
+    out = tmp_path / "both.png"
+    done = subprocess.run([sys.executable, "-m", "smolgpt", "plot", str(first), str(second),
+                           "--x", "time", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert_png(out, 500, 1000)
+    assert colour_pixels(out, BLUE) > 150 and colour_pixels(out, ORANGE) > 150
+    assert f"wrote {out}" in done.stderr
+    missing = subprocess.run([sys.executable, "-m", "smolgpt", "plot", str(tmp_path / "nope"),
+                              "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert "nope" in missing.stderr and "Traceback" not in missing.stderr
+    assert not (tmp_path / "x.png").exists()

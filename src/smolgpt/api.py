@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 import torch
 
@@ -45,6 +45,9 @@ from .model import GPT
 from .sampling import TextStream
 from .tokenizer import Tokenizer, WordTokenizer, tokenizer_from_dict
 from .training import BEST, LATEST, Trainer, clean_stale_temporaries, run_checkpoint
+
+if TYPE_CHECKING:
+    from .evaluate import Evaluation
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +290,14 @@ class Model:
         if sampling.get("num_samples", 1) != 1:
             raise SmolGPTError("stream() makes one sample; use generate() for num_samples > 1")
         return _Pieces(self._text_stream(prompt, sampling))
+
+    def evaluate(self, text: str, batch_size: int = 8) -> "Evaluation":
+        """How well the model predicts text: loss and perplexity per token, and bits per
+        character (comparable across levels), every token after the first scored once; see
+        :func:`smolgpt.evaluate.evaluate_text` for the windows and how <UNK> is charged."""
+        from .evaluate import evaluate_text
+
+        return evaluate_text(self.module, self.tokenizer, text, batch_size)
 
     def export(self, out_dir: Union[str, Path], format: str = "hf",
                overwrite: bool = False) -> Path:

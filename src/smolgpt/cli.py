@@ -1,5 +1,5 @@
-"""The command line: ``smolgpt train``, ``smolgpt generate`` and ``smolgpt export`` (and
-the root train.py / generate.py, which call the same parsers).
+"""The command line: ``smolgpt train``, ``generate``, ``export`` and ``plot`` (and the root
+train.py / generate.py, which call the same parsers).
 
 A thin layer over the Python API (``smolgpt.train``, ``smolgpt.load``): flags are generated
 from the config dataclasses, so each setting is defined once, for both. This is the only
@@ -32,6 +32,7 @@ from . import __version__
 from .config import (
     EXPORT_FORMATS,
     HELP_GROUPS,
+    PLOT_AXES,
     PRESETS,
     GenerateConfig,
     TrainConfig,
@@ -123,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights and settings, without pickle")
     export.add_argument("--overwrite", action="store_true",
                         help="replace out_dir if it holds an earlier export")
+    plot = commands.add_parser(
+        "plot", help="draw the val loss curves of runs in one picture",
+        description="Overlay the val loss of one or more runs (their metrics.jsonl) in a PNG; "
+        "needs matplotlib (pip install 'smolgpt[plot]').")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    plot.add_argument("--out", default="loss_curves.png",
+                      help="the PNG to write (default: loss_curves.png)")
+    plot.add_argument("--x", choices=PLOT_AXES, default="iter",
+                      help="draw against iterations, wall time or training tokens (default: iter)")
     return parser
 
 
@@ -322,6 +332,14 @@ def run_export(source: str, out_dir: str, fmt: str, overwrite: bool,
     return 0
 
 
+def run_plot(run_dirs: list[str], out: str, x: str) -> int:
+    """Overlay the runs' val loss curves in the PNG out."""
+    from .plots import plot_runs
+
+    print(f"wrote {plot_runs(run_dirs, out, x)}", file=sys.stderr)
+    return 0
+
+
 # ----------------------------------------------------------------------------------- main
 
 class _TqdmHandler(logging.Handler):
@@ -351,6 +369,8 @@ def main(argv: Optional[Sequence[str]] = None, launcher: Launcher = SMOLGPT) -> 
             # The parser takes no words before the command but --help and --version, which
             # exit: argv[0] is the command.
             return run_train(args, argv[1:], launcher)
+        if command == "plot":
+            return run_plot(args["run_dirs"], args["out"], args["x"])
         if command == "export":
             return run_export(args["checkpoint"], args["out_dir"], args["format"],
                               args["overwrite"], launcher)

@@ -40,6 +40,7 @@ POSITIONS = ("rope", "learned")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "constant")
 EXPORT_FORMATS = ("hf", "safetensors")  # smolgpt export --format
+PLOT_AXES = ("iter", "time", "tokens")  # smolgpt plot --x: what the curves are drawn against
 DEFAULT_MAX_ITERS = 5000  # the original smolgpt's: the length of a run not given one
 # Fine-tuning (--init_from) without a learning rate given trains at this share of the
 # preset's: full-size steps on a new text would soon wipe out what the source had learned.

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from .config import PLOT_AXES
 from .errors import SmolGPTError
 from .files import atomic_write
 from .runlog import METRICS
@@ -23,7 +24,7 @@ PathLike = Union[str, Path]
 # The keys of a metrics row (see RunLog.evaluation) that the plots read.
 NUMERIC_KEYS = ("iter", "train_loss", "val_loss", "elapsed_s")
 TRAIN_COLOR, VAL_COLOR = "#1f77b4", "#ff7f0e"  # matplotlib's first two default colours
-X_AXES = ("iter", "time", "tokens")
+X_AXES = PLOT_AXES
 INSTALL_HINT = "plots need matplotlib: pip install 'smolgpt[plot]'"
 
 
