@@ -226,3 +226,15 @@ def make_corpus(source: Path, mb: float, dest: Path) -> int:
             if last:
                 break
     return written
+
+
+def import_transformers():
+    """(transformers, None), or (None, why not) where it cannot be imported; quiet (no
+    warnings, no "Loading weights" bars on stderr)."""
+    try:
+        import transformers
+    except ImportError as exc:
+        return None, str(exc)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers, None

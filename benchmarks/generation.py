@@ -218,17 +218,6 @@ def markdown_table(results: list[dict], peer: bool) -> str:
     return common.markdown_table(head, rows)
 
 
-def import_transformers():
-    """(transformers, None), or (None, why not) where it cannot be imported."""
-    try:
-        import transformers
-    except ImportError as exc:
-        return None, str(exc)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on stderr
-    return transformers, None
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description="New tokens/s of generation: smolgpt (KV cache), smolgpt without the "
@@ -258,7 +247,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--new-tokens must be in 1..{BLOCK_SIZE - len(PROMPT)}: the context "
                      f"holds {BLOCK_SIZE} tokens, the prompt {len(PROMPT)}")
 
-    transformers, missing = import_transformers()
+    transformers, missing = common.import_transformers()
     peer = transformers is not None
     skipped = None if peer else f"transformers columns skipped ({missing}): {INSTALL}"
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "

@@ -228,16 +228,6 @@ def markdown_table(results: list[dict], smolgpt_fp32: bool, peer: bool) -> str:
     return common.markdown_table(head, rows)
 
 
-def import_transformers():
-    """(transformers, None), or (None, why not) where it cannot be imported."""
-    try:
-        import transformers
-    except ImportError as exc:
-        return None, str(exc)
-    transformers.logging.set_verbosity_error()
-    return transformers, None
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description="Training tokens/s of smolgpt vs transformers GPT2LMHeadModel at equal "
@@ -271,7 +261,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif not args.tiny:
         configs = [c for c in configs if not c.name.startswith("tiny")]
 
-    transformers, missing = import_transformers()
+    transformers, missing = common.import_transformers()
     peer = transformers is not None
     skipped = None if peer else f"transformers columns skipped ({missing}): {INSTALL}"
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "

@@ -359,6 +359,9 @@ FOREIGN = {
     "another shape": ("learned", lambda d: edit_json(d / "config.json", n_layer=3),
                       "transformer.h.2.attn.c_attn.bias is missing"),
     "another architecture": ("rope", another_architecture, "'llama' model"),
+    "mismatched tokenizer": ("rope", lambda d: edit_json(
+        d / "smolgpt.json", tokenizer={"type": "word", "words": ["one", "two"]}),
+        "tokenizer has 4 tokens but the model expects"),
     "no smolgpt tokenizer": ("rope", lambda d: (d / "smolgpt.json").unlink(),
                              "no smolgpt.json"),
     "pickled weights": ("learned", pickled_weights, "pickled weights (pytorch_model.bin)"),

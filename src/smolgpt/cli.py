@@ -238,7 +238,10 @@ def run_generate(checkpoint_path: str, explicit: dict[str, Any]) -> int:
             log.info("wrote %s", cfg.out)
         else:
             sys.stdout.write(text)
-        new_tokens = cfg.max_new_tokens * cfg.num_samples  # an upper bound under --stop
+        new_tokens = cfg.max_new_tokens * cfg.num_samples
+        if cfg.stop:  # samples that stopped early made fewer: no rate to report
+            log.info("generated at most %d tokens", new_tokens)
+            return 0
     seconds = time.perf_counter() - start
     log.info("generated %d tokens in %.2fs (%.0f tokens/s)", new_tokens, seconds,
              new_tokens / max(seconds, 1e-9))

@@ -136,6 +136,7 @@ class _SampleText:
         self.decoder = tokenizer.decoder()
         self.prompt = self.decoder.add(prompt)
         self.stops = stops
+        self.longest_stop = max((len(s) for s in stops), default=0)
         self.text = ""  # the continuation so far
         self.shown = 0  # characters of text given out
         self.stopped = False
@@ -145,7 +146,7 @@ class _SampleText:
         if self.stopped:
             return ""
         # A stop string ending in the new text started at most longest-1 characters earlier.
-        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0) + 1)
+        start = max(0, len(self.text) - self.longest_stop + 1)
         self.text += self.decoder.add([token])
         found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         if found:
