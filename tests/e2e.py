@@ -33,7 +33,23 @@ E2E_TINY = [
     "--preset", "nano", "--n_layer", "1", "--n_embd", "32", "--n_head", "2",
     "--block_size", "32", "--batch_size", "8", "--eval_iters", "4",
     "--eval_interval", "10", "--log_interval", "10", "--early_stop_patience", "0",
+    "--no-plot",  # loss.png has tests of its own; here it would only cost time
 ]
+
+# Python code that makes the rest of a `python -c` program run as if matplotlib were not
+# installed (every import of it fails as a missing module does).
+WITHOUT_MATPLOTLIB = """
+import sys
+
+class NoMatplotlib:
+    # Makes the import fail as if matplotlib were not installed.
+    def find_spec(self, name, path=None, target=None):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoMatplotlib())
+"""
 
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "ftp_proxy")
 

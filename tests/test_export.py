@@ -136,7 +136,7 @@ def test_transformers_computes_what_smolgpt_computes(transformers, tmp_path, lev
     assert len(set(greedy)) > 1  # not one token over and over: the comparison says something
 
     # And back: the same model, tokenizer and settings.
-    back, back_tokenizer, train_config = interop.load_source(out, torch.device("cpu"))
+    back, back_tokenizer, train_config, _ = interop.load_source(out, torch.device("cpu"))
     assert back.config == model.config
     assert back_tokenizer.to_dict() == tokenizer.to_dict()
     assert train_config == {"preset": "nano"}

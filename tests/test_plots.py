@@ -20,6 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.image import imread  # noqa: E402
 
 import smolgpt  # noqa: E402
+from e2e import WITHOUT_MATPLOTLIB  # noqa: E402
 from smolgpt import plots  # noqa: E402
 from smolgpt.errors import SmolGPTError  # noqa: E402
 
@@ -221,17 +222,7 @@ def test_plots_draw_from_several_threads(tmp_path):
         assert_png(run / "loss.png", 400, 1000)
 
 
-BLOCK_MATPLOTLIB = """
-import sys
-
-class NoMatplotlib:
-    # Makes the import fail as if matplotlib were not installed.
-    def find_spec(self, name, path=None, target=None):
-        if name == "matplotlib" or name.startswith("matplotlib."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, NoMatplotlib())
+BLOCK_MATPLOTLIB = WITHOUT_MATPLOTLIB + """
 from smolgpt import plots
 from smolgpt.errors import SmolGPTError
 

@@ -4,9 +4,10 @@ The API::
 
     smolgpt.train(**settings) -> TrainResult     train, as `smolgpt train` does
     smolgpt.load(path, device="auto") -> Model   a checkpoint, ready to .generate(prompt)
+    smolgpt.info(path) -> dict                   what a checkpoint or run holds (smolgpt info)
 
 Modules, in the order data flows through them: config -> tokenizer -> data -> model (with
-kernels) -> optim, training (with runlog) -> checkpoint -> sampling, and api and cli on top.
+kernels) -> optim, training (with runlog) -> checkpoint -> sampling, and api, runinfo and cli on top.
 ``import smolgpt`` is cheap: torch is imported when train or load is first used.
 """
 
@@ -16,7 +17,7 @@ from .config import GenerateConfig, ModelConfig, SampleConfig, TrainConfig
 from .errors import SmolGPTError
 
 __version__ = "0.6.0"
-__all__ = ["train", "load", "TrainResult", "Model", "TrainConfig", "ModelConfig",
+__all__ = ["train", "load", "info", "TrainResult", "Model", "TrainConfig", "ModelConfig",
            "SampleConfig", "GenerateConfig", "SmolGPTError", "__version__"]
 
 _FROM_API = ("train", "load", "TrainResult", "Model")
@@ -28,4 +29,8 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
+    if name == "info":  # `smolgpt info`, in runinfo.py (a module named info would shadow it)
+        from .runinfo import describe
+
+        return describe
     raise AttributeError(f"module 'smolgpt' has no attribute {name!r}")

@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -29,18 +31,20 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 import torch
 
-from . import checkpoint, data, finetune, hardware
+from . import __version__, checkpoint, data, finetune, hardware
 from .config import (
     EXPORT_FORMATS,
     HELP_GROUPS,
+    RUN_CONFIG,
     ModelConfig,
     SampleConfig,
     TrainConfig,
+    read_config_file,
     resolve_train_config,
     resume_train_config,
 )
 from .errors import SmolGPTError
-from .files import RunLock, ensure_writable_dir
+from .files import RunLock, atomic_write_text, ensure_writable_dir
 from .model import GPT
 from .sampling import TextStream
 from .tokenizer import Tokenizer, WordTokenizer, tokenizer_from_dict
@@ -91,15 +95,24 @@ def _reports_on_stderr():
         package.setLevel(level)
 
 
-def train(**settings: Any) -> TrainResult:
+def train(*, config: Optional[Union[str, Path]] = None, **settings: Any) -> TrainResult:
     """Train a model as ``smolgpt train`` does: the same settings by the flags' names
     (``level="char", preset="nano", max_iters=2000, ...``), the same preset rules, checks,
     run-directory lock, resume rules and files.
+
+    config: a TOML file of settings, as ``--config`` reads it (see
+    :func:`~smolgpt.config.read_config_file`); a setting given here wins over the file's.
 
     Raises SmolGPTError for a setting, text or run directory that cannot be used, and
     :class:`~smolgpt.training.TrainingInterrupted` after saving latest_model.pth if SIGINT or
     SIGTERM arrives (``resume=True`` continues the run).
     """
+    if config is not None:
+        # The file's values are settings as given: a preset fills in around them, and on
+        # --resume the same rules apply to them as to flags.
+        settings = {**read_config_file(config), **settings}
+    # Paths may come as Path objects from Python: every setting holds them as text.
+    settings = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in settings.items()}
     with _reports_on_stderr():
         return _train(settings)
 
@@ -179,6 +192,7 @@ def _train(settings: dict[str, Any]) -> TrainResult:
         if source is not None:
             log.info(finetune.describe(source, cfg, settings))
         log.info(describe_settings(cfg))
+        write_run_config(out_dir, cfg)
         trainer = Trainer(cfg, tokens, out_dir, hardware.resolve_device(cfg.device), resume_from,
                           init_weights=source.module.state_dict() if source else None)
         progress = trainer.run()
@@ -217,6 +231,15 @@ def _move_aside(out_dir: Path, lock: RunLock) -> Path:
     return target
 
 
+def write_run_config(out_dir: Path, cfg: TrainConfig) -> Path:
+    """Write <out_dir>/config.json (atomically): the settings the run resolved to, and the
+    smolgpt that resolved them. Every process of a run rewrites it; --config reads it back."""
+    path = out_dir / RUN_CONFIG
+    settings = {**dataclasses.asdict(cfg), "smolgpt_version": __version__}
+    atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+    return path
+
+
 def describe_settings(cfg: TrainConfig) -> str:
     """The resolved settings of a run, compactly: one line per --help group."""
     groups: dict[str, list[str]] = {}
@@ -251,8 +274,11 @@ class Model:
     trained it (a dict; empty for checkpoints that did not record them).
     """
 
-    def __init__(self, module: GPT, tokenizer: Tokenizer, train_config: dict[str, Any]):
+    def __init__(self, module: GPT, tokenizer: Tokenizer, train_config: dict[str, Any],
+                 data_info: Optional[dict[str, Any]] = None):
         self.module, self.tokenizer, self.train_config = module, tokenizer, train_config
+        # What the run recorded of its text ("fingerprint", "source"); {} where unknown.
+        self.data_info = data_info or {}
 
     @property
     def config(self) -> ModelConfig:
@@ -291,13 +317,47 @@ class Model:
             raise SmolGPTError("stream() makes one sample; use generate() for num_samples > 1")
         return _Pieces(self._text_stream(prompt, sampling))
 
-    def evaluate(self, text: str, batch_size: int = 8) -> "Evaluation":
-        """How well the model predicts text: loss and perplexity per token, and bits per
+    def evaluate(self, text: Optional[str] = None, batch_size: int = 8) -> "Evaluation":
+        """How well the model predicts text (default: the validation split of the text it
+        was trained on, as its run split it): loss and perplexity per token, and bits per
         character (comparable across levels), every token after the first scored once; see
         :func:`smolgpt.evaluate.evaluate_text` for the windows and how <UNK> is charged."""
         from .evaluate import evaluate_text
 
+        if text is None:
+            text, expected = self.validation_text()
+            result = evaluate_text(self.module, self.tokenizer, text, batch_size)
+            if result.tokens != expected:  # never report numbers for another text
+                raise SmolGPTError(f"the validation text read back encodes to {result.tokens} "
+                                   f"tokens, not the split's {expected}: cannot evaluate it")
+            return result
         return evaluate_text(self.module, self.tokenizer, text, batch_size)
+
+    def validation_text(self) -> tuple[str, int]:
+        """The validation split of the text the model was trained on, read again from its
+        --data as the run gave it, and that split's token count. A SmolGPTError where the
+        text cannot be found, has changed since, or now reads into another vocabulary."""
+        cfg = self.train_config
+        if not cfg.get("data"):
+            raise SmolGPTError("this model does not record the text it was trained on: give "
+                               "a text to evaluate (--data)")
+        try:
+            corpus = data.resolve_corpus(cfg["data"], cfg.get("encoding", "utf-8"))
+        except SmolGPTError as exc:
+            raise SmolGPTError(f"the model's training text: {exc}; or give a text to "
+                               "evaluate (--data)") from None
+        fingerprint = self.data_info.get("fingerprint")
+        if fingerprint and data.fingerprint(corpus) != fingerprint:
+            raise SmolGPTError(f"{cfg['data']} has changed since the model was trained on it: "
+                               "its validation split is gone; give a text to evaluate (--data)")
+        # Read as training read it: a fine-tuned model's run used the model's tokenizer.
+        tokens = data.prepare(corpus, self.tokenizer.level, cfg.get("min_word_freq", 3),
+                              self.tokenizer if cfg.get("init_from") else None)
+        if tokens.tokenizer.to_dict() != self.tokenizer.to_dict():
+            raise SmolGPTError(f"this smolgpt reads {cfg['data']} into another vocabulary than "
+                               "the model's (trained by an older smolgpt?): give a text to "
+                               "evaluate (--data)")
+        return tokens.val_text(), len(tokens.val)
 
     def export(self, out_dir: Union[str, Path], format: str = "hf",
                overwrite: bool = False) -> Path:
@@ -375,5 +435,6 @@ def load(path: Union[str, Path], device: str = "auto") -> Model:
             raise SmolGPTError(f"{path} is a directory without {BEST} or {LATEST} (nor an "
                                f"export's {interop.META}): pass a checkpoint, a run directory "
                                "that smolgpt train wrote, or a directory smolgpt export wrote")
-    module, tokenizer, train_config = interop.load_source(path, hardware.resolve_device(device))
-    return Model(module, tokenizer, train_config)
+    module, tokenizer, train_config, data_info = interop.load_source(
+        path, hardware.resolve_device(device))
+    return Model(module, tokenizer, train_config, data_info)

@@ -1,5 +1,5 @@
-"""The command line: ``smolgpt train``, ``generate``, ``export`` and ``plot`` (and the root
-train.py / generate.py, which call the same parsers).
+"""The command line: ``smolgpt train``, ``generate``, ``eval``, ``export``, ``plot`` and
+``info`` (and the root train.py / generate.py, which call the same parsers).
 
 A thin layer over the Python API (``smolgpt.train``, ``smolgpt.load``): flags are generated
 from the config dataclasses, so each setting is defined once, for both. This is the only
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import shlex
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import (
+    DEVICES,
     EXPORT_FORMATS,
     HELP_GROUPS,
     PLOT_AXES,
@@ -39,7 +41,7 @@ from .config import (
     default_text,
 )
 from .errors import SmolGPTError
-from .files import atomic_write_text
+from .files import atomic_write_text, read_user_text
 
 log = logging.getLogger("smolgpt")
 
@@ -107,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"Train a GPT. Presets: {', '.join(PRESETS)}; a preset sets the model "
         "size and its training recipe; any flag you give wins over it.",
     )
+    # Not a setting itself: its file's settings count as given, and the flags given win.
+    train.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                       help="read settings from a TOML file whose keys are these flags' names "
+                       "(see Config files in the README); a flag given wins over the file "
+                       "(default: unset)")
     add_config_flags(train, TrainConfig)
     generate = commands.add_parser("generate", help="generate text from a checkpoint")
     generate.add_argument("checkpoint", help="a .pth checkpoint, a run directory (its "
@@ -124,6 +131,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights and settings, without pickle")
     export.add_argument("--overwrite", action="store_true",
                         help="replace out_dir if it holds an earlier export")
+    evaluate = commands.add_parser(
+        "eval", help="loss, perplexity and bits per character of a model on a text",
+        description="Score a model on the validation split of the text it was trained on "
+        "(default) or on any text (--data): every token after the first is predicted once. "
+        "Bits per character compare models of any level on the same text.")
+    evaluate.add_argument("checkpoint", help="a .pth checkpoint, a run directory (its "
+                          "best_model.pth), or a directory written by smolgpt export")
+    evaluate.add_argument("--data", help="the text to score, as train's --data takes it (a "
+                          "file, a directory of .txt files, a built-in corpus, a URL); "
+                          "default: the model's validation split")
+    evaluate.add_argument("--encoding", default="utf-8",
+                          help="text encoding of --data files (default: utf-8)")
+    evaluate.add_argument("--json", action="store_true",
+                          help="print one JSON object (loss, perplexity, bits_per_char, "
+                          "tokens, chars, unk_tokens) instead of a table")
+    evaluate.add_argument("--batch_size", type=int, default=8,
+                          help="windows scored at a time (default: 8)")
+    evaluate.add_argument("--device", choices=DEVICES, default="auto",
+                          help="where to run (default: auto)")
     plot = commands.add_parser(
         "plot", help="draw the val loss curves of runs in one picture",
         description="Overlay the val loss of one or more runs (their metrics.jsonl) in a PNG; "
@@ -133,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the PNG to write (default: loss_curves.png)")
     plot.add_argument("--x", choices=PLOT_AXES, default="iter",
                       help="draw against iterations, wall time or training tokens (default: iter)")
+    plot.add_argument("--ylim", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                      help="the val loss range shown (default: all of it)")
+    plot.add_argument("--title", help="a heading for the picture")
+    info = commands.add_parser(
+        "info", help="describe a checkpoint or run: model, training, data and versions",
+        description="Describe a checkpoint (.pth), a run directory (its best_model.pth, else "
+        "latest_model.pth, with its metrics.jsonl and config.json) or an export: its size and "
+        "shape, tokenizer, iterations, losses, data, precision, versions and times.")
+    info.add_argument("checkpoint", help="a .pth checkpoint, a run directory, or an export")
+    info.add_argument("--json", action="store_true",
+                      help="print one JSON object instead of key: value lines")
     return parser
 
 
@@ -291,18 +328,7 @@ def interactive(model, sampling: dict[str, Any]) -> int:
 
 def read_prompt_file(path: str) -> str:
     """The text of a --prompt_file (UTF-8, or what its byte-order mark says)."""
-    from .data import file_encoding
-
-    try:
-        return Path(path).read_text(encoding=file_encoding(Path(path), "utf-8"))
-    except FileNotFoundError:
-        raise SmolGPTError(f"--prompt_file {path} does not exist: check the path") from None
-    except IsADirectoryError:
-        raise SmolGPTError(f"--prompt_file {path} is a directory: give a text file") from None
-    except UnicodeDecodeError:
-        raise SmolGPTError(f"--prompt_file {path} is not UTF-8 text: save it as UTF-8") from None
-    except OSError as exc:
-        raise SmolGPTError(f"cannot read --prompt_file {path} ({exc.strerror})") from None
+    return read_user_text(Path(path), f"--prompt_file {path}")
 
 
 def check_output_file(path: Path) -> None:
@@ -335,11 +361,54 @@ def run_export(source: str, out_dir: str, fmt: str, overwrite: bool,
     return 0
 
 
-def run_plot(run_dirs: list[str], out: str, x: str) -> int:
+def run_eval(source: str, text_spec: Optional[str], encoding: str, as_json: bool,
+             batch_size: int, device: str) -> int:
+    """Score the model at source on text_spec (default: its validation split) and print
+    the scores on stdout."""
+    from .api import load
+    from .data import iter_text, resolve_corpus
+    from .training import run_checkpoint
+
+    if batch_size < 1:
+        raise SmolGPTError(f"--batch_size must be at least 1, not {batch_size}")
+    text = None
+    if text_spec is not None:  # read before the model: a wrong path fails at once
+        text = "".join(iter_text(resolve_corpus(text_spec, encoding)))
+    path = Path(source)
+    if path.is_dir():  # a run directory: its checkpoint, which the output names
+        path = run_checkpoint(path) or path
+    model = load(path, device)
+    what = f"--data {text_spec}" if text_spec else "the validation split of " + str(
+        model.train_config.get("data", "its training text"))
+    scores = model.evaluate(text, batch_size)
+    if as_json:
+        print(json.dumps(scores.to_dict()))
+    else:
+        print(f"{path}, {what}: {scores.chars:,} characters, {scores.tokens:,} tokens"
+              + (f" ({scores.unk_tokens:,} <UNK>)" if scores.unk_tokens else ""))
+        print(f"loss           {scores.loss:.4f} nats per token")
+        print(f"perplexity     {scores.perplexity:.3f}")
+        print(f"bits per char  {scores.bits_per_char:.4f}")
+    return 0
+
+
+def run_info(path: str, as_json: bool) -> int:
+    """Describe the checkpoint, run or export at path on stdout: aligned key: value lines,
+    or one JSON object (null for what it does not record)."""
+    from .runinfo import describe, format_description
+
+    description = describe(path)
+    print(json.dumps(description) if as_json else format_description(description))
+    return 0
+
+
+def run_plot(run_dirs: list[str], out: str, x: str, ylim: Optional[list[float]] = None,
+             title: Optional[str] = None) -> int:
     """Overlay the runs' val loss curves in the PNG out."""
     from .plots import plot_runs
 
-    print(f"wrote {plot_runs(run_dirs, out, x)}", file=sys.stderr)
+    print(f"wrote {plot_runs(run_dirs, out, x, tuple(ylim) if ylim else None, title)}",
+          file=sys.stderr)
     return 0
 
 
@@ -372,8 +441,13 @@ def main(argv: Optional[Sequence[str]] = None, launcher: Launcher = SMOLGPT) -> 
             # The parser takes no words before the command but --help and --version, which
             # exit: argv[0] is the command.
             return run_train(args, argv[1:], launcher)
+        if command == "eval":
+            return run_eval(args["checkpoint"], args["data"], args["encoding"], args["json"],
+                            args["batch_size"], args["device"])
         if command == "plot":
-            return run_plot(args["run_dirs"], args["out"], args["x"])
+            return run_plot(args["run_dirs"], args["out"], args["x"], args["ylim"], args["title"])
+        if command == "info":
+            return run_info(args["checkpoint"], args["json"])
         if command == "export":
             return run_export(args["checkpoint"], args["out_dir"], args["format"],
                               args["overwrite"], launcher)

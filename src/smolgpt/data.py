@@ -47,7 +47,7 @@ import torch
 
 from .config import LEVELS, TrainConfig
 from .errors import SmolGPTError
-from .files import atomic_write, atomic_write_text, cache_dir
+from .files import atomic_write, atomic_write_text, cache_dir, file_encoding
 from .tokenizer import CharTokenizer, Tokenizer, WordTokenizer, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ TRAIN_FRACTION = 0.9
 # Bump when tokenization or the entry's layout changes, so old caches are not reused.
 # 2 (smolgpt 0.4): meta.json records the format, size and CRC-32 of tokens.bin.
 # 3 (smolgpt 0.5): line endings, byte-order marks and quotes normalised; keyed by encoding.
-CACHE_FORMAT = 3
+# 4 (smolgpt 0.7): meta.json records the tokens of each chunk read (TokenData.val_text).
+CACHE_FORMAT = 4
 CHECKSUM_BLOCK = 16 << 20  # bytes read at a time when checking tokens.bin
 CHUNK_BYTES = 4 << 20  # text is read, tokenized and encoded 4 MiB at a time
 COUNT_BLOCK = 16 << 20  # token ids compared at a time when counting <UNK>
@@ -236,25 +237,6 @@ def _fetch(url: str, what: str) -> bytes:
 
 # --------------------------------------------------------------------------- reading text
 
-# Byte-order marks and the codecs that read (and drop) them. UTF-32's come first: the
-# UTF-32-LE mark begins with the UTF-16-LE one.
-BYTE_ORDER_MARKS = (
-    (codecs.BOM_UTF8, "utf-8-sig"),
-    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
-)
-
-
-def file_encoding(path: Path, encoding: str) -> str:
-    """The codec that reads path: the one its byte-order mark names, else encoding."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    for mark, codec in BYTE_ORDER_MARKS:
-        if head.startswith(mark):
-            return codec
-    return encoding
-
-
 def fingerprint(corpus: Corpus) -> str:
     """SHA-256 over the corpus files' bytes, checking each is non-empty text that decodes."""
     digest = hashlib.sha256()
@@ -341,6 +323,23 @@ class TokenData:
     given_tokenizer: bool = False
     # Characters a given char tokenizer does not know, dropped from the text: {char: count}.
     dropped: dict[str, int] = field(default_factory=dict)
+    # The corpus, and how many tokens each chunk of iter_text(corpus) made: where the
+    # validation text starts (val_text). None for data made without them.
+    corpus: Optional[Corpus] = None
+    chunk_tokens: Optional[list[int]] = None
+
+    # The validation split's characters, and the UTF-8 bytes of the words its <UNK> stand
+    # for (first token aside): what val bits per character divide by and charge (see
+    # smolgpt.evaluate). None for data made without them.
+    val_chars: Optional[int] = None
+    val_unk_bytes: Optional[int] = None
+
+    def val_text(self) -> str:
+        """The validation split as text (see :func:`text_from`); encoding it gives the
+        validation ids again."""
+        if self.corpus is None or self.chunk_tokens is None:
+            raise SmolGPTError(f"the validation text of {self.source} is not known here")
+        return text_from(self.corpus, self.tokenizer, self.chunk_tokens, len(self.train))
 
     def summary(self) -> str:
         """One line: the token counts, the vocabulary and (word level) the share of <UNK>."""
@@ -384,6 +383,30 @@ class TokenData:
         return (f"{sum(self.dropped.values()):,} characters of the text "
                 f"({self.dropped_share:.1%}) are not in the vocabulary of the --init_from "
                 f"model and were left out: {len(common)} distinct, {shown}{more}")
+
+
+def text_from(corpus: Corpus, tokenizer: Tokenizer, chunk_tokens: list[int], token: int) -> str:
+    """The corpus from the first character of its token-th token on, as the tokenizer reads
+    it (line endings as LF, normalised quotes). chunk_tokens: the tokens each chunk of
+    iter_text made, so that only the chunk where that token lies is tokenized again."""
+    before, pieces = 0, []
+    for chunk, count in zip(iter_text(corpus), chunk_tokens):
+        if pieces:
+            pieces.append(tokenizer.read(chunk))
+        elif before + count > token:
+            pieces.append(tokenizer.read(chunk)[tokenizer.starts(chunk)[token - before]:])
+        before += count
+    return "".join(pieces)
+
+
+def _val_stats(corpus: Corpus, tokenizer: Tokenizer, chunk_tokens: list[int],
+               split: int) -> dict[str, int]:
+    """The validation split's characters and <UNK> bytes (TokenData.val_chars, val_unk_bytes)."""
+    text = text_from(corpus, tokenizer, chunk_tokens, split)
+    unk_bytes = 0
+    if isinstance(tokenizer, WordTokenizer):
+        unk_bytes = sum(tokenizer.unk_bytes(text)[1:])  # the first token is never predicted
+    return {"val_chars": len(text), "val_unk_bytes": unk_bytes}
 
 
 def _share(ids: np.ndarray, token: int) -> float:
@@ -487,9 +510,10 @@ def _known_chars(tokenizer: CharTokenizer, chunk: str, dropped: Counter) -> np.n
     return tokenizer.encode_array(text)
 
 
-def _encode(corpus: Corpus, tokenizer: Tokenizer, out) -> tuple[int, int, Counter]:
+def _encode(corpus: Corpus, tokenizer: Tokenizer, out) -> tuple[int, int, Counter, list[int]]:
     """Write the corpus's ids to out; return (count, CRC-32 of the bytes written, characters
-    left out as unknown: {char: count}). Words a word tokenizer does not know are <UNK>."""
+    left out as unknown: {char: count}, the ids of each chunk of iter_text). Words a word
+    tokenizer does not know are <UNK>."""
     dropped: Counter = Counter()
     pool = None
     if isinstance(tokenizer, CharTokenizer):
@@ -502,16 +526,18 @@ def _encode(corpus: Corpus, tokenizer: Tokenizer, out) -> tuple[int, int, Counte
         encoded = map(tokenizer.encode_array, iter_text(corpus))
     dtype = token_dtype(tokenizer.vocab_size)
     count = crc = 0
+    chunk_tokens = []
     try:
         for ids in encoded:
             ids = np.ascontiguousarray(ids, dtype=dtype)
             ids.tofile(out)
             crc = zlib.crc32(ids, crc)
             count += len(ids)
+            chunk_tokens.append(len(ids))
     finally:
         if pool is not None:
             pool.shutdown()
-    return count, crc, dropped
+    return count, crc, dropped, chunk_tokens
 
 
 def token_dtype(vocab_size: int):
@@ -552,9 +578,8 @@ def prepare(corpus: Corpus, level: str, min_word_freq: int = 3,
 
         def write_ids(f) -> None:
             holder["tokenizer"] = tokenizer or _learn(corpus, level, min_word_freq)
-            holder["count"], holder["crc32"], holder["dropped"] = _encode(
-                corpus, holder["tokenizer"], f
-            )
+            (holder["count"], holder["crc32"], holder["dropped"],
+             holder["chunk_tokens"]) = _encode(corpus, holder["tokenizer"], f)
 
         atomic_write(ids_path, write_ids)
         dtype = np.dtype(token_dtype(holder["tokenizer"].vocab_size))
@@ -568,6 +593,9 @@ def prepare(corpus: Corpus, level: str, min_word_freq: int = 3,
             "crc32": holder["crc32"],
             "tokenizer": holder["tokenizer"].to_dict(),
             "dropped": dict(holder["dropped"]),
+            "chunk_tokens": holder["chunk_tokens"],
+            **_val_stats(corpus, holder["tokenizer"], holder["chunk_tokens"],
+                         int(holder["count"] * TRAIN_FRACTION)),
         }
         # Written last: an entry without it is incomplete (or damaged) and is rebuilt.
         atomic_write_text(meta_path, json.dumps(meta))
@@ -575,7 +603,9 @@ def prepare(corpus: Corpus, level: str, min_word_freq: int = 3,
     ids = np.memmap(ids_path, dtype=meta["dtype"], mode="r") if meta["count"] else np.zeros(0)
     split = int(len(ids) * TRAIN_FRACTION)
     tokens = TokenData(corpus.name, ids[:split], ids[split:], tokenizer, text_hash,
-                       given_tokenizer=given, dropped=meta.get("dropped", {}))
+                       given_tokenizer=given, dropped=meta.get("dropped", {}),
+                       corpus=corpus, chunk_tokens=meta.get("chunk_tokens"),
+                       val_chars=meta.get("val_chars"), val_unk_bytes=meta.get("val_unk_bytes"))
     check_vocabulary(tokens)
     return tokens
 

@@ -12,15 +12,17 @@ model with a word model on the same text.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable, ContextManager, Optional, Sequence
 
+import numpy as np
 import torch
-from torch.nn import functional as F
 
 from .errors import SmolGPTError
 from .model import GPT
-from .tokenizer import Tokenizer, WordTokenizer
+from .tokenizer import CharTokenizer, Tokenizer, WordTokenizer
 
 # What spelling one UTF-8 byte costs without a model: 8 bits, in nats.
 NATS_PER_BYTE = math.log(256)
@@ -68,58 +70,99 @@ def evaluate_text(module: GPT, tokenizer: Tokenizer, text: str, batch_size: int 
     """
     if batch_size < 1:
         raise SmolGPTError(f"batch_size must be at least 1, not {batch_size}")
-    ids = tokenizer.encode(text)  # names any characters outside the vocabulary
+    if isinstance(tokenizer, CharTokenizer) and tokenizer.unknown(text):
+        shown = ", ".join(repr(ch) for ch in tokenizer.unknown(text)[:10])
+        raise SmolGPTError(f"the text has characters the model does not know: {shown}; a "
+                           "character-level model can score only the characters of its "
+                           "training text")
+    ids = tokenizer.encode(text)
     n = len(ids)
     if n < 2:
         raise SmolGPTError(
             f"text too short to evaluate: {n} token(s); at least 2 are needed "
             "(the first is only context for the rest)"
         )
-    unk_tokens, unk_nats = 0, 0.0
+    unk_tokens, unk_bytes = 0, 0
     if isinstance(tokenizer, WordTokenizer):
-        # encode maps each word of split() to one id, so the two lists line up.
-        words = WordTokenizer.split(tokenizer.read(text))
         unk_tokens = sum(i == WordTokenizer.UNK_ID for i in ids)
-        unk_bytes = sum(len(words[j].encode("utf-8"))
-                        for j in range(1, n) if ids[j] == WordTokenizer.UNK_ID)
-        unk_nats = unk_bytes * NATS_PER_BYTE  # t_0 is never predicted, so never charged
+        unk_bytes = sum(tokenizer.unk_bytes(text)[1:])  # t_0 is never predicted nor charged
 
-    nats = _model_nats(module, torch.tensor(ids), batch_size)
+    nats = _model_nats(module, ids, batch_size)
     loss = nats / (n - 1)
     return Evaluation(
         loss=loss,
         perplexity=math.exp(loss),
-        bits_per_char=(nats + unk_nats) / (math.log(2) * len(text)),
+        bits_per_char=bits_per_char(loss, n - 1, unk_bytes, len(text)),
         tokens=n,
         chars=len(text),
         unk_tokens=unk_tokens,
     )
 
 
-def _model_nats(module: GPT, ids: torch.Tensor, batch_size: int) -> float:
+def bits_per_char(loss: float, predicted: int, unk_bytes: int, chars: int) -> float:
+    """Bits per character of a text of chars characters whose predicted tokens cost loss
+    nats each on average, its <UNK> standing for unk_bytes UTF-8 bytes (8 bits each)."""
+    return (loss * predicted + unk_bytes * NATS_PER_BYTE) / (math.log(2) * chars)
+
+
+def window_starts(n_tokens: int, block_size: int, max_windows: Optional[int] = None) -> list[int]:
+    """Where the evaluation windows of n_tokens ids start: every block_size tokens, each
+    window block_size + 1 tokens long (the last may be shorter), so that every token after
+    the first is predicted exactly once (see :func:`evaluate_text`).
+
+    With max_windows below their number, max_windows full windows instead, spread evenly
+    over the ids (the same ones every time): what a training run's evaluations score."""
+    count = max(n_tokens - 1 + block_size - 1, 0) // block_size  # ceil((n - 1) / B)
+    if max_windows is None or count <= max_windows:
+        return [k * block_size for k in range(count)]
+    full = (n_tokens - 1) // block_size
+    return [k * full // max_windows * block_size for k in range(max_windows)]
+
+
+def score_windows(forward: Callable, ids: Sequence[int], block_size: int, starts: list[int],
+                  batch_size: int, device: torch.device,
+                  autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                  should_stop: Optional[Callable[[], bool]] = None) -> Optional[tuple[float, int]]:
+    """(sum of the cross-entropies in nats, tokens predicted) over the windows at starts.
+
+    forward(x, y) -> (logits, mean loss) is a GPT (or its compiled form) in eval mode; ids a
+    1-D array or tensor, read a window at a time (a memory-mapped split is never loaded
+    whole). Windows of equal length go batch_size at a time; a shorter last one goes alone,
+    so no padding ever reaches the model. The sum is kept in float64. should_stop is asked
+    after every batch: when it says yes, the scoring is abandoned and None returned."""
+    n = len(ids)
+    windows = [(s, min(s + block_size + 1, n)) for s in starts]
+    batches, i = [], 0
+    while i < len(windows):
+        length = windows[i][1] - windows[i][0]
+        j = i
+        while j < len(windows) and j - i < batch_size and windows[j][1] - windows[j][0] == length:
+            j += 1
+        batches.append(windows[i:j])
+        i = j
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            rows = torch.stack([torch.as_tensor(np.asarray(ids[a:b], dtype=np.int64))
+                                for a, b in batch]).to(device)
+            x, y = rows[:, :-1], rows[:, 1:]
+            with autocast():
+                _, loss = forward(x, y)
+            total += loss.double().item() * y.numel()
+            count += y.numel()
+            if should_stop is not None and should_stop():
+                return None
+    return total, count
+
+
+def _model_nats(module: GPT, ids: list[int], batch_size: int) -> float:
     """Sum of -log p(t_j | its window) over j = 1 .. n-1, windowed as evaluate_text says."""
     block = module.config.block_size
-    ids = ids.to(next(module.parameters()).device)
-    n = ids.numel()
-    full = (n - 1) // block  # windows with all block_size predictions
-    # Window k reads t_{kB} .. t_{kB+B-1} and predicts t_{kB+1} .. t_{kB+B}.
-    inputs = ids[:full * block].view(full, block)
-    targets = ids[1:full * block + 1].view(full, block)
-    batches = [(inputs[k:k + batch_size], targets[k:k + batch_size])
-               for k in range(0, full, batch_size)]
-    if full * block < n - 1:  # a shorter last window, on its own: no padding reaches the model
-        batches.append((ids[full * block:n - 1][None], ids[full * block + 1:][None]))
-
     was_training = module.training
     module.eval()  # no dropout
     try:
-        total = 0.0
-        with torch.inference_mode():
-            for x, y in batches:
-                logits, _ = module(x)
-                # float64: a float32 sum over a long text would lose digits.
-                total += F.cross_entropy(logits.flatten(0, 1).double(), y.flatten(),
-                                         reduction="sum").item()
-        return total
+        nats, _ = score_windows(module, ids, block, window_starts(len(ids), block), batch_size,
+                                next(module.parameters()).device)
+        return nats
     finally:
         module.train(was_training)

@@ -9,6 +9,7 @@ complete file or the new complete file, never a mixture.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import os
@@ -147,3 +148,38 @@ def ensure_writable_dir(path: Path) -> Path:
             f"cannot write to run directory {path} ({exc.strerror}): choose another --out_dir"
         ) from None
     return path
+
+
+# Byte-order marks and the codecs that read (and drop) them. UTF-32's come first: the
+# UTF-32-LE mark begins with the UTF-16-LE one.
+BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def file_encoding(path: Path, encoding: str) -> str:
+    """The codec that reads path: the one its byte-order mark names, else encoding."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    for mark, codec in BYTE_ORDER_MARKS:
+        if head.startswith(mark):
+            return codec
+    return encoding
+
+
+def read_user_text(path: Path, where: str) -> str:
+    """The text of a small file a user named (where: how to name it in a message, e.g.
+    "--config run.toml"): UTF-8, or what its byte-order mark says. Any problem is a
+    SmolGPTError saying what to do."""
+    try:
+        return path.read_text(encoding=file_encoding(path, "utf-8"))
+    except FileNotFoundError:
+        raise SmolGPTError(f"{where} does not exist: check the path") from None
+    except IsADirectoryError:
+        raise SmolGPTError(f"{where} is a directory: give a file") from None
+    except UnicodeDecodeError:
+        raise SmolGPTError(f"{where} is not UTF-8 text: save it as UTF-8") from None
+    except OSError as exc:
+        raise SmolGPTError(f"cannot read {where} ({exc.strerror})") from None

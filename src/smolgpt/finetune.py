@@ -69,7 +69,7 @@ def load_source(init_from: str) -> Source:
     if path.is_dir():
         path = run_checkpoint(path) or path  # a directory that is no run: an export
     try:
-        module, tokenizer, train_config = interop.load_source(path, torch.device("cpu"))
+        module, tokenizer, train_config, _ = interop.load_source(path, torch.device("cpu"))
     except SmolGPTError as exc:
         raise SmolGPTError(f"--init_from: {exc}") from None
     return Source(path, module, tokenizer, dict(train_config or {}))

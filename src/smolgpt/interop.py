@@ -411,18 +411,23 @@ def export_hf(module: GPT, tokenizer: Tokenizer, out_dir: Union[str, Path],
 
 # ------------------------------------------------------------------------------ loading
 
-def load_source(path: Union[str, Path],
-                device: torch.device) -> tuple[GPT, Tokenizer, dict[str, Any]]:
-    """A model (eval mode, on device), its tokenizer and the train_config dict of the run that
-    trained it ({} when unknown), from a smolgpt checkpoint (.pth), a safetensors export
-    directory, or a Hugging Face directory in one of the layouts :func:`export_hf` writes.
-    Anything else is a SmolGPTError naming what is wrong."""
+def load_source(path: Union[str, Path], device: torch.device
+                ) -> tuple[GPT, Tokenizer, dict[str, Any], dict[str, Any]]:
+    """A model (eval mode, on device), its tokenizer, the train_config dict of the run that
+    trained it ({} when unknown) and what the run recorded of its text (a checkpoint's
+    "data": fingerprint, source; {} for an export), from a smolgpt checkpoint (.pth), a
+    safetensors export directory, or a Hugging Face directory in one of the layouts
+    :func:`export_hf` writes. Anything else is a SmolGPTError naming what is wrong."""
     path = Path(path)
     if path.is_file() and path.name in (META, WEIGHTS, HF_CONFIG):
         path = path.parent  # a file of an export: the export
     if not path.is_dir():
         module, tokenizer, ckpt = checkpoint.load_model(path, device)
-        return module, tokenizer, ckpt.get("train_config", {})
+        return module, tokenizer, ckpt.get("train_config", {}), ckpt.get("data", {})
+    if (path / HF_CONFIG).is_file() and "smolgpt_version" in _read_json(path / HF_CONFIG):
+        # A training run's config.json (config.RUN_CONFIG), not a transformers one.
+        raise SmolGPTError(f"{path} is a training run that has not saved a checkpoint yet: "
+                           "wait for its first evaluation, or pass another model")
     if (path / HF_CONFIG).is_file():
         config, meta, state = _read_hf(path)
     elif (path / META).is_file():
@@ -438,7 +443,8 @@ def load_source(path: Union[str, Path],
     module = GPT(config)
     module.load_state_dict(state)
     module.to(device).eval()
-    return module, tokenizer_from_dict(meta["tokenizer"]), dict(meta.get("train_config") or {})
+    return (module, tokenizer_from_dict(meta["tokenizer"]), dict(meta.get("train_config") or {}),
+            {})
 
 
 def _read_json(path: Path) -> dict:

@@ -158,8 +158,9 @@ def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     rows = max(1, chunk_elements // weight.size(0))
     if x.size(0) <= rows:  # the logits are small: the ordinary path is faster
         logits = F.linear(x, weight)
-        # In float32 even under autocast: a bf16 log-softmax loses digits.
-        return logits, F.cross_entropy(logits.float(), targets)
+        # In float32 at least, even under autocast: a bf16 log-softmax loses digits.
+        return logits, F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                                       targets)
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     return None, ChunkedHeadLoss.apply(x, weight, targets, dtype, rows, torch.is_grad_enabled())

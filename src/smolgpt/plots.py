@@ -29,10 +29,11 @@ INSTALL_HINT = "plots need matplotlib: pip install 'smolgpt[plot]'"
 
 
 def plotting_available() -> bool:
-    """Whether matplotlib can be imported, i.e. whether the plot functions can work."""
+    """Whether matplotlib can be imported, i.e. whether the plot functions can work (this
+    imports what they use)."""
     try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+        _figure_classes()
+    except SmolGPTError:
         return False
     return True
 
@@ -144,13 +145,18 @@ def plot_run(run_dir: PathLike, out_path: Optional[PathLike] = None) -> Path:
     return _save(fig, Canvas, out_path)
 
 
-def plot_runs(run_dirs: Iterable[PathLike], out_path: PathLike, x: str = "iter") -> Path:
+def plot_runs(run_dirs: Iterable[PathLike], out_path: PathLike, x: str = "iter",
+              ylim: Optional[tuple[float, float]] = None, title: Optional[str] = None) -> Path:
     """Overlay the val loss of several runs in one PNG (1000x500 pixels), one line per run,
     labelled with its directory's name; x is "iter", "time" (wall time) or "tokens" (training
-    tokens seen). Writes out_path atomically and returns it.
+    tokens seen). ylim: the val loss range shown (low, high), e.g. to leave the untrained
+    model's loss off the top; title: a heading. Writes out_path atomically and returns it.
     """
     if x not in X_AXES:
         raise SmolGPTError(f"x must be one of {', '.join(X_AXES)}, not {x!r}")
+    if ylim is not None and not (len(ylim) == 2 and all(map(math.isfinite, ylim))
+                                 and ylim[0] < ylim[1]):
+        raise SmolGPTError(f"ylim must be two finite numbers, low then high, not {ylim!r}")
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise SmolGPTError("plot_runs needs at least one run directory")
@@ -174,6 +180,10 @@ def plot_runs(run_dirs: Iterable[PathLike], out_path: PathLike, x: str = "iter")
         ax.plot(xs, [r["val_loss"] for r in rows], label=run_dir.resolve().name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("val loss")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    if title:
+        ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, Canvas, Path(out_path))

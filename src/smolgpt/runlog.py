@@ -51,8 +51,11 @@ class RunLog:
         self.window_start, self.window_steps = time.perf_counter(), 0  # since the last eval
         self.loss_sum: Optional[torch.Tensor] = None  # training loss since the last line
         self.loss_count = 0
+        self.plot_failed = False  # said once; no more tries
 
     def __enter__(self) -> "RunLog":
+        if self.cfg.plot:
+            self._prepare_plots()
         self.file = open(self.path, "a", encoding="utf-8")
         if sys.stderr.isatty():
             if self.cfg.time_budget:
@@ -127,8 +130,10 @@ class RunLog:
 
     def evaluation(self, iteration: int, losses: dict[str, float], best_val_loss: float,
                    new_best: bool, lr: float, elapsed: float, eval_seconds: float) -> dict:
-        """Write the metrics row of an evaluation that took eval_seconds and report it;
-        throughput counts the training since the previous evaluation. Returns the row."""
+        """Write the metrics row of an evaluation that took eval_seconds, report it, and
+        (--plot) redraw loss.png; throughput counts the training since the previous
+        evaluation. losses: "train", "val" and optionally "val_bits_per_char". Returns the
+        row."""
         train_s = time.perf_counter() - self.window_start - eval_seconds
         tokens_per_s = self.window_steps * self.tokens_per_step / train_s if self.window_steps else 0.0
         row = {
@@ -140,15 +145,47 @@ class RunLog:
             "elapsed_s": round(elapsed, 3),
             "tokens_per_s": round(tokens_per_s, 1),
             "mfu": round(self.mfu(tokens_per_s), 4),
+            "tokens": iteration * self.tokens_per_step,
         }
+        bpc = losses.get("val_bits_per_char")
+        if bpc is not None:
+            row["val_bits_per_char"] = round(bpc, 6)
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        log.info("eval @ iter %d: train %.4f, val %.4f%s", iteration, row["train_loss"],
-                 row["val_loss"], " (new best)" if new_best else "")
+        log.info("eval @ iter %d: train %.4f, val %.4f%s%s", iteration, row["train_loss"],
+                 row["val_loss"], f" ({bpc:.3f} bits/char)" if bpc is not None else "",
+                 " (new best)" if new_best else "")
+        if self.cfg.plot:
+            self._plot()
         self.window_start, self.window_steps = time.perf_counter(), 0
         if self.cfg.time_budget:  # evaluations spend the budget too
             self._move_bar(elapsed)
         return row
+
+
+    def _prepare_plots(self) -> None:
+        """Import matplotlib now (a second or more on a small CPU), so that a time-budgeted
+        run counts it before it plans its steps, not in its final evaluation; or say at the
+        start, once, that there will be no loss.png."""
+        from . import plots
+
+        if not plots.plotting_available():
+            self.plot_failed = True
+            log.info("no loss.png: %s (--no-plot silences this)", plots.INSTALL_HINT)
+
+    def _plot(self) -> None:
+        """Redraw loss.png from metrics.jsonl. Should drawing fail, say so once and go on: a
+        picture is never worth a training run."""
+        from . import plots
+
+        if self.plot_failed:
+            return
+        try:
+            plots.plot_run(self.path.parent)
+        except Exception as exc:  # noqa: BLE001 - whatever matplotlib raised
+            self.plot_failed = True
+            log.warning("could not draw loss.png (%s: %s); training goes on",
+                        type(exc).__name__, exc)
 
 
 def duration(seconds: float) -> str:

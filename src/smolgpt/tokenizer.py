@@ -19,10 +19,11 @@ checkpoints written before smolgpt 0.5 read text as given, as they were trained.
 
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
 from collections import Counter
 from typing import Iterable, Union
-
-import functools
 
 import numpy as np
 
@@ -134,6 +135,11 @@ class CharTokenizer(_TextReader):
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.chars[i] for i in ids)
 
+    def starts(self, text: str) -> list[int]:
+        """Where each token of text begins in read(text): every character the vocabulary
+        knows (characters it does not know are skipped, as data.prepare leaves them out)."""
+        return [i for i, ch in enumerate(self.read(text)) if ch in self.stoi]
+
     def decoder(self) -> "CharDecoder":
         """An incremental decoder: text for ids given a few at a time (for streaming)."""
         return CharDecoder(self)
@@ -188,6 +194,23 @@ class WordTokenizer(_TextReader):
 
     def encode(self, text: str) -> list[int]:
         return [self.stoi.get(w, self.UNK_ID) for w in self.split(self.read(text))]
+
+    def unk_bytes(self, text: str) -> list[int]:
+        """For each token of encode(text): the UTF-8 bytes of the (lowercased) word an
+        <UNK> stands for, 0 for a known word."""
+        return [0 if w in self.stoi else len(w.encode("utf-8"))
+                for w in self.split(self.read(text))]
+
+    def starts(self, text: str) -> list[int]:
+        """Where each token of encode(text) begins in read(text)."""
+        text = self.read(text)
+        lowered = text.lower()
+        spans = _splitter().span_tokenize(lowered)
+        if len(lowered) == len(text):  # lowercasing kept every position
+            return [start for start, _ in spans]
+        # A few characters lowercase to two (İ: i + a combining dot): map positions back.
+        ends = list(itertools.accumulate(len(ch.lower()) for ch in text))
+        return [bisect.bisect_right(ends, start) for start, _ in spans]
 
     def encode_array(self, text: str) -> np.ndarray:
         return np.fromiter(

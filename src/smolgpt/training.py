@@ -21,6 +21,7 @@ text) are :func:`smolgpt.train`'s; a Trainer assumes its run directory exists an
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import math
 import os
@@ -33,10 +34,11 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint, hardware
+from . import __version__, checkpoint, hardware
 from .config import TrainConfig
 from .data import BatchSampler, TokenData
 from .errors import SmolGPTError
+from .evaluate import bits_per_char, score_windows, window_starts
 from .model import GPT
 from .optim import (
     decay_share,
@@ -71,6 +73,10 @@ class Progress:
     # Set when --resume changed the run's horizon (max_iters or time_budget) after warm-up:
     # [iteration, elapsed_s, decay share reached there]; see Budget.done.
     extended_at: Optional[list] = None
+    # Bits per character of the validation text (see RunLog.evaluation); None before the
+    # first evaluation and in checkpoints written before smolgpt 0.7.
+    best_val_bits_per_char: Optional[float] = None
+    last_val_bits_per_char: Optional[float] = None
 
 
 class TrainingInterrupted(Exception):
@@ -342,7 +348,15 @@ class Trainer:
                 "cuda": torch.cuda.get_rng_state_all() if cuda else [],
                 "sampler": self.sampler.state_dict(),
             },
-            "data": {"fingerprint": self.data.fingerprint},
+            "data": {"fingerprint": self.data.fingerprint, "source": self.data.source},
+            # What wrote the file, for `smolgpt info` (absent before smolgpt 0.7).
+            "run_info": {
+                "smolgpt": __version__,
+                "torch": str(torch.__version__),  # a TorchVersion, which pickles as a class
+                "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "device": self.device.type,
+                "precision": self.precision.describe(),
+            },
         }
 
     def save(self, name: str) -> None:
@@ -381,29 +395,35 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, stop: Optional[_SignalFlag] = None) -> Optional[dict[str, float]]:
-        """Mean loss on eval_iters batches of each split. The batches are the same at every
-        evaluation (a fixed seed), so successive numbers differ only because the model did.
+        """Mean loss of each split over the same windows at every evaluation (so successive
+        numbers differ only because the model did): the split's evaluation windows
+        (:func:`~smolgpt.evaluate.window_starts`), or where it has more than eval_iters x
+        batch_size of them, that many spread evenly over it. A validation split that small
+        is scored whole, as ``smolgpt eval`` scores it. With the validation text's size
+        known, "val_bits_per_char" too.
 
         With a stop flag, returns None as soon as a signal has been recorded (checked after
         every batch): a long evaluation is abandoned rather than awaited. Evaluating changes
-        nothing a checkpoint holds (its batches come from their own generator, and dropout
-        is off), so the run's state is then still the state from before it."""
+        nothing a checkpoint holds (it draws no random number, and dropout is off), so the
+        run's state is then still the state from before it."""
         self.model.eval()
         if stop is not None:
             stop.evaluating = True
+        block, most = self.cfg.block_size, self.cfg.eval_iters * self.cfg.batch_size
         try:
             out = {}
-            for offset, (split, ids) in enumerate((("train", self.data.train),
-                                                   ("val", self.data.val))):
-                sampler = BatchSampler(ids, self.cfg.block_size, self.cfg.batch_size,
-                                       self.cfg.seed + 1 + offset, self.device)
-                losses = torch.zeros(self.cfg.eval_iters, device=self.device)
-                for i in range(self.cfg.eval_iters):
-                    with self.precision.autocast():
-                        _, losses[i] = self.forward(*sampler.next())
-                    if stop is not None and stop.signum is not None:
-                        return None
-                out[split] = losses.mean().item()
+            for split, ids in (("train", self.data.train), ("val", self.data.val)):
+                scored = score_windows(
+                    self.forward, ids, block, window_starts(len(ids), block, most),
+                    self.cfg.batch_size, self.device, self.precision.autocast,
+                    None if stop is None else (lambda: stop.signum is not None))
+                if scored is None:
+                    return None
+                out[split] = scored[0] / scored[1]
+            if self.data.val_chars:
+                out["val_bits_per_char"] = bits_per_char(
+                    out["val"], len(self.data.val) - 1, self.data.val_unk_bytes,
+                    self.data.val_chars)
             return out
         finally:
             self.model.train()
@@ -512,15 +532,20 @@ class Trainer:
             raise self._save_interrupted(stop.signum)
         if not all(map(math.isfinite, losses.values())):
             raise self._diverged()
-        self.budget.eval_s = time.perf_counter() - start
+        scoring_s = time.perf_counter() - start
         new_best = losses["val"] < p.best_val_loss
         p.best_val_loss = min(p.best_val_loss, losses["val"])
         p.evals_since_best = 0 if new_best else p.evals_since_best + 1
         p.last_val_loss = losses["val"]
+        p.last_val_bits_per_char = losses.get("val_bits_per_char")
+        if new_best:
+            p.best_val_bits_per_char = p.last_val_bits_per_char
         last_step = max(p.iter - 1, 0)
         lr = self.cfg.learning_rate * lr_multiplier(self.cfg, last_step, self.budget.done(last_step))
         run_log.evaluation(p.iter, losses, p.best_val_loss, new_best, lr, self.budget.elapsed(),
-                           self.budget.eval_s)
+                           scoring_s)
+        # The metrics row and loss.png count as the evaluation's time too.
+        self.budget.eval_s = time.perf_counter() - start
         p.evaluated, p.elapsed_s = True, self.budget.elapsed()
         self.save(LATEST)  # first: a run directory with any checkpoint has a latest one
         if new_best:

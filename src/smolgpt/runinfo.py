@@ -1,0 +1,224 @@
+"""``smolgpt info``: what a checkpoint, a run directory or an export holds, at a glance.
+
+:func:`describe` gathers it as plain data (what ``--json`` prints, and ``smolgpt.info``
+returns); :func:`format_description` lays it out as aligned ``key: value`` lines. Every
+checkpoint smolgpt ever wrote can be described: what an older one did not record (the
+bits per character, the versions and precision it was written with, the time it was
+saved) is None, and shown as "unknown", or for the time, the file's modification time,
+labelled as such.
+
+(The module is not called ``info``: importing ``smolgpt.info`` would then replace the
+function ``smolgpt.info`` with the module.)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from . import checkpoint, interop
+from .config import RUN_CONFIG
+from .errors import SmolGPTError
+from .model import GPT
+from .runlog import METRICS, duration
+from .tokenizer import tokenizer_from_dict
+from .training import BEST, LATEST, run_checkpoint
+
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "position", "bias")
+
+
+def describe(path: Union[str, Path]) -> dict[str, Any]:
+    """What the model at path is and how it was trained, as a JSON-ready dict: a .pth
+    checkpoint, a run directory (its best_model.pth, else its latest_model.pth, and the
+    run's metrics.jsonl and config.json), or a directory smolgpt export wrote. The
+    checkpoint is read as every checkpoint is (weights only, checked); a path that holds
+    none is a SmolGPTError. Anything the file does not record is None."""
+    given = Path(path)
+    if not given.exists():
+        raise SmolGPTError(f"{given} does not exist: pass a checkpoint (.pth), a run "
+                           "directory, or a directory smolgpt export wrote")
+    if given.is_dir():
+        found = run_checkpoint(given)
+        if found is not None:
+            return {"path": str(given), "kind": "run directory",
+                    **_describe_checkpoint(found), **_run_files(given)}
+        if (given / interop.META).is_file():
+            return {"path": str(given), "kind": "export", **_describe_export(given)}
+        if "smolgpt_version" in (_run_config(given) or {}) or (given / METRICS).is_file():
+            raise SmolGPTError(f"{given} is a run directory without a checkpoint yet (no {BEST} "
+                               f"or {LATEST}): describe it after its first evaluation")
+        raise SmolGPTError(f"{given} is a directory without {BEST} or {LATEST} (nor an "
+                           f"export's {interop.META}): pass a checkpoint, a run directory "
+                           "that smolgpt train wrote, or a directory smolgpt export wrote")
+    return {"path": str(given), "kind": "checkpoint", **_describe_checkpoint(given)}
+
+
+def _describe_checkpoint(path: Path) -> dict[str, Any]:
+    ckpt = checkpoint.load(path)
+    config = checkpoint.model_config(ckpt, path)
+    progress = ckpt.get("progress") or {}
+    run_info = ckpt.get("run_info") or {}
+    data = ckpt.get("data") or {}
+    train_config = ckpt.get("train_config") or {}
+    saved, saved_from = run_info.get("saved"), "checkpoint"
+    if saved is None:  # written before smolgpt 0.7
+        saved, saved_from = _mtime(path), "file modification time"
+    return {
+        "checkpoint": str(path),
+        "format_version": ckpt["format_version"],
+        **_model(config, ckpt["tokenizer"]),
+        "iterations": progress.get("iter"),
+        "best_val_loss": _number(progress.get("best_val_loss")),
+        "last_val_loss": _number(progress.get("last_val_loss")),
+        "best_val_bits_per_char": _number(progress.get("best_val_bits_per_char")),
+        "last_val_bits_per_char": _number(progress.get("last_val_bits_per_char")),
+        "training_time_s": _number(progress.get("elapsed_s")),
+        "data": train_config.get("data"),
+        "data_source": data.get("source"),
+        "data_fingerprint": data.get("fingerprint"),
+        "preset": train_config.get("preset"),
+        "device": run_info.get("device"),
+        "precision": run_info.get("precision"),
+        "smolgpt_version": run_info.get("smolgpt"),
+        "torch_version": run_info.get("torch"),
+        "saved": saved,
+        "saved_from": saved_from,
+        "file_size": path.stat().st_size,
+        "train_config": train_config,
+    }
+
+
+def _describe_export(folder: Path) -> dict[str, Any]:
+    """An export records the model and its run's settings, not the run's progress."""
+    module, tokenizer, train_config = interop.load_source(folder, torch.device("cpu"))[:3]
+    weights = folder / interop.WEIGHTS
+    return {
+        "checkpoint": None,
+        **_model(module.config, tokenizer.to_dict()),
+        "data": train_config.get("data"),
+        "preset": train_config.get("preset"),
+        "saved": _mtime(weights),
+        "saved_from": "file modification time",
+        "file_size": weights.stat().st_size,
+        "train_config": train_config,
+    }
+
+
+def _model(config, tokenizer: dict) -> dict[str, Any]:
+    """The network's size and shape, and its tokenizer."""
+    with torch.device("meta"):  # counted without allocating or initialising a weight
+        parameters = GPT(config).num_parameters()
+    level = tokenizer_from_dict(tokenizer).level
+    described = {"vocab_size": config.vocab_size}
+    if level == "word":
+        described["min_word_freq"] = tokenizer.get("min_word_freq")
+    return {
+        "parameters": parameters,
+        "parameters_human": f"{parameters / 1e6:.2f}M",
+        "shape": {name: getattr(config, name) for name in SHAPE},
+        "level": level,
+        "tokenizer": described,
+    }
+
+
+def _run_files(run_dir: Path) -> dict[str, Any]:
+    """What a run directory holds beside its checkpoints: its evaluations (metrics.jsonl)
+    and the settings its last process resolved to (config.json); None where absent."""
+    evaluations = None
+    if (run_dir / METRICS).is_file():
+        lines = (run_dir / METRICS).read_text(encoding="utf-8", errors="replace").splitlines()
+        evaluations = sum(1 for line in lines if _json_object(line) is not None)
+    return {"evaluations": evaluations, "run_config": _run_config(run_dir)}
+
+
+def _run_config(run_dir: Path) -> Optional[dict]:
+    """The run's config.json, or None where it is absent or damaged (which takes nothing
+    from the description of its checkpoints). A Hugging Face export's config.json is read
+    too, but holds no smolgpt_version."""
+    try:
+        return _json_object((run_dir / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _json_object(line: str) -> Optional[dict]:
+    """A metrics row, or None for a blank, damaged or half-written line."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _number(value: Any) -> Optional[float]:
+    """A finite number, else None (a loss is infinite before the first evaluation)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _mtime(path: Path) -> str:
+    stamp = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
+    return stamp.isoformat(timespec="seconds")
+
+
+def format_description(info: dict[str, Any]) -> str:
+    """:func:`describe`'s dict as aligned ``key: value`` lines; "unknown" for what the file
+    does not record."""
+
+    def shown(value: Any, fmt: str = "{}") -> str:
+        return "unknown" if value is None else fmt.format(value)
+
+    shape, tokenizer, seconds = info["shape"], info["tokenizer"], info.get("training_time_s")
+    vocabulary = f"{info['level']}, {tokenizer['vocab_size']:,} tokens"
+    if "min_word_freq" in tokenizer:
+        vocabulary += f" (min_word_freq {shown(tokenizer['min_word_freq'])})"
+    rows = [
+        ("path", info["path"]),
+        ("checkpoint", info.get("checkpoint") if info["kind"] == "run directory" else None),
+        ("parameters", f"{info['parameters']:,} ({info['parameters_human']})"),
+        ("shape", ", ".join(f"{k} {'on' if v is True else 'off' if v is False else v}"
+                            for k, v in shape.items())),
+        ("tokenizer", vocabulary),
+        ("preset", shown(info.get("preset"))),
+    ]
+    if info["kind"] != "export":
+        rows += [
+            ("iterations", shown(info["iterations"], "{:,}")),
+            ("val loss", f"best {shown(info['best_val_loss'], '{:.4f}')}, "
+                         f"last {shown(info['last_val_loss'], '{:.4f}')}"),
+            ("val bits/char", f"best {shown(info['best_val_bits_per_char'], '{:.4f}')}, "
+                              f"last {shown(info['last_val_bits_per_char'], '{:.4f}')}"),
+            ("training time", "unknown" if seconds is None
+             else f"{duration(seconds)} ({seconds:.1f}s)"),
+        ]
+    data, source = info.get("data"), info.get("data_source")
+    rows.append(("data", shown(data) + (f" (read as {source})" if source not in (None, data)
+                                        else "")))
+    if info["kind"] != "export":
+        rows += [
+            ("fingerprint", shown(info["data_fingerprint"])),
+            ("precision", "unknown" if info["precision"] is None
+             else f"{info['device']}, {info['precision']}"),
+            ("versions", f"smolgpt {shown(info['smolgpt_version'])}, "
+                         f"torch {shown(info['torch_version'])}"),
+        ]
+    saved = info["saved"]
+    rows += [
+        ("saved", saved if info["saved_from"] == "checkpoint"
+         else f"{saved} ({info['saved_from']})"),
+        ("file size", f"{info['file_size'] / 1e6:.1f} MB ({info['file_size']:,} bytes)"),
+    ]
+    if info["kind"] == "run directory":
+        rows += [
+            ("evaluations", shown(info["evaluations"], "{} (" + METRICS + ")")),
+            (RUN_CONFIG, "present" if info["run_config"] is not None else "absent"),
+        ]
+    rows = [(key, value) for key, value in rows if value is not None]
+    width = max(len(key) for key, _ in rows) + 1
+    return "\n".join(f"{key + ':':<{width}} {value}" for key, value in rows)
