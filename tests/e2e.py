@@ -36,20 +36,34 @@ E2E_TINY = [
     "--no-plot",  # loss.png has tests of its own; here it would only cost time
 ]
 
-# Python code that makes the rest of a `python -c` program run as if matplotlib were not
-# installed (every import of it fails as a missing module does).
-WITHOUT_MATPLOTLIB = """
+def without_package(package: str) -> str:
+    """Python code to start a `python -c` program with: the rest runs as if package were not
+    installed (every import of it fails as a missing module does)."""
+    return f"""
 import sys
 
-class NoMatplotlib:
-    # Makes the import fail as if matplotlib were not installed.
+class Hidden:
     def find_spec(self, name, path=None, target=None):
-        if name == "matplotlib" or name.startswith("matplotlib."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        if name == {package!r} or name.startswith({package + "."!r}):
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
         return None
 
-sys.meta_path.insert(0, NoMatplotlib())
+sys.meta_path.insert(0, Hidden())
 """
+
+
+def smolgpt_without(package: str, *args, settings: dict = None) -> subprocess.CompletedProcess:
+    """Run `smolgpt ARGS` (plus settings as flags: {"max_iters": 4, "plot": False} gives
+    --max_iters 4 --no-plot) in a process where package is not installed."""
+    for key, value in (settings or {}).items():
+        if isinstance(value, bool):
+            args += (f"--{key}" if value else f"--no-{key}",)
+        else:
+            args += (f"--{key}", value)
+    program = without_package(package) + "from smolgpt.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    return subprocess.run([sys.executable, "-c", program, *map(str, args)],
+                          capture_output=True, text=True, cwd=E2E_ROOT, timeout=180)
+
 
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "ftp_proxy")
 

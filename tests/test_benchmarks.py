@@ -65,6 +65,11 @@ def toy_runs(data: Path, records: Path, no_transformers: Path) -> dict[str, tupl
         "generation-without-transformers": (["generation.py", "--quick",
                                              *out("generation-without")],
                                             {"PYTHONPATH": str(no_transformers)}),
+        "reference_curves": (["reference_curves.py", "--corpora", corpus, "--presets", "nano",
+                              "--max_iters", "4", "--eval_interval", "2", "--out-runs",
+                              records / "reference-runs", "--extra",
+                              "--n_layer 1 --n_head 2 --n_embd 32 --block_size 32 "
+                              "--batch_size 4 --eval_iters 2", *out("reference")], {}),
         "step_profile": (["step_profile.py", *TOY_STEP, "--muon", "--profile", "--kernels",
                           "--variants", "--muon-cost"], BF16),
     }
@@ -183,3 +188,12 @@ def test_prepare(runs):
 def test_integrity(runs):
     check(runs["integrity"], "| token cache | first preparation s |",
           "| checkpoint | torch.save s |", "| nano checkpoint (")
+
+
+def test_reference_curves(runs):
+    record = check(runs["reference_curves"],
+                   "| corpus | preset | steps | best val loss | best val bits/char |",
+                   "| sherlock | nano | 4 |")
+    (result,) = record["results"]
+    assert [r["iter"] for r in result["metrics"]] == [0, 2, 4]
+    assert (Path(result["run_dir"]) / "best_model.pth").is_file()

@@ -163,14 +163,14 @@ def test_resume_trains_on_to_a_new_max_iters(smol_cli, smol_runs, tmp_path):
 def test_time_budget_stops_by_itself(smol_cli, tmp_path):
     out = tmp_path / "run"
     result = smol_cli.run("train", *smol_cli.train_args(
-        "char", out, "--time_budget", "3", "--max_iters", "1000000"), timeout=120)
+        "char", out, "--time_budget", "5", "--max_iters", "1000000"), timeout=120)
     assert result.returncode == 0, result.describe()
     assert result.seconds < 60, result.describe()
     assert (out / "best_model.pth").is_file() and (out / "latest_model.pth").is_file()
     rows = smol_cli.metrics(out)
     assert len(rows) >= 2 and rows[-1]["iter"] > 0, result.describe()
     assert rows[0]["iter"] > 0, "a time-budgeted run does not evaluate the untrained model"
-    assert 2.0 <= rows[-1]["elapsed_s"] <= 8.0, rows[-1]
+    assert 4.0 <= rows[-1]["elapsed_s"] <= 10.0, rows[-1]
     assert checkpoint.load(out / "latest_model.pth")["progress"]["iter"] == rows[-1]["iter"]
 
 

@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from e2e import WITHOUT_MATPLOTLIB, e2e_corpus_text
+from e2e import e2e_corpus_text, smolgpt_without
 
 import smolgpt
 from smolgpt import data
 from smolgpt.evaluate import window_starts
 
-REPO = Path(__file__).resolve().parents[1]
 # Small enough that an evaluation of eval_iters x batch_size = 60 windows of 16 tokens covers
 # the whole validation split at either level: the log's val loss is then smolgpt eval's.
 TINY = dict(preset="nano", n_layer=1, n_embd=16, n_head=2, block_size=16, batch_size=4,
@@ -177,21 +176,12 @@ def test_training_redraws_loss_png_at_every_evaluation(tmp_path):
     assert png.read_bytes() == after and len(rows(run)) == 5
 
 
-BLOCK_MATPLOTLIB = WITHOUT_MATPLOTLIB + """
-from smolgpt.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 @pytest.mark.slow
 def test_without_matplotlib_training_works_and_says_how_to_get_plots(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(e2e_corpus_text(7_000), encoding="utf-8")
-    args = ["train", "--data", corpus, "--level", "char", "--out_dir", tmp_path / "run"]
-    for key, value in TINY.items():
-        args += [f"--{key}", value]
-    done = subprocess.run([sys.executable, "-c", BLOCK_MATPLOTLIB, *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO, timeout=180)
+    done = smolgpt_without("matplotlib", "train", "--data", corpus, "--level", "char",
+                           "--out_dir", tmp_path / "run", settings=TINY)
     assert done.returncode == 0, done.stderr
     hints = [line for line in done.stderr.splitlines() if "loss.png" in line]
     assert hints == ["no loss.png: plots need matplotlib: pip install 'smolgpt[plot]' "

@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.image import imread  # noqa: E402
 
 import smolgpt  # noqa: E402
-from e2e import WITHOUT_MATPLOTLIB  # noqa: E402
+from e2e import without_package  # noqa: E402
 from smolgpt import plots  # noqa: E402
 from smolgpt.errors import SmolGPTError  # noqa: E402
 
@@ -222,7 +222,7 @@ def test_plots_draw_from_several_threads(tmp_path):
         assert_png(run / "loss.png", 400, 1000)
 
 
-BLOCK_MATPLOTLIB = WITHOUT_MATPLOTLIB + """
+BLOCK_MATPLOTLIB = without_package("matplotlib") + """
 from smolgpt import plots
 from smolgpt.errors import SmolGPTError
 

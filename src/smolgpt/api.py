@@ -193,12 +193,43 @@ def _train(settings: dict[str, Any]) -> TrainResult:
             log.info(finetune.describe(source, cfg, settings))
         log.info(describe_settings(cfg))
         write_run_config(out_dir, cfg)
+        samples = EvaluationSamples(out_dir, tokens.tokenizer, cfg) if cfg.sample_every else None
         trainer = Trainer(cfg, tokens, out_dir, hardware.resolve_device(cfg.device), resume_from,
-                          init_weights=source.module.state_dict() if source else None)
+                          init_weights=source.module.state_dict() if source else None,
+                          on_evaluation=samples)
         progress = trainer.run()
     return TrainResult(out_dir=out_dir, iterations=progress.iter,
                        best_val_loss=progress.best_val_loss,
                        last_val_loss=progress.last_val_loss, elapsed_s=progress.elapsed_s)
+
+
+class EvaluationSamples:
+    """--sample_every: at the evaluations sample_every steps apart (the first always), a
+    short sample of the model in training, logged and added to samples.txt. The prompt and
+    seed are the same every time, so the text changes only because the model did."""
+
+    FILE = "samples.txt"
+    TOKENS = 100  # words or characters: a glance, not a story
+
+    def __init__(self, out_dir: Path, tokenizer: Tokenizer, cfg: TrainConfig):
+        self.path, self.tokenizer = out_dir / self.FILE, tokenizer
+        self.every, self.seed = cfg.sample_every, cfg.seed
+        self.last: Optional[int] = None  # the iteration of the last sample
+
+    def __call__(self, module: GPT, iteration: int, losses: dict[str, float]) -> None:
+        if self.last is not None and iteration - self.last < self.every:
+            return
+        self.last = iteration
+        module.eval()  # no dropout while sampling; its RNG is its own, not training's
+        try:
+            text = Model(module, self.tokenizer, {}).generate(max_new_tokens=self.TOKENS,
+                                                              seed=self.seed)
+        finally:
+            module.train()
+        heading = f"--- iter {iteration}, val loss {losses['val']:.4f} ---"
+        log.info("%s\n%s", heading, text)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{heading}\n{text}\n\n")
 
 
 def _resumable(out_dir: Path, settings: dict[str, Any]) -> tuple[dict, TrainConfig]:

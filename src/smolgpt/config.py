@@ -251,6 +251,13 @@ class TrainConfig(ModelShape):
     )
     plot: bool = _opt(True, "redraw loss.png in the run directory at every evaluation "
                       "(needs matplotlib: pip install 'smolgpt[plot]')", "evaluation")
+    sample_every: int = _opt(
+        0, "at the evaluations this many steps apart, print a short sample (the same prompt "
+        "and seed each time, so the text changes only as the model learns) and add it to "
+        "samples.txt in the run directory (0: never)", "evaluation")
+    tensorboard: bool = _opt(False, "also log the metrics for TensorBoard, in the run "
+                             "directory's tensorboard/ (needs: pip install "
+                             "'smolgpt[tensorboard]')", "evaluation")
     early_stop_patience: int = _opt(
         0, "stop after this many evaluations without a new best val loss (0: never)",
         "evaluation",
@@ -287,7 +294,7 @@ class TrainConfig(ModelShape):
         _check_positive_ints(self, "batch_size", "gradient_accumulation_steps",
                              "eval_interval", "eval_iters", "log_interval", "min_word_freq",
                              "muon_ns_steps")
-        for name in ("warmup_iters", "early_stop_patience"):
+        for name in ("warmup_iters", "early_stop_patience", "sample_every"):
             if getattr(self, name) < 0:
                 raise SmolGPTError(f"--{name} must be >= 0, got {getattr(self, name)}")
         _check_positive_number("learning_rate", self.learning_rate)

@@ -24,6 +24,11 @@ from .files import atomic_write_text
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"  # --tensorboard's folder in the run directory
+# The TensorBoard name of each metrics key: loss curves together, the rest apart.
+BOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val",
+              "val_bits_per_char": "val_bits_per_char", "lr": "lr",
+              "tokens_per_s": "throughput/tokens_per_s", "mfu": "throughput/mfu"}
 
 
 class RunLog:
@@ -52,10 +57,14 @@ class RunLog:
         self.loss_sum: Optional[torch.Tensor] = None  # training loss since the last line
         self.loss_count = 0
         self.plot_failed = False  # said once; no more tries
+        self.board = None  # a TensorBoard SummaryWriter (--tensorboard)
+        self.purge_from: Optional[int] = None  # the first step a resumed run logs again
 
     def __enter__(self) -> "RunLog":
         if self.cfg.plot:
             self._prepare_plots()
+        if self.cfg.tensorboard:
+            self.board = tensorboard_writer(self.path.parent / TENSORBOARD, self.purge_from)
         self.file = open(self.path, "a", encoding="utf-8")
         if sys.stderr.isatty():
             if self.cfg.time_budget:
@@ -69,13 +78,16 @@ class RunLog:
 
     def __exit__(self, *exc) -> None:
         self.file.close()
+        if self.board is not None:
+            self.board.close()
         if self.bar is not None:
             self.bar.close()
 
     def rewind(self, iteration: int, evaluated: bool) -> None:
         """Drop rows written after the checkpoint being resumed (a crash between a row and
-        its checkpoint leaves one), so that every row is written exactly once. Call before
-        entering."""
+        its checkpoint leaves one), so that every row is written exactly once (and TensorBoard
+        forgets those steps too). Call before entering."""
+        self.purge_from = iteration + 1 if evaluated else iteration
         if not self.path.exists():
             return
         rows = [line for line in self.path.read_text().splitlines() if line.strip()]
@@ -155,6 +167,11 @@ class RunLog:
         log.info("eval @ iter %d: train %.4f, val %.4f%s%s", iteration, row["train_loss"],
                  row["val_loss"], f" ({bpc:.3f} bits/char)" if bpc is not None else "",
                  " (new best)" if new_best else "")
+        if self.board is not None:
+            for key in ("train_loss", "val_loss", "val_bits_per_char", "lr", "tokens_per_s", "mfu"):
+                if key in row:
+                    self.board.add_scalar(BOARD_TAGS[key], row[key], iteration)
+            self.board.flush()
         if self.cfg.plot:
             self._plot()
         self.window_start, self.window_steps = time.perf_counter(), 0
@@ -186,6 +203,19 @@ class RunLog:
             self.plot_failed = True
             log.warning("could not draw loss.png (%s: %s); training goes on",
                         type(exc).__name__, exc)
+
+
+def tensorboard_writer(folder: Path, purge_from: Optional[int] = None):
+    """A TensorBoard SummaryWriter into folder, which hides what earlier writers logged from
+    step purge_from on (a resumed run logs those steps again); without the tensorboard
+    package, None and one line that says how to get it (training goes on without)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch's module imports the tensorboard package
+        log.warning("no TensorBoard logs: --tensorboard needs the tensorboard package: "
+                    "pip install 'smolgpt[tensorboard]'")
+        return None
+    return SummaryWriter(str(folder), purge_step=purge_from or None)
 
 
 def duration(seconds: float) -> str:

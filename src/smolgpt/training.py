@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -264,11 +264,15 @@ class Trainer:
 
     resume_from: a checkpoint to continue. init_weights: a state_dict of the same shape to
     start from instead of the random initialisation (fine-tuning, --init_from).
+    on_evaluation(model, iteration, losses): called after every evaluation is recorded (its
+    time counts as the evaluation's); --sample_every's samples come from there.
     """
 
     def __init__(self, cfg: TrainConfig, data: TokenData, out_dir: Path, device: torch.device,
-                 resume_from: Optional[dict] = None, init_weights: Optional[dict] = None):
+                 resume_from: Optional[dict] = None, init_weights: Optional[dict] = None,
+                 on_evaluation: Optional[Callable[[GPT, int, dict], None]] = None):
         clock_start = time.perf_counter()
+        self.on_evaluation = on_evaluation
         self.cfg, self.data, self.out_dir, self.device = cfg, data, Path(out_dir), device
         hardware.configure_backends(device)
         torch.manual_seed(cfg.seed)
@@ -544,7 +548,9 @@ class Trainer:
         lr = self.cfg.learning_rate * lr_multiplier(self.cfg, last_step, self.budget.done(last_step))
         run_log.evaluation(p.iter, losses, p.best_val_loss, new_best, lr, self.budget.elapsed(),
                            scoring_s)
-        # The metrics row and loss.png count as the evaluation's time too.
+        if self.on_evaluation is not None:
+            self.on_evaluation(self.model, p.iter, losses)
+        # The metrics row, loss.png and on_evaluation count as the evaluation's time too.
         self.budget.eval_s = time.perf_counter() - start
         p.evaluated, p.elapsed_s = True, self.budget.elapsed()
         self.save(LATEST)  # first: a run directory with any checkpoint has a latest one
