@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 import torch
 
-from . import __version__, checkpoint, data, finetune, hardware
+from . import __version__, checkpoint, data, distributed, finetune, hardware
 from .config import (
     EXPORT_FORMATS,
     HELP_GROUPS,
@@ -148,59 +148,78 @@ def _train(settings: dict[str, Any]) -> TrainResult:
     if requested.colab_drive:  # relative paths (and the default) land under MyDrive/smolgpt
         out_dir = colab_run_dir() / out_dir
     ensure_writable_dir(out_dir)
-    with RunLock(out_dir) as lock:
+    group = distributed.from_environment()  # one process, or one of torchrun's
+    with distributed.session(group, hardware.resolve_device(requested.device)) as device:
+        # Rank 0 holds the run directory's lock, and checks the run and builds the token
+        # cache before the others read them.
+        with RunLock(out_dir) if group.is_main else contextlib.nullcontext() as lock:
+            cfg, tokens, resume_from = group.main_first(
+                lambda: _prepare_run(settings, requested, source, out_dir, lock, group))
+            samples = None
+            if cfg.sample_every and group.is_main:
+                samples = EvaluationSamples(out_dir, tokens.tokenizer, cfg)
+            trainer = Trainer(cfg, tokens, out_dir, device, resume_from,
+                              init_weights=source.module.state_dict() if source else None,
+                              on_evaluation=samples, group=group)
+            progress = trainer.run()
+    return TrainResult(out_dir=out_dir, iterations=progress.iter,
+                       best_val_loss=progress.best_val_loss,
+                       last_val_loss=progress.last_val_loss, elapsed_s=progress.elapsed_s)
+
+
+def _prepare_run(settings: dict[str, Any], requested: TrainConfig,
+                 source: Optional[finetune.Source], out_dir: Path, lock: Optional[RunLock],
+                 group: distributed.Group) -> tuple[TrainConfig, data.TokenData, Optional[dict]]:
+    """Check the run directory and the text, and read them: (the run's config, its tokens,
+    the checkpoint it resumes or None). Only rank 0 (which holds the lock) changes anything
+    on disk: stale temporaries, a run moved aside, config.json."""
+    if group.is_main:
         clean_stale_temporaries(out_dir)
-        resume_from, cfg = None, requested
-        if requested.resume:
-            resume_from, cfg = _resumable(out_dir, settings)
-        elif (out_dir / LATEST).exists() and not requested.overwrite:
-            # A run exists once it has a latest checkpoint (saved before any best one); a
-            # directory killed before that holds nothing worth keeping and starts afresh.
-            raise SmolGPTError(
-                f"{out_dir} already holds a run ({LATEST}); pass --resume to continue it, "
-                "--overwrite to start afresh (the old run is moved aside), or choose another "
-                "--out_dir"
-            )
-        # A fine-tuning run reads its text with its source's tokenizer, on resume too.
-        tokenizer = None
-        if source is not None:
-            tokenizer = source.tokenizer
-        elif resume_from is not None and cfg.init_from:
-            tokenizer = tokenizer_from_dict(resume_from["tokenizer"])
-        tokens = data.prepare(data.resolve_corpus(cfg.data, cfg.encoding), cfg.level,
-                              cfg.min_word_freq, tokenizer)
-        data.check_long_enough(tokens, cfg.block_size)
-        log.info(tokens.summary())
-        for warning in (tokens.unk_warning(), tokens.dropped_warning()):
-            if warning:
-                log.warning(warning)
-        if resume_from is not None and resume_from.get("data", {}).get("fingerprint") != tokens.fingerprint:
-            raise SmolGPTError(
-                f"--data {cfg.data} is not the text this run was trained on; pass the "
-                "original text, or start a new run in another --out_dir"
-            )
-        if resume_from is not None and resume_from["tokenizer"] != tokens.tokenizer.to_dict():
-            # The same text, read by another smolgpt version (0.5 normalises line endings
-            # and quotes): ids would no longer mean what the model learned.
-            raise SmolGPTError(
-                f"this smolgpt reads {cfg.data} into another vocabulary than the one the run "
-                f"in {out_dir} was trained with (written by an older smolgpt?); start a new "
-                "run with --overwrite or another --out_dir"
-            )
+    resume_from, cfg = None, requested
+    if requested.resume:
+        resume_from, cfg = _resumable(out_dir, settings)
+    elif (out_dir / LATEST).exists() and not requested.overwrite:
+        # A run exists once it has a latest checkpoint (saved before any best one); a
+        # directory killed before that holds nothing worth keeping and starts afresh.
+        raise SmolGPTError(
+            f"{out_dir} already holds a run ({LATEST}); pass --resume to continue it, "
+            "--overwrite to start afresh (the old run is moved aside), or choose another "
+            "--out_dir"
+        )
+    # A fine-tuning run reads its text with its source's tokenizer, on resume too.
+    tokenizer = None
+    if source is not None:
+        tokenizer = source.tokenizer
+    elif resume_from is not None and cfg.init_from:
+        tokenizer = tokenizer_from_dict(resume_from["tokenizer"])
+    tokens = data.prepare(data.resolve_corpus(cfg.data, cfg.encoding), cfg.level,
+                          cfg.min_word_freq, tokenizer)
+    data.check_long_enough(tokens, cfg.block_size)
+    log.info(tokens.summary())
+    for warning in (tokens.unk_warning(), tokens.dropped_warning()):
+        if warning:
+            log.warning(warning)
+    if resume_from is not None and resume_from.get("data", {}).get("fingerprint") != tokens.fingerprint:
+        raise SmolGPTError(
+            f"--data {cfg.data} is not the text this run was trained on; pass the "
+            "original text, or start a new run in another --out_dir"
+        )
+    if resume_from is not None and resume_from["tokenizer"] != tokens.tokenizer.to_dict():
+        # The same text, read by another smolgpt version (0.5 normalises line endings
+        # and quotes): ids would no longer mean what the model learned.
+        raise SmolGPTError(
+            f"this smolgpt reads {cfg.data} into another vocabulary than the one the run "
+            f"in {out_dir} was trained with (written by an older smolgpt?); start a new "
+            "run with --overwrite or another --out_dir"
+        )
+    if group.is_main:
         if requested.overwrite and (out_dir / LATEST).exists():  # only once the text is good
             log.info("--overwrite: moved the previous run to %s", _move_aside(out_dir, lock))
         if source is not None:
             log.info(finetune.describe(source, cfg, settings))
         log.info(describe_settings(cfg))
         write_run_config(out_dir, cfg)
-        samples = EvaluationSamples(out_dir, tokens.tokenizer, cfg) if cfg.sample_every else None
-        trainer = Trainer(cfg, tokens, out_dir, hardware.resolve_device(cfg.device), resume_from,
-                          init_weights=source.module.state_dict() if source else None,
-                          on_evaluation=samples)
-        progress = trainer.run()
-    return TrainResult(out_dir=out_dir, iterations=progress.iter,
-                       best_val_loss=progress.best_val_loss,
-                       last_val_loss=progress.last_val_loss, elapsed_s=progress.elapsed_s)
+    return cfg, tokens, resume_from
 
 
 class EvaluationSamples:

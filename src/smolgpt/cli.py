@@ -40,7 +40,7 @@ from .config import (
     TrainConfig,
     default_text,
 )
-from .errors import SmolGPTError
+from .errors import Relayed, SmolGPTError
 from .files import atomic_write_text, read_user_text
 
 log = logging.getLogger("smolgpt")
@@ -231,14 +231,21 @@ def run_train(explicit: dict[str, Any], args: Sequence[str], launcher: Launcher)
     from .api import train
     from .training import TrainingInterrupted
 
+    from .distributed import from_environment
+
+    main_rank = from_environment().is_main  # under torchrun, rank 0 alone reports
     start = time.perf_counter()
     try:
         result = train(**explicit)
     except TrainingInterrupted as stop:
+        if not main_rank:
+            return stop.exit_code
         resume = launcher.command("train", resume_args(args))
         print(f"{stop}: saved {stop.out_dir / 'latest_model.pth'}. Resume with: {resume}",
               file=sys.stderr)
         return stop.exit_code
+    if not main_rank:
+        return 0
     sample = launcher.command("generate", [str(result.best_checkpoint)])
     print(
         f"done: {result.iterations} iterations in {time.perf_counter() - start:.1f}s, best val "
@@ -453,7 +460,8 @@ def main(argv: Optional[Sequence[str]] = None, launcher: Launcher = SMOLGPT) -> 
                               args["overwrite"], launcher)
         return run_generate(args.pop("checkpoint"), args)
     except SmolGPTError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not isinstance(exc, Relayed):  # (rank 0's, which rank 0 reported)
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

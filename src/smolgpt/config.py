@@ -274,6 +274,10 @@ class TrainConfig(ModelShape):
                      "Precision); --no-amp: float32 everywhere", "system")
     device: str = _opt("auto", "where to train", "system", choices=DEVICES)
     compile: bool = _opt(False, "torch.compile the model (slow start, can be faster)", "system")
+    gradient_checkpointing: bool = _opt(
+        False, "recompute each block's activations in the backward pass instead of keeping "
+        "them: less memory (longer contexts, bigger models), about a third more compute",
+        "system")
     seed: int = _opt(1337, "random seed", "system")
     resume: bool = _opt(False, "continue from latest_model.pth in the run directory", "system")
     overwrite: bool = _opt(

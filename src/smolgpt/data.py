@@ -672,18 +672,25 @@ def check_long_enough(data: TokenData, block_size: int) -> None:
 
 
 class BatchSampler:
-    """Random contiguous windows (x, y = x shifted by one) from a token array."""
+    """Random contiguous windows (x, y = x shifted by one) from a token array.
+
+    Under distributed training (rank of world_size processes) every process draws the same
+    world_size x batch_size window positions from the same seeded stream and keeps its own
+    batch_size of them: rank r's micro-batch is the r-th of world_size consecutive ones, so
+    world_size processes see exactly the batches one process sees with world_size times the
+    gradient accumulation, and the stream's state is the same on every rank."""
 
     def __init__(self, ids: np.ndarray, block_size: int, batch_size: int, seed: int,
-                 device: torch.device):
+                 device: torch.device, rank: int = 0, world_size: int = 1):
         self.ids, self.block_size, self.batch_size = ids, block_size, batch_size
-        self.device = device
+        self.device, self.rank, self.world_size = device, rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(
-            len(self.ids) - self.block_size, (self.batch_size,), generator=self.generator
-        )
+            len(self.ids) - self.block_size, (self.world_size * self.batch_size,),
+            generator=self.generator,
+        )[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         windows = np.stack([self.ids[s : s + self.block_size + 1] for s in starts.tolist()])
         batch = torch.from_numpy(windows.astype(np.int64))
         if self.device.type == "cuda":  # page-locked memory lets the copy overlap compute

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .config import TrainConfig
+from .distributed import Group
 from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -46,11 +47,14 @@ class RunLog:
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: Path, flops_per_token: float,
-                 peak_flops: float, iteration: int = 0, elapsed: float = 0.0):
-        self.cfg, self.path = cfg, Path(out_dir) / METRICS
+                 peak_flops: float, iteration: int = 0, elapsed: float = 0.0,
+                 group: Group = Group()):
+        self.cfg, self.path, self.group = cfg, Path(out_dir) / METRICS, group
         self.start_iteration, self.start_elapsed = iteration, elapsed
-        self.tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        # Every rank's tokens (the global batch), over every rank's devices.
+        self.tokens_per_step = (cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+                                * group.world_size)
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops * group.world_size
         self.file = None
         self.bar: Optional[tqdm] = None
         self.window_start, self.window_steps = time.perf_counter(), 0  # since the last eval
@@ -61,6 +65,8 @@ class RunLog:
         self.purge_from: Optional[int] = None  # the first step a resumed run logs again
 
     def __enter__(self) -> "RunLog":
+        if not self.group.is_main:  # rank 0 alone reports and writes
+            return self
         if self.cfg.plot:
             self._prepare_plots()
         if self.cfg.tensorboard:
@@ -77,7 +83,8 @@ class RunLog:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.board is not None:
             self.board.close()
         if self.bar is not None:
@@ -88,7 +95,7 @@ class RunLog:
         its checkpoint leaves one), so that every row is written exactly once (and TensorBoard
         forgets those steps too). Call before entering."""
         self.purge_from = iteration + 1 if evaluated else iteration
-        if not self.path.exists():
+        if not self.group.is_main or not self.path.exists():
             return
         rows = [line for line in self.path.read_text().splitlines() if line.strip()]
         keep = [r for r in rows if json.loads(r)["iter"] < iteration
@@ -109,7 +116,9 @@ class RunLog:
         self.loss_count += 1
         mean_loss = None
         if iteration % self.cfg.log_interval == 0:
-            mean_loss = self.loss_sum.item() / self.loss_count
+            # Under distributed training, the mean over every rank's batches.
+            (loss_sum,) = self.group.sum([self.loss_sum.item()])
+            mean_loss = loss_sum / self.group.world_size / self.loss_count
             self.loss_sum, self.loss_count = None, 0
             self._progress_line(iteration, mean_loss, lr, elapsed)
         self._move_bar(elapsed if self.cfg.time_budget else iteration)
@@ -162,6 +171,9 @@ class RunLog:
         bpc = losses.get("val_bits_per_char")
         if bpc is not None:
             row["val_bits_per_char"] = round(bpc, 6)
+        if not self.group.is_main:
+            self.window_start, self.window_steps = time.perf_counter(), 0
+            return row
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         log.info("eval @ iter %d: train %.4f, val %.4f%s%s", iteration, row["train_loss"],

@@ -20,23 +20,29 @@ text) are :func:`smolgpt.train`'s; a Trainer assumes its run directory exists an
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import inspect
+import json
 import logging
 import math
 import os
 import signal
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__, checkpoint, hardware
 from .config import TrainConfig
 from .data import BatchSampler, TokenData
+from .distributed import Group
 from .errors import SmolGPTError
 from .evaluate import bits_per_char, score_windows, window_starts
 from .model import GPT
@@ -266,18 +272,25 @@ class Trainer:
     start from instead of the random initialisation (fine-tuning, --init_from).
     on_evaluation(model, iteration, losses): called after every evaluation is recorded (its
     time counts as the evaluation's); --sample_every's samples come from there.
+
+    group: this process's place in a distributed run (see ``distributed.py``): the model is
+    then wrapped in DistributedDataParallel, each rank trains on its own micro-batches and
+    evaluates its share of the windows, rank 0 alone writes and decides when to stop.
     """
 
     def __init__(self, cfg: TrainConfig, data: TokenData, out_dir: Path, device: torch.device,
                  resume_from: Optional[dict] = None, init_weights: Optional[dict] = None,
-                 on_evaluation: Optional[Callable[[GPT, int, dict], None]] = None):
+                 on_evaluation: Optional[Callable[[GPT, int, dict], None]] = None,
+                 group: Group = Group()):
         clock_start = time.perf_counter()
-        self.on_evaluation = on_evaluation
+        self.on_evaluation, self.group = on_evaluation, group
         self.cfg, self.data, self.out_dir, self.device = cfg, data, Path(out_dir), device
         hardware.configure_backends(device)
-        torch.manual_seed(cfg.seed)
+        # Each rank its own dropout masks; rank 0 (and a single process) those of the seed.
+        torch.manual_seed(cfg.seed + group.rank)
         self.model_config = cfg.model_config(data.tokenizer.vocab_size)
         self.model = GPT(self.model_config).to(device)
+        self.model.gradient_checkpointing = cfg.gradient_checkpointing
         if init_weights is not None:
             # After the random initialisation all the same, so that the RNG streams (dropout)
             # are those of any run with this seed.
@@ -286,13 +299,28 @@ class Trainer:
         self.precision = hardware.precision_policy(device, cfg.amp)
         self.optimizers = make_optimizers(self.model, cfg, device, self.precision.muon_dtype)
         self.scaler = torch.amp.GradScaler(device.type) if self.precision.needs_grad_scaler else None
-        self.sampler = BatchSampler(data.train, cfg.block_size, cfg.batch_size, cfg.seed, device)
+        self.sampler = BatchSampler(data.train, cfg.block_size, cfg.batch_size, cfg.seed, device,
+                                    group.rank, group.world_size)
         self.progress = Progress()
+        self.diverged = False  # a non-finite loss met (see _lose_finiteness)
         if resume_from is not None:
             self._restore(resume_from)
         self.budget = Budget(cfg, clock_start, self.progress.elapsed_s,
                              self.progress.extended_at)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        # DDP averages the ranks' gradients in the backward pass (and copies rank 0's weights
+        # to the others here). The rotary tables are constants: no need to send them along
+        # before every forward pass (newer torch names that setting differently).
+        self.replicated = self.model
+        if group.distributed:
+            no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                              inspect.signature(DistributedDataParallel).parameters
+                              else {"broadcast_buffers": False})
+            self.replicated = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                **no_buffer_sync)
+        self.forward = torch.compile(self.replicated) if cfg.compile else self.replicated
+        # Evaluations need no gradients, so no DDP: each rank scores its own windows.
+        self.eval_forward = self.forward if not group.distributed else self.model
 
     # ----------------------------------------------------------------- state
 
@@ -313,9 +341,14 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress(**ckpt["progress"])
         rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"])
-        if self.device.type == "cuda" and rng.get("cuda"):
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        # A rank without a saved state (the run was saved with fewer ranks) keeps its seed.
+        by_rank = rng.get("torch_ranks") or [rng["torch"]]
+        if self.group.rank < len(by_rank):
+            torch.set_rng_state(by_rank[self.group.rank])
+        cuda_by_rank = rng.get("cuda_ranks") or [rng.get("cuda")]
+        if self.device.type == "cuda" and self.group.rank < len(cuda_by_rank) \
+                and cuda_by_rank[self.group.rank]:
+            torch.cuda.set_rng_state(cuda_by_rank[self.group.rank][0], self.device)
         self.sampler.load_state_dict(rng["sampler"])
         self._continue_schedule(ckpt.get("train_config") or {})
 
@@ -336,8 +369,11 @@ class Trainer:
             p.extended_at = [p.iter, p.elapsed_s, decay_share(old, done)]
 
     def state(self) -> dict:
-        """The checkpoint dictionary for the run as it stands now."""
+        """The checkpoint dictionary for the run as it stands now (every rank's RNG states
+        gathered: a collective, which every rank calls)."""
         cuda = self.device.type == "cuda"
+        torch_ranks = self.group.gather(torch.get_rng_state())
+        cuda_ranks = self.group.gather([torch.cuda.get_rng_state(self.device)] if cuda else [])
         return {
             "model_config": dataclasses.asdict(self.model_config),
             "tokenizer": self.data.tokenizer.to_dict(),
@@ -348,9 +384,12 @@ class Trainer:
             "progress": dataclasses.asdict(
                 dataclasses.replace(self.progress, done=self.budget.done(self.progress.iter))),
             "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if cuda else [],
-                "sampler": self.sampler.state_dict(),
+                "torch": torch_ranks[0],
+                "cuda": cuda_ranks[0],
+                "sampler": self.sampler.state_dict(),  # the same on every rank
+                # Each rank's own, for a resumed distributed run.
+                "torch_ranks": torch_ranks,
+                "cuda_ranks": cuda_ranks,
             },
             "data": {"fingerprint": self.data.fingerprint, "source": self.data.source},
             # What wrote the file, for `smolgpt info` (absent before smolgpt 0.7).
@@ -360,11 +399,15 @@ class Trainer:
                 "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "device": self.device.type,
                 "precision": self.precision.describe(),
+                "world_size": self.group.world_size,
             },
         }
 
     def save(self, name: str) -> None:
-        checkpoint.save(self.out_dir / name, self.state())
+        """Write the checkpoint name (rank 0; every rank calls it, see state)."""
+        state = self.state()
+        if self.group.is_main:
+            checkpoint.save(self.out_dir / name, state)
 
     # ----------------------------------------------------------------- steps
 
@@ -375,12 +418,17 @@ class Trainer:
         set_learning_rates(self.optimizers, self.cfg, lr_multiplier)
         steps = self.cfg.gradient_accumulation_steps
         total = torch.zeros((), device=self.device)
-        for _ in range(steps):
+        for micro in range(steps):
             x, y = self.sampler.next()
-            with self.precision.autocast():
-                _, loss = self.forward(x, y)
-            loss = loss / steps
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            # Under DDP the ranks' gradients are averaged once, in the last micro-batch's
+            # backward pass: the earlier ones only accumulate locally.
+            last = micro == steps - 1
+            with contextlib.nullcontext() if last or not self.group.distributed \
+                    else self.replicated.no_sync():
+                with self.precision.autocast():
+                    _, loss = self.forward(x, y)
+                loss = loss / steps
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         if self.scaler:
             for optimizer in self.optimizers:
@@ -414,16 +462,21 @@ class Trainer:
         if stop is not None:
             stop.evaluating = True
         block, most = self.cfg.block_size, self.cfg.eval_iters * self.cfg.batch_size
+        group = self.group
+        # A distributed evaluation is never abandoned: the other ranks would wait for it.
+        should_stop = None if stop is None or group.distributed else (
+            lambda: stop.signum is not None)
         try:
             out = {}
             for split, ids in (("train", self.data.train), ("val", self.data.val)):
-                scored = score_windows(
-                    self.forward, ids, block, window_starts(len(ids), block, most),
-                    self.cfg.batch_size, self.device, self.precision.autocast,
-                    None if stop is None else (lambda: stop.signum is not None))
+                # Each rank scores its share of the windows; the sums are added up.
+                starts = window_starts(len(ids), block, most)[group.rank::group.world_size]
+                scored = score_windows(self.eval_forward, ids, block, starts, self.cfg.batch_size,
+                                       self.device, self.precision.autocast, should_stop)
                 if scored is None:
                     return None
-                out[split] = scored[0] / scored[1]
+                nats, count = group.sum(list(scored), self.device)
+                out[split] = nats / count
             if self.data.val_chars:
                 out["val_bits_per_char"] = bits_per_char(
                     out["val"], len(self.data.val) - 1, self.data.val_unk_bytes,
@@ -443,16 +496,27 @@ class Trainer:
                  self.model.num_parameters() / 1e6, self.cfg.n_layer, self.cfg.n_head,
                  self.cfg.n_embd, self.cfg.block_size, self.device.type,
                  self.precision.describe())
+        group = self.group
+        if group.distributed:
+            cfg = self.cfg
+            sequences = cfg.batch_size * cfg.gradient_accumulation_steps * group.world_size
+            log.info("distributed: %d ranks (%s); global batch %d sequences = %d per "
+                     "micro-batch x %d accumulation x %d ranks, %d tokens a step",
+                     group.world_size, "NCCL" if self.device.type == "cuda" else "Gloo",
+                     sequences, cfg.batch_size, cfg.gradient_accumulation_steps,
+                     group.world_size, sequences * cfg.block_size)
         run_log = RunLog(self.cfg, self.out_dir, self.model.estimate_flops_per_token(),
                          hardware.peak_flops(self.device, self.precision),
-                         iteration=p.iter, elapsed=p.elapsed_s)
+                         iteration=p.iter, elapsed=p.elapsed_s, group=group)
         run_log.rewind(p.iter, p.evaluated)
         self.model.train()
         with run_log, _SignalFlag() as stop:
             while True:
-                finished = self.budget.finished(p.iter)
+                finished = self._agree(self.budget.finished(p.iter), stop)
+                if stop.signum is not None:  # after a step, or at the start
+                    raise self._save_interrupted(stop.signum)
                 if (finished or self._evaluation_due()) and not p.evaluated:
-                    finished = self._evaluate_and_save(run_log, stop)
+                    finished = self._agree(self._evaluate_and_save(run_log, stop), stop)
                     if 0 < self.cfg.early_stop_patience <= p.evals_since_best:
                         log.info("early stop: no new best val loss in %d evaluations",
                                  self.cfg.early_stop_patience)
@@ -461,9 +525,22 @@ class Trainer:
                     run_log.finish()
                     break
                 self._step(run_log)
-                if stop.signum is not None:
-                    raise self._save_interrupted(stop.signum)
+        if group.distributed:
+            log.info("the %d ranks held identical weights at every evaluation",
+                     group.world_size)
         return p
+
+    def _agree(self, finished: bool, stop: _SignalFlag) -> bool:
+        """Whether training ends now, as rank 0 decides it; a signal any rank received
+        becomes every rank's, and a non-finite loss any rank met ends them all (one
+        collective under distributed training; in one process, finished as it is)."""
+        finished, signum, diverged = self.group.agree(finished, stop.signum or 0,
+                                                      int(self.diverged), device=self.device)
+        if diverged:
+            raise self._diverged()
+        if signum and stop.signum is None:
+            stop.signum = signum
+        return finished
 
     def _save_interrupted(self, signum: int) -> TrainingInterrupted:
         """Save the run as it stands, for --resume to carry on from, and return the
@@ -487,7 +564,7 @@ class Trainer:
         # Reading a loss makes the host wait for the device. On a CPU that costs nothing, so
         # every step is checked; elsewhere only at progress lines.
         if self.device.type == "cpu" and not math.isfinite(loss.item()):
-            raise self._diverged()
+            self._lose_finiteness()
         self.budget.add_step(time.perf_counter() - start)
         if self.budget.steps == 1 and self.budget.eval_s is None:
             # No evaluation timed yet: time one evaluation batch for the estimate of the
@@ -500,7 +577,7 @@ class Trainer:
         reported = run_log.step(p.iter, loss, self.cfg.learning_rate * multiplier,
                                 self.budget.elapsed())
         if reported is not None and not math.isfinite(reported):
-            raise self._diverged()
+            self._lose_finiteness()
 
     @torch.no_grad()
     def _time_eval_batch(self) -> float:
@@ -514,7 +591,7 @@ class Trainer:
         for _ in range(2):
             start = time.perf_counter()
             with self.precision.autocast():
-                _, loss = self.forward(x, y)
+                _, loss = self.eval_forward(x, y)
             loss.item()  # waits for the device
             times.append(time.perf_counter() - start)
         self.model.train()
@@ -553,10 +630,30 @@ class Trainer:
         # The metrics row, loss.png and on_evaluation count as the evaluation's time too.
         self.budget.eval_s = time.perf_counter() - start
         p.evaluated, p.elapsed_s = True, self.budget.elapsed()
+        self._check_replicas()
         self.save(LATEST)  # first: a run directory with any checkpoint has a latest one
         if new_best:
             self.save(BEST)
         return self.budget.finished(p.iter)
+
+    def _lose_finiteness(self) -> None:
+        """A non-finite loss: stop now, or under distributed training at the next
+        agreement, together with the other ranks."""
+        self.diverged = True
+        if not self.group.distributed:
+            raise self._diverged()
+
+    def _check_replicas(self) -> None:
+        """Under distributed training, check that every rank holds the same weights (DDP
+        and a deterministic optimiser keep them so; a difference is a bug, not noise)."""
+        if not self.group.distributed:
+            return
+        crcs = checkpoint.checksums({"model": self.model.state_dict()})
+        digest = zlib.crc32(json.dumps(crcs, sort_keys=True).encode())
+        digests = self.group.gather(digest)
+        if len(set(digests)) > 1:
+            raise SmolGPTError(f"the ranks' weights differ at iteration {self.progress.iter} "
+                               f"(checksums {digests}): please report this as a bug")
 
     def _diverged(self) -> TrainingDiverged:
         return TrainingDiverged(

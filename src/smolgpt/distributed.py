@@ -1,0 +1,177 @@
+"""Training on several processes at once: PyTorch's own engine, launched by ``torchrun``.
+
+``torchrun --nproc_per_node=N train.py ...`` starts N copies of the same command and tells
+each, through environment variables, who it is: ``RANK`` (0 .. WORLD_SIZE-1 over all
+machines), ``LOCAL_RANK`` (its place on this machine: which GPU it drives) and
+``WORLD_SIZE``. smolgpt reads them (:func:`from_environment`); with WORLD_SIZE > 1 each
+process joins a process group (NCCL between GPUs, Gloo between CPUs) and the trainer wraps
+its model in ``DistributedDataParallel``, which averages the gradients of all processes
+during the backward pass, so every process takes the same optimiser step.
+
+Who does what:
+
+- every rank trains on its own micro-batches and evaluates its share of the windows;
+- rank 0 alone writes (checkpoints, metrics, plots, progress, logs) and decides when training
+  ends (its clock keeps --time_budget); :meth:`Group.agree` tells the others, once a step;
+- a signal to any rank stops them all at the same step, and a rank that dies takes the
+  others down with an error, not a hang (its sockets close; a silent one is caught by
+  PEER_TIMEOUT).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import Relayed, SmolGPTError
+
+# How long a rank waits for the others at one collective before it gives up: long enough
+# for rank 0 to tokenize a large corpus or save a large checkpoint meanwhile.
+PEER_TIMEOUT = datetime.timedelta(minutes=10)
+
+T = TypeVar("T")
+
+
+class PeerLost(SmolGPTError):
+    """Another rank stopped answering (it died, or its machine did)."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place among the processes of a run (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes and decides."""
+        return self.rank == 0
+
+    # ------------------------------------------------------------- collectives
+    # Each is a no-op in a single process, and must be called by every rank in the same
+    # order. Errors from a lost peer become PeerLost (one line, not a traceback).
+
+    def agree(self, decided_by_main: bool, *any_rank: int,
+              device: torch.device = None) -> tuple[bool, ...]:
+        """(rank 0's decided_by_main, then the largest of each any_rank value over all
+        ranks): one small all-reduce, once a step (whether training ends now; a signal, a
+        non-finite loss that any rank met)."""
+        if not self.distributed:
+            return (decided_by_main, *any_rank)
+        flags = torch.tensor([int(decided_by_main) if self.is_main else 0, *any_rank],
+                             dtype=torch.int64, device=device)
+        self._call(dist.all_reduce, flags, op=dist.ReduceOp.MAX)
+        return (bool(flags[0]), *(int(f) for f in flags[1:]))
+
+    def sum(self, values: list[float], device: torch.device = None) -> list[float]:
+        """values summed over all ranks, in float64."""
+        if not self.distributed:
+            return values
+        total = torch.tensor(values, dtype=torch.float64, device=device)
+        self._call(dist.all_reduce, total)
+        return total.tolist()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's obj, in rank order (picklable Python objects)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        self._call(dist.all_gather_object, out, obj)
+        return out
+
+    def main_first(self, work: Callable[[], T]) -> T:
+        """work() on rank 0, then on the others: rank 0 checks the run and builds the token
+        cache before the others read it. A SmolGPTError on rank 0 is raised on every rank
+        (with rank 0's message) instead of leaving them waiting."""
+        if not self.distributed:
+            return work()
+        failure = None
+        if self.is_main:
+            try:
+                result = work()
+            except SmolGPTError as exc:
+                failure = exc
+        message = [str(failure) if failure else None]
+        self._call(dist.broadcast_object_list, message, src=0)
+        if failure is not None:
+            raise failure
+        if message[0] is not None:
+            raise Relayed(message[0])
+        return result if self.is_main else work()
+
+    def _call(self, collective: Callable, *args, **kwargs) -> None:
+        try:
+            collective(*args, **kwargs)
+        except (RuntimeError, dist.DistError) as exc:  # gloo and NCCL raise either
+            raise self.lost(exc) from None
+
+    def lost(self, exc: BaseException) -> PeerLost:
+        """The error that ends a rank that lost the others."""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return PeerLost(f"rank {self.rank} of {self.world_size} lost contact with the other "
+                        f"ranks ({first[:200]}): another rank has stopped; see its output")
+
+
+def from_environment() -> Group:
+    """This process's Group, from the variables torchrun sets (none: one process)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise SmolGPTError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (torchrun sets "
+                           "them): unset them to train in one process") from None
+    if world < 1 or not 0 <= rank < world:
+        raise SmolGPTError(f"RANK {rank} does not fit WORLD_SIZE {world}: launch with "
+                           "torchrun, or unset them to train in one process")
+    return Group(rank, local, world)
+
+
+@contextlib.contextmanager
+def session(group: Group, device: torch.device) -> Iterator[torch.device]:
+    """Join the run's process group for the duration (NCCL on CUDA, Gloo on CPU) and yield
+    this rank's device: its own GPU (cuda:LOCAL_RANK), or the CPU. Ranks other than 0 log
+    errors only, so that a line is printed once, by rank 0. One process: yields device."""
+    if not group.distributed:
+        yield device
+        return
+    if device.type == "cuda":
+        if group.local_rank >= torch.cuda.device_count():
+            raise SmolGPTError(f"LOCAL_RANK {group.local_rank} but {torch.cuda.device_count()} "
+                               "GPU(s) here: --nproc_per_node at most the number of GPUs")
+        device = torch.device("cuda", group.local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    elif device.type == "cpu":
+        backend = "gloo"
+    else:
+        raise SmolGPTError(f"distributed training runs on CUDA or on CPUs, not {device.type}: "
+                           "pass --device cpu")
+    package = logging.getLogger("smolgpt")
+    level = package.level
+    if not group.is_main:
+        package.setLevel(logging.ERROR)
+    try:
+        dist.init_process_group(backend, rank=group.rank, world_size=group.world_size,
+                                timeout=PEER_TIMEOUT, device_id=device if backend == "nccl" else None)
+    except (RuntimeError, ValueError, dist.DistError) as exc:
+        package.setLevel(level)
+        raise group.lost(exc) from None
+    try:
+        yield device
+    finally:
+        package.setLevel(level)
+        dist.destroy_process_group()
