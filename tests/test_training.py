@@ -96,3 +96,20 @@ def test_a_long_run_on_a_cpu_suggests_a_shorter_one():
     assert lines[0].startswith("projected training time: 5h") and "early stopping" in lines[0]
     assert len(lines) == 2 and "--preset micro" in lines[1] and "--time_budget" in lines[1]
     assert len(projection(b, 3, torch.device("cuda"))) == 1  # the suggestion is for CPUs
+
+
+def test_a_repeated_signal_counts_as_a_second_request_only_after_a_grace_period(monkeypatch):
+    """Under torchrun one Ctrl-C reaches a rank twice (from the terminal, then forwarded):
+    a repeat within REPEAT_GRACE_S is ignored; a later one stops at once."""
+    import os
+    import signal
+
+    from smolgpt.training import _SignalFlag
+
+    with _SignalFlag() as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the forwarded copy
+        assert flag.signum == signal.SIGINT
+        monkeypatch.setattr(_SignalFlag, "REPEAT_GRACE_S", 0.0)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)

@@ -187,6 +187,18 @@ class Launcher:
         """The command line of `name` ("train" or "generate") with args, quoted for a shell."""
         return shlex.join([*getattr(self, name), *args])
 
+    def under_torchrun(self) -> "Launcher":
+        """The commands to start training the way torchrun started it: on one machine with
+        its LOCAL_WORLD_SIZE processes; on several, "torchrun ..." (each node's options, as
+        it was launched)."""
+        world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_WORLD_SIZE", "1")
+        head = ["torchrun", "--standalone", f"--nproc_per_node={local}"]
+        if world != local:
+            head = ["torchrun", "..."]
+        script = self.train[-1]
+        program = [script] if script.endswith(".py") else ["-m", "smolgpt", "train"]
+        return dataclasses.replace(self, train=(*head, *program))
+
     @classmethod
     def subcommands(cls, *head: str) -> "Launcher":
         """`HEAD train ...` and `HEAD generate ...`."""
@@ -229,22 +241,23 @@ def resume_args(args: Sequence[str]) -> list[str]:
 def run_train(explicit: dict[str, Any], args: Sequence[str], launcher: Launcher) -> int:
     """Train with the parsed flags; args (as typed) and launcher make the printed commands."""
     from .api import train
+    from .distributed import from_environment
     from .training import TrainingInterrupted
 
-    from .distributed import from_environment
-
-    main_rank = from_environment().is_main  # under torchrun, rank 0 alone reports
+    group = from_environment()  # under torchrun, rank 0 alone reports
     start = time.perf_counter()
     try:
         result = train(**explicit)
     except TrainingInterrupted as stop:
-        if not main_rank:
+        if not group.is_main:
             return stop.exit_code
+        if group.distributed:
+            launcher = launcher.under_torchrun()
         resume = launcher.command("train", resume_args(args))
         print(f"{stop}: saved {stop.out_dir / 'latest_model.pth'}. Resume with: {resume}",
               file=sys.stderr)
         return stop.exit_code
-    if not main_rank:
+    if not group.is_main:
         return 0
     sample = launcher.command("generate", [str(result.best_checkpoint)])
     print(

@@ -76,6 +76,19 @@ class Group:
         self._call(dist.all_reduce, flags, op=dist.ReduceOp.MAX)
         return (bool(flags[0]), *(int(f) for f in flags[1:]))
 
+    def from_main(self, value: float, device: torch.device = None) -> float:
+        """Rank 0's value, on every rank."""
+        if not self.distributed:
+            return value
+        shared = torch.tensor([value], dtype=torch.float64, device=device)
+        self._call(dist.broadcast, shared, src=0)
+        return float(shared[0])
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        if self.distributed:
+            self._call(dist.barrier)
+
     def sum(self, values: list[float], device: torch.device = None) -> list[float]:
         """values summed over all ranks, in float64."""
         if not self.distributed:
@@ -120,9 +133,11 @@ class Group:
 
     def lost(self, exc: BaseException) -> PeerLost:
         """The error that ends a rank that lost the others."""
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        # The first sentence: gloo and NCCL add paragraphs of guesses after it.
+        first = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
         return PeerLost(f"rank {self.rank} of {self.world_size} lost contact with the other "
-                        f"ranks ({first[:200]}): another rank has stopped; see its output")
+                        f"ranks ({first}): another rank has stopped; see its output")
 
 
 def from_environment() -> Group:

@@ -215,23 +215,33 @@ class _SignalFlag:
     instead of dying mid-step; a second signal stops at once. The training loop reads
     ``signum`` after each step, and an evaluation between its batches (it sets
     ``evaluating`` meanwhile, so that the warning says which will happen). Python lets only
-    the main thread handle signals: elsewhere this does nothing."""
+    the main thread handle signals: elsewhere this does nothing.
+
+    A repeat within REPEAT_GRACE_S of the first is not a second request: Ctrl-C reaches
+    every process of a torchrun launch from the terminal, and torchrun then forwards it."""
 
     # SIGHUP does not exist on Windows.
     SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
                     if hasattr(signal, name))
+    REPEAT_GRACE_S = 2.0
 
     def __init__(self):
-        self.signum: Optional[int] = None
+        self.signum: Optional[int] = None  # also set when another rank received one
+        self.received_at: Optional[float] = None  # when this process first received one
         self.evaluating = False
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame):
         if signum == getattr(signal, "SIGHUP", None):
             self._silence_closed_terminal()
-        if self.signum is not None:  # asked twice: the user means it
-            raise KeyboardInterrupt
-        self.signum = signum
+        now = time.monotonic()
+        if self.received_at is not None:
+            if now - self.received_at >= self.REPEAT_GRACE_S:  # asked twice: the user means it
+                raise KeyboardInterrupt
+            return
+        self.received_at = now
+        if self.signum is None:
+            self.signum = signum
         doing = "stopping the evaluation" if self.evaluating else "finishing this step"
         log.warning("%s received: %s and saving (again to stop at once)",
                     signal.Signals(signum).name, doing)
@@ -512,11 +522,11 @@ class Trainer:
         self.model.train()
         with run_log, _SignalFlag() as stop:
             while True:
-                finished = self._agree(self.budget.finished(p.iter), stop)
-                if stop.signum is not None:  # after a step, or at the start
-                    raise self._save_interrupted(stop.signum)
+                finished, signum = self._agree(self.budget.finished(p.iter), stop)
+                if signum:  # after a step, or at the start
+                    raise self._save_interrupted(signum)
                 if (finished or self._evaluation_due()) and not p.evaluated:
-                    finished = self._agree(self._evaluate_and_save(run_log, stop), stop)
+                    finished, _ = self._agree(self._evaluate_and_save(run_log, stop), stop)
                     if 0 < self.cfg.early_stop_patience <= p.evals_since_best:
                         log.info("early stop: no new best val loss in %d evaluations",
                                  self.cfg.early_stop_patience)
@@ -530,23 +540,26 @@ class Trainer:
                      group.world_size)
         return p
 
-    def _agree(self, finished: bool, stop: _SignalFlag) -> bool:
-        """Whether training ends now, as rank 0 decides it; a signal any rank received
-        becomes every rank's, and a non-finite loss any rank met ends them all (one
-        collective under distributed training; in one process, finished as it is)."""
+    def _agree(self, finished: bool, stop: _SignalFlag) -> tuple[bool, int]:
+        """(whether training ends now, as rank 0 decides it; the signal any rank had
+        received, 0 if none), the same on every rank: one collective under distributed
+        training (a signal that arrives after it waits for the next). A non-finite loss any
+        rank met ends them all."""
         finished, signum, diverged = self.group.agree(finished, stop.signum or 0,
                                                       int(self.diverged), device=self.device)
         if diverged:
             raise self._diverged()
         if signum and stop.signum is None:
             stop.signum = signum
-        return finished
+        return finished, signum
 
     def _save_interrupted(self, signum: int) -> TrainingInterrupted:
         """Save the run as it stands, for --resume to carry on from, and return the
         exception that ends it."""
         self.progress.elapsed_s = self.budget.elapsed()
         self.save(LATEST)
+        # No rank exits before rank 0 has saved: torchrun ends the others when one exits.
+        self.group.barrier()
         return TrainingInterrupted(signum, self.out_dir, self.progress.iter)
 
     def _evaluation_due(self) -> bool:
@@ -558,6 +571,8 @@ class Trainer:
     def _step(self, run_log: RunLog) -> None:
         p = self.progress
         multiplier = lr_multiplier(self.cfg, p.iter, self.budget.done(p.iter))
+        if self.cfg.time_budget:  # a schedule by time follows rank 0's clock on every rank
+            multiplier = self.group.from_main(multiplier, self.device)
         start = time.perf_counter()
         loss = self.train_step(multiplier)
         p.iter, p.evaluated = p.iter + 1, False

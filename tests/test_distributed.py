@@ -1,0 +1,202 @@
+"""Distributed training on CPUs: real processes started by the real torchrun, talking over
+Gloo on 127.0.0.1. Two processes match one process with twice the gradient accumulation;
+runs resume across world sizes; two torchrun launches act as two nodes; a signal to one
+rank stops them all at the same step; a rank killed outright takes the others down with an
+error, not a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from e2e import E2E_ROOT, E2EProcess, e2e_wait_for, unused_port
+
+import smolgpt
+from smolgpt import checkpoint
+
+pytestmark = pytest.mark.slow
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # what the torchrun command runs
+
+
+def torchrun(smol_cli, logs: Path, launch: list, *train_args, **kwargs) -> E2EProcess:
+    """torchrun LAUNCH train.py TRAIN_ARGS in the background, in smol_cli's environment."""
+    args = [*TORCHRUN, *launch, str(E2E_ROOT / "train.py"), *map(str, train_args)]
+    return E2EProcess(args, logs, env=smol_cli.env(), cwd=str(smol_cli.base), **kwargs)
+
+
+def two_ranks(smol_cli, tmp_path: Path, name: str, *train_args) -> E2EProcess:
+    return torchrun(smol_cli, tmp_path / "logs" / name, ["--standalone", "--nproc_per_node=2"],
+                    *smol_cli.train_args("char", tmp_path / name, *train_args))
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_curves(a: list[dict], b: list[dict]) -> None:
+    """The same evaluations, with losses equal but for the order of float sums (gradients
+    averaged by an all-reduce instead of accumulated in one process, scores summed over
+    ranks): 1e-4 is far below what one optimiser step changes."""
+    assert [r["iter"] for r in a] == [r["iter"] for r in b]
+    for key in ("train_loss", "val_loss", "val_bits_per_char"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], abs=1e-4), key
+
+
+def assert_no_traceback_of_ours(stderr: str) -> None:
+    """No traceback through smolgpt: when a rank exits non-zero (143 after SIGTERM, as one
+    process would), torchrun prints its own traceback (ChildFailedError), not ours."""
+    frames = [line for line in stderr.splitlines() if line.lstrip().startswith("File ")]
+    assert not [f for f in frames if "smolgpt" in f or "train.py" in f], stderr
+
+
+def workers(launcher: E2EProcess, count: int) -> dict[int, int]:
+    """{rank: pid} of the training processes torchrun started, once all are up."""
+    found: dict[int, int] = {}
+
+    def look() -> bool:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                environ = (proc / "environ").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == launcher.pid:
+                rank = next((e[5:] for e in environ if e.startswith(b"RANK=")), None)
+                if rank is not None:
+                    found[int(rank)] = int(proc.name)
+        return len(found) == count
+
+    e2e_wait_for(look, process=launcher, what="torchrun's workers")
+    return found
+
+
+def test_two_processes_train_as_one_with_twice_the_accumulation(smol_cli, tmp_path):
+    steps = ("--max_iters", "20")
+    pair = two_ranks(smol_cli, tmp_path, "pair", *steps)
+    single = smol_cli.run("train", *smol_cli.train_args(
+        "char", tmp_path / "single", *steps, "--gradient_accumulation_steps", "2"))
+    result = pair.wait(240)
+    assert result.returncode == 0, result.describe()
+    assert single.returncode == 0, single.describe()
+    # Muon (the nano preset's) kept the ranks' weights identical; one report, by rank 0.
+    assert "the 2 ranks held identical weights at every evaluation" in result.stderr
+    assert "global batch 16 sequences = 8 per micro-batch x 1 accumulation x 2 ranks" \
+        in result.stderr
+    assert result.stderr.count("done: 20 iterations") == 1
+    assert_same_curves(rows(tmp_path / "pair"), rows(tmp_path / "single"))
+    # One set of files, each written once.
+    assert sorted(p.name for p in (tmp_path / "pair").iterdir()) == [
+        ".lock", "best_model.pth", "config.json", "latest_model.pth", "metrics.jsonl"]
+    assert [r["iter"] for r in rows(tmp_path / "pair")] == [0, 10, 20]
+    # Its checkpoint is an ordinary one: one process loads it and samples.
+    ckpt = checkpoint.load(tmp_path / "pair" / "latest_model.pth")
+    assert ckpt["run_info"]["world_size"] == 2 and len(ckpt["rng"]["torch_ranks"]) == 2
+    text = smolgpt.load(tmp_path / "pair" / "best_model.pth", "cpu").generate("The", max_new_tokens=20)
+    assert text.startswith("The") and len(text) == 23
+
+
+def test_a_signal_to_one_rank_stops_all_and_the_run_resumes_at_any_world_size(smol_cli, tmp_path):
+    steps = ("--max_iters", "300", "--eval_interval", "50")
+    straight = two_ranks(smol_cli, tmp_path, "straight", *steps)
+    stopped = two_ranks(smol_cli, tmp_path, "stopped", *steps)
+    ranks = workers(stopped, 2)
+    e2e_wait_for(lambda: (tmp_path / "stopped" / "latest_model.pth").exists(), process=stopped,
+                 what="the first checkpoint")
+    time.sleep(0.3)  # a few steps on
+    os.kill(ranks[1], signal.SIGTERM)  # one rank only, not rank 0
+    result = stopped.wait(120)
+    assert result.returncode != 0, result.describe()
+    assert "interrupted by SIGTERM" in result.stderr, result.describe()
+    assert "Resume with: torchrun --standalone --nproc_per_node=2 " in result.stderr
+    assert_no_traceback_of_ours(result.stderr)
+    saved = checkpoint.load(tmp_path / "stopped" / "latest_model.pth")["progress"]["iter"]
+    assert 0 < saved < 300, saved
+
+    resumed = two_ranks(smol_cli, tmp_path, "stopped", *steps, "--resume").wait(240)
+    assert resumed.returncode == 0, resumed.describe()
+    done = straight.wait(240)
+    assert done.returncode == 0, done.describe()
+    # Every rank's RNG and the batch stream were saved: the resumed run is the straight one.
+    assert_same_curves(rows(tmp_path / "stopped"), rows(tmp_path / "straight"))
+
+    # And on in one process: its global batch is then half as large (the accumulation is
+    # part of what a run is, and resume keeps it).
+    single = smol_cli.run("train", *smol_cli.train_args(
+        "char", tmp_path / "stopped", "--max_iters", "350", "--eval_interval", "50",
+        "--resume"))
+    assert single.returncode == 0, single.describe()
+    assert rows(tmp_path / "stopped")[-1]["iter"] == 350
+    assert "global batch" not in single.stderr
+
+
+def test_two_launches_on_one_machine_act_as_two_nodes(smol_cli, tmp_path):
+    endpoint = f"127.0.0.1:{unused_port()}"
+    launches = [torchrun(smol_cli, tmp_path / "logs" / f"node{n}",
+                         ["--nnodes=2", "--nproc_per_node=1", f"--node_rank={n}",
+                          "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
+                          "--rdzv_id=smolgpt-test"],
+                         # Rank 0's clock ends the run for both: --time_budget is agreed.
+                         *smol_cli.train_args("char", tmp_path / "run", "--time_budget", "4",
+                                              "--max_iters", "100000"))
+                for n in (0, 1)]
+    results = [launch.wait(240) for launch in launches]
+    for result in results:
+        assert result.returncode == 0, result.describe()
+    assert sum(r.stderr.count("done: ") for r in results) == 1
+    assert "2 ranks (Gloo)" in "".join(r.stderr for r in results)
+    last = rows(tmp_path / "run")[-1]
+    assert last["iter"] > 0 and last["elapsed_s"] <= 12, last
+    assert checkpoint.load(tmp_path / "run" / "latest_model.pth")["progress"]["iter"] == last["iter"]
+
+
+def test_a_rank_killed_outright_ends_the_run_without_a_hang(smol_cli, tmp_path):
+    run = two_ranks(smol_cli, tmp_path, "run", "--max_iters", "100000", "--eval_interval", "50")
+    ranks = workers(run, 2)
+    e2e_wait_for(lambda: (tmp_path / "run" / "latest_model.pth").exists(), process=run,
+                 what="the first checkpoint")
+    os.kill(ranks[1], signal.SIGKILL)
+    result = run.wait(120)  # the launcher notices and ends rank 0: within seconds
+    assert result.returncode != 0, result.describe()
+    assert result.seconds < 100, result.describe()
+    # Rank 0 says why in one line, and what it saved before is intact.
+    assert "error: rank 0 of 2 lost contact with the other ranks (" in result.stderr, \
+        result.describe()
+    assert_no_traceback_of_ours(result.stderr)
+    checkpoint.load(tmp_path / "run" / "latest_model.pth")
+
+
+@pytest.mark.parametrize("signum,to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["ctrl-c", "sigterm-to-torchrun"])
+def test_a_signal_to_the_launch_stops_every_rank_at_one_step(smol_cli, tmp_path, signum,
+                                                              to_group):
+    """SIGTERM to torchrun: it forwards it to every rank. A terminal's Ctrl-C sends SIGINT
+    to torchrun and to every rank, and torchrun forwards it again: that repeat is not taken
+    for a second Ctrl-C."""
+    run = torchrun(smol_cli, tmp_path / "logs", ["--standalone", "--nproc_per_node=2"],
+                   *smol_cli.train_args("char", tmp_path / "run", "--max_iters", "100000",
+                                        "--eval_interval", "50"),
+                   start_new_session=True)  # its own process group, as a terminal gives
+    workers(run, 2)
+    e2e_wait_for(lambda: (tmp_path / "run" / "latest_model.pth").exists(), process=run,
+                 what="the first checkpoint")
+    time.sleep(0.3)
+    if to_group:
+        os.killpg(run.pid, signum)
+    else:
+        run.send_signal(signum)
+    result = run.wait(120)
+    name = signal.Signals(signum).name
+    assert result.seconds < 100, result.describe()
+    assert f"interrupted by {name} at iteration" in result.stderr, result.describe()
+    assert "lost contact" not in result.stderr and "KeyboardInterrupt" not in result.stderr
+    assert_no_traceback_of_ours(result.stderr)
+    saved = checkpoint.load(tmp_path / "run" / "latest_model.pth")["progress"]
+    assert f"interrupted by {name} at iteration {saved['iter']}:" in result.stderr
