@@ -72,6 +72,7 @@ def toy_runs(data: Path, records: Path, no_transformers: Path) -> dict[str, tupl
                               "--batch_size 4 --eval_iters 2", *out("reference")], {}),
         "step_profile": (["step_profile.py", *TOY_STEP, "--muon", "--profile", "--kernels",
                           "--variants", "--muon-cost"], BF16),
+        "memory": (["memory.py", "--quick", *out("memory")], {}),
     }
 
 
@@ -197,3 +198,12 @@ def test_reference_curves(runs):
     (result,) = record["results"]
     assert [r["iter"] for r in result["metrics"]] == [0, 2, 4]
     assert (Path(result["run_dir"]) / "best_model.pth").is_file()
+
+
+def test_memory(runs):
+    record = check(runs["memory"], "| shape | context | batch | peak MB | with checkpointing MB "
+                   "| saved | step s | with checkpointing step s |", "| toy (1L/2H/32) | 64 | 2 |",
+                   "largest difference 0.")
+    (result,) = record["results"]
+    assert result["with"]["losses"] == result["without"]["losses"]  # checkpointing changes nothing
+    assert len(result["with"]["step_times_s"]) == 2

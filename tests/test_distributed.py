@@ -98,7 +98,7 @@ def test_two_processes_train_as_one_with_twice_the_accumulation(smol_cli, tmp_pa
     assert [r["iter"] for r in rows(tmp_path / "pair")] == [0, 10, 20]
     # Its checkpoint is an ordinary one: one process loads it and samples.
     ckpt = checkpoint.load(tmp_path / "pair" / "latest_model.pth")
-    assert ckpt["run_info"]["world_size"] == 2 and len(ckpt["rng"]["torch_ranks"]) == 2
+    assert ckpt["run_info"]["world_size"] == 2 and len(ckpt["rng"]["other_ranks"]["torch"]) == 1
     text = smolgpt.load(tmp_path / "pair" / "best_model.pth", "cpu").generate("The", max_new_tokens=20)
     assert text.startswith("The") and len(text) == 23
 

@@ -1,5 +1,5 @@
 """The GPT network: shapes, causality, the KV cache, weight tying, initialisation, the chunked
-head loss and dropout."""
+head loss, dropout and gradient checkpointing."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from smolgpt import model as model_module
 from smolgpt.config import ModelConfig
 from smolgpt.errors import SmolGPTError
 from smolgpt.kernels import GELU, ChunkedHeadLoss, Dropout
@@ -252,6 +253,92 @@ def test_optimizer_groups_can_leave_out_what_another_optimiser_takes(tiny_model)
     rest = [p for g in groups for p in g["params"]]
     assert not {id(p) for p in rest} & {id(p) for p in hidden}
     assert sum(p.numel() for p in rest + hidden) == tiny_model.num_parameters()
+
+
+# ------------------------------------------------------------------ gradient checkpointing
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_config, dropout):
+    torch.manual_seed(0)
+    config = ModelConfig(**{**vars(tiny_config), "dropout": dropout})
+    model = GPT(config).double().train()  # float64: only a real difference shows
+    x, y = ids(config, 3, 16), ids(config, 3, 16, seed=1)
+
+    def loss_and_grads(checkpointing: bool):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)  # the same dropout masks in both runs
+        _, loss = model(x, targets=y)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, plain_grads = loss_and_grads(False)
+    checkpointed, checkpointed_grads = loss_and_grads(True)
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-12, atol=0)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-10, atol=1e-14,
+                                   msg=lambda m: f"{name}: {m}")
+    if dropout:  # the masks mattered: another seed gives another loss
+        torch.manual_seed(8)
+        assert not torch.allclose(model(x, targets=y)[1], plain)
+
+
+def test_gradient_checkpointing_leaves_eval_no_grad_and_generation_alone(tiny_config,
+                                                                         monkeypatch):
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    x = ids(tiny_config, 2, 12)
+    with torch.no_grad():
+        expected, _ = model.eval()(x)
+    model.gradient_checkpointing = True
+
+    def fail(*args, **kwargs):
+        raise AssertionError("checkpointed a forward that has no backward")
+
+    monkeypatch.setattr(model_module, "checkpoint", fail)
+    logits, _ = model.eval()(x)  # eval mode, grad enabled
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    with torch.no_grad():  # training mode, no grad (dropout is 0: same values)
+        logits, _ = model.train()(x)
+        torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    # Generation with a KV cache, even on a model left in training mode.
+    cache = KVCache(tiny_config)
+    pre, _ = model(x[:, :5], cache=cache)
+    step, _ = model(x[:, 5:6], cache=cache)
+    torch.testing.assert_close(pre, expected[:, :5], rtol=0, atol=1e-5)
+    torch.testing.assert_close(step[:, 0], expected[:, 5], rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointing_keeps_several_times_less_for_the_backward():
+    """The bytes autograd keeps for the backward pass (counted as they are saved, each
+    storage once, parameters left out), plus each block's input, which checkpointing keeps
+    to run the block again: several times less than without, at a long-ish context."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=23, block_size=256, n_layer=4, n_head=4, n_embd=64,
+                         dropout=0.1)
+    model = GPT(config).train()
+    x, y = ids(config, 4, 256), ids(config, 4, 256, seed=1)
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+
+    def kept_bytes(checkpointing: bool) -> int:
+        model.gradient_checkpointing = checkpointing
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in weights:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, loss = model(x, targets=y)
+        loss.backward()
+        block_inputs = config.n_layer * x.numel() * config.n_embd * 4 if checkpointing else 0
+        return sum(storages.values()) + block_inputs
+
+    plain, checkpointed = kept_bytes(False), kept_bytes(True)
+    assert plain > 15_000_000  # the activations of 4 x 256 tokens, 4 layers
+    assert checkpointed < plain / 4, (checkpointed, plain)
 
 
 # --------------------------------------------------------------------------- rotary

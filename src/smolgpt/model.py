@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 from .config import ModelConfig
@@ -162,6 +163,14 @@ class Block(nn.Module):
 class GPT(nn.Module):
     # The largest logits the loss of a training batch is made from in one piece (see forward).
     loss_chunk_elements = kernels.LOSS_CHUNK_ELEMENTS
+    # Gradient checkpointing (--gradient_checkpointing) trades compute for memory. When on,
+    # a training forward keeps only each block's input for the backward pass, not the
+    # activations inside the block (attention, the 4x-wide MLP, dropout masks); the backward
+    # pass runs each block's forward again, one block at a time, to get them back. The
+    # activations held at once shrink from every block's to one block's, for about a third
+    # more compute per step. Losses and gradients are the same (dropout redraws its masks
+    # from the same random state).
+    gradient_checkpointing = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -207,7 +216,9 @@ class GPT(nn.Module):
         logits (B, T, vocab) are the next-token scores at every position; loss is the mean
         cross-entropy against targets (B, T), or None without targets. With targets and
         logits of more than ``loss_chunk_elements`` numbers (a word-level training batch), the loss is made a chunk at a time and logits is None: they are never held
-        in memory. With a cache, idx continues the cached tokens.
+        in memory. With a cache, idx continues the cached tokens. With
+        ``gradient_checkpointing`` on, a training forward under autograd returns the same
+        values and gradients, keeping less memory until the backward.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -224,8 +235,15 @@ class GPT(nn.Module):
             rotary = tuple(t[start:start + T].view(T, 1, 1, -1)
                            for t in (self.rotary_cos, self.rotary_sin))
         x = self.drop(x)
+        # Only a forward that autograd records for a backward has activations to drop; a
+        # cache means generation, whose forward never runs backward.
+        checkpointing = (self.gradient_checkpointing and self.training and cache is None
+                         and torch.is_grad_enabled())
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, cache, i)
+            if checkpointing:  # the same RNG state on the rerun: the same dropout masks
+                x = checkpoint(block, x, rotary, None, i, use_reentrant=False)
+            else:
+                x = block(x, rotary, cache, i)
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x), None

@@ -351,14 +351,15 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress(**ckpt["progress"])
         rng = ckpt["rng"]
-        # A rank without a saved state (the run was saved with fewer ranks) keeps its seed.
-        by_rank = rng.get("torch_ranks") or [rng["torch"]]
-        if self.group.rank < len(by_rank):
-            torch.set_rng_state(by_rank[self.group.rank])
-        cuda_by_rank = rng.get("cuda_ranks") or [rng.get("cuda")]
-        if self.device.type == "cuda" and self.group.rank < len(cuda_by_rank) \
-                and cuda_by_rank[self.group.rank]:
-            torch.cuda.set_rng_state(cuda_by_rank[self.group.rank][0], self.device)
+        # Rank 0's states are "torch" and "cuda"; other ranks' under "other_ranks". A rank
+        # without a saved state (the run was saved with fewer ranks) keeps its seed's.
+        others = rng.get("other_ranks") or {"torch": [], "cuda": []}
+        states = [(rng["torch"], rng.get("cuda"))] + list(zip(others["torch"], others["cuda"]))
+        if self.group.rank < len(states):
+            cpu_state, cuda_states = states[self.group.rank]
+            torch.set_rng_state(cpu_state)
+            if self.device.type == "cuda" and cuda_states:
+                torch.cuda.set_rng_state(cuda_states[0], self.device)
         self.sampler.load_state_dict(rng["sampler"])
         self._continue_schedule(ckpt.get("train_config") or {})
 
@@ -382,8 +383,8 @@ class Trainer:
         """The checkpoint dictionary for the run as it stands now (every rank's RNG states
         gathered: a collective, which every rank calls)."""
         cuda = self.device.type == "cuda"
-        torch_ranks = self.group.gather(torch.get_rng_state())
-        cuda_ranks = self.group.gather([torch.cuda.get_rng_state(self.device)] if cuda else [])
+        cpu_states = self.group.gather(torch.get_rng_state())
+        cuda_states = self.group.gather([torch.cuda.get_rng_state(self.device)] if cuda else [])
         return {
             "model_config": dataclasses.asdict(self.model_config),
             "tokenizer": self.data.tokenizer.to_dict(),
@@ -394,12 +395,11 @@ class Trainer:
             "progress": dataclasses.asdict(
                 dataclasses.replace(self.progress, done=self.budget.done(self.progress.iter))),
             "rng": {
-                "torch": torch_ranks[0],
-                "cuda": cuda_ranks[0],
+                "torch": cpu_states[0],
+                "cuda": cuda_states[0],
                 "sampler": self.sampler.state_dict(),  # the same on every rank
-                # Each rank's own, for a resumed distributed run.
-                "torch_ranks": torch_ranks,
-                "cuda_ranks": cuda_ranks,
+                # Under distributed training, the other ranks' own (dropout masks differ).
+                "other_ranks": {"torch": cpu_states[1:], "cuda": cuda_states[1:]},
             },
             "data": {"fingerprint": self.data.fingerprint, "source": self.data.source},
             # What wrote the file, for `smolgpt info` (absent before smolgpt 0.7).
