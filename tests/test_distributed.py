@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -119,6 +120,8 @@ def test_a_signal_to_one_rank_stops_all_and_the_run_resumes_at_any_world_size(sm
     assert_no_traceback_of_ours(result.stderr)
     saved = checkpoint.load(tmp_path / "stopped" / "latest_model.pth")["progress"]["iter"]
     assert 0 < saved < 300, saved
+    again = tmp_path / "again"  # the stopped run as it is now, to resume in one process below
+    shutil.copytree(tmp_path / "stopped", again)
 
     resumed = two_ranks(smol_cli, tmp_path, "stopped", *steps, "--resume").wait(240)
     assert resumed.returncode == 0, resumed.describe()
@@ -127,14 +130,13 @@ def test_a_signal_to_one_rank_stops_all_and_the_run_resumes_at_any_world_size(sm
     # Every rank's RNG and the batch stream were saved: the resumed run is the straight one.
     assert_same_curves(rows(tmp_path / "stopped"), rows(tmp_path / "straight"))
 
-    # And on in one process: its global batch is then half as large (the accumulation is
-    # part of what a run is, and resume keeps it).
+    # And in one process with twice the accumulation, from the stopped run's checkpoint:
+    # the same global batch from the same stream, so the same run again.
     single = smol_cli.run("train", *smol_cli.train_args(
-        "char", tmp_path / "stopped", "--max_iters", "350", "--eval_interval", "50",
-        "--resume"))
+        "char", again, *steps, "--gradient_accumulation_steps", "2", "--resume"))
     assert single.returncode == 0, single.describe()
-    assert rows(tmp_path / "stopped")[-1]["iter"] == 350
-    assert "global batch" not in single.stderr
+    assert "gradient_accumulation_steps changed from 1 to 2" in single.stderr
+    assert_same_curves(rows(again), rows(tmp_path / "straight"))
 
 
 def test_two_launches_on_one_machine_act_as_two_nodes(smol_cli, tmp_path):

@@ -590,10 +590,10 @@ def default_text(cls: type, name: str) -> str:
 LEGACY_DEFAULTS: dict[str, Any] = {"position": "learned", "optimizer": "adamw"}
 
 # Settings that define what a run *is*; a resumed run may not change them. (The training
-# text is checked by content, not by the --data string.)
+# text is checked by content, not by the --data string.) gradient_accumulation_steps may
+# change: with the number of processes (torchrun), to keep the global batch.
 RESUME_FIXED = ("level", "preset", "n_layer", "n_head", "n_embd", "block_size", "bias",
-                "position", "optimizer", "min_word_freq", "encoding", "batch_size",
-                "gradient_accumulation_steps", "seed")
+                "position", "optimizer", "min_word_freq", "encoding", "batch_size", "seed")
 # Bookkeeping that is not part of a run's recipe.
 _RESUME_IGNORED = ("resume", "overwrite", "out_dir", "data", "colab_drive")
 # Where a run started: its history, which a resumed run keeps whatever is given now (it
