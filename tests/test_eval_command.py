@@ -16,6 +16,7 @@ from e2e import e2e_corpus_text, smolgpt_without
 
 import smolgpt
 from smolgpt import data
+from smolgpt.cli import main
 from smolgpt.evaluate import window_starts
 
 # Small enough that an evaluation of eval_iters x batch_size = 60 windows of 16 tokens covers
@@ -113,7 +114,7 @@ def test_eval_agrees_with_the_training_log_on_the_same_windows(tmp_path, level):
 
 
 @pytest.mark.slow
-def test_eval_scores_any_text_and_refuses_what_it_cannot_read(tmp_path):
+def test_eval_scores_any_text_and_refuses_what_it_cannot_read(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(e2e_corpus_text(7_000), encoding="utf-8")
     run = tmp_path / "run"
@@ -127,13 +128,18 @@ def test_eval_scores_any_text_and_refuses_what_it_cannot_read(tmp_path):
     assert scores["chars"] == len(other.read_text()) and scores["tokens"] == scores["chars"]
 
     def refused(*args, match: str) -> None:
-        result = smolgpt_cli("eval", *args)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-        assert len(lines) == 1 and match in lines[0], result.stderr
-        assert result.stdout == ""
+        # The command line's own code, in this process (a process each costs seconds; the
+        # first case runs as a real process, for its exit status and stderr).
+        status = main(["eval", *map(str, args)])
+        err = capsys.readouterr()
+        lines = err.err.strip().splitlines()
+        assert status == 2 and len(lines) == 1 and match in lines[0], err.err
+        assert err.out == ""
 
-    refused(run, "--data", tmp_path / "missing.txt", match="missing.txt")
+    result = smolgpt_cli("eval", run, "--data", tmp_path / "missing.txt")
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "missing.txt" in result.stderr and "Traceback" not in result.stderr
     refused(run, "--batch_size", "0", match="--batch_size")
     (tmp_path / "odd.txt").write_text("zzz \u2603 qqq", encoding="utf-8")
     refused(run, "--data", tmp_path / "odd.txt", match="characters the model does not know: 'z', '\u2603'")
