@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from e2e import e2e_corpus_text, smolgpt_without
+from test_cli import cli_main  # noqa: F401 - a fixture
 
 import smolgpt
 from smolgpt import data
-from smolgpt.cli import main
 from smolgpt.evaluate import window_starts
 
 # Small enough that an evaluation of eval_iters x batch_size = 60 windows of 16 tokens covers
@@ -114,7 +114,7 @@ def test_eval_agrees_with_the_training_log_on_the_same_windows(tmp_path, level):
 
 
 @pytest.mark.slow
-def test_eval_scores_any_text_and_refuses_what_it_cannot_read(tmp_path, capsys):
+def test_eval_scores_any_text_and_refuses_what_it_cannot_read(tmp_path, cli_main):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(e2e_corpus_text(7_000), encoding="utf-8")
     run = tmp_path / "run"
@@ -130,11 +130,10 @@ def test_eval_scores_any_text_and_refuses_what_it_cannot_read(tmp_path, capsys):
     def refused(*args, match: str) -> None:
         # The command line's own code, in this process (a process each costs seconds; the
         # first case runs as a real process, for its exit status and stderr).
-        status = main(["eval", *map(str, args)])
-        err = capsys.readouterr()
-        lines = err.err.strip().splitlines()
-        assert status == 2 and len(lines) == 1 and match in lines[0], err.err
-        assert err.out == ""
+        result = cli_main(["eval", *args])
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and match in lines[0], result.stderr
+        assert result.stdout == ""
 
     result = smolgpt_cli("eval", run, "--data", tmp_path / "missing.txt")
     assert result.returncode == 2 and result.stdout == "", result.stderr
