@@ -396,6 +396,8 @@ class Model:
         except SmolGPTError as exc:
             raise SmolGPTError(f"the model's training text: {exc}; or give a text to "
                                "evaluate (--data)") from None
+        # Hashed here although prepare hashes it again: a changed text would otherwise be
+        # tokenized whole into a new cache entry before it is refused.
         fingerprint = self.data_info.get("fingerprint")
         if fingerprint and data.fingerprint(corpus) != fingerprint:
             raise SmolGPTError(f"{cfg['data']} has changed since the model was trained on it: "
