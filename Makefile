@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/python generate.py $(DEMO_DIR)/best_model.pth --prompt "ROMEO:" --max_new_tokens 300
 
 test: setup  # with every optional extra: the tests cover them all
-	$(BIN)/pip install -q -e ".[test,bench,hf,plot,tensorboard,notebook]"
+	$(BIN)/pip install -q -e ".[test,bench,hf,bpe,plot,tensorboard,notebook]"
 	$(BIN)/python -m pytest -q
 
 clean:

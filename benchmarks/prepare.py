@@ -1,4 +1,4 @@
-"""Corpus preparation throughput: smolgpt.data.prepare at char and word level, in MB/s.
+"""Corpus preparation throughput: smolgpt.data.prepare at char, word and bpe level, in MB/s.
 
 The corpus (default: sherlock.txt repeated to about --mb megabytes) is written to a
 temporary file. Each measurement runs in its own subprocess with a fresh, empty
@@ -11,10 +11,13 @@ vocabulary, encoding, writing the ids). Per measurement it reports:
   peak of the largest worker process (RUSAGE_CHILDREN inside it);
 - the number of tokenizer worker processes prepare used (1: no process pool).
 
-Levels alternate in rounds and the median round is reported.
+Levels alternate in rounds and the median round is reported. The peer, "tokenizers", is the
+tokenizers library alone doing what bpe level does (learn GPT-2-style byte-level BPE from
+the file, then encode all of it, on every core), without smolgpt's hashing, cache and split.
 
     python benchmarks/prepare.py                 # 20 MB, char and word, 3 rounds
     python benchmarks/prepare.py --mb 100 --levels word --rounds 1
+    python benchmarks/prepare.py --mb 100 --levels bpe tokenizers --rounds 1
     python benchmarks/prepare.py --source any.txt --mb 0.1 --rounds 1   # smoke test: seconds
 """
 
@@ -35,7 +38,25 @@ import common
 from common import MB
 
 
-def child(level: str, path: str, min_word_freq: int) -> None:
+def peer(path: str, vocab_size: int) -> dict:
+    """The tokenizers library alone: learn byte-level BPE from the file, encode it all."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    start = time.perf_counter()
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    learner.train([path], trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokens = 0
+    with open(path, encoding="utf-8") as f:
+        while lines := f.readlines(1 << 22):
+            tokens += sum(len(e.ids) for e in learner.encode_batch_fast(lines))
+    return {"seconds": time.perf_counter() - start, "tokens": tokens,
+            "vocab_size": learner.get_vocab_size(), "workers": 1, "process_pools": 0}
+
+
+def child(level: str, path: str, min_word_freq: int, vocab_size: int) -> None:
     """Runs in the measured subprocess: prepare once, print one JSON line."""
     import resource
     from concurrent import futures
@@ -53,30 +74,35 @@ def child(level: str, path: str, min_word_freq: int) -> None:
 
     data.ProcessPoolExecutor = CountingPool
     rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    corpus = data.resolve_corpus(path)
-    start = time.perf_counter()
-    tokens = data.prepare(corpus, level, min_word_freq)
-    seconds = time.perf_counter() - start
+    if level == "tokenizers":
+        result = peer(path, vocab_size)
+    else:
+        corpus = data.resolve_corpus(path)
+        start = time.perf_counter()
+        tokens = data.prepare(corpus, level, min_word_freq,
+                              vocab_size=vocab_size if level == "bpe" else None)
+        result = {"seconds": time.perf_counter() - start,
+                  "tokens": len(tokens.train) + len(tokens.val),
+                  "vocab_size": tokens.tokenizer.vocab_size,
+                  "workers": max(pools, default=1), "process_pools": len(pools)}
     print(json.dumps({
-        "seconds": seconds,
-        "tokens": len(tokens.train) + len(tokens.val),
-        "vocab_size": tokens.tokenizer.vocab_size,
-        "workers": max(pools, default=1),
-        "process_pools": len(pools),
+        **result,
         "rss_main_before_kb": rss_before_kb,  # imports (torch, numpy) before prepare
         "rss_main_peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         "rss_largest_worker_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
     }))
 
 
-def measure(level: str, corpus: Path, min_word_freq: int, tmp_root: Path) -> dict:
+def measure(level: str, corpus: Path, min_word_freq: int, vocab_size: int,
+            tmp_root: Path) -> dict:
     """prepare() once in a fresh subprocess with an empty cache; its results, its wall time,
     and its peak RSS from os.wait4 (this child's own rusage, so per measurement)."""
     with tempfile.TemporaryDirectory(prefix="smolgpt-measure-", dir=tmp_root) as tmp:
         cache = Path(tmp) / "cache"  # fresh and empty: nothing is cached
         env = {**os.environ, "SMOLGPT_CACHE_DIR": str(cache)}
         command = [sys.executable, str(Path(__file__).resolve()), "--_child", level,
-                   str(corpus), "--min-word-freq", str(min_word_freq)]
+                   str(corpus), "--min-word-freq", str(min_word_freq),
+                   "--vocab-size", str(vocab_size)]
         start = time.perf_counter()
         err_path = Path(tmp) / "stderr.txt"
         with open(err_path, "w") as err_file:
@@ -121,7 +147,8 @@ def markdown_table(rows: list[dict]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description="First-run corpus preparation throughput (MB/s) of smolgpt.data.prepare "
-        "at char and word level, each measurement in a fresh subprocess with an empty cache; "
+        "at char, word and bpe level (and the tokenizers library alone, as a peer), each "
+        "measurement in a fresh subprocess with an empty cache; "
         "prints a markdown table and writes JSON.")
     parser.add_argument("--mb", type=float, default=20.0,
                         help="corpus size in megabytes (10^6 bytes) of --source repeated "
@@ -131,12 +158,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "repository root)")
     parser.add_argument("--corpus", type=Path, default=None,
                         help="use this text file as it is instead of a repeated --source")
-    parser.add_argument("--levels", nargs="+", choices=("char", "word"),
-                        default=["char", "word"], help="levels to measure (default: both)")
+    parser.add_argument("--levels", nargs="+", choices=("char", "word", "bpe", "tokenizers"),
+                        default=["char", "word", "bpe", "tokenizers"],
+                        help="levels to measure; tokenizers: the library alone, learning and "
+                        "encoding bpe (default: all)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternating rounds; the median is reported (default: 3)")
     parser.add_argument("--min-word-freq", type=int, default=3,
                         help="word level min_word_freq (default: 3, smolgpt's default)")
+    parser.add_argument("--vocab-size", type=int, default=2048,
+                        help="bpe (and tokenizers) vocabulary size (default: 2048)")
     parser.add_argument("--tmp-dir", type=Path, default=None,
                         help="where the corpus and the fresh caches go (default: system temp)")
     parser.add_argument("--out", type=Path, default=common.OUT / "prepare.json",
@@ -145,7 +176,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     if args._child:
-        child(args._child[0], args._child[1], args.min_word_freq)
+        child(args._child[0], args._child[1], args.min_word_freq, args.vocab_size)
         return 0
 
     with tempfile.TemporaryDirectory(prefix="smolgpt-prepare-bench-", dir=args.tmp_dir) as tmp:
@@ -164,7 +195,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         runs: dict[str, list[dict]] = {level: [] for level in args.levels}
         for r in range(args.rounds):
             for level in common.rotated(args.levels, r):
-                res = measure(level, corpus, args.min_word_freq, tmp_root)
+                res = measure(level, corpus, args.min_word_freq, args.vocab_size, tmp_root)
                 runs[level].append(res)
                 print(f"  round {r + 1} {level}: {res['seconds']:.2f}s in prepare "
                       f"({size / MB / res['seconds']:.2f} MB/s), {res['workers']} worker(s), "
@@ -195,7 +226,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.out, "prepare",
         settings={"mb": args.mb, "source": str(source), "corpus_bytes": size,
                   "levels": args.levels, "rounds": args.rounds,
-                  "min_word_freq": args.min_word_freq},
+                  "min_word_freq": args.min_word_freq, "vocab_size": args.vocab_size},
         results=rows)
     return 0
 

@@ -55,7 +55,7 @@ def toy_runs(data: Path, records: Path, no_transformers: Path) -> dict[str, tupl
         "recipe_sweep": (["recipe_sweep.py", "--only", "5", "--data-dir", data, "--extra",
                           f"{TOY_TRAIN} --max_iters 4 --eval_interval 4", *out("sweep")], {}),
         "prepare": (["prepare.py", "--source", corpus, "--mb", "0.1", "--rounds", "1",
-                     *out("prepare")], {}),
+                     "--vocab-size", "300", *out("prepare")], {}),
         "throughput-without-transformers": ([*throughput, *out("throughput-without")],
                                             {"PYTHONPATH": str(no_transformers)}),
         "integrity": (["integrity.py", "--source", corpus, "--mb", "0.1", "--preset", "nano",
@@ -183,7 +183,7 @@ def test_recipe_sweep(runs):
 
 def test_prepare(runs):
     check(runs["prepare"], "| level | corpus MB | tokens | vocab | prepare s | MB/s |",
-          "| char | 0.1 |", "| word | 0.1 |")
+          "| char | 0.1 |", "| word | 0.1 |", "| bpe | 0.1 |", "| tokenizers | 0.1 |")
 
 
 def test_integrity(runs):

@@ -233,7 +233,7 @@ def test_prepare_directory_corpus_joins_files_with_blank_line(write_text, tmp_pa
 def test_prepare_unknown_level(write_text):
     path = write_text("t.txt", "text\n")
     with pytest.raises(SmolGPTError, match="unknown level"):
-        prepare(resolve_corpus(str(path)), "bpe")
+        prepare(resolve_corpus(str(path)), "sentencepiece")
 
 
 @pytest.mark.parametrize(

@@ -216,7 +216,7 @@ def test_to_dict_keeps_normalisation(level):
     assert tokenizer_from_dict(json.loads(json.dumps(tok.to_dict()))).normalize is True
 
 
-@pytest.mark.parametrize("data", [{"type": "bpe"}, {}, {"type": None}, [], "char"])
+@pytest.mark.parametrize("data", [{"type": "sentencepiece"}, {}, {"type": None}, [], "char"])
 def test_unknown_tokenizer_type_raises(data):
     with pytest.raises(SmolGPTError, match="unknown tokenizer type"):
         tokenizer_from_dict(data)

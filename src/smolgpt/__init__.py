@@ -16,7 +16,7 @@ from typing import Any
 from .config import GenerateConfig, ModelConfig, SampleConfig, TrainConfig
 from .errors import SmolGPTError
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"
 __all__ = ["train", "load", "info", "TrainResult", "Model", "TrainConfig", "ModelConfig",
            "SampleConfig", "GenerateConfig", "SmolGPTError", "__version__"]
 

@@ -23,6 +23,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from .errors import SmolGPTError
 from .files import RunLock, atomic_write_text, ensure_writable_dir
 from .model import GPT
 from .sampling import TextStream
-from .tokenizer import Tokenizer, WordTokenizer, tokenizer_from_dict
+from .tokenizer import BPETokenizer, Tokenizer, WordTokenizer, tokenizer_from_dict
 from .training import BEST, LATEST, Trainer, clean_stale_temporaries, run_checkpoint
 
 if TYPE_CHECKING:
@@ -147,8 +148,21 @@ def _train(settings: dict[str, Any]) -> TrainResult:
     out_dir = Path(settings.get("out_dir") or requested.default_out_dir)
     if requested.colab_drive:  # relative paths (and the default) land under MyDrive/smolgpt
         out_dir = colab_run_dir() / out_dir
+    created = not out_dir.exists()
     ensure_writable_dir(out_dir)
     group = distributed.from_environment()  # one process, or one of torchrun's
+    try:
+        return _run(settings, requested, source, out_dir, group)
+    except SmolGPTError:
+        # A run refused before it wrote anything leaves no directory behind (its lock
+        # file aside, it is empty; the lock was released when _run returned).
+        if created and group.is_main and {p.name for p in out_dir.iterdir()} <= {RunLock.FILE}:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _run(settings: dict[str, Any], requested: TrainConfig, source: Optional[finetune.Source],
+         out_dir: Path, group: distributed.Group) -> TrainResult:
     with distributed.session(group, hardware.resolve_device(requested.device)) as device:
         # Rank 0 holds the run directory's lock, and checks the run and builds the token
         # cache before the others read them.
@@ -193,7 +207,7 @@ def _prepare_run(settings: dict[str, Any], requested: TrainConfig,
     elif resume_from is not None and cfg.init_from:
         tokenizer = tokenizer_from_dict(resume_from["tokenizer"])
     tokens = data.prepare(data.resolve_corpus(cfg.data, cfg.encoding), cfg.level,
-                          cfg.min_word_freq, tokenizer)
+                          cfg.min_word_freq, tokenizer, cfg.vocab_size)
     data.check_long_enough(tokens, cfg.block_size)
     log.info(tokens.summary())
     for warning in (tokens.unk_warning(), tokens.dropped_warning()):
@@ -339,10 +353,12 @@ class Model:
         return next(self.module.parameters()).device
 
     def default_prompt(self) -> str:
-        """A prompt any model can read: a line break at character level (if the text had
-        any), the most frequent word at word level."""
+        """A prompt any model can read: a line break at char level (if the text had any) and
+        bpe level, the most frequent word at word level."""
         if isinstance(self.tokenizer, WordTokenizer):  # its vocabulary is by frequency
             return next((w for w in self.tokenizer.itos if w.isalpha()), self.tokenizer.itos[-1])
+        if isinstance(self.tokenizer, BPETokenizer):
+            return "\n"
         return "\n" if "\n" in self.tokenizer.stoi else self.tokenizer.chars[-1]
 
     def generate(self, prompt: Optional[str] = None, **sampling: Any) -> Union[str, list[str]]:
@@ -404,7 +420,8 @@ class Model:
                                "its validation split is gone; give a text to evaluate (--data)")
         # Read as training read it: a fine-tuned model's run used the model's tokenizer.
         tokens = data.prepare(corpus, self.tokenizer.level, cfg.get("min_word_freq", 3),
-                              self.tokenizer if cfg.get("init_from") else None)
+                              self.tokenizer if cfg.get("init_from") else None,
+                              self.tokenizer.vocab_size)
         if tokens.tokenizer.to_dict() != self.tokenizer.to_dict():
             raise SmolGPTError(f"this smolgpt reads {cfg['data']} into another vocabulary than "
                                "the model's (trained by an older smolgpt?): give a text to "

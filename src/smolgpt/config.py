@@ -39,7 +39,7 @@ from typing import Any, Optional, Union
 from .errors import SmolGPTError
 from .files import read_user_text
 
-LEVELS = ("char", "word")
+LEVELS = ("char", "word", "bpe")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 POSITIONS = ("rope", "learned")
 OPTIMIZERS = ("adamw", "muon")
@@ -66,7 +66,7 @@ HELP_GROUPS = {
 
 
 # Presets: the original smolgpt's model sizes, plus a training recipe for each size and level
-# (see benchmarks/RESULTS.md for the experiments behind them). Entries under "char"/"word"
+# (see benchmarks/RESULTS.md for the experiments behind them). Entries under a level
 # apply at that level only; anything not named keeps the TrainConfig default.
 #
 # Why the recipes differ from the original (AdamW, constant lr 3e-4, dropout 0.1 everywhere):
@@ -88,13 +88,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_layer": 3, "n_head": 3, "n_embd": 48, "optimizer": "muon",
         "char": {"learning_rate": 2e-2, "dropout": 0.0},
         "word": {"learning_rate": 1e-2, "dropout": 0.2, "early_stop_patience": 4},
+        "bpe": {"vocab_size": 1024, "learning_rate": 2e-2, "dropout": 0.0},
     },
     "micro": {
         "n_layer": 4, "n_head": 4, "n_embd": 128, "optimizer": "muon",
         "char": {"batch_size": 16, "learning_rate": 5e-2, "dropout": 0.0},
         "word": {"learning_rate": 1e-2, "dropout": 0.3, "early_stop_patience": 4},
+        "bpe": {"vocab_size": 1024, "batch_size": 16, "learning_rate": 5e-2, "dropout": 0.0},
         CPU_FLOAT32: {
             "char": {"muon_ns_steps": 3},
+            "bpe": {"muon_ns_steps": 3},
             "word": {"batch_size": 16, "dropout": 0.2, "muon_ns_steps": 3},
         },
     },
@@ -102,11 +105,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_layer": 6, "n_head": 6, "n_embd": 384,
         "char": {"batch_size": 64, "learning_rate": 1e-3, "dropout": 0.2},
         "word": {"learning_rate": 5e-4, "dropout": 0.3, "early_stop_patience": 4},
+        "bpe": {"vocab_size": 2048, "learning_rate": 1e-3, "dropout": 0.2},
     },
     "small": {
         "n_layer": 12, "n_head": 12, "n_embd": 768, "batch_size": 16,
         "char": {"learning_rate": 6e-4, "dropout": 0.2},
         "word": {"learning_rate": 3e-4, "dropout": 0.3, "early_stop_patience": 4},
+        "bpe": {"vocab_size": 4096, "learning_rate": 6e-4, "dropout": 0.2},
     },
 }
 
@@ -128,6 +133,13 @@ def _check_positive_ints(cfg: Any, *names: str) -> None:
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise SmolGPTError(f"--{name} must be a positive integer, got {value!r}")
+
+
+def check_vocab_size(vocab_size: Any) -> None:
+    """A bpe vocabulary holds at least the 256 byte values."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 256:
+        raise SmolGPTError(f"--vocab_size must be at least 256 (the byte values every bpe "
+                           f"vocabulary starts from), got {vocab_size}")
 
 
 def _check_positive_number(name: str, value: Any) -> None:
@@ -264,6 +276,9 @@ class TrainConfig(ModelShape):
     )
     # Tokenizer.
     min_word_freq: int = _opt(3, "word level: words seen fewer times become <UNK>", "data")
+    vocab_size: Optional[int] = _opt(
+        None, "bpe level: tokens in the vocabulary, the 256 byte values and then the merges "
+        "learned from the training split", "data")
     encoding: str = _opt(
         "utf-8", "text encoding of --data files (a UTF-8 or UTF-16 byte-order mark is "
         "recognised by itself); e.g. cp1252 or latin-1 for older Windows or European texts",
@@ -295,6 +310,11 @@ class TrainConfig(ModelShape):
         _check_choice("device", self.device, DEVICES)
         if self.max_iters is not None:
             _check_positive_ints(self, "max_iters")
+        if self.level == "bpe":
+            check_vocab_size(self.vocab_size)
+        elif self.vocab_size is not None:
+            raise SmolGPTError(f"--vocab_size applies at --level bpe only (the {self.level} "
+                               "level's vocabulary is what the text holds): drop the flag")
         _check_positive_ints(self, "batch_size", "gradient_accumulation_steps",
                              "eval_interval", "eval_iters", "log_interval", "min_word_freq",
                              "muon_ns_steps")
@@ -401,7 +421,7 @@ class GenerateConfig(SampleConfig):
 
     prompt: Optional[str] = _opt(
         None, "text to continue", "input",
-        shown="a line break at char level, the most frequent word at word level",
+        shown="a line break at char and bpe level, the most frequent word at word level",
     )
     prompt_file: Optional[str] = _opt(None, "read the text to continue from this file", "input")
     interactive: bool = _opt(False, "a prompt loop that keeps the model loaded: type a prompt, "
@@ -554,13 +574,15 @@ def preset_default(name: str) -> Optional[str]:
     parts = []
     for preset in PRESETS:
         by_level = {level: preset_values(preset, level).get(name, fallback) for level in LEVELS}
-        if len(set(by_level.values())) == 1:
+        by_level = {level: v for level, v in by_level.items() if v is not None}
+        if len(set(by_level.values())) == 1 and len(by_level) == len(LEVELS):
             text = f"{preset} {by_level[LEVELS[0]]}"
         else:
             text = f"{preset} " + ", ".join(f"{v} {level}" for level, v in by_level.items())
         on_float32 = {level: preset_values(preset, level, True).get(name, fallback)
                       for level in LEVELS}
-        changed = {level: v for level, v in on_float32.items() if v != by_level[level]}
+        changed = {level: v for level, v in on_float32.items()
+                   if level in by_level and v != by_level[level]}
         if len(changed) == len(LEVELS) and len(set(changed.values())) == 1:
             text += f" ({changed[LEVELS[0]]} on a float32 CPU)"
         elif changed:
@@ -593,7 +615,8 @@ LEGACY_DEFAULTS: dict[str, Any] = {"position": "learned", "optimizer": "adamw"}
 # text is checked by content, not by the --data string.) gradient_accumulation_steps may
 # change: with the number of processes (torchrun), to keep the global batch.
 RESUME_FIXED = ("level", "preset", "n_layer", "n_head", "n_embd", "block_size", "bias",
-                "position", "optimizer", "min_word_freq", "encoding", "batch_size", "seed")
+                "position", "optimizer", "min_word_freq", "vocab_size", "encoding",
+                "batch_size", "seed")
 # Bookkeeping that is not part of a run's recipe.
 _RESUME_IGNORED = ("resume", "overwrite", "out_dir", "data", "colab_drive")
 # Where a run started: its history, which a resumed run keeps whatever is given now (it

@@ -18,8 +18,11 @@
    against the size and CRC-32 recorded when they were written, and rebuilds an entry that
    was damaged since (cut short, a flipped bit, lost or garbled metadata) instead of
    training on what is left.
-3. The ids are split 90/10, contiguously, validation last; :class:`BatchSampler` draws random
-   windows from a memory map with a seeded ``torch.Generator`` whose state checkpoints keep.
+3. The ids are split 90/10, contiguously, validation last. At bpe level the text is split
+   instead (at the first line break after 90% of its characters), before the tokenizer is
+   learned, so that it learns from the training split only, and each split is tokenized on
+   its own. :class:`BatchSampler` draws random windows from a memory map with a seeded
+   ``torch.Generator`` whose state checkpoints keep.
 """
 
 from __future__ import annotations
@@ -45,10 +48,10 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .config import LEVELS, TrainConfig
+from .config import LEVELS, TrainConfig, check_vocab_size
 from .errors import SmolGPTError
 from .files import atomic_write, atomic_write_text, cache_dir, file_encoding
-from .tokenizer import CharTokenizer, Tokenizer, WordTokenizer, tokenizer_from_dict
+from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,8 @@ TRAIN_FRACTION = 0.9
 # 2 (smolgpt 0.4): meta.json records the format, size and CRC-32 of tokens.bin.
 # 3 (smolgpt 0.5): line endings, byte-order marks and quotes normalised; keyed by encoding.
 # 4 (smolgpt 0.7): meta.json records the tokens of each chunk read (TokenData.val_text).
-CACHE_FORMAT = 4
+# 5 (smolgpt 0.8): meta.json records the split (and at bpe level the character it is at).
+CACHE_FORMAT = 5
 CHECKSUM_BLOCK = 16 << 20  # bytes read at a time when checking tokens.bin
 CHUNK_BYTES = 4 << 20  # text is read, tokenized and encoded 4 MiB at a time
 COUNT_BLOCK = 16 << 20  # token ids compared at a time when counting <UNK>
@@ -308,6 +312,35 @@ def iter_text(corpus: Corpus, chunk_bytes: Optional[int] = None) -> Iterator[str
             yield carry
 
 
+def text_chunks(corpus: Corpus, cut: Optional[int] = None) -> Iterator[str]:
+    """iter_text(corpus), where cut is given with a chunk ending just before the cut-th
+    character (the first of the validation split at bpe level)."""
+    at = 0
+    for chunk in iter_text(corpus):
+        if cut is not None and at < cut < at + len(chunk):
+            yield chunk[:cut - at]
+            chunk, at = chunk[cut - at:], cut
+        yield chunk
+        at += len(chunk)
+
+
+def text_cut(corpus: Corpus) -> int:
+    """Where a text is split for training and validation at bpe level: just after the first
+    line break at or after TRAIN_FRACTION of its characters (at that character itself
+    if none follows, or the validation split would be empty)."""
+    total = sum(len(chunk) for chunk in iter_text(corpus))
+    target, at = int(total * TRAIN_FRACTION), 0
+    for chunk in iter_text(corpus):
+        if at + len(chunk) > target:
+            found = chunk.find("\n", max(0, target - at))
+            if found >= 0 and at + found + 1 < total:
+                return at + found + 1
+            if found >= 0:
+                break
+        at += len(chunk)
+    return target
+
+
 # --------------------------------------------------------------------------- tokens
 
 @dataclass
@@ -327,6 +360,8 @@ class TokenData:
     # validation text starts (val_text). None for data made without them.
     corpus: Optional[Corpus] = None
     chunk_tokens: Optional[list[int]] = None
+    # At bpe level: the character of the text the validation split starts at (text_cut).
+    cut: Optional[int] = None
 
     # The validation split's characters, and the UTF-8 bytes of the words its <UNK> stand
     # for (first token aside): what val bits per character divide by and charge (see
@@ -339,7 +374,8 @@ class TokenData:
         validation ids again."""
         if self.corpus is None or self.chunk_tokens is None:
             raise SmolGPTError(f"the validation text of {self.source} is not known here")
-        return text_from(self.corpus, self.tokenizer, self.chunk_tokens, len(self.train))
+        return text_from(self.corpus, self.tokenizer, self.chunk_tokens, len(self.train),
+                         self.cut)
 
     def summary(self) -> str:
         """One line: the token counts, the vocabulary and (word level) the share of <UNK>."""
@@ -385,24 +421,27 @@ class TokenData:
                 f"model and were left out: {len(common)} distinct, {shown}{more}")
 
 
-def text_from(corpus: Corpus, tokenizer: Tokenizer, chunk_tokens: list[int], token: int) -> str:
+def text_from(corpus: Corpus, tokenizer: Tokenizer, chunk_tokens: list[int], token: int,
+              cut: Optional[int] = None) -> str:
     """The corpus from the first character of its token-th token on, as the tokenizer reads
     it (line endings as LF, normalised quotes). chunk_tokens: the tokens each chunk of
-    iter_text made, so that only the chunk where that token lies is tokenized again."""
+    text_chunks(corpus, cut) made, so that only the chunk where that token lies is
+    tokenized again (none, where the token starts a chunk)."""
     before, pieces = 0, []
-    for chunk, count in zip(iter_text(corpus), chunk_tokens):
+    for chunk, count in zip(text_chunks(corpus, cut), chunk_tokens):
         if pieces:
             pieces.append(tokenizer.read(chunk))
         elif before + count > token:
-            pieces.append(tokenizer.read(chunk)[tokenizer.starts(chunk)[token - before]:])
+            start = 0 if token == before else tokenizer.starts(chunk)[token - before]
+            pieces.append(tokenizer.read(chunk)[start:])
         before += count
     return "".join(pieces)
 
 
 def _val_stats(corpus: Corpus, tokenizer: Tokenizer, chunk_tokens: list[int],
-               split: int) -> dict[str, int]:
+               split: int, cut: Optional[int]) -> dict[str, int]:
     """The validation split's characters and <UNK> bytes (TokenData.val_chars, val_unk_bytes)."""
-    text = text_from(corpus, tokenizer, chunk_tokens, split)
+    text = text_from(corpus, tokenizer, chunk_tokens, split, cut)
     unk_bytes = 0
     if isinstance(tokenizer, WordTokenizer):
         unk_bytes = sum(tokenizer.unk_bytes(text)[1:])  # the first token is never predicted
@@ -482,11 +521,14 @@ def _workers(corpus: Corpus) -> int:
     return max(1, min(os.cpu_count() or 1, size // CHUNK_BYTES))
 
 
-def _learn(corpus: Corpus, level: str, min_word_freq: int) -> Tokenizer:
+def _learn(corpus: Corpus, level: str, min_word_freq: int, vocab_size: Optional[int],
+           cut: Optional[int]) -> Tokenizer:
     """The tokenizer of the corpus at level (word counts spread over processes for a large
-    corpus)."""
+    corpus; at bpe level, learned from the text before cut only)."""
     if level == "char":
         return CharTokenizer.train(iter_text(corpus))
+    if level == "bpe":
+        return BPETokenizer.train(_before(corpus, cut), vocab_size)
     workers = _workers(corpus)
     if workers == 1:
         return WordTokenizer.train(iter_text(corpus), min_word_freq)
@@ -495,6 +537,16 @@ def _learn(corpus: Corpus, level: str, min_word_freq: int) -> Tokenizer:
         for c in counters.map(_word_counts, iter_text(corpus)):
             counts.update(c)
     return WordTokenizer.from_counts(counts, min_word_freq)
+
+
+def _before(corpus: Corpus, cut: int) -> Iterator[str]:
+    """The chunks of text_chunks(corpus, cut) before the cut."""
+    at = 0
+    for chunk in text_chunks(corpus, cut):
+        if at >= cut:
+            return
+        yield chunk
+        at += len(chunk)
 
 
 def _known_chars(tokenizer: CharTokenizer, chunk: str, dropped: Counter) -> np.ndarray:
@@ -510,20 +562,22 @@ def _known_chars(tokenizer: CharTokenizer, chunk: str, dropped: Counter) -> np.n
     return tokenizer.encode_array(text)
 
 
-def _encode(corpus: Corpus, tokenizer: Tokenizer, out) -> tuple[int, int, Counter, list[int]]:
+def _encode(corpus: Corpus, tokenizer: Tokenizer, out,
+            cut: Optional[int]) -> tuple[int, int, Counter, list[int]]:
     """Write the corpus's ids to out; return (count, CRC-32 of the bytes written, characters
-    left out as unknown: {char: count}, the ids of each chunk of iter_text). Words a word
-    tokenizer does not know are <UNK>."""
+    left out as unknown: {char: count}, the ids of each chunk of text_chunks(corpus, cut)).
+    Words a word tokenizer does not know are <UNK>."""
     dropped: Counter = Counter()
     pool = None
+    chunks = text_chunks(corpus, cut)
     if isinstance(tokenizer, CharTokenizer):
-        encoded = (_known_chars(tokenizer, chunk, dropped) for chunk in iter_text(corpus))
-    elif (workers := _workers(corpus)) > 1:
+        encoded = (_known_chars(tokenizer, chunk, dropped) for chunk in chunks)
+    elif isinstance(tokenizer, WordTokenizer) and (workers := _workers(corpus)) > 1:
         pool = ProcessPoolExecutor(workers, initializer=_init_encoder,
                                    initargs=(tokenizer.to_dict(),))
-        encoded = pool.map(_encode_chunk, iter_text(corpus))
-    else:
-        encoded = map(tokenizer.encode_array, iter_text(corpus))
+        encoded = pool.map(_encode_chunk, chunks)
+    else:  # (the bpe tokenizer encodes on every core by itself)
+        encoded = map(tokenizer.encode_array, chunks)
     dtype = token_dtype(tokenizer.vocab_size)
     count = crc = 0
     chunk_tokens = []
@@ -545,9 +599,11 @@ def token_dtype(vocab_size: int):
 
 
 def prepare(corpus: Corpus, level: str, min_word_freq: int = 3,
-            tokenizer: Optional[Tokenizer] = None) -> TokenData:
+            tokenizer: Optional[Tokenizer] = None,
+            vocab_size: Optional[int] = None) -> TokenData:
     """Tokenize a corpus once (or load the cached ids) and split it 90/10; refuse a word
-    vocabulary that would teach nothing (:func:`check_vocabulary`).
+    vocabulary that would teach nothing (:func:`check_vocabulary`). vocab_size: the tokens
+    of a bpe vocabulary to learn.
 
     tokenizer: encode with this one (a fine-tuned model's, at level) instead of learning one
     from the text; min_word_freq then does not apply. Words it does not know become <UNK>;
@@ -567,6 +623,9 @@ def prepare(corpus: Corpus, level: str, min_word_freq: int = 3,
         settings += f"-tokenizer{tokenizer_hash(tokenizer)}"
     elif level == "word":
         settings += f"-min{min_word_freq}"
+    elif level == "bpe":
+        check_vocab_size(vocab_size)
+        settings += f"-vocab{vocab_size}"
     key = hashlib.sha256(f"{text_hash}-{settings}".encode()).hexdigest()[:24]
     entry = cache_dir() / "tokens" / key
     meta_path, ids_path = entry / "meta.json", entry / "tokens.bin"
@@ -575,11 +634,19 @@ def prepare(corpus: Corpus, level: str, min_word_freq: int = 3,
         log.warning("token cache for %s was damaged (%s): rebuilding", corpus.name, damage)
     if meta is None:
         holder: dict = {}
+        cut = text_cut(corpus) if level == "bpe" else None
 
         def write_ids(f) -> None:
-            holder["tokenizer"] = tokenizer or _learn(corpus, level, min_word_freq)
+            holder["tokenizer"] = tokenizer or _learn(corpus, level, min_word_freq,
+                                                      vocab_size, cut)
             (holder["count"], holder["crc32"], holder["dropped"],
-             holder["chunk_tokens"]) = _encode(corpus, holder["tokenizer"], f)
+             holder["chunk_tokens"]) = _encode(corpus, holder["tokenizer"], f, cut)
+            # Worked out before tokens.bin appears: another process that finds it without
+            # meta.json takes the entry for damaged.
+            holder["split"] = (_tokens_before(corpus, cut, holder["chunk_tokens"])
+                               if cut is not None else int(holder["count"] * TRAIN_FRACTION))
+            holder["val_stats"] = _val_stats(corpus, holder["tokenizer"],
+                                             holder["chunk_tokens"], holder["split"], cut)
 
         atomic_write(ids_path, write_ids)
         dtype = np.dtype(token_dtype(holder["tokenizer"].vocab_size))
@@ -594,19 +661,30 @@ def prepare(corpus: Corpus, level: str, min_word_freq: int = 3,
             "tokenizer": holder["tokenizer"].to_dict(),
             "dropped": dict(holder["dropped"]),
             "chunk_tokens": holder["chunk_tokens"],
-            **_val_stats(corpus, holder["tokenizer"], holder["chunk_tokens"],
-                         int(holder["count"] * TRAIN_FRACTION)),
+            "split": holder["split"],
+            "cut": cut,
+            **holder["val_stats"],
         }
         # Written last: an entry without it is incomplete (or damaged) and is rebuilt.
         atomic_write_text(meta_path, json.dumps(meta))
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     ids = np.memmap(ids_path, dtype=meta["dtype"], mode="r") if meta["count"] else np.zeros(0)
-    split = int(len(ids) * TRAIN_FRACTION)
+    split = meta["split"]
     tokens = TokenData(corpus.name, ids[:split], ids[split:], tokenizer, text_hash,
                        given_tokenizer=given, dropped=meta.get("dropped", {}),
-                       corpus=corpus, chunk_tokens=meta.get("chunk_tokens"),
+                       corpus=corpus, chunk_tokens=meta.get("chunk_tokens"), cut=meta["cut"],
                        val_chars=meta.get("val_chars"), val_unk_bytes=meta.get("val_unk_bytes"))
     check_vocabulary(tokens)
+    return tokens
+
+
+def _tokens_before(corpus: Corpus, cut: int, chunk_tokens: list[int]) -> int:
+    """The tokens of the chunks of text_chunks(corpus, cut) before the cut."""
+    at = tokens = 0
+    for chunk, count in zip(text_chunks(corpus, cut), chunk_tokens):
+        if at >= cut:
+            break
+        at, tokens = at + len(chunk), tokens + count
     return tokens
 
 
@@ -646,6 +724,8 @@ def _checked_entry(meta_path: Path, ids_path: Path) -> tuple[Optional[dict], str
         crc = meta["crc32"]
         if not isinstance(meta.get("dropped", {}), dict):
             raise TypeError("dropped")
+        if not 0 <= meta["split"] <= meta["count"] or not isinstance(meta["cut"], (int, type(None))):
+            raise ValueError("split")
     except (KeyError, TypeError, ValueError, SmolGPTError):
         return None, "its metadata is incomplete"
     try:

@@ -90,8 +90,10 @@ class RunLock:
     process dies, however it dies, so a crash never leaves a directory locked.
     """
 
+    FILE = ".lock"
+
     def __init__(self, directory: Path):
-        self.path = Path(directory) / ".lock"
+        self.path = Path(directory) / self.FILE
         self._file = None
 
     def acquire(self) -> "RunLock":

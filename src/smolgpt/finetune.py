@@ -33,7 +33,7 @@ from . import interop
 from .config import FINETUNE_LR_FACTOR, PRESETS, TrainConfig
 from .errors import SmolGPTError
 from .model import GPT
-from .tokenizer import Tokenizer, WordTokenizer
+from .tokenizer import BPETokenizer, Tokenizer, WordTokenizer
 from .training import run_checkpoint
 
 # The settings that decide the weights' shapes (with the vocabulary, which is the
@@ -86,9 +86,10 @@ def source_settings(settings: dict[str, Any], source: Source) -> dict[str, Any]:
             f"--level {settings['level']} does not match {where}, a {source.level}-level "
             "model: drop --level (a fine-tuned model reads text as its source does)"
         )
-    if "min_word_freq" in settings:
-        raise SmolGPTError(f"--min_word_freq does not apply with {where}: the vocabulary is "
-                           "the source model's; drop the flag")
+    for name in ("min_word_freq", "vocab_size"):
+        if name in settings:
+            raise SmolGPTError(f"--{name} does not apply with {where}: the vocabulary is "
+                               "the source model's; drop the flag")
     shape = source.shape()
     conflicts = [k for k in SHAPE if k in settings and settings[k] != shape[k]]
     if conflicts:
@@ -99,6 +100,8 @@ def source_settings(settings: dict[str, Any], source: Source) -> dict[str, Any]:
     completed = {**settings, **shape, "level": source.level}
     if isinstance(source.tokenizer, WordTokenizer):  # recorded, so the run says what it used
         completed["min_word_freq"] = source.tokenizer.min_word_freq
+    if isinstance(source.tokenizer, BPETokenizer):
+        completed["vocab_size"] = source.tokenizer.vocab_size
     if "preset" not in settings and source.train_config.get("preset") in PRESETS:
         completed["preset"] = source.train_config["preset"]
     return completed

@@ -26,6 +26,9 @@ What the transformers tokenizer does differently from smolgpt's (the model is th
   Text that literally contains ``<PAD>`` or ``<UNK>`` reads as those special tokens.
 - Lowercasing: a Greek capital sigma ending a word becomes σ, where Python makes it ς.
   Characters newer than Python's Unicode database may split differently.
+- Byte-pair level: ``tokenizer.json`` is the tokenizers object smolgpt encodes with, so the
+  ids are the same for any text. Decoding ids whose bytes are not UTF-8 gives U+FFFD in
+  both, though not always the same number of them.
 
 :func:`load_source` reads a smolgpt checkpoint, a safetensors export, or a Hugging Face
 directory in either layout, converting it back exactly. Whatever smolgpt cannot reproduce
@@ -54,6 +57,7 @@ from .files import atomic_write, atomic_write_text
 from .model import GPT
 # (The detokenization marks too: the export's decoder follows WordTokenizer.decode.)
 from .tokenizer import (
+    BPETokenizer,
     JOINERS,
     NO_SPACE_AFTER,
     NO_SPACE_BEFORE,
@@ -343,6 +347,8 @@ def hf_tokenizer(tokenizer: Tokenizer):
     from tokenizers.decoders import Fuse
     from tokenizers.models import WordLevel
 
+    if isinstance(tokenizer, BPETokenizer):  # built with the tokenizers library already
+        return tokenizer.hf_tokenizer()
     steps = []
     if tokenizer.normalize:  # normalize_text, replacement by replacement
         steps += [normalizers.Replace("\r\n", "\n"), normalizers.Replace("\r", "\n")]

@@ -145,14 +145,17 @@ class _SampleText:
         """Take one new token; return the text that can now be shown."""
         if self.stopped:
             return ""
+        self._extend(self.decoder.add([token]))
+        return self._show(len(self.text) - (0 if self.stopped else self._held_back()))
+
+    def _extend(self, new_text: str) -> None:
+        """Add new_text, and cut the text at the first stop string."""
         # A stop string ending in the new text started at most longest-1 characters earlier.
         start = max(0, len(self.text) - self.longest_stop + 1)
-        self.text += self.decoder.add([token])
+        self.text += new_text
         found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         if found:
             self.text, self.stopped = self.text[:min(found)], True
-            return self._show(len(self.text))
-        return self._show(len(self.text) - self._held_back())
 
     def _held_back(self) -> int:
         """Length of the longest end of text that may be the start of a stop string."""
@@ -160,7 +163,10 @@ class _SampleText:
                     if self.text.endswith(s[:n])), default=0)
 
     def finish(self) -> str:
-        """The text held back, once no token will follow."""
+        """The text held back, once no token will follow (and, at bpe level, the bytes of a
+        character left incomplete, as U+FFFD)."""
+        if not self.stopped:
+            self._extend(self.decoder.flush())
         return self._show(len(self.text))
 
     def _show(self, end: int) -> str:

@@ -1,10 +1,11 @@
-"""Text <-> token ids, at character or word level.
+"""Text <-> token ids, at character, word or byte-pair level.
 
-Both tokenizers learn their vocabulary from the training text, turn text into ids and back,
-and serialise to plain JSON-compatible data (:meth:`to_dict` / :func:`tokenizer_from_dict`),
+Each tokenizer learns its vocabulary from the training text, turns text into ids and back,
+and serialises to plain JSON-compatible data (:meth:`to_dict` / :func:`tokenizer_from_dict`),
 which every checkpoint carries, so a checkpoint alone is enough to generate.
 
-Both read text through :func:`normalize_text` first, the training text and a prompt alike:
+The char and word tokenizers read text through :func:`normalize_text` first, the training
+text and a prompt alike:
 CRLF and lone CR line endings become LF, byte-order marks (U+FEFF) are dropped, and
 typographic quotes and apostrophes become ASCII ``'`` and ``"``. So a typed ``don't`` is the
 book's ``don’t``, and no CR or curly quote is in any vocabulary. (Tokenizers from
@@ -15,19 +16,26 @@ checkpoints written before smolgpt 0.5 read text as given, as they were trained.
   expression tokenizer (it needs no downloaded models, unlike ``nltk.word_tokenize``), words
   seen fewer than ``min_word_freq`` times mapped to ``<UNK>``. Ids 0 and 1 are ``<PAD>`` and
   ``<UNK>``. Decoding re-attaches punctuation so the text reads naturally.
+- :class:`BPETokenizer`: byte-level byte-pair encoding, as GPT-2's: the 256 byte values,
+  then the most frequent adjacent pairs merged into new tokens until the vocabulary has
+  ``vocab_size`` tokens, learned by the ``tokenizers`` library. Any text encodes (a
+  character it never saw is spelled in bytes) and decodes back exactly: it reads text as
+  given, without normalising.
 """
 
 from __future__ import annotations
 
 import bisect
+import codecs
 import functools
 import itertools
+import json
 from collections import Counter
 from typing import Iterable, Union
 
 import numpy as np
 
-from .config import LEVELS
+from .config import LEVELS, check_vocab_size
 from .errors import SmolGPTError
 
 # A word is letters/digits, possibly joined by apostrophes (don't, holmes's); every other
@@ -239,6 +247,9 @@ class CharDecoder:
     def add(self, ids: Iterable[int]) -> str:
         return "".join(self.chars[i] for i in ids)
 
+    def flush(self) -> str:
+        return ""  # nothing is ever held back
+
 
 class WordDecoder:
     """Text of ids given a few at a time; the pieces join into :meth:`WordTokenizer.decode`.
@@ -270,8 +281,174 @@ class WordDecoder:
             self.glue_next = glue_after
         return "".join(out)
 
+    def flush(self) -> str:
+        return ""  # nothing is ever held back
 
-Tokenizer = Union[CharTokenizer, WordTokenizer]
+
+# Byte-level BPE. GPT-2's alphabet: one printable character for each byte value, so that
+# merges work on strings. Printable bytes stand for themselves; the others, in order, for the
+# characters from U+0100 on (a space is "Ġ", a line break "Ċ").
+_PRINTABLE_BYTES = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+BYTE_SYMBOLS = [chr(b) if b in _PRINTABLE_BYTES else
+                chr(0x100 + sum(1 for c in range(b) if c not in _PRINTABLE_BYTES))
+                for b in range(256)]
+_BYTE_OF_SYMBOL = {symbol: b for b, symbol in enumerate(BYTE_SYMBOLS)}
+# Text is encoded in pieces of about this many characters, cut after line breaks, on all
+# cores at once; the pieces give the same ids as the whole (see BPETokenizer).
+BPE_PIECE_CHARS = 1 << 16
+
+
+def _tokenizers():
+    """The tokenizers library, or a SmolGPTError saying how to install it."""
+    try:
+        import tokenizers
+    except ImportError:
+        raise SmolGPTError("--level bpe needs the tokenizers library: "
+                           "pip install 'smolgpt[bpe]'") from None
+    return tokenizers
+
+
+def _pieces(text: str, size: int = BPE_PIECE_CHARS) -> list[str]:
+    """text cut into pieces of at least size characters (the last may be shorter), each
+    ending just after a line break (but the last)."""
+    pieces, start = [], 0
+    while start < len(text):
+        cut = text.find("\n", start + size - 1) + 1 or len(text)
+        pieces.append(text[start:cut])
+        start = cut
+    return pieces
+
+
+class BPETokenizer:
+    """Byte-level byte-pair encoding learned by the tokenizers library (no merge loop here).
+
+    Text is first cut into pre-tokens: every line break on its own, then GPT-2's pattern
+    (a word with the space before it, a number, a run of punctuation, whitespace); each
+    pre-token's UTF-8 bytes are merged by the learned merges, in the order learned. Because
+    a line break is always a pre-token of its own, text cut just after a line break encodes
+    to the ids of its pieces joined: a large text is encoded piece by piece on all cores,
+    and a file read in chunks gives the ids of the whole. (GPT-2 also merges runs of line
+    breaks; here each costs one token.)"""
+
+    level = "bpe"
+    normalize = False  # decoding must give back exactly the text that was encoded
+
+    def __init__(self, vocab: list[str], merges: Iterable[Iterable[str]]):
+        tk = _tokenizers()
+        self.vocab = list(vocab)
+        self.merges = [tuple(pair) for pair in merges]
+        ids = {token: i for i, token in enumerate(self.vocab)}
+        if len(ids) != len(self.vocab) or not set(BYTE_SYMBOLS) <= ids.keys() or any(
+                len(pair) != 2 or "".join(pair) not in ids for pair in self.merges):
+            raise SmolGPTError("malformed bpe tokenizer: its vocabulary lacks byte values or "
+                               "the tokens its merges make")
+        self._hf = tk.Tokenizer(tk.models.BPE(vocab=ids, merges=self.merges))
+        self._hf.pre_tokenizer = self.pre_tokenizer()
+        self._hf.decoder = tk.decoders.ByteLevel()  # (for exports; decode is ours)
+        self.token_bytes = [bytes(_BYTE_OF_SYMBOL[c] for c in token) for token in self.vocab]
+
+    @staticmethod
+    def pre_tokenizer():
+        tk = _tokenizers()
+        return tk.pre_tokenizers.Sequence([
+            tk.pre_tokenizers.Split("\n", "isolated"),
+            tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+
+    @classmethod
+    def train(cls, chunks: Iterable[str], vocab_size: int) -> "BPETokenizer":
+        """Learn merges from chunks of text until the vocabulary holds vocab_size tokens.
+        SmolGPTError where vocab_size is below the 256 byte values, or above what the text
+        allows (every adjacent pair of its pre-tokens merged)."""
+        check_vocab_size(vocab_size)
+        tk = _tokenizers()
+        learner = tk.Tokenizer(tk.models.BPE())
+        learner.pre_tokenizer = cls.pre_tokenizer()
+        trainer = tk.trainers.BpeTrainer(
+            vocab_size=vocab_size, show_progress=False, special_tokens=[],
+            initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+        learner.train_from_iterator(
+            (piece for chunk in chunks for piece in _pieces(chunk)), trainer)
+        model = json.loads(learner.to_str())["model"]
+        vocab = sorted(model["vocab"], key=model["vocab"].get)
+        if len(vocab) < vocab_size:
+            raise SmolGPTError(
+                f"--vocab_size {vocab_size} is more than the training text allows: merging "
+                f"every pair in it gives {len(vocab)} tokens; use --vocab_size {len(vocab)} "
+                "or less, or train on more text")
+        return cls(vocab, model["merges"])
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def read(self, text: str) -> str:
+        return text
+
+    def unknown(self, text: str) -> list[str]:
+        return []  # every text is bytes, and every byte is a token
+
+    def _encodings(self, text: str, offsets: bool) -> list:
+        pieces = _pieces(text)
+        try:
+            return (self._hf.encode_batch(pieces) if offsets
+                    else self._hf.encode_batch_fast(pieces))
+        except TypeError:  # a lone surrogate: a str that is not Unicode text
+            raise SmolGPTError("the text holds characters that are not Unicode (lone "
+                               "surrogates, e.g. from undecodable bytes): give UTF-8 "
+                               "text") from None
+
+    def encode_array(self, text: str) -> np.ndarray:
+        ids = [e.ids for e in self._encodings(text, offsets=False)]
+        return np.concatenate(ids).astype(np.int64) if ids else np.zeros(0, np.int64)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def starts(self, text: str) -> list[int]:
+        """Where each token of encode(text) begins in text (a token that is part of a
+        character's bytes: where that character begins)."""
+        found, start = [], 0
+        for piece, encoding in zip(_pieces(text), self._encodings(text, offsets=True)):
+            found.extend(start + begin for begin, _ in encoding.offsets)
+            start += len(piece)
+        return found
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of ids; bytes that do not form UTF-8 (a model may sample them) read as
+        U+FFFD."""
+        return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", "replace")
+
+    def decoder(self) -> "BPEDecoder":
+        """An incremental decoder: text for ids given a few at a time (for streaming)."""
+        return BPEDecoder(self)
+
+    def hf_tokenizer(self):
+        """A copy of the tokenizers library's object that does the encoding."""
+        return _tokenizers().Tokenizer.from_str(self._hf.to_str())
+
+    def to_dict(self) -> dict:
+        return {"type": "bpe", "vocab": self.vocab, "merges": [list(m) for m in self.merges]}
+
+
+class BPEDecoder:
+    """Text of ids given a few at a time; the pieces (and :meth:`flush`) join into
+    :meth:`BPETokenizer.decode`. A character whose bytes are split over tokens appears once
+    its last byte arrives."""
+
+    def __init__(self, tokenizer: BPETokenizer):
+        self.token_bytes = tokenizer.token_bytes
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def add(self, ids: Iterable[int]) -> str:
+        return self.utf8.decode(b"".join(self.token_bytes[i] for i in ids))
+
+    def flush(self) -> str:
+        """The bytes held back for a character that never completed, as U+FFFD."""
+        return self.utf8.decode(b"", final=True)
+
+
+Tokenizer = Union[CharTokenizer, WordTokenizer, BPETokenizer]
 
 
 def tokenizer_from_dict(data: dict) -> Tokenizer:
@@ -285,6 +462,8 @@ def tokenizer_from_dict(data: dict) -> Tokenizer:
     try:
         if kind == "char":
             return CharTokenizer(data["chars"], normalize)
+        if kind == "bpe":
+            return BPETokenizer(data["vocab"], data["merges"])
         return WordTokenizer(data["words"], data.get("min_word_freq", 3), normalize)
     except (KeyError, TypeError) as exc:
         raise SmolGPTError(f"malformed {kind} tokenizer in checkpoint ({exc!r})") from None
