@@ -73,6 +73,9 @@ def toy_runs(data: Path, records: Path, no_transformers: Path) -> dict[str, tupl
         "step_profile": (["step_profile.py", *TOY_STEP, "--muon", "--profile", "--kernels",
                           "--variants", "--muon-cost"], BF16),
         "memory": (["memory.py", "--quick", *out("memory")], {}),
+        "levels": (["levels.py", "--corpora", corpus, "--preset", "nano", "--time-budget", "1",
+                    "--levels", "char", "word", "bpe:300", "--samples", "5", "--extra",
+                    f"{TOY_TRAIN} --eval_interval 5 --max_iters 10", *out("levels")], {}),
     }
 
 
@@ -184,6 +187,14 @@ def test_recipe_sweep(runs):
 def test_prepare(runs):
     check(runs["prepare"], "| level | corpus MB | tokens | vocab | prepare s | MB/s |",
           "| char | 0.1 |", "| word | 0.1 |", "| bpe | 0.1 |", "| tokenizers | 0.1 |")
+
+
+def test_levels(runs):
+    record = check(runs["levels"], "| corpus | level | vocab | steps | tokens/s | chars/token |",
+                   "| sherlock | char |", "| sherlock | word |", "| sherlock | bpe | 300 |")
+    scores = [row["held_out"] for row in record["results"]]
+    assert len({score["chars"] for score in scores}) == 1  # the same text for every level
+    assert all(score["bits_per_char"] > 0 for score in scores)
 
 
 def test_integrity(runs):

@@ -213,3 +213,43 @@ def test_without_tokenizers_one_line_says_what_to_install(bpe_run):
     assert "pip install 'smolgpt[bpe]'" in trained.stderr
     sampled = smolgpt_without("tokenizers", "generate", result.best_checkpoint)
     assert sampled.returncode == 2 and "pip install 'smolgpt[bpe]'" in sampled.stderr
+
+
+def test_fine_tuning_a_bpe_model_keeps_its_tokenizer(bpe_run, tmp_path):
+    root, result = bpe_run
+    other = tmp_path / "other.txt"
+    other.write_text(e2e_corpus_text(20_000, seed=11) + "Zyxwvut 🙂\n", encoding="utf-8")
+    source = smolgpt.load(result.best_checkpoint, device="cpu")
+    tuned = smolgpt.train(init_from=result.best_checkpoint, data=other, out_dir=tmp_path / "ft",
+                          max_iters=2, eval_interval=2, eval_iters=2, plot=False)
+    model = smolgpt.load(tuned.best_checkpoint, device="cpu")
+    assert model.tokenizer.to_dict() == source.tokenizer.to_dict()
+    assert model.train_config["vocab_size"] == 400
+    info = smolgpt.info(tuned.out_dir)
+    assert info["level"] == "bpe" and info["tokenizer"]["vocab_size"] == 400
+    with pytest.raises(SmolGPTError, match="--vocab_size does not apply with --init_from"):
+        smolgpt.train(init_from=result.best_checkpoint, data=other, vocab_size=500,
+                      out_dir=tmp_path / "ft2")
+
+
+def test_a_presets_vocab_size_gives_way_to_a_small_text(tmp_path, caplog):
+    small = tmp_path / "small.txt"
+    small.write_text("the cat sat on the mat\n" * 60 + "a dog\n" * 20, encoding="utf-8")
+    result = smolgpt.train(level="bpe", preset="nano", data=small, out_dir=tmp_path / "run",
+                           max_iters=2, eval_interval=2, eval_iters=1, block_size=16,
+                           batch_size=2, plot=False)
+    model = smolgpt.load(result.best_checkpoint, device="cpu")
+    assert 256 < model.config.vocab_size < 1024
+    assert "the preset's vocab_size" in caplog.text and "every pair merged" in caplog.text
+    assert model.evaluate().tokens > 2  # the run's split is found again (strict=False)
+
+
+def test_a_large_training_split_is_sampled_evenly_for_learning():
+    chunks = ["".join(f"chunk{c} line {i}\n" for i in range(1000)) for c in range(10)]
+    total = sum(map(len, chunks))
+    sampled = list(data._sample(iter(chunks), total, total // 10))
+    assert len(sampled) == 10  # some of every chunk
+    assert all(piece.endswith("\n") and chunk.startswith(piece)
+               for piece, chunk in zip(sampled, chunks))
+    assert total // 10 <= sum(map(len, sampled)) < total // 10 + 10 * 20
+    assert list(data._sample(iter(chunks), total, total)) == chunks

@@ -206,8 +206,10 @@ def _prepare_run(settings: dict[str, Any], requested: TrainConfig,
         tokenizer = source.tokenizer
     elif resume_from is not None and cfg.init_from:
         tokenizer = tokenizer_from_dict(resume_from["tokenizer"])
+    # A preset's vocab_size gives way to a text too small for it; one asked for does not.
     tokens = data.prepare(data.resolve_corpus(cfg.data, cfg.encoding), cfg.level,
-                          cfg.min_word_freq, tokenizer, cfg.vocab_size)
+                          cfg.min_word_freq, tokenizer, cfg.vocab_size,
+                          strict="vocab_size" in settings)
     data.check_long_enough(tokens, cfg.block_size)
     log.info(tokens.summary())
     for warning in (tokens.unk_warning(), tokens.dropped_warning()):
@@ -421,7 +423,7 @@ class Model:
         # Read as training read it: a fine-tuned model's run used the model's tokenizer.
         tokens = data.prepare(corpus, self.tokenizer.level, cfg.get("min_word_freq", 3),
                               self.tokenizer if cfg.get("init_from") else None,
-                              self.tokenizer.vocab_size)
+                              cfg.get("vocab_size") or self.tokenizer.vocab_size, strict=False)
         if tokens.tokenizer.to_dict() != self.tokenizer.to_dict():
             raise SmolGPTError(f"this smolgpt reads {cfg['data']} into another vocabulary than "
                                "the model's (trained by an older smolgpt?): give a text to "

@@ -88,7 +88,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_layer": 3, "n_head": 3, "n_embd": 48, "optimizer": "muon",
         "char": {"learning_rate": 2e-2, "dropout": 0.0},
         "word": {"learning_rate": 1e-2, "dropout": 0.2, "early_stop_patience": 4},
-        "bpe": {"vocab_size": 1024, "learning_rate": 2e-2, "dropout": 0.0},
+        "bpe": {"vocab_size": 4096, "learning_rate": 2e-2, "dropout": 0.0},
     },
     "micro": {
         "n_layer": 4, "n_head": 4, "n_embd": 128, "optimizer": "muon",
@@ -105,13 +105,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "n_layer": 6, "n_head": 6, "n_embd": 384,
         "char": {"batch_size": 64, "learning_rate": 1e-3, "dropout": 0.2},
         "word": {"learning_rate": 5e-4, "dropout": 0.3, "early_stop_patience": 4},
-        "bpe": {"vocab_size": 2048, "learning_rate": 1e-3, "dropout": 0.2},
+        "bpe": {"vocab_size": 4096, "learning_rate": 1e-3, "dropout": 0.2},
     },
     "small": {
         "n_layer": 12, "n_head": 12, "n_embd": 768, "batch_size": 16,
         "char": {"learning_rate": 6e-4, "dropout": 0.2},
         "word": {"learning_rate": 3e-4, "dropout": 0.3, "early_stop_patience": 4},
-        "bpe": {"vocab_size": 4096, "learning_rate": 6e-4, "dropout": 0.2},
+        "bpe": {"vocab_size": 8192, "learning_rate": 6e-4, "dropout": 0.2},
     },
 }
 

@@ -356,10 +356,12 @@ class BPETokenizer:
         ])
 
     @classmethod
-    def train(cls, chunks: Iterable[str], vocab_size: int) -> "BPETokenizer":
+    def train(cls, chunks: Iterable[str], vocab_size: int,
+              strict: bool = True) -> "BPETokenizer":
         """Learn merges from chunks of text until the vocabulary holds vocab_size tokens.
-        SmolGPTError where vocab_size is below the 256 byte values, or above what the text
-        allows (every adjacent pair of its pre-tokens merged)."""
+        SmolGPTError where vocab_size is below the 256 byte values, or (strict) above what
+        the text allows (every adjacent pair of its pre-tokens merged); not strict, the
+        vocabulary is then smaller."""
         check_vocab_size(vocab_size)
         tk = _tokenizers()
         learner = tk.Tokenizer(tk.models.BPE())
@@ -371,7 +373,7 @@ class BPETokenizer:
             (piece for chunk in chunks for piece in _pieces(chunk)), trainer)
         model = json.loads(learner.to_str())["model"]
         vocab = sorted(model["vocab"], key=model["vocab"].get)
-        if len(vocab) < vocab_size:
+        if len(vocab) < vocab_size and strict:
             raise SmolGPTError(
                 f"--vocab_size {vocab_size} is more than the training text allows: merging "
                 f"every pair in it gives {len(vocab)} tokens; use --vocab_size {len(vocab)} "
