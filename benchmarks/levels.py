@@ -5,9 +5,9 @@ For each corpus, every level trains the same preset with the same --time_budget 
 text, each with its own 90/10 split for evaluations and the best checkpoint (char and word
 level split the tokens, bpe level the text, so the three validation splits start at slightly
 different places). The score is then ``smolgpt eval --data HELD_OUT`` of each best
-checkpoint, where HELD_OUT is the end of the text that lies in every level's validation
-split: from the first line break after the latest of their starts. No model trained on it,
-and the bpe tokenizer never saw it. Char and word vocabularies are learned from the whole
+checkpoint (the same function, called in this process), where HELD_OUT is the end of the
+text that lies in every level's validation split: from the first line break after the
+latest of their starts. No model trained on it, and the bpe tokenizer never saw it. Char and word vocabularies are learned from the whole
 text, as those levels always do, so they have seen its characters and words; bpe's has not.
 
 Bits per character divides each model's total cost by the same characters, so the levels
@@ -47,7 +47,7 @@ def corpora(names: list[str]) -> dict[str, str]:
     return found
 
 
-def smolgpt(*args: object, cache: Path) -> subprocess.CompletedProcess:
+def run_smolgpt(*args: object, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "SMOLGPT_CACHE_DIR": str(cache)}
     return subprocess.run([sys.executable, "-m", "smolgpt", *map(str, args)], env=env,
                           capture_output=True, text=True, check=False)
@@ -91,21 +91,22 @@ def run_level(name: str, spec: str, entry: str, args, folder: Path, cache: Path,
     if vocab:
         flags += ["--vocab_size", vocab]
     print(f"  {name} {entry}: training {args.time_budget:g} s ...", file=sys.stderr, flush=True)
-    checked(smolgpt("train", *flags, cache=cache))
+    checked(run_smolgpt("train", *flags, cache=cache))
     metrics = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     last = metrics[-1]
-    best = out_dir / "best_model.pth"
-    score = json.loads(checked(smolgpt("eval", best, "--data", held, "--json", cache=cache)))
-    own = json.loads(checked(smolgpt("eval", best, "--json", cache=cache)))  # its own split
-    info = json.loads(checked(smolgpt("info", best, "--json", cache=cache)))
+    # Scored here, as `smolgpt eval` scores (the same function), without a process each.
+    import smolgpt
+
+    model = smolgpt.load(out_dir / "best_model.pth", device="cpu")
+    score = model.evaluate(held.read_text(encoding="utf-8")).to_dict()
+    own = model.evaluate().to_dict()  # its own validation split
     sample = ""
-    if args.samples:
-        sample = checked(smolgpt("generate", best, "--max_new_tokens", args.samples,
-                                 "--seed", 1337, "--prompt", args.prompt, cache=cache))
+    if args.samples:  # generate.py's defaults: temperature 0.8, top_k 50
+        sample = model.generate(args.prompt, max_new_tokens=args.samples, seed=1337)
     chars_per_token = score["chars"] / score["tokens"]
     row = {
         "corpus": name, "level": level, "entry": entry,
-        "vocab_size": info["tokenizer"]["vocab_size"],
+        "vocab_size": model.config.vocab_size,
         "iterations": last["iter"], "elapsed_s": last["elapsed_s"],
         "tokens_per_s": last["tokens"] / last["elapsed_s"],
         "chars_per_token": chars_per_token,
