@@ -430,13 +430,16 @@ def text_from(corpus: Corpus, tokenizer: Tokenizer, chunk_tokens: list[int], tok
     """The corpus from the first character of its token-th token on, as the tokenizer reads
     it (line endings as LF, normalised quotes). chunk_tokens: the tokens each chunk of
     text_chunks(corpus, cut) made, so that only the chunk where that token lies is
-    tokenized again (none, where the token starts a chunk)."""
+    tokenized again (at bpe level, none where the token starts a chunk)."""
     before, pieces = 0, []
     for chunk, count in zip(text_chunks(corpus, cut), chunk_tokens):
         if pieces:
             pieces.append(tokenizer.read(chunk))
         elif before + count > token:
-            start = 0 if token == before else tokenizer.starts(chunk)[token - before]
+            if token == before and isinstance(tokenizer, BPETokenizer):
+                start = 0  # (bpe skips no character: the chunk's first token starts it)
+            else:
+                start = tokenizer.starts(chunk)[token - before]
             pieces.append(tokenizer.read(chunk)[start:])
         before += count
     return "".join(pieces)
