@@ -260,6 +260,14 @@ class E2EProcess:
         if self.proc.poll() is None:
             self.proc.kill()
 
+    def outlive_tests(self) -> "E2EProcess":
+        """Not killed after each test (a server a module fixture starts, and ends itself)."""
+        _LIVE.discard(self)
+        return self
+
+    def stderr_so_far(self) -> str:
+        return Path(self._err.name).read_text(encoding="utf-8")
+
     def wait(self, timeout: float = 180) -> E2EResult:
         try:
             self.proc.wait(timeout=timeout)

@@ -46,7 +46,8 @@ def help_entries(command: str) -> list[tuple[str, str]]:
             and action.option_strings[0] != "-h"]
 
 
-@pytest.mark.parametrize("command, section", [("train", "Training"), ("generate", "Generation")])
+@pytest.mark.parametrize("command, section", [("train", "Training"), ("generate", "Generation"),
+                                              ("serve", "Serving")])
 def test_flag_tables_match_help(command, section):
     documented = [(flag, f"{what} (default: {default})")
                   for flag, default, what in flag_table(readme_section(section))]

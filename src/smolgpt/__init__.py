@@ -5,20 +5,22 @@ The API::
     smolgpt.train(**settings) -> TrainResult     train, as `smolgpt train` does
     smolgpt.load(path, device="auto") -> Model   a checkpoint, ready to .generate(prompt)
     smolgpt.info(path) -> dict                   what a checkpoint or run holds (smolgpt info)
+    smolgpt.serve(checkpoints, **settings)       an OpenAI-style HTTP server (smolgpt serve)
 
 Modules, in the order data flows through them: config -> tokenizer -> data -> model (with
-kernels) -> optim, training (with runlog) -> checkpoint -> sampling, and api, runinfo and cli on top.
+kernels) -> optim, training (with runlog) -> checkpoint -> sampling, and api, runinfo, server
+and cli on top.
 ``import smolgpt`` is cheap: torch is imported when train or load is first used.
 """
 
 from typing import Any
 
-from .config import GenerateConfig, ModelConfig, SampleConfig, TrainConfig
+from .config import GenerateConfig, ModelConfig, SampleConfig, ServeConfig, TrainConfig
 from .errors import SmolGPTError
 
 __version__ = "0.8.0"
-__all__ = ["train", "load", "info", "TrainResult", "Model", "TrainConfig", "ModelConfig",
-           "SampleConfig", "GenerateConfig", "SmolGPTError", "__version__"]
+__all__ = ["train", "load", "info", "serve", "TrainResult", "Model", "TrainConfig", "ModelConfig",
+           "SampleConfig", "GenerateConfig", "ServeConfig", "SmolGPTError", "__version__"]
 
 _FROM_API = ("train", "load", "TrainResult", "Model")
 
@@ -33,4 +35,8 @@ def __getattr__(name: str) -> Any:
         from .runinfo import describe
 
         return describe
+    if name == "serve":
+        from .server import serve
+
+        return serve
     raise AttributeError(f"module 'smolgpt' has no attribute {name!r}")

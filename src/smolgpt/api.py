@@ -372,7 +372,7 @@ class Model:
         top_p=1.0, min_p=0.0, repetition_penalty=1.0, stop=() (strings that end the text,
         left out of it), num_samples=1, seed=1337 (the same seed gives the same text).
         """
-        stream = self._text_stream(prompt, sampling)
+        stream = self.text_stream(prompt, **sampling)
         texts = ["".join(pieces) for pieces in zip(*stream)]
         return texts[0] if len(texts) == 1 else texts
 
@@ -383,7 +383,7 @@ class Model:
         the tokens made so far."""
         if sampling.get("num_samples", 1) != 1:
             raise SmolGPTError("stream() makes one sample; use generate() for num_samples > 1")
-        return _Pieces(self._text_stream(prompt, sampling))
+        return _Pieces(self.text_stream(prompt, **sampling))
 
     def evaluate(self, text: Optional[str] = None, batch_size: int = 8) -> "Evaluation":
         """How well the model predicts text (default: the validation split of the text it
@@ -444,7 +444,10 @@ class Model:
         write = interop.export_hf if format == "hf" else interop.export_safetensors
         return write(self.module, self.tokenizer, out_dir, self.train_config, overwrite)
 
-    def _text_stream(self, prompt: Optional[str], sampling: dict[str, Any]) -> TextStream:
+    def text_stream(self, prompt: Optional[str] = None, **sampling: Any) -> TextStream:
+        """The :class:`~smolgpt.sampling.TextStream` of every sample at once, with how many
+        tokens each took and whether a stop string ended it: what :meth:`generate` and
+        :meth:`stream` are made of, for callers that need more than the text (the server)."""
         names = {f.name for f in dataclasses.fields(SampleConfig)}
         unknown = sorted(set(sampling) - names)
         if unknown:

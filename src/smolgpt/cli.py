@@ -1,5 +1,5 @@
-"""The command line: ``smolgpt train``, ``generate``, ``eval``, ``export``, ``plot`` and
-``info`` (and the root train.py / generate.py, which call the same parsers).
+"""The command line: ``smolgpt train``, ``generate``, ``eval``, ``export``, ``plot``,
+``info`` and ``serve`` (and the root train.py / generate.py, which call the same parsers).
 
 A thin layer over the Python API (``smolgpt.train``, ``smolgpt.load``): flags are generated
 from the config dataclasses, so each setting is defined once, for both. This is the only
@@ -37,6 +37,7 @@ from .config import (
     PLOT_AXES,
     PRESETS,
     GenerateConfig,
+    ServeConfig,
     TrainConfig,
     default_text,
 )
@@ -162,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--ylim", nargs=2, type=float, metavar=("LOW", "HIGH"),
                       help="the val loss range shown (default: all of it)")
     plot.add_argument("--title", help="a heading for the picture")
+    serve = commands.add_parser(
+        "serve", help="serve models over HTTP: OpenAI's completions API and a playground page",
+        description="Serve one or more models: a playground page at /, OpenAI's completions "
+        "API at /v1/completions (streaming too), /v1/models, /health and /openapi.json. "
+        "Needs the serve extra (pip install 'smolgpt[serve]'). Listens on this computer "
+        "only unless --host says otherwise.")
+    serve.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                       help="a .pth checkpoint, a run directory (its best_model.pth), or a "
+                       "directory written by smolgpt export; each is served under its run's "
+                       "or file's name")
+    add_config_flags(serve, ServeConfig)
     info = commands.add_parser(
         "info", help="describe a checkpoint or run: model, training, data and versions",
         description="Describe a checkpoint (.pth), a run directory (its best_model.pth, else "
@@ -468,6 +480,11 @@ def main(argv: Optional[Sequence[str]] = None, launcher: Launcher = SMOLGPT) -> 
             return run_plot(args["run_dirs"], args["out"], args["x"], args["ylim"], args["title"])
         if command == "info":
             return run_info(args["checkpoint"], args["json"])
+        if command == "serve":
+            from .server import serve
+
+            serve(args.pop("checkpoints"), **args)
+            return 0
         if command == "export":
             return run_export(args["checkpoint"], args["out_dir"], args["format"],
                               args["overwrite"], launcher)

@@ -61,6 +61,8 @@ HELP_GROUPS = {
     "input": "input",
     "sampling": "sampling",
     "output": "output",
+    "server": "server",
+    "limits": "limits per request and for the server",
     "system": "hardware and bookkeeping",
 }
 
@@ -445,6 +447,44 @@ class GenerateConfig(SampleConfig):
         """The sampling settings alone."""
         return SampleConfig(**{f.name: getattr(self, f.name)
                                for f in dataclasses.fields(SampleConfig)})
+
+
+@dataclass
+class ServeConfig:
+    """``smolgpt serve``: where the server listens and the limits that keep a shared server
+    alive. A request's sampling settings come in the request, with SampleConfig's defaults."""
+
+    host: str = _opt("127.0.0.1", "address to listen on; 127.0.0.1 is this computer only, "
+                     "0.0.0.0 every network it is on (see Serving in the README)", "server")
+    port: int = _opt(8000, "port to listen on (0: any free port)", "server")
+    api_key: Optional[str] = _opt(
+        None, "require this key from clients (Authorization: Bearer KEY); the environment "
+        "variable SMOLGPT_API_KEY sets it too, out of sight of other users' ps", "server",
+        shown="unset: no key")
+    max_prompt_chars: int = _opt(20000, "longest prompt accepted, in characters", "limits")
+    max_tokens: int = _opt(2000, "most tokens one completion may ask for (max_tokens)", "limits")
+    max_n: int = _opt(8, "most completions one request may ask for (n times prompts)", "limits")
+    timeout: float = _opt(120.0, "seconds a request may take, waiting included, before it "
+                          "is ended with status 504", "limits")
+    parallel: int = _opt(4, "requests generated at once, taking turns token by token",
+                         "limits")
+    queue: int = _opt(16, "requests that may wait for a turn; more are answered 503 (busy)",
+                      "limits")
+    device: str = _opt("auto", "where to run", "system", choices=DEVICES)
+
+    def __post_init__(self) -> None:
+        _check_choice("device", self.device, DEVICES)
+        if isinstance(self.port, bool) or not isinstance(self.port, int) \
+                or not 0 <= self.port <= 65535:
+            raise SmolGPTError(f"--port must be 0 to 65535, got {self.port!r}")
+        if not self.host:
+            raise SmolGPTError("--host is empty: give an address such as 127.0.0.1")
+        if self.api_key is not None and not self.api_key.strip():
+            raise SmolGPTError("--api_key is empty: give a key, or leave it out")
+        _check_positive_ints(self, "max_prompt_chars", "max_tokens", "max_n", "parallel")
+        if isinstance(self.queue, bool) or not isinstance(self.queue, int) or self.queue < 0:
+            raise SmolGPTError(f"--queue must be >= 0, got {self.queue!r}")
+        _check_positive_number("timeout", self.timeout)
 
 
 def source_name(init_from: str) -> str:

@@ -139,12 +139,14 @@ class _SampleText:
         self.longest_stop = max((len(s) for s in stops), default=0)
         self.text = ""  # the continuation so far
         self.shown = 0  # characters of text given out
+        self.tokens = 0  # tokens taken, up to and including the one that reached a stop string
         self.stopped = False
 
     def add(self, token: int) -> str:
         """Take one new token; return the text that can now be shown."""
         if self.stopped:
             return ""
+        self.tokens += 1
         self._extend(self.decoder.add([token]))
         return self._show(len(self.text) - (0 if self.stopped else self._held_back()))
 
@@ -179,7 +181,8 @@ class TextStream:
     step, one string per sample: first each sample's prompt, then the new text of each
     (often empty). Joined, a sample's pieces are its final text: the prompt and its
     continuation, cut before the first of settings.stop. ``new_tokens`` counts the tokens
-    generated so far; iteration ends when every sample has stopped or max_new_tokens is
+    generated so far (``samples[i].tokens`` those of sample i until it stopped, and
+    ``samples[i].stopped`` whether a stop string ended it); iteration ends when every sample has stopped or max_new_tokens is
     reached. Stop iterating (or :meth:`close`) to stop generating."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, prompt: list[int],
@@ -187,6 +190,7 @@ class TextStream:
         self.samples = [_SampleText(tokenizer, prompt, settings.stop)
                         for _ in range(settings.num_samples)]
         self.new_tokens = 0
+        self.prompt_tokens = len(prompt)
         self._tokens = sample(model, prompt, settings)
         self._pieces = self._generate()
 
