@@ -73,6 +73,7 @@ def toy_runs(data: Path, records: Path, no_transformers: Path) -> dict[str, tupl
         "step_profile": (["step_profile.py", *TOY_STEP, "--muon", "--profile", "--kernels",
                           "--variants", "--muon-cost"], BF16),
         "memory": (["memory.py", "--quick", *out("memory")], {}),
+        "serving": (["serving.py", "--quick", *out("serving")], {}),
         "levels": (["levels.py", "--corpora", corpus, "--preset", "nano", "--time-budget", "1",
                     "--levels", "char", "word", "bpe:300", "--samples", "5", "--extra",
                     f"{TOY_TRAIN} --eval_interval 5 --max_iters 10", *out("levels")], {}),
@@ -218,3 +219,11 @@ def test_memory(runs):
     (result,) = record["results"]
     assert result["with"]["losses"] == result["without"]["losses"]  # checkpointing changes nothing
     assert len(result["with"]["step_times_s"]) == 2
+
+
+def test_serving(runs):
+    record = check(runs["serving"], "| model | in process tok/s | server tok/s | stream tok/s |",
+                   "| nano (0.")
+    (result,) = record["results"]
+    assert result["tokens"] == 8 and result["concurrent"] == 2
+    assert result["server_tok_s"] > 0 and result["first_token_ms"] > 0
