@@ -296,6 +296,17 @@ def test_malformed_bodies_are_400(main, raw, words):
     assert status == 400 and words in answer["error"]["message"], answer
 
 
+def test_a_prompt_the_model_cannot_read_is_400_when_streaming_too(main):
+    conn = main.connection()
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"model": "char", "prompt": "\u4e2d", "stream": True}), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    answer = json.loads(response.read())
+    conn.close()
+    assert response.status == 400 and answer["error"]["param"] == "prompt"
+    assert "vocabulary" in answer["error"]["message"]
+
+
 def test_other_http_errors(main):
     status, _, answer = main.complete(model="nope", prompt="x")
     assert status == 404 and answer["error"]["code"] == "model_not_found"

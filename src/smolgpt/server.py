@@ -610,27 +610,34 @@ def build_app(served: Sequence[Served], cfg: ServeConfig, api_key: Optional[str]
 
             watcher = asyncio.ensure_future(watch())
             usage = Usage()
+            events = self.server.generator.events(self.job, self.deadline, usage, gone)
+            head = _head(self.job)
             try:
+                try:  # the first event before the status line: a prompt the model cannot read
+                    event = await anext(events, None)  # is answered 400 like any bad value
+                except ApiError as error:
+                    return await error_response(error)(scope, receive, send)
                 await send({"type": "http.response.start", "status": 200,
                             "headers": self.raw_headers})
-                head = _head(self.job)
                 try:
-                    async for index, piece, reason in self.server.generator.events(
-                            self.job, self.deadline, usage, gone):
+                    while event is not None:
+                        index, piece, reason = event
                         await _event(send, {**head, "choices": [
                             {"text": piece, "index": index, "logprobs": None,
                              "finish_reason": reason}]})
+                        event = await anext(events, None)
                     if left.is_set():
                         return
                     if self.job.include_usage:
                         await _event(send, {**head, "choices": [], "usage": usage.body()})
                     await _send(send, b"data: [DONE]\n\n")
-                except ApiError as error:  # the timeout: the status line has gone already
+                except ApiError as error:  # the timeout, after the status line went out
                     await _event(send, error.body())
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             except OSError:  # the connection broke while sending
                 left.set()
             finally:
+                await events.aclose()  # its own finally stops the generation
                 watcher.cancel()
                 self.server.turns.leave()
                 _log_request(self.job, usage.completion_tokens, self.started,
