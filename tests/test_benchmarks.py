@@ -74,6 +74,9 @@ def toy_runs(data: Path, records: Path, no_transformers: Path) -> dict[str, tupl
                           "--variants", "--muon-cost"], BF16),
         "memory": (["memory.py", "--quick", *out("memory")], {}),
         "serving": (["serving.py", "--quick", *out("serving")], {}),
+        "frontier": (["frontier.py", "--data", data / "tinyshakespeare.txt", "--budgets", "1",
+                      "--extra", f"{TOY_TRAIN} --eval_interval 5", "--plot",
+                      records / "frontier.png", *out("frontier")], {}),
         "levels": (["levels.py", "--corpora", corpus, "--preset", "nano", "--time-budget", "1",
                     "--levels", "char", "word", "bpe:300", "--samples", "5", "--extra",
                     f"{TOY_TRAIN} --eval_interval 5 --max_iters 10", *out("levels")], {}),
@@ -227,3 +230,10 @@ def test_serving(runs):
     (result,) = record["results"]
     assert result["tokens"] == 8 and result["concurrent"] == 2
     assert result["server_tok_s"] > 0 and result["first_token_ms"] > 0
+
+
+def test_frontier(runs):
+    record = check(runs["frontier"], "| config | --time_budget s | val loss (whole split) |",
+                   "| micro | 1 |", "| nanogpt-cpu | 1 |", "Plot: ")
+    assert [r["config"] for r in record["results"]] == ["micro", "nanogpt-cpu"]
+    assert all(0 < r["val_loss"] < 10 for r in record["results"])
