@@ -97,7 +97,7 @@ def run_level(name: str, spec: str, entry: str, args, folder: Path, cache: Path,
     # Scored here, as `smolgpt eval` scores (the same function), without a process each.
     import smolgpt
 
-    model = smolgpt.load(out_dir / "best_model.pth", device="cpu")
+    model = smolgpt.load(out_dir / "best_model.pth")
     score = model.evaluate(held.read_text(encoding="utf-8")).to_dict()
     own = model.evaluate().to_dict()  # its own validation split
     sample = ""

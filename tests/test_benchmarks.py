@@ -234,6 +234,6 @@ def test_serving(runs):
 
 def test_frontier(runs):
     record = check(runs["frontier"], "| config | --time_budget s | val loss (whole split) |",
-                   "| micro | 1 |", "| nanogpt-cpu | 1 |", "Plot: ")
-    assert [r["config"] for r in record["results"]] == ["micro", "nanogpt-cpu"]
+                   "| speedrun | 1 |", "| nanogpt-cpu | 1 |", "Plot: ")
+    assert [r["config"] for r in record["results"]] == ["speedrun", "nanogpt-cpu"]
     assert all(0 < r["val_loss"] < 10 for r in record["results"])

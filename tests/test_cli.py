@@ -9,6 +9,7 @@ any training, mostly run in-process through ``smolgpt.cli.main`` (what the scrip
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -172,6 +173,22 @@ def test_time_budget_stops_by_itself(smol_cli, tmp_path):
     assert rows[0]["iter"] > 0, "a time-budgeted run does not evaluate the untrained model"
     assert 4.0 <= rows[-1]["elapsed_s"] <= 10.0, rows[-1]
     assert checkpoint.load(out / "latest_model.pth")["progress"]["iter"] == rows[-1]["iter"]
+
+
+def test_speedrun_preset_runs_its_recipe_for_a_few_seconds(smol_cli, tmp_path):
+    """--preset speedrun is issue #17's recipe at its real size: a short --time_budget
+    replaces its 600 s, and its learning rate decays linearly to zero by the end."""
+    out = tmp_path / "run"
+    result = smol_cli.run("train", "--preset", "speedrun", "--level", "char", "--data",
+                          smol_cli.corpus, "--out_dir", out, "--time_budget", "4",
+                          "--eval_iters", "2", timeout=120)
+    assert result.returncode == 0, result.describe()
+    assert "4 layers, 6 heads, 192 wide" in result.stderr, result.describe()
+    settings = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert (settings["time_budget"], settings["lr_schedule"], settings["min_lr"]) == (
+        4.0, "linear", 0.0)
+    rows = smol_cli.metrics(out)
+    assert rows[-1]["iter"] > 0 and rows[-1]["lr"] < 0.1 * settings["learning_rate"], rows
 
 
 def test_start_up_line_names_the_precision_policy_of_either_cpu_kind(smol_cli, tmp_path):

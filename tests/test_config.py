@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 
@@ -198,6 +199,20 @@ def test_sample_config_rejects_bad_values(kwargs, flag):
 
 # ------------------------------------------------------------------ per-level recipes
 
+@pytest.mark.parametrize("cpu_float32", [False, True])
+def test_speedrun_is_the_measured_flags_over_micro(cpu_float32):
+    """benchmarks/RESULTS.md measured the speedrun recipe as flags over --preset micro: the
+    preset must stay exactly that (plus its 600 s budget), on either kind of CPU."""
+    flags = {"level": "char", "n_embd": 192, "n_head": 6, "min_lr": 0.0,
+             "lr_schedule": "linear"}
+    measured = resolve_train_config({"preset": "micro", **flags}, cpu_float32)
+    speedrun = resolve_train_config({"preset": "speedrun", "level": "char"}, cpu_float32)
+    assert dataclasses.asdict(speedrun) == {**dataclasses.asdict(measured),
+                                            "preset": "speedrun", "time_budget": 600.0}
+    shorter = resolve_train_config({"preset": "speedrun", "level": "char", "time_budget": 60})
+    assert shorter.time_budget == 60
+
+
 def test_word_presets_stop_early_and_char_presets_do_not():
     for preset in PRESETS:
         assert resolve_train_config({"preset": preset, "level": "word"}).early_stop_patience > 0
@@ -259,14 +274,18 @@ def test_model_and_training_share_one_shape_definition():
 
 
 @pytest.mark.parametrize("name", ["n_layer", "batch_size", "learning_rate", "dropout",
-                                  "muon_ns_steps", "optimizer"])
+                                  "muon_ns_steps", "optimizer", "lr_schedule"])
 def test_help_shows_each_presets_real_default(name):
     # "--n_layer (default: from --preset: nano 3; micro 4; ...)": every number shown is the
     # one the preset resolves to, at each level, on either kind of CPU.
     text = preset_default(name)
     assert text.startswith("from --preset: ")
-    for preset, part in zip(PRESETS, text.removeprefix("from --preset: ").split("; ")):
-        assert part.startswith(preset + " ")
+    shown = {}  # preset -> its value text ("nano 3"; "nano, tiny 5" where they leave it be)
+    for part in text.removeprefix("from --preset: ").split("; "):
+        names, value = re.fullmatch(r"((?:\w+, )*\w+) (.+)", part).groups()
+        shown.update((preset, value) for preset in names.split(", "))
+    assert sorted(shown) == sorted(PRESETS)
+    for preset, part in shown.items():
         for level in ("char", "word"):
             for cpu_float32 in (False, True):
                 value = getattr(resolve_train_config({"preset": preset, "level": level},

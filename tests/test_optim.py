@@ -1,4 +1,4 @@
-"""The learning-rate schedule (warm-up, cosine or constant, by steps or by share of a time
+"""The learning-rate schedule (warm-up, cosine, linear or constant, by steps or by share of a time
 budget) and the optimisers (AdamW, and BatchedMuon against torch.optim.Muon)."""
 
 import dataclasses
@@ -33,6 +33,15 @@ def test_cosine_decays_to_final_lr_at_the_end():
     assert lr_multiplier(c, 60, 60 / 110) == pytest.approx(0.1 + 0.5 * 0.9)  # half-way
     assert lr_multiplier(c, 110, 1.0) == pytest.approx(0.1)
     assert lr_multiplier(cfg(min_lr=0.0), 110, 1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_linear_decays_evenly_to_final_lr():
+    c = cfg(lr_schedule="linear", min_lr=0.0)
+    assert lr_multiplier(c, 10, 10 / 110) == pytest.approx(1.0)
+    assert lr_multiplier(c, 60, 60 / 110) == pytest.approx(0.5)  # half-way through the decay
+    assert lr_multiplier(c, 85, 85 / 110) == pytest.approx(0.25)
+    assert lr_multiplier(c, 110, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_multiplier(cfg(lr_schedule="linear"), 110, 1.0) == pytest.approx(0.1)
 
 
 def test_constant_schedule_keeps_the_peak_after_warmup():

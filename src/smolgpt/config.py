@@ -43,7 +43,7 @@ LEVELS = ("char", "word", "bpe")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 POSITIONS = ("rope", "learned")
 OPTIMIZERS = ("adamw", "muon")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "linear", "constant")
 EXPORT_FORMATS = ("hf", "safetensors")  # smolgpt export --format
 PLOT_AXES = ("iter", "time", "tokens")  # smolgpt plot --x: what the curves are drawn against
 DEFAULT_MAX_ITERS = 5000  # the original smolgpt's: the length of a run not given one
@@ -85,6 +85,18 @@ HELP_GROUPS = {
 # larger share of a step, while every step is slower: micro orthogonalises with three
 # Newton-Schulz iterations instead of five there, and at word level it makes more, smaller
 # steps (batches of 16) with less dropout (the fewer steps overfit less).
+
+# micro's recipe at each level, and on float32 CPUs (speedrun shares it).
+_MICRO_RECIPES: dict[str, Any] = {
+    "char": {"batch_size": 16, "learning_rate": 5e-2, "dropout": 0.0},
+    "word": {"learning_rate": 1e-2, "dropout": 0.3, "early_stop_patience": 4},
+    "bpe": {"vocab_size": 1024, "batch_size": 16, "learning_rate": 5e-2, "dropout": 0.0},
+    CPU_FLOAT32: {
+        "char": {"muon_ns_steps": 3},
+        "bpe": {"muon_ns_steps": 3},
+        "word": {"batch_size": 16, "dropout": 0.2, "muon_ns_steps": 3},
+    },
+}
 PRESETS: dict[str, dict[str, Any]] = {
     "nano": {
         "n_layer": 3, "n_head": 3, "n_embd": 48, "optimizer": "muon",
@@ -92,22 +104,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         "word": {"learning_rate": 1e-2, "dropout": 0.2, "early_stop_patience": 4},
         "bpe": {"vocab_size": 4096, "learning_rate": 2e-2, "dropout": 0.0},
     },
-    "micro": {
-        "n_layer": 4, "n_head": 4, "n_embd": 128, "optimizer": "muon",
-        "char": {"batch_size": 16, "learning_rate": 5e-2, "dropout": 0.0},
-        "word": {"learning_rate": 1e-2, "dropout": 0.3, "early_stop_patience": 4},
-        "bpe": {"vocab_size": 1024, "batch_size": 16, "learning_rate": 5e-2, "dropout": 0.0},
-        CPU_FLOAT32: {
-            "char": {"muon_ns_steps": 3},
-            "bpe": {"muon_ns_steps": 3},
-            "word": {"batch_size": 16, "dropout": 0.2, "muon_ns_steps": 3},
-        },
+    "micro": {"n_layer": 4, "n_head": 4, "n_embd": 128, "optimizer": "muon", **_MICRO_RECIPES},
+    # Aimed at nanoGPT's best char-level result on tiny Shakespeare (val 1.4697, 6x384 on an
+    # A100) in ten minutes of a 2-core CPU (issue #17; each choice is measured in
+    # benchmarks/RESULTS.md): micro made wider rather than deeper (width keeps a CPU's matrix
+    # products efficient; depth adds small operations), its learning rate decayed linearly to
+    # zero, within a 600 s budget. Word and bpe levels take micro's recipes at this shape.
+    "speedrun": {
+        "n_layer": 4, "n_head": 6, "n_embd": 192, "optimizer": "muon", "time_budget": 600.0,
+        "min_lr": 0.0, "lr_schedule": "linear", **_MICRO_RECIPES,
     },
     "tiny": {
         "n_layer": 6, "n_head": 6, "n_embd": 384,
         "char": {"batch_size": 64, "learning_rate": 1e-3, "dropout": 0.2},
         "word": {"learning_rate": 5e-4, "dropout": 0.3, "early_stop_patience": 4},
-        "bpe": {"vocab_size": 4096, "learning_rate": 1e-3, "dropout": 0.2},
+        "bpe": {"vocab_size": 2048, "learning_rate": 1e-3, "dropout": 0.2},
     },
     "small": {
         "n_layer": 12, "n_head": 12, "n_embd": 768, "batch_size": 16,
@@ -241,15 +252,17 @@ class TrainConfig(ModelShape):
         5, "Newton-Schulz iterations of Muon's orthogonalisation (fewer: cheaper steps, "
         "rougher orthogonalisation)", "optimisation",
     )
-    min_lr: Optional[float] = _opt(None, "final learning rate of the cosine decay",
+    min_lr: Optional[float] = _opt(None, "final learning rate of the decay",
                                    "optimisation", shown="learning_rate / 10")
     warmup_iters: int = _opt(100, "linear warm-up steps", "optimisation")
     warmup_budget_share: float = _opt(
         0.02, "with --time_budget: the share of the budget spent warming up, instead of "
         "warmup_iters", "optimisation",
     )
-    lr_schedule: str = _opt("cosine", "learning-rate schedule after warm-up", "optimisation",
-                            choices=SCHEDULES)
+    lr_schedule: str = _opt(
+        "cosine", "learning-rate schedule after warm-up: cosine or linear decay to min_lr, or "
+        "constant", "optimisation", choices=SCHEDULES,
+    )
     weight_decay: float = _opt(
         0.1, "weight decay of matrices and embeddings (AdamW and Muon; not biases or norms)",
         "optimisation",
@@ -611,8 +624,12 @@ def preset_default(name: str) -> Optional[str]:
                for f32 in (False, True)):
         return None
     fallback = getattr(TrainConfig, name)
-    parts = []
+    parts, unset = [], []
     for preset in PRESETS:
+        if not any(name in preset_values(preset, level, f32) for level in LEVELS
+                   for f32 in (False, True)):
+            unset.append(preset)  # shown together, at the plain default
+            continue
         by_level = {level: preset_values(preset, level).get(name, fallback) for level in LEVELS}
         by_level = {level: v for level, v in by_level.items() if v is not None}
         if len(set(by_level.values())) == 1 and len(by_level) == len(LEVELS):
@@ -629,6 +646,10 @@ def preset_default(name: str) -> Optional[str]:
             text += " (" + ", ".join(f"{v} {level}" for level, v in changed.items()) + \
                 " on a float32 CPU)"
         parts.append(text)
+    if unset:
+        field_ = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+        plain = field_.metadata.get("shown") or ("unset" if fallback is None else fallback)
+        parts.append(f"{', '.join(unset)} {plain}")
     return "from --preset: " + "; ".join(parts)
 
 

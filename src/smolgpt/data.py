@@ -67,7 +67,7 @@ CHUNK_BYTES = 4 << 20  # text is read, tokenized and encoded 4 MiB at a time
 COUNT_BLOCK = 16 << 20  # token ids compared at a time when counting <UNK>
 # At bpe level, merges are learned from at most this many characters of the training split,
 # taken evenly from all of it: the pair counts of a larger text change little, and learning
-# costs about 0.15 s per MB on 2 cores.
+# costs about 0.17 s per MB on 2 cores (15.4 s for 90 MB: benchmarks/RESULTS.md).
 BPE_LEARN_CHARS = 20_000_000
 
 # At word level, more <UNK> than this in either split is warned about. At the default
