@@ -109,7 +109,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A100) in ten minutes of a 2-core CPU (issue #17; each choice is measured in
     # benchmarks/RESULTS.md): micro made wider rather than deeper (width keeps a CPU's matrix
     # products efficient; depth adds small operations), its learning rate decayed linearly to
-    # zero, within a 600 s budget. Word and bpe levels take micro's recipes at this shape.
+    # zero, within a 600 s budget (for shorter budgets micro does better). Word and bpe
+    # levels take micro's recipes at this shape.
     "speedrun": {
         "n_layer": 4, "n_head": 6, "n_embd": 192, "optimizer": "muon", "time_budget": 600.0,
         "min_lr": 0.0, "lr_schedule": "linear", **_MICRO_RECIPES,
