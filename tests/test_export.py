@@ -55,11 +55,13 @@ def make_tokenizer(level: str):
     return CharTokenizer.train([CORPUS]) if level == "char" else WordTokenizer.train([CORPUS], 1)
 
 
-def make_model(vocab_size: int, position: str, bias: bool = True, block_size: int = 32) -> GPT:
+def make_model(vocab_size: int, position: str, bias: bool = True, block_size: int = 32,
+               tied: bool = True) -> GPT:
     """A tiny model whose weights are large enough that its logits say something."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2,
-                            n_head=2, n_embd=16, dropout=0.0, bias=bias, position=position))
+                            n_head=2, n_embd=16, dropout=0.0, bias=bias, position=position,
+                            tie_embeddings=tied))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -102,14 +104,15 @@ def trained_run(make_trainer, folder: Path, level: str, **settings) -> Path:
 
 # ------------------------------------------------------------------- Hugging Face format
 
-@pytest.mark.parametrize("level, position, bias", [
-    ("char", "learned", True), ("char", "rope", False),
-    ("word", "learned", False), ("word", "rope", True),
+@pytest.mark.parametrize("level, position, bias, tied", [
+    ("char", "learned", True, True), ("char", "rope", False, True),
+    ("word", "learned", False, True), ("word", "rope", True, True),
+    ("char", "learned", True, False), ("word", "rope", False, False),
 ])
 def test_transformers_computes_what_smolgpt_computes(transformers, tmp_path, level, position,
-                                                     bias):
+                                                     bias, tied):
     tokenizer = make_tokenizer(level)
-    model = make_model(tokenizer.vocab_size, position, bias)
+    model = make_model(tokenizer.vocab_size, position, bias, tied=tied)
     out = interop.export_hf(model, tokenizer, tmp_path / "hf", train_config={"preset": "nano"})
     assert exported_files(out) == {"config.json", "model.safetensors", "tokenizer.json",
                                    "tokenizer_config.json", "smolgpt.json"}
@@ -117,8 +120,9 @@ def test_transformers_computes_what_smolgpt_computes(transformers, tmp_path, lev
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf).__name__ == {"learned": "GPT2LMHeadModel",
                                  "rope": "GPTNeoXForCausalLM"}[position]
-    assert hf.get_output_embeddings().weight.data_ptr() == \
-        hf.get_input_embeddings().weight.data_ptr()  # the head is tied, as in smolgpt
+    shared = hf.get_output_embeddings().weight.data_ptr() == \
+        hf.get_input_embeddings().weight.data_ptr()
+    assert shared == tied  # the head is tied or not, as in smolgpt
 
     ids = tokenizer.encode(known_text(tokenizer, CORPUS))[:32]
     assert len(ids) == 32  # the whole context
@@ -210,17 +214,19 @@ def test_a_tokenizer_that_does_not_normalise_exports_as_it_is(transformers, tmp_
 
 # ---------------------------------------------------------------------- safetensors format
 
-@pytest.mark.parametrize("level, position", [("char", "rope"), ("word", "learned")])
-def test_safetensors_export_loads_back_exactly(tmp_path, level, position):
+@pytest.mark.parametrize("level, position, tied", [("char", "rope", True),
+                                                   ("word", "learned", True),
+                                                   ("char", "learned", False)])
+def test_safetensors_export_loads_back_exactly(tmp_path, level, position, tied):
     from safetensors import safe_open
 
     tokenizer = make_tokenizer(level)
-    model = make_model(tokenizer.vocab_size, position, bias=position == "rope")
+    model = make_model(tokenizer.vocab_size, position, bias=position == "rope", tied=tied)
     out = interop.export_safetensors(model, tokenizer, tmp_path / "st", {"max_iters": 7})
     assert exported_files(out) == {"model.safetensors", "smolgpt.json"}  # no pickle
     with safe_open(out / "model.safetensors", "pt") as f:
         names = set(f.keys())
-    assert "wte.weight" in names and "lm_head.weight" not in names  # stored once
+    assert "wte.weight" in names and ("lm_head.weight" in names) != tied  # a tied one once
     meta = json.loads((out / "smolgpt.json").read_text(encoding="utf-8"))
     assert meta["format"] == "smolgpt-export" and meta["weights"] == "smolgpt"
 
@@ -229,7 +235,35 @@ def test_safetensors_export_loads_back_exactly(tmp_path, level, position):
     assert loaded.tokenizer.to_dict() == tokenizer.to_dict()
     ids = tokenizer.encode(known_text(tokenizer, CORPUS))[:32]
     assert torch.equal(logits(loaded.module, ids), logits(model, ids))
-    assert loaded.module.lm_head.weight is loaded.module.wte.weight
+    assert (loaded.module.lm_head.weight is loaded.module.wte.weight) == tied
+
+
+def test_an_untied_rotary_head_saved_by_transformers_4_loads_back(tmp_path):
+    """transformers 4 named GPT-NeoX's output head embed_out."""
+    pytest.importorskip("tokenizers")
+    from safetensors.torch import load_file, save_file
+
+    tokenizer = make_tokenizer("char")
+    model = make_model(tokenizer.vocab_size, "rope", tied=False)
+    out = interop.export_hf(model, tokenizer, tmp_path / "hf")
+    tensors = load_file(out / "model.safetensors")
+    tensors["embed_out.weight"] = tensors.pop("lm_head.weight")
+    save_file(tensors, out / "model.safetensors")
+    back = smolgpt.load(out, "cpu").module
+    assert not back.config.tie_embeddings
+    torch.testing.assert_close(back.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+
+
+def test_a_model_without_the_causal_mask_exports_only_as_safetensors(tmp_path):
+    pytest.importorskip("tokenizers")
+    tokenizer = make_tokenizer("char")
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=8,
+                            block_size=16, causal=False))
+    with pytest.raises(SmolGPTError, match="--no-causal.*--format safetensors"):
+        interop.export_hf(model, tokenizer, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    out = interop.export_safetensors(model, tokenizer, tmp_path / "st")
+    assert smolgpt.load(out, "cpu").config.causal is False
 
 
 def test_model_export_from_python(transformers, tmp_path):
@@ -354,7 +388,9 @@ FOREIGN = {
                                             "partial_rotary_factor": 0.25}),
         "partial_rotary_factor is 0.25"),
     "untied in config": ("rope", lambda d: edit_json(d / "config.json", tie_word_embeddings=False),
-                         "tie_word_embeddings"),
+                         "lm_head.weight is missing"),
+    "tie not a bool": ("learned", lambda d: edit_json(d / "config.json", tie_word_embeddings=1),
+                       "tie_word_embeddings is 1"),
     "untied in weights": ("learned", untied_head, "output head"),
     "another shape": ("learned", lambda d: edit_json(d / "config.json", n_layer=3),
                       "transformer.h.2.attn.c_attn.bias is missing"),

@@ -3,6 +3,7 @@ head loss, dropout and gradient checkpointing."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -64,6 +65,21 @@ def test_causal_future_tokens_do_not_change_earlier_logits(tiny_model, tiny_conf
     assert not torch.allclose(a[:, changed], b[:, changed])
 
 
+def test_without_the_causal_mask_every_position_sees_the_last_token(tiny_config):
+    """--no-causal (an exercise): changing the last token changes the first one's logits; a
+    cached continuation still runs, each new token seeing all before it."""
+    model = GPT(dataclasses.replace(tiny_config, causal=False)).eval()
+    x = ids(tiny_config, 2, 12)
+    y = x.clone()
+    y[:, -1] = (y[:, -1] + 1) % tiny_config.vocab_size
+    with torch.no_grad():
+        assert not torch.allclose(model(x)[0][:, 0], model(y)[0][:, 0])
+        cache = KVCache(model.config)
+        model(x[:, :6], cache=cache)
+        logits, _ = model(x[:, 6:9], cache=cache)
+    assert logits.shape == (2, 3, tiny_config.vocab_size) and cache.length == 9
+
+
 def test_kv_cache_single_steps_equal_full_recompute(tiny_model, tiny_config):
     x = ids(tiny_config, 2, tiny_config.block_size)
     with torch.no_grad():
@@ -119,6 +135,24 @@ def test_num_parameters_without_bias():
     C = 8
     expected = 10 * C + 8 * C + (2 * C + 3 * C * C + C * C + 4 * C * C + 4 * C * C) + C
     assert GPT(config).num_parameters() == expected
+
+
+def test_an_untied_head_is_its_own_matrix_and_learns_apart(tiny_config):
+    """--no-tie_embeddings: vocab_size * n_embd more parameters, and the head's gradient no
+    longer reaches the embedding."""
+    untied = GPT(dataclasses.replace(tiny_config, tie_embeddings=False))
+    V, C = tiny_config.vocab_size, tiny_config.n_embd
+    assert untied.lm_head.weight is not untied.wte.weight
+    assert untied.num_parameters() == GPT(tiny_config).num_parameters() + V * C
+    x = ids(tiny_config, 2, 8)
+    _, loss = untied(x, x)
+    loss.backward()
+    unseen = torch.ones(V, dtype=torch.bool)
+    unseen[x.unique()] = False  # tokens never read: only the head's gradient could reach them
+    assert untied.lm_head.weight.grad[unseen].abs().sum() > 0
+    assert untied.wte.weight.grad[unseen].abs().sum() == 0
+    decayed = untied.optimizer_groups(0.1)[0]["params"]
+    assert any(p is untied.lm_head.weight for p in decayed)  # AdamW, with weight decay
 
 
 def test_scaled_init_of_residual_projections():

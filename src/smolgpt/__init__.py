@@ -8,8 +8,8 @@ The API::
     smolgpt.serve(checkpoints, **settings)       an OpenAI-style HTTP server (smolgpt serve)
 
 Modules, in the order data flows through them: config -> tokenizer -> data -> model (with
-kernels) -> optim, training (with runlog) -> checkpoint -> sampling, and api, runinfo, server
-and cli on top.
+kernels) -> optim, training (with runlog) -> checkpoint -> sampling, and api, runinfo,
+inspection, server and cli on top.
 ``import smolgpt`` is cheap: torch is imported when train or load is first used.
 """
 

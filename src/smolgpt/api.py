@@ -53,6 +53,7 @@ from .training import BEST, LATEST, Trainer, clean_stale_temporaries, run_checkp
 
 if TYPE_CHECKING:
     from .evaluate import Evaluation
+    from .inspection import Inspection
 
 log = logging.getLogger(__name__)
 
@@ -429,6 +430,44 @@ class Model:
                                "the model's (trained by an older smolgpt?): give a text to "
                                "evaluate (--data)")
         return tokens.val_text(), len(tokens.val)
+
+    def inspect(self, out_dir: Union[str, Path], prompt: Optional[str] = None,
+                text: Optional[str] = None) -> "Inspection":
+        """Draw what the model does inside into out_dir, as ``smolgpt inspect`` does: every
+        head's attention for prompt, the token embeddings in 2-D (with the nearest
+        neighbours of the prompt's first tokens in the summary), and the loss at each
+        position of the context over text; plus summary.txt. Needs matplotlib (the plot
+        extra).
+
+        prompt: default, the start of the text (24 tokens). text: default, the validation
+        split of the text the model was trained on; where that cannot be read, the loss per
+        position is skipped (the summary says why) and the default prompt is the model's
+        own continuation of :meth:`default_prompt`."""
+        from .inspection import PROMPT_TOKENS, inspect_model
+
+        why = "no text given"
+        tokens = None
+        if text is None:
+            try:
+                text, _ = self.validation_text()
+            except SmolGPTError as exc:
+                why = str(exc)
+        if text is not None:
+            tokens = self.tokenizer.encode(text)
+        if prompt is None:
+            if tokens is not None and len(tokens) > 1:
+                prompt_ids = tokens[:PROMPT_TOKENS]
+            else:
+                prompt_ids = self.tokenizer.encode(self.generate(
+                    max_new_tokens=PROMPT_TOKENS - 1, temperature=0))[:PROMPT_TOKENS]
+        else:
+            prompt_ids = self.tokenizer.encode(prompt)
+            if not prompt_ids:
+                raise SmolGPTError("the prompt has no tokens: give some text")
+            if len(prompt_ids) > self.config.block_size:
+                raise SmolGPTError(f"the prompt is {len(prompt_ids)} tokens, more than the "
+                                   f"model's block_size {self.config.block_size}: shorten it")
+        return inspect_model(self.module, self.tokenizer, Path(out_dir), prompt_ids, tokens, why)
 
     def export(self, out_dir: Union[str, Path], format: str = "hf",
                overwrite: bool = False) -> Path:

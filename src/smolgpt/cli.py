@@ -151,6 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
                           help="windows scored at a time (default: 8)")
     evaluate.add_argument("--device", choices=DEVICES, default="auto",
                           help="where to run (default: auto)")
+    inspect = commands.add_parser(
+        "inspect", help="draw what a model does inside: attention, embeddings, loss by position",
+        description="Draw PNGs of what a trained model does inside, and a text summary: the "
+        "attention weights of every head for a prompt, the token embeddings projected to 2-D "
+        "(with nearest neighbours), and the loss at each position of the context. Needs "
+        "matplotlib (pip install 'smolgpt[plot]'). See docs/tour.md.")
+    inspect.add_argument("checkpoint", help="a .pth checkpoint, a run directory, or an export")
+    inspect.add_argument("--out", help="the directory to draw into (default: inspect/ beside "
+                         "the checkpoint, or inside a run or export directory)")
+    inspect.add_argument("--prompt", type=unescape, help="the text whose attention is drawn, "
+                         "at most block_size tokens (default: the first 24 tokens of the text)")
+    inspect.add_argument("--data", help="the text whose loss per position is drawn, as "
+                         "train's --data takes it (default: the model's validation split)")
+    inspect.add_argument("--encoding", default="utf-8",
+                         help="text encoding of --data files (default: utf-8)")
+    inspect.add_argument("--device", choices=DEVICES, default="auto",
+                         help="where to run (default: auto)")
     plot = commands.add_parser(
         "plot", help="draw the val loss curves of runs in one picture",
         description="Overlay the val loss of one or more runs (their metrics.jsonl) in a PNG; "
@@ -444,6 +461,26 @@ def run_plot(run_dirs: list[str], out: str, x: str, ylim: Optional[list[float]] 
     return 0
 
 
+def run_inspect(source: str, out: Optional[str], prompt: Optional[str],
+                text_spec: Optional[str], encoding: str, device: str) -> int:
+    """Draw the look inside the model at source; print the summary on stdout and the files
+    written on stderr."""
+    from .api import load
+    from .data import iter_text, resolve_corpus
+    from .plots import _figure_classes
+
+    _figure_classes()  # matplotlib missing: one line, before anything is loaded
+    text = None
+    if text_spec is not None:  # read before the model: a wrong path fails at once
+        text = "".join(iter_text(resolve_corpus(text_spec, encoding)))
+    path = Path(source)
+    folder = path if path.is_dir() else path.parent
+    result = load(path, device).inspect(Path(out) if out else folder / "inspect", prompt, text)
+    print(result.summary, end="")
+    print("wrote " + ", ".join(str(f) for f in result.files), file=sys.stderr)
+    return 0
+
+
 # ----------------------------------------------------------------------------------- main
 
 class _TqdmHandler(logging.Handler):
@@ -476,6 +513,9 @@ def main(argv: Optional[Sequence[str]] = None, launcher: Launcher = SMOLGPT) -> 
         if command == "eval":
             return run_eval(args["checkpoint"], args["data"], args["encoding"], args["json"],
                             args["batch_size"], args["device"])
+        if command == "inspect":
+            return run_inspect(args["checkpoint"], args["out"], args["prompt"], args["data"],
+                               args["encoding"], args["device"])
         if command == "plot":
             return run_plot(args["run_dirs"], args["out"], args["x"], args["ylim"], args["title"])
         if command == "info":

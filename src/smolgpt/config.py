@@ -64,6 +64,7 @@ HELP_GROUPS = {
     "server": "server",
     "limits": "limits per request and for the server",
     "system": "hardware and bookkeeping",
+    "ablation": "ablations, to see what a part does (docs/exercises.md)",
 }
 
 
@@ -174,6 +175,14 @@ class ModelShape:
     position: str = _opt(
         "rope", "how the model knows token positions: rotary (rope) or GPT-2's learned "
         "embeddings", "model", choices=POSITIONS,
+    )
+    tie_embeddings: bool = _opt(
+        True, "the output head reuses the token embedding matrix (weight tying); "
+        "off, the head has a matrix of its own", "ablation",
+    )
+    causal: bool = _opt(
+        True, "each token attends only to itself and earlier tokens; off, training sees the "
+        "next token (the loss collapses and samples are garbage)", "ablation",
     )
 
     def __post_init__(self) -> None:

@@ -8,8 +8,9 @@ all read by :func:`smolgpt.interop.load_source`) gives the new run:
 - its tokenizer: the new text is encoded with the source's vocabulary, since the model's
   embeddings mean those tokens. Words it lacks become <UNK>; characters a char vocabulary
   lacks are left out, with a warning (it has no unknown id);
-- its level and shape (n_layer, n_head, n_embd, block_size, bias, position). A flag that
-  differs from the source's is refused; one not given is the source's.
+- its level and shape (n_layer, n_head, n_embd, block_size, bias, position, and the
+  ablations tie_embeddings and causal). A flag that differs from the source's is refused;
+  one not given is the source's.
 
 The training recipe is a preset's as usual: ``--preset`` if given, else the one the source
 was trained with (the default preset when the source does not say). One change: a learning
@@ -38,7 +39,8 @@ from .training import run_checkpoint
 
 # The settings that decide the weights' shapes (with the vocabulary, which is the
 # tokenizer's); dropout is not among them: it is part of the recipe.
-SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "position")
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "position", "tie_embeddings",
+         "causal")
 
 
 @dataclass

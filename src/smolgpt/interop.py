@@ -5,15 +5,15 @@ Two export formats, each a directory written in one piece (into a temporary sibl
 renamed into place, so a failure never leaves a half directory behind):
 
 - :func:`export_safetensors`: ``model.safetensors`` with smolgpt's own tensor names (the
-  tied head stored once, as ``wte.weight``) and ``smolgpt.json`` (a format marker, the model
+  tied head stored once, as ``wte.weight``; an untied one as ``lm_head.weight``) and ``smolgpt.json`` (a format marker, the model
   config, the tokenizer and the training settings). No pickle: it loads without torch.load
   and without transformers.
 - :func:`export_hf`: a directory that ``AutoModelForCausalLM.from_pretrained`` and
   ``AutoTokenizer.from_pretrained`` read with no custom code. Models with learned positions
   become ``GPT2LMHeadModel`` (GPT-2 is exactly that architecture, with exact GELU); rotary
-  models become ``GPTNeoXForCausalLM`` with full rotary, sequential residuals and a tied
-  head. The tokenizer is a ``tokenizer.json`` built with the tokenizers library that gives
-  smolgpt's ids. ``smolgpt.json`` travels along, so the directory loads back exactly.
+  models become ``GPTNeoXForCausalLM`` with full rotary and sequential residuals. The
+  head is tied or not as the model's is (``tie_word_embeddings``). The tokenizer is a
+  ``tokenizer.json`` built with the tokenizers library that gives smolgpt's ids. ``smolgpt.json`` travels along, so the directory loads back exactly.
 
 What the transformers tokenizer does differently from smolgpt's (the model is the same to
 1e-4 in float32):
@@ -32,8 +32,8 @@ What the transformers tokenizer does differently from smolgpt's (the model is th
 
 :func:`load_source` reads a smolgpt checkpoint, a safetensors export, or a Hugging Face
 directory in either layout, converting it back exactly. Whatever smolgpt cannot reproduce
-exactly (another architecture, gelu_new, parallel residuals, partial rotary, an untied head,
-a Hugging Face directory without ``smolgpt.json``) is refused with one line saying why.
+exactly (another architecture, gelu_new, parallel residuals, partial rotary, a head said to
+be tied that is not, a Hugging Face directory without ``smolgpt.json``) is refused with one line saying why.
 Pickled weights (``pytorch_model.bin``) are refused: unpickling can run code.
 """
 
@@ -144,9 +144,10 @@ def _write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _float_state(module: GPT) -> dict[str, torch.Tensor]:
-    """The module's weights as float32 CPU tensors, without the head (it is wte.weight)."""
+    """The module's weights as float32 CPU tensors; a tied head is left out (it is wte.weight)."""
     state = module.state_dict()
-    state.pop("lm_head.weight")
+    if module.config.tie_embeddings:
+        state.pop("lm_head.weight")
     return {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
 
 
@@ -165,7 +166,7 @@ def _meta(module: GPT, tokenizer: Tokenizer, train_config: Optional[dict],
 
 def export_safetensors(module: GPT, tokenizer: Tokenizer, out_dir: Union[str, Path],
                        train_config: Optional[dict] = None, overwrite: bool = False) -> Path:
-    """Write out_dir with model.safetensors (smolgpt's tensor names; the tied head is stored
+    """Write out_dir with model.safetensors (smolgpt's tensor names; a tied head is stored
     once, as wte.weight) and smolgpt.json; :func:`load_source` reads it back exactly.
     out_dir must be new or empty (or an earlier export, with overwrite). Returns out_dir."""
     meta = _meta(module, tokenizer, train_config, "smolgpt")
@@ -194,7 +195,8 @@ class _Layout:
     top: dict[str, str]  # smolgpt module -> tensor name prefix, outside the blocks
     blocks: str  # tensor name prefix of block i, with {i}
     block: dict[str, str]  # smolgpt module inside a block -> its name there
-    heads: tuple[str, ...]  # names a saved (tied) output head may have
+    heads: tuple[str, ...]  # names a saved output head may have; an untied one gets the first
+    tied_default: bool  # transformers' tie_word_embeddings when config.json does not say
 
 
 GPT2 = _Layout(
@@ -206,13 +208,12 @@ GPT2 = _Layout(
               "layer_norm_epsilon": (1e-5, LAYER_NORM_EPS),
               "scale_attn_weights": (True, True),
               "scale_attn_by_inverse_layer_idx": (False, False),
-              "add_cross_attention": (False, False),
-              "tie_word_embeddings": (True, True)},
+              "add_cross_attention": (False, False)},
     top={"wte": "transformer.wte", "wpe": "transformer.wpe", "ln_f": "transformer.ln_f"},
     blocks="transformer.h.{i}",
     block={"ln_1": "ln_1", "attn.c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj",
            "ln_2": "ln_2", "mlp.c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"},
-    heads=("lm_head.weight",),
+    heads=("lm_head.weight",), tied_default=True,
 )
 
 NEOX = _Layout(
@@ -224,14 +225,14 @@ NEOX = _Layout(
     requires={"hidden_act": ("gelu", "gelu"),
               "layer_norm_eps": (1e-5, LAYER_NORM_EPS),
               "use_parallel_residual": (True, False),  # smolgpt's blocks are sequential
-              "attention_bias": (True, True),
-              "tie_word_embeddings": (False, True)},
+              "attention_bias": (True, True)},
     top={"wte": "gpt_neox.embed_in", "ln_f": "gpt_neox.final_layer_norm"},
     blocks="gpt_neox.layers.{i}",
     block={"ln_1": "input_layernorm", "attn.c_attn": "attention.query_key_value",
            "attn.c_proj": "attention.dense", "ln_2": "post_attention_layernorm",
            "mlp.c_fc": "mlp.dense_h_to_4h", "mlp.c_proj": "mlp.dense_4h_to_h"},
     heads=("lm_head.weight", "embed_out.weight"),  # (embed_out: transformers 4)
+    tied_default=False,
 )
 
 LAYOUTS = {layout.position: layout for layout in (GPT2, NEOX)}
@@ -271,10 +272,12 @@ def _from_hf(name: str, t: torch.Tensor, config: ModelConfig) -> torch.Tensor:
 
 
 def hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """smolgpt weights (without lm_head.weight) under the Hugging Face names of
-    config.position's layout. The layouts have biases everywhere: a model without
+    """smolgpt weights under the Hugging Face names of config.position's layout (a tied
+    head only as the embedding). The layouts have biases everywhere: a model without
     (config.bias False) gets zero biases, which compute the same."""
     out = {}
+    if not config.tie_embeddings:
+        out[LAYOUTS[config.position].heads[0]] = state["lm_head.weight"].contiguous()
     for ours, theirs in _modules(config):
         weight = state[f"{ours}.weight"]
         out[f"{theirs}.weight"] = _to_hf(f"{ours}.weight", weight, config).contiguous()
@@ -288,14 +291,15 @@ def hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[s
 
 def smolgpt_state_dict(tensors: dict[str, torch.Tensor],
                        config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`hf_state_dict`, lm_head.weight included (it is wte.weight);
+    """The inverse of :func:`hf_state_dict`, lm_head.weight included (wte.weight when tied);
     biases are dropped when config.bias is False (the caller checks they are zero)."""
     state = {}
     for ours, theirs in _modules(config):
         state[f"{ours}.weight"] = _from_hf(f"{ours}.weight", tensors[f"{theirs}.weight"], config)
         if config.bias and ours not in ("wte", "wpe"):
             state[f"{ours}.bias"] = _from_hf(f"{ours}.bias", tensors[f"{theirs}.bias"], config)
-    state["lm_head.weight"] = state["wte.weight"]
+    head = LAYOUTS[config.position].heads[0]
+    state["lm_head.weight"] = state["wte.weight"] if config.tie_embeddings else tensors[head]
     return state
 
 
@@ -307,6 +311,7 @@ def hf_config(config: ModelConfig, pad_token_id: Optional[int] = None) -> dict[s
     out.update({key: getattr(config, field) for field, key in layout.shape.items()})
     out[layout.inner] = 4 * config.n_embd
     out.update({key: needed for key, (_, needed) in layout.requires.items()})
+    out["tie_word_embeddings"] = config.tie_embeddings
     if layout is GPT2:
         out.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     else:
@@ -399,6 +404,10 @@ def export_hf(module: GPT, tokenizer: Tokenizer, out_dir: Union[str, Path],
     an earlier export, with overwrite). Returns out_dir."""
     require_hf()
     config = module.config
+    if not config.causal:
+        raise SmolGPTError("this model was trained without the causal mask (--no-causal), and "
+                           "transformers' models are causal: export it with --format "
+                           "safetensors")
     meta = _meta(module, tokenizer, train_config, "hf")
     pad = WordTokenizer.PAD_ID if isinstance(tokenizer, WordTokenizer) else None
     tensors = hf_state_dict(_float_state(module), config)
@@ -514,7 +523,7 @@ def _read_safetensors_export(folder: Path):
                            "export is incomplete")
     config = checkpoint.model_config(meta, folder / META)
     state = _read_weights(folder)
-    if "wte.weight" in state:  # the tied head, stored once
+    if config.tie_embeddings and "wte.weight" in state:  # the tied head, stored once
         state["lm_head.weight"] = state["wte.weight"]
     return config, meta, state
 
@@ -554,7 +563,11 @@ def _hf_model_config(cfg: dict, path: Path) -> ModelConfig:
         head_dim = cfg.get("head_dim")
         if head_dim not in (None, shape["n_embd"] // shape["n_head"]):
             raise refuse("head_dim", head_dim, shape["n_embd"] // shape["n_head"])
-    return ModelConfig(**shape, position=layout.position, bias=True, dropout=0.0)
+    tied = cfg.get("tie_word_embeddings", layout.tied_default)
+    if not isinstance(tied, bool):
+        raise SmolGPTError(f"{path}: tie_word_embeddings is {tied!r}, not true or false")
+    return ModelConfig(**shape, position=layout.position, bias=True, dropout=0.0,
+                       tie_embeddings=tied)
 
 
 def _read_hf(folder: Path):
@@ -562,12 +575,18 @@ def _read_hf(folder: Path):
     meta = _read_meta(folder, "smolgpt cannot rebuild the tokenizer of a model it did not export")
     tensors = _read_weights(folder)
     layout = LAYOUTS[config.position]
-    for head in layout.heads:  # a head saved beside the embedding must be the embedding
+    if not config.tie_embeddings:  # an untied head under an older name: the current one
+        for old in layout.heads[1:]:
+            if old in tensors and layout.heads[0] not in tensors:
+                tensors[layout.heads[0]] = tensors.pop(old)
+    # A tied head saved beside the embedding must be the embedding; an untied one stays.
+    for head in layout.heads if config.tie_embeddings else ():
         if head in tensors:
             embedding = tensors.get(f"{layout.top['wte']}.weight")
             if embedding is None or not torch.equal(tensors.pop(head), embedding):
                 raise SmolGPTError(f"{folder}: the output head ({head}) is not the token "
-                                   "embedding; smolgpt ties them: load it with transformers")
+                                   f"embedding, yet {HF_CONFIG} says they are tied: the export "
+                                   "is inconsistent")
     # The names and shapes the layout has for this config (a meta model: no memory used).
     with torch.device("meta"):
         expected = hf_state_dict(GPT(config).state_dict(), config)

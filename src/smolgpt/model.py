@@ -3,7 +3,7 @@
 Reads top to bottom like the GPT-2 paper: token embeddings feed a stack of pre-LayerNorm
 transformer blocks (causal multi-head self-attention, then a 4x-wide GELU MLP, each wrapped in
 a residual connection), a final LayerNorm, and an output head that shares its weights with the
-token embedding.
+token embedding (unless ``ModelConfig.tie_embeddings`` is off).
 
 Where each token sits is told to the model in one of two ways (``ModelConfig.position``):
 GPT-2's learned position embeddings, added to the token embeddings, or rotary embeddings
@@ -90,18 +90,17 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head = config.n_head
+        self.causal = config.causal  # False only as an exercise (--no-causal)
         # One matrix computes queries, keys and values for all heads at once.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = kernels.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rotary=None, cache: Optional[KVCache] = None,
-                layer: int = 0):
-        """rotary: the (cos, sin) rows of this chunk's positions, or None (learned positions)."""
-        B, T, C = x.shape
-        qkv = self.c_attn(x)  # (B, T, 3C): queries, keys and values of every head at once
-        dtype = qkv.dtype
-        qkv = kernels.attention_input(qkv)  # float32 on a CPU under bf16 autocast
+    def split_heads(self, qkv: torch.Tensor, rotary=None):
+        """Queries, keys and values (B, T, 3C) as three (B, nh, T, hs) tensors, queries and
+        keys rotated to their positions when rotary is given."""
+        B, T, C3 = qkv.shape
+        C = C3 // 3
         # split, not indexing: the backward of a split joins the gradients in one pass, where
         # that of an index first fills a zero tensor the size of qkv.
         qk, v = qkv.split([2 * C, C], dim=-1)
@@ -110,14 +109,36 @@ class CausalSelfAttention(nn.Module):
             qk = apply_rotary(qk, *rotary)  # queries and keys in one go
         q, k = qk.unbind(2)
         # (B, T, nh, hs) -> (B, nh, T, hs): each head attends independently.
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v.view(B, T, self.n_head, C // self.n_head)))
+        return tuple(t.transpose(1, 2) for t in (q, k, v.view(B, T, self.n_head, C // self.n_head)))
+
+    def attention_weights(self, x: torch.Tensor, rotary=None) -> torch.Tensor:
+        """Every head's attention weights (B, nh, T, T) for x (the block's normalised input):
+        row i is how much token i takes from each token, softmax(q k^T / sqrt(hs)) under the
+        causal mask. forward computes the same inside a fused kernel without ever holding
+        them; this spells it out, to look inside a model (smolgpt inspect, docs/tour.md)."""
+        q, k, _ = self.split_heads(self.c_attn(x).float(), rotary)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, T)
+        if self.causal:
+            T = x.size(1)
+            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        return scores.softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor, rotary=None, cache: Optional[KVCache] = None,
+                layer: int = 0):
+        """rotary: the (cos, sin) rows of this chunk's positions, or None (learned positions)."""
+        B, T, C = x.shape
+        qkv = self.c_attn(x)  # (B, T, 3C): queries, keys and values of every head at once
+        dtype = qkv.dtype
+        qkv = kernels.attention_input(qkv)  # float32 on a CPU under bf16 autocast
+        q, k, v = self.split_heads(qkv, rotary)
         past = 0
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
         if past == 0:
-            mask, causal = None, True
-        elif T == 1:
+            mask, causal = None, self.causal
+        elif T == 1 or not self.causal:
             mask, causal = None, False  # one new token may see everything before it
         else:
             # New token i sits at position past + i and may see keys 0 .. past + i.
@@ -188,7 +209,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: reading a token in and writing it out use the same vectors, which
         # saves vocab_size * n_embd parameters and tends to help small models.
-        self.lm_head.weight = self.wte.weight
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
 
         self.apply(self._init_weights)
         # GPT-2: every block adds two projections onto the residual stream, so the stream's
@@ -206,8 +228,16 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_parameters(self) -> int:
-        """Trainable parameters, counting the tied embedding/head matrix once."""
+        """Trainable parameters, counting a tied embedding/head matrix once."""
         return sum(p.numel() for p in self.parameters())
+
+    def rotary(self, start: int, T: int):
+        """The (cos, sin) rows of positions start .. start + T - 1, shaped (T, 1, 1, hs) to
+        broadcast over the (B, T, 2, nh, hs) queries and keys; None with learned positions."""
+        if self.config.position == "learned":
+            return None
+        return tuple(t[start:start + T].view(T, 1, 1, -1)
+                     for t in (self.rotary_cos, self.rotary_sin))
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None):
@@ -227,13 +257,9 @@ class GPT(nn.Module):
                 f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}"
             )
         x = self.wte(idx)  # (B, T, C)
-        rotary = None
         if self.config.position == "learned":
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-        else:
-            # (T, 1, 1, hs/2): broadcast over q/k, heads and half-channels of (B, T, 2, nh, hs).
-            rotary = tuple(t[start:start + T].view(T, 1, 1, -1)
-                           for t in (self.rotary_cos, self.rotary_sin))
+        rotary = self.rotary(start, T)
         x = self.drop(x)
         # Only a forward that autograd records for a backward has activations to drop; a
         # cache means generation, whose forward never runs backward.

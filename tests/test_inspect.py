@@ -1,0 +1,153 @@
+"""A look inside (smolgpt inspect, Model.inspect, smolgpt.inspection): the numbers behind
+the pictures are right on models whose answers are known, and the command writes decodable,
+non-blank PNGs and a summary for a char model and a word model."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from e2e import without_package
+from smolgpt import inspection
+from smolgpt.config import ModelConfig
+from smolgpt.model import GPT
+from smolgpt.tokenizer import CharTokenizer
+
+PICTURES = ("attention.png", "embeddings.png", "loss_by_position.png")
+
+
+def tiny(**changes) -> GPT:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=12, block_size=10, n_layer=2, n_head=2, n_embd=16,
+                         dropout=0.0)
+    return GPT(dataclasses.replace(config, **changes)).eval()
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_attention_weights_are_the_modules_own(position):
+    """Rows sum to 1, nothing above the diagonal, and the weighted values through c_proj
+    give the block's attention output: the pictured weights are the ones the model uses."""
+    model = tiny(position=position)
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+    weights = inspection.attention_weights(model, ids)
+    assert weights.shape == (2, 2, 8, 8)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 8))
+    assert torch.all(weights.triu(1) == 0)
+    x = model.wte(torch.tensor([ids]))
+    if position == "learned":
+        x = x + model.wpe(torch.arange(8))
+    attn, rotary = model.blocks[0].attn, model.rotary(0, 8)
+    h = model.blocks[0].ln_1(x)
+    _, _, v = attn.split_heads(attn.c_attn(h), rotary)
+    heads = (weights[0].unsqueeze(0) @ v).transpose(1, 2).reshape(1, 8, 16)
+    torch.testing.assert_close(attn.c_proj(heads), attn(h, rotary))
+
+
+def test_without_the_causal_mask_the_weights_reach_ahead():
+    weights = inspection.attention_weights(tiny(causal=False), [1, 2, 3, 4])
+    assert weights.triu(1).sum() > 0
+
+
+def test_head_summary_of_known_patterns():
+    T = 6
+    on_itself = inspection.head_summary(torch.eye(T))
+    assert on_itself["self"] == 1.0 and on_itself["distance"] == 0.0
+    previous = torch.zeros(T, T)
+    previous[0, 0] = 1.0
+    previous[torch.arange(1, T), torch.arange(T - 1)] = 1.0
+    s = inspection.head_summary(previous)
+    assert s["previous"] == 1.0 and s["distance"] == pytest.approx(5 / 6)
+    assert inspection.head_summary(torch.zeros(T, T).index_fill(1, torch.tensor([0]), 1.0))[
+        "first"] == 1.0
+
+
+def test_embedding_map_and_nearest_neighbours():
+    model = tiny()
+    with torch.no_grad():  # token 7 made a near copy of token 3
+        model.wte.weight[7] = model.wte.weight[3] * 2 + 1e-3
+    points = inspection.embedding_map(model)
+    assert points.shape == (12, 2)
+    near = inspection.nearest(model, 3, k=4)
+    assert len(near) == 4 and near[0][0] == 7 and near[0][1] > 0.99
+    assert 3 not in [i for i, _ in near]  # not its own neighbour
+    assert [s for _, s in near] == sorted((s for _, s in near), reverse=True)
+
+
+def test_loss_by_position_averages_windows_position_by_position():
+    model = tiny()
+    tokens = torch.randint(0, 12, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    losses = inspection.loss_by_position(model, tokens, max_windows=7, batch_size=3)
+    assert losses.shape == (10,)
+    # By hand: the same seven windows, one at a time.
+    starts = torch.linspace(0, 200 - 11, 7).long().tolist()
+    rows = torch.tensor([tokens[s:s + 11] for s in starts])
+    with torch.no_grad():
+        logits, _ = model(rows[:, :-1])
+    expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), rows[:, 1:],
+                                                 reduction="none").mean(0)
+    torch.testing.assert_close(losses, expected)
+    with pytest.raises(ValueError):
+        inspection.loss_by_position(model, [1])
+
+
+def test_without_a_text_the_loss_picture_is_skipped_and_the_summary_says_why(tmp_path):
+    pytest.importorskip("matplotlib")
+    chars = CharTokenizer.train(["abcdefghijkl"])
+    result = inspection.inspect_model(tiny(), chars, tmp_path / "out", [0, 1, 2, 3],
+                                      None, "no validation text")
+    assert [f.name for f in result.files] == ["attention.png", "embeddings.png", "summary.txt"]
+    assert "loss per position: skipped (no validation text)" in result.summary
+    assert (tmp_path / "out" / "summary.txt").read_text() == result.summary
+
+
+def assert_picture(path, min_pixels: int = 300) -> None:
+    """A PNG that decodes, of a real size, and not blank: many distinct colours."""
+    from matplotlib.image import imread
+
+    image = imread(path)
+    assert min(image.shape[:2]) >= min_pixels, image.shape
+    colours = {tuple(p) for p in image.reshape(-1, image.shape[-1])[::7].tolist()}
+    assert len(colours) > 20, f"{path} looks blank"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", ["char", "word"])
+def test_inspect_command_draws_a_char_and_a_word_model(smol_cli, smol_runs, tmp_path, level):
+    pytest.importorskip("matplotlib")
+    run = smol_runs[level].copy(tmp_path / "run")
+    done = smol_cli.run("module", "inspect", run)
+    assert done.returncode == 0, done.describe()
+    folder = run / "inspect"  # the default: inside the run directory
+    for name in PICTURES:
+        assert_picture(folder / name)
+    assert f"wrote {folder / 'attention.png'}" in done.stderr
+    summary = (folder / "summary.txt").read_text(encoding="utf-8")
+    assert done.stdout == summary
+    assert "layer 0 head 0:" in summary and "nearest neighbours" in summary
+    assert "loss per position (nats), by tokens of context seen: 1: " in summary
+
+    # --out and --prompt; a prompt longer than the context is one line, status 2.
+    prompt = "the of and" if level == "word" else "the "
+    done = smol_cli.run("module", "inspect", run / "best_model.pth", "--out", tmp_path / "mine",
+                        "--prompt", prompt)
+    assert done.returncode == 0, done.describe()
+    assert_picture(tmp_path / "mine" / "attention.png")
+    too_long = smol_cli.run("module", "inspect", run / "best_model.pth",
+                            "--out", tmp_path / "long", "--prompt", prompt * 40)
+    smol_cli.assert_one_line_error(too_long, "more than the model's block_size")
+    assert not (tmp_path / "long").exists()
+
+
+def test_without_matplotlib_inspect_says_what_to_install(smol_cli, smol_runs, tmp_path):
+    run = smol_runs["char"].copy(tmp_path / "run")
+    program = without_package("matplotlib") + (
+        "from smolgpt.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-c", program, "inspect", str(run)],
+                          capture_output=True, text=True, env=smol_cli.env(), timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == "error: plots need matplotlib: pip install 'smolgpt[plot]'\n"
+    assert not (run / "inspect").exists()
