@@ -36,7 +36,9 @@ def test_every_block_runs_and_its_observations_hold(name, tmp_path, monkeypatch,
     seconds = time.perf_counter() - start
     printed = capsys.readouterr().out
     assert printed.strip()  # the blocks show what they compute
-    assert seconds < 45, f"docs/{name} took {seconds:.0f} s: keep it quick for learners and CI"
+    # About 15 s (tour) and 25 s (exercises) on a 2-core CPU; the bound only catches a
+    # snippet grown far past what a learner should wait for.
+    assert seconds < 120, f"docs/{name} took {seconds:.0f} s: keep it quick for learners and CI"
 
 
 def _options() -> set[str]:

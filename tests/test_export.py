@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -330,6 +331,19 @@ def test_a_failed_export_leaves_nothing_and_keeps_an_earlier_one(tmp_path):
                                    overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "st").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["st"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_an_export_has_the_permissions_of_a_folder_made_by_hand(tmp_path):
+    old = os.umask(0o022)
+    try:
+        tokenizer = make_tokenizer("char")
+        out = interop.export_safetensors(make_model(tokenizer.vocab_size, "rope"), tokenizer,
+                                         tmp_path / "st")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o644}
 
 
 def test_out_dir_rules(tmp_path):

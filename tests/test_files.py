@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -31,6 +32,24 @@ def test_atomic_write_creates_and_replaces(tmp_path):
     atomic_write_text(path, "ünïcode ✓\n")
     assert path.read_text(encoding="utf-8") == "ünïcode ✓\n"
     assert leftovers(path.parent, {"file.bin"}) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_atomic_write_gives_the_permissions_open_would(tmp_path):
+    """Not the owner-only 0600 of the temporary file: others may read a checkpoint or a
+    picture as they may any file the user makes; a replaced file keeps its own mode."""
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "new.txt", "a")
+        assert stat.S_IMODE((tmp_path / "new.txt").stat().st_mode) == 0o644
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.txt", "a")
+        assert stat.S_IMODE((tmp_path / "private.txt").stat().st_mode) == 0o600
+        os.chmod(tmp_path / "new.txt", 0o640)
+        atomic_write_text(tmp_path / "new.txt", "b")
+        assert stat.S_IMODE((tmp_path / "new.txt").stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
 
 
 def test_failed_write_keeps_old_file_and_removes_temp(tmp_path):

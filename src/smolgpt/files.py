@@ -28,6 +28,28 @@ def cache_dir() -> Path:
     return Path(base) / "smolgpt"
 
 
+def umask() -> int:
+    """The process's umask: from /proc on Linux, elsewhere by setting it and back (no call
+    only reads it, and setting it briefly could change a file another thread creates)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _new_file_mode(path: Path) -> int:
+    """The permissions a replaced file keeps, or those open() gives a new file (0o666 less
+    the umask): mkstemp's temporary file is readable by its owner alone."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~umask()
+
+
 def _fsync_dir(path: Path) -> None:
     # Makes the rename itself durable; not possible (or needed) on every platform.
     with contextlib.suppress(OSError):
@@ -56,13 +78,15 @@ def _write_failure(exc: BaseException) -> Optional[str]:
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call write(file) on a temporary file, then atomically replace path with it.
 
-    On any failure (a full disk included) the temporary file is removed, path keeps its
-    previous content, and a SmolGPTError says what happened.
+    The file gets the permissions of the one it replaces, or a new file's (as open() would
+    give it). On any failure (a full disk included) the temporary file is removed, path
+    keeps its previous content, and a SmolGPTError says what happened.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp_name, _new_file_mode(path))
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -53,7 +53,7 @@ import torch
 from . import checkpoint
 from .config import ModelConfig
 from .errors import SmolGPTError
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write, atomic_write_text, umask
 from .model import GPT
 # (The detokenization marks too: the export's decoder follows WordTokenizer.decode.)
 from .tokenizer import (
@@ -117,6 +117,7 @@ def _write_dir(out_dir: Union[str, Path], overwrite: bool,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     old: Optional[Path] = None
     try:
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's folder is its owner's alone; mkdir's is not
         write(tmp)
         if out_dir.exists():  # empty, or an earlier export: set aside until the new is in
             old = tmp.with_suffix(".old")
