@@ -1,7 +1,9 @@
 """The learning-rate schedule (warm-up, cosine, linear or constant, by steps or by share of a time
-budget) and the optimisers (AdamW, and BatchedMuon against torch.optim.Muon)."""
+budget), the batch-size schedule (--batch_warmup) and the optimisers (AdamW, and BatchedMuon
+against torch.optim.Muon)."""
 
 import dataclasses
+import json
 import math
 import time
 
@@ -10,7 +12,8 @@ import torch
 
 from smolgpt import data
 from smolgpt.config import resolve_train_config
-from smolgpt.optim import BatchedMuon, lr_multiplier, make_optimizers, orthogonalise
+from smolgpt.errors import SmolGPTError
+from smolgpt.optim import BatchedMuon, batch_rows, lr_multiplier, make_optimizers, orthogonalise
 from smolgpt.training import Trainer
 
 
@@ -121,6 +124,49 @@ def test_batched_muon_and_torch_muon_load_each_others_state():
     batched.step()
     reference.load_state_dict(batched.state_dict())
     reference.step()
+
+
+# ------------------------------------------------------------- the batch-size schedule
+
+def test_batch_warmup_grows_the_batch_from_a_quarter_to_all_of_it():
+    c = cfg(batch_size=16, batch_warmup=0.5)
+    assert [batch_rows(c, done) for done in (0.0, 0.25, 0.5, 0.9, 1.0)] == [4, 10, 16, 16, 16]
+    assert {batch_rows(cfg(batch_size=16), done) for done in (0.0, 0.5, 1.0)} == {16}
+    assert batch_rows(cfg(batch_size=2, batch_warmup=1.0), 0.0) == 1  # one sequence at least
+    for bad in (-0.1, 1.5):
+        with pytest.raises(SmolGPTError, match="--batch_warmup"):
+            cfg(batch_warmup=bad)
+
+
+def test_a_step_trains_on_the_first_rows_of_its_batch(make_trainer):
+    trainer = make_trainer(dropout=0.0)
+    stream = trainer.sampler.state_dict()
+    x, y = trainer.sampler.next()
+    trainer.sampler.load_state_dict(stream)
+    with torch.no_grad(), trainer.precision.autocast():
+        _, first_two = trainer.forward(x[:2], y[:2])
+        _, whole = trainer.forward(x, y)
+    loss = trainer.train_step(1.0, rows=2)
+    assert loss.item() == pytest.approx(first_two.item(), rel=1e-5)
+    assert loss.item() != pytest.approx(whole.item(), rel=1e-5)
+
+
+def test_batch_warmup_counts_the_tokens_it_trains_on(make_trainer):
+    trainer = make_trainer(max_iters=8, eval_interval=4, eval_iters=1, batch_warmup=1.0,
+                           plot=False)
+    trainer.out_dir.mkdir()
+    trainer.run()
+    rows = [json.loads(line) for line in (trainer.out_dir / "metrics.jsonl").open()]
+    per_step = [batch_rows(trainer.cfg, step / 8) * 16 for step in range(8)]  # context 16
+    assert per_step[0] == 16 and per_step[-1] == 64  # a quarter of 4 rows, then all 4
+    assert [r["tokens"] for r in rows] == [0, sum(per_step[:4]), sum(per_step)]
+    assert trainer.progress.tokens == sum(per_step)
+    # A checkpoint from before tokens were counted: every step had whole batches.
+    state = trainer.state()
+    del state["progress"]["tokens"]
+    resumed = Trainer(trainer.cfg, trainer.data, trainer.out_dir, torch.device("cpu"),
+                      resume_from=state)
+    assert resumed.progress.tokens == 8 * 64
 
 
 def test_schedule_scales_every_optimiser_alike(write_text, tmp_path):

@@ -18,7 +18,7 @@ from typing import Any
 from .config import GenerateConfig, ModelConfig, SampleConfig, ServeConfig, TrainConfig
 from .errors import SmolGPTError
 
-__version__ = "0.11.0"
+__version__ = "0.12.0"
 __all__ = ["train", "load", "info", "serve", "TrainResult", "Model", "TrainConfig", "ModelConfig",
            "SampleConfig", "GenerateConfig", "ServeConfig", "SmolGPTError", "__version__"]
 

@@ -273,6 +273,10 @@ class TrainConfig(ModelShape):
         "cosine", "learning-rate schedule after warm-up: cosine or linear decay to min_lr, or "
         "constant", "optimisation", choices=SCHEDULES,
     )
+    batch_warmup: float = _opt(
+        0.0, "share of training over which each step's batch grows linearly from a quarter "
+        "of batch_size to all of it (0: whole batches from the first step)", "optimisation",
+    )
     weight_decay: float = _opt(
         0.1, "weight decay of matrices and embeddings (AdamW and Muon; not biases or norms)",
         "optimisation",
@@ -356,6 +360,8 @@ class TrainConfig(ModelShape):
             raise SmolGPTError(
                 f"--warmup_budget_share must be in [0, 1), got {self.warmup_budget_share}"
             )
+        if not 0.0 <= self.batch_warmup <= 1.0:
+            raise SmolGPTError(f"--batch_warmup must be in [0, 1], got {self.batch_warmup}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise SmolGPTError("--grad_clip and --weight_decay must be >= 0")
         if self.resume and self.overwrite:

@@ -1,9 +1,9 @@
-"""Optimisers and the learning-rate schedule of a training run.
+"""Optimisers and the schedules of a training run.
 
 :func:`make_optimizers` gives a run AdamW, or with ``--optimizer muon``, AdamW plus Muon
 (:class:`BatchedMuon`) for the blocks' weight matrices. :func:`lr_multiplier` is the
-schedule: a multiple of each optimiser's peak rate, the same for all of them, as a function
-of how far training has got.
+learning-rate schedule: a multiple of each optimiser's peak rate, the same for all of them,
+as a function of how far training has got; :func:`batch_rows` the batch-size schedule.
 """
 
 from __future__ import annotations
@@ -43,6 +43,26 @@ def lr_multiplier(cfg: TrainConfig, step: int, done: float) -> float:
         # same settings differ (about 0.02): not settled (benchmarks/RESULTS.md).
         return floor + (1.0 - decayed) * (1.0 - floor)
     return floor + 0.5 * (1.0 + math.cos(math.pi * decayed)) * (1.0 - floor)
+
+
+# --batch_warmup's first steps train on this share of batch_size.
+BATCH_WARMUP_START = 0.25
+
+
+def batch_rows(cfg: TrainConfig, done: float) -> int:
+    """The sequences of each micro-batch that a step trains on, `done` of the way through
+    training: batch_size, or under ``batch_warmup`` a quarter of it at first, growing
+    linearly to all of it by batch_warmup of the way (one at least).
+
+    Early in training the gradient points the same way in most sequences, so a small batch
+    estimates it nearly as well as a big one, and on a CPU, where a step's time grows with
+    its batch, buys more steps per second; later, when the gradients of different sequences
+    disagree more, the whole batch pays for itself.
+    """
+    if done >= cfg.batch_warmup:
+        return cfg.batch_size
+    share = BATCH_WARMUP_START + (1.0 - BATCH_WARMUP_START) * done / cfg.batch_warmup
+    return max(1, min(cfg.batch_size, round(cfg.batch_size * share)))
 
 
 def warming_up(cfg: TrainConfig, step: int, done: float) -> bool:

@@ -51,13 +51,14 @@ class RunLog:
                  group: Group = Group()):
         self.cfg, self.path, self.group = cfg, Path(out_dir) / METRICS, group
         self.start_iteration, self.start_elapsed = iteration, elapsed
-        # Every rank's tokens (the global batch), over every rank's devices.
+        # Every rank's tokens (the global batch) in a step of whole batches, over every
+        # rank's devices.
         self.tokens_per_step = (cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
                                 * group.world_size)
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops * group.world_size
         self.file = None
         self.bar: Optional[tqdm] = None
-        self.window_start, self.window_steps = time.perf_counter(), 0  # since the last eval
+        self._restart_window()
         self.loss_sum: Optional[torch.Tensor] = None  # training loss since the last line
         self.loss_count = 0
         self.plot_failed = False  # said once; no more tries
@@ -107,11 +108,17 @@ class RunLog:
         """Achieved training FLOP/s over the measured matmul peak."""
         return self.flops_per_token * tokens_per_s / self.peak_flops
 
-    def step(self, iteration: int, loss: torch.Tensor, lr: float, elapsed: float) -> Optional[float]:
-        """A step finished with this (on-device) loss. Every log_interval steps a progress
-        line; returns the mean loss it reports then (reading it waits for the device), else
-        None."""
+    def _restart_window(self) -> None:
+        """Throughput counts the steps and tokens since the last evaluation."""
+        self.window_start, self.window_steps, self.window_tokens = time.perf_counter(), 0, 0
+
+    def step(self, iteration: int, loss: torch.Tensor, lr: float, elapsed: float,
+             tokens: Optional[int] = None) -> Optional[float]:
+        """A step of `tokens` training tokens (None: whole batches) finished with this
+        (on-device) loss. Every log_interval steps a progress line; returns the mean loss it
+        reports then (reading it waits for the device), else None."""
         self.window_steps += 1
+        self.window_tokens += self.tokens_per_step if tokens is None else tokens
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.loss_count += 1
         mean_loss = None
@@ -136,7 +143,7 @@ class RunLog:
 
     def _progress_line(self, iteration: int, loss: float, lr: float, elapsed: float) -> None:
         seconds = time.perf_counter() - self.window_start
-        tok_s = self.window_steps * self.tokens_per_step / max(seconds, 1e-9)
+        tok_s = self.window_tokens / max(seconds, 1e-9)
         if self.cfg.time_budget:
             left = max(self.cfg.time_budget - elapsed, 0.0)
         else:
@@ -150,13 +157,14 @@ class RunLog:
             log.info("iter %d | %s", iteration, " | ".join(f"{k} {v}" for k, v in fields.items()))
 
     def evaluation(self, iteration: int, losses: dict[str, float], best_val_loss: float,
-                   new_best: bool, lr: float, elapsed: float, eval_seconds: float) -> dict:
-        """Write the metrics row of an evaluation that took eval_seconds, report it, and
-        (--plot) redraw loss.png; throughput counts the training since the previous
-        evaluation. losses: "train", "val" and optionally "val_bits_per_char". Returns the
-        row."""
+                   new_best: bool, lr: float, elapsed: float, eval_seconds: float,
+                   tokens: Optional[int] = None) -> dict:
+        """Write the metrics row of an evaluation that took eval_seconds, after `tokens`
+        training tokens (None: iteration steps of whole batches), report it, and (--plot)
+        redraw loss.png; throughput counts the training since the previous evaluation.
+        losses: "train", "val" and optionally "val_bits_per_char". Returns the row."""
         train_s = time.perf_counter() - self.window_start - eval_seconds
-        tokens_per_s = self.window_steps * self.tokens_per_step / train_s if self.window_steps else 0.0
+        tokens_per_s = self.window_tokens / train_s if self.window_steps else 0.0
         row = {
             "iter": iteration,
             "train_loss": round(losses["train"], 6),
@@ -166,13 +174,13 @@ class RunLog:
             "elapsed_s": round(elapsed, 3),
             "tokens_per_s": round(tokens_per_s, 1),
             "mfu": round(self.mfu(tokens_per_s), 4),
-            "tokens": iteration * self.tokens_per_step,
+            "tokens": iteration * self.tokens_per_step if tokens is None else tokens,
         }
         bpc = losses.get("val_bits_per_char")
         if bpc is not None:
             row["val_bits_per_char"] = round(bpc, 6)
         if not self.group.is_main:
-            self.window_start, self.window_steps = time.perf_counter(), 0
+            self._restart_window()
             return row
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
@@ -186,7 +194,7 @@ class RunLog:
             self.board.flush()
         if self.cfg.plot:
             self._plot()
-        self.window_start, self.window_steps = time.perf_counter(), 0
+        self._restart_window()
         if self.cfg.time_budget:  # evaluations spend the budget too
             self._move_bar(elapsed)
         return row

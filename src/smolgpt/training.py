@@ -47,6 +47,7 @@ from .errors import SmolGPTError
 from .evaluate import bits_per_char, score_windows, window_starts
 from .model import GPT
 from .optim import (
+    batch_rows,
     decay_share,
     lr_multiplier,
     make_optimizers,
@@ -83,6 +84,9 @@ class Progress:
     # first evaluation and in checkpoints written before smolgpt 0.7.
     best_val_bits_per_char: Optional[float] = None
     last_val_bits_per_char: Optional[float] = None
+    # Training tokens seen, every rank's; None in checkpoints written before smolgpt 0.12
+    # (restored as steps x tokens per step: there was no --batch_warmup then).
+    tokens: Optional[int] = None
 
 
 class TrainingInterrupted(Exception):
@@ -311,7 +315,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type) if self.precision.needs_grad_scaler else None
         self.sampler = BatchSampler(data.train, cfg.block_size, cfg.batch_size, cfg.seed, device,
                                     group.rank, group.world_size)
-        self.progress = Progress()
+        self.progress = Progress(tokens=0)
         self.diverged = False  # a non-finite loss met (see _lose_finiteness)
         if resume_from is not None:
             self._restore(resume_from)
@@ -350,6 +354,8 @@ class Trainer:
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress(**ckpt["progress"])
+        if self.progress.tokens is None:
+            self.progress.tokens = self.progress.iter * self.tokens_per_step(self.cfg.batch_size)
         rng = ckpt["rng"]
         # Rank 0's states are "torch" and "cuda"; other ranks' under "other_ranks". A rank
         # without a saved state (the run was saved with fewer ranks) keeps its seed's.
@@ -421,15 +427,19 @@ class Trainer:
 
     # ----------------------------------------------------------------- steps
 
-    def train_step(self, lr_multiplier: float = 1.0) -> torch.Tensor:
+    def train_step(self, lr_multiplier: float = 1.0, rows: Optional[int] = None) -> torch.Tensor:
         """One optimiser step over gradient_accumulation_steps micro-batches, every rate at
-        lr_multiplier times its peak; the mean loss stays on the device (reading it would
-        wait for a GPU)."""
+        lr_multiplier times its peak, each micro-batch cut to its first `rows` sequences
+        (None: all batch_size); the mean loss stays on the device (reading it would wait for
+        a GPU)."""
         set_learning_rates(self.optimizers, self.cfg, lr_multiplier)
         steps = self.cfg.gradient_accumulation_steps
         total = torch.zeros((), device=self.device)
         for micro in range(steps):
+            # Whole batches are drawn whatever is kept, so that the stream of batches (and a
+            # resumed run's) does not depend on the batch-size schedule.
             x, y = self.sampler.next()
+            x, y = x[:rows], y[:rows]
             # Under DDP the ranks' gradients are averaged once, in the last micro-batch's
             # backward pass: the earlier ones only accumulate locally.
             last = micro == steps - 1
@@ -568,14 +578,21 @@ class Trainer:
         it = self.progress.iter
         return it % self.cfg.eval_interval == 0 and not (self.cfg.time_budget and it == 0)
 
+    def tokens_per_step(self, rows: int) -> int:
+        """Training tokens in one step of `rows` sequences per micro-batch, every rank's."""
+        return (rows * self.cfg.block_size * self.cfg.gradient_accumulation_steps
+                * self.group.world_size)
+
     def _step(self, run_log: RunLog) -> None:
         p = self.progress
-        multiplier = lr_multiplier(self.cfg, p.iter, self.budget.done(p.iter))
+        done = self.budget.done(p.iter)
         if self.cfg.time_budget:  # a schedule by time follows rank 0's clock on every rank
-            multiplier = self.group.from_main(multiplier, self.device)
+            done = self.group.from_main(done, self.device)
+        multiplier, rows = lr_multiplier(self.cfg, p.iter, done), batch_rows(self.cfg, done)
         start = time.perf_counter()
-        loss = self.train_step(multiplier)
+        loss = self.train_step(multiplier, rows)
         p.iter, p.evaluated = p.iter + 1, False
+        p.tokens += self.tokens_per_step(rows)
         # Reading a loss makes the host wait for the device. On a CPU that costs nothing, so
         # every step is checked; elsewhere only at progress lines.
         if self.device.type == "cpu" and not math.isfinite(loss.item()):
@@ -590,7 +607,7 @@ class Trainer:
             for line in projection(self.budget, p.iter, self.device):
                 log.info(line)
         reported = run_log.step(p.iter, loss, self.cfg.learning_rate * multiplier,
-                                self.budget.elapsed())
+                                self.budget.elapsed(), self.tokens_per_step(rows))
         if reported is not None and not math.isfinite(reported):
             self._lose_finiteness()
 
@@ -639,7 +656,7 @@ class Trainer:
         last_step = max(p.iter - 1, 0)
         lr = self.cfg.learning_rate * lr_multiplier(self.cfg, last_step, self.budget.done(last_step))
         run_log.evaluation(p.iter, losses, p.best_val_loss, new_best, lr, self.budget.elapsed(),
-                           scoring_s)
+                           scoring_s, p.tokens)
         if self.on_evaluation is not None:
             self.on_evaluation(self.model, p.iter, losses)
         # The metrics row, loss.png and on_evaluation count as the evaluation's time too.
