@@ -48,7 +48,7 @@ def test_a_resumed_runs_bar_starts_where_it_was(tmp_path, monkeypatch):
     terminal = _fake_terminal(monkeypatch)
     with _run_log(tmp_path, iteration=20, max_iters=40) as run_log:
         first = _renders(terminal.getvalue())[0]
-        run_log.step(21, torch.tensor(2.0), 1e-3, elapsed=50.0)
+        run_log.step(21, torch.tensor(2.0), 1e-3, elapsed=50.0, tokens=1024)
         assert run_log.bar.format_dict["initial"] == 20  # rate and ETA: this process's steps
     shown = _renders(terminal.getvalue())
     assert "20/40" in first and "21/40" in shown[-1]
@@ -59,7 +59,7 @@ def test_a_resumed_runs_bar_starts_where_it_was(tmp_path, monkeypatch):
 def test_a_time_budget_bar_shows_seconds_of_the_budget_and_ends_full(tmp_path, monkeypatch):
     terminal = _fake_terminal(monkeypatch)
     with _run_log(tmp_path, elapsed=5.0, time_budget=15.0) as run_log:
-        run_log.step(1, torch.tensor(2.0), 1e-3, elapsed=6.4)
+        run_log.step(1, torch.tensor(2.0), 1e-3, elapsed=6.4, tokens=1024)
         run_log.finish()
     shown = _renders(terminal.getvalue())
     assert "5/15 s" in shown[0] and "6/15 s" in " ".join(shown)

@@ -51,10 +51,6 @@ class RunLog:
                  group: Group = Group()):
         self.cfg, self.path, self.group = cfg, Path(out_dir) / METRICS, group
         self.start_iteration, self.start_elapsed = iteration, elapsed
-        # Every rank's tokens (the global batch) in a step of whole batches, over every
-        # rank's devices.
-        self.tokens_per_step = (cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-                                * group.world_size)
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops * group.world_size
         self.file = None
         self.bar: Optional[tqdm] = None
@@ -113,12 +109,12 @@ class RunLog:
         self.window_start, self.window_steps, self.window_tokens = time.perf_counter(), 0, 0
 
     def step(self, iteration: int, loss: torch.Tensor, lr: float, elapsed: float,
-             tokens: Optional[int] = None) -> Optional[float]:
-        """A step of `tokens` training tokens (None: whole batches) finished with this
+             tokens: int) -> Optional[float]:
+        """A step of `tokens` training tokens (every rank's) finished with this
         (on-device) loss. Every log_interval steps a progress line; returns the mean loss it
         reports then (reading it waits for the device), else None."""
         self.window_steps += 1
-        self.window_tokens += self.tokens_per_step if tokens is None else tokens
+        self.window_tokens += tokens
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.loss_count += 1
         mean_loss = None
@@ -158,9 +154,9 @@ class RunLog:
 
     def evaluation(self, iteration: int, losses: dict[str, float], best_val_loss: float,
                    new_best: bool, lr: float, elapsed: float, eval_seconds: float,
-                   tokens: Optional[int] = None) -> dict:
+                   tokens: int) -> dict:
         """Write the metrics row of an evaluation that took eval_seconds, after `tokens`
-        training tokens (None: iteration steps of whole batches), report it, and (--plot)
+        training tokens (every rank's), report it, and (--plot)
         redraw loss.png; throughput counts the training since the previous evaluation.
         losses: "train", "val" and optionally "val_bits_per_char". Returns the row."""
         train_s = time.perf_counter() - self.window_start - eval_seconds
@@ -174,7 +170,7 @@ class RunLog:
             "elapsed_s": round(elapsed, 3),
             "tokens_per_s": round(tokens_per_s, 1),
             "mfu": round(self.mfu(tokens_per_s), 4),
-            "tokens": iteration * self.tokens_per_step if tokens is None else tokens,
+            "tokens": tokens,
         }
         bpc = losses.get("val_bits_per_char")
         if bpc is not None:
