@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from e2e import E2ERun, LocalServer, SmolCLI, e2e_corpus_text, kill_live_processes, unused_port
+from e2e import LOSS_TOLERANCE, CpuPrecision, E2ERun, LocalServer, SmolCLI, e2e_corpus_text, kill_live_processes, unused_port
 
-from smolgpt import data
+from smolgpt import data, hardware
 from smolgpt.config import ModelConfig, resolve_train_config
 from smolgpt.model import GPT
 from smolgpt.training import Trainer
@@ -45,6 +45,18 @@ def _reap_processes():
     """A test that fails half-way leaves no training process of its own running."""
     yield
     kill_live_processes()
+
+
+# ------------------------------------------------------------ the precision policies
+
+@pytest.fixture(params=["float32", "bfloat16"])
+def cpu_precision(request, monkeypatch) -> CpuPrecision:
+    """Runs the test once under each CPU precision policy, whatever this CPU is, so that an
+    assumption true of one kind of CPU only fails on every machine (SMOLGPT_CPU_BF16 forces
+    the policy in this process and in the processes it starts). bf16 on a CPU without it is
+    emulated and slow: use it at toy sizes."""
+    monkeypatch.setenv(hardware.CPU_BF16_ENV, "1" if request.param == "bfloat16" else "0")
+    return CpuPrecision(request.param, LOSS_TOLERANCE[request.param])
 
 
 @pytest.fixture

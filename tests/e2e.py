@@ -25,6 +25,10 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
+from smolgpt import hardware
+
 E2E_ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py, generate.py
 
 # A model that trains 60 steps in well under a second on one CPU core. Early stopping is
@@ -123,6 +127,32 @@ def e2e_corpus_text(target_chars: int = 80_000, seed: int = 2024) -> str:
         paragraphs.append(paragraph)
         size += len(paragraph) + 2
     return "\n\n".join(paragraphs) + "\n"
+
+
+# ------------------------------------------------------------ the precision policies
+
+# How far apart two computations of one mean loss over the same windows may land when they
+# group the products differently (another batch size, another order of accumulation).
+# float32 agrees to its rounding; bf16 autocast rounds every product's inputs to 8 bits of
+# mantissa, and gaps of 2e-5 to 6e-5 were measured on a loss near 4.7 (AMD EPYC, AVX-512
+# BF16): 1e-3 is well above that and still far below what another set of windows gives.
+LOSS_TOLERANCE = {"float32": 2e-6, "bfloat16": 1e-3}
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuPrecision:
+    """One of the CPU's two precision policies, as a test runs under it."""
+
+    name: str  # "float32" or "bfloat16"
+    loss_tolerance: float
+
+
+def loss_tolerance() -> float:
+    """The tolerance between two computations of one loss under the policy this process
+    (and the processes it starts) computes in now: the CPU's, or SMOLGPT_CPU_BF16's."""
+    policy = hardware.precision_policy(torch.device("cpu"))
+    return LOSS_TOLERANCE["float32" if policy.reduced is None else "bfloat16"]
+
 
 
 # ----------------------------------------------------------------------- what a run left
@@ -313,8 +343,11 @@ class SmolCLI:
         self._logs_lock = threading.Lock()  # popen is called from several threads
 
     def env(self, **extra: str) -> dict:
+        # SMOLGPT_CPU_BF16 stays: a test (or a developer) forcing a precision policy forces
+        # it in the processes too.
         env = {k: v for k, v in os.environ.items()
-               if k.lower() not in PROXY_VARS and not k.startswith("SMOLGPT_")}
+               if k.lower() not in PROXY_VARS
+               and (not k.startswith("SMOLGPT_") or k == "SMOLGPT_CPU_BF16")}
         env.update(
             SMOLGPT_CACHE_DIR=str(self.cache),
             XDG_CACHE_HOME=str(self.base / "xdg-cache"),

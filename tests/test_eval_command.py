@@ -83,7 +83,8 @@ def test_the_validation_text_encodes_to_the_validation_ids(tmp_path, monkeypatch
 
 @pytest.mark.slow
 @pytest.mark.parametrize("level", ["char", "word"])
-def test_eval_agrees_with_the_training_log_on_the_same_windows(tmp_path, level):
+def test_eval_agrees_with_the_training_log_on_the_same_windows(tmp_path, level,
+                                                              cpu_precision):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(e2e_corpus_text(7_000), encoding="utf-8")
     run = tmp_path / "run"
@@ -95,8 +96,11 @@ def test_eval_agrees_with_the_training_log_on_the_same_windows(tmp_path, level):
     assert done.returncode == 0, done.stderr
     scores = json.loads(done.stdout)
     assert set(scores) == {"loss", "perplexity", "bits_per_char", "tokens", "chars", "unk_tokens"}
-    assert scores["loss"] == pytest.approx(last["val_loss"], abs=2e-6)
-    assert scores["bits_per_char"] == pytest.approx(last["val_bits_per_char"], abs=2e-6)
+    # The same windows: equal up to how the policy rounds (eval groups them otherwise).
+    tolerance = cpu_precision.loss_tolerance
+    assert scores["loss"] == pytest.approx(last["val_loss"], abs=tolerance)
+    assert scores["bits_per_char"] == pytest.approx(last["val_bits_per_char"],
+                                                    abs=tolerance * 1.5)
     assert scores["perplexity"] == pytest.approx(math.exp(scores["loss"]))
     tokens = data.prepare(data.resolve_corpus(str(corpus)), level, 1)
     assert scores["tokens"] == len(tokens.val) and scores["chars"] == tokens.val_chars
