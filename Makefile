@@ -1,21 +1,35 @@
 # Two commands on a fresh machine:
 #   make demo   set up .venv, train the char-level nano model on built-in Shakespeare, sample
-#   make test   set up .venv, run the test suite
+#   make test   set up .venv with every extra, lint, run the whole test suite (what CI runs)
+# and, before every commit:
+#   make check  lint and the fast tier of the tests (under a minute on 2 cores)
 PYTHON ?= python3
 VENV ?= .venv
 # torch goes in first, pinned, so that installing smolgpt does not pull a build of pip's
 # choosing; TORCH=... picks another (e.g. a CUDA wheel from PyTorch's index).
 TORCH ?= torch==2.13.0
+# pytest-xdist processes: one per core of the 2-core machines the timings were taken on.
+WORKERS ?= 2
 BIN := $(VENV)/bin
+EXTRAS := test,bench,hf,bpe,plot,tensorboard,notebook,serve
 
-.PHONY: setup demo test chromium clean
+.PHONY: setup setup-test demo lint check test chromium clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-setup: $(BIN)/python
+# Stamp files: installing again only when pyproject.toml changes keeps `make check` fast.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test
 
 DEMO_DIR := checkpoints/demo_char_nano
 
@@ -24,9 +38,18 @@ demo: setup
 	$(BIN)/python train.py --level char --preset nano --time_budget 60 --out_dir $(DEMO_DIR)
 	$(BIN)/python generate.py $(DEMO_DIR)/best_model.pth --prompt "ROMEO:" --max_new_tokens 300
 
-test: setup chromium  # with every optional extra: the tests cover them all
-	$(BIN)/pip install -q -e ".[test,bench,hf,bpe,plot,tensorboard,notebook,serve]"
-	$(BIN)/python -m pytest -q
+lint: setup-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# The fast tier: pytest's default selection (-m "not slow", set in pyproject.toml).
+check: lint
+	$(BIN)/python -m pytest -q -n $(WORKERS)
+
+# Everything: -m "" clears the default selection. --dist loadscope keeps each module's
+# tests on one worker, so a module's shared trained models are made once.
+test: lint chromium
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadscope -m ""
 
 # The playground's browser test drives Debian's chromium. Installed where we may (root, with
 # apt-get); elsewhere that one test is skipped, and this says so.

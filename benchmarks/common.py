@@ -31,6 +31,7 @@ MB = 1_000_000  # the benchmarks' megabyte: 10^6 bytes
 
 # ------------------------------------------------------------------------------ reports
 
+
 def print_machine() -> None:
     """Print the line every table stands under: the CPU, its precision flags and smolgpt's
     precision policy for it (numbers from CPUs with and without native bf16 differ), then a
@@ -60,14 +61,19 @@ def write_record(path: Path, benchmark: str, **fields: object) -> None:
     fields. Says where on stderr."""
     from smolgpt import hardware
 
-    record = {"benchmark": benchmark, "hardware": hardware.this_cpu(),
-              "python": platform.python_version(), **fields}
+    record = {
+        "benchmark": benchmark,
+        "hardware": hardware.this_cpu(),
+        "python": platform.python_version(),
+        **fields,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------- timing
+
 
 def time_steps(step: Callable[[], object], n: int) -> float:
     """Seconds that n calls of step take."""
@@ -84,8 +90,12 @@ def rotated(items: Sequence, r: int) -> list:
     return list(items[r:]) + list(items[:r])
 
 
-def tokens_per_s_rounds(steps: dict[str, Callable[[], object]], n_steps: dict[str, int],
-                        tokens_per_step: int, rounds: int) -> dict[str, list[float]]:
+def tokens_per_s_rounds(
+    steps: dict[str, Callable[[], object]],
+    n_steps: dict[str, int],
+    tokens_per_step: int,
+    rounds: int,
+) -> dict[str, list[float]]:
     """Tokens/s of each step function, once per round: in each round every function takes
     n_steps[name] steps, in an order rotated from round to round. A shared 2-core machine has
     slow spells; they slow every function of a round alike, so compare within rounds
@@ -106,8 +116,8 @@ def median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
 
 # ---------------------------------------------------------------------- training steps
 
-def random_token_data(vocab_size: int, level: str = "char", n_tokens: int = 200_000,
-                      seed: int = 0):
+
+def random_token_data(vocab_size: int, level: str = "char", n_tokens: int = 200_000, seed: int = 0):
     """A smolgpt.data.TokenData of uniformly random ids, in memory, with a real tokenizer of
     vocab_size at level: what a Trainer needs, without a corpus."""
     import numpy as np
@@ -145,6 +155,7 @@ def cpu_trainer(data, **settings):
 
 
 # ---------------------------------------------------------------- whole training runs
+
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of a finished run's metrics.jsonl, oldest first ([] if it has none)."""
@@ -207,6 +218,7 @@ def run_train(train_args: Sequence[str], out_dir: Path, poll_s: float = 0.25) ->
 
 
 # ------------------------------------------------------------------------------ corpora
+
 
 def make_corpus(source: Path, mb: float, dest: Path) -> int:
     """Write source repeated to about mb megabytes (a blank line between copies, the last

@@ -33,16 +33,50 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from common import (OUT, REPO, SHARED_DATA, markdown_table, print_command, print_machine,
-                    run_train, write_record)
+from common import (
+    OUT,
+    REPO,
+    SHARED_DATA,
+    markdown_table,
+    print_command,
+    print_machine,
+    run_train,
+    write_record,
+)
 
 CONFIGS = {
     "speedrun": ["--preset", "speedrun"],
-    "nanogpt-cpu": ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--block_size", "64",
-                    "--batch_size", "12", "--optimizer", "adamw", "--learning_rate", "1e-3",
-                    "--warmup_iters", "100", "--lr_schedule", "cosine", "--dropout", "0",
-                    "--weight_decay", "0.1", "--beta2", "0.99", "--position", "learned",
-                    "--no-bias", "--grad_clip", "1.0"],
+    "nanogpt-cpu": [
+        "--n_layer",
+        "4",
+        "--n_head",
+        "4",
+        "--n_embd",
+        "128",
+        "--block_size",
+        "64",
+        "--batch_size",
+        "12",
+        "--optimizer",
+        "adamw",
+        "--learning_rate",
+        "1e-3",
+        "--warmup_iters",
+        "100",
+        "--lr_schedule",
+        "cosine",
+        "--dropout",
+        "0",
+        "--weight_decay",
+        "0.1",
+        "--beta2",
+        "0.99",
+        "--position",
+        "learned",
+        "--no-bias",
+        "--grad_clip",
+        "1.0",
+    ],
     "micro": ["--preset", "micro"],
 }
 DEFAULT_CONFIGS = ("speedrun", "nanogpt-cpu")
@@ -52,8 +86,12 @@ NANOGPT_GPU = 1.4697  # nanoGPT's shakespeare_char result on an A100 (6x384, 500
 
 def evaluate(checkpoint: Path) -> dict:
     """`smolgpt eval CHECKPOINT --json` (the model's own validation split, whole)."""
-    result = subprocess.run([sys.executable, "-m", "smolgpt", "eval", str(checkpoint), "--json",
-                             "--device", "cpu"], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "smolgpt", "eval", str(checkpoint), "--json", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"smolgpt eval failed:\n{result.stderr}")
     return json.loads(result.stdout)
@@ -72,8 +110,13 @@ def plot(results: list[dict], path: Path, cpu: str) -> Optional[Path]:
     for config in dict.fromkeys(r["config"] for r in results):
         rows = [r for r in results if r["config"] == config]
         ax.plot([r["budget_s"] for r in rows], [r["val_loss"] for r in rows], "o-", label=config)
-    ax.axhline(NANOGPT_GPU, color="grey", linestyle="--", linewidth=1,
-               label=f"nanoGPT on an A100, 5000 iterations ({NANOGPT_GPU})")
+    ax.axhline(
+        NANOGPT_GPU,
+        color="grey",
+        linestyle="--",
+        linewidth=1,
+        label=f"nanoGPT on an A100, 5000 iterations ({NANOGPT_GPU})",
+    )
     ax.set_xscale("log")
     budgets = sorted({r["budget_s"] for r in results})
     ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
@@ -91,19 +134,26 @@ def plot(results: list[dict], path: Path, cpu: str) -> Optional[Path]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
-                        choices=list(CONFIGS))
+    parser.add_argument(
+        "--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=list(CONFIGS)
+    )
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
-    parser.add_argument("--data", type=Path, default=SHARED_DATA / "tinyshakespeare.txt",
-                        help="the text (default: tiny Shakespeare beside the repository)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=SHARED_DATA / "tinyshakespeare.txt",
+        help="the text (default: tiny Shakespeare beside the repository)",
+    )
     parser.add_argument("--extra", default="", help="flags added to every run (smoke tests)")
     parser.add_argument("--out", type=Path, default=OUT / "frontier.json")
     parser.add_argument("--plot", type=Path, default=OUT / "frontier.png")
     args = parser.parse_args(argv)
     if not args.data.is_file():
-        parser.error(f"{args.data} not found: give --data (tiny Shakespeare: "
-                     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
-                     "tinyshakespeare/input.txt)")
+        parser.error(
+            f"{args.data} not found: give --data (tiny Shakespeare: "
+            "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+            "tinyshakespeare/input.txt)"
+        )
     print_machine()
     from smolgpt import hardware
 
@@ -112,25 +162,63 @@ def main(argv: Optional[list[str]] = None) -> int:
         for config in args.configs:
             for budget in args.budgets:
                 out_dir = Path(folder) / f"{config}-{budget:g}"
-                flags = ["--level", "char", "--data", str(args.data), *CONFIGS[config],
-                         "--time_budget", f"{budget:g}", "--no-plot", *shlex.split(args.extra)]
+                flags = [
+                    "--level",
+                    "char",
+                    "--data",
+                    str(args.data),
+                    *CONFIGS[config],
+                    "--time_budget",
+                    f"{budget:g}",
+                    "--no-plot",
+                    *shlex.split(args.extra),
+                ]
                 run = run_train(flags, out_dir)
                 if run.exit_code != 0:
                     raise RuntimeError(f"{run.command} failed:\n{run.output[-3000:]}")
                 scored = evaluate(out_dir / "best_model.pth")
                 best_logged = min(r["val_loss"] for r in run.rows)
-                results.append({"config": config, "budget_s": budget, "wall_s": run.wall_s,
-                                "val_loss": scored["loss"], "logged_best_val": best_logged,
-                                "iterations": run.rows[-1]["iter"], "flags": flags})
-                print(f"{config} {budget:g} s: val {scored['loss']:.4f} (whole split), "
-                      f"{run.wall_s:.1f} s in all", file=sys.stderr, flush=True)
+                results.append(
+                    {
+                        "config": config,
+                        "budget_s": budget,
+                        "wall_s": run.wall_s,
+                        "val_loss": scored["loss"],
+                        "logged_best_val": best_logged,
+                        "iterations": run.rows[-1]["iter"],
+                        "flags": flags,
+                    }
+                )
+                print(
+                    f"{config} {budget:g} s: val {scored['loss']:.4f} (whole split), "
+                    f"{run.wall_s:.1f} s in all",
+                    file=sys.stderr,
+                    flush=True,
+                )
     cpu = hardware.this_cpu()["cpu"]
-    print(markdown_table(
-        ["config", "--time_budget s", "val loss (whole split)", "best logged val",
-         "iterations", "whole process s"],
-        [[r["config"], f"{r['budget_s']:g}", f"{r['val_loss']:.4f}",
-          f"{r['logged_best_val']:.4f}", r["iterations"], f"{r['wall_s']:.1f}"]
-         for r in results]))
+    print(
+        markdown_table(
+            [
+                "config",
+                "--time_budget s",
+                "val loss (whole split)",
+                "best logged val",
+                "iterations",
+                "whole process s",
+            ],
+            [
+                [
+                    r["config"],
+                    f"{r['budget_s']:g}",
+                    f"{r['val_loss']:.4f}",
+                    f"{r['logged_best_val']:.4f}",
+                    r["iterations"],
+                    f"{r['wall_s']:.1f}",
+                ]
+                for r in results
+            ],
+        )
+    )
     print(f"\nTarget: nanoGPT's {NANOGPT_GPU} (6x384, 5000 iterations on an A100).")
     drawn = plot(results, args.plot, cpu)
     if drawn:

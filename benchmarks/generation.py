@@ -51,9 +51,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import common
 import torch
 
-import common
 import smolgpt
 from smolgpt import checkpoint
 from smolgpt.config import PRESETS, ModelConfig
@@ -80,18 +80,26 @@ class Settings:
 
 # ------------------------------------------------------------------------------ models
 
+
 def smolgpt_model(preset: str, folder: Path) -> "smolgpt.Model":
     """A random-initialised smolgpt model of the preset's shape, through a checkpoint file
     and ``smolgpt.load`` (on the CPU, in eval mode), as a user's trained model would be."""
     shape = {k: PRESETS[preset][k] for k in ("n_layer", "n_head", "n_embd")}
     tokenizer = CharTokenizer(CHARS)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=BLOCK_SIZE, dropout=0.0,
-                         **shape)
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size, block_size=BLOCK_SIZE, dropout=0.0, **shape
+    )
     torch.manual_seed(0)
     module = GPT(config)
     path = folder / f"{preset}.pth"
-    checkpoint.save(path, {"model_config": dataclasses.asdict(config),
-                           "tokenizer": tokenizer.to_dict(), "model": module.state_dict()})
+    checkpoint.save(
+        path,
+        {
+            "model_config": dataclasses.asdict(config),
+            "tokenizer": tokenizer.to_dict(),
+            "model": module.state_dict(),
+        },
+    )
     return smolgpt.load(path, device="cpu")
 
 
@@ -118,11 +126,17 @@ def check_same_model(model: "smolgpt.Model", hf) -> None:
 
 # ------------------------------------------------------------------ the implementations
 
+
 def smolgpt_generate(model: "smolgpt.Model", s: Settings, batch: int) -> int:
     """The public call; returns the new tokens made (batch x s.new_tokens)."""
-    texts = model.generate(model.tokenizer.decode(s.prompt_ids), max_new_tokens=s.new_tokens,
-                           temperature=s.temperature, top_k=s.top_k, num_samples=batch,
-                           seed=s.seed)
+    texts = model.generate(
+        model.tokenizer.decode(s.prompt_ids),
+        max_new_tokens=s.new_tokens,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        num_samples=batch,
+        seed=s.seed,
+    )
     texts = [texts] if batch == 1 else texts
     return sum(len(model.tokenizer.encode(t)) - len(s.prompt_ids) for t in texts)
 
@@ -135,12 +149,12 @@ def generate_without_cache(module: GPT, s: Settings, batch: int) -> int:
     generator = torch.Generator().manual_seed(s.seed)
     ids = torch.tensor([s.prompt_ids] * batch)
     for _ in range(s.new_tokens):
-        logits, _ = module(ids[:, -module.config.block_size:])
+        logits, _ = module(ids[:, -module.config.block_size :])
         logits = logits[:, -1, :] / s.temperature
         kth = torch.topk(logits, s.top_k).values[:, -1:]  # the k-th largest of each row
         probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
         ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
-    return ids[:, len(s.prompt_ids):].numel()
+    return ids[:, len(s.prompt_ids) :].numel()
 
 
 def transformers_generate(hf, s: Settings, batch: int) -> int:
@@ -149,14 +163,21 @@ def transformers_generate(hf, s: Settings, batch: int) -> int:
     from transformers import GenerationConfig
 
     ids = torch.tensor([s.prompt_ids] * batch)
-    config = GenerationConfig(do_sample=True, temperature=s.temperature, top_k=s.top_k,
-                              top_p=1.0, max_new_tokens=s.new_tokens, eos_token_id=None,
-                              pad_token_id=0)
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=1.0,
+        max_new_tokens=s.new_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    return out[:, ids.size(1):].numel()
+    return out[:, ids.size(1) :].numel()
 
 
 # ---------------------------------------------------------------------------- measuring
+
 
 def timed(call: Callable[[], int], expected: int) -> float:
     """New tokens per second of one call, which must make expected new tokens."""
@@ -168,8 +189,9 @@ def timed(call: Callable[[], int], expected: int) -> float:
     return made / seconds
 
 
-def measure(calls: dict[str, Callable[[], int]], expected: int, rounds: int,
-            first_order: int) -> dict:
+def measure(
+    calls: dict[str, Callable[[], int]], expected: int, rounds: int, first_order: int
+) -> dict:
     """First-call and per-round tokens/s of each call (see the module docstring)."""
     first = {}
     for name in common.rotated(list(calls), first_order):
@@ -185,11 +207,14 @@ def measure(calls: dict[str, Callable[[], int]], expected: int, rounds: int,
     }
     if "transformers" in calls:
         result["ratio_smolgpt_vs_transformers"] = round(
-            common.median_ratio(rates["smolgpt"], rates["transformers"]), 2)
+            common.median_ratio(rates["smolgpt"], rates["transformers"]), 2
+        )
         result["first_call_ratio_smolgpt_vs_transformers"] = round(
-            first["smolgpt"] / first["transformers"], 2)
+            first["smolgpt"] / first["transformers"], 2
+        )
     result["ratio_cache_vs_no_cache"] = round(
-        common.median_ratio(rates["smolgpt"], rates["smolgpt_no_cache"]), 2)
+        common.median_ratio(rates["smolgpt"], rates["smolgpt_no_cache"]), 2
+    )
     return result
 
 
@@ -197,21 +222,34 @@ def markdown_table(results: list[dict], peer: bool) -> str:
     """One row per model and batch; the transformers columns only with peer."""
     head = ["model", "batch", "smolgpt tok/s", "smolgpt, no cache tok/s", "cache speed-up"]
     if peer:
-        head += ["transformers tok/s", "smolgpt / transformers", "first call: smolgpt tok/s",
-                 "first call: transformers tok/s", "first call: smolgpt / transformers"]
+        head += [
+            "transformers tok/s",
+            "smolgpt / transformers",
+            "first call: smolgpt tok/s",
+            "first call: transformers tok/s",
+            "first call: smolgpt / transformers",
+        ]
     else:
         head.append("first call: smolgpt tok/s")
     rows = []
     for r in results:
         m, first, c = r["tokens_per_s_median"], r["first_call_tokens_per_s"], r["config"]
-        row = [f"{c['preset']} ({c['n_layer']}L/{c['n_head']}H/{c['n_embd']}, "
-               f"T{c['block_size']}, V{c['vocab_size']})", r["batch"],
-               f"{m['smolgpt']:,.0f}", f"{m['smolgpt_no_cache']:,.0f}",
-               f"{r['ratio_cache_vs_no_cache']:.1f}x"]
+        row = [
+            f"{c['preset']} ({c['n_layer']}L/{c['n_head']}H/{c['n_embd']}, "
+            f"T{c['block_size']}, V{c['vocab_size']})",
+            r["batch"],
+            f"{m['smolgpt']:,.0f}",
+            f"{m['smolgpt_no_cache']:,.0f}",
+            f"{r['ratio_cache_vs_no_cache']:.1f}x",
+        ]
         if peer:
-            row += [f"{m['transformers']:,.0f}", f"**{r['ratio_smolgpt_vs_transformers']:.2f}x**",
-                    f"{first['smolgpt']:,.0f}", f"{first['transformers']:,.0f}",
-                    f"{r['first_call_ratio_smolgpt_vs_transformers']:.2f}x"]
+            row += [
+                f"{m['transformers']:,.0f}",
+                f"**{r['ratio_smolgpt_vs_transformers']:.2f}x**",
+                f"{first['smolgpt']:,.0f}",
+                f"{first['transformers']:,.0f}",
+                f"{r['first_call_ratio_smolgpt_vs_transformers']:.2f}x",
+            ]
         else:
             row.append(f"{first['smolgpt']:,.0f}")
         rows.append(row)
@@ -222,40 +260,72 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description="New tokens/s of generation: smolgpt (KV cache), smolgpt without the "
         "cache, and transformers' generate on the exported model, in one process; prints a "
-        "markdown table and writes JSON.")
-    parser.add_argument("--configs", nargs="+", default=["nano", "micro", "tiny"],
-                        choices=["nano", "micro", "tiny", "small"], metavar="PRESET",
-                        help="preset shapes to run (default: nano micro tiny)")
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], metavar="B",
-                        help="batch sizes: sequences generated at once (default: 1 8)")
-    parser.add_argument("--new-tokens", type=int, default=BLOCK_SIZE - len(PROMPT),
-                        help=f"new tokens per sequence (default: {BLOCK_SIZE - len(PROMPT)}, "
-                        "which fills the context)")
+        "markdown table and writes JSON."
+    )
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["nano", "micro", "tiny"],
+        choices=["nano", "micro", "tiny", "small"],
+        metavar="PRESET",
+        help="preset shapes to run (default: nano micro tiny)",
+    )
+    parser.add_argument(
+        "--batches",
+        nargs="+",
+        type=int,
+        default=[1, 8],
+        metavar="B",
+        help="batch sizes: sequences generated at once (default: 1 8)",
+    )
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        default=BLOCK_SIZE - len(PROMPT),
+        help=f"new tokens per sequence (default: {BLOCK_SIZE - len(PROMPT)}, "
+        "which fills the context)",
+    )
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="alternating rounds after the first calls; medians are reported "
-                        "(default: 3)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: nano, batches 1 and 2, 8 new tokens, 1 round")
-    parser.add_argument("--out", type=Path, default=common.OUT / "generation.json",
-                        help="JSON results file (default: benchmarks/out/generation.json)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="alternating rounds after the first calls; medians are reported (default: 3)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: nano, batches 1 and 2, 8 new tokens, 1 round",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=common.OUT / "generation.json",
+        help="JSON results file (default: benchmarks/out/generation.json)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.configs, args.batches, args.new_tokens, args.rounds = ["nano"], [1, 2], 8, 1
     if not 0 < args.new_tokens <= BLOCK_SIZE - len(PROMPT):
-        parser.error(f"--new-tokens must be in 1..{BLOCK_SIZE - len(PROMPT)}: the context "
-                     f"holds {BLOCK_SIZE} tokens, the prompt {len(PROMPT)}")
+        parser.error(
+            f"--new-tokens must be in 1..{BLOCK_SIZE - len(PROMPT)}: the context "
+            f"holds {BLOCK_SIZE} tokens, the prompt {len(PROMPT)}"
+        )
 
     transformers, missing = common.import_transformers()
     peer = transformers is not None
     skipped = None if peer else f"transformers columns skipped ({missing}): {INSTALL}"
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-          f"{transformers.__version__ if peer else 'not available'}; median of {args.rounds} "
-          "alternating rounds", file=sys.stderr)
+    print(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+        f"{transformers.__version__ if peer else 'not available'}; median of {args.rounds} "
+        "alternating rounds",
+        file=sys.stderr,
+    )
     torch.ones(8, 8) @ torch.ones(8, 8)  # torch's own start-up, which no library is to pay
-    settings = Settings(CharTokenizer(CHARS).encode(PROMPT), args.new_tokens,
-                        args.temperature, args.top_k)
+    settings = Settings(
+        CharTokenizer(CHARS).encode(PROMPT), args.new_tokens, args.temperature, args.top_k
+    )
     results = []
     with tempfile.TemporaryDirectory(prefix="smolgpt-generation-") as scratch:
         for preset in args.configs:
@@ -263,9 +333,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"measuring {preset}, batch {batch} ...", file=sys.stderr, flush=True)
                 # Freshly loaded models for every batch: each first call is a user's first.
                 model = smolgpt_model(preset, Path(scratch))
-                calls = {"smolgpt": lambda: smolgpt_generate(model, settings, batch),
-                         "smolgpt_no_cache": lambda: generate_without_cache(model.module,
-                                                                            settings, batch)}
+                calls = {
+                    "smolgpt": lambda: smolgpt_generate(model, settings, batch),
+                    "smolgpt_no_cache": lambda: generate_without_cache(
+                        model.module, settings, batch
+                    ),
+                }
                 if peer:
                     hf = transformers_model(model, Path(scratch))
                     calls["transformers"] = lambda: transformers_generate(hf, settings, batch)
@@ -273,35 +346,50 @@ def main(argv: Optional[list[str]] = None) -> int:
                 result = measure(calls, batch * args.new_tokens, args.rounds, len(results))
                 if peer:
                     check_same_model(model, hf)
-                result.update(batch=batch, load_average=[load_before, os.getloadavg()[0]],
-                              config={"preset": preset, "vocab_size": len(CHARS),
-                                      **model.config.shape()})
+                result.update(
+                    batch=batch,
+                    load_average=[load_before, os.getloadavg()[0]],
+                    config={"preset": preset, "vocab_size": len(CHARS), **model.config.shape()},
+                )
                 results.append(result)
-                print("  " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in
-                                       result["tokens_per_s_median"].items()),
-                      file=sys.stderr, flush=True)
+                print(
+                    "  "
+                    + ", ".join(
+                        f"{k} {v:,.0f} tok/s" for k, v in result["tokens_per_s_median"].items()
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     common.print_machine()
     if skipped:
         print(skipped + "\n")
-    print(f"smolgpt {smolgpt.__version__}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), float32; prompt {len(PROMPT)} tokens, "
-          f"{args.new_tokens} new tokens per sequence, temperature {args.temperature:g}, "
-          f"top-k {args.top_k}; new tokens/s, median of {args.rounds} rounds; first call: "
-          "the first generate call on a freshly loaded model")
+    print(
+        f"smolgpt {smolgpt.__version__}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), float32; prompt {len(PROMPT)} tokens, "
+        f"{args.new_tokens} new tokens per sequence, temperature {args.temperature:g}, "
+        f"top-k {args.top_k}; new tokens/s, median of {args.rounds} rounds; first call: "
+        "the first generate call on a freshly loaded model"
+    )
     # Other processes' load decides much on a small machine: every multi-threaded op
     # waits for a free core.
     loads = [x for r in results for x in r["load_average"]]
-    print(f"1-minute load average during the run: {min(loads):.2f} to {max(loads):.2f} "
-          f"({os.cpu_count()} CPUs)\n")
+    print(
+        f"1-minute load average during the run: {min(loads):.2f} to {max(loads):.2f} "
+        f"({os.cpu_count()} CPUs)\n"
+    )
     print(markdown_table(results, peer))
     print()
     common.print_command(__file__, argv)
     common.write_record(
-        args.out, "generation", threads=torch.get_num_threads(),
-        smolgpt=smolgpt.__version__, transformers=transformers.__version__ if peer else None,
+        args.out,
+        "generation",
+        threads=torch.get_num_threads(),
+        smolgpt=smolgpt.__version__,
+        transformers=transformers.__version__ if peer else None,
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        results=results)
+        results=results,
+    )
     return 0
 
 

@@ -52,13 +52,15 @@ def token_cache_rows(source: Path, mb: float, repeats: int, tmp: Path) -> list[d
         data.prepare(corpus, level)
         build = time.perf_counter() - start
         (ids,) = (tmp / f"cache-{level}" / "tokens").glob("*/tokens.bin")
-        rows.append({
-            "what": f"token cache, {level} level ({ids.stat().st_size / MB:.1f} MB of ids)",
-            "without": build,  # a run without the cache tokenizes every time
-            "with": best_seconds(lambda: data.prepare(corpus, level), repeats),
-            "check": best_seconds(lambda: data.file_crc32(ids), repeats),
-            "labels": ("first preparation", "cached open (checked)", "CRC-32 of tokens.bin"),
-        })
+        rows.append(
+            {
+                "what": f"token cache, {level} level ({ids.stat().st_size / MB:.1f} MB of ids)",
+                "without": build,  # a run without the cache tokenizes every time
+                "with": best_seconds(lambda: data.prepare(corpus, level), repeats),
+                "check": best_seconds(lambda: data.file_crc32(ids), repeats),
+                "labels": ("first preparation", "cached open (checked)", "CRC-32 of tokens.bin"),
+            }
+        )
     return rows
 
 
@@ -71,8 +73,16 @@ def checkpoint_row(preset: str, repeats: int, tmp: Path) -> dict:
     # Sherlock's 3,171 words. One step of one short sequence: it gives the optimisers their
     # state, whose size (like the weights') does not depend on the batch.
     data = common.random_token_data(3171, "word", n_tokens=1000)
-    trainer = common.cpu_trainer(data, **{**preset_values(preset, "word"), "preset": preset,
-                                          "level": "word", "batch_size": 1, "block_size": 32})
+    trainer = common.cpu_trainer(
+        data,
+        **{
+            **preset_values(preset, "word"),
+            "preset": preset,
+            "level": "word",
+            "batch_size": 1,
+            "block_size": 32,
+        },
+    )
     trainer.train_step()
     ckpt = trainer.state()
     plain, checked = tmp / "plain.pth", tmp / "checked.pth"
@@ -84,9 +94,11 @@ def checkpoint_row(preset: str, repeats: int, tmp: Path) -> dict:
     loaded = torch.load(checked, weights_only=True)
     return {
         "what": f"{preset} checkpoint ({trainer.model.num_parameters() / 1e6:.1f}M parameters, "
-                f"{checked.stat().st_size / MB:.0f} MB)",
-        "save_plain": save_plain, "save_checked": save_checked,
-        "load_plain": load_plain, "load_checked": load_checked,
+        f"{checked.stat().st_size / MB:.0f} MB)",
+        "save_plain": save_plain,
+        "save_checked": save_checked,
+        "load_plain": load_plain,
+        "load_checked": load_checked,
         "checksums": best_seconds(lambda: checkpoint.checksums(loaded), repeats),
     }
 
@@ -94,12 +106,20 @@ def checkpoint_row(preset: str, repeats: int, tmp: Path) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=float, default=100.0, help="corpus size (default: 100)")
-    parser.add_argument("--source", type=Path, default=common.SHARED_DATA / "sherlock.txt",
-                        help="text to repeat (default: ../shared/data/sherlock.txt)")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=common.SHARED_DATA / "sherlock.txt",
+        help="text to repeat (default: ../shared/data/sherlock.txt)",
+    )
     parser.add_argument("--preset", default="small", help="checkpoint shape (default: small)")
     parser.add_argument("--repeats", type=int, default=3, help="best of (default: 3)")
-    parser.add_argument("--out", type=Path, default=common.OUT / "integrity.json",
-                        help="JSON results file (default: benchmarks/out/integrity.json)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=common.OUT / "integrity.json",
+        help="JSON results file (default: benchmarks/out/integrity.json)",
+    )
     args = parser.parse_args(argv)
     if not args.source.is_file():
         parser.error(f"{args.source} not found: pass --source")
@@ -111,21 +131,57 @@ def main(argv: Optional[list[str]] = None) -> int:
         ckpt = checkpoint_row(args.preset, args.repeats, Path(tmp))
 
     common.print_machine()
-    print(common.markdown_table(
-        ["token cache", "first preparation s", "cached open s (checked)", "CRC-32 of tokens.bin s"],
-        [[r["what"], f"{r['without']:.2f}", f"{r['with']:.3f}", f"{r['check']:.3f}"]
-         for r in cache]))
+    print(
+        common.markdown_table(
+            [
+                "token cache",
+                "first preparation s",
+                "cached open s (checked)",
+                "CRC-32 of tokens.bin s",
+            ],
+            [
+                [r["what"], f"{r['without']:.2f}", f"{r['with']:.3f}", f"{r['check']:.3f}"]
+                for r in cache
+            ],
+        )
+    )
     print()
-    print(common.markdown_table(
-        ["checkpoint", "torch.save s", "checkpoint.save s (checksums, atomic write with fsync)",
-         "torch.load s", "checkpoint.load s (checksums verified)", "checksums alone s"],
-        [[ckpt["what"], *(f"{ckpt[k]:.2f}" for k in ("save_plain", "save_checked", "load_plain",
-                                                      "load_checked", "checksums"))]]))
+    print(
+        common.markdown_table(
+            [
+                "checkpoint",
+                "torch.save s",
+                "checkpoint.save s (checksums, atomic write with fsync)",
+                "torch.load s",
+                "checkpoint.load s (checksums verified)",
+                "checksums alone s",
+            ],
+            [
+                [
+                    ckpt["what"],
+                    *(
+                        f"{ckpt[k]:.2f}"
+                        for k in (
+                            "save_plain",
+                            "save_checked",
+                            "load_plain",
+                            "load_checked",
+                            "checksums",
+                        )
+                    ),
+                ]
+            ],
+        )
+    )
     print(f"\nBest of {args.repeats}; MB = 10^6 bytes.")
     common.print_command(__file__, argv)
-    common.write_record(args.out, "integrity",
-                        settings={"mb": args.mb, "preset": args.preset, "repeats": args.repeats},
-                        token_cache=cache, checkpoint=ckpt)
+    common.write_record(
+        args.out,
+        "integrity",
+        settings={"mb": args.mb, "preset": args.preset, "repeats": args.repeats},
+        token_cache=cache,
+        checkpoint=ckpt,
+    )
     return 0
 
 

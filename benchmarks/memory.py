@@ -115,16 +115,32 @@ def child(settings: dict, device: str, steps: int) -> None:
             times.append(time.perf_counter() - start)
         peak = torch.cuda.max_memory_allocated() if cuda else peak_resident_bytes()
     later = times[1:] or times
-    print(json.dumps({"peak_bytes": peak - before, "before_bytes": before,
-                      "peak_before_bytes": peak_before,
-                      "step_s": sum(later) / len(later), "step_times_s": times,
-                      "losses": losses}))
+    print(
+        json.dumps(
+            {
+                "peak_bytes": peak - before,
+                "before_bytes": before,
+                "peak_before_bytes": peak_before,
+                "step_s": sum(later) / len(later),
+                "step_times_s": times,
+                "losses": losses,
+            }
+        )
+    )
 
 
 def measure(settings: dict, device: str, steps: int, env: dict) -> dict:
     """child() in a fresh Python process with environment env; its JSON line."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--_child", json.dumps(settings),
-               "--device", device, "--steps", str(steps)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_child",
+        json.dumps(settings),
+        "--device",
+        device,
+        "--steps",
+        str(steps),
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"the measured step failed (exit {proc.returncode}):\n{proc.stderr}")
@@ -132,22 +148,40 @@ def measure(settings: dict, device: str, steps: int, env: dict) -> dict:
 
 
 def label(shape: str) -> str:
-    """"micro (4L/4H/128)": a shape's name and size."""
+    """ "micro (4L/4H/128)": a shape's name and size."""
     s = shape_of(shape)
     return f"{shape} ({s['n_layer']}L/{s['n_head']}H/{s['n_embd']})"
 
 
 def markdown_table(results: list[dict]) -> str:
-    head = ["shape", "context", "batch", "peak MB", "with checkpointing MB", "saved", "step s",
-            "with checkpointing step s"]
+    head = [
+        "shape",
+        "context",
+        "batch",
+        "peak MB",
+        "with checkpointing MB",
+        "saved",
+        "step s",
+        "with checkpointing step s",
+    ]
     rows = []
     for r in results:
         plain, ckpt = r["without"], r["with"]
         # A few megabytes (a toy) are lost among the process's own ups and downs.
         mb = [max(x["peak_bytes"], 0) / MB for x in (plain, ckpt)]
         saved = f"{1 - mb[1] / mb[0]:.0%}" if mb[0] >= 5 else "-"
-        rows.append([label(r["shape"]), r["block_size"], r["batch_size"], f"{mb[0]:,.0f}",
-                     f"{mb[1]:,.0f}", saved, f"{plain['step_s']:.2f}", f"{ckpt['step_s']:.2f}"])
+        rows.append(
+            [
+                label(r["shape"]),
+                r["block_size"],
+                r["batch_size"],
+                f"{mb[0]:,.0f}",
+                f"{mb[1]:,.0f}",
+                saved,
+                f"{plain['step_s']:.2f}",
+                f"{ckpt['step_s']:.2f}",
+            ]
+        )
     return common.markdown_table(head, rows)
 
 
@@ -155,28 +189,58 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description="Peak memory and time of a smolgpt training step with and without "
         "--gradient_checkpointing, each run in a fresh subprocess; prints a markdown table "
-        "and writes JSON.")
-    parser.add_argument("--shapes", nargs="+", default=["micro", "tiny"],
-                        choices=["nano", "micro", "tiny", "small", "toy"], metavar="PRESET",
-                        help="preset shapes (n_layer, n_head, n_embd) to run (default: micro "
-                        "tiny; toy: 1 layer, 2 heads, 32 wide)")
-    parser.add_argument("--blocks", nargs="+", type=int, default=[128, 512, 1024], metavar="T",
-                        help="contexts (block_size) to run (default: 128 512 1024)")
+        "and writes JSON."
+    )
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["micro", "tiny"],
+        choices=["nano", "micro", "tiny", "small", "toy"],
+        metavar="PRESET",
+        help="preset shapes (n_layer, n_head, n_embd) to run (default: micro "
+        "tiny; toy: 1 layer, 2 heads, 32 wide)",
+    )
+    parser.add_argument(
+        "--blocks",
+        nargs="+",
+        type=int,
+        default=[128, 512, 1024],
+        metavar="T",
+        help="contexts (block_size) to run (default: 128 512 1024)",
+    )
     parser.add_argument("--batch", type=int, default=8, help="sequences per step (default: 8)")
-    parser.add_argument("--dropout", type=float, default=0.1,
-                        help="dropout (default: 0.1, smolgpt's default; its masks are "
-                        "activations too)")
-    parser.add_argument("--steps", type=int, default=3,
-                        help="steps per run; the first is not timed (default: 3)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cpu: peak resident memory; cuda: peak allocated GPU memory")
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's MALLOC_MMAP_THRESHOLD_ as it is: the peak then "
-                        "includes freed memory glibc keeps, and moves from run to run")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: the toy shape, context 64, batch 2, 2 steps")
-    parser.add_argument("--out", type=Path, default=common.OUT / "memory.json",
-                        help="JSON results file (default: benchmarks/out/memory.json)")
+    parser.add_argument(
+        "--dropout",
+        type=float,
+        default=0.1,
+        help="dropout (default: 0.1, smolgpt's default; its masks are activations too)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=3, help="steps per run; the first is not timed (default: 3)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu: peak resident memory; cuda: peak allocated GPU memory",
+    )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's MALLOC_MMAP_THRESHOLD_ as it is: the peak then "
+        "includes freed memory glibc keeps, and moves from run to run",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: the toy shape, context 64, batch 2, 2 steps",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=common.OUT / "memory.json",
+        help="JSON results file (default: benchmarks/out/memory.json)",
+    )
     parser.add_argument("--_child", metavar="SETTINGS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._child:
@@ -194,35 +258,59 @@ def main(argv: Optional[list[str]] = None) -> int:
         for block in args.blocks:
             result = {"shape": shape, "block_size": block, "batch_size": args.batch}
             for variant in ("without", "with"):
-                print(f"measuring {label(shape)}, context {block}, batch {args.batch}, "
-                      f"{variant} checkpointing ...", file=sys.stderr, flush=True)
-                settings = {**shape_of(shape), "block_size": block, "batch_size": args.batch,
-                            "dropout": args.dropout, "gradient_checkpointing": variant == "with"}
+                print(
+                    f"measuring {label(shape)}, context {block}, batch {args.batch}, "
+                    f"{variant} checkpointing ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                settings = {
+                    **shape_of(shape),
+                    "block_size": block,
+                    "batch_size": args.batch,
+                    "dropout": args.dropout,
+                    "gradient_checkpointing": variant == "with",
+                }
                 result[variant] = measure(settings, args.device, args.steps, env)
             results.append(result)
 
     common.print_machine()
-    where = ("peak resident memory (rusage) during the steps minus that before the first, "
-             + (f"MALLOC_MMAP_THRESHOLD_={threshold}" if threshold else "glibc's default malloc")
-             if args.device == "cpu" else
-             "torch.cuda.max_memory_allocated during the steps minus that before the first")
-    print(f"device {args.device}; vocabulary {VOCAB}, dropout {args.dropout:g}, AdamW; "
-          f"{args.steps} steps per run, each run in a fresh process. peak MB (10^6 bytes): "
-          f"{where}. step s: the mean of the steps after the first; times follow the machine's "
-          "load.\n")
+    where = (
+        "peak resident memory (rusage) during the steps minus that before the first, "
+        + (f"MALLOC_MMAP_THRESHOLD_={threshold}" if threshold else "glibc's default malloc")
+        if args.device == "cpu"
+        else "torch.cuda.max_memory_allocated during the steps minus that before the first"
+    )
+    print(
+        f"device {args.device}; vocabulary {VOCAB}, dropout {args.dropout:g}, AdamW; "
+        f"{args.steps} steps per run, each run in a fresh process. peak MB (10^6 bytes): "
+        f"{where}. step s: the mean of the steps after the first; times follow the machine's "
+        "load.\n"
+    )
     print(markdown_table(results))
     # The same seed, batches and dropout masks: checkpointing must not change the training.
-    differ = max(abs(a - b) for r in results
-                 for a, b in zip(r["with"]["losses"], r["without"]["losses"]))
-    print(f"\nLosses with and without checkpointing, step by step: largest difference "
-          f"{differ:.2g}.\n")
+    differ = max(
+        abs(a - b) for r in results for a, b in zip(r["with"]["losses"], r["without"]["losses"])
+    )
+    print(
+        f"\nLosses with and without checkpointing, step by step: largest difference {differ:.2g}.\n"
+    )
     common.print_command(__file__, argv)
     common.write_record(
-        args.out, "memory",
-        settings={"shapes": args.shapes, "blocks": args.blocks, "batch": args.batch,
-                  "dropout": args.dropout, "steps": args.steps, "device": args.device,
-                  "vocab_size": VOCAB, "malloc_mmap_threshold": threshold},
-        results=results)
+        args.out,
+        "memory",
+        settings={
+            "shapes": args.shapes,
+            "blocks": args.blocks,
+            "batch": args.batch,
+            "dropout": args.dropout,
+            "steps": args.steps,
+            "device": args.device,
+            "vocab_size": VOCAB,
+            "malloc_mmap_threshold": threshold,
+        },
+        results=results,
+    )
     return 0
 
 

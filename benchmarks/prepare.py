@@ -45,15 +45,25 @@ def peer(path: str, vocab_size: int) -> dict:
     start = time.perf_counter()
     learner = Tokenizer(models.BPE())
     learner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    learner.train([path], trainers.BpeTrainer(
-        vocab_size=vocab_size, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    learner.train(
+        [path],
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tokens = 0
     with open(path, encoding="utf-8") as f:
         while lines := f.readlines(1 << 22):
             tokens += sum(len(e.ids) for e in learner.encode_batch_fast(lines))
-    return {"seconds": time.perf_counter() - start, "tokens": tokens,
-            "vocab_size": learner.get_vocab_size(), "workers": 1, "process_pools": 0}
+    return {
+        "seconds": time.perf_counter() - start,
+        "tokens": tokens,
+        "vocab_size": learner.get_vocab_size(),
+        "workers": 1,
+        "process_pools": 0,
+    }
 
 
 def child(level: str, path: str, min_word_freq: int, vocab_size: int) -> None:
@@ -79,35 +89,51 @@ def child(level: str, path: str, min_word_freq: int, vocab_size: int) -> None:
     else:
         corpus = data.resolve_corpus(path)
         start = time.perf_counter()
-        tokens = data.prepare(corpus, level, min_word_freq,
-                              vocab_size=vocab_size if level == "bpe" else None)
-        result = {"seconds": time.perf_counter() - start,
-                  "tokens": len(tokens.train) + len(tokens.val),
-                  "vocab_size": tokens.tokenizer.vocab_size,
-                  "workers": max(pools, default=1), "process_pools": len(pools)}
-    print(json.dumps({
-        **result,
-        "rss_main_before_kb": rss_before_kb,  # imports (torch, numpy) before prepare
-        "rss_main_peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        "rss_largest_worker_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
-    }))
+        tokens = data.prepare(
+            corpus, level, min_word_freq, vocab_size=vocab_size if level == "bpe" else None
+        )
+        result = {
+            "seconds": time.perf_counter() - start,
+            "tokens": len(tokens.train) + len(tokens.val),
+            "vocab_size": tokens.tokenizer.vocab_size,
+            "workers": max(pools, default=1),
+            "process_pools": len(pools),
+        }
+    print(
+        json.dumps(
+            {
+                **result,
+                "rss_main_before_kb": rss_before_kb,  # imports (torch, numpy) before prepare
+                "rss_main_peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                "rss_largest_worker_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+            }
+        )
+    )
 
 
-def measure(level: str, corpus: Path, min_word_freq: int, vocab_size: int,
-            tmp_root: Path) -> dict:
+def measure(level: str, corpus: Path, min_word_freq: int, vocab_size: int, tmp_root: Path) -> dict:
     """prepare() once in a fresh subprocess with an empty cache; its results, its wall time,
     and its peak RSS from os.wait4 (this child's own rusage, so per measurement)."""
     with tempfile.TemporaryDirectory(prefix="smolgpt-measure-", dir=tmp_root) as tmp:
         cache = Path(tmp) / "cache"  # fresh and empty: nothing is cached
         env = {**os.environ, "SMOLGPT_CACHE_DIR": str(cache)}
-        command = [sys.executable, str(Path(__file__).resolve()), "--_child", level,
-                   str(corpus), "--min-word-freq", str(min_word_freq),
-                   "--vocab-size", str(vocab_size)]
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--_child",
+            level,
+            str(corpus),
+            "--min-word-freq",
+            str(min_word_freq),
+            "--vocab-size",
+            str(vocab_size),
+        ]
         start = time.perf_counter()
         err_path = Path(tmp) / "stderr.txt"
         with open(err_path, "w") as err_file:
-            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err_file,
-                                    text=True, env=env)
+            proc = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=err_file, text=True, env=env
+            )
         try:
             out = proc.stdout.read()
             proc.stdout.close()
@@ -129,18 +155,36 @@ def measure(level: str, corpus: Path, min_word_freq: int, vocab_size: int,
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ["level", "corpus MB", "tokens", "vocab", "prepare s", "MB/s", "process wall s",
-            "workers", "peak RSS main MB", "peak RSS largest worker MB"]
+    head = [
+        "level",
+        "corpus MB",
+        "tokens",
+        "vocab",
+        "prepare s",
+        "MB/s",
+        "process wall s",
+        "workers",
+        "peak RSS main MB",
+        "peak RSS largest worker MB",
+    ]
     cells = []
     for r in rows:
         m = r["median"]
         worker_rss = f"{m['rss_largest_worker_kb'] / 1024:,.0f}" if m["process_pools"] else "-"
-        cells.append([
-            r["level"], f"{r['corpus_bytes'] / MB:.1f}", f"{m['tokens']:,}",
-            f"{m['vocab_size']:,}", f"{m['seconds']:.2f}",
-            f"{r['corpus_bytes'] / MB / m['seconds']:.2f}", f"{m['wall_s']:.2f}",
-            str(m["workers"]), f"{m['rss_main_peak_kb'] / 1024:,.0f}", worker_rss,
-        ])
+        cells.append(
+            [
+                r["level"],
+                f"{r['corpus_bytes'] / MB:.1f}",
+                f"{m['tokens']:,}",
+                f"{m['vocab_size']:,}",
+                f"{m['seconds']:.2f}",
+                f"{r['corpus_bytes'] / MB / m['seconds']:.2f}",
+                f"{m['wall_s']:.2f}",
+                str(m["workers"]),
+                f"{m['rss_main_peak_kb'] / 1024:,.0f}",
+                worker_rss,
+            ]
+        )
     return common.markdown_table(head, cells)
 
 
@@ -149,29 +193,64 @@ def main(argv: Optional[list[str]] = None) -> int:
         description="First-run corpus preparation throughput (MB/s) of smolgpt.data.prepare "
         "at char, word and bpe level (and the tokenizers library alone, as a peer), each "
         "measurement in a fresh subprocess with an empty cache; "
-        "prints a markdown table and writes JSON.")
-    parser.add_argument("--mb", type=float, default=20.0,
-                        help="corpus size in megabytes (10^6 bytes) of --source repeated "
-                        "(default: 20)")
-    parser.add_argument("--source", type=Path, default=common.SHARED_DATA / "sherlock.txt",
-                        help="text to repeat (default: ../shared/data/sherlock.txt from the "
-                        "repository root)")
-    parser.add_argument("--corpus", type=Path, default=None,
-                        help="use this text file as it is instead of a repeated --source")
-    parser.add_argument("--levels", nargs="+", choices=("char", "word", "bpe", "tokenizers"),
-                        default=["char", "word", "bpe", "tokenizers"],
-                        help="levels to measure; tokenizers: the library alone, learning and "
-                        "encoding bpe (default: all)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="alternating rounds; the median is reported (default: 3)")
-    parser.add_argument("--min-word-freq", type=int, default=3,
-                        help="word level min_word_freq (default: 3, smolgpt's default)")
-    parser.add_argument("--vocab-size", type=int, default=2048,
-                        help="bpe (and tokenizers) vocabulary size (default: 2048)")
-    parser.add_argument("--tmp-dir", type=Path, default=None,
-                        help="where the corpus and the fresh caches go (default: system temp)")
-    parser.add_argument("--out", type=Path, default=common.OUT / "prepare.json",
-                        help="JSON results file (default: benchmarks/out/prepare.json)")
+        "prints a markdown table and writes JSON."
+    )
+    parser.add_argument(
+        "--mb",
+        type=float,
+        default=20.0,
+        help="corpus size in megabytes (10^6 bytes) of --source repeated (default: 20)",
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=common.SHARED_DATA / "sherlock.txt",
+        help="text to repeat (default: ../shared/data/sherlock.txt from the repository root)",
+    )
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        default=None,
+        help="use this text file as it is instead of a repeated --source",
+    )
+    parser.add_argument(
+        "--levels",
+        nargs="+",
+        choices=("char", "word", "bpe", "tokenizers"),
+        default=["char", "word", "bpe", "tokenizers"],
+        help="levels to measure; tokenizers: the library alone, learning and "
+        "encoding bpe (default: all)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="alternating rounds; the median is reported (default: 3)",
+    )
+    parser.add_argument(
+        "--min-word-freq",
+        type=int,
+        default=3,
+        help="word level min_word_freq (default: 3, smolgpt's default)",
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=2048,
+        help="bpe (and tokenizers) vocabulary size (default: 2048)",
+    )
+    parser.add_argument(
+        "--tmp-dir",
+        type=Path,
+        default=None,
+        help="where the corpus and the fresh caches go (default: system temp)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=common.OUT / "prepare.json",
+        help="JSON results file (default: benchmarks/out/prepare.json)",
+    )
     parser.add_argument("--_child", nargs=2, metavar=("LEVEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -189,45 +268,63 @@ def main(argv: Optional[list[str]] = None) -> int:
             corpus, source = tmp_root / f"corpus-{args.mb:g}MB.txt", args.source
             common.make_corpus(args.source, args.mb, corpus)
         size = corpus.stat().st_size
-        print(f"corpus: {size / MB:.1f} MB ({source}); {os.cpu_count()} CPUs; "
-              f"{args.rounds} alternating rounds, fresh SMOLGPT_CACHE_DIR per measurement",
-              file=sys.stderr, flush=True)
+        print(
+            f"corpus: {size / MB:.1f} MB ({source}); {os.cpu_count()} CPUs; "
+            f"{args.rounds} alternating rounds, fresh SMOLGPT_CACHE_DIR per measurement",
+            file=sys.stderr,
+            flush=True,
+        )
         runs: dict[str, list[dict]] = {level: [] for level in args.levels}
         for r in range(args.rounds):
             for level in common.rotated(args.levels, r):
                 res = measure(level, corpus, args.min_word_freq, args.vocab_size, tmp_root)
                 runs[level].append(res)
-                print(f"  round {r + 1} {level}: {res['seconds']:.2f}s in prepare "
-                      f"({size / MB / res['seconds']:.2f} MB/s), {res['workers']} worker(s), "
-                      f"peak RSS {res['rss_main_peak_kb'] / 1024:,.0f} MB",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  round {r + 1} {level}: {res['seconds']:.2f}s in prepare "
+                    f"({size / MB / res['seconds']:.2f} MB/s), {res['workers']} worker(s), "
+                    f"peak RSS {res['rss_main_peak_kb'] / 1024:,.0f} MB",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     rows = []
     for level, results in runs.items():
         med_seconds = statistics.median(x["seconds"] for x in results)
         median = min(results, key=lambda x: abs(x["seconds"] - med_seconds))  # the median run
-        rows.append({
-            "level": level,
-            "corpus_bytes": size,
-            "median": median,
-            "mb_per_s_median": size / MB / median["seconds"],
-            "mb_per_s_rounds": [size / MB / x["seconds"] for x in results],
-            "runs": results,
-        })
+        rows.append(
+            {
+                "level": level,
+                "corpus_bytes": size,
+                "median": median,
+                "mb_per_s_median": size / MB / median["seconds"],
+                "mb_per_s_rounds": [size / MB / x["seconds"] for x in results],
+                "runs": results,
+            }
+        )
     common.print_machine()
     print(markdown_table(rows))
     print()
-    print("MB = 10^6 bytes. \"prepare s\" is the time inside smolgpt.data.prepare (fingerprint, "
-          "vocabulary, encoding, writing ids), with an empty cache; \"process wall s\" adds "
-          "interpreter start and imports. Peak RSS: the measuring process (torch is imported) "
-          "and its largest tokenizer worker, from rusage.")
+    print(
+        'MB = 10^6 bytes. "prepare s" is the time inside smolgpt.data.prepare (fingerprint, '
+        'vocabulary, encoding, writing ids), with an empty cache; "process wall s" adds '
+        "interpreter start and imports. Peak RSS: the measuring process (torch is imported) "
+        "and its largest tokenizer worker, from rusage."
+    )
     common.print_command(__file__, argv)
     common.write_record(
-        args.out, "prepare",
-        settings={"mb": args.mb, "source": str(source), "corpus_bytes": size,
-                  "levels": args.levels, "rounds": args.rounds,
-                  "min_word_freq": args.min_word_freq, "vocab_size": args.vocab_size},
-        results=rows)
+        args.out,
+        "prepare",
+        settings={
+            "mb": args.mb,
+            "source": str(source),
+            "corpus_bytes": size,
+            "levels": args.levels,
+            "rounds": args.rounds,
+            "min_word_freq": args.min_word_freq,
+            "vocab_size": args.vocab_size,
+        },
+        results=rows,
+    )
     return 0
 
 

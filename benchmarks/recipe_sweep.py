@@ -71,8 +71,16 @@ def run_variant(corpus: Path, common_flags: str, variant: str, extra: str) -> di
     """One whole train.py run of the variant in a fresh run directory; what its last
     metrics row says."""
     with tempfile.TemporaryDirectory(prefix="smolgpt-sweep-") as tmp:
-        run = common.run_train(["--data", str(corpus), *shlex.split(common_flags),
-                                *shlex.split(variant), *shlex.split(extra)], Path(tmp) / "run")
+        run = common.run_train(
+            [
+                "--data",
+                str(corpus),
+                *shlex.split(common_flags),
+                *shlex.split(variant),
+                *shlex.split(extra),
+            ],
+            Path(tmp) / "run",
+        )
     last = run.rows[-1] if run.rows else {}
     return {
         "variant": variant,
@@ -90,15 +98,27 @@ def run_variant(corpus: Path, common_flags: str, variant: str, extra: str) -> di
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sweep", choices=SWEEPS, default="shakespeare-steps")
-    parser.add_argument("--only", type=int, nargs="+", metavar="I",
-                        help="run only these variants (0-based indices)")
-    parser.add_argument("--extra", default="",
-                        help='flags appended to every train.py command line, after the '
-                        'variant\'s (later flags win), e.g. "--seed 1"')
-    parser.add_argument("--data-dir", type=Path, default=common.SHARED_DATA,
-                        help="where the corpus files are (default: ../shared/data)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON results (default: benchmarks/out/sweep-<name>.json)")
+    parser.add_argument(
+        "--only", type=int, nargs="+", metavar="I", help="run only these variants (0-based indices)"
+    )
+    parser.add_argument(
+        "--extra",
+        default="",
+        help="flags appended to every train.py command line, after the "
+        'variant\'s (later flags win), e.g. "--seed 1"',
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=common.SHARED_DATA,
+        help="where the corpus files are (default: ../shared/data)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON results (default: benchmarks/out/sweep-<name>.json)",
+    )
     args = parser.parse_args(argv)
 
     corpus_name, common_flags, variants = SWEEPS[args.sweep]
@@ -111,23 +131,48 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"[{i}] {variant} ...", file=sys.stderr, flush=True)
         results.append(run_variant(corpus, common_flags, variant, args.extra))
         r = results[-1]
-        print(f"    val {r['final_val']}, {r['steps']} steps, exit {r['exit_code']}",
-              file=sys.stderr, flush=True)
+        print(
+            f"    val {r['final_val']}, {r['steps']} steps, exit {r['exit_code']}",
+            file=sys.stderr,
+            flush=True,
+        )
         if r["exit_code"]:
             print(r["error"], file=sys.stderr)
 
     common.print_machine()
-    print(f"{corpus_name}, common flags: `{common_flags}`"
-          + (f", then `{args.extra}`" if args.extra else "") + "\n")
-    print(common.markdown_table(
-        ["#", "flags", "final val", "best val", "train loss", "steps", "training s"],
-        [[i, f"`{r['variant']}`", r["final_val"], r["best_val"], r["train_loss"], r["steps"],
-          r["train_s"]] for (i, _), r in zip(chosen, results)]))
+    print(
+        f"{corpus_name}, common flags: `{common_flags}`"
+        + (f", then `{args.extra}`" if args.extra else "")
+        + "\n"
+    )
+    print(
+        common.markdown_table(
+            ["#", "flags", "final val", "best val", "train loss", "steps", "training s"],
+            [
+                [
+                    i,
+                    f"`{r['variant']}`",
+                    r["final_val"],
+                    r["best_val"],
+                    r["train_loss"],
+                    r["steps"],
+                    r["train_s"],
+                ]
+                for (i, _), r in zip(chosen, results)
+            ],
+        )
+    )
     print()
     common.print_command(__file__, argv)
-    common.write_record(args.out or common.OUT / f"sweep-{args.sweep}.json", "recipe_sweep",
-                        sweep=args.sweep, corpus=corpus_name, common=common_flags,
-                        extra=args.extra, results=results)
+    common.write_record(
+        args.out or common.OUT / f"sweep-{args.sweep}.json",
+        "recipe_sweep",
+        sweep=args.sweep,
+        corpus=corpus_name,
+        common=common_flags,
+        extra=args.extra,
+        results=results,
+    )
     return 0
 
 

@@ -29,17 +29,25 @@ import smolgpt
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-runs", default="runs/reference",
-                        help="where the run directories go (default: runs/reference)")
-    parser.add_argument("--corpora", nargs="+", default=["shakespeare", "sherlock"],
-                        help="--data of each run: built-in names or text files (default: "
-                        "shakespeare sherlock); a file's runs are named after its stem")
+    parser.add_argument(
+        "--out-runs",
+        default="runs/reference",
+        help="where the run directories go (default: runs/reference)",
+    )
+    parser.add_argument(
+        "--corpora",
+        nargs="+",
+        default=["shakespeare", "sherlock"],
+        help="--data of each run: built-in names or text files (default: "
+        "shakespeare sherlock); a file's runs are named after its stem",
+    )
     parser.add_argument("--presets", nargs="+", default=["nano", "micro", "tiny", "small"])
     parser.add_argument("--max_iters", type=int, default=2000)
     parser.add_argument("--eval_interval", type=int, default=100)
     parser.add_argument("--extra", default="", help="more train settings, as flags")
-    parser.add_argument("--out", default="benchmarks/out/reference_curves.json",
-                        help="the JSON record")
+    parser.add_argument(
+        "--out", default="benchmarks/out/reference_curves.json", help="the JSON record"
+    )
     args = parser.parse_args(argv)
     extra = parse_extra(args.extra)
 
@@ -50,22 +58,50 @@ def main(argv=None) -> int:
         for preset in args.presets:
             out_dir = Path(args.out_runs) / name / preset
             start = time.perf_counter()
-            result = smolgpt.train(data=corpus, level="char", preset=preset,
-                                   max_iters=args.max_iters, eval_interval=args.eval_interval,
-                                   early_stop_patience=0, plot=False, out_dir=str(out_dir),
-                                   overwrite=(out_dir / "latest_model.pth").exists(), **extra)
+            result = smolgpt.train(
+                data=corpus,
+                level="char",
+                preset=preset,
+                max_iters=args.max_iters,
+                eval_interval=args.eval_interval,
+                early_stop_patience=0,
+                plot=False,
+                out_dir=str(out_dir),
+                overwrite=(out_dir / "latest_model.pth").exists(),
+                **extra,
+            )
             seconds = time.perf_counter() - start
-            metrics = [json.loads(line)
-                       for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+            metrics = [
+                json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()
+            ]
             bpc = min(r["val_bits_per_char"] for r in metrics)
-            results.append({"corpus": name, "preset": preset, "steps": result.iterations,
-                            "best_val_loss": result.best_val_loss,
-                            "best_val_bits_per_char": bpc, "seconds": seconds,
-                            "run_dir": str(out_dir), "metrics": metrics})
-            rows.append([name, preset, result.iterations, f"{result.best_val_loss:.4f}",
-                         f"{bpc:.3f}", f"{seconds:.0f} s"])
-    print(markdown_table(["corpus", "preset", "steps", "best val loss", "best val bits/char",
-                          "wall time"], rows))
+            results.append(
+                {
+                    "corpus": name,
+                    "preset": preset,
+                    "steps": result.iterations,
+                    "best_val_loss": result.best_val_loss,
+                    "best_val_bits_per_char": bpc,
+                    "seconds": seconds,
+                    "run_dir": str(out_dir),
+                    "metrics": metrics,
+                }
+            )
+            rows.append(
+                [
+                    name,
+                    preset,
+                    result.iterations,
+                    f"{result.best_val_loss:.4f}",
+                    f"{bpc:.3f}",
+                    f"{seconds:.0f} s",
+                ]
+            )
+    print(
+        markdown_table(
+            ["corpus", "preset", "steps", "best val loss", "best val bits/char", "wall time"], rows
+        )
+    )
     print()
     print_command(__file__, argv)
     write_record(Path(args.out), "reference_curves", results=results)

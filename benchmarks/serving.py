@@ -38,8 +38,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
-from common import (OUT, markdown_table, median_ratio, print_command, print_machine, rotated,
-                    write_record)
+from common import (
+    OUT,
+    markdown_table,
+    median_ratio,
+    print_command,
+    print_machine,
+    rotated,
+    write_record,
+)
 
 PROMPT = "ROMEO:\nI"
 SAMPLING = {"temperature": 0.8, "top_k": 40, "seed": 1337}
@@ -51,8 +58,20 @@ class Server:
     def __init__(self, checkpoint: Path, logs: Path):
         self._err = open(logs, "w+", encoding="utf-8")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "smolgpt", "serve", str(checkpoint), "--port", "0",
-             "--max_tokens", "100000"], stdout=subprocess.DEVNULL, stderr=self._err)
+            [
+                sys.executable,
+                "-m",
+                "smolgpt",
+                "serve",
+                str(checkpoint),
+                "--port",
+                "0",
+                "--max_tokens",
+                "100000",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self._err,
+        )
         deadline = time.monotonic() + 120
         while not (found := re.search(r"at http://127\.0\.0\.1:(\d+)/ ", logs.read_text())):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -62,8 +81,9 @@ class Server:
 
     def _post(self, body: dict) -> http.client.HTTPResponse:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
-        conn.request("POST", "/v1/completions", json.dumps(body),
-                     {"Content-Type": "application/json"})
+        conn.request(
+            "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"}
+        )
         response = conn.getresponse()
         if response.status != 200:
             raise RuntimeError(f"status {response.status}: {response.read()[:500]!r}")
@@ -77,8 +97,7 @@ class Server:
         """The text, and the seconds until its first piece arrived."""
         started = time.perf_counter()
         first, text = None, []
-        response = self._post({"prompt": PROMPT, "max_tokens": tokens, "stream": True,
-                               **SAMPLING})
+        response = self._post({"prompt": PROMPT, "max_tokens": tokens, "stream": True, **SAMPLING})
         for line in response:
             if not line.startswith(b"data: {"):
                 continue
@@ -100,7 +119,7 @@ def measure(preset: str, tokens: int, rounds: int, concurrent: int, folder: Path
     model = smolgpt_model(preset, folder)
     server = Server(folder / f"{preset}.pth", folder / f"{preset}-server.log")
     try:
-        expected = model.generate(PROMPT, max_new_tokens=tokens, **SAMPLING)[len(PROMPT):]
+        expected = model.generate(PROMPT, max_new_tokens=tokens, **SAMPLING)[len(PROMPT) :]
         times: dict[str, list[float]] = {k: [] for k in ("local", "server", "stream")}
         first_token, batch_wall, slowest = [], [], []
 
@@ -120,9 +139,12 @@ def measure(preset: str, tokens: int, rounds: int, concurrent: int, folder: Path
         def at_once():
             started = time.perf_counter()
             with ThreadPoolExecutor(concurrent) as pool:
-                ends = list(pool.map(lambda _: (server.stream(tokens),
-                                                time.perf_counter() - started)[1],
-                                     range(concurrent)))
+                ends = list(
+                    pool.map(
+                        lambda _: (server.stream(tokens), time.perf_counter() - started)[1],
+                        range(concurrent),
+                    )
+                )
             batch_wall.append(time.perf_counter() - started)
             slowest.append(max(ends))
 
@@ -137,7 +159,10 @@ def measure(preset: str, tokens: int, rounds: int, concurrent: int, folder: Path
         server.stop()
     speed = {k: [tokens / t for t in v] for k, v in times.items()}
     return {
-        "preset": preset, "tokens": tokens, "rounds": rounds, "concurrent": concurrent,
+        "preset": preset,
+        "tokens": tokens,
+        "rounds": rounds,
+        "concurrent": concurrent,
         "parameters": model.module.num_parameters(),
         "in_process_tok_s": statistics.median(speed["local"]),
         "server_tok_s": statistics.median(speed["server"]),
@@ -156,26 +181,49 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tokens", type=int, default=200, help="new tokens per request")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrent", type=int, default=8, help="requests at once")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: nano, 8 tokens, 1 round, 2 at once")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: nano, 8 tokens, 1 round, 2 at once"
+    )
     parser.add_argument("--out", type=Path, default=OUT / "serving.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.presets, args.tokens, args.rounds, args.concurrent = ["nano"], 8, 1, 2
     print_machine()
     with tempfile.TemporaryDirectory() as folder:
-        results = [measure(p, args.tokens, args.rounds, args.concurrent, Path(folder))
-                   for p in args.presets]
+        results = [
+            measure(p, args.tokens, args.rounds, args.concurrent, Path(folder))
+            for p in args.presets
+        ]
     c = args.concurrent
-    print(markdown_table(
-        ["model", "in process tok/s", "server tok/s", "stream tok/s", "first token ms",
-         f"{c} at once: tok/s", f"{c} at once: slowest s", "server / in process",
-         "stream / in process"],
-        [[f"{r['preset']} ({r['parameters'] / 1e6:.2f}M)", f"{r['in_process_tok_s']:.0f}",
-          f"{r['server_tok_s']:.0f}", f"{r['stream_tok_s']:.0f}", f"{r['first_token_ms']:.1f}",
-          f"{r['concurrent_tok_s']:.0f}", f"{r['concurrent_slowest_s']:.2f}",
-          f"{r['server_over_in_process']:.2f}", f"{r['stream_over_in_process']:.2f}"]
-         for r in results]))
+    print(
+        markdown_table(
+            [
+                "model",
+                "in process tok/s",
+                "server tok/s",
+                "stream tok/s",
+                "first token ms",
+                f"{c} at once: tok/s",
+                f"{c} at once: slowest s",
+                "server / in process",
+                "stream / in process",
+            ],
+            [
+                [
+                    f"{r['preset']} ({r['parameters'] / 1e6:.2f}M)",
+                    f"{r['in_process_tok_s']:.0f}",
+                    f"{r['server_tok_s']:.0f}",
+                    f"{r['stream_tok_s']:.0f}",
+                    f"{r['first_token_ms']:.1f}",
+                    f"{r['concurrent_tok_s']:.0f}",
+                    f"{r['concurrent_slowest_s']:.2f}",
+                    f"{r['server_over_in_process']:.2f}",
+                    f"{r['stream_over_in_process']:.2f}",
+                ]
+                for r in results
+            ],
+        )
+    )
     print(f"\n{args.tokens} new tokens per request, median of {args.rounds} rounds.")
     print_command(__file__, argv)
     write_record(args.out, "serving", results=results, argv=sys.argv[1:] if argv is None else argv)

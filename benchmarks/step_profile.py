@@ -30,11 +30,11 @@ import sys
 import time
 from typing import Callable, Optional
 
+import common
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import common
 from smolgpt import hardware, kernels
 
 
@@ -55,9 +55,11 @@ def policy(args) -> hardware.PrecisionPolicy:
 
 def print_setting(args, what: str) -> None:
     """What was measured, at which shape and precision."""
-    print(f"batch {args.batch} x {args.block}, n_layer {args.n_layer}, n_head {args.n_head}, "
-          f"n_embd {args.n_embd}, vocabulary {args.vocab}, dropout {args.dropout}, position "
-          f"{args.position}{'' if args.amp else ', --no-amp (float32)'}; {what}")
+    print(
+        f"batch {args.batch} x {args.block}, n_layer {args.n_layer}, n_head {args.n_head}, "
+        f"n_embd {args.n_embd}, vocabulary {args.vocab}, dropout {args.dropout}, position "
+        f"{args.position}{'' if args.amp else ', --no-amp (float32)'}; {what}"
+    )
 
 
 def time_kernels(args) -> None:
@@ -77,11 +79,14 @@ def time_kernels(args) -> None:
             rows.append([f"gelu {B * T}x{4 * C}", dtype, approx, f"{ms:.2f}"])
         q, k, v = (torch.randn(B, nh, T, C // nh).to(dtype).requires_grad_() for _ in range(3))
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+
             def attend():
                 with sdpa_kernel([backend]):
                     F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
-            rows.append([f"attention {B}x{nh}x{T}x{C // nh}", dtype, backend.name,
-                         f"{mean_ms(attend):.2f}"])
+
+            rows.append(
+                [f"attention {B}x{nh}x{T}x{C // nh}", dtype, backend.name, f"{mean_ms(attend):.2f}"]
+            )
     x = torch.randn(B * T, C, requires_grad=True)
     linear = torch.nn.Linear(C, 4 * C)
     settings = [(torch.float32, "ieee")]
@@ -91,36 +96,59 @@ def time_kernels(args) -> None:
         torch.backends.mkldnn.matmul.fp32_precision = precision
         layer, inputs = linear.to(dtype), x.detach().to(dtype).requires_grad_()
         ms = mean_ms(lambda: layer(inputs).sum().backward())
-        rows.append([f"linear {B * T}x{C}->{4 * C}", dtype,
-                     f"oneDNN fp32_precision={precision}", f"{ms:.2f}"])
+        rows.append(
+            [
+                f"linear {B * T}x{C}->{4 * C}",
+                dtype,
+                f"oneDNN fp32_precision={precision}",
+                f"{ms:.2f}",
+            ]
+        )
     torch.backends.mkldnn.matmul.fp32_precision = "ieee"
 
     p = args.dropout or 0.1
     for dtype in dtypes:
         h = torch.randn(B * T, C, dtype=dtype, requires_grad=True)
-        for name, drop in (("torch.nn.Dropout", torch.nn.Dropout(p)),
-                           ("smolgpt Dropout", kernels.Dropout(p))):
+        for name, drop in (
+            ("torch.nn.Dropout", torch.nn.Dropout(p)),
+            ("smolgpt Dropout", kernels.Dropout(p)),
+        ):
             ms = mean_ms(lambda: drop(h).sum().backward())
             rows.append([f"dropout p={p} {B * T}x{C}", dtype, name, f"{ms:.2f}"])
 
     hidden = torch.randn(B * T, C, requires_grad=True)
     weight = (0.02 * torch.randn(args.vocab, C)).requires_grad_()  # the tied embedding
     targets = torch.randint(0, args.vocab, (B * T,))
-    for name, chunk in (("all logits at once", sys.maxsize),
-                        ("smolgpt (in chunks if larger than one)", kernels.LOSS_CHUNK_ELEMENTS)):
+    for name, chunk in (
+        ("all logits at once", sys.maxsize),
+        ("smolgpt (in chunks if larger than one)", kernels.LOSS_CHUNK_ELEMENTS),
+    ):
+
         def head_loss():
             with pol.autocast():
                 _, loss = kernels.head_loss(hidden, weight, targets, chunk)
             loss.backward()
 
-        rows.append([f"head + loss {B * T}x{C}->{args.vocab}", pol.reduced or torch.float32,
-                     name, f"{mean_ms(head_loss):.2f}"])
+        rows.append(
+            [
+                f"head + loss {B * T}x{C}->{args.vocab}",
+                pol.reduced or torch.float32,
+                name,
+                f"{mean_ms(head_loss):.2f}",
+            ]
+        )
     print(common.markdown_table(["op", "dtype", "variant", "ms (fwd+bwd)"], rows))
 
 
-def build_step(args, torch_dropout: bool = False, whole_loss: bool = False,
-               pure_bf16: bool = False, foreach_clip: bool = False, compile: bool = False,
-               torch_muon: bool = False) -> Callable[[], object]:
+def build_step(
+    args,
+    torch_dropout: bool = False,
+    whole_loss: bool = False,
+    pure_bf16: bool = False,
+    foreach_clip: bool = False,
+    compile: bool = False,  # noqa: A002 - the --compile variant, as TrainConfig names it
+    torch_muon: bool = False,
+) -> Callable[[], object]:
     """train_step of a fresh Trainer at the shape of args, over random ids. Variants change
     the Trainer before its first step: torch_dropout swaps the model's CPU dropout for
     torch.nn.Dropout and whole_loss makes the loss from all the logits at once (both as
@@ -129,10 +157,19 @@ def build_step(args, torch_dropout: bool = False, whole_loss: bool = False,
     foreach=True; compile runs the model through torch.compile; torch_muon (with --muon)
     uses torch.optim.Muon instead of smolgpt's BatchedMuon."""
     trainer = common.cpu_trainer(
-        common.random_token_data(args.vocab), n_layer=args.n_layer, n_head=args.n_head,
-        n_embd=args.n_embd, block_size=args.block, batch_size=args.batch,
-        dropout=args.dropout, position=args.position, amp=args.amp, compile=compile,
-        optimizer="muon" if args.muon else "adamw", muon_ns_steps=args.ns_steps)
+        common.random_token_data(args.vocab),
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+        block_size=args.block,
+        batch_size=args.batch,
+        dropout=args.dropout,
+        position=args.position,
+        amp=args.amp,
+        compile=compile,
+        optimizer="muon" if args.muon else "adamw",
+        muon_ns_steps=args.ns_steps,
+    )
     model, cfg = trainer.model, trainer.cfg
     if torch_dropout:
         for module in list(model.modules()):
@@ -146,8 +183,12 @@ def build_step(args, torch_dropout: bool = False, whole_loss: bool = False,
         trainer.precision = hardware.cpu_policy(hardware.cpu_info(), amp=False)  # no autocast
     if torch_muon and args.muon:
         trainer.optimizers[-1] = torch.optim.Muon(
-            model.hidden_matrices(), lr=cfg.muon_lr, ns_steps=cfg.muon_ns_steps,
-            weight_decay=cfg.weight_decay, adjust_lr_fn="original")
+            model.hidden_matrices(),
+            lr=cfg.muon_lr,
+            ns_steps=cfg.muon_ns_steps,
+            weight_decay=cfg.weight_decay,
+            adjust_lr_fn="original",
+        )
     if foreach_clip:
         return lambda: with_foreach_clipping(trainer.train_step)
     return trainer.train_step
@@ -183,27 +224,45 @@ def compare_variants(args) -> None:
         variants["torch.compile"] = build_step(args, compile=True)
     rates = timed_rounds(args, variants)
     base = rates["both (as 0.2.0)"]
-    print_setting(args, f"muon={args.muon}; median of {args.rounds} alternating rounds of "
-                        f"{args.steps} steps")
+    print_setting(
+        args, f"muon={args.muon}; median of {args.rounds} alternating rounds of {args.steps} steps"
+    )
     print()
-    print(common.markdown_table(
-        ["variant", "tokens/s", 'speed-up over "both (as 0.2.0)"'],
-        [[name, f"{statistics.median(values):,.0f}", f"{common.median_ratio(values, base):.2f}x"]
-         for name, values in rates.items()]))
+    print(
+        common.markdown_table(
+            ["variant", "tokens/s", 'speed-up over "both (as 0.2.0)"'],
+            [
+                [
+                    name,
+                    f"{statistics.median(values):,.0f}",
+                    f"{common.median_ratio(values, base):.2f}x",
+                ]
+                for name, values in rates.items()
+            ],
+        )
+    )
 
 
 def muon_cost(args) -> None:
     """The step with Muon (at --ns_steps) against the same step with AdamW alone, in
     alternating rounds: how much Muon's orthogonalisation adds to a step."""
-    steps = {"AdamW": build_step(argparse.Namespace(**{**vars(args), "muon": False})),
-             "Muon + AdamW": build_step(argparse.Namespace(**{**vars(args), "muon": True}))}
+    steps = {
+        "AdamW": build_step(argparse.Namespace(**{**vars(args), "muon": False})),
+        "Muon + AdamW": build_step(argparse.Namespace(**{**vars(args), "muon": True})),
+    }
     rates = timed_rounds(args, steps)
-    print_setting(args, f"Muon ns_steps {args.ns_steps}; median of {args.rounds} alternating "
-                        f"rounds of {args.steps} steps")
+    print_setting(
+        args,
+        f"Muon ns_steps {args.ns_steps}; median of {args.rounds} alternating "
+        f"rounds of {args.steps} steps",
+    )
     print()
-    print(common.markdown_table(["step", "tokens/s"],
-                                [[name, f"{statistics.median(values):,.0f}"]
-                                 for name, values in rates.items()]))
+    print(
+        common.markdown_table(
+            ["step", "tokens/s"],
+            [[name, f"{statistics.median(values):,.0f}"] for name, values in rates.items()],
+        )
+    )
     cost = common.median_ratio(rates["AdamW"], rates["Muon + AdamW"])
     print(f"\nMuon step / AdamW step: {cost:.2f}x")
 
@@ -213,14 +272,16 @@ def timed_rounds(args, steps: dict[str, Callable[[], object]]) -> dict[str, list
     warm-up of 3 steps each."""
     for step in steps.values():
         common.time_steps(step, 3)
-    return common.tokens_per_s_rounds(steps, dict.fromkeys(steps, args.steps),
-                                      args.batch * args.block, args.rounds)
+    return common.tokens_per_s_rounds(
+        steps, dict.fromkeys(steps, args.steps), args.batch * args.block, args.rounds
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description=" ".join(__doc__.split("\n\n")[0].split()) + " --profile, --kernels, "
-        "--variants and --muon-cost may be combined; without any of them, the step is timed.")
+        "--variants and --muon-cost may be combined; without any of them, the step is timed."
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--n_layer", type=int, default=4)
@@ -229,28 +290,56 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--vocab", type=int, default=88, help="vocabulary size (default: 88)")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--position", choices=("rope", "learned"), default="rope")
-    parser.add_argument("--muon", action="store_true",
-                        help="Muon for the blocks' matrices, AdamW for the rest (as --optimizer muon)")
-    parser.add_argument("--ns_steps", type=int, default=5,
-                        help="Newton-Schulz iterations of Muon (--muon; default 5)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                        help="reduced precision where the CPU has it natively (default on)")
+    parser.add_argument(
+        "--muon",
+        action="store_true",
+        help="Muon for the blocks' matrices, AdamW for the rest (as --optimizer muon)",
+    )
+    parser.add_argument(
+        "--ns_steps",
+        type=int,
+        default=5,
+        help="Newton-Schulz iterations of Muon (--muon; default 5)",
+    )
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reduced precision where the CPU has it natively (default on)",
+    )
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--profile", action="store_true",
-                        help="time the step and print a torch.profiler table of it")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="time the step and print a torch.profiler table of it",
+    )
     parser.add_argument("--kernels", action="store_true", help="time GELU and attention kernels")
-    parser.add_argument("--variants", action="store_true",
-                        help="compare the step with 0.2.0's dropout and loss and with things "
-                        "tried for speed, in alternating rounds")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="rounds of --variants and --muon-cost (default: 5)")
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="compare the step with 0.2.0's dropout and loss and with things "
+        "tried for speed, in alternating rounds",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="rounds of --variants and --muon-cost (default: 5)"
+    )
     parser.add_argument("--compile", action="store_true", help="--variants: add torch.compile")
-    parser.add_argument("--muon-cost", action="store_true",
-                        help="time the step with Muon against the step with AdamW alone")
+    parser.add_argument(
+        "--muon-cost",
+        action="store_true",
+        help="time the step with Muon against the step with AdamW alone",
+    )
     args = parser.parse_args(argv)
-    modes = [mode for flag, mode in ((args.profile, time_step), (args.kernels, time_kernels),
-                                     (args.variants, compare_variants),
-                                     (args.muon_cost, muon_cost)) if flag]
+    modes = [
+        mode
+        for flag, mode in (
+            (args.profile, time_step),
+            (args.kernels, time_kernels),
+            (args.variants, compare_variants),
+            (args.muon_cost, muon_cost),
+        )
+        if flag
+    ]
     common.print_machine()
     for mode in modes or [time_step]:
         mode(args)
@@ -272,6 +361,7 @@ def time_step(args) -> None:
             common.time_steps(step, 5)
         print()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -46,9 +46,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+import common
 import torch
 
-import common
 from smolgpt import hardware
 from smolgpt.config import PRESETS, TrainConfig, preset_values
 from smolgpt.data import BatchSampler, TokenData
@@ -83,21 +83,38 @@ def bench_configs(dropout: float) -> list[BenchConfig]:
         shape = {k: PRESETS[preset][k] for k in ("n_layer", "n_head", "n_embd")}
         for level, vocab in (("char", CHAR_VOCAB), ("word", WORD_VOCAB)):
             recipe = preset_values(preset, level, cpu_float32)
-            configs.append(BenchConfig(f"{preset}-{level}", **shape, block_size=128,
-                                       batch_size=32, vocab_size=vocab, level=level,
-                                       dropout=dropout,
-                                       muon_ns_steps=recipe.get("muon_ns_steps", 5)))
+            configs.append(
+                BenchConfig(
+                    f"{preset}-{level}",
+                    **shape,
+                    block_size=128,
+                    batch_size=32,
+                    vocab_size=vocab,
+                    level=level,
+                    dropout=dropout,
+                    muon_ns_steps=recipe.get("muon_ns_steps", 5),
+                )
+            )
     return configs
 
 
-def smolgpt_step(c: BenchConfig, data: TokenData,
-                 **settings) -> tuple[Callable[[], float], Trainer]:
+def smolgpt_step(
+    c: BenchConfig, data: TokenData, **settings
+) -> tuple[Callable[[], float], Trainer]:
     """(step function, trainer): train_step of a real Trainer of config c; settings such
     as optimizer="muon" or amp=False go to its TrainConfig."""
     trainer = common.cpu_trainer(
-        data, level=c.level, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
-        block_size=c.block_size, batch_size=c.batch_size, dropout=c.dropout,
-        muon_ns_steps=c.muon_ns_steps, **settings)
+        data,
+        level=c.level,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        n_embd=c.n_embd,
+        block_size=c.block_size,
+        batch_size=c.batch_size,
+        dropout=c.dropout,
+        muon_ns_steps=c.muon_ns_steps,
+        **settings,
+    )
     # Trainer.run reads every step's loss on a CPU (a NaN check); so does this.
     return (lambda: trainer.train_step().item()), trainer
 
@@ -108,15 +125,24 @@ def transformers_step(c: BenchConfig, data: TokenData, bf16: bool):
 
     torch.manual_seed(1337)
     config = GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
-        n_layer=c.n_layer, n_head=c.n_head, resid_pdrop=c.dropout, embd_pdrop=c.dropout,
-        attn_pdrop=c.dropout, bos_token_id=0, eos_token_id=0,
+        vocab_size=c.vocab_size,
+        n_positions=c.block_size,
+        n_embd=c.n_embd,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        resid_pdrop=c.dropout,
+        embd_pdrop=c.dropout,
+        attn_pdrop=c.dropout,
+        bos_token_id=0,
+        eos_token_id=0,
     )  # activation_function stays transformers' default ("gelu_new")
     model = GPT2LMHeadModel(config)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     sampler = BatchSampler(data.train, c.block_size, c.batch_size, 1337, torch.device("cpu"))
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    )
 
     def step() -> float:
         x, _ = sampler.next()  # HF shifts the labels itself
@@ -178,7 +204,9 @@ def measure_config(c: BenchConfig, args, peer: bool) -> dict:
         "smolgpt_params": trainer.model.num_parameters(),
         "transformers_params": sum(p.numel() for p in hf_model.parameters()) if peer else None,
         "smolgpt_flops_per_token": flops,
-        "smolgpt_train_dtype": str(trainer.precision.reduced or torch.float32).replace("torch.", ""),
+        "smolgpt_train_dtype": str(trainer.precision.reduced or torch.float32).replace(
+            "torch.", ""
+        ),
         "peak_flops_used_for_mfu": peak,
         "peak_flops_fp32": peak_fp32,
         "smolgpt_mfu": flops * med["smolgpt"] / peak,
@@ -200,30 +228,46 @@ def markdown_table(results: list[dict], smolgpt_fp32: bool, peer: bool) -> str:
     if smolgpt_fp32:
         head.append("smolgpt fp32 tok/s")
     if peer:
-        head += ["transformers fp32 tok/s", "transformers bf16 tok/s", "smolgpt / tf fp32",
-                 "smolgpt + Muon / tf fp32", "smolgpt / tf bf16", "learned positions / tf fp32"]
+        head += [
+            "transformers fp32 tok/s",
+            "transformers bf16 tok/s",
+            "smolgpt / tf fp32",
+            "smolgpt + Muon / tf fp32",
+            "smolgpt / tf bf16",
+            "learned positions / tf fp32",
+        ]
     head += ["Muon step cost", "smolgpt MFU", "smolgpt + Muon MFU"]
     rows = []
     for r in results:
         m, c = r["tokens_per_s_median"], r["config"]
-        shape = (f"{c['name']} ({c['n_layer']}L/{c['n_head']}H/{c['n_embd']}, "
-                 f"T{c['block_size']}, B{c['batch_size']}, V{c['vocab_size']})")
-        row = [shape, f"{m['smolgpt']:,.0f}", f"{m['smolgpt_muon']:,.0f}",
-               f"{m['smolgpt_learned']:,.0f}"]
+        shape = (
+            f"{c['name']} ({c['n_layer']}L/{c['n_head']}H/{c['n_embd']}, "
+            f"T{c['block_size']}, B{c['batch_size']}, V{c['vocab_size']})"
+        )
+        row = [
+            shape,
+            f"{m['smolgpt']:,.0f}",
+            f"{m['smolgpt_muon']:,.0f}",
+            f"{m['smolgpt_learned']:,.0f}",
+        ]
         if smolgpt_fp32:
             row.append(f"{m['smolgpt_fp32']:,.0f}")
         times = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
         if peer:
             bf16 = m.get("transformers_bf16")
-            row += [f"{m['transformers_fp32']:,.0f}",
-                    "- (no native bf16)" if bf16 is None else f"{bf16:,.0f}",
-                    times(r["ratio_smolgpt_vs_transformers_fp32"]),
-                    times(r["ratio_smolgpt_muon_vs_transformers_fp32"]),
-                    times(r["ratio_smolgpt_vs_transformers_bf16"]),
-                    times(r["ratio_smolgpt_learned_vs_transformers_fp32"])]
-        row += [times(r["muon_step_cost"]),
-                f"{100 * r['smolgpt_mfu']:.1f}% ({r['smolgpt_train_dtype']})",
-                f"{100 * r['smolgpt_muon_mfu']:.1f}%"]
+            row += [
+                f"{m['transformers_fp32']:,.0f}",
+                "- (no native bf16)" if bf16 is None else f"{bf16:,.0f}",
+                times(r["ratio_smolgpt_vs_transformers_fp32"]),
+                times(r["ratio_smolgpt_muon_vs_transformers_fp32"]),
+                times(r["ratio_smolgpt_vs_transformers_bf16"]),
+                times(r["ratio_smolgpt_learned_vs_transformers_fp32"]),
+            ]
+        row += [
+            times(r["muon_step_cost"]),
+            f"{100 * r['smolgpt_mfu']:.1f}% ({r['smolgpt_train_dtype']})",
+            f"{100 * r['smolgpt_muon_mfu']:.1f}%",
+        ]
         rows.append(row)
     return common.markdown_table(head, rows)
 
@@ -231,23 +275,47 @@ def markdown_table(results: list[dict], smolgpt_fp32: bool, peer: bool) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         description="Training tokens/s of smolgpt vs transformers GPT2LMHeadModel at equal "
-        "shapes, in one process; prints a markdown table and writes JSON.")
-    parser.add_argument("--configs", nargs="+", metavar="NAME",
-                        help="run only these configs (baby, nano-char, nano-word, micro-char, "
-                        "micro-word, tiny-char, tiny-word); default: all but tiny")
+        "shapes, in one process; prints a markdown table and writes JSON."
+    )
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        metavar="NAME",
+        help="run only these configs (baby, nano-char, nano-word, micro-char, "
+        "micro-word, tiny-char, tiny-word); default: all but tiny",
+    )
     parser.add_argument("--tiny", action="store_true", help="also benchmark the tiny preset")
-    parser.add_argument("--seconds", type=float, default=5.0,
-                        help="target seconds per timed measurement (default: 5)")
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="alternating rounds per config; medians are reported (default: 5)")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=5.0,
+        help="target seconds per timed measurement (default: 5)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="alternating rounds per config; medians are reported (default: 5)",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default: 3)")
-    parser.add_argument("--dropout", type=float, default=TrainConfig.dropout,
-                        help=f"dropout of the preset configs, both models (default: smolgpt's "
-                        f"{TrainConfig.dropout}); baby always uses 0")
-    parser.add_argument("--smolgpt-fp32", action="store_true",
-                        help="add a column for smolgpt with --no-amp (float32)")
-    parser.add_argument("--out", type=Path, default=common.OUT / "throughput.json",
-                        help="JSON results file (default: benchmarks/out/throughput.json)")
+    parser.add_argument(
+        "--dropout",
+        type=float,
+        default=TrainConfig.dropout,
+        help=f"dropout of the preset configs, both models (default: smolgpt's "
+        f"{TrainConfig.dropout}); baby always uses 0",
+    )
+    parser.add_argument(
+        "--smolgpt-fp32",
+        action="store_true",
+        help="add a column for smolgpt with --no-amp (float32)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=common.OUT / "throughput.json",
+        help="JSON results file (default: benchmarks/out/throughput.json)",
+    )
     args = parser.parse_args(argv)
 
     configs = bench_configs(args.dropout)
@@ -255,8 +323,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         known = [c.name for c in configs]
         unknown = set(args.configs) - set(known)
         if unknown:
-            parser.error(f"unknown config(s) {', '.join(sorted(unknown))}; choose from "
-                         f"{', '.join(known)}")
+            parser.error(
+                f"unknown config(s) {', '.join(sorted(unknown))}; choose from {', '.join(known)}"
+            )
         configs = [c for c in configs if c.name in args.configs]
     elif not args.tiny:
         configs = [c for c in configs if not c.name.startswith("tiny")]
@@ -264,16 +333,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     transformers, missing = common.import_transformers()
     peer = transformers is not None
     skipped = None if peer else f"transformers columns skipped ({missing}): {INSTALL}"
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-          f"{transformers.__version__ if peer else 'not available'}; ~{args.seconds:g}s per "
-          f"measurement, median of {args.rounds} alternating rounds", file=sys.stderr)
+    print(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+        f"{transformers.__version__ if peer else 'not available'}; ~{args.seconds:g}s per "
+        f"measurement, median of {args.rounds} alternating rounds",
+        file=sys.stderr,
+    )
     results = []
     for c in configs:
         print(f"measuring {c.name} ...", file=sys.stderr, flush=True)
         results.append(measure_config(c, args, peer))
         m = results[-1]["tokens_per_s_median"]
-        print("  " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in m.items()),
-              file=sys.stderr, flush=True)
+        print(
+            "  " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in m.items()),
+            file=sys.stderr,
+            flush=True,
+        )
 
     common.print_machine()
     if skipped:
@@ -282,10 +357,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     print()
     common.print_command(__file__, argv)
     common.write_record(
-        args.out, "throughput", threads=torch.get_num_threads(),
+        args.out,
+        "throughput",
+        threads=torch.get_num_threads(),
         transformers=transformers.__version__ if peer else None,
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        results=results)
+        results=results,
+    )
     return 0
 
 

@@ -12,7 +12,8 @@ excludes first-time tokenization (a steady-state run, not a first run).
 
     python benchmarks/time_to_loss.py                                  # all scenarios
     python benchmarks/time_to_loss.py --scenario shakespeare-char-micro-20s
-    python benchmarks/time_to_loss.py --scenario sherlock-char-micro-200s --extra "--learning_rate 1e-3"
+    python benchmarks/time_to_loss.py --scenario sherlock-char-micro-200s \\
+        --extra "--learning_rate 1e-3"
     python benchmarks/time_to_loss.py --quick                          # 5 s smoke test
     python benchmarks/time_to_loss.py --scenario shakespeare-char-micro-20s --data-dir DIR \\
         --extra "--time_budget 1 --n_layer 1 --n_embd 32 --n_head 2 --eval_iters 2"  # toy size
@@ -44,17 +45,29 @@ class Scenario:
 
 
 SCENARIOS = (
-    Scenario("shakespeare-char-micro-20s", "tinyshakespeare.txt",
-             ("--level", "char", "--preset", "micro", "--time_budget", "20"),
-             target=1.886, max_wall_s=25.0,
-             source="nanoGPT's CPU baby GPT: val 1.8857 in 64 s of wall time here"),
-    Scenario("sherlock-char-micro-200s", "sherlock.txt",
-             ("--level", "char", "--preset", "micro", "--time_budget", "200"),
-             target=1.3679, source="original smolgpt char micro: best val 1.3679 (T4, 197 s)"),
-    Scenario("sherlock-word-micro-120s", "sherlock.txt",
-             ("--level", "word", "--preset", "micro", "--time_budget", "120"),
-             target=4.38, max_overfit=0.1,
-             source="original smolgpt word micro: best val 4.3806, final 5.2630 (overfit)"),
+    Scenario(
+        "shakespeare-char-micro-20s",
+        "tinyshakespeare.txt",
+        ("--level", "char", "--preset", "micro", "--time_budget", "20"),
+        target=1.886,
+        max_wall_s=25.0,
+        source="nanoGPT's CPU baby GPT: val 1.8857 in 64 s of wall time here",
+    ),
+    Scenario(
+        "sherlock-char-micro-200s",
+        "sherlock.txt",
+        ("--level", "char", "--preset", "micro", "--time_budget", "200"),
+        target=1.3679,
+        source="original smolgpt char micro: best val 1.3679 (T4, 197 s)",
+    ),
+    Scenario(
+        "sherlock-word-micro-120s",
+        "sherlock.txt",
+        ("--level", "word", "--preset", "micro", "--time_budget", "120"),
+        target=4.38,
+        max_overfit=0.1,
+        source="original smolgpt word micro: best val 4.3806, final 5.2630 (overfit)",
+    ),
 )
 QUICK_FLAGS = ("--time_budget", "5", "--eval_iters", "10")
 
@@ -76,11 +89,13 @@ def warm_token_cache(args: list[str]) -> str:
     cfg = resolve_train_config(explicit)
     start = time.perf_counter()
     data.prepare(data.resolve_corpus(cfg.data), cfg.level, cfg.min_word_freq)
-    return f"{cfg.level} {Path(cfg.data).name}: ready in {time.perf_counter() - start:.2f}s ({cache_dir()})"
+    seconds = time.perf_counter() - start
+    return f"{cfg.level} {Path(cfg.data).name}: ready in {seconds:.2f}s ({cache_dir()})"
 
 
-def run_scenario(s: Scenario, data_dir: Path, extra: list[str], keep_logs: Optional[Path],
-                 repeat: int = 1) -> dict:
+def run_scenario(
+    s: Scenario, data_dir: Path, extra: list[str], keep_logs: Optional[Path], repeat: int = 1
+) -> dict:
     """Run one scenario's train.py in a fresh run directory; its results and checks."""
     with tempfile.TemporaryDirectory(prefix=f"smolgpt-ttl-{s.name}-") as tmp:
         run = common.run_train(train_args(s, data_dir, extra), Path(tmp) / "run")
@@ -130,24 +145,45 @@ def fmt(x, spec: str = ".4f") -> str:
 
 
 def markdown_table(results: list[dict]) -> str:
-    head = ["scenario", "target val", "best val", "last val", "target met",
-            "elapsed_s at target", "process s at target", "iter at target",
-            "wall s (whole process)", "other checks", "pass"]
+    head = [
+        "scenario",
+        "target val",
+        "best val",
+        "last val",
+        "target met",
+        "elapsed_s at target",
+        "process s at target",
+        "iter at target",
+        "wall s (whole process)",
+        "other checks",
+        "pass",
+    ]
     rows = []
     for r in results:
         other = []
         if r["max_wall_s"] is not None:
             other.append(f"wall ≤ {r['max_wall_s']:g}s: {'yes' if r['checks']['wall'] else 'NO'}")
         if r["max_overfit"] is not None:
-            other.append(f"last − best ≤ {r['max_overfit']:g}: "
-                         f"{'yes' if r['checks']['overfit'] else 'NO'}")
+            other.append(
+                f"last − best ≤ {r['max_overfit']:g}: {'yes' if r['checks']['overfit'] else 'NO'}"
+            )
         if r["exit_code"]:
             other.append(f"exit code {r['exit_code']}")
-        rows.append([r["scenario"], fmt(r["target_val_loss"]), fmt(r["best_val_loss"]),
-                     fmt(r["last_val_loss"]), "yes" if r["target_met"] else "no",
-                     fmt(r["elapsed_s_at_target"], ".1f"), fmt(r["process_s_at_target"], ".1f"),
-                     fmt(r["iter_at_target"], "d"), fmt(r["wall_s"], ".1f"),
-                     "; ".join(other) or "-", "PASS" if r["passed"] else "FAIL"])
+        rows.append(
+            [
+                r["scenario"],
+                fmt(r["target_val_loss"]),
+                fmt(r["best_val_loss"]),
+                fmt(r["last_val_loss"]),
+                "yes" if r["target_met"] else "no",
+                fmt(r["elapsed_s_at_target"], ".1f"),
+                fmt(r["process_s_at_target"], ".1f"),
+                fmt(r["iter_at_target"], "d"),
+                fmt(r["wall_s"], ".1f"),
+                "; ".join(other) or "-",
+                "PASS" if r["passed"] else "FAIL",
+            ]
+        )
     return common.markdown_table(head, rows)
 
 
@@ -155,24 +191,45 @@ def main(argv: Optional[list[str]] = None) -> int:
     names = [s.name for s in SCENARIOS]
     parser = argparse.ArgumentParser(
         description="Wall time of the whole `python train.py ...` process to reach a target "
-        "val loss; prints a markdown table and writes JSON.")
-    parser.add_argument("--scenario", nargs="+", choices=names + ["all"], default=["all"],
-                        help="scenarios to run (default: all)")
-    parser.add_argument("--extra", default="",
-                        help='flags appended to every train.py command line, e.g. '
-                        '"--learning_rate 1e-3 --dropout 0" (later flags win)')
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: append --time_budget 5 --eval_iters 10 (the targets will "
-                        "not be met)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="run each scenario this many times (default: 1)")
-    parser.add_argument("--data-dir", type=Path, default=common.SHARED_DATA,
-                        help="directory holding tinyshakespeare.txt and sherlock.txt "
-                        "(default: ../shared/data from the repository root)")
-    parser.add_argument("--out", type=Path, default=common.OUT / "time_to_loss.json",
-                        help="JSON results file (default: benchmarks/out/time_to_loss.json)")
-    parser.add_argument("--logs", type=Path, default=None,
-                        help="keep each run's train.py output in this directory")
+        "val loss; prints a markdown table and writes JSON."
+    )
+    parser.add_argument(
+        "--scenario",
+        nargs="+",
+        choices=names + ["all"],
+        default=["all"],
+        help="scenarios to run (default: all)",
+    )
+    parser.add_argument(
+        "--extra",
+        default="",
+        help="flags appended to every train.py command line, e.g. "
+        '"--learning_rate 1e-3 --dropout 0" (later flags win)',
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: append --time_budget 5 --eval_iters 10 (the targets will not be met)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="run each scenario this many times (default: 1)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=common.SHARED_DATA,
+        help="directory holding tinyshakespeare.txt and sherlock.txt "
+        "(default: ../shared/data from the repository root)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=common.OUT / "time_to_loss.json",
+        help="JSON results file (default: benchmarks/out/time_to_loss.json)",
+    )
+    parser.add_argument(
+        "--logs", type=Path, default=None, help="keep each run's train.py output in this directory"
+    )
     args = parser.parse_args(argv)
 
     chosen = [s for s in SCENARIOS if "all" in args.scenario or s.name in args.scenario]
@@ -182,8 +239,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not path.is_file():
             parser.error(f"{path} not found: point --data-dir at the folder with {s.corpus}")
 
-    print("Untimed warm-up: preparing each corpus/level once, so the timed runs exclude "
-          "first-time tokenization (the user's token cache is kept).", file=sys.stderr)
+    print(
+        "Untimed warm-up: preparing each corpus/level once, so the timed runs exclude "
+        "first-time tokenization (the user's token cache is kept).",
+        file=sys.stderr,
+    )
     warmed = set()
     for s in chosen:
         targs = train_args(s, args.data_dir, extra)
@@ -195,32 +255,48 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = []
     for rep in range(args.repeats):
         for s in chosen:
-            print(f"running {s.name}{f' (repeat {rep + 1})' if args.repeats > 1 else ''} ...",
-                  file=sys.stderr, flush=True)
+            print(
+                f"running {s.name}{f' (repeat {rep + 1})' if args.repeats > 1 else ''} ...",
+                file=sys.stderr,
+                flush=True,
+            )
             r = run_scenario(s, args.data_dir, extra, args.logs, rep + 1)
             r["repeat"] = rep + 1
             results.append(r)
-            print(f"  wall {r['wall_s']:.1f}s, best val {fmt(r['best_val_loss'])}, "
-                  f"exit {r['exit_code']}", file=sys.stderr, flush=True)
+            print(
+                f"  wall {r['wall_s']:.1f}s, best val {fmt(r['best_val_loss'])}, "
+                f"exit {r['exit_code']}",
+                file=sys.stderr,
+                flush=True,
+            )
             if r["exit_code"]:
                 print(r["log_tail"], file=sys.stderr)
 
     common.print_machine()
     print(markdown_table(results))
     print()
-    print("Wall time is the whole `python train.py` process (start to exit). At the first "
-          "evaluation at or below the target: \"elapsed_s\" is metrics.jsonl's own field "
-          "(the training loop's clock), \"process s\" is when that row appeared in "
-          "metrics.jsonl, counted from process start (polled every 0.25 s). Token caches "
-          "were warmed untimed first, so first-time tokenization is excluded.")
+    print(
+        "Wall time is the whole `python train.py` process (start to exit). At the first "
+        'evaluation at or below the target: "elapsed_s" is metrics.jsonl\'s own field '
+        '(the training loop\'s clock), "process s" is when that row appeared in '
+        "metrics.jsonl, counted from process start (polled every 0.25 s). Token caches "
+        "were warmed untimed first, so first-time tokenization is excluded."
+    )
     if extra:
         print(f"Extra flags: {shlex.join(extra)}")
     common.print_command(__file__, argv)
     common.write_record(
-        args.out, "time_to_loss",
-        settings={"scenarios": [s.name for s in chosen], "extra": extra,
-                  "repeats": args.repeats, "data_dir": str(args.data_dir)},
-        scenarios=[asdict(s) for s in chosen], results=results)
+        args.out,
+        "time_to_loss",
+        settings={
+            "scenarios": [s.name for s in chosen],
+            "extra": extra,
+            "repeats": args.repeats,
+            "data_dir": str(args.data_dir),
+        },
+        scenarios=[asdict(s) for s in chosen],
+        results=results,
+    )
     return 0
 
 

@@ -8,16 +8,32 @@ skips when the reference corpora beside the project (``../shared/data``) are abs
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
-from e2e import LOSS_TOLERANCE, CpuPrecision, E2ERun, LocalServer, SmolCLI, e2e_corpus_text, kill_live_processes, unused_port
 
-from smolgpt import data, hardware
+from smolgpt import cli, data, hardware
 from smolgpt.config import ModelConfig, resolve_train_config
 from smolgpt.model import GPT
 from smolgpt.training import Trainer
+
+from e2e import (
+    LOSS_TOLERANCE,
+    PROXY_VARS,
+    CpuPrecision,
+    E2EResult,
+    E2ERun,
+    LocalServer,
+    SmolCLI,
+    e2e_corpus_text,
+    kill_live_processes,
+    unused_port,
+)
 
 # The test models are tiny: extra intra-op threads only add synchronisation, and on a busy
 # 2-core machine they make every small op wait for a core (a 100x slowdown was measured).
@@ -25,6 +41,15 @@ torch.set_num_threads(1)
 
 # ../shared/data beside the repository: reference corpora that may be absent for users.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_configure(config):
+    """A file or a test named on the command line runs whether it is slow or not: the default
+    selection (-m "not slow", the fast tier) is for runs of the whole suite or a folder."""
+    named = any(arg.endswith(".py") or "::" in arg for arg in config.args)
+    marker_given = any(arg == "-m" or arg.startswith("-m") for arg in config.invocation_params.args)
+    if named and not marker_given:
+        config.option.markexpr = ""
 
 
 @pytest.fixture(autouse=True)
@@ -48,6 +73,7 @@ def _reap_processes():
 
 
 # ------------------------------------------------------------ the precision policies
+
 
 @pytest.fixture(params=["float32", "bfloat16"])
 def cpu_precision(request, monkeypatch) -> CpuPrecision:
@@ -90,8 +116,15 @@ def http_server():
 def tiny_config(request) -> ModelConfig:
     """A model shape small enough that a forward pass costs well under a millisecond; every
     test that uses it runs once with rotary and once with learned positions."""
-    return ModelConfig(vocab_size=23, block_size=16, n_layer=2, n_head=2, n_embd=16,
-                       dropout=0.0, position=request.param)
+    return ModelConfig(
+        vocab_size=23,
+        block_size=16,
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        dropout=0.0,
+        position=request.param,
+    )
 
 
 @pytest.fixture
@@ -125,15 +158,63 @@ def make_trainer(tmp_path_factory):
 
     def make(level: str = "char", **settings) -> Trainer:
         tokens = data.prepare(data.Corpus("tiny", (text,)), level, min_word_freq=1)
-        cfg = resolve_train_config({"preset": "nano", "level": level, "n_layer": 1,
-                                    "n_embd": 16, "n_head": 2, "block_size": 16,
-                                    "batch_size": 4, **settings})
+        cfg = resolve_train_config(
+            {
+                "preset": "nano",
+                "level": level,
+                "n_layer": 1,
+                "n_embd": 16,
+                "n_head": 2,
+                "block_size": 16,
+                "batch_size": 4,
+                **settings,
+            }
+        )
         return Trainer(cfg, tokens, base / "run", torch.device("cpu"))
 
     return make
 
 
+@pytest.fixture
+def cli_main(monkeypatch, capsys):
+    """cli_main(argv, cwd=None) -> E2EResult: smolgpt.cli.main(argv) run in this process,
+    with stdout and stderr captured (the log handler main() installs writes to sys.stderr
+    as it is when a line is logged, so capsys sees it too).
+
+    The environment is the one SmolCLI gives its subprocesses: no proxies, and no SMOLGPT_
+    setting but this test's private cache and closed mirror (and a forced precision policy).
+    The 'smolgpt' logger, which main() configures, is put back as it was afterwards, so later
+    tests see no handler."""
+    for name in list(os.environ):
+        if name.lower() in PROXY_VARS or (
+            name.startswith("SMOLGPT_")
+            and name not in ("SMOLGPT_CACHE_DIR", "SMOLGPT_GUTENBERG_MIRROR", "SMOLGPT_CPU_BF16")
+        ):
+            monkeypatch.delenv(name)
+    logger = logging.getLogger("smolgpt")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+
+    def run(argv: list, cwd: Optional[Path] = None) -> E2EResult:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        argv = [str(a) for a in argv]
+        capsys.readouterr()
+        start = time.perf_counter()
+        try:
+            status = cli.main(argv)
+        except SystemExit as exc:  # argparse ends a usage mistake with sys.exit(2)
+            status = exc.code
+        out, err = capsys.readouterr()
+        return E2EResult(["smolgpt", *argv], status, out, err, time.perf_counter() - start)
+
+    yield run
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
 # --------------------------------------------------------------- end-to-end (e2e.py)
+
 
 @pytest.fixture(scope="session")
 def smol_cli(tmp_path_factory) -> SmolCLI:
@@ -150,8 +231,10 @@ def smol_runs(smol_cli, tmp_path_factory) -> dict:
     """{'char': E2ERun, 'word': E2ERun}: tiny models trained 20 steps (evaluations at 0, 10
     and 20), both levels at once. Read-only: copy one (E2ERun.copy) to change it."""
     base = tmp_path_factory.mktemp("e2e-runs")
-    args = {level: smol_cli.train_args(level, base / level, "--max_iters", "20")
-            for level in ("char", "word")}
+    args = {
+        level: smol_cli.train_args(level, base / level, "--max_iters", "20")
+        for level in ("char", "word")
+    }
     results = smol_cli.run_many([("train", args[level]) for level in ("char", "word")])
     runs = {}
     for level, result in zip(("char", "word"), results):

@@ -34,11 +34,29 @@ E2E_ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py, gene
 # A model that trains 60 steps in well under a second on one CPU core. Early stopping is
 # off whatever the preset's recipe says, so a run's length is exactly --max_iters.
 E2E_TINY = [
-    "--preset", "nano", "--n_layer", "1", "--n_embd", "32", "--n_head", "2",
-    "--block_size", "32", "--batch_size", "8", "--eval_iters", "4",
-    "--eval_interval", "10", "--log_interval", "10", "--early_stop_patience", "0",
+    "--preset",
+    "nano",
+    "--n_layer",
+    "1",
+    "--n_embd",
+    "32",
+    "--n_head",
+    "2",
+    "--block_size",
+    "32",
+    "--batch_size",
+    "8",
+    "--eval_iters",
+    "4",
+    "--eval_interval",
+    "10",
+    "--log_interval",
+    "10",
+    "--early_stop_patience",
+    "0",
     "--no-plot",  # loss.png has tests of its own; here it would only cost time
 ]
+
 
 def without_package(package: str) -> str:
     """Python code to start a `python -c` program with: the rest runs as if package were not
@@ -64,9 +82,16 @@ def smolgpt_without(package: str, *args, settings: dict = None) -> subprocess.Co
             args += (f"--{key}" if value else f"--no-{key}",)
         else:
             args += (f"--{key}", value)
-    program = without_package(package) + "from smolgpt.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    return subprocess.run([sys.executable, "-c", program, *map(str, args)],
-                          capture_output=True, text=True, cwd=E2E_ROOT, timeout=180)
+    program = (
+        without_package(package) + "from smolgpt.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", program, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=E2E_ROOT,
+        timeout=180,
+    )
 
 
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "ftp_proxy")
@@ -84,18 +109,65 @@ def e2e_corpus_text(target_chars: int = 80_000, seed: int = 2024) -> str:
     with capitals, punctuation, quotes, apostrophes, wrapped lines and paragraphs."""
     rng = random.Random(seed)
     names = ["Holmes", "Watson", "Mary", "Lestrade", "Irene", "Hudson", "Moriarty", "Toby"]
-    adjs = ["old", "quiet", "bright", "dark", "narrow", "cold", "strange", "little", "grey",
-            "heavy", "curious", "silent", "broken", "yellow", "long"]
-    nouns = ["house", "river", "letter", "window", "door", "garden", "road", "lamp", "key",
-             "stone", "city", "train", "clock", "hat", "stair", "fire", "box", "ship"]
-    verbs = ["opened", "closed", "found", "watched", "carried", "followed", "left", "took",
-             "heard", "saw", "kept", "lost", "crossed", "painted"]
+    adjs = [
+        "old",
+        "quiet",
+        "bright",
+        "dark",
+        "narrow",
+        "cold",
+        "strange",
+        "little",
+        "grey",
+        "heavy",
+        "curious",
+        "silent",
+        "broken",
+        "yellow",
+        "long",
+    ]
+    nouns = [
+        "house",
+        "river",
+        "letter",
+        "window",
+        "door",
+        "garden",
+        "road",
+        "lamp",
+        "key",
+        "stone",
+        "city",
+        "train",
+        "clock",
+        "hat",
+        "stair",
+        "fire",
+        "box",
+        "ship",
+    ]
+    verbs = [
+        "opened",
+        "closed",
+        "found",
+        "watched",
+        "carried",
+        "followed",
+        "left",
+        "took",
+        "heard",
+        "saw",
+        "kept",
+        "lost",
+        "crossed",
+        "painted",
+    ]
     advs = ["slowly", "quickly", "again", "at once", "in silence", "without a word", "twice"]
     templates = [
         "{N} {v} the {a} {n}.",
         "The {a} {n} was {a2}, and {N} {v} it {adv}.",
-        "\"Did you see the {n}?\" asked {N}.",
-        "\"{A}!\" said {N}; \"the {n} is {a}.\"",
+        '"Did you see the {n}?" asked {N}.',
+        '"{A}!" said {N}; "the {n} is {a}."',
         "It was {a}, and the {n} by the {n2} was {a2}.",
         "{N}'s {n} wasn't {a}, but the {n2} was.",
         "Why had {N} {v} the {n} {adv}?",
@@ -108,9 +180,15 @@ def e2e_corpus_text(target_chars: int = 80_000, seed: int = 2024) -> str:
         sentences = []
         for _ in range(rng.randint(3, 7)):
             words = dict(
-                N=rng.choice(names), N2=rng.choice(names), a=rng.choice(adjs),
-                a2=rng.choice(adjs), n=rng.choice(nouns), n2=rng.choice(nouns),
-                v=rng.choice(verbs), adv=rng.choice(advs), d=rng.randint(1, 12),
+                N=rng.choice(names),
+                N2=rng.choice(names),
+                a=rng.choice(adjs),
+                a2=rng.choice(adjs),
+                n=rng.choice(nouns),
+                n2=rng.choice(nouns),
+                v=rng.choice(verbs),
+                adv=rng.choice(advs),
+                d=rng.randint(1, 12),
             )
             words["A"] = words["a"].capitalize()
             sentence = rng.choice(templates).format(**words)
@@ -154,8 +232,8 @@ def loss_tolerance() -> float:
     return LOSS_TOLERANCE["float32" if policy.reduced is None else "bfloat16"]
 
 
-
 # ----------------------------------------------------------------------- what a run left
+
 
 def e2e_metrics(run_dir: Path) -> list:
     """The rows of run_dir/metrics.jsonl ([] while it does not exist)."""
@@ -192,8 +270,9 @@ def flip_bit_in_tensor_data(path: Path) -> str:
     """Flip one bit in the middle of the largest tensor stored in a torch.save file (a zip
     archive), found through the zip directory; return the archive entry's name."""
     with zipfile.ZipFile(path) as archive:
-        info = max((i for i in archive.infolist() if "/data/" in i.filename),
-                   key=lambda i: i.file_size)
+        info = max(
+            (i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size
+        )
     with open(path, "r+b") as f:
         f.seek(info.header_offset)
         header = f.read(30)  # the local file header; its name and extra field follow
@@ -208,6 +287,7 @@ def flip_bit_in_tensor_data(path: Path) -> str:
 
 # ------------------------------------------------------------------------------ commands
 
+
 @dataclasses.dataclass
 class E2EResult:
     """What a finished command did (run in a subprocess, or in-process by cli.main)."""
@@ -219,9 +299,11 @@ class E2EResult:
     seconds: float
 
     def describe(self) -> str:
-        return (f"$ {' '.join(map(str, self.args))}\nexit {self.returncode} after "
-                f"{self.seconds:.1f}s\n--- stdout ---\n{self.stdout[-3000:]}\n"
-                f"--- stderr ---\n{self.stderr[-3000:]}")
+        return (
+            f"$ {' '.join(map(str, self.args))}\nexit {self.returncode} after "
+            f"{self.seconds:.1f}s\n--- stdout ---\n{self.stdout[-3000:]}\n"
+            f"--- stderr ---\n{self.stderr[-3000:]}"
+        )
 
 
 def e2e_assert_one_line_error(result: E2EResult, *needles: str, status: int = 2) -> str:
@@ -231,13 +313,19 @@ def e2e_assert_one_line_error(result: E2EResult, *needles: str, status: int = 2)
     assert "Traceback" not in result.stderr, result.describe()
     assert len(lines) == 1, f"expected exactly one line on stderr\n{result.describe()}"
     for needle in needles:
-        assert needle.lower() in lines[0].lower(), \
+        assert needle.lower() in lines[0].lower(), (
             f"{needle!r} not in the error\n{result.describe()}"
+        )
     return lines[0]
 
 
-def e2e_wait_for(condition, timeout: float = 120, process: "E2EProcess" = None,
-                 interval: float = 0.01, what: str = "condition"):
+def e2e_wait_for(
+    condition,
+    timeout: float = 120,
+    process: "E2EProcess" = None,
+    interval: float = 0.01,
+    what: str = "condition",
+):
     """Poll condition() until truthy; fail on timeout or if process ends first."""
     deadline = time.monotonic() + timeout
     while True:
@@ -271,8 +359,9 @@ class E2EProcess:
         self._out = open(logs / "stdout", "w+", encoding="utf-8")
         self._err = open(logs / "stderr", "w+", encoding="utf-8")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._out,
-                                     stderr=self._err, **kwargs)
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err, **kwargs
+        )
         _LIVE.add(self)
 
     @property
@@ -304,7 +393,7 @@ class E2EProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"{self.args} did not finish within {timeout}s")
+            raise AssertionError(f"{self.args} did not finish within {timeout}s") from None
         _LIVE.discard(self)
         seconds = time.monotonic() - self.started
         texts = []
@@ -345,15 +434,20 @@ class SmolCLI:
     def env(self, **extra: str) -> dict:
         # SMOLGPT_CPU_BF16 stays: a test (or a developer) forcing a precision policy forces
         # it in the processes too.
-        env = {k: v for k, v in os.environ.items()
-               if k.lower() not in PROXY_VARS
-               and (not k.startswith("SMOLGPT_") or k == "SMOLGPT_CPU_BF16")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k.lower() not in PROXY_VARS
+            and (not k.startswith("SMOLGPT_") or k == "SMOLGPT_CPU_BF16")
+        }
         env.update(
             SMOLGPT_CACHE_DIR=str(self.cache),
             XDG_CACHE_HOME=str(self.base / "xdg-cache"),
             SMOLGPT_GUTENBERG_MIRROR=f"http://127.0.0.1:{self.closed_port}",
-            NO_PROXY="*", no_proxy="*",
-            OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+            NO_PROXY="*",
+            no_proxy="*",
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
             PYTHONDONTWRITEBYTECODE="1",
         )
         env.pop("PYTHONPATH", None)
@@ -368,13 +462,19 @@ class SmolCLI:
             head = [sys.executable, str(self.root / f"{command}.py")]
         return head + [str(a) for a in args]
 
-    def popen(self, command: str, *args, env: dict = None, cwd: Path = None,
-              **kwargs) -> E2EProcess:
+    def popen(
+        self, command: str, *args, env: dict = None, cwd: Path = None, **kwargs
+    ) -> E2EProcess:
         with self._logs_lock:
             self._logs += 1
             logs = self.base / "logs" / str(self._logs)
-        return E2EProcess(self.argv(command, *args), logs,
-                          env=env or self.env(), cwd=str(cwd or self.base), **kwargs)
+        return E2EProcess(
+            self.argv(command, *args),
+            logs,
+            env=env or self.env(),
+            cwd=str(cwd or self.base),
+            **kwargs,
+        )
 
     def run(self, command: str, *args, timeout: float = 180, **kwargs) -> E2EResult:
         return self.popen(command, *args, **kwargs).wait(timeout)
@@ -382,13 +482,13 @@ class SmolCLI:
     def run_many(self, calls: list, workers: int = 3) -> list:
         """Run (command, args, kwargs) calls concurrently; results in the same order."""
         with ThreadPoolExecutor(workers) as pool:
-            futures = [pool.submit(self.run, c[0], *c[1], **(c[2] if len(c) > 2 else {}))
-                       for c in calls]
+            futures = [
+                pool.submit(self.run, c[0], *c[1], **(c[2] if len(c) > 2 else {})) for c in calls
+            ]
             return [f.result() for f in futures]
 
     def train_args(self, level: str, out_dir: Path, *extra) -> list:
-        return ["--level", level, "--data", self.corpus, *self.tiny,
-                "--out_dir", out_dir, *extra]
+        return ["--level", level, "--data", self.corpus, *self.tiny, "--out_dir", out_dir, *extra]
 
 
 @dataclasses.dataclass
@@ -406,6 +506,7 @@ class E2ERun:
 
 
 # ----------------------------------------------------------------------------- a server
+
 
 class LocalServer:
     """A real HTTP server on 127.0.0.1 in a thread, serving ``routes`` (path -> bytes)."""
@@ -434,7 +535,9 @@ class LocalServer:
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), daemon=True
+        )
         self._thread.start()
         self.running = True
 

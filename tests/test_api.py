@@ -18,8 +18,18 @@ import smolgpt
 REPO = Path(__file__).resolve().parents[1]
 
 # A model that trains in a second or two on 2 CPU cores.
-TINY = dict(level="char", preset="nano", n_layer=1, n_head=2, n_embd=16, block_size=32,
-            batch_size=8, eval_iters=2, eval_interval=10, log_interval=10)
+TINY = dict(
+    level="char",
+    preset="nano",
+    n_layer=1,
+    n_head=2,
+    n_embd=16,
+    block_size=32,
+    batch_size=8,
+    eval_iters=2,
+    eval_interval=10,
+    log_interval=10,
+)
 
 
 @pytest.fixture
@@ -37,7 +47,9 @@ def test_a_notebook_trains_loads_and_generates(corpus, tmp_path):
     assert result.iterations == 20
     assert result.best_checkpoint == tmp_path / "run" / "best_model.pth"
     assert result.best_checkpoint.is_file() and result.latest_checkpoint.is_file()
-    rows = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["iter"] for r in rows] == [0, 10, 20]
     assert result.last_val_loss == pytest.approx(rows[-1]["val_loss"], abs=1e-6)
     assert result.best_val_loss == pytest.approx(min(r["val_loss"] for r in rows), abs=1e-6)
@@ -61,11 +73,24 @@ def test_the_api_and_the_command_line_generate_the_same_text(corpus, tmp_path):
     result = smolgpt.train(data=str(corpus), out_dir=str(tmp_path / "run"), max_iters=10, **TINY)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     printed = subprocess.run(
-        [sys.executable, str(REPO / "generate.py"), str(result.best_checkpoint), "--prompt",
-         "a dog", "--max_new_tokens", "25"], capture_output=True, text=True, env=env, check=True,
+        [
+            sys.executable,
+            str(REPO / "generate.py"),
+            str(result.best_checkpoint),
+            "--prompt",
+            "a dog",
+            "--max_new_tokens",
+            "25",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     ).stdout
     # The same defaults (temperature, top_k, seed, ...) on both sides.
-    assert printed == smolgpt.load(result.best_checkpoint).generate("a dog", max_new_tokens=25) + "\n"
+    assert (
+        printed == smolgpt.load(result.best_checkpoint).generate("a dog", max_new_tokens=25) + "\n"
+    )
 
 
 def test_the_api_keeps_the_run_rules(corpus, tmp_path):
@@ -79,13 +104,16 @@ def test_the_api_keeps_the_run_rules(corpus, tmp_path):
         smolgpt.train(max_iters=30, resume=True, **{**run, "n_layer": 2})
 
 
-@pytest.mark.parametrize("settings, needle", [
-    ({"preset": "nano", "n_embd": 50}, "divisible"),
-    ({"learning_rate": -1.0}, "learning_rate"),
-    ({"level": "byte"}, "unknown level 'byte'"),
-    ({"n_lyer": 3}, "unknown setting(s): n_lyer"),
-    ({"data": "no/such/file.txt"}, "no/such/file.txt"),
-])
+@pytest.mark.parametrize(
+    "settings, needle",
+    [
+        ({"preset": "nano", "n_embd": 50}, "divisible"),
+        ({"learning_rate": -1.0}, "learning_rate"),
+        ({"level": "byte"}, "unknown level 'byte'"),
+        ({"n_lyer": 3}, "unknown setting(s): n_lyer"),
+        ({"data": "no/such/file.txt"}, "no/such/file.txt"),
+    ],
+)
 def test_bad_settings_raise_the_command_lines_errors(settings, needle, tmp_path):
     with pytest.raises(smolgpt.SmolGPTError) as raised:
         smolgpt.train(out_dir=str(tmp_path / "run"), **settings)
@@ -96,9 +124,11 @@ def test_bad_settings_raise_the_command_lines_errors(settings, needle, tmp_path)
 def test_bad_sampling_settings_raise_before_generating(corpus, tmp_path):
     result = smolgpt.train(data=str(corpus), out_dir=str(tmp_path / "run"), max_iters=1, **TINY)
     model = smolgpt.load(result.latest_checkpoint)
-    for settings, needle in [({"top_p": 0.0}, "--top_p must be in (0, 1]"),
-                             ({"temperature": -1.0}, "--temperature must be >= 0"),
-                             ({"top_kk": 3}, "unknown sampling setting(s): top_kk")]:
+    for settings, needle in [
+        ({"top_p": 0.0}, "--top_p must be in (0, 1]"),
+        ({"temperature": -1.0}, "--temperature must be >= 0"),
+        ({"top_kk": 3}, "unknown sampling setting(s): top_kk"),
+    ]:
         with pytest.raises(smolgpt.SmolGPTError) as raised:
             model.generate("the", **settings)
         assert needle in str(raised.value)
@@ -110,10 +140,15 @@ def test_bad_sampling_settings_raise_before_generating(corpus, tmp_path):
 
 def test_importing_smolgpt_does_not_import_torch():
     # `smolgpt --help` and `import smolgpt` stay fast: torch comes with the first train/load.
-    code = ("import sys, smolgpt; assert 'torch' not in sys.modules, 'torch imported'; "
-            "smolgpt.load; assert 'torch' in sys.modules")
-    subprocess.run([sys.executable, "-c", code], check=True,
-                   env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    code = (
+        "import sys, smolgpt; assert 'torch' not in sys.modules, 'torch imported'; "
+        "smolgpt.load; assert 'torch' in sys.modules"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
 
 
 def test_resume_refuses_a_run_whose_text_now_reads_into_another_vocabulary(corpus, tmp_path):

@@ -29,8 +29,22 @@ ROOT = Path(__file__).resolve().parents[1]
 # Flags that shrink a train.py run (time_to_loss.py and recipe_sweep.py append them to
 # their own) and a step_profile.py step to a model of one small layer.
 TOY_TRAIN = "--n_layer 1 --n_head 2 --n_embd 32 --block_size 32 --batch_size 4 --eval_iters 2"
-TOY_STEP = ["--batch", "2", "--block", "16", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
-            "--steps", "2", "--rounds", "1"]
+TOY_STEP = [
+    "--batch",
+    "2",
+    "--block",
+    "16",
+    "--n_layer",
+    "1",
+    "--n_head",
+    "2",
+    "--n_embd",
+    "32",
+    "--steps",
+    "2",
+    "--rounds",
+    "1",
+]
 # SMOLGPT_CPU_BF16=1 takes the code paths of a CPU with native bf16 on any CPU (emulated,
 # slow, but at this size it costs a second).
 BF16 = {"SMOLGPT_CPU_BF16": "1"}
@@ -45,41 +59,154 @@ def toy_runs(data: Path, records: Path, no_transformers: Path) -> dict[str, tupl
     def out(name: str) -> list:
         return ["--out", records / f"{name}.json"]
 
-    throughput = ["throughput.py", "--configs", "baby", "--seconds", "0.1", "--rounds", "1",
-                  "--warmup", "1"]
+    throughput = [
+        "throughput.py",
+        "--configs",
+        "baby",
+        "--seconds",
+        "0.1",
+        "--rounds",
+        "1",
+        "--warmup",
+        "1",
+    ]
     return {
         "throughput": ([*throughput, *out("throughput")], {}),
-        "time_to_loss": (["time_to_loss.py", "--scenario", "shakespeare-char-micro-20s",
-                          "--data-dir", data, "--extra", f"{TOY_TRAIN} --time_budget 1",
-                          *out("time_to_loss")], {}),
-        "recipe_sweep": (["recipe_sweep.py", "--only", "5", "--data-dir", data, "--extra",
-                          f"{TOY_TRAIN} --max_iters 4 --eval_interval 4", *out("sweep")], {}),
-        "prepare": (["prepare.py", "--source", corpus, "--mb", "0.1", "--rounds", "1",
-                     "--vocab-size", "300", *out("prepare")], {}),
-        "throughput-without-transformers": ([*throughput, *out("throughput-without")],
-                                            {"PYTHONPATH": str(no_transformers)}),
-        "integrity": (["integrity.py", "--source", corpus, "--mb", "0.1", "--preset", "nano",
-                       "--repeats", "1", *out("integrity")], {}),
+        "time_to_loss": (
+            [
+                "time_to_loss.py",
+                "--scenario",
+                "shakespeare-char-micro-20s",
+                "--data-dir",
+                data,
+                "--extra",
+                f"{TOY_TRAIN} --time_budget 1",
+                *out("time_to_loss"),
+            ],
+            {},
+        ),
+        "recipe_sweep": (
+            [
+                "recipe_sweep.py",
+                "--only",
+                "5",
+                "--data-dir",
+                data,
+                "--extra",
+                f"{TOY_TRAIN} --max_iters 4 --eval_interval 4",
+                *out("sweep"),
+            ],
+            {},
+        ),
+        "prepare": (
+            [
+                "prepare.py",
+                "--source",
+                corpus,
+                "--mb",
+                "0.1",
+                "--rounds",
+                "1",
+                "--vocab-size",
+                "300",
+                *out("prepare"),
+            ],
+            {},
+        ),
+        "throughput-without-transformers": (
+            [*throughput, *out("throughput-without")],
+            {"PYTHONPATH": str(no_transformers)},
+        ),
+        "integrity": (
+            [
+                "integrity.py",
+                "--source",
+                corpus,
+                "--mb",
+                "0.1",
+                "--preset",
+                "nano",
+                "--repeats",
+                "1",
+                *out("integrity"),
+            ],
+            {},
+        ),
         # step_profile.py writes no record. Its modes combine: all of them in one process.
         "generation": (["generation.py", "--quick", *out("generation")], {}),
-        "generation-without-transformers": (["generation.py", "--quick",
-                                             *out("generation-without")],
-                                            {"PYTHONPATH": str(no_transformers)}),
-        "reference_curves": (["reference_curves.py", "--corpora", corpus, "--presets", "nano",
-                              "--max_iters", "4", "--eval_interval", "2", "--out-runs",
-                              records / "reference-runs", "--extra",
-                              "--n_layer 1 --n_head 2 --n_embd 32 --block_size 32 "
-                              "--batch_size 4 --eval_iters 2", *out("reference")], {}),
-        "step_profile": (["step_profile.py", *TOY_STEP, "--muon", "--profile", "--kernels",
-                          "--variants", "--muon-cost"], BF16),
+        "generation-without-transformers": (
+            ["generation.py", "--quick", *out("generation-without")],
+            {"PYTHONPATH": str(no_transformers)},
+        ),
+        "reference_curves": (
+            [
+                "reference_curves.py",
+                "--corpora",
+                corpus,
+                "--presets",
+                "nano",
+                "--max_iters",
+                "4",
+                "--eval_interval",
+                "2",
+                "--out-runs",
+                records / "reference-runs",
+                "--extra",
+                "--n_layer 1 --n_head 2 --n_embd 32 --block_size 32 --batch_size 4 --eval_iters 2",
+                *out("reference"),
+            ],
+            {},
+        ),
+        "step_profile": (
+            [
+                "step_profile.py",
+                *TOY_STEP,
+                "--muon",
+                "--profile",
+                "--kernels",
+                "--variants",
+                "--muon-cost",
+            ],
+            BF16,
+        ),
         "memory": (["memory.py", "--quick", *out("memory")], {}),
         "serving": (["serving.py", "--quick", *out("serving")], {}),
-        "frontier": (["frontier.py", "--data", data / "tinyshakespeare.txt", "--budgets", "1",
-                      "--extra", f"{TOY_TRAIN} --eval_interval 5", "--plot",
-                      records / "frontier.png", *out("frontier")], {}),
-        "levels": (["levels.py", "--corpora", corpus, "--preset", "nano", "--time-budget", "1",
-                    "--levels", "char", "word", "bpe:300", "--samples", "5", "--extra",
-                    f"{TOY_TRAIN} --eval_interval 5 --max_iters 10", *out("levels")], {}),
+        "frontier": (
+            [
+                "frontier.py",
+                "--data",
+                data / "tinyshakespeare.txt",
+                "--budgets",
+                "1",
+                "--extra",
+                f"{TOY_TRAIN} --eval_interval 5",
+                "--plot",
+                records / "frontier.png",
+                *out("frontier"),
+            ],
+            {},
+        ),
+        "levels": (
+            [
+                "levels.py",
+                "--corpora",
+                corpus,
+                "--preset",
+                "nano",
+                "--time-budget",
+                "1",
+                "--levels",
+                "char",
+                "word",
+                "bpe:300",
+                "--samples",
+                "5",
+                "--extra",
+                f"{TOY_TRAIN} --eval_interval 5 --max_iters 10",
+                *out("levels"),
+            ],
+            {},
+        ),
     }
 
 
@@ -94,7 +221,8 @@ def runs(smol_cli, tmp_path_factory) -> dict[str, E2EResult]:
     no_transformers = base / "no-transformers"
     no_transformers.mkdir()
     (no_transformers / "transformers.py").write_text(
-        'raise ImportError("hidden by tests/test_benchmarks.py")\n')
+        'raise ImportError("hidden by tests/test_benchmarks.py")\n'
+    )
 
     def run(name: str, script: list, env: dict) -> E2EResult:
         args = [sys.executable, f"benchmarks/{script[0]}", *map(str, script[1:])]
@@ -103,8 +231,10 @@ def runs(smol_cli, tmp_path_factory) -> dict[str, E2EResult]:
 
     # Three at a time: each process computes with one thread, and runs are partly start-up.
     with ThreadPoolExecutor(3) as pool:
-        futures = {name: pool.submit(run, name, script, env) for name, (script, env)
-                   in toy_runs(data, base / "records", no_transformers).items()}
+        futures = {
+            name: pool.submit(run, name, script, env)
+            for name, (script, env) in toy_runs(data, base / "records", no_transformers).items()
+        }
         return {name: future.result() for name, future in futures.items()}
 
 
@@ -134,106 +264,161 @@ def assert_peer_columns(run, record: dict, header: str) -> None:
 
 
 def test_throughput(runs):
-    record = check(runs["throughput"], "| config | smolgpt tok/s | smolgpt + Muon tok/s |",
-                   "| baby (4L/4H/128, T64, B12, V65) |")
+    record = check(
+        runs["throughput"],
+        "| config | smolgpt tok/s | smolgpt + Muon tok/s |",
+        "| baby (4L/4H/128, T64, B12, V65) |",
+    )
     assert_peer_columns(runs["throughput"], record, "| transformers fp32 tok/s |")
 
 
 def test_throughput_without_transformers(runs):
     """Without the `bench` extra the peer's columns go, and one line says what to install."""
     run = runs["throughput-without-transformers"]
-    record = check(run, "| config | smolgpt tok/s |",
-                   "transformers columns skipped (hidden by tests/test_benchmarks.py): "
-                   'pip install "transformers>=4.40"')
+    record = check(
+        run,
+        "| config | smolgpt tok/s |",
+        "transformers columns skipped (hidden by tests/test_benchmarks.py): "
+        'pip install "transformers>=4.40"',
+    )
     assert "transformers fp32 tok/s" not in run.stdout
     assert record["transformers"] is None
 
 
 def test_generation(runs):
-    record = check(runs["generation"], "| model | batch | smolgpt tok/s | smolgpt, no cache",
-                   "| nano (3L/3H/48, T128, V65) | 1 |", "| nano (3L/3H/48, T128, V65) | 2 |")
-    assert_peer_columns(runs["generation"], record, "| transformers tok/s | smolgpt / transformers |")
+    record = check(
+        runs["generation"],
+        "| model | batch | smolgpt tok/s | smolgpt, no cache",
+        "| nano (3L/3H/48, T128, V65) | 1 |",
+        "| nano (3L/3H/48, T128, V65) | 2 |",
+    )
+    assert_peer_columns(
+        runs["generation"], record, "| transformers tok/s | smolgpt / transformers |"
+    )
 
 
 def test_generation_without_transformers(runs):
     run = runs["generation-without-transformers"]
-    record = check(run, "| model | batch | smolgpt tok/s |",
-                   "transformers columns skipped (hidden by tests/test_benchmarks.py)")
+    record = check(
+        run,
+        "| model | batch | smolgpt tok/s |",
+        "transformers columns skipped (hidden by tests/test_benchmarks.py)",
+    )
     assert "transformers tok/s" not in run.stdout
     assert record["transformers"] is None
 
 
 def test_step_profile(runs):
-    check(runs["step_profile"],
-          "tokens/s", "Self CPU time total",  # --profile: the step and the profiler's table
-          "| op | dtype | variant | ms (fwd+bwd) |", "| torch.bfloat16 | smolgpt Dropout |",
-          '| variant | tokens/s | speed-up over "both (as 0.2.0)" |',
-          "| whole model in bf16, no autocast |", "| torch.optim.Muon (0.2.0) |",
-          "| step | tokens/s |", "| Muon + AdamW |", "Muon step / AdamW step: ")
+    check(
+        runs["step_profile"],
+        "tokens/s",
+        "Self CPU time total",  # --profile: the step and the profiler's table
+        "| op | dtype | variant | ms (fwd+bwd) |",
+        "| torch.bfloat16 | smolgpt Dropout |",
+        '| variant | tokens/s | speed-up over "both (as 0.2.0)" |',
+        "| whole model in bf16, no autocast |",
+        "| torch.optim.Muon (0.2.0) |",
+        "| step | tokens/s |",
+        "| Muon + AdamW |",
+        "Muon step / AdamW step: ",
+    )
 
 
 def test_time_to_loss(runs):
-    record = check(runs["time_to_loss"], "| scenario | target val | best val |",
-                   "| shakespeare-char-micro-20s | 1.8860 |")
+    record = check(
+        runs["time_to_loss"],
+        "| scenario | target val | best val |",
+        "| shakespeare-char-micro-20s | 1.8860 |",
+    )
     (result,) = record["results"]  # the script reports a failed train.py; it must not fail
     assert result["exit_code"] == 0, result["log_tail"]
     assert result["best_val_loss"] is not None and result["metrics"][-1]["process_s"] > 0
 
 
 def test_recipe_sweep(runs):
-    record = check(runs["recipe_sweep"], "| # | flags | final val | best val | train loss |",
-                   "| 5 | `--optimizer muon --learning_rate 1e-2` |")
+    record = check(
+        runs["recipe_sweep"],
+        "| # | flags | final val | best val | train loss |",
+        "| 5 | `--optimizer muon --learning_rate 1e-2` |",
+    )
     (result,) = record["results"]
     assert result["exit_code"] == 0, result["error"]
     assert result["steps"] == 4
 
 
 def test_prepare(runs):
-    check(runs["prepare"], "| level | corpus MB | tokens | vocab | prepare s | MB/s |",
-          "| char | 0.1 |", "| word | 0.1 |", "| bpe | 0.1 |", "| tokenizers | 0.1 |")
+    check(
+        runs["prepare"],
+        "| level | corpus MB | tokens | vocab | prepare s | MB/s |",
+        "| char | 0.1 |",
+        "| word | 0.1 |",
+        "| bpe | 0.1 |",
+        "| tokenizers | 0.1 |",
+    )
 
 
 def test_levels(runs):
-    record = check(runs["levels"], "| corpus | level | vocab | steps | tokens/s | chars/token |",
-                   "| sherlock | char |", "| sherlock | word |", "| sherlock | bpe | 300 |")
+    record = check(
+        runs["levels"],
+        "| corpus | level | vocab | steps | tokens/s | chars/token |",
+        "| sherlock | char |",
+        "| sherlock | word |",
+        "| sherlock | bpe | 300 |",
+    )
     scores = [row["held_out"] for row in record["results"]]
     assert len({score["chars"] for score in scores}) == 1  # the same text for every level
     assert all(score["bits_per_char"] > 0 for score in scores)
 
 
 def test_integrity(runs):
-    check(runs["integrity"], "| token cache | first preparation s |",
-          "| checkpoint | torch.save s |", "| nano checkpoint (")
+    check(
+        runs["integrity"],
+        "| token cache | first preparation s |",
+        "| checkpoint | torch.save s |",
+        "| nano checkpoint (",
+    )
 
 
 def test_reference_curves(runs):
-    record = check(runs["reference_curves"],
-                   "| corpus | preset | steps | best val loss | best val bits/char |",
-                   "| sherlock | nano | 4 |")
+    record = check(
+        runs["reference_curves"],
+        "| corpus | preset | steps | best val loss | best val bits/char |",
+        "| sherlock | nano | 4 |",
+    )
     (result,) = record["results"]
     assert [r["iter"] for r in result["metrics"]] == [0, 2, 4]
     assert (Path(result["run_dir"]) / "best_model.pth").is_file()
 
 
 def test_memory(runs):
-    record = check(runs["memory"], "| shape | context | batch | peak MB | with checkpointing MB "
-                   "| saved | step s | with checkpointing step s |", "| toy (1L/2H/32) | 64 | 2 |",
-                   "largest difference 0.")
+    record = check(
+        runs["memory"],
+        "| shape | context | batch | peak MB | with checkpointing MB "
+        "| saved | step s | with checkpointing step s |",
+        "| toy (1L/2H/32) | 64 | 2 |",
+        "largest difference 0.",
+    )
     (result,) = record["results"]
     assert result["with"]["losses"] == result["without"]["losses"]  # checkpointing changes nothing
     assert len(result["with"]["step_times_s"]) == 2
 
 
 def test_serving(runs):
-    record = check(runs["serving"], "| model | in process tok/s | server tok/s | stream tok/s |",
-                   "| nano (0.")
+    record = check(
+        runs["serving"], "| model | in process tok/s | server tok/s | stream tok/s |", "| nano (0."
+    )
     (result,) = record["results"]
     assert result["tokens"] == 8 and result["concurrent"] == 2
     assert result["server_tok_s"] > 0 and result["first_token_ms"] > 0
 
 
 def test_frontier(runs):
-    record = check(runs["frontier"], "| config | --time_budget s | val loss (whole split) |",
-                   "| speedrun | 1 |", "| nanogpt-cpu | 1 |", "Plot: ")
+    record = check(
+        runs["frontier"],
+        "| config | --time_budget s | val loss (whole split) |",
+        "| speedrun | 1 |",
+        "| nanogpt-cpu | 1 |",
+        "Plot: ",
+    )
     assert [r["config"] for r in record["results"]] == ["speedrun", "nanogpt-cpu"]
     assert all(0 < r["val_loss"] < 10 for r in record["results"])

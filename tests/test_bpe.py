@@ -8,16 +8,21 @@ import json
 
 import numpy as np
 import pytest
-from e2e import (E2E_TINY, e2e_assert_one_line_error, e2e_corpus_text, loss_tolerance,
-                 smolgpt_without)
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from test_cli import cli_main  # noqa: F401 - a fixture
 
 import smolgpt
 from smolgpt import data
 from smolgpt.errors import SmolGPTError
 from smolgpt.tokenizer import BYTE_SYMBOLS, BPETokenizer, tokenizer_from_dict
+
+from e2e import (
+    E2E_TINY,
+    e2e_assert_one_line_error,
+    e2e_corpus_text,
+    loss_tolerance,
+    smolgpt_without,
+)
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -66,7 +71,7 @@ def test_text_cut_after_line_breaks_encodes_piece_by_piece(bpe, lines):
 def test_streamed_decoding_joins_into_decode(bpe, ids, step):
     # Random ids include byte tokens that do not form UTF-8: U+FFFD, the same either way.
     decoder = bpe.decoder()
-    pieces = [decoder.add(ids[i:i + step]) for i in range(0, len(ids), step)]
+    pieces = [decoder.add(ids[i : i + step]) for i in range(0, len(ids), step)]
     assert "".join(pieces) + decoder.flush() == bpe.decode(ids)
 
 
@@ -77,7 +82,7 @@ def test_starts_are_where_tokens_begin(bpe):
     assert len(starts) == len(ids) and starts[0] == 0
     for n in range(len(ids)):  # the text from a token's start on encodes to the ids from it
         if n == 0 or starts[n] != starts[n - 1]:  # (not in the middle of a character)
-            assert bpe.decode(ids[n:]) == text[starts[n]:]
+            assert bpe.decode(ids[n:]) == text[starts[n] :]
 
 
 def test_a_word_never_seen_still_encodes(bpe):
@@ -99,9 +104,14 @@ def test_learning_is_deterministic():
     assert BPETokenizer.train([text], 400).to_dict() == BPETokenizer.train([text], 400).to_dict()
 
 
-@pytest.mark.parametrize("vocab_size, message", [
-    (0, "at least 256"), (255, "at least 256"), (100_000, "more than the training text allows"),
-])
+@pytest.mark.parametrize(
+    "vocab_size, message",
+    [
+        (0, "at least 256"),
+        (255, "at least 256"),
+        (100_000, "more than the training text allows"),
+    ],
+)
 def test_bad_vocab_sizes_are_refused(vocab_size, message):
     with pytest.raises(SmolGPTError, match=message):
         BPETokenizer.train(["a small text\n" * 20], vocab_size)
@@ -159,8 +169,15 @@ def bpe_run(tmp_path_factory):
     corpus.write_text(e2e_corpus_text(30_000), encoding="utf-8")
     flags = dict(zip(E2E_TINY[::2], E2E_TINY[1::2]))  # (--no-plot is last, unpaired)
     settings_ = {k[2:]: (v if not v.isdigit() else int(v)) for k, v in flags.items()}
-    result = smolgpt.train(level="bpe", vocab_size=400, data=corpus, out_dir=root / "run",
-                           max_iters=20, plot=False, **{**settings_, "eval_iters": 20})
+    result = smolgpt.train(
+        level="bpe",
+        vocab_size=400,
+        data=corpus,
+        out_dir=root / "run",
+        max_iters=20,
+        plot=False,
+        **{**settings_, "eval_iters": 20},
+    )
     return root, result
 
 
@@ -173,8 +190,9 @@ def test_checkpoint_generate_eval_and_export_share_the_ids(bpe_run, tmp_path):
     assert model.tokenizer.encode(prompt) == tokens.tokenizer.encode(prompt)
     assert model.generate(prompt, max_new_tokens=0) == prompt  # lossless
     text = model.generate(prompt, max_new_tokens=20, seed=3)
-    assert text.startswith(prompt) and text == "".join(model.stream(prompt, max_new_tokens=20,
-                                                                    seed=3))
+    assert text.startswith(prompt) and text == "".join(
+        model.stream(prompt, max_new_tokens=20, seed=3)
+    )
     # The log's val loss is smolgpt eval's: the split is small enough to be scored whole.
     assert model.evaluate().loss == pytest.approx(result.best_val_loss, abs=loss_tolerance())
 
@@ -185,31 +203,58 @@ def test_checkpoint_generate_eval_and_export_share_the_ids(bpe_run, tmp_path):
     assert hf.decode(hf(prompt)["input_ids"]) == prompt
     again = smolgpt.load(out, device="cpu")
     assert again.tokenizer.to_dict() == model.tokenizer.to_dict()
-    assert again.generate(prompt, max_new_tokens=5, temperature=0) == \
-        model.generate(prompt, max_new_tokens=5, temperature=0)
+    assert again.generate(prompt, max_new_tokens=5, temperature=0) == model.generate(
+        prompt, max_new_tokens=5, temperature=0
+    )
 
 
 def test_bad_vocab_size_flags_are_one_line(bpe_run, cli_main):
     root, _ = bpe_run
     corpus = root / "corpus.txt"
     base = ["train", "--level", "bpe", "--data", corpus, *E2E_TINY, "--max_iters", "2"]
-    for value, needle in (("0", "at least 256"), ("200", "at least 256"),
-                          ("90000", "--vocab_size 90000 is more than")):
+    for value, needle in (
+        ("0", "at least 256"),
+        ("200", "at least 256"),
+        ("90000", "--vocab_size 90000 is more than"),
+    ):
         result = cli_main([*base, "--vocab_size", value, "--out_dir", root / f"bad{value}"])
         e2e_assert_one_line_error(result, needle)
         assert not (root / f"bad{value}").exists()
-    e2e_assert_one_line_error(cli_main(["train", "--level", "char", "--vocab_size", "512"]),
-                              "--vocab_size applies at --level bpe only")
+    e2e_assert_one_line_error(
+        cli_main(["train", "--level", "char", "--vocab_size", "512"]),
+        "--vocab_size applies at --level bpe only",
+    )
     # Resuming keeps the vocabulary: another size would be another model.
-    resumed = cli_main(["train", "--level", "bpe", "--data", corpus, "--out_dir", root / "run",
-                        "--resume", "--vocab_size", "500"])
+    resumed = cli_main(
+        [
+            "train",
+            "--level",
+            "bpe",
+            "--data",
+            corpus,
+            "--out_dir",
+            root / "run",
+            "--resume",
+            "--vocab_size",
+            "500",
+        ]
+    )
     e2e_assert_one_line_error(resumed, "--resume cannot change --vocab_size 500 (checkpoint: 400)")
 
 
 def test_without_tokenizers_one_line_says_what_to_install(bpe_run):
     root, result = bpe_run
-    trained = smolgpt_without("tokenizers", "train", "--level", "bpe", "--data",
-                              root / "corpus.txt", "--out_dir", root / "none", *E2E_TINY)
+    trained = smolgpt_without(
+        "tokenizers",
+        "train",
+        "--level",
+        "bpe",
+        "--data",
+        root / "corpus.txt",
+        "--out_dir",
+        root / "none",
+        *E2E_TINY,
+    )
     assert trained.returncode == 2 and trained.stderr.count("\n") == 1, trained.stderr
     assert "pip install 'smolgpt[bpe]'" in trained.stderr
     sampled = smolgpt_without("tokenizers", "generate", result.best_checkpoint)
@@ -221,24 +266,41 @@ def test_fine_tuning_a_bpe_model_keeps_its_tokenizer(bpe_run, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text(e2e_corpus_text(20_000, seed=11) + "Zyxwvut 🙂\n", encoding="utf-8")
     source = smolgpt.load(result.best_checkpoint, device="cpu")
-    tuned = smolgpt.train(init_from=result.best_checkpoint, data=other, out_dir=tmp_path / "ft",
-                          max_iters=2, eval_interval=2, eval_iters=2, plot=False)
+    tuned = smolgpt.train(
+        init_from=result.best_checkpoint,
+        data=other,
+        out_dir=tmp_path / "ft",
+        max_iters=2,
+        eval_interval=2,
+        eval_iters=2,
+        plot=False,
+    )
     model = smolgpt.load(tuned.best_checkpoint, device="cpu")
     assert model.tokenizer.to_dict() == source.tokenizer.to_dict()
     assert model.train_config["vocab_size"] == 400
     info = smolgpt.info(tuned.out_dir)
     assert info["level"] == "bpe" and info["tokenizer"]["vocab_size"] == 400
     with pytest.raises(SmolGPTError, match="--vocab_size does not apply with --init_from"):
-        smolgpt.train(init_from=result.best_checkpoint, data=other, vocab_size=500,
-                      out_dir=tmp_path / "ft2")
+        smolgpt.train(
+            init_from=result.best_checkpoint, data=other, vocab_size=500, out_dir=tmp_path / "ft2"
+        )
 
 
 def test_a_presets_vocab_size_gives_way_to_a_small_text(tmp_path, caplog):
     small = tmp_path / "small.txt"
     small.write_text("the cat sat on the mat\n" * 60 + "a dog\n" * 20, encoding="utf-8")
-    result = smolgpt.train(level="bpe", preset="nano", data=small, out_dir=tmp_path / "run",
-                           max_iters=2, eval_interval=2, eval_iters=1, block_size=16,
-                           batch_size=2, plot=False)
+    result = smolgpt.train(
+        level="bpe",
+        preset="nano",
+        data=small,
+        out_dir=tmp_path / "run",
+        max_iters=2,
+        eval_interval=2,
+        eval_iters=1,
+        block_size=16,
+        batch_size=2,
+        plot=False,
+    )
     model = smolgpt.load(result.best_checkpoint, device="cpu")
     assert 256 < model.config.vocab_size < 1024
     assert "the preset's vocab_size" in caplog.text and "every pair merged" in caplog.text
@@ -250,7 +312,8 @@ def test_a_large_training_split_is_sampled_evenly_for_learning():
     total = sum(map(len, chunks))
     sampled = list(data._sample(iter(chunks), total, total // 10))
     assert len(sampled) == 10  # some of every chunk
-    assert all(piece.endswith("\n") and chunk.startswith(piece)
-               for piece, chunk in zip(sampled, chunks))
+    assert all(
+        piece.endswith("\n") and chunk.startswith(piece) for piece, chunk in zip(sampled, chunks)
+    )
     assert total // 10 <= sum(map(len, sampled)) < total // 10 + 10 * 20
     assert list(data._sample(iter(chunks), total, total)) == chunks

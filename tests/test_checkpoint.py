@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from e2e import flip_bit_in_tensor_data
 
 from smolgpt import checkpoint
 from smolgpt.errors import SmolGPTError
 from smolgpt.model import GPT
 from smolgpt.tokenizer import CharTokenizer
+
+from e2e import flip_bit_in_tensor_data
 
 
 def trained(make_trainer, level: str = "char", **settings) -> tuple[dict, GPT]:
@@ -45,8 +46,10 @@ def test_round_trip(saved):
     """Everything a run needs to resume survives save and the weights-only unpickler."""
     path, ckpt, model = saved
     loaded = checkpoint.load(path)
-    assert (loaded["format"], loaded["format_version"]) == (checkpoint.FORMAT,
-                                                           checkpoint.FORMAT_VERSION)
+    assert (loaded["format"], loaded["format_version"]) == (
+        checkpoint.FORMAT,
+        checkpoint.FORMAT_VERSION,
+    )
     for key in ("model_config", "tokenizer", "train_config", "progress", "data"):
         assert loaded[key] == ckpt[key], key
     for name, tensor in model.state_dict().items():
@@ -102,6 +105,7 @@ def test_save_replaces_atomically(saved):
 
 # --------------------------------------------------------------------------- broken files
 
+
 def test_missing_file(tmp_path):
     with pytest.raises(SmolGPTError, match="does not exist"):
         checkpoint.load(tmp_path / "nope.pth")
@@ -135,7 +139,9 @@ def test_garbage_file(tmp_path):
         checkpoint.load(path)
 
 
-@pytest.mark.parametrize("obj", [[1, 2, 3], {"model": {}, "format_version": 1}, {"format": "other"}, "text"])
+@pytest.mark.parametrize(
+    "obj", [[1, 2, 3], {"model": {}, "format_version": 1}, {"format": "other"}, "text"]
+)
 def test_foreign_file(tmp_path, obj):
     path = tmp_path / "foreign.pth"
     torch.save(obj, path)
@@ -164,8 +170,14 @@ def test_newer_format_version(tmp_path, state):
 def test_missing_required_key(tmp_path, state, key):
     ckpt, _ = state
     path = tmp_path / "partial.pth"
-    torch.save({"format": checkpoint.FORMAT, "format_version": 1,
-                **{k: v for k, v in ckpt.items() if k != key}}, path)
+    torch.save(
+        {
+            "format": checkpoint.FORMAT,
+            "format_version": 1,
+            **{k: v for k, v in ckpt.items() if k != key},
+        },
+        path,
+    )
     if key == "format_version":
         del_path = tmp_path / "noversion.pth"
         raw = torch.load(path, weights_only=True)
@@ -237,6 +249,7 @@ def test_malformed_tokenizer(tmp_path, state):
 
 # --------------------------------------------------------------------------- hostile files
 
+
 class OpenFile:
     """Unpickling this calls open(marker, 'w'), creating the marker file."""
 
@@ -292,6 +305,7 @@ def test_malicious_pickle_is_refused(tmp_path, state, payload, writer):
 
 
 # ------------------------------------------------------------------------------ checksums
+
 
 def test_every_tensor_has_a_checksum(saved):
     path, ckpt, _ = saved

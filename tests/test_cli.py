@@ -10,21 +10,19 @@ any training, mostly run in-process through ``smolgpt.cli.main`` (what the scrip
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
 import torch
-from e2e import PROXY_VARS, E2EResult, e2e_assert_one_line_error, e2e_snapshot
 
-from smolgpt import checkpoint, cli
+from smolgpt import checkpoint
+
+from e2e import E2EResult, e2e_assert_one_line_error, e2e_snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +33,7 @@ NEW_TOKENS = 40
 
 
 # ------------------------------------------------------------------------------- train
+
 
 @pytest.mark.parametrize("level", ["char", "word"])
 def test_train_writes_checkpoints_and_metrics(smol_cli, smol_runs, level):
@@ -62,6 +61,7 @@ def test_train_writes_checkpoints_and_metrics(smol_cli, smol_runs, level):
 
 # ---------------------------------------------------------------------------- generate
 
+
 @pytest.fixture(scope="module")
 def samples(smol_cli, smol_runs) -> dict:
     """Several generate commands on the session's char and word models, run concurrently."""
@@ -71,14 +71,22 @@ def samples(smol_cli, smol_runs) -> dict:
     calls = {
         "seed 7": ("generate", [char, "--prompt", CHAR_PROMPT, *common, "--seed", "7"]),
         "seed 7 again": ("generate", [char, "--prompt", CHAR_PROMPT, *common, "--seed", "7"]),
-        "module seed 7": ("module", ["generate", char, "--prompt", CHAR_PROMPT, *common,
-                                     "--seed", "7"]),
-        "greedy seed 1": ("generate", [char, "--prompt", CHAR_PROMPT, *common,
-                                       "--temperature", "0", "--seed", "1"]),
-        "greedy seed 2": ("generate", [char, "--prompt", CHAR_PROMPT, *common,
-                                       "--temperature", "0", "--seed", "2"]),
-        "top_p": ("generate", [char, "--prompt", CHAR_PROMPT, *common, "--top_p", "0.9",
-                               "--num_samples", "2"]),
+        "module seed 7": (
+            "module",
+            ["generate", char, "--prompt", CHAR_PROMPT, *common, "--seed", "7"],
+        ),
+        "greedy seed 1": (
+            "generate",
+            [char, "--prompt", CHAR_PROMPT, *common, "--temperature", "0", "--seed", "1"],
+        ),
+        "greedy seed 2": (
+            "generate",
+            [char, "--prompt", CHAR_PROMPT, *common, "--temperature", "0", "--seed", "2"],
+        ),
+        "top_p": (
+            "generate",
+            [char, "--prompt", CHAR_PROMPT, *common, "--top_p", "0.9", "--num_samples", "2"],
+        ),
         "word": ("generate", [word, "--prompt", WORD_PROMPT, *common, "--seed", "3"]),
     }
     return dict(zip(calls, smol_cli.run_many(list(calls.values()))))
@@ -130,16 +138,36 @@ def test_generate_word_level(samples):
 
 
 def test_help_lists_the_original_flags(smol_cli):
-    train, generate, module = smol_cli.run_many([
-        ("train", ["--help"]), ("generate", ["--help"]), ("module", ["--help"]),
-    ])
+    train, generate, module = smol_cli.run_many(
+        [
+            ("train", ["--help"]),
+            ("generate", ["--help"]),
+            ("module", ["--help"]),
+        ]
+    )
     assert train.returncode == 0, train.describe()
-    for flag in ("--level", "--preset", "--max_iters", "--learning_rate", "--batch_size",
-                 "--colab_drive", "--data", "--out_dir", "--resume"):
+    for flag in (
+        "--level",
+        "--preset",
+        "--max_iters",
+        "--learning_rate",
+        "--batch_size",
+        "--colab_drive",
+        "--data",
+        "--out_dir",
+        "--resume",
+    ):
         assert flag in train.stdout, f"{flag} missing from train.py --help"
     assert generate.returncode == 0, generate.describe()
-    for flag in ("--prompt", "--max_new_tokens", "--temperature", "--top_k", "--seed",
-                 "--top_p", "--num_samples"):
+    for flag in (
+        "--prompt",
+        "--max_new_tokens",
+        "--temperature",
+        "--top_k",
+        "--seed",
+        "--top_p",
+        "--num_samples",
+    ):
         assert flag in generate.stdout, f"{flag} missing from generate.py --help"
     assert module.returncode == 0, module.describe()
     assert "train" in module.stdout and "generate" in module.stdout
@@ -147,12 +175,14 @@ def test_help_lists_the_original_flags(smol_cli):
 
 # ------------------------------------------------------------------- resume and refusal
 
+
 def test_resume_trains_on_to_a_new_max_iters(smol_cli, smol_runs, tmp_path):
     run = smol_runs["char"]
     out = run.copy(tmp_path / "run")
     before = (out / "metrics.jsonl").read_text(encoding="utf-8")
-    result = smol_cli.run("train", *smol_cli.train_args("char", out, "--max_iters", "40",
-                                                         "--resume"))
+    result = smol_cli.run(
+        "train", *smol_cli.train_args("char", out, "--max_iters", "40", "--resume")
+    )
     assert result.returncode == 0, result.describe()
     assert [row["iter"] for row in smol_cli.metrics(out)] == [0, 10, 20, 30, 40]
     assert (out / "metrics.jsonl").read_text(encoding="utf-8").startswith(before)
@@ -163,8 +193,11 @@ def test_resume_trains_on_to_a_new_max_iters(smol_cli, smol_runs, tmp_path):
 @pytest.mark.stress  # wall-clock bounds: a heavily loaded machine can break them
 def test_time_budget_stops_by_itself(smol_cli, tmp_path):
     out = tmp_path / "run"
-    result = smol_cli.run("train", *smol_cli.train_args(
-        "char", out, "--time_budget", "5", "--max_iters", "1000000"), timeout=120)
+    result = smol_cli.run(
+        "train",
+        *smol_cli.train_args("char", out, "--time_budget", "5", "--max_iters", "1000000"),
+        timeout=120,
+    )
     assert result.returncode == 0, result.describe()
     assert result.seconds < 60, result.describe()
     assert (out / "best_model.pth").is_file() and (out / "latest_model.pth").is_file()
@@ -179,14 +212,30 @@ def test_speedrun_preset_runs_its_recipe_for_a_few_seconds(smol_cli, tmp_path):
     """--preset speedrun is issue #17's recipe at its real size: a short --time_budget
     replaces its 600 s, and its learning rate decays linearly to zero by the end."""
     out = tmp_path / "run"
-    result = smol_cli.run("train", "--preset", "speedrun", "--level", "char", "--data",
-                          smol_cli.corpus, "--out_dir", out, "--time_budget", "4",
-                          "--eval_iters", "2", timeout=120)
+    result = smol_cli.run(
+        "train",
+        "--preset",
+        "speedrun",
+        "--level",
+        "char",
+        "--data",
+        smol_cli.corpus,
+        "--out_dir",
+        out,
+        "--time_budget",
+        "4",
+        "--eval_iters",
+        "2",
+        timeout=120,
+    )
     assert result.returncode == 0, result.describe()
     assert "4 layers, 6 heads, 192 wide" in result.stderr, result.describe()
     settings = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert (settings["time_budget"], settings["lr_schedule"], settings["min_lr"]) == (
-        4.0, "linear", 0.0)
+        4.0,
+        "linear",
+        0.0,
+    )
     rows = smol_cli.metrics(out)
     assert rows[-1]["iter"] > 0 and rows[-1]["lr"] < 0.1 * settings["learning_rate"], rows
 
@@ -195,11 +244,21 @@ def test_start_up_line_names_the_precision_policy_of_either_cpu_kind(smol_cli, t
     """SMOLGPT_CPU_BF16 forces each CPU kind's path on any machine; the start-up line says
     which policy was chosen and why, and the micro preset adapts its recipe to float32."""
     short = ("--max_iters", "2", "--eval_interval", "2")
-    calls = [("train", smol_cli.train_args("char", tmp_path / f"run{flag}", "--preset", "micro",
-                                           *short),
-              {"env": smol_cli.env(SMOLGPT_CPU_BF16=flag)}) for flag in ("0", "1")]
-    calls.append(("train", smol_cli.train_args("char", tmp_path / "bad", *short),
-                  {"env": smol_cli.env(SMOLGPT_CPU_BF16="yes")}))
+    calls = [
+        (
+            "train",
+            smol_cli.train_args("char", tmp_path / f"run{flag}", "--preset", "micro", *short),
+            {"env": smol_cli.env(SMOLGPT_CPU_BF16=flag)},
+        )
+        for flag in ("0", "1")
+    ]
+    calls.append(
+        (
+            "train",
+            smol_cli.train_args("char", tmp_path / "bad", *short),
+            {"env": smol_cli.env(SMOLGPT_CPU_BF16="yes")},
+        )
+    )
     fp32, bf16, bad = smol_cli.run_many(calls)
     assert fp32.returncode == 0, fp32.describe()
     assert "cpu, float32 (SMOLGPT_CPU_BF16=0)" in fp32.stderr, fp32.describe()
@@ -210,7 +269,8 @@ def test_start_up_line_names_the_precision_policy_of_either_cpu_kind(smol_cli, t
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.describe()
     assert bad.stderr.strip().splitlines() == [
         "error: SMOLGPT_CPU_BF16='yes': set it to 1 (native bf16) or 0 (float32), or unset it "
-        "to follow the CPU's flags"], bad.describe()
+        "to follow the CPU's flags"
+    ], bad.describe()
     assert not (tmp_path / "bad" / "latest_model.pth").exists()
 
 
@@ -218,9 +278,22 @@ def test_early_stop_when_val_loss_stops_improving(smol_cli, tmp_path):
     # Learning rates of 1e-30 (AdamW's and Muon's; and no biases, which start at exactly
     # zero) cannot move any float32 weight: the val loss repeats exactly, no improvement.
     out = tmp_path / "run"
-    result = smol_cli.run("train", *smol_cli.train_args(
-        "char", out, "--max_iters", "200", "--learning_rate", "1e-30", "--muon_lr", "1e-30",
-        "--no-bias", "--early_stop_patience", "1"))
+    result = smol_cli.run(
+        "train",
+        *smol_cli.train_args(
+            "char",
+            out,
+            "--max_iters",
+            "200",
+            "--learning_rate",
+            "1e-30",
+            "--muon_lr",
+            "1e-30",
+            "--no-bias",
+            "--early_stop_patience",
+            "1",
+        ),
+    )
     assert result.returncode == 0, result.describe()
     rows = smol_cli.metrics(out)
     assert len(rows) < 200 // 10 + 1, rows
@@ -234,6 +307,7 @@ def test_early_stop_when_val_loss_stops_improving(smol_cli, tmp_path):
 # A refused command prints one line on stderr, exits with status 2 and changes nothing on
 # disk. Every case runs in-process through cli.main, which is quick; a handful also run as
 # real processes (SUBPROCESS_CASES), so the contract is checked for the scripts a user starts.
+
 
 @dataclass
 class Case:
@@ -291,6 +365,7 @@ def _train(needles, build: Callable, fresh: bool = False):
     def make(ctx: Ctx) -> Case:
         out = ctx.fresh() if fresh else ctx.existing()
         return Case("train", ctx.train(out, *build(ctx)), out, needles)
+
     return make
 
 
@@ -307,32 +382,36 @@ def _colab(ctx: Ctx) -> Case:
 
 BAD_INPUTS = {
     # The text. With --resume on a finished run, so the run's files are at stake.
-    "missing data file": _train(("nope.txt",), lambda c: [
-        "--resume", "--data", c.base / "data" / "nope.txt"]),
+    "missing data file": _train(
+        ("nope.txt",), lambda c: ["--resume", "--data", c.base / "data" / "nope.txt"]
+    ),
     "empty data file": _train(("empty.txt", "empty"), lambda c: ["--resume", "--data", c.empty]),
     "empty data file, new run": _train(("empty",), lambda c: ["--data", c.empty], fresh=True),
-    "binary data file": _train(("scan.txt", "binary"), lambda c: [
-        "--resume", "--data", c.binary]),
-    "non-UTF-8 data file": _train(("latin1.txt", "UTF-8"), lambda c: [
-        "--resume", "--data", c.latin1]),
+    "binary data file": _train(("scan.txt", "binary"), lambda c: ["--resume", "--data", c.binary]),
+    "non-UTF-8 data file": _train(
+        ("latin1.txt", "UTF-8"), lambda c: ["--resume", "--data", c.latin1]
+    ),
     "corpus too short": _train(("short",), lambda c: ["--resume", "--data", c.short]),
     "corpus too short, new run": _train(("short",), lambda c: ["--data", c.short], fresh=True),
-    "unknown built-in corpus": _train(("nosuchcorpus",), lambda c: [
-        "--resume", "--data", "nosuchcorpus"]),
+    "unknown built-in corpus": _train(
+        ("nosuchcorpus",), lambda c: ["--resume", "--data", "nosuchcorpus"]
+    ),
     "sherlock offline": _train(("--data FILE",), lambda c: ["--resume", "--data", "sherlock"]),
     # Settings (the first two are argparse's usage errors).
     "unknown preset": _train(("enormous",), lambda c: ["--preset", "enormous"]),
     "unknown level": _train(("sentence",), lambda c: ["--level", "sentence"]),
-    "n_embd not divisible by n_head": _train(("n_embd", "n_head"), lambda c: [
-        "--n_embd", "30", "--n_head", "4"]),
+    "n_embd not divisible by n_head": _train(
+        ("n_embd", "n_head"), lambda c: ["--n_embd", "30", "--n_head", "4"]
+    ),
     "max_iters 0": _train(("max_iters",), lambda c: ["--max_iters", "0"]),
     "batch_size 0": _train(("batch_size",), lambda c: ["--batch_size", "0"]),
     "block_size 0": _train(("block_size",), lambda c: ["--block_size", "0"]),
     "learning_rate 0": _train(("learning_rate",), lambda c: ["--learning_rate", "0"]),
     "learning_rate negative": _train(("learning_rate",), lambda c: ["--learning_rate=-0.001"]),
     # Run directories.
-    "resume changes the model shape": _train(("n_layer",), lambda c: [
-        "--resume", "--n_layer", "2"]),
+    "resume changes the model shape": _train(
+        ("n_layer",), lambda c: ["--resume", "--n_layer", "2"]
+    ),
     "existing run without --resume": _train(("--resume",), lambda c: []),
     "resume with nothing to resume": _train(("resume",), lambda c: ["--resume"], fresh=True),
     "colab drive outside colab": _colab,
@@ -344,27 +423,37 @@ BAD_INPUTS = {
     "missing checkpoint": _generate(("nope.pth",), lambda c: [c.ckpt_dir / "nope.pth"]),
     "truncated checkpoint": _generate(("truncated.pth",), lambda c: [c.truncated]),
     "foreign .pth": _generate(("foreign.pth",), lambda c: [c.foreign]),
-    "prompt outside the vocabulary": _generate(("€", "☃"), lambda c: [
-        c.ckpt, "--prompt", "The €5 snowman ☃"]),
+    "prompt outside the vocabulary": _generate(
+        ("€", "☃"), lambda c: [c.ckpt, "--prompt", "The €5 snowman ☃"]
+    ),
     "empty stop string": _generate(("--stop",), lambda c: [c.ckpt, "--stop", ""]),
     "min_p 1.5": _generate(("min_p",), lambda c: [c.ckpt, "--min_p", "1.5"]),
-    "repetition_penalty 0": _generate(("repetition_penalty",), lambda c: [
-        c.ckpt, "--repetition_penalty", "0"]),
-    "prompt and prompt_file": _generate(("--prompt_file",), lambda c: [
-        c.ckpt, "--prompt", "a", "--prompt_file", c.short]),
-    "missing prompt_file": _generate(("nope.txt",), lambda c: [
-        c.ckpt, "--prompt_file", c.base / "nope.txt"]),
-    "interactive with a prompt": _generate(("--interactive",), lambda c: [
-        c.ckpt, "--interactive", "--prompt", "a"]),
-    "--out in a missing folder": _generate(("nowhere",), lambda c: [
-        c.ckpt, "--out", c.ckpt_dir / "nowhere" / "out.txt"]),
+    "repetition_penalty 0": _generate(
+        ("repetition_penalty",), lambda c: [c.ckpt, "--repetition_penalty", "0"]
+    ),
+    "prompt and prompt_file": _generate(
+        ("--prompt_file",), lambda c: [c.ckpt, "--prompt", "a", "--prompt_file", c.short]
+    ),
+    "missing prompt_file": _generate(
+        ("nope.txt",), lambda c: [c.ckpt, "--prompt_file", c.base / "nope.txt"]
+    ),
+    "interactive with a prompt": _generate(
+        ("--interactive",), lambda c: [c.ckpt, "--interactive", "--prompt", "a"]
+    ),
+    "--out in a missing folder": _generate(
+        ("nowhere",), lambda c: [c.ckpt, "--out", c.ckpt_dir / "nowhere" / "out.txt"]
+    ),
     "--out is a directory": _generate(("directory",), lambda c: [c.ckpt, "--out", c.ckpt_dir]),
 }
 
 # One of each kind, also run as a real process: a usage error (argparse), a bad text, a
 # resume that conflicts with its run, and a checkpoint generate.py cannot read.
-SUBPROCESS_CASES = ["unknown preset", "binary data file", "resume changes the model shape",
-                    "truncated checkpoint"]
+SUBPROCESS_CASES = [
+    "unknown preset",
+    "binary data file",
+    "resume changes the model shape",
+    "truncated checkpoint",
+]
 
 
 def assert_refused(case: Case, before: dict, result: E2EResult) -> None:
@@ -382,42 +471,6 @@ def ctx(smol_cli, smol_runs, tmp_path_factory) -> Ctx:
     return Ctx(smol_cli, smol_runs, tmp_path_factory.mktemp("bad-inputs"))
 
 
-@pytest.fixture
-def cli_main(monkeypatch, capsys):
-    """cli_main(argv, cwd=None) -> E2EResult: smolgpt.cli.main(argv) run in this process,
-    with stdout and stderr captured (the log handler main() installs writes to sys.stderr
-    as it is when a line is logged, so capsys sees it too).
-
-    The environment is the one SmolCLI gives its subprocesses: no proxies, and no SMOLGPT_
-    setting but this test's private cache and closed mirror. The 'smolgpt' logger, which
-    main() configures, is put back as it was afterwards, so later tests see no handler."""
-    for name in list(os.environ):
-        if name.lower() in PROXY_VARS or (
-                name.startswith("SMOLGPT_")
-                and name not in ("SMOLGPT_CACHE_DIR", "SMOLGPT_GUTENBERG_MIRROR")):
-            monkeypatch.delenv(name)
-    logger = logging.getLogger("smolgpt")
-    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
-
-    def run(argv: list, cwd: Optional[Path] = None) -> E2EResult:
-        if cwd is not None:
-            monkeypatch.chdir(cwd)
-        argv = [str(a) for a in argv]
-        capsys.readouterr()
-        start = time.perf_counter()
-        try:
-            status = cli.main(argv)
-        except SystemExit as exc:  # argparse ends a usage mistake with sys.exit(2)
-            status = exc.code
-        out, err = capsys.readouterr()
-        return E2EResult(["smolgpt", *argv], status, out, err, time.perf_counter() - start)
-
-    yield run
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
-    logger.propagate = propagate
-
-
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_is_one_line_and_touches_nothing(ctx, cli_main, name):
     case = BAD_INPUTS[name](ctx)
@@ -431,10 +484,10 @@ def refused_processes(smol_cli, ctx) -> dict:
     {name: (case, snapshot before, result)}."""
     cases = {name: BAD_INPUTS[name](ctx) for name in SUBPROCESS_CASES}
     before = {name: e2e_snapshot(case.watch) for name, case in cases.items()}
-    results = smol_cli.run_many([(case.command, case.args) for case in cases.values()],
-                                workers=4)
-    return {name: (case, before[name], result)
-            for (name, case), result in zip(cases.items(), results)}
+    results = smol_cli.run_many([(case.command, case.args) for case in cases.values()], workers=4)
+    return {
+        name: (case, before[name], result) for (name, case), result in zip(cases.items(), results)
+    }
 
 
 @pytest.mark.parametrize("name", SUBPROCESS_CASES)

@@ -56,9 +56,14 @@ def test_per_level_preset_entries():
     assert "batch_size" not in preset_values("tiny", "word")
     assert "char" not in preset_values("tiny", "char")  # level keys are not fields
     assert resolve_train_config({"preset": "tiny", "level": "char"}).batch_size == 64
-    assert resolve_train_config({"preset": "tiny", "level": "word"}).batch_size == TrainConfig().batch_size
+    assert (
+        resolve_train_config({"preset": "tiny", "level": "word"}).batch_size
+        == TrainConfig().batch_size
+    )
     # an explicit flag still beats the per-level entry
-    assert resolve_train_config({"preset": "tiny", "level": "char", "batch_size": 8}).batch_size == 8
+    assert (
+        resolve_train_config({"preset": "tiny", "level": "char", "batch_size": 8}).batch_size == 8
+    )
 
 
 def test_unknown_preset_level_or_setting():
@@ -80,12 +85,26 @@ def test_n_embd_must_be_divisible_by_n_head():
 @pytest.mark.parametrize(
     "name, value",
     [
-        ("max_iters", 0), ("max_iters", -5), ("batch_size", 0), ("block_size", 0),
-        ("block_size", -1), ("n_layer", 0), ("eval_interval", 0), ("eval_iters", 0),
-        ("gradient_accumulation_steps", 0), ("min_word_freq", 0),
-        ("learning_rate", 0.0), ("learning_rate", -1e-3), ("learning_rate", math.nan),
-        ("learning_rate", math.inf), ("warmup_iters", -1), ("time_budget", 0.0),
-        ("dropout", 1.0), ("dropout", -0.1), ("grad_clip", -1.0), ("min_lr", 1.0),
+        ("max_iters", 0),
+        ("max_iters", -5),
+        ("batch_size", 0),
+        ("block_size", 0),
+        ("block_size", -1),
+        ("n_layer", 0),
+        ("eval_interval", 0),
+        ("eval_iters", 0),
+        ("gradient_accumulation_steps", 0),
+        ("min_word_freq", 0),
+        ("learning_rate", 0.0),
+        ("learning_rate", -1e-3),
+        ("learning_rate", math.nan),
+        ("learning_rate", math.inf),
+        ("warmup_iters", -1),
+        ("time_budget", 0.0),
+        ("dropout", 1.0),
+        ("dropout", -0.1),
+        ("grad_clip", -1.0),
+        ("min_lr", 1.0),
     ],
 )
 def test_invalid_values_raise(name, value):
@@ -94,8 +113,16 @@ def test_invalid_values_raise(name, value):
 
 
 def test_valid_edge_values_are_accepted():
-    cfg = resolve_train_config({"preset": "nano", "warmup_iters": 0, "dropout": 0.0,
-                                "grad_clip": 0.0, "min_lr": 0.0, "max_iters": 1})
+    cfg = resolve_train_config(
+        {
+            "preset": "nano",
+            "warmup_iters": 0,
+            "dropout": 0.0,
+            "grad_clip": 0.0,
+            "min_lr": 0.0,
+            "max_iters": 1,
+        }
+    )
     assert cfg.final_lr == 0.0
     assert resolve_train_config({"learning_rate": 1e-3}).final_lr == pytest.approx(1e-4)
 
@@ -110,23 +137,35 @@ def test_model_config_rejects_non_positive_shapes():
 def test_model_config_from_train_config():
     cfg = resolve_train_config({"preset": "nano", "block_size": 32, "dropout": 0.0, "bias": False})
     model = cfg.model_config(vocab_size=77)
-    assert model == ModelConfig(vocab_size=77, block_size=32, n_layer=3, n_head=3, n_embd=48,
-                                dropout=0.0, bias=False)
+    assert model == ModelConfig(
+        vocab_size=77, block_size=32, n_layer=3, n_head=3, n_embd=48, dropout=0.0, bias=False
+    )
 
 
 # --------------------------------------------------------------------------- resume
 
+
 def saved_config(**changes) -> dict:
-    cfg = resolve_train_config({"preset": "nano", "level": "char", "max_iters": 100,
-                                "optimizer": "muon", **changes})
+    cfg = resolve_train_config(
+        {"preset": "nano", "level": "char", "max_iters": 100, "optimizer": "muon", **changes}
+    )
     return dataclasses.asdict(cfg)
 
 
 @pytest.mark.parametrize(
     "flag, value",
-    [("n_layer", 5), ("n_embd", 96), ("block_size", 64), ("level", "word"),
-     ("preset", "micro"), ("batch_size", 7), ("seed", 1), ("min_word_freq", 1),
-     ("position", "learned"), ("optimizer", "adamw")],
+    [
+        ("n_layer", 5),
+        ("n_embd", 96),
+        ("block_size", 64),
+        ("level", "word"),
+        ("preset", "micro"),
+        ("batch_size", 7),
+        ("seed", 1),
+        ("min_word_freq", 1),
+        ("position", "learned"),
+        ("optimizer", "adamw"),
+    ],
 )
 def test_resume_refuses_conflicting_flags(flag, value):
     with pytest.raises(SmolGPTError, match=f"--{flag}"):
@@ -172,6 +211,7 @@ def test_resume_ignores_unknown_saved_keys():
 
 # --------------------------------------------------------------------------- sampling
 
+
 def test_sample_config_accepts_greedy_and_edges():
     SampleConfig(temperature=0.0)
     SampleConfig(top_k=0, top_p=1.0, max_new_tokens=0)
@@ -199,16 +239,19 @@ def test_sample_config_rejects_bad_values(kwargs, flag):
 
 # ------------------------------------------------------------------ per-level recipes
 
+
 @pytest.mark.parametrize("cpu_float32", [False, True])
 def test_speedrun_is_the_measured_flags_over_micro(cpu_float32):
     """benchmarks/RESULTS.md measured the speedrun recipe as flags over --preset micro: the
     preset must stay exactly that (plus its 600 s budget), on either kind of CPU."""
-    flags = {"level": "char", "n_embd": 192, "n_head": 6, "min_lr": 0.0,
-             "lr_schedule": "linear"}
+    flags = {"level": "char", "n_embd": 192, "n_head": 6, "min_lr": 0.0, "lr_schedule": "linear"}
     measured = resolve_train_config({"preset": "micro", **flags}, cpu_float32)
     speedrun = resolve_train_config({"preset": "speedrun", "level": "char"}, cpu_float32)
-    assert dataclasses.asdict(speedrun) == {**dataclasses.asdict(measured),
-                                            "preset": "speedrun", "time_budget": 600.0}
+    assert dataclasses.asdict(speedrun) == {
+        **dataclasses.asdict(measured),
+        "preset": "speedrun",
+        "time_budget": 600.0,
+    }
     shorter = resolve_train_config({"preset": "speedrun", "level": "char", "time_budget": 60})
     assert shorter.time_budget == 60
 
@@ -220,12 +263,25 @@ def test_word_presets_stop_early_and_char_presets_do_not():
 
 
 def test_the_original_recipe_is_still_reachable_by_flags():
-    cfg = resolve_train_config({"preset": "micro", "level": "char", "optimizer": "adamw",
-                                "position": "learned", "learning_rate": 3e-4,
-                                "lr_schedule": "constant", "dropout": 0.1, "batch_size": 32,
-                                "eval_iters": 100})
+    cfg = resolve_train_config(
+        {
+            "preset": "micro",
+            "level": "char",
+            "optimizer": "adamw",
+            "position": "learned",
+            "learning_rate": 3e-4,
+            "lr_schedule": "constant",
+            "dropout": 0.1,
+            "batch_size": 32,
+            "eval_iters": 100,
+        }
+    )
     assert (cfg.optimizer, cfg.position, cfg.learning_rate, cfg.batch_size) == (
-        "adamw", "learned", 3e-4, 32)
+        "adamw",
+        "learned",
+        3e-4,
+        32,
+    )
 
 
 def test_presets_choose_their_recipe_by_the_cpu_kind():
@@ -238,8 +294,9 @@ def test_presets_choose_their_recipe_by_the_cpu_kind():
             fp32 = resolve_train_config({"preset": preset, "level": level}, cpu_float32=True)
             overrides = entry.get(CPU_FLOAT32, {}).get(level, {})
             assert dataclasses.asdict(fp32) == {**dataclasses.asdict(bf16), **overrides}
-    mine = resolve_train_config({"preset": "micro", "level": "word", "batch_size": 32,
-                                 "muon_ns_steps": 5}, cpu_float32=True)
+    mine = resolve_train_config(
+        {"preset": "micro", "level": "word", "batch_size": 32, "muon_ns_steps": 5}, cpu_float32=True
+    )
     assert (mine.batch_size, mine.muon_ns_steps) == (32, 5)
 
 
@@ -249,6 +306,7 @@ def test_muon_ns_steps_must_be_positive():
 
 
 # --------------------------------------------------------------------------- one definition
+
 
 def test_every_config_checks_itself_however_it_is_made():
     # The API builds configs from keyword arguments, the command line from flags, a resume
@@ -273,8 +331,18 @@ def test_model_and_training_share_one_shape_definition():
     assert cfg.model_config(vocab_size=99) == ModelConfig(vocab_size=99, **cfg.shape())
 
 
-@pytest.mark.parametrize("name", ["n_layer", "batch_size", "learning_rate", "dropout",
-                                  "muon_ns_steps", "optimizer", "lr_schedule"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "n_layer",
+        "batch_size",
+        "learning_rate",
+        "dropout",
+        "muon_ns_steps",
+        "optimizer",
+        "lr_schedule",
+    ],
+)
 def test_help_shows_each_presets_real_default(name):
     # "--n_layer (default: from --preset: nano 3; micro 4; ...)": every number shown is the
     # one the preset resolves to, at each level, on either kind of CPU.
@@ -288,7 +356,8 @@ def test_help_shows_each_presets_real_default(name):
     for preset, part in shown.items():
         for level in ("char", "word"):
             for cpu_float32 in (False, True):
-                value = getattr(resolve_train_config({"preset": preset, "level": level},
-                                                     cpu_float32), name)
+                value = getattr(
+                    resolve_train_config({"preset": preset, "level": level}, cpu_float32), name
+                )
                 assert str(value) in part, (preset, level, cpu_float32, part)
     assert preset_default("block_size") is None  # no preset sets it: the plain default

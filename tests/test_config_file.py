@@ -9,12 +9,13 @@ import json
 from pathlib import Path
 
 import pytest
-from e2e import e2e_corpus_text
 
 import smolgpt
 from smolgpt import checkpoint
 from smolgpt.config import PRESETS, TrainConfig, read_config_file
 from smolgpt.errors import SmolGPTError
+
+from e2e import e2e_corpus_text
 
 # A run of a few steps on a tiny model (the file gives the rest: preset, level, data, out_dir).
 TINY_TOML = """\
@@ -47,6 +48,7 @@ def write_config(write_text):
 
 # ----------------------------------------------------------------------- reading a file
 
+
 def test_a_file_gives_typed_settings(write_config):
     path = write_config(TINY_TOML + 'bias = false\ndata = "my book.txt"\n')
     values = read_config_file(path)
@@ -58,18 +60,22 @@ def test_a_file_gives_typed_settings(write_config):
 
 
 def test_a_json_file_is_read_too_and_a_byte_order_mark_ignored(write_text):
-    path = write_text("run.json", '{"preset": "micro", "max_iters": null, '
-                      '"smolgpt_version": "0.6.0"}')
+    path = write_text(
+        "run.json", '{"preset": "micro", "max_iters": null, "smolgpt_version": "0.6.0"}'
+    )
     assert read_config_file(path) == {"preset": "micro", "max_iters": None}
-    bom = write_text("bom.toml", "\ufeffpreset = \"micro\"\n")
+    bom = write_text("bom.toml", '\ufeffpreset = "micro"\n')
     assert read_config_file(bom) == {"preset": "micro"}
 
 
-@pytest.mark.parametrize("text, needles", [
-    ("maxiters = 10\n", ["maxiters", "did you mean max_iters"]),
-    ("max_iters = 10\nlearnig_rate = 0.1\nzzz = 1\n", ["learnig_rate", "learning_rate", "zzz"]),
-    ("config = \"other.toml\"\n", ["unknown setting", "config"]),  # no file includes another
-])
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ("maxiters = 10\n", ["maxiters", "did you mean max_iters"]),
+        ("max_iters = 10\nlearnig_rate = 0.1\nzzz = 1\n", ["learnig_rate", "learning_rate", "zzz"]),
+        ('config = "other.toml"\n', ["unknown setting", "config"]),  # no file includes another
+    ],
+)
 def test_unknown_keys_are_named_with_the_closest_valid_one(write_config, text, needles):
     with pytest.raises(SmolGPTError) as err:
         read_config_file(write_config(text))
@@ -79,16 +85,19 @@ def test_unknown_keys_are_named_with_the_closest_valid_one(write_config, text, n
         assert needle in message
 
 
-@pytest.mark.parametrize("line, needles", [
-    ('max_iters = "2000"', ["max_iters", "an integer", "'2000'", "a string"]),
-    ("max_iters = 2000.0", ["max_iters", "an integer", "2000.0", "a number"]),
-    ("batch_size = true", ["batch_size", "an integer", "True (true or false)"]),
-    ("amp = 1", ["amp", "true or false", "an integer"]),
-    ('learning_rate = "1e-3"', ["learning_rate", "a number", "a string"]),
-    ("level = 1", ["level", "a string", "an integer"]),
-    ("n_layer = [1, 2]", ["n_layer", "an integer", "an array"]),
-    ("seed = 1979-05-27", ["seed", "an integer"]),
-])
+@pytest.mark.parametrize(
+    "line, needles",
+    [
+        ('max_iters = "2000"', ["max_iters", "an integer", "'2000'", "a string"]),
+        ("max_iters = 2000.0", ["max_iters", "an integer", "2000.0", "a number"]),
+        ("batch_size = true", ["batch_size", "an integer", "True (true or false)"]),
+        ("amp = 1", ["amp", "true or false", "an integer"]),
+        ('learning_rate = "1e-3"', ["learning_rate", "a number", "a string"]),
+        ("level = 1", ["level", "a string", "an integer"]),
+        ("n_layer = [1, 2]", ["n_layer", "an integer", "an array"]),
+        ("seed = 1979-05-27", ["seed", "an integer"]),
+    ],
+)
 def test_a_value_of_the_wrong_type_names_the_key_and_the_type(write_config, line, needles):
     with pytest.raises(SmolGPTError) as err:
         read_config_file(write_config(f'preset = "nano"\n{line}\n'))
@@ -122,6 +131,7 @@ def test_a_missing_file_a_directory_and_non_text_are_refused(tmp_path, write_tex
 
 # ------------------------------------------------------------------------ training with one
 
+
 def saved_train_config(run_dir: Path) -> dict:
     return checkpoint.load(run_dir / "latest_model.pth")["train_config"]
 
@@ -131,8 +141,7 @@ def test_preset_then_file_then_keyword_arguments(write_config, corpus, tmp_path,
     say otherwise, the file over nano, the arguments over the file; relative paths in the
     file are relative to the current directory."""
     monkeypatch.chdir(tmp_path)
-    path = write_config(TINY_TOML + f'data = "{corpus.name}"\nout_dir = "run"\n',
-                        "conf/run.toml")
+    path = write_config(TINY_TOML + f'data = "{corpus.name}"\nout_dir = "run"\n', "conf/run.toml")
     result = smolgpt.train(config=path, learning_rate=7e-3)
     assert result.out_dir == Path("run") and result.iterations == 4
     cfg = saved_train_config(tmp_path / "run")
@@ -152,7 +161,8 @@ def test_preset_then_file_then_keyword_arguments(write_config, corpus, tmp_path,
 
 
 def test_resume_rewrites_config_json_and_holds_the_file_to_the_resume_rules(
-        write_config, corpus, tmp_path):
+    write_config, corpus, tmp_path
+):
     run = tmp_path / "run"
     path = write_config(TINY_TOML + f'data = "{corpus}"\nout_dir = "{run}"\n')
     smolgpt.train(config=path)
@@ -163,12 +173,15 @@ def test_resume_rewrites_config_json_and_holds_the_file_to_the_resume_rules(
     assert resumed.iterations == 6
     again = json.loads((run / "config.json").read_text(encoding="utf-8"))
     assert again["max_iters"] == 6 and again["resume"] is True
-    assert {k: v for k, v in again.items() if k not in ("max_iters", "resume")} == \
-        {k: v for k, v in first.items() if k not in ("max_iters", "resume")}
+    assert {k: v for k, v in again.items() if k not in ("max_iters", "resume")} == {
+        k: v for k, v in first.items() if k not in ("max_iters", "resume")
+    }
 
     # A file's value counts as a flag typed now: one that changes what the run is, is refused.
-    bigger = write_config(TINY_TOML.replace("n_layer = 1", "n_layer = 2")
-                          + f'data = "{corpus}"\nout_dir = "{run}"\n', "bigger.toml")
+    bigger = write_config(
+        TINY_TOML.replace("n_layer = 1", "n_layer = 2") + f'data = "{corpus}"\nout_dir = "{run}"\n',
+        "bigger.toml",
+    )
     with pytest.raises(SmolGPTError, match="--resume cannot change --n_layer 2"):
         smolgpt.train(config=bigger, resume=True, max_iters=8)
     assert json.loads((run / "config.json").read_text(encoding="utf-8")) == again
@@ -183,15 +196,16 @@ def test_a_bad_file_stops_the_run_before_anything_is_written(write_config, corpu
 
 # ----------------------------------------------------------------------- the command line
 
+
 @pytest.mark.slow
 def test_train_py_reads_a_config_file_and_flags_win(smol_cli, tmp_path):
     conf = tmp_path / "conf"
     conf.mkdir()
     (tmp_path / "corpus.txt").write_text(e2e_corpus_text(8_000), encoding="utf-8")
-    (conf / "run.toml").write_text(TINY_TOML + 'data = "corpus.txt"\nout_dir = "run"\n',
-                                   encoding="utf-8")
-    result = smol_cli.run("train", "--config", conf / "run.toml", "--max_iters", "2",
-                          cwd=tmp_path)
+    (conf / "run.toml").write_text(
+        TINY_TOML + 'data = "corpus.txt"\nout_dir = "run"\n', encoding="utf-8"
+    )
+    result = smol_cli.run("train", "--config", conf / "run.toml", "--max_iters", "2", cwd=tmp_path)
     assert result.returncode == 0, result.describe()
     cfg = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
     assert (cfg["max_iters"], cfg["n_layer"], cfg["optimizer"]) == (2, 1, "muon")
@@ -199,23 +213,35 @@ def test_train_py_reads_a_config_file_and_flags_win(smol_cli, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("text, needles", [
-    ('preset = "nano"\nmax_iter = 5\n', ["max_iter", "did you mean max_iters"]),
-    ('preset = "nano"\nmax_iters = "5"\n', ["max_iters", "an integer", "a string"]),
-    ('preset = "nano"\nmax_iters = \n', ["not valid TOML", "line 2"]),
-])
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ('preset = "nano"\nmax_iter = 5\n', ["max_iter", "did you mean max_iters"]),
+        ('preset = "nano"\nmax_iters = "5"\n', ["max_iters", "an integer", "a string"]),
+        ('preset = "nano"\nmax_iters = \n', ["not valid TOML", "line 2"]),
+    ],
+)
 def test_a_bad_config_file_is_one_line_and_status_2(smol_cli, tmp_path, text, needles):
     (tmp_path / "run.toml").write_text(text, encoding="utf-8")
     out = tmp_path / "run"
-    result = smol_cli.run("module", "train", "--config", tmp_path / "run.toml",
-                          "--data", smol_cli.corpus, "--out_dir", out)
+    result = smol_cli.run(
+        "module",
+        "train",
+        "--config",
+        tmp_path / "run.toml",
+        "--data",
+        smol_cli.corpus,
+        "--out_dir",
+        out,
+    )
     smol_cli.assert_one_line_error(result, "run.toml", *needles)
     assert not out.exists()
 
 
 @pytest.mark.slow
 def test_a_missing_config_file_is_one_line_and_status_2(smol_cli, tmp_path):
-    result = smol_cli.run("module", "train", "--config", tmp_path / "nope.toml",
-                          "--out_dir", tmp_path / "run")
+    result = smol_cli.run(
+        "module", "train", "--config", tmp_path / "nope.toml", "--out_dir", tmp_path / "run"
+    )
     smol_cli.assert_one_line_error(result, "nope.toml", "does not exist")
     assert not (tmp_path / "run").exists()

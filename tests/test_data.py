@@ -35,15 +35,17 @@ from smolgpt.data import (
 from smolgpt.errors import SmolGPTError
 from smolgpt.tokenizer import CharTokenizer, WordTokenizer
 
-WORDS = ("the holmes watson said it was a quiet evening in baker street and "
-         "nothing of interest had happened since the morning post").split()
+WORDS = (
+    "the holmes watson said it was a quiet evening in baker street and "
+    "nothing of interest had happened since the morning post"
+).split()
 
 
 def prose(n_words: int, seed: int = 0) -> str:
     """Deterministic word salad with punctuation and line breaks."""
     rng = random.Random(seed)
     lines, line = [], []
-    for i in range(n_words):
+    for _ in range(n_words):
         word = rng.choice(WORDS)
         line.append(word.capitalize() if not line else word)
         if rng.random() < 0.08:
@@ -60,6 +62,7 @@ def all_files(root: Path) -> dict[Path, int]:
 
 
 # --------------------------------------------------------------------------- resolve_corpus
+
 
 def test_resolve_corpus_file(write_text):
     path = write_text("book.txt", "hello\n")
@@ -103,6 +106,7 @@ def test_resolve_corpus_url_downloads(http_server):
 
 
 # --------------------------------------------------------------------------- iter_text
+
 
 def test_iter_text_chunks_end_at_line_breaks_and_join_files(write_text, tmp_path):
     one = write_text("d/1.txt", prose(400, seed=1))
@@ -151,6 +155,7 @@ def test_iter_text_default_chunk_follows_module_setting(write_text, monkeypatch)
 
 
 # --------------------------------------------------------------------------- prepare
+
 
 def test_prepare_char_split_is_contiguous_with_val_last(write_text):
     text = prose(600) + "Ünïcödé 🙂 ends here.\n"
@@ -301,8 +306,10 @@ def test_prepare_cache_key_depends_on_encoding(tmp_path, isolated_cache):
 
 def spread_out_rare_words(every: int, n_words: int = 2000) -> str:
     """Four frequent words, one of every `every` words a word seen only once instead."""
-    words = [f"unique{i}" if i % every == every - 1 else ("the", "old", "grey", "house")[i % 4]
-             for i in range(n_words)]
+    words = [
+        f"unique{i}" if i % every == every - 1 else ("the", "old", "grey", "house")[i % 4]
+        for i in range(n_words)
+    ]
     return "\n".join(" ".join(words[i : i + 10]) for i in range(0, n_words, 10)) + "\n"
 
 
@@ -321,8 +328,9 @@ def test_summary_reports_unk_at_word_level(write_text, monkeypatch):
 
 
 @pytest.mark.parametrize("min_word_freq, lower", [(2, 1), (3, 1), (5, 2), (40, 3)])
-def test_unk_over_the_threshold_is_warned_with_the_flag_that_helps(write_text, min_word_freq,
-                                                                  lower):
+def test_unk_over_the_threshold_is_warned_with_the_flag_that_helps(
+    write_text, min_word_freq, lower
+):
     path = write_text("t.txt", spread_out_rare_words(every=10))
     tokens = prepare(resolve_corpus(str(path)), "word", min_word_freq)
     assert tokens.unk_rates == (0.1, 0.1) and data.UNK_WARN_RATE < 0.1
@@ -331,11 +339,14 @@ def test_unk_over_the_threshold_is_warned_with_the_flag_that_helps(write_text, m
     assert f"--min_word_freq {lower}," in warning  # lower, and at most the default
 
 
-@pytest.mark.parametrize("text, min_word_freq", [
-    (" ".join("the" if i % 3 == 0 else f"rare{i}" for i in range(900)), 2),  # 2/3 <UNK>
-    (prose(2000), 100_000),  # no word is that frequent: the vocabulary holds no word
-    ("the old house. " * 10 + "!!! ,,, ... " * 100, 20),  # punctuation only
-])
+@pytest.mark.parametrize(
+    "text, min_word_freq",
+    [
+        (" ".join("the" if i % 3 == 0 else f"rare{i}" for i in range(900)), 2),  # 2/3 <UNK>
+        (prose(2000), 100_000),  # no word is that frequent: the vocabulary holds no word
+        ("the old house. " * 10 + "!!! ,,, ... " * 100, 20),  # punctuation only
+    ],
+)
 def test_a_vocabulary_that_teaches_nothing_is_refused(write_text, text, min_word_freq):
     path = write_text("t.txt", text)
     with pytest.raises(SmolGPTError, match=f"^--min_word_freq {min_word_freq} leaves ") as err:
@@ -378,8 +389,9 @@ def test_word_level_process_pool_gives_same_ids(write_text, tmp_path, monkeypatc
 
     # The pool's workers count and encode normalised text too.
     windows = tmp_path / "windows.txt"
-    windows.write_bytes(("\ufeff" + text.replace("\n", "\r\n").replace(" it ", " it’s ")
-                         ).encode("utf-8"))
+    windows.write_bytes(
+        ("\ufeff" + text.replace("\n", "\r\n").replace(" it ", " it’s ")).encode("utf-8")
+    )
     typed = write_text("typed.txt", text.replace(" it ", " it's "))
     expected = prepare(resolve_corpus(str(typed)), "word", min_word_freq=2)
     assert "it's" in expected.tokenizer.stoi
@@ -389,6 +401,7 @@ def test_word_level_process_pool_gives_same_ids(write_text, tmp_path, monkeypatc
 
 
 # --------------------------------------------------------------------------- BatchSampler
+
 
 def sampler(ids, seed=0, block=8, batch=4) -> BatchSampler:
     return BatchSampler(ids, block, batch, seed, torch.device("cpu"))
@@ -544,7 +557,10 @@ def test_strip_gutenberg():
 
 
 def test_strip_gutenberg_variants():
-    this = "junk\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\nbody\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nlicence"
+    this = (
+        "junk\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\nbody\n"
+        "*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nlicence"
+    )
     assert strip_gutenberg(this) == "body\n"
     no_end = "junk\n***START OF THE PROJECT GUTENBERG EBOOK X ***\nbody text\n"
     assert strip_gutenberg(no_end) == "body text\n"
@@ -555,7 +571,9 @@ def serve_sherlock(server, body: bytes) -> None:
     server.routes[f"/cache/epub/{SHERLOCK.ebook}/pg{SHERLOCK.ebook}.txt"] = body
 
 
-def test_gutenberg_path_verifies_and_caches(http_server, sherlock_text, monkeypatch, isolated_cache):
+def test_gutenberg_path_verifies_and_caches(
+    http_server, sherlock_text, monkeypatch, isolated_cache
+):
     serve_sherlock(http_server, gutenberg_file(sherlock_text))
     monkeypatch.setenv("SMOLGPT_GUTENBERG_MIRROR", http_server.url + "/")
     path = gutenberg_path(SHERLOCK, "sherlock")
@@ -613,11 +631,13 @@ def test_download_url_failure_caches_nothing(http_server, isolated_cache, closed
 
 # ---------------------------------------------------------------- damaged token caches
 
+
 def _truncate(fraction: float):
     def damage(entry: Path) -> None:
         ids = entry / "tokens.bin"
         with open(ids, "r+b") as f:
             f.truncate(int(ids.stat().st_size * fraction))
+
     return damage
 
 
@@ -635,13 +655,16 @@ def _edit_meta(change):
         meta = json.loads((entry / "meta.json").read_text())
         change(meta)
         (entry / "meta.json").write_text(json.dumps(meta))
+
     return damage
 
 
 CACHE_DAMAGE = {
     "emptied": _truncate(0.0),
     "cut to half": _truncate(0.5),
-    "one byte short": lambda e: os.truncate(e / "tokens.bin", (e / "tokens.bin").stat().st_size - 1),
+    "one byte short": lambda e: os.truncate(
+        e / "tokens.bin", (e / "tokens.bin").stat().st_size - 1
+    ),
     "one flipped bit": _flip_one_bit,
     "ids missing": lambda e: (e / "tokens.bin").unlink(),
     "metadata missing": lambda e: (e / "meta.json").unlink(),
@@ -701,11 +724,18 @@ print(json.dumps([len(tokens.train), len(tokens.val), int(tokens.train.sum())]))
 def test_two_processes_preparing_one_corpus_both_succeed(write_text, isolated_cache):
     path = write_text("book.txt", prose(60_000))  # long enough for the two to overlap
     env = {**os.environ, "SMOLGPT_CACHE_DIR": str(isolated_cache)}
-    procs = [subprocess.Popen([sys.executable, "-c", _PREPARE, str(path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PREPARE, str(path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err
         assert "damaged" not in err, err
     assert outputs[0][0] == outputs[1][0]

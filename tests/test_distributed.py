@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e import E2E_ROOT, E2EProcess, e2e_wait_for, unused_port
 
 import smolgpt
 from smolgpt import checkpoint
+
+from e2e import E2E_ROOT, E2EProcess, e2e_wait_for, unused_port
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +33,12 @@ def torchrun(smol_cli, logs: Path, launch: list, *train_args, **kwargs) -> E2EPr
 
 
 def two_ranks(smol_cli, tmp_path: Path, name: str, *train_args) -> E2EProcess:
-    return torchrun(smol_cli, tmp_path / "logs" / name, ["--standalone", "--nproc_per_node=2"],
-                    *smol_cli.train_args("char", tmp_path / name, *train_args))
+    return torchrun(
+        smol_cli,
+        tmp_path / "logs" / name,
+        ["--standalone", "--nproc_per_node=2"],
+        *smol_cli.train_args("char", tmp_path / name, *train_args),
+    )
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -82,25 +87,37 @@ def workers(launcher: E2EProcess, count: int) -> dict[int, int]:
 def test_two_processes_train_as_one_with_twice_the_accumulation(smol_cli, tmp_path):
     steps = ("--max_iters", "20")
     pair = two_ranks(smol_cli, tmp_path, "pair", *steps)
-    single = smol_cli.run("train", *smol_cli.train_args(
-        "char", tmp_path / "single", *steps, "--gradient_accumulation_steps", "2"))
+    single = smol_cli.run(
+        "train",
+        *smol_cli.train_args(
+            "char", tmp_path / "single", *steps, "--gradient_accumulation_steps", "2"
+        ),
+    )
     result = pair.wait(240)
     assert result.returncode == 0, result.describe()
     assert single.returncode == 0, single.describe()
     # Muon (the nano preset's) kept the ranks' weights identical; one report, by rank 0.
     assert "the 2 ranks held identical weights at every evaluation" in result.stderr
-    assert "global batch 16 sequences = 8 per micro-batch x 1 accumulation x 2 ranks" \
-        in result.stderr
+    assert (
+        "global batch 16 sequences = 8 per micro-batch x 1 accumulation x 2 ranks" in result.stderr
+    )
     assert result.stderr.count("done: 20 iterations") == 1
     assert_same_curves(rows(tmp_path / "pair"), rows(tmp_path / "single"))
     # One set of files, each written once.
     assert sorted(p.name for p in (tmp_path / "pair").iterdir()) == [
-        ".lock", "best_model.pth", "config.json", "latest_model.pth", "metrics.jsonl"]
+        ".lock",
+        "best_model.pth",
+        "config.json",
+        "latest_model.pth",
+        "metrics.jsonl",
+    ]
     assert [r["iter"] for r in rows(tmp_path / "pair")] == [0, 10, 20]
     # Its checkpoint is an ordinary one: one process loads it and samples.
     ckpt = checkpoint.load(tmp_path / "pair" / "latest_model.pth")
     assert ckpt["run_info"]["world_size"] == 2 and len(ckpt["rng"]["other_ranks"]["torch"]) == 1
-    text = smolgpt.load(tmp_path / "pair" / "best_model.pth", "cpu").generate("The", max_new_tokens=20)
+    text = smolgpt.load(tmp_path / "pair" / "best_model.pth", "cpu").generate(
+        "The", max_new_tokens=20
+    )
     assert text.startswith("The") and len(text) == 23
 
 
@@ -109,8 +126,11 @@ def test_a_signal_to_one_rank_stops_all_and_the_run_resumes_at_any_world_size(sm
     straight = two_ranks(smol_cli, tmp_path, "straight", *steps)
     stopped = two_ranks(smol_cli, tmp_path, "stopped", *steps)
     ranks = workers(stopped, 2)
-    e2e_wait_for(lambda: (tmp_path / "stopped" / "latest_model.pth").exists(), process=stopped,
-                 what="the first checkpoint")
+    e2e_wait_for(
+        lambda: (tmp_path / "stopped" / "latest_model.pth").exists(),
+        process=stopped,
+        what="the first checkpoint",
+    )
     time.sleep(0.3)  # a few steps on
     os.kill(ranks[1], signal.SIGTERM)  # one rank only, not rank 0
     result = stopped.wait(120)
@@ -132,8 +152,12 @@ def test_a_signal_to_one_rank_stops_all_and_the_run_resumes_at_any_world_size(sm
 
     # And in one process with twice the accumulation, from the stopped run's checkpoint:
     # the same global batch from the same stream, so the same run again.
-    single = smol_cli.run("train", *smol_cli.train_args(
-        "char", again, *steps, "--gradient_accumulation_steps", "2", "--resume"))
+    single = smol_cli.run(
+        "train",
+        *smol_cli.train_args(
+            "char", again, *steps, "--gradient_accumulation_steps", "2", "--resume"
+        ),
+    )
     assert single.returncode == 0, single.describe()
     assert "gradient_accumulation_steps changed from 1 to 2" in single.stderr
     assert_same_curves(rows(again), rows(tmp_path / "straight"))
@@ -141,14 +165,25 @@ def test_a_signal_to_one_rank_stops_all_and_the_run_resumes_at_any_world_size(sm
 
 def test_two_launches_on_one_machine_act_as_two_nodes(smol_cli, tmp_path):
     endpoint = f"127.0.0.1:{unused_port()}"
-    launches = [torchrun(smol_cli, tmp_path / "logs" / f"node{n}",
-                         ["--nnodes=2", "--nproc_per_node=1", f"--node_rank={n}",
-                          "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}",
-                          "--rdzv_id=smolgpt-test"],
-                         # Rank 0's clock ends the run for both: --time_budget is agreed.
-                         *smol_cli.train_args("char", tmp_path / "run", "--time_budget", "4",
-                                              "--max_iters", "100000"))
-                for n in (0, 1)]
+    launches = [
+        torchrun(
+            smol_cli,
+            tmp_path / "logs" / f"node{n}",
+            [
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={n}",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={endpoint}",
+                "--rdzv_id=smolgpt-test",
+            ],
+            # Rank 0's clock ends the run for both: --time_budget is agreed.
+            *smol_cli.train_args(
+                "char", tmp_path / "run", "--time_budget", "4", "--max_iters", "100000"
+            ),
+        )
+        for n in (0, 1)
+    ]
     results = [launch.wait(240) for launch in launches]
     for result in results:
         assert result.returncode == 0, result.describe()
@@ -156,39 +191,55 @@ def test_two_launches_on_one_machine_act_as_two_nodes(smol_cli, tmp_path):
     assert "2 ranks (Gloo)" in "".join(r.stderr for r in results)
     last = rows(tmp_path / "run")[-1]
     assert last["iter"] > 0 and last["elapsed_s"] <= 12, last
-    assert checkpoint.load(tmp_path / "run" / "latest_model.pth")["progress"]["iter"] == last["iter"]
+    assert (
+        checkpoint.load(tmp_path / "run" / "latest_model.pth")["progress"]["iter"] == last["iter"]
+    )
 
 
 def test_a_rank_killed_outright_ends_the_run_without_a_hang(smol_cli, tmp_path):
     run = two_ranks(smol_cli, tmp_path, "run", "--max_iters", "100000", "--eval_interval", "50")
     ranks = workers(run, 2)
-    e2e_wait_for(lambda: (tmp_path / "run" / "latest_model.pth").exists(), process=run,
-                 what="the first checkpoint")
+    e2e_wait_for(
+        lambda: (tmp_path / "run" / "latest_model.pth").exists(),
+        process=run,
+        what="the first checkpoint",
+    )
     os.kill(ranks[1], signal.SIGKILL)
     result = run.wait(120)  # the launcher notices and ends rank 0: within seconds
     assert result.returncode != 0, result.describe()
     assert result.seconds < 100, result.describe()
     # Rank 0 says why in one line, and what it saved before is intact.
-    assert "error: rank 0 of 2 lost contact with the other ranks (" in result.stderr, \
+    assert "error: rank 0 of 2 lost contact with the other ranks (" in result.stderr, (
         result.describe()
+    )
     assert_no_traceback_of_ours(result.stderr)
     checkpoint.load(tmp_path / "run" / "latest_model.pth")
 
 
-@pytest.mark.parametrize("signum,to_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
-                         ids=["ctrl-c", "sigterm-to-torchrun"])
-def test_a_signal_to_the_launch_stops_every_rank_at_one_step(smol_cli, tmp_path, signum,
-                                                              to_group):
+@pytest.mark.parametrize(
+    "signum,to_group",
+    [(signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["ctrl-c", "sigterm-to-torchrun"],
+)
+def test_a_signal_to_the_launch_stops_every_rank_at_one_step(smol_cli, tmp_path, signum, to_group):
     """SIGTERM to torchrun: it forwards it to every rank. A terminal's Ctrl-C sends SIGINT
     to torchrun and to every rank, and torchrun forwards it again: that repeat is not taken
     for a second Ctrl-C."""
-    run = torchrun(smol_cli, tmp_path / "logs", ["--standalone", "--nproc_per_node=2"],
-                   *smol_cli.train_args("char", tmp_path / "run", "--max_iters", "100000",
-                                        "--eval_interval", "50"),
-                   start_new_session=True)  # its own process group, as a terminal gives
+    run = torchrun(
+        smol_cli,
+        tmp_path / "logs",
+        ["--standalone", "--nproc_per_node=2"],
+        *smol_cli.train_args(
+            "char", tmp_path / "run", "--max_iters", "100000", "--eval_interval", "50"
+        ),
+        start_new_session=True,
+    )  # its own process group, as a terminal gives
     workers(run, 2)
-    e2e_wait_for(lambda: (tmp_path / "run" / "latest_model.pth").exists(), process=run,
-                 what="the first checkpoint")
+    e2e_wait_for(
+        lambda: (tmp_path / "run" / "latest_model.pth").exists(),
+        process=run,
+        what="the first checkpoint",
+    )
     time.sleep(0.3)
     if to_group:
         os.killpg(run.pid, signum)

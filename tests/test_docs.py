@@ -44,8 +44,12 @@ def test_every_block_runs_and_its_observations_hold(name, tmp_path, monkeypatch,
 def _options() -> set[str]:
     parser = build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices.values()
-    return {option for command in commands for action in command._actions
-            for option in action.option_strings}
+    return {
+        option
+        for command in commands
+        for action in command._actions
+        for option in action.option_strings
+    }
 
 
 def test_every_flag_the_docs_name_exists():
@@ -63,5 +67,5 @@ def test_every_link_resolves_and_the_readme_points_into_the_tour():
             if not target.startswith("http"):
                 assert (DOCS / target).exists(), f"docs/{name} links to {target}"
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    learners = readme[readme.index("**For learners:**"):readme.index("**For practitioners:**")]
+    learners = readme[readme.index("**For learners:**") : readme.index("**For practitioners:**")]
     assert "docs/tour.md" in learners and "docs/exercises.md" in learners

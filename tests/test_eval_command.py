@@ -12,24 +12,40 @@ import sys
 from pathlib import Path
 
 import pytest
-from e2e import e2e_corpus_text, smolgpt_without
-from test_cli import cli_main  # noqa: F401 - a fixture
 
 import smolgpt
 from smolgpt import data
 from smolgpt.evaluate import window_starts
 
+from e2e import e2e_corpus_text, smolgpt_without
+
 # Small enough that an evaluation of eval_iters x batch_size = 60 windows of 16 tokens covers
 # the whole validation split at either level: the log's val loss is then smolgpt eval's.
-TINY = dict(preset="nano", n_layer=1, n_embd=16, n_head=2, block_size=16, batch_size=4,
-            eval_iters=15, eval_interval=5, max_iters=10, early_stop_patience=0,
-            min_word_freq=1)
+TINY = dict(
+    preset="nano",
+    n_layer=1,
+    n_embd=16,
+    n_head=2,
+    block_size=16,
+    batch_size=4,
+    eval_iters=15,
+    eval_interval=5,
+    max_iters=10,
+    early_stop_patience=0,
+    min_word_freq=1,
+)
 
 
 def smolgpt_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "smolgpt", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=180, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "smolgpt", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -37,6 +53,7 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------- windows
+
 
 @pytest.mark.parametrize("n,block", [(2, 8), (9, 8), (10, 8), (100, 7), (65, 16)])
 def test_windows_predict_every_token_after_the_first_once(n, block):
@@ -56,6 +73,7 @@ def test_a_capped_evaluation_takes_full_windows_spread_over_the_split():
 
 
 # ------------------------------------------------------------- the validation text
+
 
 @pytest.mark.parametrize("level", ["char", "word"])
 def test_the_validation_text_encodes_to_the_validation_ids(tmp_path, monkeypatch, level):
@@ -81,10 +99,10 @@ def test_the_validation_text_encodes_to_the_validation_ids(tmp_path, monkeypatch
 
 # ------------------------------------------------------- the log agrees with eval
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("level", ["char", "word"])
-def test_eval_agrees_with_the_training_log_on_the_same_windows(tmp_path, level,
-                                                              cpu_precision):
+def test_eval_agrees_with_the_training_log_on_the_same_windows(tmp_path, level, cpu_precision):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(e2e_corpus_text(7_000), encoding="utf-8")
     run = tmp_path / "run"
@@ -99,8 +117,7 @@ def test_eval_agrees_with_the_training_log_on_the_same_windows(tmp_path, level,
     # The same windows: equal up to how the policy rounds (eval groups them otherwise).
     tolerance = cpu_precision.loss_tolerance
     assert scores["loss"] == pytest.approx(last["val_loss"], abs=tolerance)
-    assert scores["bits_per_char"] == pytest.approx(last["val_bits_per_char"],
-                                                    abs=tolerance * 1.5)
+    assert scores["bits_per_char"] == pytest.approx(last["val_bits_per_char"], abs=tolerance * 1.5)
     assert scores["perplexity"] == pytest.approx(math.exp(scores["loss"]))
     tokens = data.prepare(data.resolve_corpus(str(corpus)), level, 1)
     assert scores["tokens"] == len(tokens.val) and scores["chars"] == tokens.val_chars
@@ -122,8 +139,13 @@ def test_eval_scores_any_text_and_refuses_what_it_cannot_read(tmp_path, cli_main
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(e2e_corpus_text(7_000), encoding="utf-8")
     run = tmp_path / "run"
-    smolgpt.train(data=str(corpus), level="char", out_dir=str(run), plot=False,
-                  **{**TINY, "max_iters": 2, "eval_interval": 2})
+    smolgpt.train(
+        data=str(corpus),
+        level="char",
+        out_dir=str(run),
+        plot=False,
+        **{**TINY, "max_iters": 2, "eval_interval": 2},
+    )
     other = tmp_path / "other.txt"
     other.write_text(corpus.read_text(encoding="utf-8")[:3_000], encoding="utf-8")
     done = smolgpt_cli("eval", run, "--data", other, "--json")
@@ -145,7 +167,12 @@ def test_eval_scores_any_text_and_refuses_what_it_cannot_read(tmp_path, cli_main
     assert "missing.txt" in result.stderr and "Traceback" not in result.stderr
     refused(run, "--batch_size", "0", match="--batch_size")
     (tmp_path / "odd.txt").write_text("zzz \u2603 qqq", encoding="utf-8")
-    refused(run, "--data", tmp_path / "odd.txt", match="characters the model does not know: 'z', '\u2603'")
+    refused(
+        run,
+        "--data",
+        tmp_path / "odd.txt",
+        match="characters the model does not know: 'z', '\u2603'",
+    )
     refused(tmp_path / "nothing-here", match="nothing-here")
     # The run's text changed since: its validation split is gone.
     corpus.write_text(e2e_corpus_text(7_000, seed=99), encoding="utf-8")
@@ -155,6 +182,7 @@ def test_eval_scores_any_text_and_refuses_what_it_cannot_read(tmp_path, cli_main
 
 
 # ---------------------------------------------------------------- loss.png in a run
+
 
 @pytest.mark.slow
 def test_training_redraws_loss_png_at_every_evaluation(tmp_path):
@@ -176,12 +204,19 @@ def test_training_redraws_loss_png_at_every_evaluation(tmp_path):
 
     # A resumed run redraws it with its new rows; --no-plot leaves it alone.
     before = png.read_bytes()
-    smolgpt.train(data=str(corpus), level="char", out_dir=str(run), resume=True,
-                  **{**TINY, "max_iters": 15})
+    smolgpt.train(
+        data=str(corpus), level="char", out_dir=str(run), resume=True, **{**TINY, "max_iters": 15}
+    )
     assert png.read_bytes() != before
     after = png.read_bytes()
-    smolgpt.train(data=str(corpus), level="char", out_dir=str(run), resume=True, plot=False,
-                  **{**TINY, "max_iters": 20})
+    smolgpt.train(
+        data=str(corpus),
+        level="char",
+        out_dir=str(run),
+        resume=True,
+        plot=False,
+        **{**TINY, "max_iters": 20},
+    )
     assert png.read_bytes() == after and len(rows(run)) == 5
 
 
@@ -189,12 +224,22 @@ def test_training_redraws_loss_png_at_every_evaluation(tmp_path):
 def test_without_matplotlib_training_works_and_says_how_to_get_plots(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(e2e_corpus_text(7_000), encoding="utf-8")
-    done = smolgpt_without("matplotlib", "train", "--data", corpus, "--level", "char",
-                           "--out_dir", tmp_path / "run", settings=TINY)
+    done = smolgpt_without(
+        "matplotlib",
+        "train",
+        "--data",
+        corpus,
+        "--level",
+        "char",
+        "--out_dir",
+        tmp_path / "run",
+        settings=TINY,
+    )
     assert done.returncode == 0, done.stderr
     hints = [line for line in done.stderr.splitlines() if "loss.png" in line]
-    assert hints == ["no loss.png: plots need matplotlib: pip install 'smolgpt[plot]' "
-                     "(--no-plot silences this)"]
+    assert hints == [
+        "no loss.png: plots need matplotlib: pip install 'smolgpt[plot]' (--no-plot silences this)"
+    ]
     assert "Traceback" not in done.stderr
     assert (tmp_path / "run" / "best_model.pth").is_file()
     assert not (tmp_path / "run" / "loss.png").exists()

@@ -16,13 +16,20 @@ from smolgpt.tokenizer import CharTokenizer, WordTokenizer
 
 CHARS = "abcdefg \n"
 # 3 windows of block_size 8, and 5 tokens more in a shorter last window.
-TEXT = ("bad cafe\nfeed a bead\nface a fad\n" * 3)[:3 * 8 + 1 + 5]
+TEXT = ("bad cafe\nfeed a bead\nface a fad\n" * 3)[: 3 * 8 + 1 + 5]
 
 
 def make_model(vocab_size: int, position: str = "rope", block_size: int = 8) -> GPT:
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2,
-                         n_embd=16, dropout=0.0, position=position)
+    config = ModelConfig(
+        vocab_size=vocab_size,
+        block_size=block_size,
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        dropout=0.0,
+        position=position,
+    )
     return GPT(config).eval()
 
 
@@ -58,8 +65,9 @@ def test_uniform_char_model_costs_log2_k_bits_per_char(position):
     k = len(CHARS)
     # n - 1 predictions of log k nats each, over n characters.
     assert result.loss == pytest.approx(math.log(k), abs=1e-6)
-    assert result.bits_per_char == pytest.approx(math.log2(k) * (len(TEXT) - 1) / len(TEXT),
-                                                 abs=1e-6)
+    assert result.bits_per_char == pytest.approx(
+        math.log2(k) * (len(TEXT) - 1) / len(TEXT), abs=1e-6
+    )
     assert result.tokens == result.chars == len(TEXT)
     assert result.unk_tokens == 0
 
@@ -88,9 +96,12 @@ def test_perplexity_is_exp_loss_and_to_dict_has_the_six_scores():
     result = evaluate_text(make_model(tokenizer.vocab_size), tokenizer, TEXT)
     assert result.perplexity == pytest.approx(math.exp(result.loss), rel=1e-12)
     assert result.to_dict() == {
-        "loss": result.loss, "perplexity": result.perplexity,
-        "bits_per_char": result.bits_per_char, "tokens": result.tokens,
-        "chars": result.chars, "unk_tokens": result.unk_tokens,
+        "loss": result.loss,
+        "perplexity": result.perplexity,
+        "bits_per_char": result.bits_per_char,
+        "tokens": result.tokens,
+        "chars": result.chars,
+        "unk_tokens": result.unk_tokens,
     }
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from e2e import E2EResult, e2e_assert_one_line_error
 
 import smolgpt
 from smolgpt import checkpoint, cli, interop
@@ -29,6 +28,8 @@ from smolgpt.errors import SmolGPTError
 from smolgpt.model import GPT
 from smolgpt.sampling import generate
 from smolgpt.tokenizer import CharTokenizer, WordTokenizer
+
+from e2e import E2EResult, e2e_assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,13 +57,24 @@ def make_tokenizer(level: str):
     return CharTokenizer.train([CORPUS]) if level == "char" else WordTokenizer.train([CORPUS], 1)
 
 
-def make_model(vocab_size: int, position: str, bias: bool = True, block_size: int = 32,
-               tied: bool = True) -> GPT:
+def make_model(
+    vocab_size: int, position: str, bias: bool = True, block_size: int = 32, tied: bool = True
+) -> GPT:
     """A tiny model whose weights are large enough that its logits say something."""
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2,
-                            n_head=2, n_embd=16, dropout=0.0, bias=bias, position=position,
-                            tie_embeddings=tied))
+    model = GPT(
+        ModelConfig(
+            vocab_size=vocab_size,
+            block_size=block_size,
+            n_layer=2,
+            n_head=2,
+            n_embd=16,
+            dropout=0.0,
+            bias=bias,
+            position=position,
+            tie_embeddings=tied,
+        )
+    )
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -105,24 +117,39 @@ def trained_run(make_trainer, folder: Path, level: str, **settings) -> Path:
 
 # ------------------------------------------------------------------- Hugging Face format
 
-@pytest.mark.parametrize("level, position, bias, tied", [
-    ("char", "learned", True, True), ("char", "rope", False, True),
-    ("word", "learned", False, True), ("word", "rope", True, True),
-    ("char", "learned", True, False), ("word", "rope", False, False),
-])
-def test_transformers_computes_what_smolgpt_computes(transformers, tmp_path, level, position,
-                                                     bias, tied):
+
+@pytest.mark.parametrize(
+    "level, position, bias, tied",
+    [
+        ("char", "learned", True, True),
+        ("char", "rope", False, True),
+        ("word", "learned", False, True),
+        ("word", "rope", True, True),
+        ("char", "learned", True, False),
+        ("word", "rope", False, False),
+    ],
+)
+def test_transformers_computes_what_smolgpt_computes(
+    transformers, tmp_path, level, position, bias, tied
+):
     tokenizer = make_tokenizer(level)
     model = make_model(tokenizer.vocab_size, position, bias, tied=tied)
     out = interop.export_hf(model, tokenizer, tmp_path / "hf", train_config={"preset": "nano"})
-    assert exported_files(out) == {"config.json", "model.safetensors", "tokenizer.json",
-                                   "tokenizer_config.json", "smolgpt.json"}
+    assert exported_files(out) == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "smolgpt.json",
+    }
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(hf).__name__ == {"learned": "GPT2LMHeadModel",
-                                 "rope": "GPTNeoXForCausalLM"}[position]
-    shared = hf.get_output_embeddings().weight.data_ptr() == \
-        hf.get_input_embeddings().weight.data_ptr()
+    assert (
+        type(hf).__name__ == {"learned": "GPT2LMHeadModel", "rope": "GPTNeoXForCausalLM"}[position]
+    )
+    shared = (
+        hf.get_output_embeddings().weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
+    )
     assert shared == tied  # the head is tied or not, as in smolgpt
 
     ids = tokenizer.encode(known_text(tokenizer, CORPUS))[:32]
@@ -135,8 +162,12 @@ def test_transformers_computes_what_smolgpt_computes(transformers, tmp_path, lev
 
     prompt, new = ids[:8], 24  # prompt and continuation within block_size
     greedy = generate(model, prompt, SampleConfig(temperature=0, max_new_tokens=new))[0]
-    hf_greedy = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new,
-                            attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    hf_greedy = hf.generate(
+        torch.tensor([prompt]),
+        do_sample=False,
+        max_new_tokens=new,
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    )
     assert hf_greedy[0].tolist() == prompt + greedy
     assert len(set(greedy)) > 1  # not one token over and over: the comparison says something
 
@@ -150,13 +181,13 @@ def test_transformers_computes_what_smolgpt_computes(transformers, tmp_path, lev
 
 
 @pytest.mark.parametrize("position", ["learned", "rope"])
-def test_a_model_changed_and_saved_by_transformers_loads_back(transformers, tmp_path,
-                                                              position):
+def test_a_model_changed_and_saved_by_transformers_loads_back(transformers, tmp_path, position):
     """As after fine-tuning in transformers: the zero biases of a model without biases have
     changed, so it comes back with biases."""
     tokenizer = make_tokenizer("word")
-    out = interop.export_hf(make_model(tokenizer.vocab_size, position, bias=False), tokenizer,
-                            tmp_path / "hf")
+    out = interop.export_hf(
+        make_model(tokenizer.vocab_size, position, bias=False), tokenizer, tmp_path / "hf"
+    )
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         for p in hf.parameters():
@@ -191,8 +222,10 @@ def test_autotokenizer_gives_smolgpts_ids(transformers, tmp_path, level):
     assert hf.unk_token_id == WordTokenizer.UNK_ID and hf.pad_token_id == WordTokenizer.PAD_ID
     assert hf("zebra Moriarty")["input_ids"] == [WordTokenizer.UNK_ID] * 2
     # Decoding re-attaches punctuation as smolgpt does ...
-    text = ("It's 100% red-headed -- (all) $4 [or #2]; sure! I ca n't say ... yes/no — "
-            "{x} – y, said I. Zebra?")
+    text = (
+        "It's 100% red-headed -- (all) $4 [or #2]; sure! I ca n't say ... yes/no — "
+        "{x} – y, said I. Zebra?"
+    )
     ids = tokenizer.encode(text)
     expected = "it's 100% red-headed--(all) $4 [or #2]; sure! i can't say... yes/no—{x}–y, "
     assert hf.decode(ids) == tokenizer.decode(ids) == expected + "said i. <UNK>?"
@@ -206,8 +239,7 @@ def test_a_tokenizer_that_does_not_normalise_exports_as_it_is(transformers, tmp_
     """Tokenizers saved before smolgpt 0.5 read text as given (CR, curly quotes and all)."""
     words = WordTokenizer.train([CORPUS], 1).itos[2:] + ["holmes’s", "it’s", "“", "”"]
     tokenizer = WordTokenizer(words, 1, normalize=False)
-    out = interop.export_hf(make_model(tokenizer.vocab_size, "learned"), tokenizer,
-                            tmp_path / "hf")
+    out = interop.export_hf(make_model(tokenizer.vocab_size, "learned"), tokenizer, tmp_path / "hf")
     hf = transformers.AutoTokenizer.from_pretrained(out)
     for text in TEXTS:
         assert hf(text)["input_ids"] == tokenizer.encode(text), repr(text)
@@ -215,9 +247,11 @@ def test_a_tokenizer_that_does_not_normalise_exports_as_it_is(transformers, tmp_
 
 # ---------------------------------------------------------------------- safetensors format
 
-@pytest.mark.parametrize("level, position, tied", [("char", "rope", True),
-                                                   ("word", "learned", True),
-                                                   ("char", "learned", False)])
+
+@pytest.mark.parametrize(
+    "level, position, tied",
+    [("char", "rope", True), ("word", "learned", True), ("char", "learned", False)],
+)
 def test_safetensors_export_loads_back_exactly(tmp_path, level, position, tied):
     from safetensors import safe_open
 
@@ -258,8 +292,16 @@ def test_an_untied_rotary_head_saved_by_transformers_4_loads_back(tmp_path):
 def test_a_model_without_the_causal_mask_exports_only_as_safetensors(tmp_path):
     pytest.importorskip("tokenizers")
     tokenizer = make_tokenizer("char")
-    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=8,
-                            block_size=16, causal=False))
+    model = GPT(
+        ModelConfig(
+            vocab_size=tokenizer.vocab_size,
+            n_layer=1,
+            n_head=2,
+            n_embd=8,
+            block_size=16,
+            causal=False,
+        )
+    )
     with pytest.raises(SmolGPTError, match="--no-causal.*--format safetensors"):
         interop.export_hf(model, tokenizer, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
@@ -270,15 +312,17 @@ def test_a_model_without_the_causal_mask_exports_only_as_safetensors(tmp_path):
 def test_model_export_from_python(transformers, tmp_path):
     """smolgpt.load(...).export(...): the API behind `smolgpt export`, both formats."""
     tokenizer = make_tokenizer("char")
-    source = interop.export_safetensors(make_model(tokenizer.vocab_size, "rope"), tokenizer,
-                                        tmp_path / "source")
+    source = interop.export_safetensors(
+        make_model(tokenizer.vocab_size, "rope"), tokenizer, tmp_path / "source"
+    )
     model = smolgpt.load(source, device="cpu")
     ids = tokenizer.encode("Holmes said")
     for fmt in ("hf", "safetensors"):
         out = model.export(tmp_path / fmt, format=fmt)
         assert out == tmp_path / fmt and (out / "smolgpt.json").is_file()
-        assert torch.equal(logits(smolgpt.load(out, device="cpu").module, ids),
-                           logits(model.module, ids))
+        assert torch.equal(
+            logits(smolgpt.load(out, device="cpu").module, ids), logits(model.module, ids)
+        )
     with pytest.raises(SmolGPTError, match="choose one of hf, safetensors"):
         model.export(tmp_path / "gguf", format="gguf")
     with pytest.raises(SmolGPTError, match="not empty"):
@@ -287,7 +331,8 @@ def test_model_export_from_python(transformers, tmp_path):
 
 
 def test_exports_load_without_transformers_and_hf_export_says_what_to_install(
-        make_trainer, tmp_path):
+    make_trainer, tmp_path
+):
     pytest.importorskip("tokenizers")  # to write the Hugging Face export read below
     run = trained_run(make_trainer, tmp_path / "run", "char")
     model = smolgpt.load(run, "cpu")
@@ -303,11 +348,15 @@ def test_exports_load_without_transformers_and_hf_export_says_what_to_install(
         "sys.exit(main(['export', sys.argv[3], sys.argv[4], '--format', 'hf']))\n"
     )
     args = [tmp_path / "hf", tmp_path / "safetensors", run, tmp_path / "out"]
-    result = subprocess.run([sys.executable, "-c", script, *map(str, args)], text=True,
-                            capture_output=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO / "src")})
-    run_result = E2EResult(["python", "-c", "...", *args], result.returncode, result.stdout,
-                           result.stderr, 0.0)
+    result = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        text=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    run_result = E2EResult(
+        ["python", "-c", "...", *args], result.returncode, result.stdout, result.stderr, 0.0
+    )
     expected = model.generate(max_new_tokens=5, temperature=0)
     assert result.stdout == f"{expected}\n{expected}\n", run_result.describe()
     e2e_assert_one_line_error(run_result, "pip install 'smolgpt[hf]'")
@@ -315,6 +364,7 @@ def test_exports_load_without_transformers_and_hf_export_says_what_to_install(
 
 
 # ------------------------------------------------------------------ writing directories
+
 
 def test_a_failed_export_leaves_nothing_and_keeps_an_earlier_one(tmp_path):
     tokenizer = make_tokenizer("char")
@@ -327,8 +377,7 @@ def test_a_failed_export_leaves_nothing_and_keeps_an_earlier_one(tmp_path):
     interop.export_safetensors(model, tokenizer, tmp_path / "st", {"seed": 1})
     before = {p.name: p.read_bytes() for p in (tmp_path / "st").iterdir()}
     with pytest.raises(TypeError):
-        interop.export_safetensors(model, tokenizer, tmp_path / "st", unwritable,
-                                   overwrite=True)
+        interop.export_safetensors(model, tokenizer, tmp_path / "st", unwritable, overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "st").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["st"]
 
@@ -338,8 +387,9 @@ def test_an_export_has_the_permissions_of_a_folder_made_by_hand(tmp_path):
     old = os.umask(0o022)
     try:
         tokenizer = make_tokenizer("char")
-        out = interop.export_safetensors(make_model(tokenizer.vocab_size, "rope"), tokenizer,
-                                         tmp_path / "st")
+        out = interop.export_safetensors(
+            make_model(tokenizer.vocab_size, "rope"), tokenizer, tmp_path / "st"
+        )
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
@@ -364,6 +414,7 @@ def test_out_dir_rules(tmp_path):
 
 
 # --------------------------------------------------------------- foreign directories
+
 
 def edit_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text(encoding="utf-8"))
@@ -392,28 +443,53 @@ def another_architecture(folder: Path) -> None:
 
 # (position of the exported model, how the directory is changed, what the error names)
 FOREIGN = {
-    "gelu_new": ("learned", lambda d: edit_json(d / "config.json", activation_function="gelu_new"),
-                 "activation_function is 'gelu_new'"),
-    "parallel residual": ("rope", lambda d: edit_json(d / "config.json",
-                                                      use_parallel_residual=True),
-                          "use_parallel_residual"),
-    "partial rotary": ("rope", lambda d: edit_json(
-        d / "config.json", rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                            "partial_rotary_factor": 0.25}),
-        "partial_rotary_factor is 0.25"),
-    "untied in config": ("rope", lambda d: edit_json(d / "config.json", tie_word_embeddings=False),
-                         "lm_head.weight is missing"),
-    "tie not a bool": ("learned", lambda d: edit_json(d / "config.json", tie_word_embeddings=1),
-                       "tie_word_embeddings is 1"),
+    "gelu_new": (
+        "learned",
+        lambda d: edit_json(d / "config.json", activation_function="gelu_new"),
+        "activation_function is 'gelu_new'",
+    ),
+    "parallel residual": (
+        "rope",
+        lambda d: edit_json(d / "config.json", use_parallel_residual=True),
+        "use_parallel_residual",
+    ),
+    "partial rotary": (
+        "rope",
+        lambda d: edit_json(
+            d / "config.json",
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.25,
+            },
+        ),
+        "partial_rotary_factor is 0.25",
+    ),
+    "untied in config": (
+        "rope",
+        lambda d: edit_json(d / "config.json", tie_word_embeddings=False),
+        "lm_head.weight is missing",
+    ),
+    "tie not a bool": (
+        "learned",
+        lambda d: edit_json(d / "config.json", tie_word_embeddings=1),
+        "tie_word_embeddings is 1",
+    ),
     "untied in weights": ("learned", untied_head, "output head"),
-    "another shape": ("learned", lambda d: edit_json(d / "config.json", n_layer=3),
-                      "transformer.h.2.attn.c_attn.bias is missing"),
+    "another shape": (
+        "learned",
+        lambda d: edit_json(d / "config.json", n_layer=3),
+        "transformer.h.2.attn.c_attn.bias is missing",
+    ),
     "another architecture": ("rope", another_architecture, "'llama' model"),
-    "mismatched tokenizer": ("rope", lambda d: edit_json(
-        d / "smolgpt.json", tokenizer={"type": "word", "words": ["one", "two"]}),
-        "tokenizer has 4 tokens but the model expects"),
-    "no smolgpt tokenizer": ("rope", lambda d: (d / "smolgpt.json").unlink(),
-                             "no smolgpt.json"),
+    "mismatched tokenizer": (
+        "rope",
+        lambda d: edit_json(
+            d / "smolgpt.json", tokenizer={"type": "word", "words": ["one", "two"]}
+        ),
+        "tokenizer has 4 tokens but the model expects",
+    ),
+    "no smolgpt tokenizer": ("rope", lambda d: (d / "smolgpt.json").unlink(), "no smolgpt.json"),
     "pickled weights": ("learned", pickled_weights, "pickled weights (pytorch_model.bin)"),
     "no weights": ("rope", lambda d: (d / "model.safetensors").unlink(), "no model.safetensors"),
 }
@@ -424,8 +500,7 @@ def test_directories_smolgpt_cannot_reproduce_are_refused(tmp_path, name):
     pytest.importorskip("tokenizers")
     position, change, needle = FOREIGN[name]
     tokenizer = make_tokenizer("word")
-    out = interop.export_hf(make_model(tokenizer.vocab_size, position), tokenizer,
-                            tmp_path / "hf")
+    out = interop.export_hf(make_model(tokenizer.vocab_size, position), tokenizer, tmp_path / "hf")
     change(out)
     with pytest.raises(SmolGPTError) as error:
         smolgpt.load(out, "cpu")
@@ -434,18 +509,21 @@ def test_directories_smolgpt_cannot_reproduce_are_refused(tmp_path, name):
 
 # --------------------------------------------------------------------- the command line
 
+
 @pytest.mark.slow
 def test_export_command_then_generate_gives_the_same_text(smol_cli, make_trainer, tmp_path):
     """Each format once (the API tests above cover the other level and layout of each):
     hf from a rotary char run directory, safetensors from a learned word .pth file."""
     pytest.importorskip("tokenizers")
-    runs = {"hf": trained_run(make_trainer, tmp_path / "char", "char", position="rope"),
-            "safetensors": trained_run(make_trainer, tmp_path / "word", "word",
-                                       position="learned")}
+    runs = {
+        "hf": trained_run(make_trainer, tmp_path / "char", "char", position="rope"),
+        "safetensors": trained_run(make_trainer, tmp_path / "word", "word", position="learned"),
+    }
     sources = {"hf": runs["hf"], "safetensors": runs["safetensors"] / "best_model.pth"}
     exports = {fmt: tmp_path / f"export_{fmt}" for fmt in runs}
-    results = smol_cli.run_many([("module", ["export", sources[fmt], out, "--format", fmt])
-                                 for fmt, out in exports.items()])
+    results = smol_cli.run_many(
+        [("module", ["export", sources[fmt], out, "--format", fmt]) for fmt, out in exports.items()]
+    )
     for result in results:
         assert result.returncode == 0 and result.stdout == "", result.describe()
     assert "AutoModelForCausalLM.from_pretrained" in results[0].stderr, results[0].describe()
@@ -486,40 +564,48 @@ def test_export_command_refuses_bad_input_in_one_line(run_cli, make_trainer, tmp
     pytest.importorskip("tokenizers")
     run = trained_run(make_trainer, tmp_path / "run", "char")
     out = tmp_path / "out"
-    e2e_assert_one_line_error(run_cli("export", run, out, "--format", "onnx"),
-                              "invalid choice: 'onnx'")
-    e2e_assert_one_line_error(run_cli("export", tmp_path / "nope.pth", out, "--format", "hf"),
-                              "does not exist")
+    e2e_assert_one_line_error(
+        run_cli("export", run, out, "--format", "onnx"), "invalid choice: 'onnx'"
+    )
+    e2e_assert_one_line_error(
+        run_cli("export", tmp_path / "nope.pth", out, "--format", "hf"), "does not exist"
+    )
     (tmp_path / "notes.txt").write_text("not a model")
-    e2e_assert_one_line_error(run_cli("export", tmp_path / "notes.txt", out, "--format", "hf"),
-                              "not a smolgpt checkpoint")
+    e2e_assert_one_line_error(
+        run_cli("export", tmp_path / "notes.txt", out, "--format", "hf"), "not a smolgpt checkpoint"
+    )
     (tmp_path / "empty").mkdir()
-    e2e_assert_one_line_error(run_cli("export", tmp_path / "empty", out, "--format", "hf"),
-                              "without best_model.pth")
+    e2e_assert_one_line_error(
+        run_cli("export", tmp_path / "empty", out, "--format", "hf"), "without best_model.pth"
+    )
     assert not out.exists()
 
     assert run_cli("export", run, out, "--format", "hf").returncode == 0
-    e2e_assert_one_line_error(run_cli("export", run, out, "--format", "safetensors"),
-                              "is not empty", "--overwrite")
+    e2e_assert_one_line_error(
+        run_cli("export", run, out, "--format", "safetensors"), "is not empty", "--overwrite"
+    )
     assert (out / "config.json").is_file()  # the earlier export is untouched
     assert run_cli("export", run, out, "--format", "safetensors", "--overwrite").returncode == 0
     assert exported_files(out) == {"model.safetensors", "smolgpt.json"}
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    (foreign / "config.json").write_text(json.dumps({"model_type": "gpt2",
-                                                     "activation_function": "gelu_new"}))
-    e2e_assert_one_line_error(run_cli("export", foreign, tmp_path / "o2", "--format", "hf"),
-                              "gelu_new")
+    (foreign / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "activation_function": "gelu_new"})
+    )
+    e2e_assert_one_line_error(
+        run_cli("export", foreign, tmp_path / "o2", "--format", "hf"), "gelu_new"
+    )
     e2e_assert_one_line_error(run_cli("generate", foreign), "gelu_new")
 
 
 # -------------------------------------------------------------------------------- README
 
+
 def test_readme_export_snippet_runs(transformers, tmp_path, monkeypatch, capsys):
     """The README's snippet, as written, on a char model that knows its prompt."""
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("\n## Export\n"):readme.index("\n## From Python\n")]
+    section = readme[readme.index("\n## Export\n") : readme.index("\n## From Python\n")]
     snippet = section.split("```python\n")[1].split("```")[0]
     tokenizer = CharTokenizer.train([CORPUS + "ROMEO:"])
     model = make_model(tokenizer.vocab_size, "learned", block_size=128)

@@ -23,6 +23,7 @@ def leftovers(directory: Path, keep: set[str]) -> list[str]:
 
 # --------------------------------------------------------------------------- atomic_write
 
+
 def test_atomic_write_creates_and_replaces(tmp_path):
     path = tmp_path / "deep" / "er" / "file.bin"
     atomic_write(path, lambda f: f.write(b"first"))
@@ -78,8 +79,10 @@ def test_failed_write_of_new_file_leaves_nothing(tmp_path):
 
 @pytest.mark.parametrize(
     "error, reason",
-    [(OSError(errno.ENOSPC, "No space left on device"), "disk full"),
-     (OSError(errno.EIO, "Input/output error"), "Input/output error")],
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "disk full"),
+        (OSError(errno.EIO, "Input/output error"), "Input/output error"),
+    ],
 )
 def test_os_errors_become_smolgpt_errors(tmp_path, error, reason):
     path = tmp_path / "file.txt"
@@ -107,6 +110,7 @@ def test_atomic_write_into_a_file_path_fails_cleanly(tmp_path):
 
 
 # --------------------------------------------------------------------------- RunLock
+
 
 def test_run_lock_is_exclusive_until_released(tmp_path):
     first = RunLock(tmp_path).acquire()
@@ -137,14 +141,19 @@ def test_run_locks_on_different_directories_are_independent(tmp_path):
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 def test_lock_of_killed_process_is_free(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import sys, time
             from smolgpt.files import RunLock
             lock = RunLock({str(tmp_path)!r}).acquire()  # (kept referenced: held)
             print("locked", flush=True)
             time.sleep(120)
-        """)],
-        stdout=subprocess.PIPE, text=True,
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -164,6 +173,7 @@ def test_lock_of_killed_process_is_free(tmp_path):
 
 # --------------------------------------------------------------------------- directories
 
+
 def test_ensure_writable_dir_creates_nested(tmp_path):
     path = tmp_path / "runs" / "one"
     assert ensure_writable_dir(path) == path
@@ -181,8 +191,10 @@ def test_ensure_writable_dir_on_a_file(tmp_path):
         ensure_writable_dir(path / "below")
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
-                    reason="root can write into read-only directories")
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0,
+    reason="root can write into read-only directories",
+)
 def test_ensure_writable_dir_read_only(tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()

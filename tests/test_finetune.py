@@ -9,22 +9,33 @@ import shutil
 from pathlib import Path
 
 import pytest
-from e2e import e2e_corpus_text, e2e_metrics, e2e_snapshot
-from test_cli import cli_main  # noqa: F401 (a fixture)
 
 import smolgpt
 from smolgpt import data, interop
 from smolgpt.config import FINETUNE_LR_FACTOR, PRESETS, TrainConfig, preset_values
 from smolgpt.tokenizer import WordTokenizer
 
+from e2e import e2e_corpus_text, e2e_metrics, e2e_snapshot
+
 # The source models: trained 10 steps, evaluated at 0, 5 and 10.
-SOURCE = dict(preset="nano", n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4,
-              eval_iters=2, eval_interval=5, log_interval=5, early_stop_patience=0,
-              max_iters=10)
+SOURCE = dict(
+    preset="nano",
+    n_layer=1,
+    n_head=2,
+    n_embd=16,
+    block_size=16,
+    batch_size=4,
+    eval_iters=2,
+    eval_interval=5,
+    log_interval=5,
+    early_stop_patience=0,
+    max_iters=10,
+)
 # A fine-tuning run's own settings: the same batches and evaluations as the source's, so
 # that its first evaluation measures the source's weights as the source measured them.
-RUN = dict(batch_size=4, eval_iters=2, eval_interval=5, log_interval=5,
-           early_stop_patience=0, max_iters=5)
+RUN = dict(
+    batch_size=4, eval_iters=2, eval_interval=5, log_interval=5, early_stop_patience=0, max_iters=5
+)
 
 
 @dataclasses.dataclass
@@ -60,8 +71,9 @@ def sources(tmp_path_factory) -> dict:
         mp.setenv("SMOLGPT_CACHE_DIR", str(base / "cache"))
         for level in ("char", "word"):
             extra = {"min_word_freq": 1} if level == "word" else {}
-            smolgpt.train(data=str(corpus), level=level, out_dir=str(base / level), **SOURCE,
-                          **extra)
+            smolgpt.train(
+                data=str(corpus), level=level, out_dir=str(base / level), **SOURCE, **extra
+            )
             out[level] = Source(level, base / level, corpus)
     return out
 
@@ -79,9 +91,9 @@ def saved_config(run_dir: Path) -> dict:
 
 # ------------------------------------------------------------------ where a run starts
 
+
 @pytest.mark.parametrize("level", ["char", "word"])
-def test_fine_tuning_starts_from_the_checkpoints_weights_shape_and_level(sources, level,
-                                                                         tmp_path):
+def test_fine_tuning_starts_from_the_checkpoints_weights_shape_and_level(sources, level, tmp_path):
     src = sources[level]
     result = finetune(src, tmp_path / "ft")
     first = e2e_metrics(result.out_dir)[0]
@@ -110,6 +122,7 @@ def test_a_run_directory_means_its_best_model(sources, tmp_path, caplog):
 
 # ------------------------------------------------------------------ the source's tokenizer
 
+
 def test_new_words_are_unk_in_the_sources_vocabulary(sources, write_text, tmp_path):
     src = sources["word"]
     vocabulary = smolgpt.load(src.latest).tokenizer
@@ -122,8 +135,9 @@ def test_new_words_are_unk_in_the_sources_vocabulary(sources, write_text, tmp_pa
     assert tokens.given_tokenizer and tokens.tokenizer.to_dict() == vocabulary.to_dict()
     words = WordTokenizer.split(new.read_text(encoding="utf-8").lower())
     assert "poirot" in words and "poirot" not in vocabulary.stoi
-    assert list(tokens.train) + list(tokens.val) == \
-        [vocabulary.stoi.get(w, WordTokenizer.UNK_ID) for w in words]
+    assert list(tokens.train) + list(tokens.val) == [
+        vocabulary.stoi.get(w, WordTokenizer.UNK_ID) for w in words
+    ]
     assert 0.01 < tokens.unk_rates[0] < 0.2
     # The advice for too much <UNK> is not a --min_word_freq that would not apply.
     assert "--init_from" in data._fewer_unk(1, given_tokenizer=True)
@@ -175,6 +189,7 @@ def test_the_token_cache_is_keyed_by_the_given_tokenizer(sources, write_text):
 
 # ------------------------------------------------------------------ the learning rate
 
+
 def test_the_default_learning_rates_are_scaled_down(sources, tmp_path, caplog):
     src = sources["char"]
     recipe = preset_values("nano", "char")
@@ -184,10 +199,11 @@ def test_the_default_learning_rates_are_scaled_down(sources, tmp_path, caplog):
     assert cfg["optimizer"] == "muon"
     assert cfg["learning_rate"] == pytest.approx(recipe["learning_rate"] * FINETUNE_LR_FACTOR)
     assert cfg["muon_lr"] == pytest.approx(TrainConfig.muon_lr * FINETUNE_LR_FACTOR)
-    line = next(r.getMessage() for r in caplog.records
-                if r.getMessage().startswith("fine-tuning"))
-    assert f"learning_rate {cfg['learning_rate']:g} ({FINETUNE_LR_FACTOR:g} x the preset's)" \
-        in line and f"muon_lr {cfg['muon_lr']:g} (" in line
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("fine-tuning"))
+    assert (
+        f"learning_rate {cfg['learning_rate']:g} ({FINETUNE_LR_FACTOR:g} x the preset's)" in line
+        and f"muon_lr {cfg['muon_lr']:g} (" in line
+    )
 
 
 def test_a_learning_rate_given_wins(sources, tmp_path):
@@ -201,8 +217,9 @@ def test_a_learning_rate_given_wins(sources, tmp_path):
 
 
 def test_a_preset_given_sets_the_recipe_but_not_the_shape(sources, tmp_path):
-    result = finetune(sources["char"], tmp_path / "ft", preset="micro", optimizer="adamw",
-                      n_layer=1)  # a shape flag equal to the source's is fine
+    result = finetune(
+        sources["char"], tmp_path / "ft", preset="micro", optimizer="adamw", n_layer=1
+    )  # a shape flag equal to the source's is fine
     cfg = saved_config(result.out_dir)
     assert cfg["preset"] == "micro" and PRESETS["micro"]["n_layer"] != 1
     assert (cfg["n_layer"], cfg["n_head"], cfg["n_embd"]) == (1, 2, 16)
@@ -213,15 +230,19 @@ def test_a_preset_given_sets_the_recipe_but_not_the_shape(sources, tmp_path):
 
 # ------------------------------------------------------------------ refusals
 
-@pytest.mark.parametrize("settings, message", [
-    ({"n_layer": 2}, "--n_layer 2 (source: 1)"),
-    ({"n_embd": 32, "block_size": 8}, "--n_embd 32 (source: 16), --block_size 8 (source: 16)"),
-    ({"position": "learned"}, "--position learned (source: rope)"),
-    ({"level": "word"}, "--level word does not match"),
-    ({"min_word_freq": 1}, "--min_word_freq does not apply"),
-    ({"bias": False}, "--no-bias (source: on)"),
-    ({"min_lr": 0.01}, "--min_lr 0.01 is above the learning rate 0.002"),
-])
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"n_layer": 2}, "--n_layer 2 (source: 1)"),
+        ({"n_embd": 32, "block_size": 8}, "--n_embd 32 (source: 16), --block_size 8 (source: 16)"),
+        ({"position": "learned"}, "--position learned (source: rope)"),
+        ({"level": "word"}, "--level word does not match"),
+        ({"min_word_freq": 1}, "--min_word_freq does not apply"),
+        ({"bias": False}, "--no-bias (source: on)"),
+        ({"min_lr": 0.01}, "--min_lr 0.01 is above the learning rate 0.002"),
+    ],
+)
 def test_settings_that_contradict_the_source_are_refused(sources, tmp_path, settings, message):
     out_dir = tmp_path / "ft"
     with pytest.raises(smolgpt.SmolGPTError, match="init_from") as caught:
@@ -230,8 +251,7 @@ def test_settings_that_contradict_the_source_are_refused(sources, tmp_path, sett
     assert not out_dir.exists()
 
 
-def test_the_command_line_refuses_a_bad_source_in_one_line(smol_cli, cli_main, sources,
-                                                           tmp_path):
+def test_the_command_line_refuses_a_bad_source_in_one_line(smol_cli, cli_main, sources, tmp_path):
     src = sources["char"]
     before = e2e_snapshot(src.out_dir)
     not_a_model = tmp_path / "notes.pth"
@@ -242,13 +262,21 @@ def test_the_command_line_refuses_a_bad_source_in_one_line(smol_cli, cli_main, s
         "shape": (["--init_from", src.out_dir, "--n_head", "4"], ("--n_head 4 (source: 2)",)),
     }
     for name, (args, needles) in cases.items():
-        result = cli_main(["train", "--data", src.corpus, "--out_dir", tmp_path / name,
-                           "--max_iters", "5", *args])
+        result = cli_main(
+            ["train", "--data", src.corpus, "--out_dir", tmp_path / name, "--max_iters", "5", *args]
+        )
         smol_cli.assert_one_line_error(result, *needles)
         assert not (tmp_path / name).exists(), name
     # One as a real process, as a user runs it.
-    result = smol_cli.run("train", "--data", src.corpus, "--out_dir", tmp_path / "missing",
-                          "--init_from", tmp_path / "missing.pth")
+    result = smol_cli.run(
+        "train",
+        "--data",
+        src.corpus,
+        "--out_dir",
+        tmp_path / "missing",
+        "--init_from",
+        tmp_path / "missing.pth",
+    )
     smol_cli.assert_one_line_error(result, "--init_from", "does not exist")
     assert not (tmp_path / "missing").exists()
     assert e2e_snapshot(src.out_dir) == before  # the source is untouched
@@ -256,14 +284,14 @@ def test_the_command_line_refuses_a_bad_source_in_one_line(smol_cli, cli_main, s
 
 # ------------------------------------------------------------------ resume
 
+
 def test_a_fine_tuned_run_resumes_without_its_source(sources, write_text, tmp_path, caplog):
     src = sources["char"]
     source_copy = tmp_path / "source"
     shutil.copytree(src.out_dir, source_copy, ignore=shutil.ignore_patterns(".lock"))
     # Unknown characters: a vocabulary learned from this text would differ from the run's.
     new = write_text("b.txt", src.corpus.read_text(encoding="utf-8").replace("o", "ø"))
-    run = dict(init_from=str(source_copy), data=str(new), out_dir=str(tmp_path / "ft"),
-               **RUN)
+    run = dict(init_from=str(source_copy), data=str(new), out_dir=str(tmp_path / "ft"), **RUN)
     smolgpt.train(**run)
     shutil.rmtree(source_copy)  # a resumed run continues from its own checkpoint
     with caplog.at_level(logging.INFO, logger="smolgpt"):
@@ -276,15 +304,15 @@ def test_a_fine_tuned_run_resumes_without_its_source(sources, write_text, tmp_pa
     assert "fine-tuning" not in caplog.text
 
     # Another --init_from on resume is not used (the run keeps the record of its start).
-    again = smolgpt.train(**{**run, "init_from": str(src.latest), "max_iters": 15,
-                             "resume": True})
+    again = smolgpt.train(**{**run, "init_from": str(src.latest), "max_iters": 15, "resume": True})
     assert again.iterations == 15
     assert saved_config(again.out_dir)["init_from"] == str(source_copy)
 
 
 def test_a_fine_tuning_runs_default_directory_is_named_after_its_source():
-    assert TrainConfig(init_from="runs/x/best_model.pth").default_out_dir == \
-        "checkpoints/x_finetune"
+    assert (
+        TrainConfig(init_from="runs/x/best_model.pth").default_out_dir == "checkpoints/x_finetune"
+    )
     assert TrainConfig(init_from="runs/x/").default_out_dir == "checkpoints/x_finetune"
     assert TrainConfig(init_from="model.pth").default_out_dir == "checkpoints/model_finetune"
     assert TrainConfig(level="char", preset="nano").default_out_dir == "checkpoints/char_nano"
@@ -292,17 +320,18 @@ def test_a_fine_tuning_runs_default_directory_is_named_after_its_source():
 
 # ------------------------------------------------------------------ exported models
 
+
 @pytest.mark.parametrize("export", ["export_safetensors", "export_hf"])
 def test_fine_tuning_from_an_export(sources, tmp_path, export):
     src = sources["char"]
     model = smolgpt.load(src.latest)
     exported = tmp_path / "exported"
-    getattr(interop, export)(model.module, model.tokenizer, exported,
-                             train_config=model.train_config)
+    getattr(interop, export)(
+        model.module, model.tokenizer, exported, train_config=model.train_config
+    )
     result = finetune(src, tmp_path / "ft", init_from=str(exported))
     first = e2e_metrics(result.out_dir)[0]
     assert first["val_loss"] == pytest.approx(src.rows[-1]["val_loss"], abs=1e-5)
     cfg = saved_config(result.out_dir)
     assert (cfg["n_layer"], cfg["n_embd"], cfg["level"]) == (1, 16, "char")
-    assert smolgpt.load(result.best_checkpoint).tokenizer.to_dict() == \
-        model.tokenizer.to_dict()
+    assert smolgpt.load(result.best_checkpoint).tokenizer.to_dict() == model.tokenizer.to_dict()

@@ -30,23 +30,51 @@ def char_model(char_ckpt):
 
 def generate_process(smol_cli, *args, **kwargs) -> subprocess.Popen:
     """generate.py with pipes for stdin, stdout and stderr."""
-    return subprocess.Popen(smol_cli.argv("generate", *args), env=smol_cli.env(), text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, **kwargs)
+    return subprocess.Popen(
+        smol_cli.argv("generate", *args),
+        env=smol_cli.env(),
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )
 
 
 def test_printed_text_equals_the_api_text_at_both_levels(smol_cli, smol_runs, char_model):
     word_ckpt = smol_runs["word"].out_dir / "best_model.pth"
-    char, word = smol_cli.run_many([
-        ("generate", [smol_runs["char"].out_dir / "best_model.pth", "--prompt", PROMPT,
-                      "--max_new_tokens", "60", "--seed", "5", "--min_p", "0.05",
-                      "--repetition_penalty", "1.2"]),
-        ("generate", [word_ckpt, "--prompt", "the old house", "--max_new_tokens", "30",
-                      "--seed", "5"]),
-    ])
+    char, word = smol_cli.run_many(
+        [
+            (
+                "generate",
+                [
+                    smol_runs["char"].out_dir / "best_model.pth",
+                    "--prompt",
+                    PROMPT,
+                    "--max_new_tokens",
+                    "60",
+                    "--seed",
+                    "5",
+                    "--min_p",
+                    "0.05",
+                    "--repetition_penalty",
+                    "1.2",
+                ],
+            ),
+            (
+                "generate",
+                [word_ckpt, "--prompt", "the old house", "--max_new_tokens", "30", "--seed", "5"],
+            ),
+        ]
+    )
     assert char.returncode == 0, char.describe()
-    assert char.stdout == char_model.generate(PROMPT, max_new_tokens=60, seed=5, min_p=0.05,
-                                              repetition_penalty=1.2) + "\n"
+    assert (
+        char.stdout
+        == char_model.generate(
+            PROMPT, max_new_tokens=60, seed=5, min_p=0.05, repetition_penalty=1.2
+        )
+        + "\n"
+    )
     assert word.returncode == 0, word.describe()
     word_model = smolgpt.load(word_ckpt, device="cpu")
     assert word.stdout == word_model.generate("the old house", max_new_tokens=30, seed=5) + "\n"
@@ -66,13 +94,23 @@ def test_text_appears_while_it_is_generated(smol_cli, char_ckpt):
 
 
 def test_stop_strings_typed_on_a_shell(smol_cli, char_ckpt, char_model):
-    result = smol_cli.run("generate", char_ckpt, "--prompt", PROMPT, "--max_new_tokens", "300",
-                          "--stop", r"\n", "--stop", "zzz")
+    result = smol_cli.run(
+        "generate",
+        char_ckpt,
+        "--prompt",
+        PROMPT,
+        "--max_new_tokens",
+        "300",
+        "--stop",
+        r"\n",
+        "--stop",
+        "zzz",
+    )
     assert result.returncode == 0, result.describe()
     expected = char_model.generate(PROMPT, max_new_tokens=300, stop=["\n", "zzz"])
     full = char_model.generate(PROMPT, max_new_tokens=300)
-    assert "\n" in full[len(PROMPT):]  # the stop string is reached ...
-    assert result.stdout == expected + "\n" == full[:full.index("\n", len(PROMPT))] + "\n"
+    assert "\n" in full[len(PROMPT) :]  # the stop string is reached ...
+    assert result.stdout == expected + "\n" == full[: full.index("\n", len(PROMPT))] + "\n"
 
 
 def test_prompt_file_and_out_file(smol_cli, char_ckpt, char_model, tmp_path):
@@ -80,8 +118,18 @@ def test_prompt_file_and_out_file(smol_cli, char_ckpt, char_model, tmp_path):
     prompt_file.write_bytes(b"\xef\xbb\xbfThe old\r\nhouse ")  # a BOM and a Windows line end
     out = tmp_path / "story.txt"
     out.write_text("an earlier story\n", encoding="utf-8")
-    result = smol_cli.run("generate", char_ckpt, "--prompt_file", prompt_file,
-                          "--max_new_tokens", "50", "--num_samples", "2", "--out", out)
+    result = smol_cli.run(
+        "generate",
+        char_ckpt,
+        "--prompt_file",
+        prompt_file,
+        "--max_new_tokens",
+        "50",
+        "--num_samples",
+        "2",
+        "--out",
+        out,
+    )
     assert result.returncode == 0, result.describe()
     assert result.stdout == ""  # the text went to the file
     texts = char_model.generate("The old\nhouse ", max_new_tokens=50, num_samples=2)
@@ -90,12 +138,15 @@ def test_prompt_file_and_out_file(smol_cli, char_ckpt, char_model, tmp_path):
 
 
 def test_interactive_loop_through_a_pipe(smol_cli, char_ckpt, char_model):
-    proc = generate_process(smol_cli, char_ckpt, "--interactive", "--max_new_tokens", "40",
-                            "--seed", "3")
+    proc = generate_process(
+        smol_cli, char_ckpt, "--interactive", "--max_new_tokens", "40", "--seed", "3"
+    )
     out, err = proc.communicate("The old\nThe cat\n\nnot read: the loop has ended\n", timeout=120)
     assert proc.returncode == 0, err
-    assert out == "".join(char_model.generate(prompt, max_new_tokens=40, seed=3 + turn) + "\n"
-                          for turn, prompt in enumerate(["The old", "The cat"]))
+    assert out == "".join(
+        char_model.generate(prompt, max_new_tokens=40, seed=3 + turn) + "\n"
+        for turn, prompt in enumerate(["The old", "The cat"])
+    )
     assert "a blank line or Ctrl-D quits" in err
     assert "Traceback" not in err
 

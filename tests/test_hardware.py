@@ -49,15 +49,18 @@ CPU part\t: 0xd0c
 """
 
 
-@pytest.mark.parametrize("text, arch, native, flags", [
-    (ZEN2_AVX2, "x86_64", False, ("avx2",)),
-    (ZEN4_AVX512_BF16, "x86_64", True, ("avx2", "avx512f", "avx512_bf16")),
-    (SAPPHIRE_RAPIDS_AMX, "x86_64", True, ("avx2", "avx512f", "avx512_bf16", "amx_bf16")),
-    (AMX_ONLY, "x86_64", True, ("avx2", "avx512f", "amx_bf16")),
-    (GRAVITON3_BF16, "aarch64", True, ("asimd", "bf16")),
-    (GRAVITON2_NO_BF16, "aarch64", False, ("asimd",)),
-    ("", "x86_64", False, ()),
-])
+@pytest.mark.parametrize(
+    "text, arch, native, flags",
+    [
+        (ZEN2_AVX2, "x86_64", False, ("avx2",)),
+        (ZEN4_AVX512_BF16, "x86_64", True, ("avx2", "avx512f", "avx512_bf16")),
+        (SAPPHIRE_RAPIDS_AMX, "x86_64", True, ("avx2", "avx512f", "avx512_bf16", "amx_bf16")),
+        (AMX_ONLY, "x86_64", True, ("avx2", "avx512f", "amx_bf16")),
+        (GRAVITON3_BF16, "aarch64", True, ("asimd", "bf16")),
+        (GRAVITON2_NO_BF16, "aarch64", False, ("asimd",)),
+        ("", "x86_64", False, ()),
+    ],
+)
 def test_native_bf16_is_read_from_the_cpu_flags(text, arch, native, flags):
     cpu = hardware.parse_cpuinfo(text, arch)
     assert cpu.native_bf16 is native
@@ -81,8 +84,10 @@ def test_the_policy_says_why():
 
 
 def test_no_amp_means_float32_everywhere():
-    for policy in (hardware.cpu_policy(hardware.parse_cpuinfo(ZEN4_AVX512_BF16, "x86_64"), amp=False),
-                   hardware.cuda_policy((9, 0), amp=False)):
+    for policy in (
+        hardware.cpu_policy(hardware.parse_cpuinfo(ZEN4_AVX512_BF16, "x86_64"), amp=False),
+        hardware.cuda_policy((9, 0), amp=False),
+    ):
         assert policy.reduced is None and policy.muon_dtype == torch.float32
         assert "--no-amp" in policy.describe()
 
@@ -97,14 +102,17 @@ def test_the_environment_forces_either_cpu_kind():
         hardware.cpu_policy(zen2, forced="yes")
 
 
-@pytest.mark.parametrize("capability, reduced", [
-    ((6, 1), None),            # Pascal (GTX 10xx): no tensor cores
-    ((7, 0), torch.float16),   # V100
-    ((7, 5), torch.float16),   # T4: the original project's GPU, bf16 emulated
-    ((8, 0), torch.bfloat16),  # A100
-    ((8, 9), torch.bfloat16),  # L4
-    ((9, 0), torch.bfloat16),  # H100
-])
+@pytest.mark.parametrize(
+    "capability, reduced",
+    [
+        ((6, 1), None),  # Pascal (GTX 10xx): no tensor cores
+        ((7, 0), torch.float16),  # V100
+        ((7, 5), torch.float16),  # T4: the original project's GPU, bf16 emulated
+        ((8, 0), torch.bfloat16),  # A100
+        ((8, 9), torch.bfloat16),  # L4
+        ((9, 0), torch.bfloat16),  # H100
+    ],
+)
 def test_cuda_policy_follows_the_compute_capability(capability, reduced):
     policy = hardware.cuda_policy(capability)
     assert policy.reduced == reduced
@@ -159,11 +167,21 @@ def _trainer(tmp_path, level: str, **overrides) -> Trainer:
     corpus = data.Corpus("t", ((tmp_path / "t.txt"),))
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
     tokens = data.prepare(corpus, level, min_word_freq=1)
-    settings = {"level": level, "preset": "nano", "n_layer": 2, "n_head": 2, "n_embd": 16,
-                "block_size": 16, "batch_size": 4, "eval_iters": 2, "dropout": 0.1,
-                **overrides}
-    trainer = Trainer(resolve_train_config(settings), tokens, tmp_path / f"run-{level}",
-                      torch.device("cpu"))
+    settings = {
+        "level": level,
+        "preset": "nano",
+        "n_layer": 2,
+        "n_head": 2,
+        "n_embd": 16,
+        "block_size": 16,
+        "batch_size": 4,
+        "eval_iters": 2,
+        "dropout": 0.1,
+        **overrides,
+    }
+    trainer = Trainer(
+        resolve_train_config(settings), tokens, tmp_path / f"run-{level}", torch.device("cpu")
+    )
     if level == "word":  # the chunked head loss, as at a real word-level vocabulary
         trainer.model.loss_chunk_elements = 4 * tokens.tokenizer.vocab_size
     return trainer
@@ -180,7 +198,8 @@ TRAINING_CASES = [
 
 @pytest.mark.parametrize("level, overrides", TRAINING_CASES)
 def test_without_native_bf16_no_product_runs_in_reduced_precision(
-        tmp_path, monkeypatch, level, overrides):
+    tmp_path, monkeypatch, level, overrides
+):
     monkeypatch.setenv(hardware.CPU_BF16_ENV, "0")
     trainer = _trainer(tmp_path, level, **overrides)
     assert trainer.precision.reduced is None

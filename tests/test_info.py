@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from e2e import e2e_corpus_text
 
 import smolgpt
 from smolgpt import checkpoint
@@ -20,13 +19,49 @@ from smolgpt.errors import SmolGPTError
 from smolgpt.model import GPT
 from smolgpt.runinfo import describe, format_description
 
-TINY = dict(level="char", preset="nano", n_layer=1, n_embd=16, n_head=2, block_size=16,
-            batch_size=4, max_iters=4, eval_interval=2, eval_iters=2)
-KEYS = {"path", "kind", "checkpoint", "format_version", "parameters", "parameters_human",
-        "shape", "level", "tokenizer", "iterations", "best_val_loss", "last_val_loss",
-        "best_val_bits_per_char", "last_val_bits_per_char", "training_time_s", "data",
-        "data_source", "data_fingerprint", "preset", "device", "precision", "smolgpt_version",
-        "torch_version", "saved", "saved_from", "file_size", "train_config"}
+from e2e import e2e_corpus_text
+
+TINY = dict(
+    level="char",
+    preset="nano",
+    n_layer=1,
+    n_embd=16,
+    n_head=2,
+    block_size=16,
+    batch_size=4,
+    max_iters=4,
+    eval_interval=2,
+    eval_iters=2,
+)
+KEYS = {
+    "path",
+    "kind",
+    "checkpoint",
+    "format_version",
+    "parameters",
+    "parameters_human",
+    "shape",
+    "level",
+    "tokenizer",
+    "iterations",
+    "best_val_loss",
+    "last_val_loss",
+    "best_val_bits_per_char",
+    "last_val_bits_per_char",
+    "training_time_s",
+    "data",
+    "data_source",
+    "data_fingerprint",
+    "preset",
+    "device",
+    "precision",
+    "smolgpt_version",
+    "torch_version",
+    "saved",
+    "saved_from",
+    "file_size",
+    "train_config",
+}
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +89,15 @@ def test_a_run_directory(run_dir):
     model = GPT(checkpoint.model_config(ckpt))
     assert info["parameters"] == model.num_parameters()
     assert info["parameters_human"] == f"{model.num_parameters() / 1e6:.2f}M"
-    assert info["shape"] == {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16,
-                             "vocab_size": model.config.vocab_size, "position": "rope",
-                             "bias": True}
+    assert info["shape"] == {
+        "n_layer": 1,
+        "n_head": 2,
+        "n_embd": 16,
+        "block_size": 16,
+        "vocab_size": model.config.vocab_size,
+        "position": "rope",
+        "bias": True,
+    }
     assert info["level"] == "char" and info["tokenizer"] == {"vocab_size": model.config.vocab_size}
     rows = metrics(run_dir)
     assert info["evaluations"] == len(rows)
@@ -68,8 +109,10 @@ def test_a_run_directory(run_dir):
     assert info["training_time_s"] == pytest.approx(ckpt["progress"]["elapsed_s"])
     assert info["data_fingerprint"] == ckpt["data"]["fingerprint"]
     assert info["data"].endswith("corpus.txt") and info["preset"] == "nano"
-    assert (info["smolgpt_version"], info["torch_version"]) == (smolgpt.__version__,
-                                                                torch.__version__)
+    assert (info["smolgpt_version"], info["torch_version"]) == (
+        smolgpt.__version__,
+        torch.__version__,
+    )
     assert info["device"] == "cpu" and info["precision"]
     assert info["saved_from"] == "checkpoint"
     assert datetime.datetime.fromisoformat(info["saved"]).tzinfo is not None
@@ -98,9 +141,20 @@ def test_the_lines_are_aligned_and_complete(run_dir):
     assert fields["iterations"] == "4"
     assert fields["checkpoint"] == str(run_dir / "best_model.pth")
     assert fields["versions"] == f"smolgpt {smolgpt.__version__}, torch {torch.__version__}"
-    for name in ("parameters", "shape", "tokenizer", "val loss", "val bits/char", "data",
-                 "fingerprint", "precision", "saved", "training time", "file size",
-                 "evaluations"):
+    for name in (
+        "parameters",
+        "shape",
+        "tokenizer",
+        "val loss",
+        "val bits/char",
+        "data",
+        "fingerprint",
+        "precision",
+        "saved",
+        "training time",
+        "file size",
+        "evaluations",
+    ):
         assert fields[name], name
 
 
@@ -117,6 +171,7 @@ def test_an_export(run_dir, tmp_path):
 
 # ------------------------------------------------------------------ older checkpoints
 
+
 def version_1(make_trainer, path: Path) -> Path:
     """A checkpoint as smolgpt 0.1 wrote it: format version 1, no checksums, no position in
     model_config (learned positions), one optimiser state, the progress of those days (no
@@ -125,11 +180,16 @@ def version_1(make_trainer, path: Path) -> Path:
     trainer.train_step()
     ckpt = trainer.state()
     del ckpt["model_config"]["position"], ckpt["run_info"], ckpt["data"]["source"]
-    ckpt["progress"] = {"iter": 120, "best_val_loss": 1.875, "evals_since_best": 0,
-                        "elapsed_s": 42.0}
+    ckpt["progress"] = {
+        "iter": 120,
+        "best_val_loss": 1.875,
+        "evals_since_best": 0,
+        "elapsed_s": 42.0,
+    }
     ckpt["optimizer"] = ckpt["optimizer"][0]
-    ckpt["train_config"] = {k: v for k, v in ckpt["train_config"].items()
-                            if k not in LEGACY_DEFAULTS}
+    ckpt["train_config"] = {
+        k: v for k, v in ckpt["train_config"].items() if k not in LEGACY_DEFAULTS
+    }
     torch.save({"format": checkpoint.FORMAT, "format_version": 1, **ckpt}, path)
     return path
 
@@ -141,10 +201,21 @@ def test_a_format_version_1_checkpoint(make_trainer, tmp_path):
     assert info["shape"]["position"] == "learned"
     model = GPT(checkpoint.model_config(checkpoint.load(path)))
     assert info["parameters"] == model.num_parameters()
-    assert (info["iterations"], info["best_val_loss"], info["training_time_s"]) == \
-        (120, 1.875, 42.0)
-    for key in ("last_val_loss", "best_val_bits_per_char", "last_val_bits_per_char",
-                "precision", "device", "smolgpt_version", "torch_version", "data_source"):
+    assert (info["iterations"], info["best_val_loss"], info["training_time_s"]) == (
+        120,
+        1.875,
+        42.0,
+    )
+    for key in (
+        "last_val_loss",
+        "best_val_bits_per_char",
+        "last_val_bits_per_char",
+        "precision",
+        "device",
+        "smolgpt_version",
+        "torch_version",
+        "data_source",
+    ):
         assert info[key] is None, key
     assert info["saved_from"] == "file modification time"
     mtime = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
@@ -169,8 +240,9 @@ def test_no_evaluation_yet_and_bits_per_char_recorded(make_trainer, tmp_path):
     assert info["best_val_loss"] is None and info["iterations"] == 0
     json.dumps(info, allow_nan=False)
 
-    ckpt["progress"].update(best_val_loss=1.5, best_val_bits_per_char=2.125,
-                            last_val_bits_per_char=2.25)
+    ckpt["progress"].update(
+        best_val_loss=1.5, best_val_bits_per_char=2.125, last_val_bits_per_char=2.25
+    )
     checkpoint.save(tmp_path / "bits.pth", ckpt)
     info = describe(tmp_path / "bits.pth")
     assert (info["best_val_bits_per_char"], info["last_val_bits_per_char"]) == (2.125, 2.25)
@@ -182,12 +254,15 @@ def test_a_word_level_model_shows_its_min_word_freq(make_trainer, tmp_path):
     checkpoint.save(tmp_path / "word.pth", ckpt)
     info = describe(tmp_path / "word.pth")
     assert info["level"] == "word"
-    assert info["tokenizer"] == {"vocab_size": ckpt["model_config"]["vocab_size"],
-                                 "min_word_freq": 1}
+    assert info["tokenizer"] == {
+        "vocab_size": ckpt["model_config"]["vocab_size"],
+        "min_word_freq": 1,
+    }
     assert "(min_word_freq 1)" in format_description(info)
 
 
 # --------------------------------------------------------------------------- bad paths
+
 
 def test_paths_without_a_model(tmp_path, write_text):
     with pytest.raises(SmolGPTError, match="nope.pth does not exist"):

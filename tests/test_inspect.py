@@ -11,19 +11,19 @@ import sys
 import pytest
 import torch
 
-from e2e import without_package
 from smolgpt import inspection
 from smolgpt.config import ModelConfig
 from smolgpt.model import GPT
 from smolgpt.tokenizer import CharTokenizer
+
+from e2e import without_package
 
 PICTURES = ("attention.png", "embeddings.png", "loss_by_position.png")
 
 
 def tiny(**changes) -> GPT:
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=12, block_size=10, n_layer=2, n_head=2, n_embd=16,
-                         dropout=0.0)
+    config = ModelConfig(vocab_size=12, block_size=10, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
     return GPT(dataclasses.replace(config, **changes)).eval()
 
 
@@ -61,8 +61,10 @@ def test_head_summary_of_known_patterns():
     previous[torch.arange(1, T), torch.arange(T - 1)] = 1.0
     s = inspection.head_summary(previous)
     assert s["previous"] == 1.0 and s["distance"] == pytest.approx(5 / 6)
-    assert inspection.head_summary(torch.zeros(T, T).index_fill(1, torch.tensor([0]), 1.0))[
-        "first"] == 1.0
+    assert (
+        inspection.head_summary(torch.zeros(T, T).index_fill(1, torch.tensor([0]), 1.0))["first"]
+        == 1.0
+    )
 
 
 def test_embedding_map_and_nearest_neighbours():
@@ -84,11 +86,12 @@ def test_loss_by_position_averages_windows_position_by_position():
     assert losses.shape == (10,)
     # By hand: the same seven windows, one at a time.
     starts = torch.linspace(0, 200 - 11, 7).long().tolist()
-    rows = torch.tensor([tokens[s:s + 11] for s in starts])
+    rows = torch.tensor([tokens[s : s + 11] for s in starts])
     with torch.no_grad():
         logits, _ = model(rows[:, :-1])
-    expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), rows[:, 1:],
-                                                 reduction="none").mean(0)
+    expected = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), rows[:, 1:], reduction="none"
+    ).mean(0)
     torch.testing.assert_close(losses, expected)
     with pytest.raises(ValueError):
         inspection.loss_by_position(model, [1])
@@ -97,8 +100,9 @@ def test_loss_by_position_averages_windows_position_by_position():
 def test_without_a_text_the_loss_picture_is_skipped_and_the_summary_says_why(tmp_path):
     pytest.importorskip("matplotlib")
     chars = CharTokenizer.train(["abcdefghijkl"])
-    result = inspection.inspect_model(tiny(), chars, tmp_path / "out", [0, 1, 2, 3],
-                                      None, "no validation text")
+    result = inspection.inspect_model(
+        tiny(), chars, tmp_path / "out", [0, 1, 2, 3], None, "no validation text"
+    )
     assert [f.name for f in result.files] == ["attention.png", "embeddings.png", "summary.txt"]
     assert "loss per position: skipped (no validation text)" in result.summary
     assert (tmp_path / "out" / "summary.txt").read_text() == result.summary
@@ -132,12 +136,20 @@ def test_inspect_command_draws_a_char_and_a_word_model(smol_cli, smol_runs, tmp_
 
     # --out and --prompt; a prompt longer than the context is one line, status 2.
     prompt = "the of and" if level == "word" else "the "
-    done = smol_cli.run("module", "inspect", run / "best_model.pth", "--out", tmp_path / "mine",
-                        "--prompt", prompt)
+    done = smol_cli.run(
+        "module", "inspect", run / "best_model.pth", "--out", tmp_path / "mine", "--prompt", prompt
+    )
     assert done.returncode == 0, done.describe()
     assert_picture(tmp_path / "mine" / "attention.png")
-    too_long = smol_cli.run("module", "inspect", run / "best_model.pth",
-                            "--out", tmp_path / "long", "--prompt", prompt * 40)
+    too_long = smol_cli.run(
+        "module",
+        "inspect",
+        run / "best_model.pth",
+        "--out",
+        tmp_path / "long",
+        "--prompt",
+        prompt * 40,
+    )
     smol_cli.assert_one_line_error(too_long, "more than the model's block_size")
     assert not (tmp_path / "long").exists()
 
@@ -145,9 +157,15 @@ def test_inspect_command_draws_a_char_and_a_word_model(smol_cli, smol_runs, tmp_
 def test_without_matplotlib_inspect_says_what_to_install(smol_cli, smol_runs, tmp_path):
     run = smol_runs["char"].copy(tmp_path / "run")
     program = without_package("matplotlib") + (
-        "from smolgpt.cli import main\nsys.exit(main(sys.argv[1:]))\n")
-    done = subprocess.run([sys.executable, "-c", program, "inspect", str(run)],
-                          capture_output=True, text=True, env=smol_cli.env(), timeout=120)
+        "from smolgpt.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program, "inspect", str(run)],
+        capture_output=True,
+        text=True,
+        env=smol_cli.env(),
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr == "error: plots need matplotlib: pip install 'smolgpt[plot]'\n"
     assert not (run / "inspect").exists()

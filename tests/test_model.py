@@ -29,7 +29,9 @@ def test_output_shapes(tiny_model, tiny_config):
     targets = ids(tiny_config, 3, 7, seed=1)
     logits_with_loss, loss = tiny_model(x, targets=targets)
     torch.testing.assert_close(logits_with_loss, logits)  # small logits are returned too
-    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()))
+    torch.testing.assert_close(
+        loss, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    )
     assert loss.shape == () and loss.dtype == torch.float32
     tiny_model.loss_chunk_elements = 4 * tiny_config.vocab_size  # fewer than 21 rows of logits
     skipped, chunked_loss = tiny_model(x, targets=targets)
@@ -116,13 +118,22 @@ def test_lm_head_is_tied_to_token_embedding(tiny_model):
 def test_num_parameters_counts_tied_matrix_once(tiny_config):
     model = GPT(tiny_config)
     position = tiny_config.position
-    V, C, T, L = tiny_config.vocab_size, tiny_config.n_embd, tiny_config.block_size, tiny_config.n_layer
+    V, C, T, L = (
+        tiny_config.vocab_size,
+        tiny_config.n_embd,
+        tiny_config.block_size,
+        tiny_config.n_layer,
+    )
     per_block = (
         2 * 2 * C  # two LayerNorms, weight and bias
-        + C * 3 * C + 3 * C  # c_attn
-        + C * C + C  # attention c_proj
-        + C * 4 * C + 4 * C  # c_fc
-        + 4 * C * C + C  # MLP c_proj
+        + C * 3 * C
+        + 3 * C  # c_attn
+        + C * C
+        + C  # attention c_proj
+        + C * 4 * C
+        + 4 * C  # c_fc
+        + 4 * C * C
+        + C  # MLP c_proj
     )
     positions = T * C if position == "learned" else 0  # rotary tables are not parameters
     expected = V * C + positions + L * per_block + 2 * C  # + final LayerNorm
@@ -130,8 +141,9 @@ def test_num_parameters_counts_tied_matrix_once(tiny_config):
 
 
 def test_num_parameters_without_bias():
-    config = ModelConfig(vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8, bias=False,
-                         position="learned")
+    config = ModelConfig(
+        vocab_size=10, block_size=8, n_layer=1, n_head=2, n_embd=8, bias=False, position="learned"
+    )
     C = 8
     expected = 10 * C + 8 * C + (2 * C + 3 * C * C + C * C + 4 * C * C + 4 * C * C) + C
     assert GPT(config).num_parameters() == expected
@@ -160,8 +172,12 @@ def test_scaled_init_of_residual_projections():
     n_layer = 4
     config = ModelConfig(vocab_size=50, block_size=8, n_layer=n_layer, n_head=4, n_embd=64)
     model = GPT(config)
-    proj = torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith("c_proj.weight")])
-    other = torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith("c_fc.weight")])
+    proj = torch.cat(
+        [p.flatten() for n, p in model.named_parameters() if n.endswith("c_proj.weight")]
+    )
+    other = torch.cat(
+        [p.flatten() for n, p in model.named_parameters() if n.endswith("c_fc.weight")]
+    )
     expected = 0.02 / math.sqrt(2 * n_layer)
     assert proj.std().item() == pytest.approx(expected, rel=0.05)
     assert other.std().item() == pytest.approx(0.02, rel=0.05)
@@ -174,7 +190,9 @@ def test_scaled_init_of_residual_projections():
 def test_initial_loss_is_about_ln_vocab():
     torch.manual_seed(0)
     vocab = 64
-    config = ModelConfig(vocab_size=vocab, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    config = ModelConfig(
+        vocab_size=vocab, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0
+    )
     model = GPT(config).eval()
     x = ids(config, 8, 16)
     y = ids(config, 8, 16, seed=1)
@@ -193,6 +211,7 @@ def test_loss_backward_reaches_every_parameter(tiny_model, tiny_config):
 
 
 # --------------------------------------------------------------------------- head loss
+
 
 def test_chunked_head_loss_equals_cross_entropy_and_its_gradients():
     torch.manual_seed(0)
@@ -237,6 +256,7 @@ def test_model_loss_is_the_same_in_chunks_or_whole(tiny_config, autocast):
 
 # --------------------------------------------------------------------------- dropout
 
+
 def test_dropout_keeps_1_minus_p_and_rescales():
     torch.manual_seed(0)
     drop = Dropout(0.2).train()
@@ -276,7 +296,10 @@ def test_optimizer_groups_split_matrices_from_vectors(tiny_model):
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"])
     assert all(p.dim() < 2 for p in no_decay["params"])
-    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == tiny_model.num_parameters()
+    assert (
+        sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+        == tiny_model.num_parameters()
+    )
 
 
 def test_optimizer_groups_can_leave_out_what_another_optimiser_takes(tiny_model):
@@ -290,6 +313,7 @@ def test_optimizer_groups_can_leave_out_what_another_optimiser_takes(tiny_model)
 
 
 # ------------------------------------------------------------------ gradient checkpointing
+
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_config, dropout):
@@ -310,15 +334,19 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_config, d
     checkpointed, checkpointed_grads = loss_and_grads(True)
     torch.testing.assert_close(checkpointed, plain, rtol=1e-12, atol=0)
     for name, grad in plain_grads.items():
-        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-10, atol=1e-14,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            checkpointed_grads[name],
+            grad,
+            rtol=1e-10,
+            atol=1e-14,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
     if dropout:  # the masks mattered: another seed gives another loss
         torch.manual_seed(8)
         assert not torch.allclose(model(x, targets=y)[1], plain)
 
 
-def test_gradient_checkpointing_leaves_eval_no_grad_and_generation_alone(tiny_config,
-                                                                         monkeypatch):
+def test_gradient_checkpointing_leaves_eval_no_grad_and_generation_alone(tiny_config, monkeypatch):
     torch.manual_seed(0)
     model = GPT(tiny_config)
     x = ids(tiny_config, 2, 12)
@@ -348,8 +376,7 @@ def test_gradient_checkpointing_keeps_several_times_less_for_the_backward():
     storage once, parameters left out), plus each block's input, which checkpointing keeps
     to run the block again: several times less than without, at a long-ish context."""
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=23, block_size=256, n_layer=4, n_head=4, n_embd=64,
-                         dropout=0.1)
+    config = ModelConfig(vocab_size=23, block_size=256, n_layer=4, n_head=4, n_embd=64, dropout=0.1)
     model = GPT(config).train()
     x, y = ids(config, 4, 256), ids(config, 4, 256, seed=1)
     weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
@@ -377,14 +404,15 @@ def test_gradient_checkpointing_keeps_several_times_less_for_the_backward():
 
 # --------------------------------------------------------------------------- rotary
 
+
 def test_rotary_scores_depend_only_on_the_offset():
     torch.manual_seed(0)
     cos, sin = rotary_tables(block_size=64, head_size=8)
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
 
     def score(m: int, n: int) -> float:
-        qm = apply_rotary(q, cos[m:m + 1], sin[m:m + 1])
-        kn = apply_rotary(k, cos[n:n + 1], sin[n:n + 1])
+        qm = apply_rotary(q, cos[m : m + 1], sin[m : m + 1])
+        kn = apply_rotary(k, cos[n : n + 1], sin[n : n + 1])
         return float((qm * kn).sum())
 
     assert score(10, 7) == pytest.approx(score(50, 47), abs=1e-5)
@@ -404,8 +432,9 @@ def test_rotary_model_sees_positions():
     # Without any position signal a causal model would give a repeated token the same
     # logits wherever it stands (after the same history). Rotary breaks that symmetry.
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8,
-                            dropout=0.0)).eval()
+    model = GPT(
+        ModelConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8, dropout=0.0)
+    ).eval()
     logits, _ = model(torch.tensor([[3, 5, 3, 5, 3]]))
     assert not torch.allclose(logits[0, 1], logits[0, 3])
     assert not hasattr(model, "wpe") and "rotary_cos" not in model.state_dict()

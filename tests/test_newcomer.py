@@ -9,37 +9,85 @@ import os
 import pytest
 
 import smolgpt
+
 from e2e import e2e_snapshot
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--preset", "nano", "--n_layer", "1", "--n_embd", "16", "--n_head", "2",
-        "--block_size", "16", "--batch_size", "4", "--eval_iters", "2", "--eval_interval", "5",
-        "--max_iters", "5"]
+TINY = [
+    "--preset",
+    "nano",
+    "--n_layer",
+    "1",
+    "--n_embd",
+    "16",
+    "--n_head",
+    "2",
+    "--block_size",
+    "16",
+    "--batch_size",
+    "4",
+    "--eval_iters",
+    "2",
+    "--eval_interval",
+    "5",
+    "--max_iters",
+    "5",
+]
 
 
 def test_overwrite_moves_the_old_run_aside_and_never_deletes_it(smol_cli, smol_runs, tmp_path):
     run = smol_runs["char"].copy(tmp_path / "run")
     before = e2e_snapshot(run)
     # Without --overwrite, the run is refused; with it and a bad text, nothing moves.
-    refused = smol_cli.run("train", "--level", "char", "--data", smol_cli.corpus, "--out_dir",
-                           run, *TINY)
+    refused = smol_cli.run(
+        "train", "--level", "char", "--data", smol_cli.corpus, "--out_dir", run, *TINY
+    )
     smol_cli.assert_one_line_error(refused, "--overwrite", "--resume")
-    missing = smol_cli.run("train", "--level", "char", "--data", tmp_path / "nope.txt",
-                           "--out_dir", run, "--overwrite", *TINY)
+    missing = smol_cli.run(
+        "train",
+        "--level",
+        "char",
+        "--data",
+        tmp_path / "nope.txt",
+        "--out_dir",
+        run,
+        "--overwrite",
+        *TINY,
+    )
     smol_cli.assert_one_line_error(missing, "nope.txt")
     assert e2e_snapshot(run) == before
 
-    fresh = smol_cli.run("train", "--level", "char", "--data", smol_cli.corpus, "--out_dir",
-                         run, "--overwrite", *TINY)
+    fresh = smol_cli.run(
+        "train",
+        "--level",
+        "char",
+        "--data",
+        smol_cli.corpus,
+        "--out_dir",
+        run,
+        "--overwrite",
+        *TINY,
+    )
     assert fresh.returncode == 0, fresh.describe()
     (moved,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.")]
     assert "moved the previous run to" in fresh.stderr and str(moved) in fresh.stderr
-    assert {k: v for k, v in e2e_snapshot(moved).items() if k != ".lock"} == \
-        {k: v for k, v in before.items() if k != ".lock"}  # the old run, byte for byte
+    assert {k: v for k, v in e2e_snapshot(moved).items() if k != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"
+    }  # the old run, byte for byte
     assert [row["iter"] for row in smol_cli.metrics(run)] == [0, 5]  # the new run alone
-    both = smol_cli.run("train", "--level", "char", "--data", smol_cli.corpus, "--out_dir",
-                        run, "--overwrite", "--resume", *TINY)
+    both = smol_cli.run(
+        "train",
+        "--level",
+        "char",
+        "--data",
+        smol_cli.corpus,
+        "--out_dir",
+        run,
+        "--overwrite",
+        "--resume",
+        *TINY,
+    )
     smol_cli.assert_one_line_error(both, "--resume", "--overwrite")
 
 
@@ -48,8 +96,9 @@ def test_a_run_directory_or_a_wrong_file_as_checkpoint(smol_cli, smol_runs, tmp_
     by_dir = smol_cli.run("generate", run, "--prompt", "The ", "--max_new_tokens", "10")
     assert by_dir.returncode == 0, by_dir.describe()
     assert f"using {run / 'best_model.pth'}" in by_dir.stderr
-    by_file = smol_cli.run("generate", run / "best_model.pth", "--prompt", "The ",
-                           "--max_new_tokens", "10")
+    by_file = smol_cli.run(
+        "generate", run / "best_model.pth", "--prompt", "The ", "--max_new_tokens", "10"
+    )
     assert by_dir.stdout == by_file.stdout
 
     (tmp_path / "empty_run").mkdir()
@@ -57,9 +106,11 @@ def test_a_run_directory_or_a_wrong_file_as_checkpoint(smol_cli, smol_runs, tmp_
     notes.write_text("not a model, just notes\n")
     noise = tmp_path / "noise.pth"
     noise.write_bytes(os.urandom(4096).replace(b"\x80", b"\x81"))
-    for path, needle in [(tmp_path / "empty_run", "is a directory without best_model.pth"),
-                         (notes, "is not a smolgpt checkpoint"),
-                         (noise, "is not a smolgpt checkpoint")]:
+    for path, needle in [
+        (tmp_path / "empty_run", "is a directory without best_model.pth"),
+        (notes, "is not a smolgpt checkpoint"),
+        (noise, "is not a smolgpt checkpoint"),
+    ]:
         result = smol_cli.run("generate", path)
         line = smol_cli.assert_one_line_error(result, needle)
         assert "run code" not in line  # kept for real pickles that carry code

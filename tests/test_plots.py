@@ -20,16 +20,18 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.image import imread  # noqa: E402
 
 import smolgpt  # noqa: E402
-from e2e import without_package  # noqa: E402
 from smolgpt import plots  # noqa: E402
 from smolgpt.errors import SmolGPTError  # noqa: E402
+
+from e2e import without_package  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BLUE, ORANGE = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # train / first run, val / second run
 
 
-def make_run(directory: Path, n_evals: int = 11, seconds_per_eval: float = 3.0,
-             tokens: bool = False) -> Path:
+def make_run(
+    directory: Path, n_evals: int = 11, seconds_per_eval: float = 3.0, tokens: bool = False
+) -> Path:
     """A run directory with a metrics.jsonl as RunLog.evaluation writes it: val loss falls,
     then rises again (overfitting), so the best point is in the middle. tokens: add a
     "tokens" count (640 a step) to every row."""
@@ -39,9 +41,16 @@ def make_run(directory: Path, n_evals: int = 11, seconds_per_eval: float = 3.0,
         train = 4.0 - 0.3 * i
         val = 4.0 - 0.3 * i + 0.06 * i * i
         best = min(best, val)
-        row = {"iter": 10 * i, "train_loss": round(train, 6), "val_loss": round(val, 6),
-               "best_val_loss": round(best, 6), "lr": 3e-4, "elapsed_s": seconds_per_eval * i,
-               "tokens_per_s": 1000.0, "mfu": 0.01}
+        row = {
+            "iter": 10 * i,
+            "train_loss": round(train, 6),
+            "val_loss": round(val, 6),
+            "best_val_loss": round(best, 6),
+            "lr": 3e-4,
+            "elapsed_s": seconds_per_eval * i,
+            "tokens_per_s": 1000.0,
+            "mfu": 0.01,
+        }
         if tokens:
             row["tokens"] = 640 * 10 * i
         lines.append(json.dumps(row) + "\n")
@@ -95,12 +104,26 @@ def real_run(tmp_path) -> Path:
     rng = random.Random(0)
     words = "the cat sat on a mat and a dog ran far from home to see the sea".split()
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10))
-                                for _ in range(500)), encoding="utf-8")
+    corpus.write_text(
+        "\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(500)),
+        encoding="utf-8",
+    )
     out_dir = tmp_path / "real"
-    smolgpt.train(data=str(corpus), level="char", preset="nano", n_layer=1, n_head=1,
-                  n_embd=16, block_size=16, batch_size=4, max_iters=20, eval_interval=5,
-                  eval_iters=2, log_interval=5, out_dir=str(out_dir))
+    smolgpt.train(
+        data=str(corpus),
+        level="char",
+        preset="nano",
+        n_layer=1,
+        n_head=1,
+        n_embd=16,
+        block_size=16,
+        batch_size=4,
+        max_iters=20,
+        eval_interval=5,
+        eval_iters=2,
+        log_interval=5,
+        out_dir=str(out_dir),
+    )
     return out_dir
 
 
@@ -119,8 +142,7 @@ def test_a_real_run_plots_and_counts_its_tokens(real_run, tmp_path):
 @pytest.mark.parametrize("x", ["iter", "time", "tokens"])
 def test_plot_runs_overlays_val_losses(tmp_path, x):
     first = make_run(tmp_path / "first", tokens=True)
-    second = make_run(tmp_path / "second", n_evals=6, seconds_per_eval=50.0,
-                      tokens=True)
+    second = make_run(tmp_path / "second", n_evals=6, seconds_per_eval=50.0, tokens=True)
     out = plots.plot_runs([first, second], tmp_path / "compare.png", x=x)
     assert_png(out, 500, 1000)
     assert colour_pixels(out, BLUE) > 150  # first run (matplotlib's first colour)
@@ -157,16 +179,22 @@ def test_a_missing_or_broken_metrics_file_is_one_line_error(tmp_path):
 
     broken = make_run(tmp_path / "broken")
     with open(broken / "metrics.jsonl", "a") as f:
-        f.write("{not json\n" + json.dumps({"iter": 200, "train_loss": 1.0,
-                                             "val_loss": 1.0, "elapsed_s": 1.0}) + "\n")
+        f.write(
+            "{not json\n"
+            + json.dumps({"iter": 200, "train_loss": 1.0, "val_loss": 1.0, "elapsed_s": 1.0})
+            + "\n"
+        )
     assert "line 12: not a JSON" in one_line_error(lambda: plots.read_metrics(broken))
 
     bad_value = make_run(tmp_path / "bad_value")
     with open(bad_value / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"iter": 200, "train_loss": 1.0, "val_loss": "oops",
-                            "elapsed_s": 1.0}) + "\n")
+        f.write(
+            json.dumps({"iter": 200, "train_loss": 1.0, "val_loss": "oops", "elapsed_s": 1.0})
+            + "\n"
+        )
     assert "line 12: a metrics row needs numbers" in one_line_error(
-        lambda: plots.read_metrics(bad_value))
+        lambda: plots.read_metrics(bad_value)
+    )
 
 
 def test_a_last_line_cut_short_is_skipped(tmp_path):
@@ -182,8 +210,9 @@ def test_an_existing_png_is_replaced_only_by_a_complete_one(tmp_path, monkeypatc
 
     # A bad row: refused before anything is drawn.
     with open(run / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"iter": 200, "train_loss": 1.0, "val_loss": None,
-                            "elapsed_s": 1.0}) + "\n")
+        f.write(
+            json.dumps({"iter": 200, "train_loss": 1.0, "val_loss": None, "elapsed_s": 1.0}) + "\n"
+        )
     with pytest.raises(SmolGPTError):
         plots.plot_run(run)
     assert (run / "loss.png").read_bytes() == old
@@ -222,7 +251,9 @@ def test_plots_draw_from_several_threads(tmp_path):
         assert_png(run / "loss.png", 400, 1000)
 
 
-BLOCK_MATPLOTLIB = without_package("matplotlib") + """
+BLOCK_MATPLOTLIB = (
+    without_package("matplotlib")
+    + """
 from smolgpt import plots
 from smolgpt.errors import SmolGPTError
 
@@ -234,12 +265,18 @@ for call in (lambda: plots.plot_run(sys.argv[1]),
     except SmolGPTError as exc:
         print("error", exc)
 """
+)
 
 
 def test_without_matplotlib_the_error_says_what_to_install(tmp_path):
     run = make_run(tmp_path / "run")
-    done = subprocess.run([sys.executable, "-c", BLOCK_MATPLOTLIB, str(run)],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCK_MATPLOTLIB, str(run)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     hint = "plots need matplotlib: pip install 'smolgpt[plot]'"
     assert done.stdout.splitlines() == ["available False", f"error {hint}", f"error {hint}"]
@@ -251,14 +288,39 @@ def test_the_plot_command_overlays_runs_and_refuses_in_one_line(tmp_path):
     first = make_run(tmp_path / "first")
     second = make_run(tmp_path / "second", n_evals=6, seconds_per_eval=50.0)
     out = tmp_path / "both.png"
-    done = subprocess.run([sys.executable, "-m", "smolgpt", "plot", str(first), str(second),
-                           "--x", "time", "--out", str(out)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smolgpt",
+            "plot",
+            str(first),
+            str(second),
+            "--x",
+            "time",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert_png(out, 500, 1000)
     assert colour_pixels(out, BLUE) > 150 and colour_pixels(out, ORANGE) > 150
     assert f"wrote {out}" in done.stderr
-    missing = subprocess.run([sys.executable, "-m", "smolgpt", "plot", str(tmp_path / "nope"),
-                              "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smolgpt",
+            "plot",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "x.png"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert "nope" in missing.stderr and "Traceback" not in missing.stderr
     assert not (tmp_path / "x.png").exists()

@@ -38,10 +38,10 @@ def _fake_terminal(monkeypatch) -> FakeTerminal:
 
 
 def _run_log(tmp_path, iteration=0, elapsed=0.0, **settings) -> RunLog:
-    cfg = resolve_train_config({"preset": "nano", "level": "char", "log_interval": 1,
-                                **settings})
-    return RunLog(cfg, tmp_path, flops_per_token=1e6, peak_flops=1e12, iteration=iteration,
-                  elapsed=elapsed)
+    cfg = resolve_train_config({"preset": "nano", "level": "char", "log_interval": 1, **settings})
+    return RunLog(
+        cfg, tmp_path, flops_per_token=1e6, peak_flops=1e12, iteration=iteration, elapsed=elapsed
+    )
 
 
 def test_a_resumed_runs_bar_starts_where_it_was(tmp_path, monkeypatch):
@@ -70,9 +70,30 @@ def test_a_time_budget_bar_shows_seconds_of_the_budget_and_ends_full(tmp_path, m
 
 # ------------------------------------------------------------------- end to end, on a tty
 
-FLAGS = ["--level", "char", "--preset", "nano", "--n_layer", "1", "--n_embd", "16",
-         "--n_head", "2", "--block_size", "16", "--batch_size", "4", "--eval_iters", "2",
-         "--eval_interval", "10", "--warmup_iters", "5", "--early_stop_patience", "0"]
+FLAGS = [
+    "--level",
+    "char",
+    "--preset",
+    "nano",
+    "--n_layer",
+    "1",
+    "--n_embd",
+    "16",
+    "--n_head",
+    "2",
+    "--block_size",
+    "16",
+    "--batch_size",
+    "4",
+    "--eval_iters",
+    "2",
+    "--eval_interval",
+    "10",
+    "--warmup_iters",
+    "5",
+    "--early_stop_patience",
+    "0",
+]
 
 
 def _train_on_a_terminal(smol_cli, *args) -> str:
@@ -80,9 +101,14 @@ def _train_on_a_terminal(smol_cli, *args) -> str:
     main, child = os.openpty()
     # A new pseudo-terminal is 0 columns wide, where a bar shows nothing: make it 120.
     fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    proc = subprocess.Popen(smol_cli.argv("train", *args), stdin=subprocess.DEVNULL,
-                            stdout=child, stderr=child, env=smol_cli.env(),
-                            cwd=str(smol_cli.base))
+    proc = subprocess.Popen(
+        smol_cli.argv("train", *args),
+        stdin=subprocess.DEVNULL,
+        stdout=child,
+        stderr=child,
+        env=smol_cli.env(),
+        cwd=str(smol_cli.base),
+    )
     os.close(child)
     chunks = []
     while True:
@@ -122,8 +148,16 @@ def test_extending_a_finished_run_on_a_terminal(smol_cli, tmp_path):
 
 @pytest.mark.slow
 def test_a_time_budget_bar_ends_at_100_percent_on_a_terminal(smol_cli, tmp_path):
-    text = _train_on_a_terminal(smol_cli, *FLAGS, "--data", smol_cli.corpus,
-                                "--out_dir", tmp_path / "run", "--time_budget", "3")
+    text = _train_on_a_terminal(
+        smol_cli,
+        *FLAGS,
+        "--data",
+        smol_cli.corpus,
+        "--out_dir",
+        tmp_path / "run",
+        "--time_budget",
+        "3",
+    )
     bars = [r for r in _renders(text) if "/3 s" in r]
     assert bars and "100%" in bars[-1] and "3/3 s" in bars[-1], bars
     assert "s/s" not in text

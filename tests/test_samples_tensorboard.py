@@ -8,14 +8,27 @@ import json
 from pathlib import Path
 
 import pytest
-from e2e import e2e_corpus_text, smolgpt_without
 
 import smolgpt
 from smolgpt import checkpoint
 
-TINY = dict(level="char", preset="nano", n_layer=1, n_embd=16, n_head=2, block_size=16,
-            batch_size=4, eval_iters=2, eval_interval=5, max_iters=20, early_stop_patience=0,
-            plot=False, dropout=0.1)
+from e2e import e2e_corpus_text, smolgpt_without
+
+TINY = dict(
+    level="char",
+    preset="nano",
+    n_layer=1,
+    n_embd=16,
+    n_head=2,
+    block_size=16,
+    batch_size=4,
+    eval_iters=2,
+    eval_interval=5,
+    max_iters=20,
+    early_stop_patience=0,
+    plot=False,
+    dropout=0.1,
+)
 
 
 @pytest.fixture
@@ -30,7 +43,8 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def test_samples_come_at_evaluations_sample_every_steps_apart_and_change_nothing(
-        tmp_path, corpus, caplog):
+    tmp_path, corpus, caplog
+):
     caplog.set_level("INFO", logger="smolgpt")
     sampled, plain = tmp_path / "sampled", tmp_path / "plain"
     smolgpt.train(data=corpus, out_dir=str(sampled), sample_every=10, **TINY)
@@ -56,7 +70,8 @@ def test_samples_come_at_evaluations_sample_every_steps_apart_and_change_nothing
 
 def test_tensorboard_logs_every_evaluation_and_forgets_what_a_resume_redoes(tmp_path, corpus):
     event_accumulator = pytest.importorskip(
-        "tensorboard.backend.event_processing.event_accumulator")
+        "tensorboard.backend.event_processing.event_accumulator"
+    )
     run = tmp_path / "run"
     smolgpt.train(data=corpus, out_dir=str(run), tensorboard=True, **{**TINY, "max_iters": 10})
     smolgpt.train(data=corpus, out_dir=str(run), tensorboard=True, resume=True, **TINY)
@@ -69,17 +84,28 @@ def test_tensorboard_logs_every_evaluation_and_forgets_what_a_resume_redoes(tmp_
     assert [e.step for e in val] == [r["iter"] for r in metrics] == [0, 5, 10, 15, 20]
     assert [e.value for e in val] == pytest.approx([r["val_loss"] for r in metrics], abs=1e-6)
     bpc = board.Scalars("val_bits_per_char")
-    assert [e.value for e in bpc] == pytest.approx([r["val_bits_per_char"] for r in metrics],
-                                                   abs=1e-6)
+    assert [e.value for e in bpc] == pytest.approx(
+        [r["val_bits_per_char"] for r in metrics], abs=1e-6
+    )
 
 
 @pytest.mark.slow
 def test_without_tensorboard_training_goes_on_and_says_what_to_install(tmp_path, corpus):
-    done = smolgpt_without("tensorboard", "train", "--data", corpus, "--out_dir",
-                           tmp_path / "run", "--tensorboard", settings=TINY)
+    done = smolgpt_without(
+        "tensorboard",
+        "train",
+        "--data",
+        corpus,
+        "--out_dir",
+        tmp_path / "run",
+        "--tensorboard",
+        settings=TINY,
+    )
     assert done.returncode == 0, done.stderr
     hints = [line for line in done.stderr.splitlines() if "TensorBoard" in line]
-    assert hints == ["no TensorBoard logs: --tensorboard needs the tensorboard package: "
-                     "pip install 'smolgpt[tensorboard]'"]
+    assert hints == [
+        "no TensorBoard logs: --tensorboard needs the tensorboard package: "
+        "pip install 'smolgpt[tensorboard]'"
+    ]
     assert (tmp_path / "run" / "best_model.pth").is_file()
     assert not (tmp_path / "run" / "tensorboard").exists()

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smolgpt.config import ModelConfig
+from smolgpt.config import ModelConfig, SampleConfig
 from smolgpt.model import GPT
-from smolgpt.config import SampleConfig
 from smolgpt.sampling import TextStream, filter_logits, generate, next_token, penalize_repetition
 from smolgpt.tokenizer import CharTokenizer, WordTokenizer
 
@@ -22,8 +21,15 @@ def model64(request) -> GPT:
     """A float64 model, so cached and recomputed logits agree far below any argmax tie."""
     # Seeds whose greedy paths are non-trivial (the tests below assert that they are).
     torch.manual_seed({"rope": 4, "learned": 2}[request.param])
-    config = ModelConfig(vocab_size=31, block_size=12, n_layer=2, n_head=2, n_embd=16,
-                         dropout=0.0, position=request.param)
+    config = ModelConfig(
+        vocab_size=31,
+        block_size=12,
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        dropout=0.0,
+        position=request.param,
+    )
     model = GPT(config).double().eval()
     # At GPT-2's init a tied-embedding model mostly repeats its last token; large random
     # weights make the greedy path depend on the whole context and on positions.
@@ -56,6 +62,7 @@ def sampler(**settings):
 
 
 # --------------------------------------------------------------------------- filter_logits
+
 
 @pytest.mark.parametrize("k", [1, 3, 10, 49])
 def test_top_k_keeps_exactly_k(k):
@@ -131,8 +138,11 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_scores():
 
 def test_repetition_penalty_makes_repeats_rarer(tiny_model):
     def distinct(penalty):
-        (ids,) = generate(tiny_model, [1, 2, 3], SampleConfig(
-            max_new_tokens=60, temperature=0, repetition_penalty=penalty))
+        (ids,) = generate(
+            tiny_model,
+            [1, 2, 3],
+            SampleConfig(max_new_tokens=60, temperature=0, repetition_penalty=penalty),
+        )
         return len(set(ids))
 
     assert distinct(3.0) > distinct(1.0)
@@ -140,8 +150,9 @@ def test_repetition_penalty_makes_repeats_rarer(tiny_model):
 
 def test_repetition_penalty_counts_prompt_and_generated_tokens(model64):
     prompt = [3, 1, 4]
-    (got,) = generate(model64, prompt, SampleConfig(max_new_tokens=20, temperature=0,
-                                                   repetition_penalty=3.0))
+    (got,) = generate(
+        model64, prompt, SampleConfig(max_new_tokens=20, temperature=0, repetition_penalty=3.0)
+    )
     (plain,) = generate(model64, prompt, SampleConfig(max_new_tokens=20, temperature=0))
     assert got != plain
     # The same loop written without a cache, marking prompt and picks as seen, agrees.
@@ -167,16 +178,18 @@ def test_next_token_never_picks_filtered_tokens():
 
 def test_next_token_temperature_zero_is_argmax():
     logits = random_logits()
-    assert torch.equal(next_token(logits, SampleConfig(temperature=0.0, top_k=5, top_p=0.5)),
-                       logits.argmax(-1))
+    assert torch.equal(
+        next_token(logits, SampleConfig(temperature=0.0, top_k=5, top_p=0.5)), logits.argmax(-1)
+    )
 
 
 # --------------------------------------------------------------------------- generate
 
+
 def test_greedy_equals_naive_argmax_within_block(model64):
     prompt = [3, 1, 4, 1, 5]
     steps = model64.config.block_size - len(prompt)
-    expected = naive_generate(model64, prompt, steps, lambda l: int(l.argmax()))
+    expected = naive_generate(model64, prompt, steps, lambda logits: int(logits.argmax()))
     (got,) = generate(model64, prompt, SampleConfig(max_new_tokens=steps, temperature=0.0))
     assert got == expected
     assert len(set(got)) > 1  # a non-trivial path
@@ -185,7 +198,7 @@ def test_greedy_equals_naive_argmax_within_block(model64):
 def test_greedy_past_block_size_slides_the_window(model64):
     prompt = [2, 7, 1, 8]
     steps = 3 * model64.config.block_size + 5  # far past the window
-    expected = naive_generate(model64, prompt, steps, lambda l: int(l.argmax()))
+    expected = naive_generate(model64, prompt, steps, lambda logits: int(logits.argmax()))
     (got,) = generate(model64, prompt, SampleConfig(max_new_tokens=steps, temperature=0.0))
     assert len(got) == steps
     assert got == expected
@@ -200,23 +213,29 @@ def test_each_token_past_the_window_sees_a_full_window(model64):
     tokens = prompt + got
     for end in range(block, len(tokens)):  # the token at position end
         with torch.no_grad():
-            logits, _ = model64(torch.tensor([tokens[end - block:end]]))
+            logits, _ = model64(torch.tensor([tokens[end - block : end]]))
         assert int(logits[0, -1].argmax()) == tokens[end]
 
 
 def test_prompt_longer_than_block_uses_its_tail(model64):
     block = model64.config.block_size
     prompt = [i % 31 for i in range(2 * block + 3)]
-    expected = naive_generate(model64, prompt, 6, lambda l: int(l.argmax()))
+    expected = naive_generate(model64, prompt, 6, lambda logits: int(logits.argmax()))
     assert generate(model64, prompt, SampleConfig(max_new_tokens=6, temperature=0.0))[0] == expected
-    assert generate(model64, prompt[-block:], SampleConfig(max_new_tokens=6, temperature=0.0))[0] == expected
+    assert (
+        generate(model64, prompt[-block:], SampleConfig(max_new_tokens=6, temperature=0.0))[0]
+        == expected
+    )
 
 
-@pytest.mark.parametrize("settings", [
-    dict(temperature=0.9, top_k=10, top_p=0.95, seed=11),
-    dict(temperature=1.3, min_p=0.05, seed=3),
-    dict(temperature=1.0, top_k=0, seed=5),
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=0.9, top_k=10, top_p=0.95, seed=11),
+        dict(temperature=1.3, min_p=0.05, seed=3),
+        dict(temperature=1.0, top_k=0, seed=5),
+    ],
+)
 def test_cached_sampling_equals_uncached_sampling(model64, settings):
     prompt = [5, 6]
     steps = 2 * model64.config.block_size  # within the window and past it
@@ -227,28 +246,37 @@ def test_cached_sampling_equals_uncached_sampling(model64, settings):
 
 def test_same_seed_same_tokens_different_seed_different(tiny_model):
     def run(seed):
-        return generate(tiny_model, [1, 2, 3],
-                        SampleConfig(max_new_tokens=40, temperature=1.0, num_samples=2, seed=seed))
+        return generate(
+            tiny_model,
+            [1, 2, 3],
+            SampleConfig(max_new_tokens=40, temperature=1.0, num_samples=2, seed=seed),
+        )
 
     assert run(0) == run(0)
     assert run(0) != run(1)
 
 
 def test_num_samples_rows_are_independent(tiny_model):
-    rows = generate(tiny_model, [1, 2],
-                    SampleConfig(max_new_tokens=30, temperature=1.0, num_samples=3, seed=0))
+    rows = generate(
+        tiny_model, [1, 2], SampleConfig(max_new_tokens=30, temperature=1.0, num_samples=3, seed=0)
+    )
     assert len(rows) == 3 and all(len(r) == 30 for r in rows)
     assert all(0 <= t < tiny_model.config.vocab_size for r in rows for t in r)
     assert len({tuple(r) for r in rows}) > 1  # different continuations
 
 
 def test_greedy_rows_are_identical(tiny_model):
-    rows = generate(tiny_model, [4, 5, 6], SampleConfig(max_new_tokens=20, temperature=0.0, num_samples=3))
+    rows = generate(
+        tiny_model, [4, 5, 6], SampleConfig(max_new_tokens=20, temperature=0.0, num_samples=3)
+    )
     assert rows[0] == rows[1] == rows[2]
 
 
 def test_zero_new_tokens(tiny_model):
-    assert generate(tiny_model, [1, 2, 3], SampleConfig(max_new_tokens=0, num_samples=2)) == [[], []]
+    assert generate(tiny_model, [1, 2, 3], SampleConfig(max_new_tokens=0, num_samples=2)) == [
+        [],
+        [],
+    ]
 
 
 def test_block_size_one_model_can_generate():
@@ -256,7 +284,7 @@ def test_block_size_one_model_can_generate():
     model = GPT(ModelConfig(vocab_size=7, block_size=1, n_layer=1, n_head=1, n_embd=8)).eval()
     (got,) = generate(model, [3], SampleConfig(max_new_tokens=5, temperature=0.0))
     assert len(got) == 5
-    expected = naive_generate(model, [3], 5, lambda l: int(l.argmax()))
+    expected = naive_generate(model, [3], 5, lambda logits: int(logits.argmax()))
     assert got == expected
 
 
@@ -274,14 +302,15 @@ def stream_pieces(model, tokenizer, prompt: str, **settings) -> tuple[list[str],
 def continuation(model, tokenizer, prompt: str, **settings) -> str:
     ids = tokenizer.encode(prompt)
     (new,) = generate(model, ids, SampleConfig(**settings))
-    return tokenizer.decode(ids + new)[len(tokenizer.decode(ids)):]
+    return tokenizer.decode(ids + new)[len(tokenizer.decode(ids)) :]
 
 
 def test_streamed_pieces_join_into_the_generated_text(model64):
     tok = CharTokenizer(CHARS)
     pieces, stream = stream_pieces(model64, tok, "abc", max_new_tokens=30, temperature=1.0, seed=4)
-    (new,) = generate(model64, tok.encode("abc"), SampleConfig(max_new_tokens=30, temperature=1.0,
-                                                              seed=4))
+    (new,) = generate(
+        model64, tok.encode("abc"), SampleConfig(max_new_tokens=30, temperature=1.0, seed=4)
+    )
     assert pieces[0] == "abc"  # the prompt comes first
     assert "".join(pieces) == tok.decode(tok.encode("abc") + new)
     assert len([p for p in pieces if p]) >= 30  # one piece per token: it really streams
@@ -295,9 +324,9 @@ def test_stop_strings_cut_the_text_before_the_first_one(model64):
     assert len(set(full)) > 5  # a varied text, so the cases below mean something
     one_token, several = full[6], full[9:13]
     cases = {
-        (one_token,): full[:full.index(one_token)],
-        (several,): full[:full.index(several)],
-        (several, one_token): full[:min(full.index(several), full.index(one_token))],
+        (one_token,): full[: full.index(one_token)],
+        (several,): full[: full.index(several)],
+        (several, one_token): full[: min(full.index(several), full.index(one_token))],
         ("~never~",): full,  # never reached: the whole text
         (full[:2] + "~",): full,  # starts like the text, then differs: nothing is lost
     }
@@ -315,8 +344,11 @@ def test_stop_strings_end_each_sample_on_its_own(model64):
     settings = SampleConfig(max_new_tokens=40, temperature=1.5, num_samples=3, seed=2, stop=("e",))
     rows = list(zip(*TextStream(model64, tok, tok.encode("ab"), settings)))
     texts = ["".join(pieces) for pieces in rows]
-    unstopped = generate(model64, tok.encode("ab"), SampleConfig(
-        max_new_tokens=40, temperature=1.5, num_samples=3, seed=2))
+    unstopped = generate(
+        model64,
+        tok.encode("ab"),
+        SampleConfig(max_new_tokens=40, temperature=1.5, num_samples=3, seed=2),
+    )
     for text, new in zip(texts, unstopped):
         full = tok.decode(new)
         assert text == "ab" + full.split("e")[0]
@@ -324,17 +356,47 @@ def test_stop_strings_end_each_sample_on_its_own(model64):
 
 
 def test_word_level_streaming_spaces_and_joins_like_decode(model64):
-    words = ["the", "cat", "said", ".", ",", '"', "(", ")", "don't", "-", "n't", "holmes",
-             "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p",
-             "q"]
+    words = [
+        "the",
+        "cat",
+        "said",
+        ".",
+        ",",
+        '"',
+        "(",
+        ")",
+        "don't",
+        "-",
+        "n't",
+        "holmes",
+        "a",
+        "b",
+        "c",
+        "d",
+        "e",
+        "f",
+        "g",
+        "h",
+        "i",
+        "j",
+        "k",
+        "l",
+        "m",
+        "n",
+        "o",
+        "p",
+        "q",
+    ]
     tok = WordTokenizer(words)
     assert tok.vocab_size == 31
     for seed in range(5):
-        pieces, _ = stream_pieces(model64, tok, 'The "cat" said', max_new_tokens=40,
-                                  temperature=1.5, top_k=0, seed=seed)
+        pieces, _ = stream_pieces(
+            model64, tok, 'The "cat" said', max_new_tokens=40, temperature=1.5, top_k=0, seed=seed
+        )
         ids = tok.encode('The "cat" said')
-        (new,) = generate(model64, ids, SampleConfig(max_new_tokens=40, temperature=1.5, top_k=0,
-                                                    seed=seed))
+        (new,) = generate(
+            model64, ids, SampleConfig(max_new_tokens=40, temperature=1.5, top_k=0, seed=seed)
+        )
         assert "".join(pieces) == tok.decode(ids + new)
 
 
@@ -356,5 +418,5 @@ def test_word_level_stop_string_ends_the_text_before_it(model64):
     full = continuation(model64, tok, "the cat", **settings)
     stop = " ".join(full.split()[4:6])  # two words: a stop string across tokens and a space
     pieces, stream = stream_pieces(model64, tok, "the cat", stop=(stop,), **settings)
-    assert "".join(pieces) == "the cat" + full[:full.index(stop)]
+    assert "".join(pieces) == "the cat" + full[: full.index(stop)]
     assert stream.new_tokens < 60

@@ -22,10 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from e2e import E2E_ROOT, e2e_assert_one_line_error, smolgpt_without
 
 import smolgpt
 from smolgpt.server import playground_html
+
+from e2e import E2E_ROOT, e2e_assert_one_line_error, smolgpt_without
 
 pytestmark = pytest.mark.slow
 API_KEY = "test-key-123"
@@ -43,8 +44,15 @@ class Server:
     def connection(self, timeout: float = 120) -> http.client.HTTPConnection:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
 
-    def call(self, method: str, path: str, body=None, headers: dict = None, raw: bytes = None,
-             key: bool = True):
+    def call(
+        self,
+        method: str,
+        path: str,
+        body=None,
+        headers: dict = None,
+        raw: bytes = None,
+        key: bool = True,
+    ):
         """(status, headers, parsed JSON body or text) of one request."""
         headers = dict(headers or {})
         if self.key and key:
@@ -70,13 +78,18 @@ class Server:
 
 
 def start_server(smol_cli, *args, env: dict = None) -> Server:
-    process = smol_cli.popen("module", "serve", *args, "--port", "0",
-                             env=smol_cli.env(**(env or {}))).outlive_tests()
-    line = smol_cli.wait_for(lambda: re.search(r"serving .* at (http://\S+/) ",
-                                               process.stderr_so_far()),
-                             timeout=120, process=process, what="the server to listen")
-    return Server(process, line.group(1).replace("0.0.0.0", "127.0.0.1"),
-                  (env or {}).get("SMOLGPT_API_KEY"))
+    process = smol_cli.popen(
+        "module", "serve", *args, "--port", "0", env=smol_cli.env(**(env or {}))
+    ).outlive_tests()
+    line = smol_cli.wait_for(
+        lambda: re.search(r"serving .* at (http://\S+/) ", process.stderr_so_far()),
+        timeout=120,
+        process=process,
+        what="the server to listen",
+    )
+    return Server(
+        process, line.group(1).replace("0.0.0.0", "127.0.0.1"), (env or {}).get("SMOLGPT_API_KEY")
+    )
 
 
 def stop_server(server: Server) -> str:
@@ -105,9 +118,21 @@ def main(smol_cli, runs):
 
 @pytest.fixture(scope="module")
 def strict(smol_cli, runs):
-    server = start_server(smol_cli, runs[0], "--host", "0.0.0.0", "--parallel", "1",
-                          "--queue", "1", "--timeout", "3", "--max_tokens", "100000",
-                          env={"SMOLGPT_API_KEY": API_KEY})
+    server = start_server(
+        smol_cli,
+        runs[0],
+        "--host",
+        "0.0.0.0",
+        "--parallel",
+        "1",
+        "--queue",
+        "1",
+        "--timeout",
+        "3",
+        "--max_tokens",
+        "100000",
+        env={"SMOLGPT_API_KEY": API_KEY},
+    )
     yield server
     stop_server(server)
 
@@ -123,7 +148,7 @@ def events(response) -> list:
     for line in response:
         line = line.decode("utf-8").rstrip("\n")
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             out.append(data if data == "[DONE]" else json.loads(data))
     return out
 
@@ -131,8 +156,12 @@ def events(response) -> list:
 def stream(server: Server, body: dict) -> list:
     conn = server.connection()
     try:
-        conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
-                     {"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/v1/completions",
+            json.dumps({**body, "stream": True}),
+            {"Content-Type": "application/json"},
+        )
         response = conn.getresponse()
         assert response.status == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -152,7 +181,12 @@ def test_health_models_and_openapi(main):
     status, _, listing = main.call("GET", "/v1/models")
     assert status == 200 and listing["object"] == "list"
     char, word = listing["data"]
-    assert (char["id"], char["level"], word["id"], word["level"]) == ("char", "char", "word", "word")
+    assert (char["id"], char["level"], word["id"], word["level"]) == (
+        "char",
+        "char",
+        "word",
+        "word",
+    )
     assert char["object"] == "model" and char["owned_by"] == "smolgpt" and char["loss_curve"]
     assert main.call("GET", "/v1/models/word")[2] == word
     status, _, error = main.call("GET", "/v1/models/nope")
@@ -169,22 +203,27 @@ def test_health_models_and_openapi(main):
 
 def test_completion_is_the_api_generation(main, char_model):
     prompt = "The old house"
-    status, _, result = main.complete(model="char", prompt=prompt, max_tokens=30, seed=7,
-                                      temperature=0.9, top_k=20)
+    status, _, result = main.complete(
+        model="char", prompt=prompt, max_tokens=30, seed=7, temperature=0.9, top_k=20
+    )
     assert status == 200, result
     assert result["object"] == "text_completion" and result["model"] == "char"
     assert result["id"].startswith("cmpl-")
     (choice,) = result["choices"]
     expected = char_model.generate(prompt, max_new_tokens=30, seed=7, temperature=0.9, top_k=20)
-    assert choice["text"] == expected[len(prompt):]
+    assert choice["text"] == expected[len(prompt) :]
     assert choice["finish_reason"] == "length" and choice["index"] == 0
-    assert result["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 30,
-                               "total_tokens": len(prompt) + 30}
+    assert result["usage"] == {
+        "prompt_tokens": len(prompt),
+        "completion_tokens": 30,
+        "total_tokens": len(prompt) + 30,
+    }
 
 
 def test_n_prompts_stop_and_echo(main, char_model):
-    status, _, result = main.complete(model="char", prompt=["The ", "He "], n=2, max_tokens=8,
-                                      seed=3)
+    status, _, result = main.complete(
+        model="char", prompt=["The ", "He "], n=2, max_tokens=8, seed=3
+    )
     assert status == 200
     assert [c["index"] for c in result["choices"]] == [0, 1, 2, 3]
     batch = char_model.generate("He ", max_new_tokens=8, seed=3, num_samples=2)
@@ -196,7 +235,7 @@ def test_n_prompts_stop_and_echo(main, char_model):
     cut = main.complete(model="char", prompt="The ", max_tokens=60, seed=5, stop=[stop])[2]
     (choice,) = cut["choices"]
     assert choice["finish_reason"] == "stop"
-    assert choice["text"] == free["text"][:free["text"].index(stop)]
+    assert choice["text"] == free["text"][: free["text"].index(stop)]
     assert cut["usage"]["completion_tokens"] < 60
 
     echoed = main.complete(model="char", prompt="The ", max_tokens=60, seed=5, echo=True)[2]
@@ -232,13 +271,28 @@ def test_official_openai_client(main):
 
     client = openai.OpenAI(base_url=main.url + "v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list()] == ["char", "word"]
-    result = client.completions.create(model="char", prompt="The ", max_tokens=12, seed=1,
-                                       temperature=0.5, top_p=0.9, stop=["\n\n"],
-                                       extra_body={"top_k": 10, "repetition_penalty": 1.2})
+    result = client.completions.create(
+        model="char",
+        prompt="The ",
+        max_tokens=12,
+        seed=1,
+        temperature=0.5,
+        top_p=0.9,
+        stop=["\n\n"],
+        extra_body={"top_k": 10, "repetition_penalty": 1.2},
+    )
     assert result.object == "text_completion" and result.usage.completion_tokens <= 12
-    streamed = client.completions.create(model="char", prompt="The ", max_tokens=12, seed=1,
-                                         temperature=0.5, top_p=0.9, stop=["\n\n"], stream=True,
-                                         extra_body={"top_k": 10, "repetition_penalty": 1.2})
+    streamed = client.completions.create(
+        model="char",
+        prompt="The ",
+        max_tokens=12,
+        seed=1,
+        temperature=0.5,
+        top_p=0.9,
+        stop=["\n\n"],
+        stream=True,
+        extra_body={"top_k": 10, "repetition_penalty": 1.2},
+    )
     assert "".join(c.choices[0].text for c in streamed) == result.choices[0].text
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x")
@@ -273,8 +327,9 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("body,param,words", BAD_REQUESTS,
-                         ids=[f"{p}-{i}" for i, (_, p, _) in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize(
+    "body,param,words", BAD_REQUESTS, ids=[f"{p}-{i}" for i, (_, p, _) in enumerate(BAD_REQUESTS)]
+)
 def test_bad_values_are_400_in_openai_shape(main, body, param, words):
     status, _, answer = main.complete(**body)
     assert status == 400, answer
@@ -284,13 +339,16 @@ def test_bad_values_are_400_in_openai_shape(main, body, param, words):
     assert words in error["message"], error["message"]
 
 
-@pytest.mark.parametrize("raw,words", [
-    (b'{"model": "char", "prompt": ', "not valid JSON"),
-    (b'["a list"]', "JSON object"),
-    (b'\xff\xfe', "not valid JSON"),
-    (b'{"model": "char", "prompt": "x", "temperature": NaN}', "finite"),
-    (b'{"model": "char", "prompt": "\\ud800"}', "surrogate"),
-])
+@pytest.mark.parametrize(
+    "raw,words",
+    [
+        (b'{"model": "char", "prompt": ', "not valid JSON"),
+        (b'["a list"]', "JSON object"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b'{"model": "char", "prompt": "x", "temperature": NaN}', "finite"),
+        (b'{"model": "char", "prompt": "\\ud800"}', "surrogate"),
+    ],
+)
 def test_malformed_bodies_are_400(main, raw, words):
     status, _, answer = main.call("POST", "/v1/completions", raw=raw)
     assert status == 400 and words in answer["error"]["message"], answer
@@ -298,8 +356,12 @@ def test_malformed_bodies_are_400(main, raw, words):
 
 def test_a_prompt_the_model_cannot_read_is_400_when_streaming_too(main):
     conn = main.connection()
-    conn.request("POST", "/v1/completions", json.dumps(
-        {"model": "char", "prompt": "\u4e2d", "stream": True}), {"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({"model": "char", "prompt": "\u4e2d", "stream": True}),
+        {"Content-Type": "application/json"},
+    )
     response = conn.getresponse()
     answer = json.loads(response.read())
     conn.close()
@@ -342,9 +404,12 @@ def test_twenty_concurrent_requests(main):
 
 def test_busy_answer_when_the_queue_is_full(strict):
     holder = strict.connection()  # holds the only turn, streaming, until closed
-    holder.request("POST", "/v1/completions",
-                   json.dumps({"prompt": "The ", "max_tokens": 100000, "stream": True}),
-                   {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    holder.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({"prompt": "The ", "max_tokens": 100000, "stream": True}),
+        {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
     held = holder.getresponse()
     assert held.status == 200 and held.readline().startswith(b"data: ")
 
@@ -380,8 +445,12 @@ def test_timeout_ends_a_long_request(strict):
 
 def stream_with_key(server: Server, body: dict) -> list:
     conn = server.connection()
-    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
-                 {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    conn.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({**body, "stream": True}),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+    )
     try:
         return events(conn.getresponse())
     finally:
@@ -392,8 +461,9 @@ def test_api_key_and_non_loopback_warning(strict):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
         status, _, answer = strict.call("GET", "/v1/models", headers=headers, key=False)
         assert status == 401 and answer["error"]["code"] == "invalid_api_key", headers
-        status, _, _ = strict.call("POST", "/v1/completions", {"prompt": "x"}, headers=headers,
-                                   key=False)
+        status, _, _ = strict.call(
+            "POST", "/v1/completions", {"prompt": "x"}, headers=headers, key=False
+        )
         assert status == 401
     assert strict.call("GET", "/v1/models")[0] == 200
     # The page, health and the description need no key; the page then asks for it.
@@ -406,9 +476,12 @@ def test_api_key_and_non_loopback_warning(strict):
 
 def test_disconnect_stops_generation(main):
     conn = main.connection()
-    conn.request("POST", "/v1/completions", json.dumps(
-        {"model": "char", "prompt": "The ", "max_tokens": 2000, "stream": True}),
-        {"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({"model": "char", "prompt": "The ", "max_tokens": 2000, "stream": True}),
+        {"Content-Type": "application/json"},
+    )
     response = conn.getresponse()
     for _ in range(3):
         assert response.readline().startswith(b"data: ")
@@ -428,8 +501,10 @@ def test_disconnect_stops_generation(main):
     before = main.health()["tokens_generated"]
     sock = socket.create_connection(("127.0.0.1", main.port))
     body = json.dumps({"model": "char", "prompt": "The ", "max_tokens": 2000}).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                 b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+        b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
     while main.health()["tokens_generated"] == before:
         time.sleep(0.01)
     sock.close()
@@ -444,16 +519,31 @@ def test_disconnect_stops_generation(main):
 
 
 def test_schemathesis_against_the_openapi_description(smol_cli, runs, tmp_path):
-    server = start_server(smol_cli, runs[0], "--max_tokens", "16", "--max_n", "2",
-                          "--max_prompt_chars", "200")
+    server = start_server(
+        smol_cli, runs[0], "--max_tokens", "16", "--max_n", "2", "--max_prompt_chars", "200"
+    )
     try:
         # positive_data_acceptance is left out: a schema cannot say which characters a char
         # model knows, nor that n times the prompts has a cap (both documented 400 answers).
         result = subprocess.run(
-            [str(Path(sys.executable).parent / "schemathesis"), "run", server.url + "openapi.json",
-             "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-             "--max-examples", "25", "--generation-deterministic"],
-            capture_output=True, text=True, timeout=300, env=smol_cli.env(), cwd=tmp_path)
+            [
+                str(Path(sys.executable).parent / "schemathesis"),
+                "run",
+                server.url + "openapi.json",
+                "--checks",
+                "all",
+                "--exclude-checks",
+                "positive_data_acceptance",
+                "--max-examples",
+                "25",
+                "--generation-deterministic",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=smol_cli.env(),
+            cwd=tmp_path,
+        )
     finally:
         stop_server(server)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
@@ -471,8 +561,9 @@ def test_page_is_self_contained():
 
 
 def chromium() -> str:
-    found = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which(
-        "chromium-browser")
+    found = (
+        os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    )
     if not found:
         pytest.skip("no chromium: install Debian's chromium (apt-get install chromium)")
     return found
@@ -484,27 +575,41 @@ def test_playground_in_headless_chromium(main):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     requested, problems = [], []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium(), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = playwright.chromium.launch(
+            executable_path=chromium(),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 700})
             page.on("request", lambda r: requested.append(r.url))
             page.on("pageerror", lambda e: problems.append(str(e)))
             page.goto(main.url)
             page.wait_for_selector("#model option", state="attached")
-            assert page.eval_on_selector_all("#model option", "o => o.map(x => x.value)") \
-                == ["char", "word"]
+            assert page.eval_on_selector_all("#model option", "o => o.map(x => x.value)") == [
+                "char",
+                "word",
+            ]
             page.wait_for_selector("#curve svg polyline", state="attached")  # its run's loss
             page.fill("#prompt", "The old house")
-            page.eval_on_selector("#max_tokens", "e => { e.value = 400; "
-                                  "e.dispatchEvent(new Event('input')); }")
+            page.eval_on_selector(
+                "#max_tokens", "e => { e.value = 400; e.dispatchEvent(new Event('input')); }"
+            )
             page.click("#generate")
             # Text appears while Generate is still disabled: it streams.
-            page.wait_for_function("document.getElementById('completion')?.textContent.length > 0"
-                                   " && document.getElementById('generate').disabled")
-            page.wait_for_function("document.getElementById('status').textContent"
-                                   ".includes('tokens/s')", timeout=60_000)
+            page.wait_for_function(
+                "document.getElementById('completion')?.textContent.length > 0"
+                " && document.getElementById('generate').disabled"
+            )
+            page.wait_for_function(
+                "document.getElementById('status').textContent.includes('tokens/s')", timeout=60_000
+            )
             text = page.text_content("#completion")
             page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
         finally:
@@ -521,8 +626,12 @@ def test_playground_in_headless_chromium(main):
 def test_command_line_errors_are_one_line(smol_cli, runs, tmp_path):
     missing = smol_cli.run("module", "serve", tmp_path / "nothing.pth")
     e2e_assert_one_line_error(missing, "does not exist")
-    for flags, words in ((["--port", "70000"], "--port"), (["--timeout", "0"], "--timeout"),
-                         (["--queue", "-1"], "--queue"), (["--device", "tpu"], "device")):
+    for flags, words in (
+        (["--port", "70000"], "--port"),
+        (["--timeout", "0"], "--timeout"),
+        (["--queue", "-1"], "--queue"),
+        (["--device", "tpu"], "device"),
+    ):
         e2e_assert_one_line_error(smol_cli.run("module", "serve", runs[0], *flags), words)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -538,8 +647,7 @@ def test_command_line_errors_are_one_line(smol_cli, runs, tmp_path):
 def test_unique_names_and_the_warning_on_every_network(smol_cli, runs, tmp_path, main):
     other = tmp_path / "char"
     shutil.copytree(runs[0], other, ignore=shutil.ignore_patterns(".lock"))
-    server = start_server(smol_cli, runs[0], other / "latest_model.pth", other,
-                          "--host", "0.0.0.0")
+    server = start_server(smol_cli, runs[0], other / "latest_model.pth", other, "--host", "0.0.0.0")
     try:
         assert server.health()["models"] == ["char", "char-latest", "char-2"]
     finally:
@@ -553,9 +661,14 @@ def test_python_api(runs, tmp_path):
     script = tmp_path / "serve.py"
     script.write_text(
         "import smolgpt, sys\n"
-        "smolgpt.serve([sys.argv[1]], port=0, ready=lambda url: print(url, flush=True))\n")
-    process = subprocess.Popen([sys.executable, str(script), str(runs[0])],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        "smolgpt.serve([sys.argv[1]], port=0, ready=lambda url: print(url, flush=True))\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(runs[0])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = process.stdout.readline().strip()
         conn = http.client.HTTPConnection(*re.match(r"http://(.+):(\d+)/", url).groups())

@@ -30,14 +30,36 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from e2e import E2E_ROOT, E2EProcess, E2EResult
 
 from smolgpt import checkpoint, cli
 
+from e2e import E2E_ROOT, E2EProcess, E2EResult
+
 # A model that takes a few milliseconds a step; evaluations at 0, 50, 100, ...
-TINY = ["--level", "char", "--preset", "nano", "--n_layer", "1", "--n_embd", "16",
-        "--n_head", "2", "--block_size", "16", "--batch_size", "4", "--eval_iters", "2",
-        "--eval_interval", "50", "--log_interval", "50", "--early_stop_patience", "0"]
+TINY = [
+    "--level",
+    "char",
+    "--preset",
+    "nano",
+    "--n_layer",
+    "1",
+    "--n_embd",
+    "16",
+    "--n_head",
+    "2",
+    "--block_size",
+    "16",
+    "--batch_size",
+    "4",
+    "--eval_iters",
+    "2",
+    "--eval_interval",
+    "50",
+    "--log_interval",
+    "50",
+    "--early_stop_patience",
+    "0",
+]
 VENV_BIN = Path(sys.executable).parent  # where the `smolgpt` console script is installed
 LAUNCHERS = ["python train.py", "smolgpt", "python -m smolgpt"]
 
@@ -59,6 +81,7 @@ def _progress(run_dir: Path) -> dict:
 
 # ---------------------------------------------------------------- printed commands, fast
 
+
 def test_the_interpreter_is_python_only_where_python_runs_it(tmp_path, monkeypatch):
     """`python` in a printed command must start this very interpreter: a virtual
     environment's python is a link to the base interpreter, and the base one is not it."""
@@ -78,13 +101,16 @@ def test_printed_commands_are_quoted_and_resume_the_same_run(tmp_path, monkeypat
     monkeypatch.setenv("PATH", str(tmp_path))
     launcher = cli.Launcher.scripts("../my code")
     args = cli.resume_args(["--out_dir", "runs/it's mine", "--overwrite", "--no-resume"])
-    assert launcher.command("train", args) == \
-        "python '../my code/train.py' --out_dir 'runs/it'\"'\"'s mine' --resume"
+    assert (
+        launcher.command("train", args)
+        == "python '../my code/train.py' --out_dir 'runs/it'\"'\"'s mine' --resume"
+    )
     assert launcher.command("generate", ["a b.pth"]) == "python '../my code/generate.py' 'a b.pth'"
     assert cli.Launcher.scripts("").train == ("python", "train.py")
 
 
 # ------------------------------------------------------------------ the scenarios
+
 
 def _paste(command: str, cwd: Path, env: dict, logs: Path) -> E2EResult:
     """Run a printed command as the user would: pasted into a shell."""
@@ -100,8 +126,11 @@ def _hint_round_trip(smol_cli, base: Path, launcher: str) -> dict:
     elsewhere.mkdir(parents=True)
     path = os.environ.get("PATH", "")
     if launcher == "python -m smolgpt":
-        path = os.pathsep.join(p for p in path.split(os.pathsep)
-                               if p and os.path.realpath(p) != os.path.realpath(VENV_BIN))
+        path = os.pathsep.join(
+            p
+            for p in path.split(os.pathsep)
+            if p and os.path.realpath(p) != os.path.realpath(VENV_BIN)
+        )
     else:
         path = os.pathsep.join([str(VENV_BIN), path])
     env = smol_cli.env(PATH=path)
@@ -118,10 +147,13 @@ def _hint_round_trip(smol_cli, base: Path, launcher: str) -> dict:
     smol_cli.wait_for(lambda: smol_cli.metrics(run_dir), process=proc, what="a metrics row")
     proc.send_signal(signal.SIGINT)
     interrupted = proc.wait()
-    resumed = _paste(_printed_command(interrupted, "Resume with:"), cwd, env, base / "logs" / "resume")
+    resumed = _paste(
+        _printed_command(interrupted, "Resume with:"), cwd, env, base / "logs" / "resume"
+    )
     sampled = _paste(_printed_command(resumed, "sample with:"), cwd, env, base / "logs" / "sample")
-    return dict(interrupted=interrupted, resumed=resumed, sampled=sampled,
-                iters=_iters(smol_cli, run_dir))
+    return dict(
+        interrupted=interrupted, resumed=resumed, sampled=sampled, iters=_iters(smol_cli, run_dir)
+    )
 
 
 def _sighup(smol_cli, base: Path) -> dict:
@@ -150,9 +182,15 @@ def _closed_terminal(smol_cli, base: Path) -> dict:
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-    proc = subprocess.Popen(smol_cli.argv("train", *args), stdin=its_end, stdout=its_end,
-                            stderr=its_end, env=smol_cli.env(), cwd=str(base),
-                            preexec_fn=on_the_terminal)
+    proc = subprocess.Popen(
+        smol_cli.argv("train", *args),
+        stdin=its_end,
+        stdout=its_end,
+        stderr=its_end,
+        env=smol_cli.env(),
+        cwd=str(base),
+        preexec_fn=on_the_terminal,
+    )
     os.close(its_end)
     shown = b""  # what the terminal showed
     try:
@@ -172,8 +210,14 @@ def _closed_terminal(smol_cli, base: Path) -> dict:
             proc.wait()
     saved = _progress(out) if (out / "latest_model.pth").exists() else None
     resumed = smol_cli.run("train", *args, "--resume")
-    return dict(status=status, seconds=seconds, shown=shown.decode(errors="replace")[-3000:],
-                saved=saved, resumed=resumed, iters=_iters(smol_cli, out))
+    return dict(
+        status=status,
+        seconds=seconds,
+        shown=shown.decode(errors="replace")[-3000:],
+        saved=saved,
+        resumed=resumed,
+        iters=_iters(smol_cli, out),
+    )
 
 
 def _interrupted_evaluation(smol_cli, base: Path) -> dict:
@@ -183,12 +227,14 @@ def _interrupted_evaluation(smol_cli, base: Path) -> dict:
     args = ["--data", smol_cli.corpus, *TINY, "--out_dir", out]
     first = smol_cli.run("train", *args, "--max_iters", "50")
     assert first.returncode == 0, first.describe()
-    proc = smol_cli.popen("train", *args, "--resume", "--max_iters", "150",
-                          "--eval_iters", "20000")
+    proc = smol_cli.popen("train", *args, "--resume", "--max_iters", "150", "--eval_iters", "20000")
     stderr = Path(proc._err.name)
     # The progress line of iteration 100 comes just before its evaluation starts.
-    smol_cli.wait_for(lambda: "iter 100 |" in stderr.read_text(encoding="utf-8"),
-                      process=proc, what="iteration 100")
+    smol_cli.wait_for(
+        lambda: "iter 100 |" in stderr.read_text(encoding="utf-8"),
+        process=proc,
+        what="iteration 100",
+    )
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     signalled = time.monotonic()
@@ -196,8 +242,14 @@ def _interrupted_evaluation(smol_cli, base: Path) -> dict:
     seconds = time.monotonic() - signalled
     saved, iters_then = _progress(out), _iters(smol_cli, out)
     resumed = smol_cli.run("train", *args, "--resume", "--max_iters", "150")
-    return dict(stopped=stopped, seconds=seconds, saved=saved, iters_then=iters_then,
-                resumed=resumed, iters=_iters(smol_cli, out))
+    return dict(
+        stopped=stopped,
+        seconds=seconds,
+        saved=saved,
+        iters_then=iters_then,
+        resumed=resumed,
+        iters=_iters(smol_cli, out),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -205,15 +257,21 @@ def scenarios(smol_cli, tmp_path_factory) -> dict[str, Future]:
     """{name: the Future of what the scenario saw}, every scenario run at once and finished
     (a test that fails kills the processes still running: they must be no one else's)."""
     base = tmp_path_factory.mktemp("signals")
-    work = {**{name: partial(_hint_round_trip, launcher=name) for name in LAUNCHERS},
-            "sighup": _sighup, "closed terminal": _closed_terminal,
-            "evaluation": _interrupted_evaluation}
+    work = {
+        **{name: partial(_hint_round_trip, launcher=name) for name in LAUNCHERS},
+        "sighup": _sighup,
+        "closed terminal": _closed_terminal,
+        "evaluation": _interrupted_evaluation,
+    }
     with ThreadPoolExecutor(3) as pool:  # waits for every scenario when the block ends
-        return {name: pool.submit(run, smol_cli, base / str(i))
-                for i, (name, run) in enumerate(work.items())}
+        return {
+            name: pool.submit(run, smol_cli, base / str(i))
+            for i, (name, run) in enumerate(work.items())
+        }
 
 
 # -------------------------------------------------------------------------- the tests
+
 
 @pytest.mark.slow
 @pytest.mark.stress
@@ -228,12 +286,14 @@ def test_pasted_resume_and_sample_commands_work(scenarios, launcher):
     expected_head = {
         "python train.py": (["python", "train.py"], ["python", "generate.py"]),
         "smolgpt": (["smolgpt", "train"], ["smolgpt", "generate"]),
-        "python -m smolgpt": ([sys.executable, "-m", "smolgpt", "train"],
-                              [sys.executable, "-m", "smolgpt", "generate"]),
+        "python -m smolgpt": (
+            [sys.executable, "-m", "smolgpt", "train"],
+            [sys.executable, "-m", "smolgpt", "generate"],
+        ),
     }[launcher]
-    assert resume[:len(expected_head[0])] == expected_head[0], resume
+    assert resume[: len(expected_head[0])] == expected_head[0], resume
     assert resume[-1] == "--resume", resume
-    assert sample[:len(expected_head[1])] == expected_head[1], sample
+    assert sample[: len(expected_head[1])] == expected_head[1], sample
 
     assert resumed.returncode == 0, resumed.describe()
     assert "done: 200 iterations" in resumed.stderr, resumed.describe()
@@ -250,8 +310,9 @@ def test_sighup_saves_exits_129_and_resumes(scenarios):
     assert stopped.returncode == 129, stopped.describe()
     assert "interrupted by SIGHUP" in stopped.stderr, stopped.describe()
     assert "Resume with:" in stopped.stderr, stopped.describe()
-    assert seen["saved"] and seen["saved"]["iter"] > 0 and not seen["saved"]["evaluated"], \
-        seen["saved"]
+    assert seen["saved"] and seen["saved"]["iter"] > 0 and not seen["saved"]["evaluated"], seen[
+        "saved"
+    ]
     assert resumed.returncode == 0, resumed.describe()
     assert seen["iters"] == [0, 50, 100, 150, 200]
 
@@ -263,8 +324,9 @@ def test_closing_the_terminal_saves_the_run(scenarios):
     assert seen["status"] == 129, f"exit {seen['status']}; the terminal showed:\n{seen['shown']}"
     assert seen["seconds"] < 10
     # Saved where the signal stopped it, not only at the evaluation before.
-    assert seen["saved"] and seen["saved"]["iter"] > 0 and not seen["saved"]["evaluated"], \
-        seen["saved"]
+    assert seen["saved"] and seen["saved"]["iter"] > 0 and not seen["saved"]["evaluated"], seen[
+        "saved"
+    ]
     assert seen["resumed"].returncode == 0, seen["resumed"].describe()
     assert seen["iters"] == [0, 50, 100, 150, 200]
 

@@ -14,16 +14,33 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from e2e import e2e_assert_one_line_error, e2e_corpus_text
-from test_cli import cli_main  # noqa: F401 (a fixture)
 
 import smolgpt
 from smolgpt import checkpoint, data
 from smolgpt.data import Corpus, prepare, resolve_corpus
 
-TINY = ["--preset", "nano", "--n_layer", "1", "--n_embd", "16", "--n_head", "2",
-        "--block_size", "16", "--batch_size", "4", "--max_iters", "2", "--eval_iters", "1",
-        "--eval_interval", "1"]
+from e2e import e2e_assert_one_line_error, e2e_corpus_text
+
+TINY = [
+    "--preset",
+    "nano",
+    "--n_layer",
+    "1",
+    "--n_embd",
+    "16",
+    "--n_head",
+    "2",
+    "--block_size",
+    "16",
+    "--batch_size",
+    "4",
+    "--max_iters",
+    "2",
+    "--eval_iters",
+    "1",
+    "--eval_interval",
+    "1",
+]
 
 
 def book(chars: int = 6_000) -> str:
@@ -34,8 +51,10 @@ def book(chars: int = 6_000) -> str:
 def typeset(text: str) -> str:
     """text as a book prints it: curly apostrophes and double quotes."""
     parts = text.replace("'", "’").split('"')
-    return "".join(part + ("“" if n % 2 == 0 else "”") for n, part in enumerate(parts[:-1])) \
+    return (
+        "".join(part + ("“" if n % 2 == 0 else "”") for n, part in enumerate(parts[:-1]))
         + parts[-1]
+    )
 
 
 LF = book()
@@ -48,8 +67,9 @@ SAVED = {
     "UTF-16 LE BOM": ("\ufeff" + LF).encode("utf-16-le"),
     "UTF-16 BE BOM, CRLF": ("\ufeff" + LF.replace("\n", "\r\n")).encode("utf-16-be"),
     "curly quotes": typeset(LF).encode("utf-8"),
-    "UTF-16 LE BOM, CRLF, curly quotes": ("\ufeff" + typeset(LF).replace("\n", "\r\n"))
-    .encode("utf-16-le"),
+    "UTF-16 LE BOM, CRLF, curly quotes": ("\ufeff" + typeset(LF).replace("\n", "\r\n")).encode(
+        "utf-16-le"
+    ),
 }
 
 
@@ -106,6 +126,7 @@ def test_crlf_split_between_reads_is_one_line_break(tmp_path, monkeypatch, name)
 
 # ------------------------------------------------------------------- the command line
 
+
 @pytest.fixture
 def cp1252_book(tmp_path):
     """A Windows text in cp1252 (curly quotes and — are bytes 0x91 to 0x97 there), and the
@@ -124,8 +145,7 @@ def train_args(text, out, *extra) -> list:
 def test_cp1252_is_refused_naming_encoding_and_trains_with_it(cli_main, cp1252_book, tmp_path):
     windows, utf8 = cp1252_book
     refused = cli_main(train_args(windows, tmp_path / "refused"))
-    line = e2e_assert_one_line_error(refused, str(windows), "not utf-8 text",
-                                     "--encoding cp1252")
+    line = e2e_assert_one_line_error(refused, str(windows), "not utf-8 text", "--encoding cp1252")
     assert "binary" not in line and "iconv" not in line  # the old, wrong, hints
     assert not (tmp_path / "refused" / "latest_model.pth").exists()
 
@@ -161,19 +181,33 @@ def test_curly_and_typed_prompts_generate_the_same(cli_main, tmp_path, level):
 
 def test_unk_share_is_reported_and_warned_about_with_the_flag(cli_main, tmp_path):
     # A word in eight is seen once: at the default --min_word_freq 3 it is <UNK>.
-    words = [f"rare{i}" if i % 8 == 7 else ("the", "old", "grey", "house")[i % 4]
-             for i in range(800)]
+    words = [
+        f"rare{i}" if i % 8 == 7 else ("the", "old", "grey", "house")[i % 4] for i in range(800)
+    ]
     path = tmp_path / "rare.txt"
     path.write_text(" ".join(words) + "\n", encoding="utf-8")
-    result = cli_main(["train", "--level", "word", "--data", path, *TINY,
-                       "--out_dir", tmp_path / "run"])
+    result = cli_main(
+        ["train", "--level", "word", "--data", path, *TINY, "--out_dir", tmp_path / "run"]
+    )
     assert result.returncode == 0, result.describe()
     assert "<UNK> 12.5% of train and 12.5% of val" in result.stderr, result.describe()
     warning = next(line for line in result.stderr.splitlines() if line.startswith("<UNK> is"))
     assert "12.5% of the training" in warning and "--min_word_freq 1" in warning
 
-    clean = cli_main(["train", "--level", "word", "--data", path, *TINY, "--min_word_freq", "1",
-                      "--out_dir", tmp_path / "run1"])
+    clean = cli_main(
+        [
+            "train",
+            "--level",
+            "word",
+            "--data",
+            path,
+            *TINY,
+            "--min_word_freq",
+            "1",
+            "--out_dir",
+            tmp_path / "run1",
+        ]
+    )
     assert clean.returncode == 0, clean.describe()
     assert "<UNK> 0.0% of train and 0.0% of val" in clean.stderr
     assert "<UNK> is" not in clean.stderr
@@ -182,21 +216,48 @@ def test_unk_share_is_reported_and_warned_about_with_the_flag(cli_main, tmp_path
 def test_a_vocabulary_without_words_is_refused_in_one_line(cli_main, tmp_path):
     path = tmp_path / "book.txt"
     path.write_text(LF, encoding="utf-8")
-    result = cli_main(["train", "--level", "word", "--data", path, *TINY,
-                       "--min_word_freq", "1000", "--out_dir", tmp_path / "run"])
-    e2e_assert_one_line_error(result, "--min_word_freq 1000 leaves 0 words", "<UNK>",
-                              "--min_word_freq 3")
+    result = cli_main(
+        [
+            "train",
+            "--level",
+            "word",
+            "--data",
+            path,
+            *TINY,
+            "--min_word_freq",
+            "1000",
+            "--out_dir",
+            tmp_path / "run",
+        ]
+    )
+    e2e_assert_one_line_error(
+        result, "--min_word_freq 1000 leaves 0 words", "<UNK>", "--min_word_freq 3"
+    )
     assert not (tmp_path / "run" / "latest_model.pth").exists()
 
 
 @pytest.mark.slow
 def test_cp1252_in_real_processes(smol_cli, cp1252_book, tmp_path):
     windows, _ = cp1252_book
-    refused, trained = smol_cli.run_many([
-        ("train", ["--level", "char", "--data", windows, *TINY, "--out_dir", tmp_path / "a"]),
-        ("train", ["--level", "char", "--data", windows, *TINY, "--out_dir", tmp_path / "b",
-                   "--encoding", "cp1252"]),
-    ])
+    refused, trained = smol_cli.run_many(
+        [
+            ("train", ["--level", "char", "--data", windows, *TINY, "--out_dir", tmp_path / "a"]),
+            (
+                "train",
+                [
+                    "--level",
+                    "char",
+                    "--data",
+                    windows,
+                    *TINY,
+                    "--out_dir",
+                    tmp_path / "b",
+                    "--encoding",
+                    "cp1252",
+                ],
+            ),
+        ]
+    )
     e2e_assert_one_line_error(refused, "windows.txt", "--encoding cp1252")
     assert trained.returncode == 0, trained.describe()
     assert (tmp_path / "b" / "latest_model.pth").is_file()

@@ -14,10 +14,11 @@ from smolgpt.tokenizer import CharTokenizer, WordTokenizer, normalize_text, toke
 
 UNICODE_TEXT = "Héllo, wörld! “Quoted” — naïve café. 日本語 and 🙂 emoji.\nTabs\tand\r\nCRLF."
 # UNICODE_TEXT as the tokenizers read it.
-UNICODE_READ = "Héllo, wörld! \"Quoted\" — naïve café. 日本語 and 🙂 emoji.\nTabs\tand\nCRLF."
+UNICODE_READ = 'Héllo, wörld! "Quoted" — naïve café. 日本語 and 🙂 emoji.\nTabs\tand\nCRLF.'
 
 
 # --------------------------------------------------------------------------- char level
+
 
 def test_char_round_trip_including_unicode():
     tok = CharTokenizer.train([UNICODE_TEXT])
@@ -68,9 +69,16 @@ def test_char_empty_vocabulary_raises():
 
 # --------------------------------------------------------------------------- word level
 
+
 def test_word_split_lowercases_and_separates_punctuation():
     assert WordTokenizer.split("Holmes SAID: don't, Watson's!") == [
-        "holmes", "said", ":", "don't", ",", "watson's", "!",
+        "holmes",
+        "said",
+        ":",
+        "don't",
+        ",",
+        "watson's",
+        "!",
     ]
 
 
@@ -96,7 +104,9 @@ def test_word_vocabulary_order_is_deterministic():
     text = "b a c b a c d e e f"
     # frequency first, then alphabetical among ties; independent of insertion order
     first = WordTokenizer.train([text], 1).itos
-    second = WordTokenizer.from_counts(Counter(dict(reversed(list(Counter(text.split()).items())))), 1).itos
+    second = WordTokenizer.from_counts(
+        Counter(dict(reversed(list(Counter(text.split()).items())))), 1
+    ).itos
     assert first == second == ["<PAD>", "<UNK>", "a", "b", "c", "e", "d", "f"]
 
 
@@ -118,7 +128,7 @@ def test_word_encode_array_equals_encode():
     "text",
     [
         "holmes said, “it is (quite) simple.” red-headed man's",
-        'he said, "it is so." and she said \'no\' to him.',
+        "he said, \"it is so.\" and she said 'no' to him.",
         "one/two—three: four; five? six! [seven] {eight} $9 10% ‘single’ holmes’s",
     ],
 )
@@ -134,18 +144,23 @@ def test_word_decode_lowercases_and_shows_unk():
 
 # --------------------------------------------------------------------------- normalisation
 
+
 def test_normalize_text():
     assert normalize_text("\ufeffa\r\nb\rc\n\r\n\rd") == "a\nb\nc\n\n\nd"
-    assert normalize_text("‘single’ “double” ‚low‛ „low‟ don’t") == \
-        "'single' \"double\" 'low' \"low\" don't"
+    assert (
+        normalize_text("‘single’ “double” ‚low‛ „low‟ don’t")
+        == "'single' \"double\" 'low' \"low\" don't"
+    )
     assert normalize_text("a\ufeffb") == "ab"  # a mark left mid-text by joining two files
     untouched = "plain ASCII, «guillemets», — dashes ′primes″ and ünïcödé\n"
     assert normalize_text(untouched) == untouched
     assert normalize_text(normalize_text(UNICODE_TEXT)) == normalize_text(UNICODE_TEXT)
 
 
-CURLY_BOOK = ("“Don’t,” said Holmes, “it’s the ‘speckled band’.” I don’t know. " * 3
-              + "\ufeffCRLF line\r\nand a lone CR\r" * 2)
+CURLY_BOOK = (
+    "“Don’t,” said Holmes, “it’s the ‘speckled band’.” I don’t know. " * 3
+    + "\ufeffCRLF line\r\nand a lone CR\r" * 2
+)
 
 
 def trained_on_curly_book(level: str):
@@ -166,7 +181,7 @@ def test_vocabulary_holds_no_curly_quote_cr_or_bom(level):
 @pytest.mark.parametrize("level", ["char", "word"])
 def test_curly_and_typed_quotes_give_the_same_ids(level):
     tok = trained_on_curly_book(level)
-    typed = 'I don\'t know, said Holmes. "It\'s the \'speckled band\'."'
+    typed = "I don't know, said Holmes. \"It's the 'speckled band'.\""
     curly = "I don’t know, said Holmes. “It’s the ‘speckled band’.”"
     assert tok.encode(curly) == tok.encode(typed)
     assert tok.encode_array(curly).tolist() == tok.encode(typed)
@@ -190,6 +205,7 @@ def test_a_tokenizer_saved_before_normalisation_reads_text_as_given():
 
 
 # --------------------------------------------------------------------------- serialisation
+
 
 @pytest.mark.parametrize("level", ["char", "word"])
 def test_to_dict_round_trip_through_json(level):
@@ -224,7 +240,12 @@ def test_unknown_tokenizer_type_raises(data):
 
 @pytest.mark.parametrize(
     "data",
-    [{"type": "char"}, {"type": "word"}, {"type": "char", "chars": [1, 2]}, {"type": "char", "chars": []}],
+    [
+        {"type": "char"},
+        {"type": "word"},
+        {"type": "char", "chars": [1, 2]},
+        {"type": "char", "chars": []},
+    ],
 )
 def test_malformed_tokenizer_dict_raises(data):
     with pytest.raises(SmolGPTError):

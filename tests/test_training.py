@@ -45,8 +45,9 @@ def test_max_iters_given_with_a_time_budget_caps_the_steps():
     b = Budget(cfg(time_budget=1000.0, max_iters=50), clock_start=time.perf_counter())
     assert not b.finished(49) and b.finished(50)
     assert b.done(25) == pytest.approx(0.5, abs=0.01) and b.done(50) == 1.0
-    short = Budget(cfg(time_budget=10.0, max_iters=50), clock_start=time.perf_counter(),
-                   elapsed_before=10.0)
+    short = Budget(
+        cfg(time_budget=10.0, max_iters=50), clock_start=time.perf_counter(), elapsed_before=10.0
+    )
     assert short.finished(3) and short.done(3) == 1.0  # the time ran out first
 
 
@@ -82,8 +83,7 @@ def test_the_projection_counts_the_steps_and_evaluations_left():
     b.eval_s = 2.0
     (line,) = projection(b, 4, torch.device("cpu"))
     # 996 steps at 0.5 s, and 10 evaluations (at 100, 200, ... 1000) at 2 s: 518 s.
-    assert line == ("projected training time: 8m38s (996 steps at 0.50 s, 10 evaluations "
-                    "at 2.0 s)")
+    assert line == ("projected training time: 8m38s (996 steps at 0.50 s, 10 evaluations at 2.0 s)")
 
 
 def test_a_long_run_on_a_cpu_suggests_a_shorter_one():

@@ -19,8 +19,21 @@ from .config import GenerateConfig, ModelConfig, SampleConfig, ServeConfig, Trai
 from .errors import SmolGPTError
 
 __version__ = "0.12.0"
-__all__ = ["train", "load", "info", "serve", "TrainResult", "Model", "TrainConfig", "ModelConfig",
-           "SampleConfig", "GenerateConfig", "ServeConfig", "SmolGPTError", "__version__"]
+__all__ = [
+    "train",
+    "load",
+    "info",
+    "serve",
+    "TrainResult",
+    "Model",
+    "TrainConfig",
+    "ModelConfig",
+    "SampleConfig",
+    "GenerateConfig",
+    "ServeConfig",
+    "SmolGPTError",
+    "__version__",
+]
 
 _FROM_API = ("train", "load", "TrainResult", "Model")
 

@@ -11,8 +11,8 @@ notebook gets the same checks, files and errors as ``train.py``::
 
 Progress and reports go to the ``smolgpt`` logger. An application that configures logging
 decides where they go; otherwise (a script, a notebook) :func:`train` shows them on stderr
-while it runs, as the command line does. Mistakes raise :class:`~smolgpt.errors.SmolGPTError` with a message that says
-what to change.
+while it runs, as the command line does. Mistakes raise
+:class:`~smolgpt.errors.SmolGPTError` with a message that says what to change.
 """
 
 from __future__ import annotations
@@ -119,8 +119,9 @@ def train(*, config: Optional[Union[str, Path]] = None, **settings: Any) -> Trai
         return _train(settings)
 
 
-def _resolve(settings: dict[str, Any], source: Optional[finetune.Source],
-             cpu_float32: bool = False) -> TrainConfig:
+def _resolve(
+    settings: dict[str, Any], source: Optional[finetune.Source], cpu_float32: bool = False
+) -> TrainConfig:
     """A run's config from the settings given (defaults < preset < given); when fine-tuning
     (settings already completed from the source), with the learning rates scaled down."""
     cfg = resolve_train_config(settings, cpu_float32)
@@ -140,11 +141,15 @@ def _train(settings: dict[str, Any]) -> TrainResult:
         # A preset's recipe can differ on CPUs that compute in float32 (no native bf16); a
         # resumed run keeps the recipe it started with.
         adapted = _resolve(settings, source, cpu_float32=True)
-        changes = {k: v for k, v in dataclasses.asdict(adapted).items()
-                   if v != getattr(requested, k)}
+        changes = {
+            k: v for k, v in dataclasses.asdict(adapted).items() if v != getattr(requested, k)
+        }
         if changes:
-            log.info("preset %s for a CPU computing in float32: %s", adapted.preset,
-                     ", ".join(f"{k} {v}" for k, v in changes.items()))
+            log.info(
+                "preset %s for a CPU computing in float32: %s",
+                adapted.preset,
+                ", ".join(f"{k} {v}" for k, v in changes.items()),
+            )
         requested = adapted
     out_dir = Path(settings.get("out_dir") or requested.default_out_dir)
     if requested.colab_drive:  # relative paths (and the default) land under MyDrive/smolgpt
@@ -162,29 +167,51 @@ def _train(settings: dict[str, Any]) -> TrainResult:
         raise
 
 
-def _run(settings: dict[str, Any], requested: TrainConfig, source: Optional[finetune.Source],
-         out_dir: Path, group: distributed.Group) -> TrainResult:
+def _run(
+    settings: dict[str, Any],
+    requested: TrainConfig,
+    source: Optional[finetune.Source],
+    out_dir: Path,
+    group: distributed.Group,
+) -> TrainResult:
     with distributed.session(group, hardware.resolve_device(requested.device)) as device:
         # Rank 0 holds the run directory's lock, and checks the run and builds the token
         # cache before the others read them.
         with RunLock(out_dir) if group.is_main else contextlib.nullcontext() as lock:
             cfg, tokens, resume_from = group.main_first(
-                lambda: _prepare_run(settings, requested, source, out_dir, lock, group))
+                lambda: _prepare_run(settings, requested, source, out_dir, lock, group)
+            )
             samples = None
             if cfg.sample_every and group.is_main:
                 samples = EvaluationSamples(out_dir, tokens.tokenizer, cfg)
-            trainer = Trainer(cfg, tokens, out_dir, device, resume_from,
-                              init_weights=source.module.state_dict() if source else None,
-                              on_evaluation=samples, group=group)
+            trainer = Trainer(
+                cfg,
+                tokens,
+                out_dir,
+                device,
+                resume_from,
+                init_weights=source.module.state_dict() if source else None,
+                on_evaluation=samples,
+                group=group,
+            )
             progress = trainer.run()
-    return TrainResult(out_dir=out_dir, iterations=progress.iter,
-                       best_val_loss=progress.best_val_loss,
-                       last_val_loss=progress.last_val_loss, elapsed_s=progress.elapsed_s)
+    return TrainResult(
+        out_dir=out_dir,
+        iterations=progress.iter,
+        best_val_loss=progress.best_val_loss,
+        last_val_loss=progress.last_val_loss,
+        elapsed_s=progress.elapsed_s,
+    )
 
 
-def _prepare_run(settings: dict[str, Any], requested: TrainConfig,
-                 source: Optional[finetune.Source], out_dir: Path, lock: Optional[RunLock],
-                 group: distributed.Group) -> tuple[TrainConfig, data.TokenData, Optional[dict]]:
+def _prepare_run(
+    settings: dict[str, Any],
+    requested: TrainConfig,
+    source: Optional[finetune.Source],
+    out_dir: Path,
+    lock: Optional[RunLock],
+    group: distributed.Group,
+) -> tuple[TrainConfig, data.TokenData, Optional[dict]]:
     """Check the run directory and the text, and read them: (the run's config, its tokens,
     the checkpoint it resumes or None). Only rank 0 (which holds the lock) changes anything
     on disk: stale temporaries, a run moved aside, config.json."""
@@ -208,15 +235,23 @@ def _prepare_run(settings: dict[str, Any], requested: TrainConfig,
     elif resume_from is not None and cfg.init_from:
         tokenizer = tokenizer_from_dict(resume_from["tokenizer"])
     # A preset's vocab_size gives way to a text too small for it; one asked for does not.
-    tokens = data.prepare(data.resolve_corpus(cfg.data, cfg.encoding), cfg.level,
-                          cfg.min_word_freq, tokenizer, cfg.vocab_size,
-                          strict="vocab_size" in settings)
+    tokens = data.prepare(
+        data.resolve_corpus(cfg.data, cfg.encoding),
+        cfg.level,
+        cfg.min_word_freq,
+        tokenizer,
+        cfg.vocab_size,
+        strict="vocab_size" in settings,
+    )
     data.check_long_enough(tokens, cfg.block_size)
     log.info(tokens.summary())
     for warning in (tokens.unk_warning(), tokens.dropped_warning()):
         if warning:
             log.warning(warning)
-    if resume_from is not None and resume_from.get("data", {}).get("fingerprint") != tokens.fingerprint:
+    if (
+        resume_from is not None
+        and resume_from.get("data", {}).get("fingerprint") != tokens.fingerprint
+    ):
         raise SmolGPTError(
             f"--data {cfg.data} is not the text this run was trained on; pass the "
             "original text, or start a new run in another --out_dir"
@@ -258,8 +293,9 @@ class EvaluationSamples:
         self.last = iteration
         module.eval()  # no dropout while sampling; its RNG is its own, not training's
         try:
-            text = Model(module, self.tokenizer, {}).generate(max_new_tokens=self.TOKENS,
-                                                              seed=self.seed)
+            text = Model(module, self.tokenizer, {}).generate(
+                max_new_tokens=self.TOKENS, seed=self.seed
+            )
         finally:
             module.train()
         heading = f"--- iter {iteration}, val loss {losses['val']:.4f} ---"
@@ -272,15 +308,20 @@ def _resumable(out_dir: Path, settings: dict[str, Any]) -> tuple[dict, TrainConf
     """The checkpoint to resume and the run's config, with the settings given now applied."""
     latest = out_dir / LATEST
     if not latest.exists():
-        raise SmolGPTError(f"--resume: nothing to resume in {out_dir} (no {LATEST}); "
-                           "start a new run without --resume")
+        raise SmolGPTError(
+            f"--resume: nothing to resume in {out_dir} (no {LATEST}); "
+            "start a new run without --resume"
+        )
     ckpt = checkpoint.load(latest)
     cfg, changed = resume_train_config(ckpt.get("train_config", {}), settings)
     for key, (old, new) in changed.items():
         log.info("resume: %s changed from %s to %s", key, old, new)
     if settings.get("init_from") and settings["init_from"] != cfg.init_from:
-        log.info("resume: --init_from %s is not used: the run continues from its %s",
-                 settings["init_from"], LATEST)
+        log.info(
+            "resume: --init_from %s is not used: the run continues from its %s",
+            settings["init_from"],
+            LATEST,
+        )
     return ckpt, cfg
 
 
@@ -314,8 +355,9 @@ def describe_settings(cfg: TrainConfig) -> str:
         value = getattr(cfg, f.name)
         if value is not None:
             groups.setdefault(f.metadata["group"], []).append(f"{f.name}={value}")
-    return "settings:\n" + "\n".join(f"  {title}: {' '.join(groups[g])}"
-                                     for g, title in HELP_GROUPS.items() if g in groups)
+    return "settings:\n" + "\n".join(
+        f"  {title}: {' '.join(groups[g])}" for g, title in HELP_GROUPS.items() if g in groups
+    )
 
 
 def colab_run_dir() -> Path:
@@ -341,8 +383,13 @@ class Model:
     trained it (a dict; empty for checkpoints that did not record them).
     """
 
-    def __init__(self, module: GPT, tokenizer: Tokenizer, train_config: dict[str, Any],
-                 data_info: Optional[dict[str, Any]] = None):
+    def __init__(
+        self,
+        module: GPT,
+        tokenizer: Tokenizer,
+        train_config: dict[str, Any],
+        data_info: Optional[dict[str, Any]] = None,
+    ):
         self.module, self.tokenizer, self.train_config = module, tokenizer, train_config
         # What the run recorded of its text ("fingerprint", "source"); {} where unknown.
         self.data_info = data_info or {}
@@ -397,8 +444,10 @@ class Model:
             text, expected = self.validation_text()
             result = evaluate_text(self.module, self.tokenizer, text, batch_size)
             if result.tokens != expected:  # never report numbers for another text
-                raise SmolGPTError(f"the validation text read back encodes to {result.tokens} "
-                                   f"tokens, not the split's {expected}: cannot evaluate it")
+                raise SmolGPTError(
+                    f"the validation text read back encodes to {result.tokens} "
+                    f"tokens, not the split's {expected}: cannot evaluate it"
+                )
             return result
         return evaluate_text(self.module, self.tokenizer, text, batch_size)
 
@@ -408,31 +457,44 @@ class Model:
         text cannot be found, has changed since, or now reads into another vocabulary."""
         cfg = self.train_config
         if not cfg.get("data"):
-            raise SmolGPTError("this model does not record the text it was trained on: give "
-                               "a text to evaluate (--data)")
+            raise SmolGPTError(
+                "this model does not record the text it was trained on: give "
+                "a text to evaluate (--data)"
+            )
         try:
             corpus = data.resolve_corpus(cfg["data"], cfg.get("encoding", "utf-8"))
         except SmolGPTError as exc:
-            raise SmolGPTError(f"the model's training text: {exc}; or give a text to "
-                               "evaluate (--data)") from None
+            raise SmolGPTError(
+                f"the model's training text: {exc}; or give a text to evaluate (--data)"
+            ) from None
         # Hashed here although prepare hashes it again: a changed text would otherwise be
         # tokenized whole into a new cache entry before it is refused.
         fingerprint = self.data_info.get("fingerprint")
         if fingerprint and data.fingerprint(corpus) != fingerprint:
-            raise SmolGPTError(f"{cfg['data']} has changed since the model was trained on it: "
-                               "its validation split is gone; give a text to evaluate (--data)")
+            raise SmolGPTError(
+                f"{cfg['data']} has changed since the model was trained on it: "
+                "its validation split is gone; give a text to evaluate (--data)"
+            )
         # Read as training read it: a fine-tuned model's run used the model's tokenizer.
-        tokens = data.prepare(corpus, self.tokenizer.level, cfg.get("min_word_freq", 3),
-                              self.tokenizer if cfg.get("init_from") else None,
-                              cfg.get("vocab_size") or self.tokenizer.vocab_size, strict=False)
+        tokens = data.prepare(
+            corpus,
+            self.tokenizer.level,
+            cfg.get("min_word_freq", 3),
+            self.tokenizer if cfg.get("init_from") else None,
+            cfg.get("vocab_size") or self.tokenizer.vocab_size,
+            strict=False,
+        )
         if tokens.tokenizer.to_dict() != self.tokenizer.to_dict():
-            raise SmolGPTError(f"this smolgpt reads {cfg['data']} into another vocabulary than "
-                               "the model's (trained by an older smolgpt?): give a text to "
-                               "evaluate (--data)")
+            raise SmolGPTError(
+                f"this smolgpt reads {cfg['data']} into another vocabulary than "
+                "the model's (trained by an older smolgpt?): give a text to "
+                "evaluate (--data)"
+            )
         return tokens.val_text(), len(tokens.val)
 
-    def inspect(self, out_dir: Union[str, Path], prompt: Optional[str] = None,
-                text: Optional[str] = None) -> "Inspection":
+    def inspect(
+        self, out_dir: Union[str, Path], prompt: Optional[str] = None, text: Optional[str] = None
+    ) -> "Inspection":
         """Draw what the model does inside into out_dir, as ``smolgpt inspect`` does: every
         head's attention for prompt, the token embeddings in 2-D (with the nearest
         neighbours of the prompt's first tokens in the summary), and the loss at each
@@ -458,19 +520,26 @@ class Model:
             if tokens is not None and len(tokens) > 1:
                 prompt_ids = tokens[:PROMPT_TOKENS]
             else:
-                prompt_ids = self.tokenizer.encode(self.generate(
-                    max_new_tokens=PROMPT_TOKENS - 1, temperature=0))[:PROMPT_TOKENS]
+                prompt_ids = self.tokenizer.encode(
+                    self.generate(max_new_tokens=PROMPT_TOKENS - 1, temperature=0)
+                )[:PROMPT_TOKENS]
         else:
             prompt_ids = self.tokenizer.encode(prompt)
             if not prompt_ids:
                 raise SmolGPTError("the prompt has no tokens: give some text")
             if len(prompt_ids) > self.config.block_size:
-                raise SmolGPTError(f"the prompt is {len(prompt_ids)} tokens, more than the "
-                                   f"model's block_size {self.config.block_size}: shorten it")
+                raise SmolGPTError(
+                    f"the prompt is {len(prompt_ids)} tokens, more than the "
+                    f"model's block_size {self.config.block_size}: shorten it"
+                )
         return inspect_model(self.module, self.tokenizer, Path(out_dir), prompt_ids, tokens, why)
 
-    def export(self, out_dir: Union[str, Path], format: str = "hf",
-               overwrite: bool = False) -> Path:
+    def export(
+        self,
+        out_dir: Union[str, Path],
+        format: str = "hf",  # noqa: A002 - the command line's --format, by the same name
+        overwrite: bool = False,
+    ) -> Path:
         """Write the model to out_dir as ``smolgpt export`` does: format "hf" (a directory
         transformers loads with no custom code; needs the hf extra) or "safetensors"
         (smolgpt's own, without pickle). out_dir must be new or empty; overwrite replaces an
@@ -478,8 +547,9 @@ class Model:
         from . import interop
 
         if format not in EXPORT_FORMATS:
-            raise SmolGPTError(f"unknown export format {format!r}: choose one of "
-                               f"{', '.join(EXPORT_FORMATS)}")
+            raise SmolGPTError(
+                f"unknown export format {format!r}: choose one of {', '.join(EXPORT_FORMATS)}"
+            )
         write = interop.export_hf if format == "hf" else interop.export_safetensors
         return write(self.module, self.tokenizer, out_dir, self.train_config, overwrite)
 
@@ -490,8 +560,10 @@ class Model:
         names = {f.name for f in dataclasses.fields(SampleConfig)}
         unknown = sorted(set(sampling) - names)
         if unknown:
-            raise SmolGPTError(f"unknown sampling setting(s): {', '.join(unknown)}; choose "
-                               f"from {', '.join(sorted(names))}")
+            raise SmolGPTError(
+                f"unknown sampling setting(s): {', '.join(unknown)}; choose "
+                f"from {', '.join(sorted(names))}"
+            )
         settings = SampleConfig(**sampling)
         if prompt is None:
             prompt = self.default_prompt()
@@ -501,8 +573,9 @@ class Model:
         if isinstance(self.tokenizer, WordTokenizer):
             unknown_words = self.tokenizer.unknown(prompt)
             if unknown_words:
-                log.warning("words not in the vocabulary, read as <UNK>: %s",
-                            ", ".join(unknown_words[:10]))
+                log.warning(
+                    "words not in the vocabulary, read as <UNK>: %s", ", ".join(unknown_words[:10])
+                )
         if not prompt_ids:
             raise SmolGPTError("the prompt has no words the model can read: give some text")
         return TextStream(self.module, self.tokenizer, prompt_ids, settings)
@@ -545,9 +618,12 @@ def load(path: Union[str, Path], device: str = "auto") -> Model:
             log.info("%s is a run directory: using %s", path, found)
             path = found
         elif not any((path / name).is_file() for name in (interop.META, interop.HF_CONFIG)):
-            raise SmolGPTError(f"{path} is a directory without {BEST} or {LATEST} (nor an "
-                               f"export's {interop.META}): pass a checkpoint, a run directory "
-                               "that smolgpt train wrote, or a directory smolgpt export wrote")
+            raise SmolGPTError(
+                f"{path} is a directory without {BEST} or {LATEST} (nor an "
+                f"export's {interop.META}): pass a checkpoint, a run directory "
+                "that smolgpt train wrote, or a directory smolgpt export wrote"
+            )
     module, tokenizer, train_config, data_info = interop.load_source(
-        path, hardware.resolve_device(device))
+        path, hardware.resolve_device(device)
+    )
     return Model(module, tokenizer, train_config, data_info)

@@ -84,8 +84,10 @@ def load(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise SmolGPTError(f"checkpoint {path} is empty (an interrupted copy?)")
     if not _written_by_torch_save(path):
-        raise SmolGPTError(f"{path} is not a smolgpt checkpoint (not a file torch.save "
-                           "writes): pass a best_model.pth or latest_model.pth")
+        raise SmolGPTError(
+            f"{path} is not a smolgpt checkpoint (not a file torch.save "
+            "writes): pass a best_model.pth or latest_model.pth"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -95,8 +97,17 @@ def load(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
                 "could run code when loaded; refusing to load it"
             ) from None
         raise SmolGPTError(f"{path} is not a readable checkpoint (corrupt or truncated)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError,
-            IndexError, TypeError, AttributeError) as exc:
+    except (
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
+    ) as exc:
         raise SmolGPTError(
             f"{path} is not a readable checkpoint (truncated or corrupt: {type(exc).__name__})"
         ) from None
@@ -121,8 +132,11 @@ def verify_checksums(ckpt: Any, path: Path) -> None:
         return  # not a smolgpt checkpoint: validate() says so
     saved = ckpt.get("checksums")
     if saved is None:
-        log.info("%s was written before smolgpt checkpoints carried checksums: its bytes "
-                 "cannot be verified", path)
+        log.info(
+            "%s was written before smolgpt checkpoints carried checksums: its bytes "
+            "cannot be verified",
+            path,
+        )
         return
     found = checksums(ckpt)
     if not isinstance(saved, dict):  # the checksums themselves were garbled
@@ -192,4 +206,3 @@ def load_model(path: Path, device: torch.device) -> tuple[GPT, Tokenizer, dict]:
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     return model, tokenizer_from_dict(ckpt["tokenizer"]), ckpt
-

@@ -74,17 +74,31 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             if typing.get_origin(kind) is typing.Union:  # Optional[X]
                 kind = next(a for a in typing.get_args(kind) if a is not type(None))
             if kind is bool:
-                section.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
-                                     default=argparse.SUPPRESS, help=flag_help(cls, f))
+                section.add_argument(
+                    f"--{f.name}",
+                    action=argparse.BooleanOptionalAction,
+                    default=argparse.SUPPRESS,
+                    help=flag_help(cls, f),
+                )
             elif typing.get_origin(kind) is tuple:  # one or more strings: --stop A B --stop C
-                section.add_argument(f"--{f.name}", nargs="+", action="extend",
-                                     type=unescape, default=argparse.SUPPRESS,
-                                     help=flag_help(cls, f), metavar="TEXT")
+                section.add_argument(
+                    f"--{f.name}",
+                    nargs="+",
+                    action="extend",
+                    type=unescape,
+                    default=argparse.SUPPRESS,
+                    help=flag_help(cls, f),
+                    metavar="TEXT",
+                )
             else:
                 section.add_argument(
-                    f"--{f.name}", type=kind, default=argparse.SUPPRESS, help=flag_help(cls, f),
+                    f"--{f.name}",
+                    type=kind,
+                    default=argparse.SUPPRESS,
+                    help=flag_help(cls, f),
                     choices=f.metadata.get("choices"),
-                    metavar=None if "choices" in f.metadata else kind.__name__.upper())
+                    metavar=None if "choices" in f.metadata else kind.__name__.upper(),
+                )
 
 
 def unescape(text: str) -> str:
@@ -106,103 +120,167 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"smolgpt {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = commands.add_parser(
-        "train", help="train a model",
+        "train",
+        help="train a model",
         description=f"Train a GPT. Presets: {', '.join(PRESETS)}; a preset sets the model "
         "size and its training recipe; any flag you give wins over it.",
     )
     # Not a setting itself: its file's settings count as given, and the flags given win.
-    train.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                       help="read settings from a TOML file whose keys are these flags' names "
-                       "(see Config files in the README); a flag given wins over the file "
-                       "(default: unset)")
+    train.add_argument(
+        "--config",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="read settings from a TOML file whose keys are these flags' names "
+        "(see Config files in the README); a flag given wins over the file "
+        "(default: unset)",
+    )
     add_config_flags(train, TrainConfig)
     generate = commands.add_parser("generate", help="generate text from a checkpoint")
-    generate.add_argument("checkpoint", help="a .pth checkpoint, a run directory (its "
-                          "best_model.pth), or a directory written by smolgpt export")
+    generate.add_argument(
+        "checkpoint",
+        help="a .pth checkpoint, a run directory (its "
+        "best_model.pth), or a directory written by smolgpt export",
+    )
     add_config_flags(generate, GenerateConfig)
     export = commands.add_parser(
-        "export", help="export a model for Hugging Face transformers or as safetensors",
+        "export",
+        help="export a model for Hugging Face transformers or as safetensors",
         description="Write a model to a new directory: --format hf for transformers "
         "(AutoModelForCausalLM, AutoTokenizer), --format safetensors for smolgpt alone.",
     )
     export.add_argument("checkpoint", help="a .pth checkpoint, a run directory, or an export")
     export.add_argument("out_dir", help="the directory to write (new or empty)")
-    export.add_argument("--format", required=True, choices=EXPORT_FORMATS,
-                        help="hf: a transformers model and tokenizer; safetensors: smolgpt's "
-                        "weights and settings, without pickle")
-    export.add_argument("--overwrite", action="store_true",
-                        help="replace out_dir if it holds an earlier export")
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=EXPORT_FORMATS,
+        help="hf: a transformers model and tokenizer; safetensors: smolgpt's "
+        "weights and settings, without pickle",
+    )
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace out_dir if it holds an earlier export"
+    )
     evaluate = commands.add_parser(
-        "eval", help="loss, perplexity and bits per character of a model on a text",
+        "eval",
+        help="loss, perplexity and bits per character of a model on a text",
         description="Score a model on the validation split of the text it was trained on "
         "(default) or on any text (--data): every token after the first is predicted once. "
-        "Bits per character compare models of any level on the same text.")
-    evaluate.add_argument("checkpoint", help="a .pth checkpoint, a run directory (its "
-                          "best_model.pth), or a directory written by smolgpt export")
-    evaluate.add_argument("--data", help="the text to score, as train's --data takes it (a "
-                          "file, a directory of .txt files, a built-in corpus, a URL); "
-                          "default: the model's validation split")
-    evaluate.add_argument("--encoding", default="utf-8",
-                          help="text encoding of --data files (default: utf-8)")
-    evaluate.add_argument("--json", action="store_true",
-                          help="print one JSON object (loss, perplexity, bits_per_char, "
-                          "tokens, chars, unk_tokens) instead of a table")
-    evaluate.add_argument("--batch_size", type=int, default=8,
-                          help="windows scored at a time (default: 8)")
-    evaluate.add_argument("--device", choices=DEVICES, default="auto",
-                          help="where to run (default: auto)")
+        "Bits per character compare models of any level on the same text.",
+    )
+    evaluate.add_argument(
+        "checkpoint",
+        help="a .pth checkpoint, a run directory (its "
+        "best_model.pth), or a directory written by smolgpt export",
+    )
+    evaluate.add_argument(
+        "--data",
+        help="the text to score, as train's --data takes it (a "
+        "file, a directory of .txt files, a built-in corpus, a URL); "
+        "default: the model's validation split",
+    )
+    evaluate.add_argument(
+        "--encoding", default="utf-8", help="text encoding of --data files (default: utf-8)"
+    )
+    evaluate.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (loss, perplexity, bits_per_char, "
+        "tokens, chars, unk_tokens) instead of a table",
+    )
+    evaluate.add_argument(
+        "--batch_size", type=int, default=8, help="windows scored at a time (default: 8)"
+    )
+    evaluate.add_argument(
+        "--device", choices=DEVICES, default="auto", help="where to run (default: auto)"
+    )
     inspect = commands.add_parser(
-        "inspect", help="draw what a model does inside: attention, embeddings, loss by position",
+        "inspect",
+        help="draw what a model does inside: attention, embeddings, loss by position",
         description="Draw PNGs of what a trained model does inside, and a text summary: the "
         "attention weights of every head for a prompt, the token embeddings projected to 2-D "
         "(with nearest neighbours), and the loss at each position of the context. Needs "
-        "matplotlib (pip install 'smolgpt[plot]'). See docs/tour.md.")
+        "matplotlib (pip install 'smolgpt[plot]'). See docs/tour.md.",
+    )
     inspect.add_argument("checkpoint", help="a .pth checkpoint, a run directory, or an export")
-    inspect.add_argument("--out", help="the directory to draw into (default: inspect/ beside "
-                         "the checkpoint, or inside a run or export directory)")
-    inspect.add_argument("--prompt", type=unescape, help="the text whose attention is drawn, "
-                         "at most block_size tokens (default: the first 24 tokens of the text)")
-    inspect.add_argument("--data", help="the text whose loss per position is drawn, as "
-                         "train's --data takes it (default: the model's validation split)")
-    inspect.add_argument("--encoding", default="utf-8",
-                         help="text encoding of --data files (default: utf-8)")
-    inspect.add_argument("--device", choices=DEVICES, default="auto",
-                         help="where to run (default: auto)")
+    inspect.add_argument(
+        "--out",
+        help="the directory to draw into (default: inspect/ beside "
+        "the checkpoint, or inside a run or export directory)",
+    )
+    inspect.add_argument(
+        "--prompt",
+        type=unescape,
+        help="the text whose attention is drawn, "
+        "at most block_size tokens (default: the first 24 tokens of the text)",
+    )
+    inspect.add_argument(
+        "--data",
+        help="the text whose loss per position is drawn, as "
+        "train's --data takes it (default: the model's validation split)",
+    )
+    inspect.add_argument(
+        "--encoding", default="utf-8", help="text encoding of --data files (default: utf-8)"
+    )
+    inspect.add_argument(
+        "--device", choices=DEVICES, default="auto", help="where to run (default: auto)"
+    )
     plot = commands.add_parser(
-        "plot", help="draw the val loss curves of runs in one picture",
+        "plot",
+        help="draw the val loss curves of runs in one picture",
         description="Overlay the val loss of one or more runs (their metrics.jsonl) in a PNG; "
-        "needs matplotlib (pip install 'smolgpt[plot]').")
+        "needs matplotlib (pip install 'smolgpt[plot]').",
+    )
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
-    plot.add_argument("--out", default="loss_curves.png",
-                      help="the PNG to write (default: loss_curves.png)")
-    plot.add_argument("--x", choices=PLOT_AXES, default="iter",
-                      help="draw against iterations, wall time or training tokens (default: iter)")
-    plot.add_argument("--ylim", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                      help="the val loss range shown (default: all of it)")
+    plot.add_argument(
+        "--out", default="loss_curves.png", help="the PNG to write (default: loss_curves.png)"
+    )
+    plot.add_argument(
+        "--x",
+        choices=PLOT_AXES,
+        default="iter",
+        help="draw against iterations, wall time or training tokens (default: iter)",
+    )
+    plot.add_argument(
+        "--ylim",
+        nargs=2,
+        type=float,
+        metavar=("LOW", "HIGH"),
+        help="the val loss range shown (default: all of it)",
+    )
     plot.add_argument("--title", help="a heading for the picture")
     serve = commands.add_parser(
-        "serve", help="serve models over HTTP: OpenAI's completions API and a playground page",
+        "serve",
+        help="serve models over HTTP: OpenAI's completions API and a playground page",
         description="Serve one or more models: a playground page at /, OpenAI's completions "
         "API at /v1/completions (streaming too), /v1/models, /health and /openapi.json. "
         "Needs the serve extra (pip install 'smolgpt[serve]'). Listens on this computer "
-        "only unless --host says otherwise.")
-    serve.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                       help="a .pth checkpoint, a run directory (its best_model.pth), or a "
-                       "directory written by smolgpt export; each is served under its run's "
-                       "or file's name")
+        "only unless --host says otherwise.",
+    )
+    serve.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="a .pth checkpoint, a run directory (its best_model.pth), or a "
+        "directory written by smolgpt export; each is served under its run's "
+        "or file's name",
+    )
     add_config_flags(serve, ServeConfig)
     info = commands.add_parser(
-        "info", help="describe a checkpoint or run: model, training, data and versions",
+        "info",
+        help="describe a checkpoint or run: model, training, data and versions",
         description="Describe a checkpoint (.pth), a run directory (its best_model.pth, else "
         "latest_model.pth, with its metrics.jsonl and config.json) or an export: its size and "
-        "shape, tokenizer, iterations, losses, data, precision, versions and times.")
+        "shape, tokenizer, iterations, losses, data, precision, versions and times.",
+    )
     info.add_argument("checkpoint", help="a .pth checkpoint, a run directory, or an export")
-    info.add_argument("--json", action="store_true",
-                      help="print one JSON object instead of key: value lines")
+    info.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of key: value lines"
+    )
     return parser
 
 
 # ------------------------------------------------------------------ commands to paste
+
 
 @dataclasses.dataclass(frozen=True)
 class Launcher:
@@ -238,8 +316,10 @@ class Launcher:
         """`python FOLDER/train.py ...` and `python FOLDER/generate.py ...`, the root scripts,
         with the folder as the user typed it (relative paths stay relative)."""
         python = typed_name(sys.executable, "python")
-        return cls((python, os.path.join(folder, "train.py")),
-                   (python, os.path.join(folder, "generate.py")))
+        return cls(
+            (python, os.path.join(folder, "train.py")),
+            (python, os.path.join(folder, "generate.py")),
+        )
 
 
 def typed_name(path: str, name: str) -> str:
@@ -250,8 +330,9 @@ def typed_name(path: str, name: str) -> str:
     if found is None:
         return path
     same_file = os.path.realpath(found) == os.path.realpath(path)
-    same_folder = (os.path.realpath(os.path.dirname(os.path.abspath(found)))
-                   == os.path.realpath(os.path.dirname(os.path.abspath(path))))
+    same_folder = os.path.realpath(os.path.dirname(os.path.abspath(found))) == os.path.realpath(
+        os.path.dirname(os.path.abspath(path))
+    )
     return name if same_file and same_folder else path
 
 
@@ -266,6 +347,7 @@ def resume_args(args: Sequence[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- commands
+
 
 def run_train(explicit: dict[str, Any], args: Sequence[str], launcher: Launcher) -> int:
     """Train with the parsed flags; args (as typed) and launcher make the printed commands."""
@@ -283,8 +365,10 @@ def run_train(explicit: dict[str, Any], args: Sequence[str], launcher: Launcher)
         if group.distributed:
             launcher = launcher.under_torchrun()
         resume = launcher.command("train", resume_args(args))
-        print(f"{stop}: saved {stop.out_dir / 'latest_model.pth'}. Resume with: {resume}",
-              file=sys.stderr)
+        print(
+            f"{stop}: saved {stop.out_dir / 'latest_model.pth'}. Resume with: {resume}",
+            file=sys.stderr,
+        )
         return stop.exit_code
     if not group.is_main:
         return 0
@@ -329,8 +413,12 @@ def run_generate(checkpoint_path: str, explicit: dict[str, Any]) -> int:
             log.info("generated at most %d tokens", new_tokens)
             return 0
     seconds = time.perf_counter() - start
-    log.info("generated %d tokens in %.2fs (%.0f tokens/s)", new_tokens, seconds,
-             new_tokens / max(seconds, 1e-9))
+    log.info(
+        "generated %d tokens in %.2fs (%.0f tokens/s)",
+        new_tokens,
+        seconds,
+        new_tokens / max(seconds, 1e-9),
+    )
     return 0
 
 
@@ -347,8 +435,10 @@ def interactive(model, sampling: dict[str, Any]) -> int:
     """Read prompts from stdin, one per line, and stream each continuation. A blank line or
     end of input quits; Ctrl-C stops the generation under way and asks for the next prompt.
     Turn n samples with seed + n - 1, so that a session replays exactly."""
-    print("type a prompt and press Enter; a blank line or Ctrl-D quits, Ctrl-C stops a "
-          "generation", file=sys.stderr)
+    print(
+        "type a prompt and press Enter; a blank line or Ctrl-D quits, Ctrl-C stops a generation",
+        file=sys.stderr,
+    )
     for turn in itertools.count():
         try:
             sys.stderr.write("> ")
@@ -391,8 +481,7 @@ def check_output_file(path: Path) -> None:
         raise SmolGPTError(f"--out {path}: the folder {folder} is not writable")
 
 
-def run_export(source: str, out_dir: str, fmt: str, overwrite: bool,
-               launcher: Launcher) -> int:
+def run_export(source: str, out_dir: str, fmt: str, overwrite: bool, launcher: Launcher) -> int:
     """Export the model at source to out_dir in format fmt ("hf" or "safetensors")."""
     from . import interop
     from .api import load
@@ -403,15 +492,24 @@ def run_export(source: str, out_dir: str, fmt: str, overwrite: bool,
     out = load(source, "cpu").export(out_dir, fmt, overwrite)
     print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}", file=sys.stderr)
     if fmt == "hf":
-        print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}), "
-              f"AutoTokenizer.from_pretrained({str(out)!r})", file=sys.stderr)
+        print(
+            f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}), "
+            f"AutoTokenizer.from_pretrained({str(out)!r})",
+            file=sys.stderr,
+        )
     else:
         print(f"sample with: {launcher.command('generate', [str(out)])}", file=sys.stderr)
     return 0
 
 
-def run_eval(source: str, text_spec: Optional[str], encoding: str, as_json: bool,
-             batch_size: int, device: str) -> int:
+def run_eval(
+    source: str,
+    text_spec: Optional[str],
+    encoding: str,
+    as_json: bool,
+    batch_size: int,
+    device: str,
+) -> int:
     """Score the model at source on text_spec (default: its validation split) and print
     the scores on stdout."""
     from .api import load
@@ -427,14 +525,19 @@ def run_eval(source: str, text_spec: Optional[str], encoding: str, as_json: bool
     if path.is_dir():  # a run directory: its checkpoint, which the output names
         path = run_checkpoint(path) or path
     model = load(path, device)
-    what = f"--data {text_spec}" if text_spec else "the validation split of " + str(
-        model.train_config.get("data", "its training text"))
+    what = (
+        f"--data {text_spec}"
+        if text_spec
+        else "the validation split of " + str(model.train_config.get("data", "its training text"))
+    )
     scores = model.evaluate(text, batch_size)
     if as_json:
         print(json.dumps(scores.to_dict()))
     else:
-        print(f"{path}, {what}: {scores.chars:,} characters, {scores.tokens:,} tokens"
-              + (f" ({scores.unk_tokens:,} <UNK>)" if scores.unk_tokens else ""))
+        print(
+            f"{path}, {what}: {scores.chars:,} characters, {scores.tokens:,} tokens"
+            + (f" ({scores.unk_tokens:,} <UNK>)" if scores.unk_tokens else "")
+        )
         print(f"loss           {scores.loss:.4f} nats per token")
         print(f"perplexity     {scores.perplexity:.3f}")
         print(f"bits per char  {scores.bits_per_char:.4f}")
@@ -451,18 +554,31 @@ def run_info(path: str, as_json: bool) -> int:
     return 0
 
 
-def run_plot(run_dirs: list[str], out: str, x: str, ylim: Optional[list[float]] = None,
-             title: Optional[str] = None) -> int:
+def run_plot(
+    run_dirs: list[str],
+    out: str,
+    x: str,
+    ylim: Optional[list[float]] = None,
+    title: Optional[str] = None,
+) -> int:
     """Overlay the runs' val loss curves in the PNG out."""
     from .plots import plot_runs
 
-    print(f"wrote {plot_runs(run_dirs, out, x, tuple(ylim) if ylim else None, title)}",
-          file=sys.stderr)
+    print(
+        f"wrote {plot_runs(run_dirs, out, x, tuple(ylim) if ylim else None, title)}",
+        file=sys.stderr,
+    )
     return 0
 
 
-def run_inspect(source: str, out: Optional[str], prompt: Optional[str],
-                text_spec: Optional[str], encoding: str, device: str) -> int:
+def run_inspect(
+    source: str,
+    out: Optional[str],
+    prompt: Optional[str],
+    text_spec: Optional[str],
+    encoding: str,
+    device: str,
+) -> int:
     """Draw the look inside the model at source; print the summary on stdout and the files
     written on stderr."""
     from .api import load
@@ -482,6 +598,7 @@ def run_inspect(source: str, out: Optional[str], prompt: Optional[str],
 
 
 # ----------------------------------------------------------------------------------- main
+
 
 class _TqdmHandler(logging.Handler):
     """Log lines to stderr that do not break a progress bar on the same terminal."""
@@ -511,11 +628,23 @@ def main(argv: Optional[Sequence[str]] = None, launcher: Launcher = SMOLGPT) -> 
             # exit: argv[0] is the command.
             return run_train(args, argv[1:], launcher)
         if command == "eval":
-            return run_eval(args["checkpoint"], args["data"], args["encoding"], args["json"],
-                            args["batch_size"], args["device"])
+            return run_eval(
+                args["checkpoint"],
+                args["data"],
+                args["encoding"],
+                args["json"],
+                args["batch_size"],
+                args["device"],
+            )
         if command == "inspect":
-            return run_inspect(args["checkpoint"], args["out"], args["prompt"], args["data"],
-                               args["encoding"], args["device"])
+            return run_inspect(
+                args["checkpoint"],
+                args["out"],
+                args["prompt"],
+                args["data"],
+                args["encoding"],
+                args["device"],
+            )
         if command == "plot":
             return run_plot(args["run_dirs"], args["out"], args["x"], args["ylim"], args["title"])
         if command == "info":
@@ -526,8 +655,9 @@ def main(argv: Optional[Sequence[str]] = None, launcher: Launcher = SMOLGPT) -> 
             serve(args.pop("checkpoints"), **args)
             return 0
         if command == "export":
-            return run_export(args["checkpoint"], args["out_dir"], args["format"],
-                              args["overwrite"], launcher)
+            return run_export(
+                args["checkpoint"], args["out_dir"], args["format"], args["overwrite"], launcher
+            )
         return run_generate(args.pop("checkpoint"), args)
     except SmolGPTError as exc:
         if not isinstance(exc, Relayed):  # (rank 0's, which rank 0 reported)

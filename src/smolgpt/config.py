@@ -100,7 +100,10 @@ _MICRO_RECIPES: dict[str, Any] = {
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "nano": {
-        "n_layer": 3, "n_head": 3, "n_embd": 48, "optimizer": "muon",
+        "n_layer": 3,
+        "n_head": 3,
+        "n_embd": 48,
+        "optimizer": "muon",
         "char": {"learning_rate": 2e-2, "dropout": 0.0},
         "word": {"learning_rate": 1e-2, "dropout": 0.2, "early_stop_patience": 4},
         "bpe": {"vocab_size": 4096, "learning_rate": 2e-2, "dropout": 0.0},
@@ -113,17 +116,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     # zero, within a 600 s budget (for shorter budgets micro does better). Word and bpe
     # levels take micro's recipes at this shape.
     "speedrun": {
-        "n_layer": 4, "n_head": 6, "n_embd": 192, "optimizer": "muon", "time_budget": 600.0,
-        "min_lr": 0.0, "lr_schedule": "linear", **_MICRO_RECIPES,
+        "n_layer": 4,
+        "n_head": 6,
+        "n_embd": 192,
+        "optimizer": "muon",
+        "time_budget": 600.0,
+        "min_lr": 0.0,
+        "lr_schedule": "linear",
+        **_MICRO_RECIPES,
     },
     "tiny": {
-        "n_layer": 6, "n_head": 6, "n_embd": 384,
+        "n_layer": 6,
+        "n_head": 6,
+        "n_embd": 384,
         "char": {"batch_size": 64, "learning_rate": 1e-3, "dropout": 0.2},
         "word": {"learning_rate": 5e-4, "dropout": 0.3, "early_stop_patience": 4},
         "bpe": {"vocab_size": 2048, "learning_rate": 1e-3, "dropout": 0.2},
     },
     "small": {
-        "n_layer": 12, "n_head": 12, "n_embd": 768, "batch_size": 16,
+        "n_layer": 12,
+        "n_head": 12,
+        "n_embd": 768,
+        "batch_size": 16,
         "char": {"learning_rate": 6e-4, "dropout": 0.2},
         "word": {"learning_rate": 3e-4, "dropout": 0.3, "early_stop_patience": 4},
         "bpe": {"vocab_size": 8192, "learning_rate": 6e-4, "dropout": 0.2},
@@ -131,7 +145,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _opt(default: Any, help: str, group: str, **extra: Any) -> Any:
+def _opt(default: Any, help: str, group: str, **extra: Any) -> Any:  # noqa: A002 - argparse's name
     """A dataclass field whose help text, --help group and extras travel along with it:
     ``choices`` (for argparse) and ``shown``, the default as --help shows it where the value
     itself would not say it (None meaning "worked out at run time")."""
@@ -153,8 +167,10 @@ def _check_positive_ints(cfg: Any, *names: str) -> None:
 def check_vocab_size(vocab_size: Any) -> None:
     """A bpe vocabulary holds at least the 256 byte values."""
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 256:
-        raise SmolGPTError(f"--vocab_size must be at least 256 (the byte values every bpe "
-                           f"vocabulary starts from), got {vocab_size}")
+        raise SmolGPTError(
+            f"--vocab_size must be at least 256 (the byte values every bpe "
+            f"vocabulary starts from), got {vocab_size}"
+        )
 
 
 def _check_positive_number(name: str, value: Any) -> None:
@@ -173,16 +189,22 @@ class ModelShape:
     dropout: float = _opt(0.1, "dropout probability", "model")
     bias: bool = _opt(True, "biases in linear layers and LayerNorms", "model")
     position: str = _opt(
-        "rope", "how the model knows token positions: rotary (rope) or GPT-2's learned "
-        "embeddings", "model", choices=POSITIONS,
+        "rope",
+        "how the model knows token positions: rotary (rope) or GPT-2's learned embeddings",
+        "model",
+        choices=POSITIONS,
     )
     tie_embeddings: bool = _opt(
-        True, "the output head reuses the token embedding matrix (weight tying); "
-        "off, the head has a matrix of its own", "ablation",
+        True,
+        "the output head reuses the token embedding matrix (weight tying); "
+        "off, the head has a matrix of its own",
+        "ablation",
     )
     causal: bool = _opt(
-        True, "each token attends only to itself and earlier tokens; off, training sees the "
-        "next token (the loss collapses and samples are garbage)", "ablation",
+        True,
+        "each token attends only to itself and earlier tokens; off, training sees the "
+        "next token (the loss collapses and samples are garbage)",
+        "ablation",
     )
 
     def __post_init__(self) -> None:
@@ -222,63 +244,89 @@ class TrainConfig(ModelShape):
     """One training run: a model shape (from :class:`ModelShape`) and everything else."""
 
     level: str = _opt("word", "tokenization level", "data", choices=LEVELS)
-    preset: str = _opt("tiny", "model size and training recipe (see Presets in the README)",
-                       "data", choices=tuple(PRESETS))
+    preset: str = _opt(
+        "tiny",
+        "model size and training recipe (see Presets in the README)",
+        "data",
+        choices=tuple(PRESETS),
+    )
     data: str = _opt(
         "shakespeare",
         "training text: a built-in corpus (shakespeare, sherlock), a .txt file, "
-        "a directory of .txt files, or an http(s) URL", "data",
+        "a directory of .txt files, or an http(s) URL",
+        "data",
     )
     init_from: Optional[str] = _opt(
-        None, "fine-tune: start from this model's weights, tokenizer and shape (a .pth "
-        "checkpoint, a run directory, or a directory written by smolgpt export)", "data",
+        None,
+        "fine-tune: start from this model's weights, tokenizer and shape (a .pth "
+        "checkpoint, a run directory, or a directory written by smolgpt export)",
+        "data",
         shown="unset: a new model",
     )
-    out_dir: Optional[str] = _opt(None, "run directory", "data",
-                                  shown="checkpoints/<level>_<preset>; with --init_from, "
-                                  "checkpoints/<source>_finetune")
+    out_dir: Optional[str] = _opt(
+        None,
+        "run directory",
+        "data",
+        shown="checkpoints/<level>_<preset>; with --init_from, checkpoints/<source>_finetune",
+    )
     # Optimisation.
     batch_size: int = _opt(32, "sequences per micro-batch", "optimisation")
     gradient_accumulation_steps: int = _opt(1, "micro-batches per optimiser step", "optimisation")
     max_iters: Optional[int] = _opt(
-        None, "optimiser steps to train for; with --time_budget, a cap on them", "optimisation",
+        None,
+        "optimiser steps to train for; with --time_budget, a cap on them",
+        "optimisation",
         shown=f"{DEFAULT_MAX_ITERS}; no cap with --time_budget",
     )
     time_budget: Optional[float] = _opt(
-        None, "train for this many seconds of wall time (instead of, or up to, max_iters)",
+        None,
+        "train for this many seconds of wall time (instead of, or up to, max_iters)",
         "optimisation",
     )
     optimizer: str = _opt(
-        "adamw", "adamw, or muon: Muon for the blocks' weight matrices and AdamW for the rest",
-        "optimisation", choices=OPTIMIZERS,
+        "adamw",
+        "adamw, or muon: Muon for the blocks' weight matrices and AdamW for the rest",
+        "optimisation",
+        choices=OPTIMIZERS,
     )
     learning_rate: float = _opt(
-        3e-4, "peak learning rate (of AdamW: with --optimizer muon, of the embeddings, biases "
-        "and norms)", "optimisation",
+        3e-4,
+        "peak learning rate (of AdamW: with --optimizer muon, of the embeddings, biases and norms)",
+        "optimisation",
     )
-    muon_lr: float = _opt(0.05, "peak learning rate of Muon's matrices (--optimizer muon)",
-                          "optimisation")
+    muon_lr: float = _opt(
+        0.05, "peak learning rate of Muon's matrices (--optimizer muon)", "optimisation"
+    )
     muon_ns_steps: int = _opt(
-        5, "Newton-Schulz iterations of Muon's orthogonalisation (fewer: cheaper steps, "
-        "rougher orthogonalisation)", "optimisation",
+        5,
+        "Newton-Schulz iterations of Muon's orthogonalisation (fewer: cheaper steps, "
+        "rougher orthogonalisation)",
+        "optimisation",
     )
-    min_lr: Optional[float] = _opt(None, "final learning rate of the decay",
-                                   "optimisation", shown="learning_rate / 10")
+    min_lr: Optional[float] = _opt(
+        None, "final learning rate of the decay", "optimisation", shown="learning_rate / 10"
+    )
     warmup_iters: int = _opt(100, "linear warm-up steps", "optimisation")
     warmup_budget_share: float = _opt(
-        0.02, "with --time_budget: the share of the budget spent warming up, instead of "
-        "warmup_iters", "optimisation",
+        0.02,
+        "with --time_budget: the share of the budget spent warming up, instead of warmup_iters",
+        "optimisation",
     )
     lr_schedule: str = _opt(
-        "cosine", "learning-rate schedule after warm-up: cosine or linear decay to min_lr, or "
-        "constant", "optimisation", choices=SCHEDULES,
+        "cosine",
+        "learning-rate schedule after warm-up: cosine or linear decay to min_lr, or constant",
+        "optimisation",
+        choices=SCHEDULES,
     )
     batch_warmup: float = _opt(
-        0.0, "share of training over which each step's batch grows linearly from a quarter "
-        "of batch_size to all of it (0: whole batches from the first step)", "optimisation",
+        0.0,
+        "share of training over which each step's batch grows linearly from a quarter "
+        "of batch_size to all of it (0: whole batches from the first step)",
+        "optimisation",
     )
     weight_decay: float = _opt(
-        0.1, "weight decay of matrices and embeddings (AdamW and Muon; not biases or norms)",
+        0.1,
+        "weight decay of matrices and embeddings (AdamW and Muon; not biases or norms)",
         "optimisation",
     )
     beta1: float = _opt(0.9, "AdamW beta1", "optimisation")
@@ -290,43 +338,67 @@ class TrainConfig(ModelShape):
     log_interval: int = _opt(
         50, "steps between progress lines when stderr is not a terminal", "evaluation"
     )
-    plot: bool = _opt(True, "redraw loss.png in the run directory at every evaluation "
-                      "(needs matplotlib: pip install 'smolgpt[plot]')", "evaluation")
+    plot: bool = _opt(
+        True,
+        "redraw loss.png in the run directory at every evaluation "
+        "(needs matplotlib: pip install 'smolgpt[plot]')",
+        "evaluation",
+    )
     sample_every: int = _opt(
-        0, "at the evaluations this many steps apart, print a short sample (the same prompt "
+        0,
+        "at the evaluations this many steps apart, print a short sample (the same prompt "
         "and seed each time, so the text changes only as the model learns) and add it to "
-        "samples.txt in the run directory (0: never)", "evaluation")
-    tensorboard: bool = _opt(False, "also log the metrics for TensorBoard, in the run "
-                             "directory's tensorboard/ (needs: pip install "
-                             "'smolgpt[tensorboard]')", "evaluation")
+        "samples.txt in the run directory (0: never)",
+        "evaluation",
+    )
+    tensorboard: bool = _opt(
+        False,
+        "also log the metrics for TensorBoard, in the run "
+        "directory's tensorboard/ (needs: pip install "
+        "'smolgpt[tensorboard]')",
+        "evaluation",
+    )
     early_stop_patience: int = _opt(
-        0, "stop after this many evaluations without a new best val loss (0: never)",
+        0,
+        "stop after this many evaluations without a new best val loss (0: never)",
         "evaluation",
     )
     # Tokenizer.
     min_word_freq: int = _opt(3, "word level: words seen fewer times become <UNK>", "data")
     vocab_size: Optional[int] = _opt(
-        None, "bpe level: tokens in the vocabulary, the 256 byte values and then the merges "
-        "learned from the training split", "data")
+        None,
+        "bpe level: tokens in the vocabulary, the 256 byte values and then the merges "
+        "learned from the training split",
+        "data",
+    )
     encoding: str = _opt(
-        "utf-8", "text encoding of --data files (a UTF-8 or UTF-16 byte-order mark is "
+        "utf-8",
+        "text encoding of --data files (a UTF-8 or UTF-16 byte-order mark is "
         "recognised by itself); e.g. cp1252 or latin-1 for older Windows or European texts",
         "data",
     )
     # Hardware and bookkeeping.
-    amp: bool = _opt(True, "reduced precision where the hardware computes it natively (see "
-                     "Precision); --no-amp: float32 everywhere", "system")
+    amp: bool = _opt(
+        True,
+        "reduced precision where the hardware computes it natively (see "
+        "Precision); --no-amp: float32 everywhere",
+        "system",
+    )
     device: str = _opt("auto", "where to train", "system", choices=DEVICES)
     compile: bool = _opt(False, "torch.compile the model (slow start, can be faster)", "system")
     gradient_checkpointing: bool = _opt(
-        False, "recompute each block's activations in the backward pass instead of keeping "
+        False,
+        "recompute each block's activations in the backward pass instead of keeping "
         "them: less memory (longer contexts, bigger models), about a third more compute",
-        "system")
+        "system",
+    )
     seed: int = _opt(1337, "random seed", "system")
     resume: bool = _opt(False, "continue from latest_model.pth in the run directory", "system")
     overwrite: bool = _opt(
-        False, "start a new run in an --out_dir that holds one: the old run is moved aside "
-        "(renamed with a timestamp), never deleted", "system",
+        False,
+        "start a new run in an --out_dir that holds one: the old run is moved aside "
+        "(renamed with a timestamp), never deleted",
+        "system",
     )
     colab_drive: bool = _opt(False, "on Colab: write the run to Google Drive", "system")
 
@@ -342,11 +414,20 @@ class TrainConfig(ModelShape):
         if self.level == "bpe":
             check_vocab_size(self.vocab_size)
         elif self.vocab_size is not None:
-            raise SmolGPTError(f"--vocab_size applies at --level bpe only (the {self.level} "
-                               "level's vocabulary is what the text holds): drop the flag")
-        _check_positive_ints(self, "batch_size", "gradient_accumulation_steps",
-                             "eval_interval", "eval_iters", "log_interval", "min_word_freq",
-                             "muon_ns_steps")
+            raise SmolGPTError(
+                f"--vocab_size applies at --level bpe only (the {self.level} "
+                "level's vocabulary is what the text holds): drop the flag"
+            )
+        _check_positive_ints(
+            self,
+            "batch_size",
+            "gradient_accumulation_steps",
+            "eval_interval",
+            "eval_iters",
+            "log_interval",
+            "min_word_freq",
+            "muon_ns_steps",
+        )
         for name in ("warmup_iters", "early_stop_patience", "sample_every"):
             if getattr(self, name) < 0:
                 raise SmolGPTError(f"--{name} must be >= 0, got {getattr(self, name)}")
@@ -365,13 +446,17 @@ class TrainConfig(ModelShape):
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise SmolGPTError("--grad_clip and --weight_decay must be >= 0")
         if self.resume and self.overwrite:
-            raise SmolGPTError("--resume continues the run in --out_dir and --overwrite "
-                               "starts a new one there: pass one of them")
+            raise SmolGPTError(
+                "--resume continues the run in --out_dir and --overwrite "
+                "starts a new one there: pass one of them"
+            )
         try:
             codecs.lookup(self.encoding)
         except LookupError:
-            raise SmolGPTError(f"unknown --encoding {self.encoding!r}: use a Python codec "
-                               "name such as utf-8, utf-16, cp1252 or latin-1") from None
+            raise SmolGPTError(
+                f"unknown --encoding {self.encoding!r}: use a Python codec "
+                "name such as utf-8, utf-16, cp1252 or latin-1"
+            ) from None
         super().__post_init__()  # the shape
 
     @property
@@ -407,19 +492,31 @@ class SampleConfig:
     min-p."""
 
     max_new_tokens: int = _opt(100, "tokens (words or characters) to generate", "sampling")
-    temperature: float = _opt(0.8, "sampling temperature; 0 means greedy decoding (always the "
-                              "most likely token)", "sampling")
+    temperature: float = _opt(
+        0.8,
+        "sampling temperature; 0 means greedy decoding (always the most likely token)",
+        "sampling",
+    )
     top_k: int = _opt(50, "sample only from the k most likely tokens (0 disables)", "sampling")
-    top_p: float = _opt(1.0, "nucleus sampling: smallest set of tokens with this much "
-                        "probability", "sampling")
-    min_p: float = _opt(0.0, "drop tokens less likely than min_p times the most likely one "
-                        "(0 disables)", "sampling")
+    top_p: float = _opt(
+        1.0, "nucleus sampling: smallest set of tokens with this much probability", "sampling"
+    )
+    min_p: float = _opt(
+        0.0, "drop tokens less likely than min_p times the most likely one (0 disables)", "sampling"
+    )
     repetition_penalty: float = _opt(
-        1.0, "divide the scores of tokens already in the text by this (CTRL's penalty, as in "
-        "transformers; 1 disables, >1 repeats less)", "sampling")
+        1.0,
+        "divide the scores of tokens already in the text by this (CTRL's penalty, as in "
+        "transformers; 1 disables, >1 repeats less)",
+        "sampling",
+    )
     stop: tuple[str, ...] = _opt(
-        (), "stop at any of these strings (not printed); on the command line \\n and \\t "
-        "mean a line break and a tab", "sampling", shown="none")
+        (),
+        "stop at any of these strings (not printed); on the command line \\n and \\t "
+        "mean a line break and a tab",
+        "sampling",
+        shown="none",
+    )
     num_samples: int = _opt(1, "independent continuations to generate, as one batch", "sampling")
     seed: int = _opt(1337, "random seed; the same seed gives the same text", "sampling")
 
@@ -451,31 +548,42 @@ class GenerateConfig(SampleConfig):
     and where to run."""
 
     prompt: Optional[str] = _opt(
-        None, "text to continue", "input",
+        None,
+        "text to continue",
+        "input",
         shown="a line break at char and bpe level, the most frequent word at word level",
     )
     prompt_file: Optional[str] = _opt(None, "read the text to continue from this file", "input")
-    interactive: bool = _opt(False, "a prompt loop that keeps the model loaded: type a prompt, "
-                             "see its continuation; a blank line or Ctrl-D quits, Ctrl-C stops "
-                             "one generation", "input")
-    out: Optional[str] = _opt(None, "write the text to this file (atomically) instead of "
-                              "stdout", "output")
+    interactive: bool = _opt(
+        False,
+        "a prompt loop that keeps the model loaded: type a prompt, "
+        "see its continuation; a blank line or Ctrl-D quits, Ctrl-C stops "
+        "one generation",
+        "input",
+    )
+    out: Optional[str] = _opt(
+        None, "write the text to this file (atomically) instead of stdout", "output"
+    )
     device: str = _opt("auto", "where to run", "system", choices=DEVICES)
 
     def __post_init__(self) -> None:
         _check_choice("device", self.device, DEVICES)
         if self.prompt is not None and self.prompt_file is not None:
             raise SmolGPTError("give --prompt or --prompt_file, not both")
-        if self.interactive and (self.prompt is not None or self.prompt_file is not None
-                                 or self.out is not None):
-            raise SmolGPTError("--interactive reads its prompts from the terminal: drop "
-                               "--prompt, --prompt_file and --out")
+        if self.interactive and (
+            self.prompt is not None or self.prompt_file is not None or self.out is not None
+        ):
+            raise SmolGPTError(
+                "--interactive reads its prompts from the terminal: drop "
+                "--prompt, --prompt_file and --out"
+            )
         super().__post_init__()
 
     def sampling(self) -> SampleConfig:
         """The sampling settings alone."""
-        return SampleConfig(**{f.name: getattr(self, f.name)
-                               for f in dataclasses.fields(SampleConfig)})
+        return SampleConfig(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(SampleConfig)}
+        )
 
 
 @dataclass
@@ -483,28 +591,41 @@ class ServeConfig:
     """``smolgpt serve``: where the server listens and the limits that keep a shared server
     alive. A request's sampling settings come in the request, with SampleConfig's defaults."""
 
-    host: str = _opt("127.0.0.1", "address to listen on; 127.0.0.1 is this computer only, "
-                     "0.0.0.0 every network it is on (see Serving in the README)", "server")
+    host: str = _opt(
+        "127.0.0.1",
+        "address to listen on; 127.0.0.1 is this computer only, "
+        "0.0.0.0 every network it is on (see Serving in the README)",
+        "server",
+    )
     port: int = _opt(8000, "port to listen on (0: any free port)", "server")
     api_key: Optional[str] = _opt(
-        None, "require this key from clients (Authorization: Bearer KEY); the environment "
-        "variable SMOLGPT_API_KEY sets it too, out of sight of other users' ps", "server",
-        shown="unset: no key")
+        None,
+        "require this key from clients (Authorization: Bearer KEY); the environment "
+        "variable SMOLGPT_API_KEY sets it too, out of sight of other users' ps",
+        "server",
+        shown="unset: no key",
+    )
     max_prompt_chars: int = _opt(20000, "longest prompt accepted, in characters", "limits")
     max_tokens: int = _opt(2000, "most tokens one completion may ask for (max_tokens)", "limits")
     max_n: int = _opt(8, "most completions one request may ask for (n times prompts)", "limits")
-    timeout: float = _opt(120.0, "seconds a request may take, waiting included, before it "
-                          "is ended with status 504", "limits")
-    parallel: int = _opt(4, "requests generated at once, taking turns token by token",
-                         "limits")
-    queue: int = _opt(16, "requests that may wait for a turn; more are answered 503 (busy)",
-                      "limits")
+    timeout: float = _opt(
+        120.0,
+        "seconds a request may take, waiting included, before it is ended with status 504",
+        "limits",
+    )
+    parallel: int = _opt(4, "requests generated at once, taking turns token by token", "limits")
+    queue: int = _opt(
+        16, "requests that may wait for a turn; more are answered 503 (busy)", "limits"
+    )
     device: str = _opt("auto", "where to run", "system", choices=DEVICES)
 
     def __post_init__(self) -> None:
         _check_choice("device", self.device, DEVICES)
-        if isinstance(self.port, bool) or not isinstance(self.port, int) \
-                or not 0 <= self.port <= 65535:
+        if (
+            isinstance(self.port, bool)
+            or not isinstance(self.port, int)
+            or not 0 <= self.port <= 65535
+        ):
             raise SmolGPTError(f"--port must be 0 to 65535, got {self.port!r}")
         if not self.host:
             raise SmolGPTError("--host is empty: give an address such as 127.0.0.1")
@@ -545,8 +666,9 @@ def resolve_train_config(explicit: dict[str, Any], cpu_float32: bool = False) ->
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(explicit) - known
     if unknown:
-        raise SmolGPTError(f"unknown setting(s): {', '.join(sorted(unknown))} "
-                           "(see smolgpt train --help)")
+        raise SmolGPTError(
+            f"unknown setting(s): {', '.join(sorted(unknown))} (see smolgpt train --help)"
+        )
     level = explicit.get("level", TrainConfig.level)
     preset = explicit.get("preset", TrainConfig.preset)
     return TrainConfig(**{**preset_values(preset, level, cpu_float32), **explicit})
@@ -556,8 +678,15 @@ def resolve_train_config(explicit: dict[str, Any], cpu_float32: bool = False) ->
 # process of the run). --config reads it back.
 RUN_CONFIG = "config.json"
 # How a config file's values are named when one has the wrong type.
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-               list: "an array", dict: "a table", type(None): "null"}
+_TYPE_NAMES = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "an array",
+    dict: "a table",
+    type(None): "null",
+}
 
 
 def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
@@ -595,8 +724,9 @@ def _toml():
         try:
             import tomli as tomllib
         except ModuleNotFoundError:
-            raise SmolGPTError("reading a TOML --config needs Python 3.11 or the tomli "
-                               "package: pip install tomli") from None
+            raise SmolGPTError(
+                "reading a TOML --config needs Python 3.11 or the tomli package: pip install tomli"
+            ) from None
     return tomllib
 
 
@@ -605,8 +735,10 @@ def _typed_settings(values: dict[str, Any], where: str) -> dict[str, Any]:
     number too, and becomes a float where one is expected; true is not an integer)."""
     tables = [k for k, v in values.items() if isinstance(v, dict)]
     if tables:  # a [section] header reads as a nested table
-        raise SmolGPTError(f"{where}: [{tables[0]}] is a table; a config file is one flat "
-                           "list of settings (key = value), without [sections]")
+        raise SmolGPTError(
+            f"{where}: [{tables[0]}] is a table; a config file is one flat "
+            "list of settings (key = value), without [sections]"
+        )
     hints = typing.get_type_hints(TrainConfig)
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     unknown = [k for k in values if k not in names]
@@ -615,8 +747,10 @@ def _typed_settings(values: dict[str, Any], where: str) -> dict[str, Any]:
         for key in unknown:
             close = difflib.get_close_matches(key, names, n=1)
             shown.append(f"{key} (did you mean {close[0]}?)" if close else key)
-        raise SmolGPTError(f"{where}: unknown setting(s) {', '.join(shown)}; the keys are "
-                           "the flag names of smolgpt train --help, without the dashes")
+        raise SmolGPTError(
+            f"{where}: unknown setting(s) {', '.join(shown)}; the keys are "
+            "the flag names of smolgpt train --help, without the dashes"
+        )
     typed = {}
     for key, value in values.items():
         kind, optional = hints[key], False
@@ -627,8 +761,7 @@ def _typed_settings(values: dict[str, Any], where: str) -> dict[str, Any]:
             value = float(value)
         if not (type(value) is kind or (value is None and optional)):
             got = _TYPE_NAMES.get(type(value), type(value).__name__)
-            raise SmolGPTError(f"{where}: {key} must be {_TYPE_NAMES[kind]}, got {value!r} "
-                               f"({got})")
+            raise SmolGPTError(f"{where}: {key} must be {_TYPE_NAMES[kind]}, got {value!r} ({got})")
         typed[key] = value
     return typed
 
@@ -636,14 +769,19 @@ def _typed_settings(values: dict[str, Any], where: str) -> dict[str, Any]:
 def preset_default(name: str) -> Optional[str]:
     """What the presets set a TrainConfig field to, for --help and the README's flag table
     ("nano 3, micro 4, tiny 6, small 12"), or None if no preset sets it."""
-    if not any(name in preset_values(p, level, f32) for p in PRESETS for level in LEVELS
-               for f32 in (False, True)):
+    if not any(
+        name in preset_values(p, level, f32)
+        for p in PRESETS
+        for level in LEVELS
+        for f32 in (False, True)
+    ):
         return None
     fallback = getattr(TrainConfig, name)
     parts, unset = [], []
     for preset in PRESETS:
-        if not any(name in preset_values(preset, level, f32) for level in LEVELS
-                   for f32 in (False, True)):
+        if not any(
+            name in preset_values(preset, level, f32) for level in LEVELS for f32 in (False, True)
+        ):
             unset.append(preset)  # shown together, at the plain default
             continue
         by_level = {level: preset_values(preset, level).get(name, fallback) for level in LEVELS}
@@ -652,15 +790,22 @@ def preset_default(name: str) -> Optional[str]:
             text = f"{preset} {by_level[LEVELS[0]]}"
         else:
             text = f"{preset} " + ", ".join(f"{v} {level}" for level, v in by_level.items())
-        on_float32 = {level: preset_values(preset, level, True).get(name, fallback)
-                      for level in LEVELS}
-        changed = {level: v for level, v in on_float32.items()
-                   if level in by_level and v != by_level[level]}
+        on_float32 = {
+            level: preset_values(preset, level, True).get(name, fallback) for level in LEVELS
+        }
+        changed = {
+            level: v
+            for level, v in on_float32.items()
+            if level in by_level and v != by_level[level]
+        }
         if len(changed) == len(LEVELS) and len(set(changed.values())) == 1:
             text += f" ({changed[LEVELS[0]]} on a float32 CPU)"
         elif changed:
-            text += " (" + ", ".join(f"{v} {level}" for level, v in changed.items()) + \
-                " on a float32 CPU)"
+            text += (
+                " ("
+                + ", ".join(f"{v} {level}" for level, v in changed.items())
+                + " on a float32 CPU)"
+            )
         parts.append(text)
     if unset:
         field_ = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
@@ -691,9 +836,22 @@ LEGACY_DEFAULTS: dict[str, Any] = {"position": "learned", "optimizer": "adamw"}
 # Settings that define what a run *is*; a resumed run may not change them. (The training
 # text is checked by content, not by the --data string.) gradient_accumulation_steps may
 # change: with the number of processes (torchrun), to keep the global batch.
-RESUME_FIXED = ("level", "preset", "n_layer", "n_head", "n_embd", "block_size", "bias",
-                "position", "optimizer", "min_word_freq", "vocab_size", "encoding",
-                "batch_size", "seed")
+RESUME_FIXED = (
+    "level",
+    "preset",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "block_size",
+    "bias",
+    "position",
+    "optimizer",
+    "min_word_freq",
+    "vocab_size",
+    "encoding",
+    "batch_size",
+    "seed",
+)
 # Bookkeeping that is not part of a run's recipe.
 _RESUME_IGNORED = ("resume", "overwrite", "out_dir", "data", "colab_drive")
 # Where a run started: its history, which a resumed run keeps whatever is given now (it
@@ -702,7 +860,9 @@ _RESUME_IGNORED = ("resume", "overwrite", "out_dir", "data", "colab_drive")
 RESUME_KEPT = ("init_from",)
 
 
-def resume_train_config(saved: dict[str, Any], explicit: dict[str, Any]) -> tuple[TrainConfig, dict]:
+def resume_train_config(
+    saved: dict[str, Any], explicit: dict[str, Any]
+) -> tuple[TrainConfig, dict]:
     """The config of a resumed run: the saved one, with the flags typed now applied.
 
     Flags that would change what the run is (model shape, level, tokenizer, batch stream)
@@ -715,11 +875,16 @@ def resume_train_config(saved: dict[str, Any], explicit: dict[str, Any]) -> tupl
     base = TrainConfig(**{k: v for k, v in saved.items() if k in names})
     conflicts = [k for k in RESUME_FIXED if k in explicit and explicit[k] != getattr(base, k)]
     if conflicts:
-        shown = ", ".join(f"--{k} {explicit[k]} (checkpoint: {getattr(base, k)})" for k in conflicts)
+        shown = ", ".join(
+            f"--{k} {explicit[k]} (checkpoint: {getattr(base, k)})" for k in conflicts
+        )
         raise SmolGPTError(
             f"--resume cannot change {shown}; drop the flag(s), or start a new run in "
             "another --out_dir"
         )
-    changed = {k: (getattr(base, k), v) for k, v in explicit.items()
-               if k not in _RESUME_IGNORED and getattr(base, k) != v}
+    changed = {
+        k: (getattr(base, k), v)
+        for k, v in explicit.items()
+        if k not in _RESUME_IGNORED and getattr(base, k) != v
+    }
     return dataclasses.replace(base, **explicit), changed

@@ -81,6 +81,7 @@ UNK_REFUSE_RATE = 0.5
 
 # --------------------------------------------------------------------------- corpora
 
+
 @dataclass(frozen=True)
 class Corpus:
     """Text files that make one corpus, read in this order, decoded in encoding unless a
@@ -197,7 +198,7 @@ def strip_gutenberg(text: str) -> str:
     start = re.search(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", text, re.M)
     end = re.search(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG.*$", text, re.M)
     if start:
-        text = text[start.end():end.start() if end and end.start() > start.end() else None]
+        text = text[start.end() : end.start() if end and end.start() > start.end() else None]
     return text.strip() + "\n"
 
 
@@ -245,6 +246,7 @@ def _fetch(url: str, what: str) -> bytes:
 
 # --------------------------------------------------------------------------- reading text
 
+
 def fingerprint(corpus: Corpus) -> str:
     """SHA-256 over the corpus files' bytes, checking each is non-empty text that decodes."""
     digest = hashlib.sha256()
@@ -267,8 +269,9 @@ def fingerprint(corpus: Corpus) -> str:
     return digest.hexdigest()
 
 
-def _check_decodes(decoder, block: bytes, path: Path, encoding: str, offset: int,
-                   final: bool = False) -> None:
+def _check_decodes(
+    decoder, block: bytes, path: Path, encoding: str, offset: int, final: bool = False
+) -> None:
     """Feed block (which starts offset bytes into path) to decoder; raise SmolGPTError
     unless it decodes to text without NUL characters."""
     try:
@@ -279,8 +282,11 @@ def _check_decodes(decoder, block: bytes, path: Path, encoding: str, offset: int
         else:
             # exc.object is the bytes the decoder still held from earlier blocks, then block.
             where = offset - (len(exc.object) - len(block)) + exc.start
-            problem = ("it ends mid-character" if final else
-                       f"byte 0x{exc.object[exc.start]:02x} at offset {where} does not decode")
+            problem = (
+                "it ends mid-character"
+                if final
+                else f"byte 0x{exc.object[exc.start]:02x} at offset {where} does not decode"
+            )
             raise SmolGPTError(
                 f"{path} is not {encoding} text ({problem}): pass the encoding it was saved "
                 "in, e.g. --encoding cp1252 for Windows text or --encoding latin-1"
@@ -322,8 +328,8 @@ def text_chunks(corpus: Corpus, cut: Optional[int] = None) -> Iterator[str]:
     at = 0
     for chunk in iter_text(corpus):
         if cut is not None and at < cut < at + len(chunk):
-            yield chunk[:cut - at]
-            chunk, at = chunk[cut - at:], cut
+            yield chunk[: cut - at]
+            chunk, at = chunk[cut - at :], cut
         yield chunk
         at += len(chunk)
 
@@ -346,6 +352,7 @@ def text_cut(corpus: Corpus) -> int:
 
 
 # --------------------------------------------------------------------------- tokens
+
 
 @dataclass
 class TokenData:
@@ -378,14 +385,15 @@ class TokenData:
         validation ids again."""
         if self.corpus is None or self.chunk_tokens is None:
             raise SmolGPTError(f"the validation text of {self.source} is not known here")
-        return text_from(self.corpus, self.tokenizer, self.chunk_tokens, len(self.train),
-                         self.cut)
+        return text_from(self.corpus, self.tokenizer, self.chunk_tokens, len(self.train), self.cut)
 
     def summary(self) -> str:
         """One line: the token counts, the vocabulary and (word level) the share of <UNK>."""
         total = len(self.train) + len(self.val)
-        line = (f"{self.source}: {total:,} tokens ({len(self.train):,} train, "
-                f"{len(self.val):,} val), vocabulary {self.tokenizer.vocab_size:,}")
+        line = (
+            f"{self.source}: {total:,} tokens ({len(self.train):,} train, "
+            f"{len(self.val):,} val), vocabulary {self.tokenizer.vocab_size:,}"
+        )
         if self.unk_rates is not None:
             train, val = self.unk_rates
             line += f", <UNK> {train:.1%} of train and {val:.1%} of val"
@@ -403,9 +411,11 @@ class TokenData:
         if self.unk_rates is None or max(self.unk_rates) <= UNK_WARN_RATE:
             return None
         train, val = self.unk_rates
-        return (f"<UNK> is {train:.1%} of the training and {val:.1%} of the validation text "
-                f"(over {UNK_WARN_RATE:.0%}), so the model will often write <UNK>: "
-                f"{_fewer_unk(self.tokenizer.min_word_freq, self.given_tokenizer)}")
+        return (
+            f"<UNK> is {train:.1%} of the training and {val:.1%} of the validation text "
+            f"(over {UNK_WARN_RATE:.0%}), so the model will often write <UNK>: "
+            f"{_fewer_unk(self.tokenizer.min_word_freq, self.given_tokenizer)}"
+        )
 
     @property
     def dropped_share(self) -> float:
@@ -420,13 +430,20 @@ class TokenData:
         common = sorted(self.dropped, key=lambda ch: (-self.dropped[ch], ch))
         shown = ", ".join(repr(ch) for ch in common[:10])
         more = f" and {len(common) - 10} more" if len(common) > 10 else ""
-        return (f"{sum(self.dropped.values()):,} characters of the text "
-                f"({self.dropped_share:.1%}) are not in the vocabulary of the --init_from "
-                f"model and were left out: {len(common)} distinct, {shown}{more}")
+        return (
+            f"{sum(self.dropped.values()):,} characters of the text "
+            f"({self.dropped_share:.1%}) are not in the vocabulary of the --init_from "
+            f"model and were left out: {len(common)} distinct, {shown}{more}"
+        )
 
 
-def text_from(corpus: Corpus, tokenizer: Tokenizer, chunk_tokens: list[int], token: int,
-              cut: Optional[int] = None) -> str:
+def text_from(
+    corpus: Corpus,
+    tokenizer: Tokenizer,
+    chunk_tokens: list[int],
+    token: int,
+    cut: Optional[int] = None,
+) -> str:
     """The corpus from the first character of its token-th token on, as the tokenizer reads
     it (line endings as LF, normalised quotes). chunk_tokens: the tokens each chunk of
     text_chunks(corpus, cut) made, so that only the chunk where that token lies is
@@ -445,8 +462,9 @@ def text_from(corpus: Corpus, tokenizer: Tokenizer, chunk_tokens: list[int], tok
     return "".join(pieces)
 
 
-def _val_stats(corpus: Corpus, tokenizer: Tokenizer, chunk_tokens: list[int],
-               split: int, cut: Optional[int]) -> dict[str, int]:
+def _val_stats(
+    corpus: Corpus, tokenizer: Tokenizer, chunk_tokens: list[int], split: int, cut: Optional[int]
+) -> dict[str, int]:
     """The validation split's characters and <UNK> bytes (TokenData.val_chars, val_unk_bytes)."""
     text = text_from(corpus, tokenizer, chunk_tokens, split, cut)
     unk_bytes = 0
@@ -458,8 +476,10 @@ def _val_stats(corpus: Corpus, tokenizer: Tokenizer, chunk_tokens: list[int],
 def _share(ids: np.ndarray, token: int) -> float:
     """The share of token among ids, compared a block at a time (ids may be a memory map
     larger than memory)."""
-    hits = sum(int(np.count_nonzero(ids[i : i + COUNT_BLOCK] == token))
-               for i in range(0, len(ids), COUNT_BLOCK))
+    hits = sum(
+        int(np.count_nonzero(ids[i : i + COUNT_BLOCK] == token))
+        for i in range(0, len(ids), COUNT_BLOCK)
+    )
     return hits / len(ids) if len(ids) else 0.0
 
 
@@ -467,8 +487,10 @@ def _fewer_unk(min_word_freq: int, given_tokenizer: bool = False) -> str:
     """What makes fewer words <UNK>: a lower --min_word_freq (half, and no more than the
     default), or more text; with a given (fine-tuned model's) vocabulary, other text."""
     if given_tokenizer:
-        return ("the vocabulary is the --init_from model's: fine-tune on text closer to what "
-                "it learned, or train a new model without --init_from")
+        return (
+            "the vocabulary is the --init_from model's: fine-tune on text closer to what "
+            "it learned, or train a new model without --init_from"
+        )
     if min_word_freq > 1:
         lower = min(min_word_freq // 2, TrainConfig.min_word_freq)
         return f"keep rarer words with --min_word_freq {lower}, or train on more text"
@@ -528,19 +550,30 @@ def _workers(corpus: Corpus) -> int:
     return max(1, min(os.cpu_count() or 1, size // CHUNK_BYTES))
 
 
-def _learn(corpus: Corpus, level: str, min_word_freq: int, vocab_size: Optional[int],
-           cut: Optional[int], strict: bool) -> Tokenizer:
+def _learn(
+    corpus: Corpus,
+    level: str,
+    min_word_freq: int,
+    vocab_size: Optional[int],
+    cut: Optional[int],
+    strict: bool,
+) -> Tokenizer:
     """The tokenizer of the corpus at level (word counts spread over processes for a large
     corpus; at bpe level, learned from the text before cut only)."""
     if level == "char":
         return CharTokenizer.train(iter_text(corpus))
     if level == "bpe":
-        bpe = BPETokenizer.train(_sample(_before(corpus, cut), cut, BPE_LEARN_CHARS),
-                                 vocab_size, strict)
+        bpe = BPETokenizer.train(
+            _sample(_before(corpus, cut), cut, BPE_LEARN_CHARS), vocab_size, strict
+        )
         if bpe.vocab_size < vocab_size:
-            log.warning("the preset's vocab_size %d is more than the training split of %s "
-                        "allows (every pair merged): the vocabulary has %d tokens",
-                        vocab_size, corpus.name, bpe.vocab_size)
+            log.warning(
+                "the preset's vocab_size %d is more than the training split of %s "
+                "allows (every pair merged): the vocabulary has %d tokens",
+                vocab_size,
+                corpus.name,
+                bpe.vocab_size,
+            )
         return bpe
     workers = _workers(corpus)
     if workers == 1:
@@ -570,7 +603,7 @@ def _sample(chunks: Iterator[str], total: int, most: int) -> Iterator[str]:
             yield chunk
         else:
             end = chunk.find("\n", int(len(chunk) * most / total)) + 1
-            yield chunk[:end or None]
+            yield chunk[: end or None]
 
 
 def _known_chars(tokenizer: CharTokenizer, chunk: str, dropped: Counter) -> np.ndarray:
@@ -586,8 +619,9 @@ def _known_chars(tokenizer: CharTokenizer, chunk: str, dropped: Counter) -> np.n
     return tokenizer.encode_array(text)
 
 
-def _encode(corpus: Corpus, tokenizer: Tokenizer, out,
-            cut: Optional[int]) -> tuple[int, int, Counter, list[int]]:
+def _encode(
+    corpus: Corpus, tokenizer: Tokenizer, out, cut: Optional[int]
+) -> tuple[int, int, Counter, list[int]]:
     """Write the corpus's ids to out; return (count, CRC-32 of the bytes written, characters
     left out as unknown: {char: count}, the ids of each chunk of text_chunks(corpus, cut)).
     Words a word tokenizer does not know are <UNK>."""
@@ -597,8 +631,9 @@ def _encode(corpus: Corpus, tokenizer: Tokenizer, out,
     if isinstance(tokenizer, CharTokenizer):
         encoded = (_known_chars(tokenizer, chunk, dropped) for chunk in chunks)
     elif isinstance(tokenizer, WordTokenizer) and (workers := _workers(corpus)) > 1:
-        pool = ProcessPoolExecutor(workers, initializer=_init_encoder,
-                                   initargs=(tokenizer.to_dict(),))
+        pool = ProcessPoolExecutor(
+            workers, initializer=_init_encoder, initargs=(tokenizer.to_dict(),)
+        )
         encoded = pool.map(_encode_chunk, chunks)
     else:  # (the bpe tokenizer encodes on every core by itself)
         encoded = map(tokenizer.encode_array, chunks)
@@ -622,9 +657,14 @@ def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-def prepare(corpus: Corpus, level: str, min_word_freq: int = 3,
-            tokenizer: Optional[Tokenizer] = None,
-            vocab_size: Optional[int] = None, strict: bool = True) -> TokenData:
+def prepare(
+    corpus: Corpus,
+    level: str,
+    min_word_freq: int = 3,
+    tokenizer: Optional[Tokenizer] = None,
+    vocab_size: Optional[int] = None,
+    strict: bool = True,
+) -> TokenData:
     """Tokenize a corpus once (or load the cached ids) and split it 90/10; refuse a word
     vocabulary that would teach nothing (:func:`check_vocabulary`). vocab_size: the tokens
     of a bpe vocabulary to learn; more than the text allows is refused if strict (a size
@@ -638,8 +678,10 @@ def prepare(corpus: Corpus, level: str, min_word_freq: int = 3,
         raise SmolGPTError(f"unknown level {level!r}: choose {' or '.join(LEVELS)}")
     given = tokenizer is not None
     if given and tokenizer.level != level:
-        raise SmolGPTError(f"a {tokenizer.level}-level tokenizer cannot tokenize at {level} "
-                           f"level: use --level {tokenizer.level}")
+        raise SmolGPTError(
+            f"a {tokenizer.level}-level tokenizer cannot tokenize at {level} "
+            f"level: use --level {tokenizer.level}"
+        )
     text_hash = fingerprint(corpus)
     # The hash is of the bytes; read in another encoding they are another text.
     encoding = codecs.lookup(corpus.encoding).name  # one name for utf8, UTF-8, ...
@@ -662,16 +704,22 @@ def prepare(corpus: Corpus, level: str, min_word_freq: int = 3,
         cut = text_cut(corpus) if level == "bpe" else None
 
         def write_ids(f) -> None:
-            holder["tokenizer"] = tokenizer or _learn(corpus, level, min_word_freq,
-                                                      vocab_size, cut, strict)
-            (holder["count"], holder["crc32"], holder["dropped"],
-             holder["chunk_tokens"]) = _encode(corpus, holder["tokenizer"], f, cut)
+            holder["tokenizer"] = tokenizer or _learn(
+                corpus, level, min_word_freq, vocab_size, cut, strict
+            )
+            (holder["count"], holder["crc32"], holder["dropped"], holder["chunk_tokens"]) = _encode(
+                corpus, holder["tokenizer"], f, cut
+            )
             # Worked out before tokens.bin appears: another process that finds it without
             # meta.json takes the entry for damaged.
-            holder["split"] = (_tokens_before(corpus, cut, holder["chunk_tokens"])
-                               if cut is not None else int(holder["count"] * TRAIN_FRACTION))
-            holder["val_stats"] = _val_stats(corpus, holder["tokenizer"],
-                                             holder["chunk_tokens"], holder["split"], cut)
+            holder["split"] = (
+                _tokens_before(corpus, cut, holder["chunk_tokens"])
+                if cut is not None
+                else int(holder["count"] * TRAIN_FRACTION)
+            )
+            holder["val_stats"] = _val_stats(
+                corpus, holder["tokenizer"], holder["chunk_tokens"], holder["split"], cut
+            )
 
         atomic_write(ids_path, write_ids)
         dtype = np.dtype(token_dtype(holder["tokenizer"].vocab_size))
@@ -695,10 +743,20 @@ def prepare(corpus: Corpus, level: str, min_word_freq: int = 3,
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     ids = np.memmap(ids_path, dtype=meta["dtype"], mode="r") if meta["count"] else np.zeros(0)
     split = meta["split"]
-    tokens = TokenData(corpus.name, ids[:split], ids[split:], tokenizer, text_hash,
-                       given_tokenizer=given, dropped=meta.get("dropped", {}),
-                       corpus=corpus, chunk_tokens=meta.get("chunk_tokens"), cut=meta["cut"],
-                       val_chars=meta.get("val_chars"), val_unk_bytes=meta.get("val_unk_bytes"))
+    tokens = TokenData(
+        corpus.name,
+        ids[:split],
+        ids[split:],
+        tokenizer,
+        text_hash,
+        given_tokenizer=given,
+        dropped=meta.get("dropped", {}),
+        corpus=corpus,
+        chunk_tokens=meta.get("chunk_tokens"),
+        cut=meta["cut"],
+        val_chars=meta.get("val_chars"),
+        val_unk_bytes=meta.get("val_unk_bytes"),
+    )
     check_vocabulary(tokens)
     return tokens
 
@@ -749,7 +807,9 @@ def _checked_entry(meta_path: Path, ids_path: Path) -> tuple[Optional[dict], str
         crc = meta["crc32"]
         if not isinstance(meta.get("dropped", {}), dict):
             raise TypeError("dropped")
-        if not 0 <= meta["split"] <= meta["count"] or not isinstance(meta["cut"], (int, type(None))):
+        if not 0 <= meta["split"] <= meta["count"] or not isinstance(
+            meta["cut"], (int, type(None))
+        ):
             raise ValueError("split")
     except (KeyError, TypeError, ValueError, SmolGPTError):
         return None, "its metadata is incomplete"
@@ -785,17 +845,26 @@ class BatchSampler:
     world_size processes see exactly the batches one process sees with world_size times the
     gradient accumulation, and the stream's state is the same on every rank."""
 
-    def __init__(self, ids: np.ndarray, block_size: int, batch_size: int, seed: int,
-                 device: torch.device, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        ids: np.ndarray,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.ids, self.block_size, self.batch_size = ids, block_size, batch_size
         self.device, self.rank, self.world_size = device, rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(
-            len(self.ids) - self.block_size, (self.world_size * self.batch_size,),
+            len(self.ids) - self.block_size,
+            (self.world_size * self.batch_size,),
             generator=self.generator,
-        )[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        )[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         windows = np.stack([self.ids[s : s + self.block_size + 1] for s in starts.tolist()])
         batch = torch.from_numpy(windows.astype(np.int64))
         if self.device.type == "cuda":  # page-locked memory lets the copy overlap compute

@@ -64,15 +64,19 @@ class Group:
     # Each is a no-op in a single process, and must be called by every rank in the same
     # order. Errors from a lost peer become PeerLost (one line, not a traceback).
 
-    def agree(self, decided_by_main: bool, *any_rank: int,
-              device: torch.device = None) -> tuple[bool, ...]:
+    def agree(
+        self, decided_by_main: bool, *any_rank: int, device: torch.device = None
+    ) -> tuple[bool, ...]:
         """(rank 0's decided_by_main, then the largest of each any_rank value over all
         ranks): one small all-reduce, once a step (whether training ends now; a signal, a
         non-finite loss that any rank met)."""
         if not self.distributed:
             return (decided_by_main, *any_rank)
-        flags = torch.tensor([int(decided_by_main) if self.is_main else 0, *any_rank],
-                             dtype=torch.int64, device=device)
+        flags = torch.tensor(
+            [int(decided_by_main) if self.is_main else 0, *any_rank],
+            dtype=torch.int64,
+            device=device,
+        )
         self._call(dist.all_reduce, flags, op=dist.ReduceOp.MAX)
         return (bool(flags[0]), *(int(f) for f in flags[1:]))
 
@@ -136,8 +140,10 @@ class Group:
         text = str(exc).strip()
         # The first sentence: gloo and NCCL add paragraphs of guesses after it.
         first = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
-        return PeerLost(f"rank {self.rank} of {self.world_size} lost contact with the other "
-                        f"ranks ({first}): another rank has stopped; see its output")
+        return PeerLost(
+            f"rank {self.rank} of {self.world_size} lost contact with the other "
+            f"ranks ({first}): another rank has stopped; see its output"
+        )
 
 
 def from_environment() -> Group:
@@ -147,11 +153,15 @@ def from_environment() -> Group:
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError:
-        raise SmolGPTError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (torchrun sets "
-                           "them): unset them to train in one process") from None
+        raise SmolGPTError(
+            "WORLD_SIZE, RANK and LOCAL_RANK must be integers (torchrun sets "
+            "them): unset them to train in one process"
+        ) from None
     if world < 1 or not 0 <= rank < world:
-        raise SmolGPTError(f"RANK {rank} does not fit WORLD_SIZE {world}: launch with "
-                           "torchrun, or unset them to train in one process")
+        raise SmolGPTError(
+            f"RANK {rank} does not fit WORLD_SIZE {world}: launch with "
+            "torchrun, or unset them to train in one process"
+        )
     return Group(rank, local, world)
 
 
@@ -165,23 +175,31 @@ def session(group: Group, device: torch.device) -> Iterator[torch.device]:
         return
     if device.type == "cuda":
         if group.local_rank >= torch.cuda.device_count():
-            raise SmolGPTError(f"LOCAL_RANK {group.local_rank} but {torch.cuda.device_count()} "
-                               "GPU(s) here: --nproc_per_node at most the number of GPUs")
+            raise SmolGPTError(
+                f"LOCAL_RANK {group.local_rank} but {torch.cuda.device_count()} "
+                "GPU(s) here: --nproc_per_node at most the number of GPUs"
+            )
         device = torch.device("cuda", group.local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
     elif device.type == "cpu":
         backend = "gloo"
     else:
-        raise SmolGPTError(f"distributed training runs on CUDA or on CPUs, not {device.type}: "
-                           "pass --device cpu")
+        raise SmolGPTError(
+            f"distributed training runs on CUDA or on CPUs, not {device.type}: pass --device cpu"
+        )
     package = logging.getLogger("smolgpt")
     level = package.level
     if not group.is_main:
         package.setLevel(logging.ERROR)
     try:
-        dist.init_process_group(backend, rank=group.rank, world_size=group.world_size,
-                                timeout=PEER_TIMEOUT, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend,
+            rank=group.rank,
+            world_size=group.world_size,
+            timeout=PEER_TIMEOUT,
+            device_id=device if backend == "nccl" else None,
+        )
     except (RuntimeError, ValueError, dist.DistError) as exc:
         package.setLevel(level)
         raise group.lost(exc) from None

@@ -72,9 +72,11 @@ def evaluate_text(module: GPT, tokenizer: Tokenizer, text: str, batch_size: int 
         raise SmolGPTError(f"batch_size must be at least 1, not {batch_size}")
     if isinstance(tokenizer, CharTokenizer) and tokenizer.unknown(text):
         shown = ", ".join(repr(ch) for ch in tokenizer.unknown(text)[:10])
-        raise SmolGPTError(f"the text has characters the model does not know: {shown}; a "
-                           "character-level model can score only the characters of its "
-                           "training text")
+        raise SmolGPTError(
+            f"the text has characters the model does not know: {shown}; a "
+            "character-level model can score only the characters of its "
+            "training text"
+        )
     ids = tokenizer.encode(text)
     n = len(ids)
     if n < 2:
@@ -119,10 +121,16 @@ def window_starts(n_tokens: int, block_size: int, max_windows: Optional[int] = N
     return [k * full // max_windows * block_size for k in range(max_windows)]
 
 
-def score_windows(forward: Callable, ids: Sequence[int], block_size: int, starts: list[int],
-                  batch_size: int, device: torch.device,
-                  autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                  should_stop: Optional[Callable[[], bool]] = None) -> Optional[tuple[float, int]]:
+def score_windows(
+    forward: Callable,
+    ids: Sequence[int],
+    block_size: int,
+    starts: list[int],
+    batch_size: int,
+    device: torch.device,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> Optional[tuple[float, int]]:
     """(sum of the cross-entropies in nats, tokens predicted) over the windows at starts.
 
     forward(x, y) -> (logits, mean loss) is a GPT (or its compiled form) in eval mode; ids a
@@ -143,8 +151,9 @@ def score_windows(forward: Callable, ids: Sequence[int], block_size: int, starts
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in batches:
-            rows = torch.stack([torch.as_tensor(np.asarray(ids[a:b], dtype=np.int64))
-                                for a, b in batch]).to(device)
+            rows = torch.stack(
+                [torch.as_tensor(np.asarray(ids[a:b], dtype=np.int64)) for a, b in batch]
+            ).to(device)
             x, y = rows[:, :-1], rows[:, 1:]
             with autocast():
                 _, loss = forward(x, y)
@@ -161,8 +170,14 @@ def _model_nats(module: GPT, ids: list[int], batch_size: int) -> float:
     was_training = module.training
     module.eval()  # no dropout
     try:
-        nats, _ = score_windows(module, ids, block, window_starts(len(ids), block), batch_size,
-                                next(module.parameters()).device)
+        nats, _ = score_windows(
+            module,
+            ids,
+            block,
+            window_starts(len(ids), block),
+            batch_size,
+            next(module.parameters()).device,
+        )
         return nats
     finally:
         module.train(was_training)

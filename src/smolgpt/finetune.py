@@ -39,8 +39,16 @@ from .training import run_checkpoint
 
 # The settings that decide the weights' shapes (with the vocabulary, which is the
 # tokenizer's); dropout is not among them: it is part of the recipe.
-SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "position", "tie_embeddings",
-         "causal")
+SHAPE = (
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "block_size",
+    "bias",
+    "position",
+    "tie_embeddings",
+    "causal",
+)
 
 
 @dataclass
@@ -66,8 +74,10 @@ def load_source(init_from: str) -> Source:
     A path that is missing or holds no model is a SmolGPTError."""
     path = Path(init_from).expanduser()
     if not path.exists():
-        raise SmolGPTError(f"--init_from {init_from} does not exist: pass a checkpoint (.pth), "
-                           "a run directory, or a directory written by smolgpt export")
+        raise SmolGPTError(
+            f"--init_from {init_from} does not exist: pass a checkpoint (.pth), "
+            "a run directory, or a directory written by smolgpt export"
+        )
     if path.is_dir():
         path = run_checkpoint(path) or path  # a directory that is no run: an export
     try:
@@ -90,15 +100,19 @@ def source_settings(settings: dict[str, Any], source: Source) -> dict[str, Any]:
         )
     for name in ("min_word_freq", "vocab_size"):
         if name in settings:
-            raise SmolGPTError(f"--{name} does not apply with {where}: the vocabulary is "
-                               "the source model's; drop the flag")
+            raise SmolGPTError(
+                f"--{name} does not apply with {where}: the vocabulary is "
+                "the source model's; drop the flag"
+            )
     shape = source.shape()
     conflicts = [k for k in SHAPE if k in settings and settings[k] != shape[k]]
     if conflicts:
-        shown = ", ".join(f"{_flag(k, settings[k])} (source: {_value(shape[k])})"
-                          for k in conflicts)
-        raise SmolGPTError(f"{shown}: a fine-tuned model keeps the shape of {where}; drop "
-                           "the flag(s)")
+        shown = ", ".join(
+            f"{_flag(k, settings[k])} (source: {_value(shape[k])})" for k in conflicts
+        )
+        raise SmolGPTError(
+            f"{shown}: a fine-tuned model keeps the shape of {where}; drop the flag(s)"
+        )
     completed = {**settings, **shape, "level": source.level}
     if isinstance(source.tokenizer, WordTokenizer):  # recorded, so the run says what it used
         completed["min_word_freq"] = source.tokenizer.min_word_freq
@@ -125,6 +139,7 @@ def _value(value: Any) -> str:
 def scale_learning_rates(cfg: TrainConfig, settings: dict[str, Any]) -> TrainConfig:
     """cfg with the peak learning rates not given in settings (learning_rate, and muon_lr
     with Muon) at FINETUNE_LR_FACTOR times the recipe's."""
+
     def scale(rate: float) -> float:  # to 12 digits: 0.005, not 0.005000000000000001
         return float(f"{rate * FINETUNE_LR_FACTOR:.12g}")
 
@@ -147,12 +162,15 @@ def scale_learning_rates(cfg: TrainConfig, settings: dict[str, Any]) -> TrainCon
 def describe(source: Source, cfg: TrainConfig, settings: dict[str, Any]) -> str:
     """The start-up line of a fine-tuning run: the source, what it gives the run, and the
     peak learning rates (saying which were scaled down)."""
+
     def rate(name: str) -> str:
         scaled = "" if name in settings else f" ({FINETUNE_LR_FACTOR:g} x the preset's)"
         return f"{name} {getattr(cfg, name):g}{scaled}"
 
     rates = [rate("learning_rate")] + ([rate("muon_lr")] if cfg.optimizer == "muon" else [])
-    return (f"fine-tuning {source.path}: its weights "
-            f"({source.module.num_parameters() / 1e6:.2f}M parameters), shape and "
-            f"{source.level}-level tokenizer ({source.tokenizer.vocab_size:,} tokens); "
-            f"{', '.join(rates)}")
+    return (
+        f"fine-tuning {source.path}: its weights "
+        f"({source.module.num_parameters() / 1e6:.2f}M parameters), shape and "
+        f"{source.level}-level tokenizer ({source.tokenizer.vocab_size:,} tokens); "
+        f"{', '.join(rates)}"
+    )

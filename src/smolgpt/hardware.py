@@ -69,7 +69,8 @@ class CpuInfo:
     def describe(self) -> str:
         """e.g. "AMD EPYC 7B13 (x86_64: avx2; no native bf16)"."""
         flags = ", ".join(self.flags) or "none of " + ", ".join(PRECISION_FLAGS)
-        return f"{self.model} ({self.arch}: {flags}; {'native' if self.native_bf16 else 'no native'} bf16)"
+        native = "native" if self.native_bf16 else "no native"
+        return f"{self.model} ({self.arch}: {flags}; {native} bf16)"
 
 
 def parse_cpuinfo(text: str, arch: str) -> CpuInfo:
@@ -89,8 +90,12 @@ def parse_cpuinfo(text: str, arch: str) -> CpuInfo:
         native = "bf16" in features
     else:
         native = "avx512_bf16" in features or "amx_bf16" in features
-    return CpuInfo(model=model or "unknown CPU", arch=arch,
-                   flags=tuple(f for f in PRECISION_FLAGS if f in features), native_bf16=native)
+    return CpuInfo(
+        model=model or "unknown CPU",
+        arch=arch,
+        flags=tuple(f for f in PRECISION_FLAGS if f in features),
+        native_bf16=native,
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,8 +106,9 @@ def cpu_info() -> CpuInfo:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             return parse_cpuinfo(f.read(), arch)
     except OSError:  # not Linux: no cheap, reliable way to tell; float32 is the safe choice
-        return CpuInfo(model=platform.processor() or "unknown CPU", arch=arch, flags=(),
-                       native_bf16=False)
+        return CpuInfo(
+            model=platform.processor() or "unknown CPU", arch=arch, flags=(), native_bf16=False
+        )
 
 
 # ----------------------------------------------------------------------- the policy
@@ -161,18 +167,26 @@ def cpu_policy(cpu: CpuInfo, amp: bool = True, forced: Optional[str] = None) -> 
         return PrecisionPolicy("cpu", None, "--no-amp")
     if forced is not None:
         if forced not in ("0", "1"):
-            raise SmolGPTError(f"{CPU_BF16_ENV}={forced!r}: set it to 1 (native bf16) or 0 "
-                               "(float32), or unset it to follow the CPU's flags")
+            raise SmolGPTError(
+                f"{CPU_BF16_ENV}={forced!r}: set it to 1 (native bf16) or 0 "
+                "(float32), or unset it to follow the CPU's flags"
+            )
         native, why = forced == "1", f"{CPU_BF16_ENV}={forced}"
     elif cpu.arch in _ARM:
         native = cpu.native_bf16
-        why = ("the CPU has the Arm BF16 extension" if native
-               else "the CPU has no Arm BF16 extension: bf16 would be emulated")
+        why = (
+            "the CPU has the Arm BF16 extension"
+            if native
+            else "the CPU has no Arm BF16 extension: bf16 would be emulated"
+        )
     else:
         native = cpu.native_bf16
         found = " and ".join(f.upper() for f in ("avx512_bf16", "amx_bf16") if f in cpu.flags)
-        why = (f"the CPU has {found}" if native
-               else "the CPU has no AVX512_BF16 or AMX: bf16 would be emulated")
+        why = (
+            f"the CPU has {found}"
+            if native
+            else "the CPU has no AVX512_BF16 or AMX: bf16 would be emulated"
+        )
     return PrecisionPolicy("cpu", torch.bfloat16 if native else None, why)
 
 
@@ -186,8 +200,9 @@ def cuda_policy(capability: tuple[int, int], amp: bool = True) -> PrecisionPolic
     if tuple(capability) >= (8, 0):
         return PrecisionPolicy("cuda", torch.bfloat16, f"{cc} has native bf16")
     if tuple(capability) >= (7, 0):
-        return PrecisionPolicy("cuda", torch.float16,
-                               f"{cc} has no native bf16: fp16 with loss scaling")
+        return PrecisionPolicy(
+            "cuda", torch.float16, f"{cc} has no native bf16: fp16 with loss scaling"
+        )
     return PrecisionPolicy("cuda", None, f"{cc} has no tensor cores")
 
 
@@ -205,10 +220,17 @@ def describe_hardware(device: torch.device, policy: PrecisionPolicy) -> dict:
     """What a benchmark record names: the CPU and its precision flags, the GPU if any, the
     torch build and the policy."""
     cpu = cpu_info()
-    info = {"cpu": cpu.describe(), "cpu_model": cpu.model, "arch": cpu.arch,
-            "cpu_flags": list(cpu.flags), "cpu_native_bf16": cpu.native_bf16,
-            "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "device": device.type, "policy": policy.describe()}
+    info = {
+        "cpu": cpu.describe(),
+        "cpu_model": cpu.model,
+        "arch": cpu.arch,
+        "cpu_flags": list(cpu.flags),
+        "cpu_native_bf16": cpu.native_bf16,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "device": device.type,
+        "policy": policy.describe(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -224,6 +246,7 @@ def this_cpu() -> dict:
 
 
 # ----------------------------------------------------------------------- the peak
+
 
 def _time_matmul(device: torch.device, dtype: torch.dtype, n: int, reps: int) -> float:
     """Best-of-reps FLOP/s of an n x n matrix product."""

@@ -96,8 +96,9 @@ def nearest(module: GPT, token_id: int, k: int = 5) -> list[tuple[int, float]]:
 
 
 @torch.no_grad()
-def loss_by_position(module: GPT, tokens: Sequence[int], max_windows: int = MAX_WINDOWS,
-                     batch_size: int = 8) -> torch.Tensor:
+def loss_by_position(
+    module: GPT, tokens: Sequence[int], max_windows: int = MAX_WINDOWS, batch_size: int = 8
+) -> torch.Tensor:
     """The mean cross-entropy (nats) of the prediction at each position of a window, (T,)
     with T = block_size (or fewer when the text is shorter), over up to max_windows
     non-overlapping windows spread evenly across tokens."""
@@ -110,7 +111,7 @@ def loss_by_position(module: GPT, tokens: Sequence[int], max_windows: int = MAX_
     device = next(module.parameters()).device
     total = torch.zeros(T)
     for batch in starts.split(batch_size):
-        rows = torch.stack([tokens[s:s + T + 1] for s in batch.tolist()]).to(device)
+        rows = torch.stack([tokens[s : s + T + 1] for s in batch.tolist()]).to(device)
         logits, _ = module(rows[:, :-1])
         losses = F.cross_entropy(logits.float().transpose(1, 2), rows[:, 1:], reduction="none")
         total += losses.sum(dim=0).cpu()
@@ -126,18 +127,19 @@ def head_summary(weights: torch.Tensor) -> dict[str, float]:
     offsets = (torch.arange(T).unsqueeze(1) - torch.arange(T)).clamp(min=0).float()
     rows = torch.arange(1, T)
     later = T > 1
-    return {"distance": (weights * offsets).sum(-1).mean().item(),
-            "self": weights.diagonal().mean().item(),
-            "previous": weights[rows, rows - 1].mean().item() if later else 0.0,
-            "first": weights[rows, 0].mean().item() if later else 0.0}
+    return {
+        "distance": (weights * offsets).sum(-1).mean().item(),
+        "self": weights.diagonal().mean().item(),
+        "previous": weights[rows, rows - 1].mean().item() if later else 0.0,
+        "first": weights[rows, 0].mean().item() if later else 0.0,
+    }
 
 
 def _draw_attention(weights: torch.Tensor, labels: list[str], path: Path) -> Path:
     Figure, Canvas = _figure_classes()
     n_layer, n_head = weights.shape[:2]
     size = 2.4
-    fig = Figure(figsize=(size * n_head + 0.6, size * n_layer + 0.6), dpi=100,
-                 layout="constrained")
+    fig = Figure(figsize=(size * n_head + 0.6, size * n_layer + 0.6), dpi=100, layout="constrained")
     axes = fig.subplots(n_layer, n_head, squeeze=False)
     ticks = range(len(labels))
     for layer in range(n_layer):
@@ -176,9 +178,14 @@ def _draw_loss(losses: torch.Tensor, path: Path) -> Path:
     return _save(fig, Canvas, path)
 
 
-def inspect_model(module: GPT, tokenizer: Tokenizer, out_dir: Path, prompt_ids: Sequence[int],
-                  text_tokens: Optional[Sequence[int]] = None,
-                  skipped_why: str = "no text to score") -> Inspection:
+def inspect_model(
+    module: GPT,
+    tokenizer: Tokenizer,
+    out_dir: Path,
+    prompt_ids: Sequence[int],
+    text_tokens: Optional[Sequence[int]] = None,
+    skipped_why: str = "no text to score",
+) -> Inspection:
     """Draw the three pictures of the module's docstring into out_dir (created if needed;
     files there of the same names are replaced) and write summary.txt. prompt_ids (at most
     block_size tokens) is the prompt whose attention is drawn; text_tokens, the text whose
@@ -191,36 +198,46 @@ def inspect_model(module: GPT, tokenizer: Tokenizer, out_dir: Path, prompt_ids: 
     config = module.config
     result = Inspection(out_dir)
     labels = [token_label(tokenizer, i) for i in prompt_ids]
-    lines = [f"model: {config.n_layer} layers x {config.n_head} heads, n_embd {config.n_embd}, "
-             f"block_size {config.block_size}, {config.position} positions, vocabulary "
-             f"{config.vocab_size}, {module.num_parameters():,} parameters",
-             f"prompt ({len(labels)} tokens): {' '.join(labels)}", "",
-             "attention (mean over the prompt's tokens): how far back each head looks, and "
-             "its share on the token itself, the previous one and the first one"]
+    lines = [
+        f"model: {config.n_layer} layers x {config.n_head} heads, n_embd {config.n_embd}, "
+        f"block_size {config.block_size}, {config.position} positions, vocabulary "
+        f"{config.vocab_size}, {module.num_parameters():,} parameters",
+        f"prompt ({len(labels)} tokens): {' '.join(labels)}",
+        "",
+        "attention (mean over the prompt's tokens): how far back each head looks, and "
+        "its share on the token itself, the previous one and the first one",
+    ]
 
     weights = attention_weights(module, prompt_ids)
     for layer in range(config.n_layer):
         for head in range(config.n_head):
             s = head_summary(weights[layer, head])
-            lines.append(f"  layer {layer} head {head}: {s['distance']:5.1f} tokens back, "
-                         f"self {s['self']:4.0%}, previous {s['previous']:4.0%}, "
-                         f"first {s['first']:4.0%}")
+            lines.append(
+                f"  layer {layer} head {head}: {s['distance']:5.1f} tokens back, "
+                f"self {s['self']:4.0%}, previous {s['previous']:4.0%}, "
+                f"first {s['first']:4.0%}"
+            )
     result.files.append(_draw_attention(weights, labels, out_dir / ATTENTION))
 
     distinct = list(dict.fromkeys(prompt_ids))
     lines += ["", "nearest neighbours in the embedding (cosine similarity)"]
     for token_id in distinct[:NEIGHBOURS_OF]:
-        near = ", ".join(f"{token_label(tokenizer, i)} {sim:.2f}"
-                         for i, sim in nearest(module, token_id))
+        near = ", ".join(
+            f"{token_label(tokenizer, i)} {sim:.2f}" for i, sim in nearest(module, token_id)
+        )
         lines.append(f"  {token_label(tokenizer, token_id)}: {near}")
     labelled = set(distinct)
     if config.vocab_size <= 100:
         labelled |= set(range(config.vocab_size))
     elif isinstance(tokenizer, WordTokenizer):  # ids are in order of frequency
         labelled |= set(range(2, min(config.vocab_size, 2 + LABELLED)))
-    result.files.append(_draw_embeddings(
-        embedding_map(module), {i: token_label(tokenizer, i) for i in sorted(labelled)},
-        out_dir / EMBEDDINGS))
+    result.files.append(
+        _draw_embeddings(
+            embedding_map(module),
+            {i: token_label(tokenizer, i) for i in sorted(labelled)},
+            out_dir / EMBEDDINGS,
+        )
+    )
 
     lines.append("")
     if text_tokens is None:
@@ -228,8 +245,10 @@ def inspect_model(module: GPT, tokenizer: Tokenizer, out_dir: Path, prompt_ids: 
     else:
         losses = loss_by_position(module, text_tokens)
         marks = sorted({1, 2, 4, 8, 16, 32, 64, len(losses)} & set(range(1, len(losses) + 1)))
-        lines.append("loss per position (nats), by tokens of context seen: "
-                     + ", ".join(f"{p}: {losses[p - 1]:.3f}" for p in marks))
+        lines.append(
+            "loss per position (nats), by tokens of context seen: "
+            + ", ".join(f"{p}: {losses[p - 1]:.3f}" for p in marks)
+        )
         result.files.append(_draw_loss(losses, out_dir / LOSS))
 
     result.summary = "\n".join(lines) + "\n"

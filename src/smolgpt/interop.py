@@ -5,15 +5,16 @@ Two export formats, each a directory written in one piece (into a temporary sibl
 renamed into place, so a failure never leaves a half directory behind):
 
 - :func:`export_safetensors`: ``model.safetensors`` with smolgpt's own tensor names (the
-  tied head stored once, as ``wte.weight``; an untied one as ``lm_head.weight``) and ``smolgpt.json`` (a format marker, the model
-  config, the tokenizer and the training settings). No pickle: it loads without torch.load
-  and without transformers.
+  tied head stored once, as ``wte.weight``; an untied one as ``lm_head.weight``) and
+  ``smolgpt.json`` (a format marker, the model config, the tokenizer and the training
+  settings). No pickle: it loads without torch.load and without transformers.
 - :func:`export_hf`: a directory that ``AutoModelForCausalLM.from_pretrained`` and
   ``AutoTokenizer.from_pretrained`` read with no custom code. Models with learned positions
   become ``GPT2LMHeadModel`` (GPT-2 is exactly that architecture, with exact GELU); rotary
   models become ``GPTNeoXForCausalLM`` with full rotary and sequential residuals. The
   head is tied or not as the model's is (``tie_word_embeddings``). The tokenizer is a
-  ``tokenizer.json`` built with the tokenizers library that gives smolgpt's ids. ``smolgpt.json`` travels along, so the directory loads back exactly.
+  ``tokenizer.json`` built with the tokenizers library that gives smolgpt's ids.
+  ``smolgpt.json`` travels along, so the directory loads back exactly.
 
 What the transformers tokenizer does differently from smolgpt's (the model is the same to
 1e-4 in float32):
@@ -33,7 +34,8 @@ What the transformers tokenizer does differently from smolgpt's (the model is th
 :func:`load_source` reads a smolgpt checkpoint, a safetensors export, or a Hugging Face
 directory in either layout, converting it back exactly. Whatever smolgpt cannot reproduce
 exactly (another architecture, gelu_new, parallel residuals, partial rotary, a head said to
-be tied that is not, a Hugging Face directory without ``smolgpt.json``) is refused with one line saying why.
+be tied that is not, a Hugging Face directory without ``smolgpt.json``) is refused with one
+line saying why.
 Pickled weights (``pytorch_model.bin``) are refused: unpickling can run code.
 """
 
@@ -55,13 +57,14 @@ from .config import ModelConfig
 from .errors import SmolGPTError
 from .files import atomic_write, atomic_write_text, umask
 from .model import GPT
+
 # (The detokenization marks too: the export's decoder follows WordTokenizer.decode.)
 from .tokenizer import (
-    BPETokenizer,
     JOINERS,
     NO_SPACE_AFTER,
     NO_SPACE_BEFORE,
     TEXT_REPLACEMENTS,
+    BPETokenizer,
     CharTokenizer,
     Tokenizer,
     WordTokenizer,
@@ -84,11 +87,14 @@ LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which the model uses
 # (non-)joiner, so "x²" is two tokens. Spelled out like this, the two agree on every
 # character Python's Unicode database knows (checked for every code point).
 _WORD_CHARS = r"\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}"
-HF_WORD_PATTERN = (rf"[{_WORD_CHARS}]+(?:['’][{_WORD_CHARS}]+)*"  # a word ...
-                   rf"|[^{_WORD_CHARS}\s]")  # ... or any other mark but a space
+HF_WORD_PATTERN = (
+    rf"[{_WORD_CHARS}]+(?:['’][{_WORD_CHARS}]+)*"  # a word ...
+    rf"|[^{_WORD_CHARS}\s]"
+)  # ... or any other mark but a space
 
 
 # ------------------------------------------------------------------ writing directories
+
 
 def check_out_dir(out_dir: Union[str, Path], overwrite: bool = False) -> None:
     """Raise SmolGPTError unless an export may be written to out_dir: it is new or empty, or
@@ -99,15 +105,18 @@ def check_out_dir(out_dir: Union[str, Path], overwrite: bool = False) -> None:
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
     if not overwrite:
-        raise SmolGPTError(f"{out_dir} is not empty: choose a new directory, or pass "
-                           "--overwrite to replace an earlier export")
+        raise SmolGPTError(
+            f"{out_dir} is not empty: choose a new directory, or pass "
+            "--overwrite to replace an earlier export"
+        )
     if not (out_dir / META).is_file():  # never delete what an export did not write
-        raise SmolGPTError(f"{out_dir} is not an earlier export (it has no {META}): "
-                           "--overwrite replaces only those; choose a new directory")
+        raise SmolGPTError(
+            f"{out_dir} is not an earlier export (it has no {META}): "
+            "--overwrite replaces only those; choose a new directory"
+        )
 
 
-def _write_dir(out_dir: Union[str, Path], overwrite: bool,
-               write: Callable[[Path], None]) -> Path:
+def _write_dir(out_dir: Union[str, Path], overwrite: bool, write: Callable[[Path], None]) -> Path:
     """Call write(folder) on a new temporary folder beside out_dir, then rename it to
     out_dir (replacing an earlier export if overwrite): out_dir is complete or absent."""
     given = Path(out_dir)
@@ -152,21 +161,34 @@ def _float_state(module: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
 
 
-def _meta(module: GPT, tokenizer: Tokenizer, train_config: Optional[dict],
-          weights: str) -> dict[str, Any]:
+def _meta(
+    module: GPT, tokenizer: Tokenizer, train_config: Optional[dict], weights: str
+) -> dict[str, Any]:
     if tokenizer.vocab_size != module.config.vocab_size:
-        raise SmolGPTError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model "
-                           f"{module.config.vocab_size}: export a model with its own tokenizer")
-    return {"format": FORMAT, "format_version": FORMAT_VERSION,
-            "weights": weights,  # how model.safetensors names its tensors: smolgpt or hf
-            "model_config": dataclasses.asdict(module.config),
-            "tokenizer": tokenizer.to_dict(), "train_config": dict(train_config or {})}
+        raise SmolGPTError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model "
+            f"{module.config.vocab_size}: export a model with its own tokenizer"
+        )
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "weights": weights,  # how model.safetensors names its tensors: smolgpt or hf
+        "model_config": dataclasses.asdict(module.config),
+        "tokenizer": tokenizer.to_dict(),
+        "train_config": dict(train_config or {}),
+    }
 
 
 # --------------------------------------------------------------------- safetensors format
 
-def export_safetensors(module: GPT, tokenizer: Tokenizer, out_dir: Union[str, Path],
-                       train_config: Optional[dict] = None, overwrite: bool = False) -> Path:
+
+def export_safetensors(
+    module: GPT,
+    tokenizer: Tokenizer,
+    out_dir: Union[str, Path],
+    train_config: Optional[dict] = None,
+    overwrite: bool = False,
+) -> Path:
     """Write out_dir with model.safetensors (smolgpt's tensor names; a tied head is stored
     once, as wte.weight) and smolgpt.json; :func:`load_source` reads it back exactly.
     out_dir must be new or empty (or an earlier export, with overwrite). Returns out_dir."""
@@ -181,6 +203,7 @@ def export_safetensors(module: GPT, tokenizer: Tokenizer, out_dir: Union[str, Pa
 
 
 # --------------------------------------------------------------- Hugging Face layouts
+
 
 @dataclass(frozen=True)
 class _Layout:
@@ -201,45 +224,77 @@ class _Layout:
 
 
 GPT2 = _Layout(
-    position="learned", model_type="gpt2", architecture="GPT2LMHeadModel",
-    shape={"vocab_size": "vocab_size", "block_size": "n_positions", "n_layer": "n_layer",
-           "n_head": "n_head", "n_embd": "n_embd"},
+    position="learned",
+    model_type="gpt2",
+    architecture="GPT2LMHeadModel",
+    shape={
+        "vocab_size": "vocab_size",
+        "block_size": "n_positions",
+        "n_layer": "n_layer",
+        "n_head": "n_head",
+        "n_embd": "n_embd",
+    },
     inner="n_inner",
-    requires={"activation_function": ("gelu_new", "gelu"),  # GPT-2's own is tanh-approximate
-              "layer_norm_epsilon": (1e-5, LAYER_NORM_EPS),
-              "scale_attn_weights": (True, True),
-              "scale_attn_by_inverse_layer_idx": (False, False),
-              "add_cross_attention": (False, False)},
+    requires={
+        "activation_function": ("gelu_new", "gelu"),  # GPT-2's own is tanh-approximate
+        "layer_norm_epsilon": (1e-5, LAYER_NORM_EPS),
+        "scale_attn_weights": (True, True),
+        "scale_attn_by_inverse_layer_idx": (False, False),
+        "add_cross_attention": (False, False),
+    },
     top={"wte": "transformer.wte", "wpe": "transformer.wpe", "ln_f": "transformer.ln_f"},
     blocks="transformer.h.{i}",
-    block={"ln_1": "ln_1", "attn.c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj",
-           "ln_2": "ln_2", "mlp.c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"},
-    heads=("lm_head.weight",), tied_default=True,
+    block={
+        "ln_1": "ln_1",
+        "attn.c_attn": "attn.c_attn",
+        "attn.c_proj": "attn.c_proj",
+        "ln_2": "ln_2",
+        "mlp.c_fc": "mlp.c_fc",
+        "mlp.c_proj": "mlp.c_proj",
+    },
+    heads=("lm_head.weight",),
+    tied_default=True,
 )
 
 NEOX = _Layout(
-    position="rope", model_type="gpt_neox", architecture="GPTNeoXForCausalLM",
-    shape={"vocab_size": "vocab_size", "block_size": "max_position_embeddings",
-           "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
-           "n_embd": "hidden_size"},
+    position="rope",
+    model_type="gpt_neox",
+    architecture="GPTNeoXForCausalLM",
+    shape={
+        "vocab_size": "vocab_size",
+        "block_size": "max_position_embeddings",
+        "n_layer": "num_hidden_layers",
+        "n_head": "num_attention_heads",
+        "n_embd": "hidden_size",
+    },
     inner="intermediate_size",
-    requires={"hidden_act": ("gelu", "gelu"),
-              "layer_norm_eps": (1e-5, LAYER_NORM_EPS),
-              "use_parallel_residual": (True, False),  # smolgpt's blocks are sequential
-              "attention_bias": (True, True)},
+    requires={
+        "hidden_act": ("gelu", "gelu"),
+        "layer_norm_eps": (1e-5, LAYER_NORM_EPS),
+        "use_parallel_residual": (True, False),  # smolgpt's blocks are sequential
+        "attention_bias": (True, True),
+    },
     top={"wte": "gpt_neox.embed_in", "ln_f": "gpt_neox.final_layer_norm"},
     blocks="gpt_neox.layers.{i}",
-    block={"ln_1": "input_layernorm", "attn.c_attn": "attention.query_key_value",
-           "attn.c_proj": "attention.dense", "ln_2": "post_attention_layernorm",
-           "mlp.c_fc": "mlp.dense_h_to_4h", "mlp.c_proj": "mlp.dense_4h_to_h"},
+    block={
+        "ln_1": "input_layernorm",
+        "attn.c_attn": "attention.query_key_value",
+        "attn.c_proj": "attention.dense",
+        "ln_2": "post_attention_layernorm",
+        "mlp.c_fc": "mlp.dense_h_to_4h",
+        "mlp.c_proj": "mlp.dense_4h_to_h",
+    },
     heads=("lm_head.weight", "embed_out.weight"),  # (embed_out: transformers 4)
     tied_default=False,
 )
 
 LAYOUTS = {layout.position: layout for layout in (GPT2, NEOX)}
 # What full rotary with smolgpt's base is, and the defaults transformers assumes.
-_ROPE = {"rope_type": ("default", "default"), "partial_rotary_factor": (0.25, 1.0),
-         "rope_theta": (10000.0, ROPE_BASE)}
+_ROPE = {
+    "rope_type": ("default", "default"),
+    "partial_rotary_factor": (0.25, 1.0),
+    "rope_theta": (10000.0, ROPE_BASE),
+}
 
 
 def _modules(config: ModelConfig) -> list[tuple[str, str]]:
@@ -248,8 +303,9 @@ def _modules(config: ModelConfig) -> list[tuple[str, str]]:
     pairs = list(layout.top.items())
     for i in range(config.n_layer):
         prefix = layout.blocks.format(i=i)
-        pairs += [(f"blocks.{i}.{ours}", f"{prefix}.{theirs}")
-                  for ours, theirs in layout.block.items()]
+        pairs += [
+            (f"blocks.{i}.{ours}", f"{prefix}.{theirs}") for ours, theirs in layout.block.items()
+        ]
     return pairs
 
 
@@ -290,8 +346,9 @@ def hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[s
     return out
 
 
-def smolgpt_state_dict(tensors: dict[str, torch.Tensor],
-                       config: ModelConfig) -> dict[str, torch.Tensor]:
+def smolgpt_state_dict(
+    tensors: dict[str, torch.Tensor], config: ModelConfig
+) -> dict[str, torch.Tensor]:
     """The inverse of :func:`hf_state_dict`, lm_head.weight included (wte.weight when tied);
     biases are dropped when config.bias is False (the caller checks they are zero)."""
     state = {}
@@ -318,14 +375,16 @@ def hf_config(config: ModelConfig, pad_token_id: Optional[int] = None) -> dict[s
     else:
         out["rope_parameters"] = {key: needed for key, (_, needed) in _ROPE.items()}
         # The same for transformers 4, which reads these keys instead.
-        out.update(rotary_pct=out["rope_parameters"]["partial_rotary_factor"],
-                   rotary_emb_base=ROPE_BASE)
+        out.update(
+            rotary_pct=out["rope_parameters"]["partial_rotary_factor"], rotary_emb_base=ROPE_BASE
+        )
         out.update(attention_dropout=0.0, hidden_dropout=0.0)
     out.update(bos_token_id=None, eos_token_id=None, pad_token_id=pad_token_id, dtype="float32")
     return out
 
 
 # ----------------------------------------------------------------- Hugging Face tokenizer
+
 
 def _word_decoder():
     """Tokens joined by spaces, then the spaces smolgpt's WordTokenizer.decode leaves out
@@ -377,11 +436,13 @@ def hf_tokenizer(tokenizer: Tokenizer):
 
 
 def _hf_tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict[str, Any]:
-    out = {"tokenizer_class": "PreTrainedTokenizerFast",
-           # transformers' clean-up would eat spaces before punctuation (" ." -> "."), which
-           # char level must keep and word level's decoder already handles.
-           "clean_up_tokenization_spaces": False,
-           "model_max_length": block_size}
+    out = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        # transformers' clean-up would eat spaces before punctuation (" ." -> "."), which
+        # char level must keep and word level's decoder already handles.
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": block_size,
+    }
     if isinstance(tokenizer, WordTokenizer):
         out.update(pad_token=WordTokenizer.PAD, unk_token=WordTokenizer.UNK)
     return out
@@ -392,12 +453,18 @@ def require_hf() -> None:
     try:
         import tokenizers  # noqa: F401
     except ImportError:
-        raise SmolGPTError(f"exporting for transformers needs the tokenizers library: "
-                           f"install with {HF_INSTALL}") from None
+        raise SmolGPTError(
+            f"exporting for transformers needs the tokenizers library: install with {HF_INSTALL}"
+        ) from None
 
 
-def export_hf(module: GPT, tokenizer: Tokenizer, out_dir: Union[str, Path],
-              train_config: Optional[dict] = None, overwrite: bool = False) -> Path:
+def export_hf(
+    module: GPT,
+    tokenizer: Tokenizer,
+    out_dir: Union[str, Path],
+    train_config: Optional[dict] = None,
+    overwrite: bool = False,
+) -> Path:
     """Write out_dir so that transformers' AutoModelForCausalLM and AutoTokenizer load it
     without custom code: GPT2LMHeadModel (learned positions) or GPTNeoXForCausalLM (rotary),
     whose logits equal the module's to float precision, and a tokenizer giving the same ids.
@@ -406,9 +473,11 @@ def export_hf(module: GPT, tokenizer: Tokenizer, out_dir: Union[str, Path],
     require_hf()
     config = module.config
     if not config.causal:
-        raise SmolGPTError("this model was trained without the causal mask (--no-causal), and "
-                           "transformers' models are causal: export it with --format "
-                           "safetensors")
+        raise SmolGPTError(
+            "this model was trained without the causal mask (--no-causal), and "
+            "transformers' models are causal: export it with --format "
+            "safetensors"
+        )
     meta = _meta(module, tokenizer, train_config, "hf")
     pad = WordTokenizer.PAD_ID if isinstance(tokenizer, WordTokenizer) else None
     tensors = hf_state_dict(_float_state(module), config)
@@ -418,8 +487,9 @@ def export_hf(module: GPT, tokenizer: Tokenizer, out_dir: Union[str, Path],
         _write_weights(folder / WEIGHTS, tensors)
         _write_json(folder / HF_CONFIG, hf_config(config, pad))
         atomic_write_text(folder / "tokenizer.json", tokenizer_json)
-        _write_json(folder / "tokenizer_config.json",
-                    _hf_tokenizer_config(tokenizer, config.block_size))
+        _write_json(
+            folder / "tokenizer_config.json", _hf_tokenizer_config(tokenizer, config.block_size)
+        )
         _write_json(folder / META, meta)
 
     return _write_dir(out_dir, overwrite, write)
@@ -427,8 +497,10 @@ def export_hf(module: GPT, tokenizer: Tokenizer, out_dir: Union[str, Path],
 
 # ------------------------------------------------------------------------------ loading
 
-def load_source(path: Union[str, Path], device: torch.device
-                ) -> tuple[GPT, Tokenizer, dict[str, Any], dict[str, Any]]:
+
+def load_source(
+    path: Union[str, Path], device: torch.device
+) -> tuple[GPT, Tokenizer, dict[str, Any], dict[str, Any]]:
     """A model (eval mode, on device), its tokenizer, the train_config dict of the run that
     trained it ({} when unknown) and what the run recorded of its text (a checkpoint's
     "data": fingerprint, source; {} for an export), from a smolgpt checkpoint (.pth), a
@@ -442,25 +514,40 @@ def load_source(path: Union[str, Path], device: torch.device
         return module, tokenizer, ckpt.get("train_config", {}), ckpt.get("data", {})
     if (path / HF_CONFIG).is_file() and "smolgpt_version" in _read_json(path / HF_CONFIG):
         # A training run's config.json (config.RUN_CONFIG), not a transformers one.
-        raise SmolGPTError(f"{path} is a training run that has not saved a checkpoint yet: "
-                           "wait for its first evaluation, or pass another model")
+        raise SmolGPTError(
+            f"{path} is a training run that has not saved a checkpoint yet: "
+            "wait for its first evaluation, or pass another model"
+        )
     if (path / HF_CONFIG).is_file():
         config, meta, state = _read_hf(path)
     elif (path / META).is_file():
         config, meta, state = _read_safetensors_export(path)
     else:
-        raise SmolGPTError(f"{path} holds no model smolgpt can read (no {META} or "
-                           f"{HF_CONFIG}): pass a checkpoint (.pth), a run directory, or a "
-                           "directory smolgpt export wrote")
+        raise SmolGPTError(
+            f"{path} holds no model smolgpt can read (no {META} or "
+            f"{HF_CONFIG}): pass a checkpoint (.pth), a run directory, or a "
+            "directory smolgpt export wrote"
+        )
     # The checks every checkpoint gets: tokenizer, vocabulary size, tensor names and shapes.
-    checkpoint.validate({"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION,
-                         "model_config": dataclasses.asdict(config),
-                         "tokenizer": meta["tokenizer"], "model": state}, path)
+    checkpoint.validate(
+        {
+            "format": checkpoint.FORMAT,
+            "format_version": checkpoint.FORMAT_VERSION,
+            "model_config": dataclasses.asdict(config),
+            "tokenizer": meta["tokenizer"],
+            "model": state,
+        },
+        path,
+    )
     module = GPT(config)
     module.load_state_dict(state)
     module.to(device).eval()
-    return (module, tokenizer_from_dict(meta["tokenizer"]), dict(meta.get("train_config") or {}),
-            {})
+    return (
+        module,
+        tokenizer_from_dict(meta["tokenizer"]),
+        dict(meta.get("train_config") or {}),
+        {},
+    )
 
 
 def _read_json(path: Path) -> dict:
@@ -478,16 +565,19 @@ def _read_json(path: Path) -> dict:
 def _read_meta(folder: Path, why: str) -> dict:
     """smolgpt.json of an export (why: what is lost without it, for the error)."""
     if not (folder / META).is_file():
-        raise SmolGPTError(f"{folder} has no {META}: {why}; smolgpt loads only directories "
-                           "smolgpt export wrote")
+        raise SmolGPTError(
+            f"{folder} has no {META}: {why}; smolgpt loads only directories smolgpt export wrote"
+        )
     meta = _read_json(folder / META)
     if meta.get("format") != FORMAT:
         raise SmolGPTError(f"{folder / META} is not a smolgpt export's (no format marker)")
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise SmolGPTError(f"{folder / META} has export format version {version}, newer "
-                           f"than this smolgpt understands ({FORMAT_VERSION}): upgrade smolgpt "
-                           "(pip install -U smolgpt)")
+        raise SmolGPTError(
+            f"{folder / META} has export format version {version}, newer "
+            f"than this smolgpt understands ({FORMAT_VERSION}): upgrade smolgpt "
+            "(pip install -U smolgpt)"
+        )
     if "tokenizer" not in meta:
         raise SmolGPTError(f"{folder / META} has no tokenizer: the export is incomplete")
     return meta
@@ -502,7 +592,8 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
             raise SmolGPTError(
                 f"{folder} holds pickled weights ({pickled}), which smolgpt does not load "
                 "(unpickling can run code): save the model as safetensors "
-                f"(transformers' save_pretrained writes {WEIGHTS})")
+                f"(transformers' save_pretrained writes {WEIGHTS})"
+            )
         raise SmolGPTError(f"{folder} has no {WEIGHTS}: the export is incomplete")
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -520,8 +611,9 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 def _read_safetensors_export(folder: Path):
     meta = _read_meta(folder, "it says what the weights are")
     if meta.get("weights") != "smolgpt":
-        raise SmolGPTError(f"{folder} has Hugging Face weights but no {HF_CONFIG}: the "
-                           "export is incomplete")
+        raise SmolGPTError(
+            f"{folder} has Hugging Face weights but no {HF_CONFIG}: the export is incomplete"
+        )
     config = checkpoint.model_config(meta, folder / META)
     state = _read_weights(folder)
     if config.tie_embeddings and "wte.weight" in state:  # the tied head, stored once
@@ -532,15 +624,21 @@ def _read_safetensors_export(folder: Path):
 def _hf_model_config(cfg: dict, path: Path) -> ModelConfig:
     """The ModelConfig a Hugging Face config.json describes, if smolgpt computes that model
     exactly (with biases and no dropout: config.json does not say)."""
-    layout = next((l for l in LAYOUTS.values() if l.model_type == cfg.get("model_type")), None)
+    layout = next(
+        (lay for lay in LAYOUTS.values() if lay.model_type == cfg.get("model_type")), None
+    )
     if layout is None:
-        raise SmolGPTError(f"{path} describes a {cfg.get('model_type')!r} model; smolgpt "
-                           "reads only the gpt2 and gpt_neox layouts smolgpt export writes: "
-                           "load it with transformers")
+        raise SmolGPTError(
+            f"{path} describes a {cfg.get('model_type')!r} model; smolgpt "
+            "reads only the gpt2 and gpt_neox layouts smolgpt export writes: "
+            "load it with transformers"
+        )
 
     def refuse(key: str, value: Any, needed: Any) -> SmolGPTError:
-        return SmolGPTError(f"{path}: smolgpt cannot reproduce this model exactly ({key} is "
-                            f"{value!r}, smolgpt computes {needed!r}): load it with transformers")
+        return SmolGPTError(
+            f"{path}: smolgpt cannot reproduce this model exactly ({key} is "
+            f"{value!r}, smolgpt computes {needed!r}): load it with transformers"
+        )
 
     for key, (default, needed) in layout.requires.items():
         if cfg.get(key, default) != needed:
@@ -555,8 +653,11 @@ def _hf_model_config(cfg: dict, path: Path) -> ModelConfig:
         raise refuse(layout.inner, inner, 4 * shape["n_embd"])
     if layout is NEOX:
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        legacy = {"rope_type": rope.get("type"), "partial_rotary_factor": cfg.get("rotary_pct"),
-                  "rope_theta": cfg.get("rotary_emb_base")}
+        legacy = {
+            "rope_type": rope.get("type"),
+            "partial_rotary_factor": cfg.get("rotary_pct"),
+            "rope_theta": cfg.get("rotary_emb_base"),
+        }
         for key, (default, needed) in _ROPE.items():
             value = rope.get(key, legacy[key] if legacy[key] is not None else default)
             if value != needed:
@@ -567,8 +668,9 @@ def _hf_model_config(cfg: dict, path: Path) -> ModelConfig:
     tied = cfg.get("tie_word_embeddings", layout.tied_default)
     if not isinstance(tied, bool):
         raise SmolGPTError(f"{path}: tie_word_embeddings is {tied!r}, not true or false")
-    return ModelConfig(**shape, position=layout.position, bias=True, dropout=0.0,
-                       tie_embeddings=tied)
+    return ModelConfig(
+        **shape, position=layout.position, bias=True, dropout=0.0, tie_embeddings=tied
+    )
 
 
 def _read_hf(folder: Path):
@@ -585,25 +687,34 @@ def _read_hf(folder: Path):
         if head in tensors:
             embedding = tensors.get(f"{layout.top['wte']}.weight")
             if embedding is None or not torch.equal(tensors.pop(head), embedding):
-                raise SmolGPTError(f"{folder}: the output head ({head}) is not the token "
-                                   f"embedding, yet {HF_CONFIG} says they are tied: the export "
-                                   "is inconsistent")
+                raise SmolGPTError(
+                    f"{folder}: the output head ({head}) is not the token "
+                    f"embedding, yet {HF_CONFIG} says they are tied: the export "
+                    "is inconsistent"
+                )
     # The names and shapes the layout has for this config (a meta model: no memory used).
     with torch.device("meta"):
         expected = hf_state_dict(GPT(config).state_dict(), config)
     for name in sorted(set(expected) | set(tensors)):
         if name not in tensors or name not in expected:
             what = "is missing" if name not in tensors else "is not part of the layout"
-            raise SmolGPTError(f"{folder / WEIGHTS}: tensor {name} {what} ({HF_CONFIG} "
-                               f"describes a {layout.architecture}): the export is inconsistent")
+            raise SmolGPTError(
+                f"{folder / WEIGHTS}: tensor {name} {what} ({HF_CONFIG} "
+                f"describes a {layout.architecture}): the export is inconsistent"
+            )
         if tensors[name].shape != expected[name].shape:
-            raise SmolGPTError(f"{folder / WEIGHTS}: tensor {name} has shape "
-                               f"{tuple(tensors[name].shape)}, {HF_CONFIG} implies "
-                               f"{tuple(expected[name].shape)}")
+            raise SmolGPTError(
+                f"{folder / WEIGHTS}: tensor {name} has shape "
+                f"{tuple(tensors[name].shape)}, {HF_CONFIG} implies "
+                f"{tuple(expected[name].shape)}"
+            )
     # Not in config.json: dropout, and whether the model has biases. An export of a model
     # without has zero ones, but a fine-tuned one may have learned some: it keeps them.
     stored = meta.get("model_config") if isinstance(meta.get("model_config"), dict) else {}
     biases = any(t.any() for name, t in tensors.items() if name.endswith(".bias"))
-    config = dataclasses.replace(config, bias=biases or bool(stored.get("bias", True)),
-                                 dropout=float(stored.get("dropout", 0.0)))
+    config = dataclasses.replace(
+        config,
+        bias=biases or bool(stored.get("bias", True)),
+        dropout=float(stored.get("dropout", 0.0)),
+    )
     return config, meta, smolgpt_state_dict(tensors, config)

@@ -91,8 +91,9 @@ def attention_input(qkv: torch.Tensor) -> torch.Tensor:
     return qkv.float() if on_cpu_bf16 else qkv
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-              causal: bool) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], causal: bool
+) -> torch.Tensor:
     """F.scaled_dot_product_attention (fused flash / memory-efficient kernels where the
     hardware has them), kept in the inputs' dtype: float32 inputs on a CPU are not cast back
     to bf16 by autocast (see :func:`attention_input`)."""
@@ -127,7 +128,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_grad else None
         grad_w = torch.zeros_like(weight) if need_grad else None  # summed over chunks
         for start in range(0, n, rows):
-            xc, tc = xs[start:start + rows], targets[start:start + rows, None]
+            xc, tc = xs[start : start + rows], targets[start : start + rows, None]
             logits = (xc @ w.t()).float()  # (rows, vocab), in float32: a bf16 softmax loses digits
             log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
             loss += (log_norm - logits.gather(1, tc)).sum()  # -log softmax at the targets
@@ -135,7 +136,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 probs = logits.sub_(log_norm).exp_()  # softmax, in place of the logits
                 probs.scatter_add_(1, tc, probs.new_full(tc.shape, -1.0))  # minus onehot
                 grad = probs.to(dtype)
-                grad_x[start:start + rows] = grad @ w
+                grad_x[start : start + rows] = grad @ w
                 grad_w += grad.t() @ xc
         if need_grad:
             ctx.save_for_backward(grad_x, grad_w)
@@ -149,9 +150,12 @@ class ChunkedHeadLoss(torch.autograd.Function):
         return grad_x * scale, grad_w * scale, None, None, None, None
 
 
-def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-              chunk_elements: int = LOSS_CHUNK_ELEMENTS
-              ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+def head_loss(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_elements: int = LOSS_CHUNK_ELEMENTS,
+) -> tuple[Optional[torch.Tensor], torch.Tensor]:
     """(logits, mean cross-entropy) of the output head x @ weight.T (x: (N, C) final hidden
     states) against targets (N,). When the logits would hold more than chunk_elements
     numbers, the loss is made by :class:`ChunkedHeadLoss` and logits is None."""
@@ -159,8 +163,9 @@ def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     if x.size(0) <= rows:  # the logits are small: the ordinary path is faster
         logits = F.linear(x, weight)
         # In float32 at least, even under autocast: a bf16 log-softmax loses digits.
-        return logits, F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)),
-                                       targets)
+        return logits, F.cross_entropy(
+            logits.to(torch.promote_types(logits.dtype, torch.float32)), targets
+        )
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     return None, ChunkedHeadLoss.apply(x, weight, targets, dtype, rows, torch.is_grad_enabled())

@@ -124,8 +124,9 @@ class CausalSelfAttention(nn.Module):
             scores = scores.masked_fill(future, float("-inf"))
         return scores.softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor, rotary=None, cache: Optional[KVCache] = None,
-                layer: int = 0):
+    def forward(
+        self, x: torch.Tensor, rotary=None, cache: Optional[KVCache] = None, layer: int = 0
+    ):
         """rotary: the (cos, sin) rows of this chunk's positions, or None (learned positions)."""
         B, T, C = x.shape
         qkv = self.c_attn(x)  # (B, T, 3C): queries, keys and values of every head at once
@@ -236,19 +237,25 @@ class GPT(nn.Module):
         broadcast over the (B, T, 2, nh, hs) queries and keys; None with learned positions."""
         if self.config.position == "learned":
             return None
-        return tuple(t[start:start + T].view(T, 1, 1, -1)
-                     for t in (self.rotary_cos, self.rotary_sin))
+        return tuple(
+            t[start : start + T].view(T, 1, 1, -1) for t in (self.rotary_cos, self.rotary_sin)
+        )
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+    ):
         """(logits, loss) for token ids idx (B, T).
 
         logits (B, T, vocab) are the next-token scores at every position; loss is the mean
         cross-entropy against targets (B, T), or None without targets. With targets and
-        logits of more than ``loss_chunk_elements`` numbers (a word-level training batch), the loss is made a chunk at a time and logits is None: they are never held
-        in memory. With a cache, idx continues the cached tokens. With
-        ``gradient_checkpointing`` on, a training forward under autograd returns the same
-        values and gradients, keeping less memory until the backward.
+        logits of more than ``loss_chunk_elements`` numbers (a word-level training batch),
+        the loss is made a chunk at a time and logits is None: they are never held in memory.
+        With a cache, idx continues the cached tokens. With ``gradient_checkpointing`` on, a
+        training forward under autograd returns the same values and gradients, keeping less
+        memory until the backward.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -263,8 +270,12 @@ class GPT(nn.Module):
         x = self.drop(x)
         # Only a forward that autograd records for a backward has activations to drop; a
         # cache means generation, whose forward never runs backward.
-        checkpointing = (self.gradient_checkpointing and self.training and cache is None
-                         and torch.is_grad_enabled())
+        checkpointing = (
+            self.gradient_checkpointing
+            and self.training
+            and cache is None
+            and torch.is_grad_enabled()
+        )
         for i, block in enumerate(self.blocks):
             if checkpointing:  # the same RNG state on the rerun: the same dropout masks
                 x = checkpoint(block, x, rotary, None, i, use_reentrant=False)
@@ -273,8 +284,9 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x), None
-        logits, loss = kernels.head_loss(x.flatten(0, 1), self.lm_head.weight,
-                                         targets.reshape(-1), self.loss_chunk_elements)
+        logits, loss = kernels.head_loss(
+            x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), self.loss_chunk_elements
+        )
         return (None if logits is None else logits.view(B, T, -1)), loss
 
     def optimizer_groups(self, weight_decay: float, exclude=()) -> list[dict]:

@@ -124,18 +124,26 @@ class BatchedMuon(torch.optim.Muon):
             # optimisers use for speed).
             momentum, lr = group["momentum"], group["lr"]
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
-            updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+            updates = (
+                torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+            )
             torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
             by_shape: dict[torch.Size, list[int]] = {}
             for i, p in enumerate(params):
                 by_shape.setdefault(p.shape, []).append(i)
             for shape, members in by_shape.items():
-                ortho = orthogonalise(torch.stack([updates[i] for i in members]),
-                                      group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                      self.ns_dtype)
-                torch._foreach_add_([params[i] for i in members],
-                                    list(ortho.to(params[members[0]].dtype).unbind(0)),
-                                    alpha=-lr * _muon_lr_scale(group["adjust_lr_fn"], *shape))
+                ortho = orthogonalise(
+                    torch.stack([updates[i] for i in members]),
+                    group["ns_coefficients"],
+                    group["ns_steps"],
+                    group["eps"],
+                    self.ns_dtype,
+                )
+                torch._foreach_add_(
+                    [params[i] for i in members],
+                    list(ortho.to(params[members[0]].dtype).unbind(0)),
+                    alpha=-lr * _muon_lr_scale(group["adjust_lr_fn"], *shape),
+                )
         return loss
 
 
@@ -146,8 +154,13 @@ def _muon_lr_scale(adjust_lr_fn: Optional[str], rows: int, cols: int) -> float:
     return math.sqrt(max(1.0, rows / cols))  # "original" (the default): Keller Jordan's rule
 
 
-def orthogonalise(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
-                  eps: float, dtype: torch.dtype) -> torch.Tensor:
+def orthogonalise(
+    g: torch.Tensor,
+    coefficients: tuple[float, float, float],
+    steps: int,
+    eps: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """Approximately the nearest orthogonal matrix to each matrix of g (n, rows, cols),
     computed in dtype: Muon's quintic Newton-Schulz iteration, as torch.optim.Muon computes
     it (in bf16). Each step maps every singular value s to about a*s + b*s^3 + c*s^5, which
@@ -164,8 +177,9 @@ def orthogonalise(g: torch.Tensor, coefficients: tuple[float, float, float], ste
     return x.mT if tall else x
 
 
-def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device,
-                    muon_dtype: torch.dtype = torch.float32) -> list[torch.optim.Optimizer]:
+def make_optimizers(
+    model: GPT, cfg: TrainConfig, device: torch.device, muon_dtype: torch.dtype = torch.float32
+) -> list[torch.optim.Optimizer]:
     """The optimisers of a run: [AdamW] or, with --optimizer muon, [AdamW, Muon].
 
     Muon (Jordan et al. 2024) keeps a momentum of each weight matrix's gradient and replaces
@@ -183,14 +197,22 @@ def make_optimizers(model: GPT, cfg: TrainConfig, device: torch.device,
     else:
         optimizers = [torch.optim.AdamW(groups, foreach=True, **kwargs)]
     if muon_params:
-        optimizers.append(BatchedMuon(muon_params, lr=cfg.muon_lr, ns_steps=cfg.muon_ns_steps,
-                                      ns_dtype=muon_dtype, weight_decay=cfg.weight_decay,
-                                      adjust_lr_fn="original"))
+        optimizers.append(
+            BatchedMuon(
+                muon_params,
+                lr=cfg.muon_lr,
+                ns_steps=cfg.muon_ns_steps,
+                ns_dtype=muon_dtype,
+                weight_decay=cfg.weight_decay,
+                adjust_lr_fn="original",
+            )
+        )
     return optimizers
 
 
-def set_learning_rates(optimizers: list[torch.optim.Optimizer], cfg: TrainConfig,
-                       multiplier: float) -> None:
+def set_learning_rates(
+    optimizers: list[torch.optim.Optimizer], cfg: TrainConfig, multiplier: float
+) -> None:
     """Set every optimiser to ``multiplier`` times its peak rate (Muon's is cfg.muon_lr,
     AdamW's cfg.learning_rate)."""
     for optimizer in optimizers:

@@ -76,8 +76,9 @@ def read_metrics(run_dir: PathLike) -> list[dict]:
                 continue
             raise SmolGPTError(f"{path}, line {number}: not a JSON metrics row") from None
         if not isinstance(row, dict) or not all(_is_number(row.get(k)) for k in NUMERIC_KEYS):
-            raise SmolGPTError(f"{path}, line {number}: a metrics row needs numbers for "
-                               f"{', '.join(NUMERIC_KEYS)}")
+            raise SmolGPTError(
+                f"{path}, line {number}: a metrics row needs numbers for {', '.join(NUMERIC_KEYS)}"
+            )
         rows.append(row)
     if not rows:
         raise SmolGPTError(f"{path} has no evaluations yet: plot after the first one")
@@ -126,17 +127,24 @@ def plot_run(run_dir: PathLike, out_path: Optional[PathLike] = None) -> Path:
 
     fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
     panels = fig.subplots(1, 2, sharey=True)
-    for ax, key, scale, label in ((panels[0], "iter", 1.0, "iteration"),
-                                  (panels[1], "elapsed_s", divisor, f"wall time ({unit})")):
+    for ax, key, scale, label in (
+        (panels[0], "iter", 1.0, "iteration"),
+        (panels[1], "elapsed_s", divisor, f"wall time ({unit})"),
+    ):
         xs = [r[key] / scale for r in rows]
         ax.plot(xs, [r["train_loss"] for r in rows], color=TRAIN_COLOR, label="train")
         ax.plot(xs, [r["val_loss"] for r in rows], color=VAL_COLOR, label="val")
         if best is not None:
             bx = best[key] / scale
             ax.plot([bx], [best["val_loss"]], "o", color=VAL_COLOR, markeredgecolor="black")
-            ax.annotate(f"best val {best['val_loss']:.4f}\n@ iter {best['iter']}",
-                        (bx, best["val_loss"]), textcoords="offset points", xytext=(0, 12),
-                        ha="center", fontsize=8)
+            ax.annotate(
+                f"best val {best['val_loss']:.4f}\n@ iter {best['iter']}",
+                (bx, best["val_loss"]),
+                textcoords="offset points",
+                xytext=(0, 12),
+                ha="center",
+                fontsize=8,
+            )
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     panels[0].set_ylabel("loss")
@@ -145,8 +153,13 @@ def plot_run(run_dir: PathLike, out_path: Optional[PathLike] = None) -> Path:
     return _save(fig, Canvas, out_path)
 
 
-def plot_runs(run_dirs: Iterable[PathLike], out_path: PathLike, x: str = "iter",
-              ylim: Optional[tuple[float, float]] = None, title: Optional[str] = None) -> Path:
+def plot_runs(
+    run_dirs: Iterable[PathLike],
+    out_path: PathLike,
+    x: str = "iter",
+    ylim: Optional[tuple[float, float]] = None,
+    title: Optional[str] = None,
+) -> Path:
     """Overlay the val loss of several runs in one PNG (1000x500 pixels), one line per run,
     labelled with its directory's name; x is "iter", "time" (wall time) or "tokens" (training
     tokens seen). ylim: the val loss range shown (low, high), e.g. to leave the untrained
@@ -154,8 +167,9 @@ def plot_runs(run_dirs: Iterable[PathLike], out_path: PathLike, x: str = "iter",
     """
     if x not in X_AXES:
         raise SmolGPTError(f"x must be one of {', '.join(X_AXES)}, not {x!r}")
-    if ylim is not None and not (len(ylim) == 2 and all(map(math.isfinite, ylim))
-                                 and ylim[0] < ylim[1]):
+    if ylim is not None and not (
+        len(ylim) == 2 and all(map(math.isfinite, ylim)) and ylim[0] < ylim[1]
+    ):
         raise SmolGPTError(f"ylim must be two finite numbers, low then high, not {ylim!r}")
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
@@ -212,7 +226,11 @@ def _tokens_per_step(run_dir: Path) -> int:
             cfg = ckpt["train_config"]
             return cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
         except Exception:  # noqa: BLE001 - any unreadable checkpoint means the same here
-            raise SmolGPTError(f"{path} is not a readable checkpoint: cannot count the "
-                               f"tokens of {run_dir}; plot with x='iter' instead") from None
-    raise SmolGPTError(f"{run_dir} has no checkpoint recording its tokens per step; "
-                       "plot with x='iter' or x='time' instead")
+            raise SmolGPTError(
+                f"{path} is not a readable checkpoint: cannot count the "
+                f"tokens of {run_dir}; plot with x='iter' instead"
+            ) from None
+    raise SmolGPTError(
+        f"{run_dir} has no checkpoint recording its tokens per step; "
+        "plot with x='iter' or x='time' instead"
+    )

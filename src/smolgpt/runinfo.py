@@ -40,21 +40,31 @@ def describe(path: Union[str, Path]) -> dict[str, Any]:
     none is a SmolGPTError. Anything the file does not record is None."""
     given = Path(path)
     if not given.exists():
-        raise SmolGPTError(f"{given} does not exist: pass a checkpoint (.pth), a run "
-                           "directory, or a directory smolgpt export wrote")
+        raise SmolGPTError(
+            f"{given} does not exist: pass a checkpoint (.pth), a run "
+            "directory, or a directory smolgpt export wrote"
+        )
     if given.is_dir():
         found = run_checkpoint(given)
         if found is not None:
-            return {"path": str(given), "kind": "run directory",
-                    **_describe_checkpoint(found), **_run_files(given)}
+            return {
+                "path": str(given),
+                "kind": "run directory",
+                **_describe_checkpoint(found),
+                **_run_files(given),
+            }
         if (given / interop.META).is_file():
             return {"path": str(given), "kind": "export", **_describe_export(given)}
         if "smolgpt_version" in (_run_config(given) or {}) or (given / METRICS).is_file():
-            raise SmolGPTError(f"{given} is a run directory without a checkpoint yet (no {BEST} "
-                               f"or {LATEST}): describe it after its first evaluation")
-        raise SmolGPTError(f"{given} is a directory without {BEST} or {LATEST} (nor an "
-                           f"export's {interop.META}): pass a checkpoint, a run directory "
-                           "that smolgpt train wrote, or a directory smolgpt export wrote")
+            raise SmolGPTError(
+                f"{given} is a run directory without a checkpoint yet (no {BEST} "
+                f"or {LATEST}): describe it after its first evaluation"
+            )
+        raise SmolGPTError(
+            f"{given} is a directory without {BEST} or {LATEST} (nor an "
+            f"export's {interop.META}): pass a checkpoint, a run directory "
+            "that smolgpt train wrote, or a directory smolgpt export wrote"
+        )
     return {"path": str(given), "kind": "checkpoint", **_describe_checkpoint(given)}
 
 
@@ -182,36 +192,57 @@ def format_description(info: dict[str, Any]) -> str:
         ("path", info["path"]),
         ("checkpoint", info.get("checkpoint") if info["kind"] == "run directory" else None),
         ("parameters", f"{info['parameters']:,} ({info['parameters_human']})"),
-        ("shape", ", ".join(f"{k} {'on' if v is True else 'off' if v is False else v}"
-                            for k, v in shape.items())),
+        (
+            "shape",
+            ", ".join(
+                f"{k} {'on' if v is True else 'off' if v is False else v}" for k, v in shape.items()
+            ),
+        ),
         ("tokenizer", vocabulary),
         ("preset", shown(info.get("preset"))),
     ]
     if info["kind"] != "export":
         rows += [
             ("iterations", shown(info["iterations"], "{:,}")),
-            ("val loss", f"best {shown(info['best_val_loss'], '{:.4f}')}, "
-                         f"last {shown(info['last_val_loss'], '{:.4f}')}"),
-            ("val bits/char", f"best {shown(info['best_val_bits_per_char'], '{:.4f}')}, "
-                              f"last {shown(info['last_val_bits_per_char'], '{:.4f}')}"),
-            ("training time", "unknown" if seconds is None
-             else f"{duration(seconds)} ({seconds:.1f}s)"),
+            (
+                "val loss",
+                f"best {shown(info['best_val_loss'], '{:.4f}')}, "
+                f"last {shown(info['last_val_loss'], '{:.4f}')}",
+            ),
+            (
+                "val bits/char",
+                f"best {shown(info['best_val_bits_per_char'], '{:.4f}')}, "
+                f"last {shown(info['last_val_bits_per_char'], '{:.4f}')}",
+            ),
+            (
+                "training time",
+                "unknown" if seconds is None else f"{duration(seconds)} ({seconds:.1f}s)",
+            ),
         ]
     data, source = info.get("data"), info.get("data_source")
-    rows.append(("data", shown(data) + (f" (read as {source})" if source not in (None, data)
-                                        else "")))
+    rows.append(
+        ("data", shown(data) + (f" (read as {source})" if source not in (None, data) else ""))
+    )
     if info["kind"] != "export":
         rows += [
             ("fingerprint", shown(info["data_fingerprint"])),
-            ("precision", "unknown" if info["precision"] is None
-             else f"{info['device']}, {info['precision']}"),
-            ("versions", f"smolgpt {shown(info['smolgpt_version'])}, "
-                         f"torch {shown(info['torch_version'])}"),
+            (
+                "precision",
+                "unknown"
+                if info["precision"] is None
+                else f"{info['device']}, {info['precision']}",
+            ),
+            (
+                "versions",
+                f"smolgpt {shown(info['smolgpt_version'])}, torch {shown(info['torch_version'])}",
+            ),
         ]
     saved = info["saved"]
     rows += [
-        ("saved", saved if info["saved_from"] == "checkpoint"
-         else f"{saved} ({info['saved_from']})"),
+        (
+            "saved",
+            saved if info["saved_from"] == "checkpoint" else f"{saved} ({info['saved_from']})",
+        ),
         ("file size", f"{info['file_size'] / 1e6:.1f} MB ({info['file_size']:,} bytes)"),
     ]
     if info["kind"] == "run directory":

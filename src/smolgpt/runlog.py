@@ -27,9 +27,14 @@ log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"  # --tensorboard's folder in the run directory
 # The TensorBoard name of each metrics key: loss curves together, the rest apart.
-BOARD_TAGS = {"train_loss": "loss/train", "val_loss": "loss/val",
-              "val_bits_per_char": "val_bits_per_char", "lr": "lr",
-              "tokens_per_s": "throughput/tokens_per_s", "mfu": "throughput/mfu"}
+BOARD_TAGS = {
+    "train_loss": "loss/train",
+    "val_loss": "loss/val",
+    "val_bits_per_char": "val_bits_per_char",
+    "lr": "lr",
+    "tokens_per_s": "throughput/tokens_per_s",
+    "mfu": "throughput/mfu",
+}
 
 
 class RunLog:
@@ -46,9 +51,16 @@ class RunLog:
     it ends at 100% when the budget ends training.
     """
 
-    def __init__(self, cfg: TrainConfig, out_dir: Path, flops_per_token: float,
-                 peak_flops: float, iteration: int = 0, elapsed: float = 0.0,
-                 group: Group = Group()):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        out_dir: Path,
+        flops_per_token: float,
+        peak_flops: float,
+        iteration: int = 0,
+        elapsed: float = 0.0,
+        group: Group = Group(),
+    ):
         self.cfg, self.path, self.group = cfg, Path(out_dir) / METRICS, group
         self.start_iteration, self.start_elapsed = iteration, elapsed
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops * group.world_size
@@ -71,12 +83,21 @@ class RunLog:
         self.file = open(self.path, "a", encoding="utf-8")
         if sys.stderr.isatty():
             if self.cfg.time_budget:
-                self.bar = tqdm(total=self.cfg.time_budget, initial=self.start_elapsed,
-                                file=sys.stderr, dynamic_ncols=True,
-                                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s{postfix}")
+                self.bar = tqdm(
+                    total=self.cfg.time_budget,
+                    initial=self.start_elapsed,
+                    file=sys.stderr,
+                    dynamic_ncols=True,
+                    bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s{postfix}",
+                )
             else:
-                self.bar = tqdm(total=self.cfg.step_limit, initial=self.start_iteration,
-                                unit="it", file=sys.stderr, dynamic_ncols=True)
+                self.bar = tqdm(
+                    total=self.cfg.step_limit,
+                    initial=self.start_iteration,
+                    unit="it",
+                    file=sys.stderr,
+                    dynamic_ncols=True,
+                )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -95,8 +116,12 @@ class RunLog:
         if not self.group.is_main or not self.path.exists():
             return
         rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        keep = [r for r in rows if json.loads(r)["iter"] < iteration
-                or (evaluated and json.loads(r)["iter"] == iteration)]
+        keep = [
+            r
+            for r in rows
+            if json.loads(r)["iter"] < iteration
+            or (evaluated and json.loads(r)["iter"] == iteration)
+        ]
         if len(keep) != len(rows):
             atomic_write_text(self.path, "".join(r + "\n" for r in keep))
 
@@ -108,8 +133,9 @@ class RunLog:
         """Throughput counts the steps and tokens since the last evaluation."""
         self.window_start, self.window_steps, self.window_tokens = time.perf_counter(), 0, 0
 
-    def step(self, iteration: int, loss: torch.Tensor, lr: float, elapsed: float,
-             tokens: int) -> Optional[float]:
+    def step(
+        self, iteration: int, loss: torch.Tensor, lr: float, elapsed: float, tokens: int
+    ) -> Optional[float]:
         """A step of `tokens` training tokens (every rank's) finished with this
         (on-device) loss. Every log_interval steps a progress line; returns the mean loss it
         reports then (reading it waits for the device), else None."""
@@ -144,17 +170,29 @@ class RunLog:
             left = max(self.cfg.time_budget - elapsed, 0.0)
         else:
             left = (self.cfg.step_limit - iteration) * seconds / max(self.window_steps, 1)
-        fields = dict(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}",
-                      mfu=f"{100 * self.mfu(tok_s):.1f}%")
+        fields = dict(
+            loss=f"{loss:.4f}",
+            lr=f"{lr:.2e}",
+            tok_s=f"{tok_s:,.0f}",
+            mfu=f"{100 * self.mfu(tok_s):.1f}%",
+        )
         if self.bar is not None:  # which shows the time left itself
             self.bar.set_postfix(fields, refresh=False)
         else:
             fields["left"] = duration(left)
             log.info("iter %d | %s", iteration, " | ".join(f"{k} {v}" for k, v in fields.items()))
 
-    def evaluation(self, iteration: int, losses: dict[str, float], best_val_loss: float,
-                   new_best: bool, lr: float, elapsed: float, eval_seconds: float,
-                   tokens: int) -> dict:
+    def evaluation(
+        self,
+        iteration: int,
+        losses: dict[str, float],
+        best_val_loss: float,
+        new_best: bool,
+        lr: float,
+        elapsed: float,
+        eval_seconds: float,
+        tokens: int,
+    ) -> dict:
         """Write the metrics row of an evaluation that took eval_seconds, after `tokens`
         training tokens (every rank's), report it, and (--plot)
         redraw loss.png; throughput counts the training since the previous evaluation.
@@ -180,9 +218,14 @@ class RunLog:
             return row
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        log.info("eval @ iter %d: train %.4f, val %.4f%s%s", iteration, row["train_loss"],
-                 row["val_loss"], f" ({bpc:.3f} bits/char)" if bpc is not None else "",
-                 " (new best)" if new_best else "")
+        log.info(
+            "eval @ iter %d: train %.4f, val %.4f%s%s",
+            iteration,
+            row["train_loss"],
+            row["val_loss"],
+            f" ({bpc:.3f} bits/char)" if bpc is not None else "",
+            " (new best)" if new_best else "",
+        )
         if self.board is not None:
             for key in ("train_loss", "val_loss", "val_bits_per_char", "lr", "tokens_per_s", "mfu"):
                 if key in row:
@@ -194,7 +237,6 @@ class RunLog:
         if self.cfg.time_budget:  # evaluations spend the budget too
             self._move_bar(elapsed)
         return row
-
 
     def _prepare_plots(self) -> None:
         """Import matplotlib now (a second or more on a small CPU), so that a time-budgeted
@@ -217,8 +259,9 @@ class RunLog:
             plots.plot_run(self.path.parent)
         except Exception as exc:  # noqa: BLE001 - whatever matplotlib raised
             self.plot_failed = True
-            log.warning("could not draw loss.png (%s: %s); training goes on",
-                        type(exc).__name__, exc)
+            log.warning(
+                "could not draw loss.png (%s: %s); training goes on", type(exc).__name__, exc
+            )
 
 
 def tensorboard_writer(folder: Path, purge_from: Optional[int] = None):
@@ -228,8 +271,10 @@ def tensorboard_writer(folder: Path, purge_from: Optional[int] = None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # torch's module imports the tensorboard package
-        log.warning("no TensorBoard logs: --tensorboard needs the tensorboard package: "
-                    "pip install 'smolgpt[tensorboard]'")
+        log.warning(
+            "no TensorBoard logs: --tensorboard needs the tensorboard package: "
+            "pip install 'smolgpt[tensorboard]'"
+        )
         return None
     return SummaryWriter(str(folder), purge_step=purge_from or None)
 

@@ -35,8 +35,9 @@ def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float
     return torch.where(seen, penalized, logits)
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
-                  min_p: float = 0.0) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> torch.Tensor:
     """Set to -inf every logit outside the top k, outside the top-p probability mass, and of
     probability below min_p times the most likely token's. The most likely token always stays."""
     if top_k and top_k < logits.size(-1):
@@ -56,9 +57,12 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
     return logits
 
 
-def next_token(logits: torch.Tensor, settings: SampleConfig,
-               generator: Optional[torch.Generator] = None,
-               seen: Optional[torch.Tensor] = None) -> torch.Tensor:
+def next_token(
+    logits: torch.Tensor,
+    settings: SampleConfig,
+    generator: Optional[torch.Generator] = None,
+    seen: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """One token per row of logits (B, vocab), as a (B,) tensor: the repetition penalty (on the
     tokens marked in seen), then greedy at temperature 0, else a draw after the filters."""
     logits = logits.float()
@@ -66,8 +70,9 @@ def next_token(logits: torch.Tensor, settings: SampleConfig,
         logits = penalize_repetition(logits, seen, settings.repetition_penalty)
     if settings.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits / settings.temperature, settings.top_k, settings.top_p,
-                           settings.min_p)
+    logits = filter_logits(
+        logits / settings.temperature, settings.top_k, settings.top_p, settings.min_p
+    )
     probs = torch.softmax(logits, dim=-1)
     # A draw from probs: the argmax of p / E with E ~ Exponential(1) picks token i with
     # probability p_i (the "exponential race"). It is what torch.multinomial(probs, 1) does
@@ -90,7 +95,7 @@ def sample(model: GPT, prompt: list[int], settings: SampleConfig) -> Iterator[to
     # The recent tokens, in a buffer of two windows: when it fills up, its second half
     # moves to the front, so keeping the last block_size tokens costs no copy per step.
     recent = torch.empty(rows, 2 * block, dtype=torch.long, device=device)
-    recent[:, :len(context)] = torch.tensor(context, dtype=torch.long, device=device)
+    recent[:, : len(context)] = torch.tensor(context, dtype=torch.long, device=device)
     end = len(context)
     seen = None  # which tokens are in each row's text, for the repetition penalty
     if settings.repetition_penalty != 1.0:
@@ -113,11 +118,12 @@ def sample(model: GPT, prompt: list[int], settings: SampleConfig) -> Iterator[to
         if cache.length < block:
             logits, _ = model(token[:, None], cache=cache)
         else:  # the context is full: slide the window, recomputed (see the module docstring)
-            logits, _ = model(recent[:, end - block:end])
+            logits, _ = model(recent[:, end - block : end])
 
 
-def generate(model: GPT, prompt: list[int], settings: Optional[SampleConfig] = None
-             ) -> list[list[int]]:
+def generate(
+    model: GPT, prompt: list[int], settings: Optional[SampleConfig] = None
+) -> list[list[int]]:
     """Continue the token ids of prompt settings.num_samples times (default settings:
     :class:`~smolgpt.config.SampleConfig`'s, the command line's); return only the new ids of
     each. The same settings, seed included, give the same ids."""
@@ -157,12 +163,19 @@ class _SampleText:
         self.text += new_text
         found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         if found:
-            self.text, self.stopped = self.text[:min(found)], True
+            self.text, self.stopped = self.text[: min(found)], True
 
     def _held_back(self) -> int:
         """Length of the longest end of text that may be the start of a stop string."""
-        return max((n for s in self.stops for n in range(min(len(s) - 1, len(self.text)), 0, -1)
-                    if self.text.endswith(s[:n])), default=0)
+        return max(
+            (
+                n
+                for s in self.stops
+                for n in range(min(len(s) - 1, len(self.text)), 0, -1)
+                if self.text.endswith(s[:n])
+            ),
+            default=0,
+        )
 
     def finish(self) -> str:
         """The text held back, once no token will follow (and, at bpe level, the bytes of a
@@ -172,7 +185,7 @@ class _SampleText:
         return self._show(len(self.text))
 
     def _show(self, end: int) -> str:
-        piece, self.shown = self.text[self.shown:end], max(self.shown, end)
+        piece, self.shown = self.text[self.shown : end], max(self.shown, end)
         return piece
 
 
@@ -182,13 +195,14 @@ class TextStream:
     (often empty). Joined, a sample's pieces are its final text: the prompt and its
     continuation, cut before the first of settings.stop. ``new_tokens`` counts the tokens
     generated so far (``samples[i].tokens`` those of sample i until it stopped, and
-    ``samples[i].stopped`` whether a stop string ended it); iteration ends when every sample has stopped or max_new_tokens is
-    reached. Stop iterating (or :meth:`close`) to stop generating."""
+    ``samples[i].stopped`` whether a stop string ended it); iteration ends when every sample
+    has stopped or max_new_tokens is reached. Stop iterating (or :meth:`close`) to stop
+    generating."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, prompt: list[int],
-                 settings: SampleConfig):
-        self.samples = [_SampleText(tokenizer, prompt, settings.stop)
-                        for _ in range(settings.num_samples)]
+    def __init__(self, model: GPT, tokenizer: Tokenizer, prompt: list[int], settings: SampleConfig):
+        self.samples = [
+            _SampleText(tokenizer, prompt, settings.stop) for _ in range(settings.num_samples)
+        ]
         self.new_tokens = 0
         self.prompt_tokens = len(prompt)
         self._tokens = sample(model, prompt, settings)

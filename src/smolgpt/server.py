@@ -62,17 +62,30 @@ JSON_OVERHEAD = 64 * 1024  # bytes a request body may hold besides its prompts
 class ApiError(Exception):
     """An answer other than success: an HTTP status and OpenAI's error object."""
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None,
-                 code: Optional[str] = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.param, self.code, self.kind = status, param, code, kind
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": str(self),
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 # ------------------------------------------------------------------ the models served
+
 
 @dataclass
 class Served:
@@ -86,10 +99,17 @@ class Served:
 
     def description(self) -> dict[str, Any]:
         config = self.model.config
-        return {"id": self.id, "object": "model", "created": self.created, "owned_by": "smolgpt",
-                "level": self.model.tokenizer.level, "parameters": self.model.module.num_parameters(),
-                "block_size": config.block_size, "vocab_size": config.vocab_size,
-                "loss_curve": self.run_dir is not None}
+        return {
+            "id": self.id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "smolgpt",
+            "level": self.model.tokenizer.level,
+            "parameters": self.model.module.num_parameters(),
+            "block_size": config.block_size,
+            "vocab_size": config.vocab_size,
+            "loss_curve": self.run_dir is not None,
+        }
 
 
 def model_id(path: Path) -> str:
@@ -121,12 +141,16 @@ def load_models(paths: Sequence[str], device: str) -> list[Served]:
         model = load(path, device)
         base = model_id(path)
         taken = {s.id for s in served}
-        unique = base if base not in taken else next(
-            f"{base}-{k}" for k in range(2, len(paths) + 2) if f"{base}-{k}" not in taken)
+        unique = (
+            base
+            if base not in taken
+            else next(f"{base}-{k}" for k in range(2, len(paths) + 2) if f"{base}-{k}" not in taken)
+        )
         run_dir = path if path.is_dir() else path.parent
         created = int(path.stat().st_mtime)
-        served.append(Served(unique, path, model, created,
-                             run_dir if (run_dir / METRICS).is_file() else None))
+        served.append(
+            Served(unique, path, model, created, run_dir if (run_dir / METRICS).is_file() else None)
+        )
     return served
 
 
@@ -143,53 +167,98 @@ def _sample_default(name: str) -> Any:
 def completion_schema(cfg: ServeConfig, model_ids: Sequence[str]) -> dict[str, Any]:
     """The JSON schema (OpenAPI 3.0 dialect) of a completion request: what is accepted,
     with the limits of cfg."""
+
     def setting(name: str, schema: dict[str, Any]) -> dict[str, Any]:
         help_text = SampleConfig.__dataclass_fields__[name].metadata["help"]
-        return {**schema, "nullable": True, "default": _sample_default(name),
-                "description": help_text}
+        return {
+            **schema,
+            "nullable": True,
+            "default": _sample_default(name),
+            "description": help_text,
+        }
 
     text = {"type": "string", "minLength": 1, "maxLength": cfg.max_prompt_chars}
     stop_text = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
     properties = {
-        "model": {"type": "string", "enum": list(model_ids),
-                  "description": "the model's id (GET /v1/models); optional when one is served"},
-        "prompt": {"oneOf": [text, {"type": "array", "items": text, "minItems": 1,
-                                    "maxItems": cfg.max_n}],
-                   "description": "the text to continue, or a list of texts"},
-        "max_tokens": setting("max_new_tokens", {"type": "integer", "minimum": 0,
-                                                 "maximum": cfg.max_tokens}),
+        "model": {
+            "type": "string",
+            "enum": list(model_ids),
+            "description": "the model's id (GET /v1/models); optional when one is served",
+        },
+        "prompt": {
+            "oneOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": cfg.max_n}],
+            "description": "the text to continue, or a list of texts",
+        },
+        "max_tokens": setting(
+            "max_new_tokens", {"type": "integer", "minimum": 0, "maximum": cfg.max_tokens}
+        ),
         "temperature": setting("temperature", {"type": "number", "minimum": 0, "maximum": 2}),
-        "top_p": setting("top_p", {"type": "number", "minimum": 0, "exclusiveMinimum": True,
-                                   "maximum": 1}),
+        "top_p": setting(
+            "top_p", {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1}
+        ),
         "top_k": setting("top_k", {"type": "integer", "minimum": 0}),
         "min_p": setting("min_p", {"type": "number", "minimum": 0, "maximum": 1}),
-        "repetition_penalty": setting("repetition_penalty", {
-            "type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 100}),
-        "stop": {"oneOf": [stop_text, {"type": "array", "items": stop_text,
-                                       "maxItems": MAX_STOPS}],
-                 "nullable": True, "description": "end a completion at any of these strings "
-                 "(left out of it)"},
+        "repetition_penalty": setting(
+            "repetition_penalty",
+            {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 100},
+        ),
+        "stop": {
+            "oneOf": [stop_text, {"type": "array", "items": stop_text, "maxItems": MAX_STOPS}],
+            "nullable": True,
+            "description": "end a completion at any of these strings (left out of it)",
+        },
         "n": setting("num_samples", {"type": "integer", "minimum": 1, "maximum": cfg.max_n}),
-        "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED, "nullable": True,
-                 "description": "the same seed and settings give the same text; default: a "
-                 "new random seed per request"},
-        "stream": {"type": "boolean", "nullable": True, "default": False,
-                   "description": "send the text as server-sent events as it is made, ending "
-                   "with data: [DONE]"},
-        "stream_options": {"type": "object", "nullable": True, "additionalProperties": False,
-                           "properties": {"include_usage": {"type": "boolean"}},
-                           "description": "include_usage: a last event with the token counts"},
-        "echo": {"type": "boolean", "nullable": True, "default": False,
-                 "description": "begin each completion with its prompt"},
+        "seed": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": MAX_SEED,
+            "nullable": True,
+            "description": "the same seed and settings give the same text; default: a "
+            "new random seed per request",
+        },
+        "stream": {
+            "type": "boolean",
+            "nullable": True,
+            "default": False,
+            "description": "send the text as server-sent events as it is made, ending "
+            "with data: [DONE]",
+        },
+        "stream_options": {
+            "type": "object",
+            "nullable": True,
+            "additionalProperties": False,
+            "properties": {"include_usage": {"type": "boolean"}},
+            "description": "include_usage: a last event with the token counts",
+        },
+        "echo": {
+            "type": "boolean",
+            "nullable": True,
+            "default": False,
+            "description": "begin each completion with its prompt",
+        },
         "user": {"type": "string", "nullable": True, "description": "accepted and ignored"},
-        "frequency_penalty": {"type": "number", "nullable": True, "minimum": 0, "maximum": 0,
-                              "description": "not supported: only 0 (use repetition_penalty)"},
-        "presence_penalty": {"type": "number", "nullable": True, "minimum": 0, "maximum": 0,
-                             "description": "not supported: only 0 (use repetition_penalty)"},
+        "frequency_penalty": {
+            "type": "number",
+            "nullable": True,
+            "minimum": 0,
+            "maximum": 0,
+            "description": "not supported: only 0 (use repetition_penalty)",
+        },
+        "presence_penalty": {
+            "type": "number",
+            "nullable": True,
+            "minimum": 0,
+            "maximum": 0,
+            "description": "not supported: only 0 (use repetition_penalty)",
+        },
     }
     required = ["prompt"] + (["model"] if len(model_ids) > 1 else [])
-    return {"type": "object", "properties": properties, "required": required,
-            "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "additionalProperties": False,
+    }
 
 
 def _json_type(value: Any) -> str:
@@ -197,8 +266,7 @@ def _json_type(value: Any) -> str:
         return "boolean"
     if isinstance(value, int):
         return "integer"
-    return {float: "number", str: "string", list: "array", dict: "object"}.get(
-        type(value), "null")
+    return {float: "number", str: "string", list: "array", dict: "object"}.get(type(value), "null")
 
 
 def check(value: Any, schema: dict[str, Any], name: str, param: Optional[str] = None) -> None:
@@ -212,21 +280,27 @@ def check(value: Any, schema: dict[str, Any], name: str, param: Optional[str] = 
     if "oneOf" in schema:
         options = schema["oneOf"]
         kind = _json_type(value)
-        matching = [o for o in options if o["type"] == kind
-                    or (o["type"] == "number" and kind == "integer")]
+        matching = [
+            o for o in options if o["type"] == kind or (o["type"] == "number" and kind == "integer")
+        ]
         if not matching:
-            raise ApiError(400, f"{name} must be a {' or an '.join(o['type'] for o in options)}, "
-                           f"not {kind}", param)
+            raise ApiError(
+                400,
+                f"{name} must be a {' or an '.join(o['type'] for o in options)}, not {kind}",
+                param,
+            )
         return check(value, matching[0], name, param)
     kind, expected = _json_type(value), schema["type"]
     if not (kind == expected or (expected == "number" and kind == "integer")):
-        raise ApiError(400, f"{name} must be a{'n' if expected[0] in 'aeiou' else ''} "
-                       f"{expected}, not {kind}", param)
+        raise ApiError(
+            400,
+            f"{name} must be a{'n' if expected[0] in 'aeiou' else ''} {expected}, not {kind}",
+            param,
+        )
     if expected == "number" and not math.isfinite(value):
         raise ApiError(400, f"{name} must be a finite number, got {value}", param)
     if "enum" in schema and value not in schema["enum"]:
-        raise ApiError(400, f"{name} must be one of {', '.join(map(str, schema['enum']))}",
-                       param)
+        raise ApiError(400, f"{name} must be one of {', '.join(map(str, schema['enum']))}", param)
     if expected in ("integer", "number"):
         low, high = schema.get("minimum"), schema.get("maximum")
         if low is not None and (value < low or (schema.get("exclusiveMinimum") and value == low)):
@@ -238,19 +312,24 @@ def check(value: Any, schema: dict[str, Any], name: str, param: Optional[str] = 
         if len(value) < schema.get("minLength", 0):
             raise ApiError(400, f"{name} must not be empty", param)
         if len(value) > schema.get("maxLength", math.inf):
-            raise ApiError(400, f"{name} is {len(value)} characters long; the limit is "
-                           f"{schema['maxLength']}", param)
+            raise ApiError(
+                400,
+                f"{name} is {len(value)} characters long; the limit is {schema['maxLength']}",
+                param,
+            )
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise ApiError(400, f"{name} is not valid Unicode (it holds a lone surrogate)",
-                           param) from None
+            raise ApiError(
+                400, f"{name} is not valid Unicode (it holds a lone surrogate)", param
+            ) from None
     elif expected == "array":
         if len(value) < schema.get("minItems", 0):
             raise ApiError(400, f"{name} must not be an empty list", param)
         if len(value) > schema.get("maxItems", math.inf):
-            raise ApiError(400, f"{name} holds {len(value)} items; the limit is "
-                           f"{schema['maxItems']}", param)
+            raise ApiError(
+                400, f"{name} holds {len(value)} items; the limit is {schema['maxItems']}", param
+            )
         for i, item in enumerate(value):
             check(item, schema["items"], f"{name}[{i}]", param)
     elif expected == "object":
@@ -258,15 +337,23 @@ def check(value: Any, schema: dict[str, Any], name: str, param: Optional[str] = 
         if schema.get("additionalProperties") is False:
             unknown = sorted(set(value) - set(known))
             if unknown:
-                raise ApiError(400, f"unknown or unsupported field(s) {', '.join(unknown)}"
-                               f"{' in ' + name if name != 'request' else ''}: choose from "
-                               f"{', '.join(known)}", unknown[0] if name == "request" else param)
+                raise ApiError(
+                    400,
+                    f"unknown or unsupported field(s) {', '.join(unknown)}"
+                    f"{' in ' + name if name != 'request' else ''}: choose from "
+                    f"{', '.join(known)}",
+                    unknown[0] if name == "request" else param,
+                )
         for field in schema.get("required", ()):
             if field not in value:
                 raise ApiError(400, f"the request needs {field!r}", field)
         for field, item in value.items():
-            check(item, known[field], field if name == "request" else f"{name}.{field}",
-                  field if name == "request" else param)
+            check(
+                item,
+                known[field],
+                field if name == "request" else f"{name}.{field}",
+                field if name == "request" else param,
+            )
 
 
 @dataclass
@@ -281,24 +368,37 @@ class Completion:
     include_usage: bool
 
 
-def parse_completion(body: dict[str, Any], served: Sequence[Served],
-                     schema: dict[str, Any], cfg: ServeConfig) -> Completion:
+def parse_completion(
+    body: dict[str, Any], served: Sequence[Served], schema: dict[str, Any], cfg: ServeConfig
+) -> Completion:
     by_id = {s.id: s for s in served}
     if isinstance(body.get("model"), str) and body["model"] not in by_id:  # OpenAI says 404
-        raise ApiError(404, f"no model {body['model']!r} here: choose one of "
-                       f"{', '.join(by_id)}", "model", "model_not_found")
+        raise ApiError(
+            404,
+            f"no model {body['model']!r} here: choose one of {', '.join(by_id)}",
+            "model",
+            "model_not_found",
+        )
     check(body, schema, "request")
     model = by_id[body["model"]] if body.get("model") is not None else served[0]
     if body.get("model") is None and len(served) > 1:
-        raise ApiError(400, f"several models are served: say which (model: one of "
-                       f"{', '.join(by_id)})", "model")
+        raise ApiError(
+            400, f"several models are served: say which (model: one of {', '.join(by_id)})", "model"
+        )
     prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
-    sampling = {name: body[api_name] for name in SampleConfig.__dataclass_fields__
-                if body.get(api_name := OPENAI_NAMES.get(name, name)) is not None}
+    sampling = {
+        name: body[api_name]
+        for name in SampleConfig.__dataclass_fields__
+        if body.get(api_name := OPENAI_NAMES.get(name, name)) is not None
+    }
     n = sampling.get("num_samples", 1)
     if n * len(prompts) > cfg.max_n:
-        raise ApiError(400, f"n ({n}) times {len(prompts)} prompts asks for "
-                       f"{n * len(prompts)} completions; the limit is {cfg.max_n}", "n")
+        raise ApiError(
+            400,
+            f"n ({n}) times {len(prompts)} prompts asks for "
+            f"{n * len(prompts)} completions; the limit is {cfg.max_n}",
+            "n",
+        )
     if "seed" not in sampling:
         sampling["seed"] = secrets.randbelow(MAX_SEED + 1)
     try:
@@ -306,8 +406,14 @@ def parse_completion(body: dict[str, Any], served: Sequence[Served],
     except SmolGPTError as exc:
         raise ApiError(400, str(exc)) from None
     stream = bool(body.get("stream"))
-    return Completion(model, prompts, sampling, stream, bool(body.get("echo")),
-                      stream and bool((body.get("stream_options") or {}).get("include_usage")))
+    return Completion(
+        model,
+        prompts,
+        sampling,
+        stream,
+        bool(body.get("echo")),
+        stream and bool((body.get("stream_options") or {}).get("include_usage")),
+    )
 
 
 # ------------------------------------------------------------------ generation
@@ -326,9 +432,13 @@ class Turns:
         """Take a turn, waiting until deadline at most: ApiError 503 if the queue is full,
         504 when the wait outlasts the deadline."""
         if self._free.locked() and self.waiting >= self.queue:
-            raise ApiError(503, f"the server is busy ({self.active} requests generating, "
-                           f"{self.waiting} waiting): try again shortly", code="busy",
-                           kind="server_error")
+            raise ApiError(
+                503,
+                f"the server is busy ({self.active} requests generating, "
+                f"{self.waiting} waiting): try again shortly",
+                code="busy",
+                kind="server_error",
+            )
         self.waiting += 1
         try:
             await asyncio.wait_for(self._free.acquire(), max(0.0, deadline - time.monotonic()))
@@ -344,8 +454,12 @@ class Turns:
 
 
 def _timeout() -> ApiError:
-    return ApiError(504, "the request took longer than the server's timeout: ask for fewer "
-                    "tokens", code="timeout", kind="server_error")
+    return ApiError(
+        504,
+        "the request took longer than the server's timeout: ask for fewer tokens",
+        code="timeout",
+        kind="server_error",
+    )
 
 
 @dataclass
@@ -354,8 +468,11 @@ class Usage:
     completion_tokens: int = 0
 
     def body(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
 
 
 class Generator:
@@ -368,16 +485,18 @@ class Generator:
     async def _call(self, function: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._worker, function, *args)
 
-    async def events(self, job: Completion, deadline: float, usage: Usage,
-                     gone: Callable[[], Awaitable[bool]]) -> AsyncIterator[tuple[int, str, Optional[str]]]:
+    async def events(
+        self, job: Completion, deadline: float, usage: Usage, gone: Callable[[], Awaitable[bool]]
+    ) -> AsyncIterator[tuple[int, str, Optional[str]]]:
         """(choice index, new text, finish reason or None) as the text is made, choice by
         choice in OpenAI's order (every sample of the first prompt, then the next prompt's).
         Returns early once gone() says the client left; ApiError 504 past the deadline."""
         n = job.sampling.get("num_samples", 1)
         for p, prompt in enumerate(job.prompts):
             try:
-                stream = await self._call(lambda: job.served.model.text_stream(prompt,
-                                                                               **job.sampling))
+                stream = await self._call(
+                    lambda prompt=prompt: job.served.model.text_stream(prompt, **job.sampling)
+                )
             except SmolGPTError as exc:  # a prompt the model cannot read
                 raise ApiError(400, str(exc), "prompt") from None
             usage.prompt_tokens += stream.prompt_tokens
@@ -432,43 +551,69 @@ class Server:
             return
         given = headers.get("authorization", "")
         scheme, _, key = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(),
-                                                                 self.api_key.encode()):
-            raise ApiError(401, "a valid API key is needed: send the header Authorization: "
-                           "Bearer KEY", code="invalid_api_key")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            key.strip().encode(), self.api_key.encode()
+        ):
+            raise ApiError(
+                401,
+                "a valid API key is needed: send the header Authorization: Bearer KEY",
+                code="invalid_api_key",
+            )
 
     def model(self, model_id: str) -> Served:
         if model_id not in self.by_id:
-            raise ApiError(404, f"no model {model_id!r} here: choose one of "
-                           f"{', '.join(self.by_id)}", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"no model {model_id!r} here: choose one of {', '.join(self.by_id)}",
+                "model",
+                "model_not_found",
+            )
         return self.by_id[model_id]
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "version": __version__, "models": list(self.by_id),
-                "generating": self.turns.active, "waiting": self.turns.waiting,
-                "tokens_generated": self.generator.tokens_generated,
-                "limits": {"max_tokens": self.cfg.max_tokens, "max_n": self.cfg.max_n,
-                           "max_prompt_chars": self.cfg.max_prompt_chars,
-                           "timeout": self.cfg.timeout},
-                "api_key_required": self.api_key is not None}
+        return {
+            "status": "ok",
+            "version": __version__,
+            "models": list(self.by_id),
+            "generating": self.turns.active,
+            "waiting": self.turns.waiting,
+            "tokens_generated": self.generator.tokens_generated,
+            "limits": {
+                "max_tokens": self.cfg.max_tokens,
+                "max_n": self.cfg.max_n,
+                "max_prompt_chars": self.cfg.max_prompt_chars,
+                "timeout": self.cfg.timeout,
+            },
+            "api_key_required": self.api_key is not None,
+        }
 
     def loss_curve(self, model_id: str) -> dict[str, Any]:
         from .plots import read_metrics
 
         served = self.model(model_id)
         if served.run_dir is None:
-            raise ApiError(404, f"{model_id}'s checkpoint has no training run beside it",
-                           code="no_run")
+            raise ApiError(
+                404, f"{model_id}'s checkpoint has no training run beside it", code="no_run"
+            )
         try:
             rows = read_metrics(served.run_dir)
         except SmolGPTError as exc:
             raise ApiError(404, str(exc), code="no_run") from None
-        return {"model": model_id, "points": [
-            {"iter": r["iter"], "train_loss": _finite(r["train_loss"]),
-             "val_loss": _finite(r["val_loss"])} for r in rows]}
+        return {
+            "model": model_id,
+            "points": [
+                {
+                    "iter": r["iter"],
+                    "train_loss": _finite(r["train_loss"]),
+                    "val_loss": _finite(r["val_loss"]),
+                }
+                for r in rows
+            ],
+        }
 
-    async def completion(self, job: Completion, deadline: float,
-                         gone: Callable[[], Awaitable[bool]]) -> dict[str, Any]:
+    async def completion(
+        self, job: Completion, deadline: float, gone: Callable[[], Awaitable[bool]]
+    ) -> dict[str, Any]:
         """A whole completion response (the caller holds a turn)."""
         texts = [""] * (len(job.prompts) * job.sampling.get("num_samples", 1))
         reasons: list[Optional[str]] = [None] * len(texts)
@@ -476,9 +621,14 @@ class Server:
         async for index, piece, reason in self.generator.events(job, deadline, usage, gone):
             texts[index] += piece
             reasons[index] = reason or reasons[index]
-        return {**_head(job), "choices": [
-            {"text": text, "index": i, "logprobs": None, "finish_reason": reasons[i]}
-            for i, text in enumerate(texts)], "usage": usage.body()}
+        return {
+            **_head(job),
+            "choices": [
+                {"text": text, "index": i, "logprobs": None, "finish_reason": reasons[i]}
+                for i, text in enumerate(texts)
+            ],
+            "usage": usage.body(),
+        }
 
 
 def _finite(value: float) -> Optional[float]:
@@ -486,8 +636,12 @@ def _finite(value: float) -> Optional[float]:
 
 
 def _head(job: Completion) -> dict[str, Any]:
-    return {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
-            "created": int(time.time()), "model": job.served.id}
+    return {
+        "id": f"cmpl-{secrets.token_hex(12)}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": job.served.id,
+    }
 
 
 def build_app(served: Sequence[Served], cfg: ServeConfig, api_key: Optional[str] = None):
@@ -509,11 +663,13 @@ def build_app(served: Sequence[Served], cfg: ServeConfig, api_key: Optional[str]
 
     def answers(handler):
         """An endpoint whose ApiErrors become OpenAI-shaped error responses."""
+
         async def endpoint(request: Request) -> Response:
             try:
                 return await handler(request)
             except ApiError as error:
                 return error_response(error)
+
         return endpoint
 
     async def read_json(request: Request) -> dict[str, Any]:
@@ -575,12 +731,20 @@ def build_app(served: Sequence[Served], cfg: ServeConfig, api_key: Optional[str]
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
-        message = "no such endpoint: see /openapi.json" if status == 404 else \
-            f"{request.method} is not allowed here" if status == 405 else "server error"
+        message = (
+            "no such endpoint: see /openapi.json"
+            if status == 404
+            else f"{request.method} is not allowed here"
+            if status == 405
+            else "server error"
+        )
         # The headers of Starlette's answer: Allow, with a 405.
-        return error_response(ApiError(status, message, kind="invalid_request_error"
-                                       if status < 500 else "server_error"),
-                              getattr(exc, "headers", None))
+        return error_response(
+            ApiError(
+                status, message, kind="invalid_request_error" if status < 500 else "server_error"
+            ),
+            getattr(exc, "headers", None),
+        )
 
     class EventStream(Response):
         """A completion streamed as server-sent events, holding its turn until it ends."""
@@ -617,14 +781,26 @@ def build_app(served: Sequence[Served], cfg: ServeConfig, api_key: Optional[str]
                     event = await anext(events, None)  # is answered 400 like any bad value
                 except ApiError as error:
                     return await error_response(error)(scope, receive, send)
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": self.raw_headers})
+                await send(
+                    {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                )
                 try:
                     while event is not None:
                         index, piece, reason = event
-                        await _event(send, {**head, "choices": [
-                            {"text": piece, "index": index, "logprobs": None,
-                             "finish_reason": reason}]})
+                        await _event(
+                            send,
+                            {
+                                **head,
+                                "choices": [
+                                    {
+                                        "text": piece,
+                                        "index": index,
+                                        "logprobs": None,
+                                        "finish_reason": reason,
+                                    }
+                                ],
+                            },
+                        )
                         event = await anext(events, None)
                     if left.is_set():
                         return
@@ -640,25 +816,33 @@ def build_app(served: Sequence[Served], cfg: ServeConfig, api_key: Optional[str]
                 await events.aclose()  # its own finally stops the generation
                 watcher.cancel()
                 self.server.turns.leave()
-                _log_request(self.job, usage.completion_tokens, self.started,
-                             " (client left)" if left.is_set() else "")
+                _log_request(
+                    self.job,
+                    usage.completion_tokens,
+                    self.started,
+                    " (client left)" if left.is_set() else "",
+                )
 
-    app = Starlette(routes=[
-        Route("/", page),
-        Route("/health", health),
-        Route("/openapi.json", openapi_json),
-        Route("/v1/models", models),
-        Route("/v1/models/{model}", one_model),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/runs/{model}/loss", loss),
-    ], exception_handlers={404: not_found, 405: not_found})
+    app = Starlette(
+        routes=[
+            Route("/", page),
+            Route("/health", health),
+            Route("/openapi.json", openapi_json),
+            Route("/v1/models", models),
+            Route("/v1/models/{model}", one_model),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/runs/{model}/loss", loss),
+        ],
+        exception_handlers={404: not_found, 405: not_found},
+    )
     app.state.server = server
     return app
 
 
 def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"the request body is over {limit} bytes: send a shorter prompt",
-                    code="too_large")
+    return ApiError(
+        413, f"the request body is over {limit} bytes: send a shorter prompt", code="too_large"
+    )
 
 
 async def _send(send, data: bytes) -> None:
@@ -670,8 +854,14 @@ async def _event(send, payload: dict[str, Any]) -> None:
 
 
 def _log_request(job: Completion, tokens: int, started: float, note: str = "") -> None:
-    log.info("completion %s: %d prompt(s), %d token(s) in %.2f s%s", job.served.id,
-             len(job.prompts), tokens, time.monotonic() - started, note)
+    log.info(
+        "completion %s: %d prompt(s), %d token(s) in %.2f s%s",
+        job.served.id,
+        len(job.prompts),
+        tokens,
+        time.monotonic() - started,
+        note,
+    )
 
 
 # ------------------------------------------------------------------ the OpenAPI description
@@ -682,97 +872,219 @@ def openapi(server: Server) -> dict[str, Any]:
     error = {"$ref": "#/components/schemas/Error"}
 
     def answers(*statuses: int, ok: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-        reasons = {400: "invalid request", 401: "API key missing or wrong", 404: "no such model",
-                   413: "request body too large", 503: "busy: try again shortly",
-                   504: "the request took longer than the server's timeout"}
+        reasons = {
+            400: "invalid request",
+            401: "API key missing or wrong",
+            404: "no such model",
+            413: "request body too large",
+            503: "busy: try again shortly",
+            504: "the request took longer than the server's timeout",
+        }
         out = {"200": ok} if ok else {}
-        out.update({str(s): {"description": reasons[s],
-                             "content": {"application/json": {"schema": error}}}
-                    for s in statuses})
+        out.update(
+            {
+                str(s): {
+                    "description": reasons[s],
+                    "content": {"application/json": {"schema": error}},
+                }
+                for s in statuses
+            }
+        )
         return out
 
     def json_body(ref: str, description: str) -> dict[str, Any]:
-        return {"description": description,
-                "content": {"application/json": {"schema": {"$ref": ref}}}}
+        return {
+            "description": description,
+            "content": {"application/json": {"schema": {"$ref": ref}}},
+        }
 
     secured = [{"bearer": []}] if server.api_key else []
-    choice = {"type": "object", "required": ["text", "index", "finish_reason"], "properties": {
-        "text": {"type": "string"}, "index": {"type": "integer"},
-        "logprobs": {"nullable": True},
-        "finish_reason": {"type": "string", "nullable": True, "enum": ["stop", "length", None]}}}
-    usage = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-             "properties": {k: {"type": "integer"} for k in
-                            ("prompt_tokens", "completion_tokens", "total_tokens")}}
-    model = {"type": "object", "required": ["id", "object", "created", "owned_by"], "properties": {
-        "id": {"type": "string"}, "object": {"type": "string", "enum": ["model"]},
-        "created": {"type": "integer"}, "owned_by": {"type": "string"},
-        "level": {"type": "string"}, "parameters": {"type": "integer"},
-        "block_size": {"type": "integer"}, "vocab_size": {"type": "integer"},
-        "loss_curve": {"type": "boolean"}}}
-    model_param = [{"name": "model", "in": "path", "required": True,
-                    "schema": {"type": "string"}}]
+    choice = {
+        "type": "object",
+        "required": ["text", "index", "finish_reason"],
+        "properties": {
+            "text": {"type": "string"},
+            "index": {"type": "integer"},
+            "logprobs": {"nullable": True},
+            "finish_reason": {"type": "string", "nullable": True, "enum": ["stop", "length", None]},
+        },
+    }
+    usage = {
+        "type": "object",
+        "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+        "properties": {
+            k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+        },
+    }
+    model = {
+        "type": "object",
+        "required": ["id", "object", "created", "owned_by"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string", "enum": ["model"]},
+            "created": {"type": "integer"},
+            "owned_by": {"type": "string"},
+            "level": {"type": "string"},
+            "parameters": {"type": "integer"},
+            "block_size": {"type": "integer"},
+            "vocab_size": {"type": "integer"},
+            "loss_curve": {"type": "boolean"},
+        },
+    }
+    model_param = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
     doc = {
         "openapi": "3.0.3",
-        "info": {"title": "smolgpt", "version": __version__,
-                 "description": "OpenAI-compatible completions from smolgpt models"},
-        "paths": {
-            "/v1/completions": {"post": {
-                "summary": "continue a prompt (stream: true for server-sent events)",
-                "security": secured,
-                "requestBody": {"required": True, "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/CompletionRequest"}}}},
-                "responses": answers(400, 401, 404, 413, 503, 504, ok={
-                    "description": "the completion, or with stream: true its events "
-                    "(data: {chunk} ... data: [DONE])",
-                    "content": {"application/json": {"schema": {
-                        "$ref": "#/components/schemas/Completion"}},
-                        # Before OpenAPI 3.2, an event stream's schema is one event's.
-                        "text/event-stream": {"schema": {
-                            "type": "object", "required": ["data"], "properties": {
-                                "data": {"type": "string", "description": "a chunk as JSON "
-                                         "(a Completion with the new text), or [DONE]"},
-                                "event": {"type": "string"}}}}}})}},
-            "/v1/models": {"get": {
-                "summary": "the models served", "security": secured,
-                "responses": answers(401, ok=json_body("#/components/schemas/ModelList",
-                                                       "the models"))}},
-            "/v1/models/{model}": {"get": {
-                "summary": "one model", "security": secured, "parameters": model_param,
-                "responses": answers(401, 404, ok=json_body("#/components/schemas/Model",
-                                                            "the model"))}},
-            "/runs/{model}/loss": {"get": {
-                "summary": "the loss curve of the training run beside a model's checkpoint",
-                "security": secured, "parameters": model_param,
-                "responses": answers(401, 404, ok={"description": "evaluations in order",
-                                                   "content": {"application/json": {"schema": {
-                                                       "type": "object"}}}})}},
-            "/health": {"get": {"summary": "liveness, and how busy the server is",
-                                "responses": {"200": {"description": "ok", "content": {
-                                    "application/json": {"schema": {"type": "object"}}}}}}},
-            "/": {"get": {"summary": "the playground page", "responses": {"200": {
-                "description": "an HTML page", "content": {"text/html": {
-                    "schema": {"type": "string"}}}}}}},
+        "info": {
+            "title": "smolgpt",
+            "version": __version__,
+            "description": "OpenAI-compatible completions from smolgpt models",
         },
-        "components": {"schemas": {
-            "CompletionRequest": server.schema,
-            "Completion": {"type": "object",
-                           "required": ["id", "object", "created", "model", "choices", "usage"],
-                           "properties": {"id": {"type": "string"},
-                                          "object": {"type": "string"},
-                                          "created": {"type": "integer"},
-                                          "model": {"type": "string"},
-                                          "choices": {"type": "array", "items": choice},
-                                          "usage": usage}},
-            "Model": model,
-            "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
-                "object": {"type": "string"},
-                "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}},
-            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
-                "type": "object", "required": ["message", "type"], "properties": {
-                    "message": {"type": "string"}, "type": {"type": "string"},
-                    "param": {"type": "string", "nullable": True},
-                    "code": {"type": "string", "nullable": True}}}}},
-        }},
+        "paths": {
+            "/v1/completions": {
+                "post": {
+                    "summary": "continue a prompt (stream: true for server-sent events)",
+                    "security": secured,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/CompletionRequest"}
+                            }
+                        },
+                    },
+                    "responses": answers(
+                        400,
+                        401,
+                        404,
+                        413,
+                        503,
+                        504,
+                        ok={
+                            "description": "the completion, or with stream: true its events "
+                            "(data: {chunk} ... data: [DONE])",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Completion"}
+                                },
+                                # Before OpenAPI 3.2, an event stream's schema is one event's.
+                                "text/event-stream": {
+                                    "schema": {
+                                        "type": "object",
+                                        "required": ["data"],
+                                        "properties": {
+                                            "data": {
+                                                "type": "string",
+                                                "description": "a chunk as JSON "
+                                                "(a Completion with the new text), or [DONE]",
+                                            },
+                                            "event": {"type": "string"},
+                                        },
+                                    }
+                                },
+                            },
+                        },
+                    ),
+                }
+            },
+            "/v1/models": {
+                "get": {
+                    "summary": "the models served",
+                    "security": secured,
+                    "responses": answers(
+                        401, ok=json_body("#/components/schemas/ModelList", "the models")
+                    ),
+                }
+            },
+            "/v1/models/{model}": {
+                "get": {
+                    "summary": "one model",
+                    "security": secured,
+                    "parameters": model_param,
+                    "responses": answers(
+                        401, 404, ok=json_body("#/components/schemas/Model", "the model")
+                    ),
+                }
+            },
+            "/runs/{model}/loss": {
+                "get": {
+                    "summary": "the loss curve of the training run beside a model's checkpoint",
+                    "security": secured,
+                    "parameters": model_param,
+                    "responses": answers(
+                        401,
+                        404,
+                        ok={
+                            "description": "evaluations in order",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                    ),
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "liveness, and how busy the server is",
+                    "responses": {
+                        "200": {
+                            "description": "ok",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+            "/": {
+                "get": {
+                    "summary": "the playground page",
+                    "responses": {
+                        "200": {
+                            "description": "an HTML page",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "CompletionRequest": server.schema,
+                "Completion": {
+                    "type": "object",
+                    "required": ["id", "object", "created", "model", "choices", "usage"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "object": {"type": "string"},
+                        "created": {"type": "integer"},
+                        "model": {"type": "string"},
+                        "choices": {"type": "array", "items": choice},
+                        "usage": usage,
+                    },
+                },
+                "Model": model,
+                "ModelList": {
+                    "type": "object",
+                    "required": ["object", "data"],
+                    "properties": {
+                        "object": {"type": "string"},
+                        "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
+                    },
+                },
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["message", "type"],
+                            "properties": {
+                                "message": {"type": "string"},
+                                "type": {"type": "string"},
+                                "param": {"type": "string", "nullable": True},
+                                "code": {"type": "string", "nullable": True},
+                            },
+                        }
+                    },
+                },
+            }
+        },
     }
     if server.api_key:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
@@ -794,8 +1106,7 @@ def is_loopback(host: str) -> bool:
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket on host:port (port 0: any free one), or a SmolGPTError saying why not."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
@@ -812,8 +1123,9 @@ def url(sock: socket.socket) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
 
-def serve(checkpoints: Sequence[str], ready: Optional[Callable[[str], None]] = None,
-          **settings: Any) -> None:
+def serve(
+    checkpoints: Sequence[str], ready: Optional[Callable[[str], None]] = None, **settings: Any
+) -> None:
     """Serve checkpoints (paths to checkpoints, run directories or exports) until
     interrupted; settings are :class:`~smolgpt.config.ServeConfig`'s. The address is
     logged once the server listens, and passed to ready(url) if given."""
@@ -831,15 +1143,23 @@ def serve(checkpoints: Sequence[str], ready: Optional[Callable[[str], None]] = N
         sock.close()
         raise
     if not is_loopback(cfg.host) and api_key is None:
-        log.warning("listening on %s without an API key: anyone who can reach this computer "
-                    "can use the models (see --api_key)", cfg.host)
+        log.warning(
+            "listening on %s without an API key: anyone who can reach this computer "
+            "can use the models (see --api_key)",
+            cfg.host,
+        )
     address = url(sock)
-    log.info("serving %s at %s (the playground; the API under %sv1; Ctrl-C stops)",
-             ", ".join(app.state.server.by_id), address, address)
+    log.info(
+        "serving %s at %s (the playground; the API under %sv1; Ctrl-C stops)",
+        ", ".join(app.state.server.by_id),
+        address,
+        address,
+    )
     if ready is not None:
         ready(address)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=3)
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3
+    )
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

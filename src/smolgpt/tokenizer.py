@@ -46,8 +46,14 @@ WORD_PATTERN = r"\w+(?:['’]\w+)*|[^\w\s]"
 # apostrophes curly; keyboards type them straight.
 TEXT_REPLACEMENTS = (
     ("\ufeff", ""),  # a byte-order mark, or one left mid-text by joining files
-    ("\u2018", "'"), ("\u2019", "'"), ("\u201a", "'"), ("\u201b", "'"),  # ‘ ’ ‚ ‛
-    ("\u201c", '"'), ("\u201d", '"'), ("\u201e", '"'), ("\u201f", '"'),  # “ ” „ ‟
+    ("\u2018", "'"),
+    ("\u2019", "'"),
+    ("\u201a", "'"),
+    ("\u201b", "'"),  # ‘ ’ ‚ ‛
+    ("\u201c", '"'),
+    ("\u201d", '"'),
+    ("\u201e", '"'),
+    ("\u201f", '"'),  # “ ” „ ‟
 )
 
 
@@ -70,6 +76,7 @@ def _splitter():
     from nltk.tokenize import RegexpTokenizer
 
     return RegexpTokenizer(WORD_PATTERN)
+
 
 # Detokenization: marks that hug the previous token, and marks the next token hugs. (The
 # curly quotes are in vocabularies from before 0.5 only.)
@@ -206,8 +213,9 @@ class WordTokenizer(_TextReader):
     def unk_bytes(self, text: str) -> list[int]:
         """For each token of encode(text): the UTF-8 bytes of the (lowercased) word an
         <UNK> stands for, 0 for a known word."""
-        return [0 if w in self.stoi else len(w.encode("utf-8"))
-                for w in self.split(self.read(text))]
+        return [
+            0 if w in self.stoi else len(w.encode("utf-8")) for w in self.split(self.read(text))
+        ]
 
     def starts(self, text: str) -> list[int]:
         """Where each token of encode(text) begins in read(text)."""
@@ -234,8 +242,12 @@ class WordTokenizer(_TextReader):
         return WordDecoder(self)
 
     def to_dict(self) -> dict:
-        return {"type": "word", "words": self.itos[2:], "min_word_freq": self.min_word_freq,
-                "normalize": self.normalize}
+        return {
+            "type": "word",
+            "words": self.itos[2:],
+            "min_word_freq": self.min_word_freq,
+            "normalize": self.normalize,
+        }
 
 
 class CharDecoder:
@@ -289,9 +301,12 @@ class WordDecoder:
 # merges work on strings. Printable bytes stand for themselves; the others, in order, for the
 # characters from U+0100 on (a space is "Ġ", a line break "Ċ").
 _PRINTABLE_BYTES = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-BYTE_SYMBOLS = [chr(b) if b in _PRINTABLE_BYTES else
-                chr(0x100 + sum(1 for c in range(b) if c not in _PRINTABLE_BYTES))
-                for b in range(256)]
+BYTE_SYMBOLS = [
+    chr(b)
+    if b in _PRINTABLE_BYTES
+    else chr(0x100 + sum(1 for c in range(b) if c not in _PRINTABLE_BYTES))
+    for b in range(256)
+]
 _BYTE_OF_SYMBOL = {symbol: b for b, symbol in enumerate(BYTE_SYMBOLS)}
 # Text is encoded in pieces of about this many characters, cut after line breaks, on all
 # cores at once; the pieces give the same ids as the whole (see BPETokenizer).
@@ -303,8 +318,9 @@ def _tokenizers():
     try:
         import tokenizers
     except ImportError:
-        raise SmolGPTError("--level bpe needs the tokenizers library: "
-                           "pip install 'smolgpt[bpe]'") from None
+        raise SmolGPTError(
+            "--level bpe needs the tokenizers library: pip install 'smolgpt[bpe]'"
+        ) from None
     return tokenizers
 
 
@@ -338,10 +354,15 @@ class BPETokenizer:
         self.vocab = list(vocab)
         self.merges = [tuple(pair) for pair in merges]
         ids = {token: i for i, token in enumerate(self.vocab)}
-        if len(ids) != len(self.vocab) or not set(BYTE_SYMBOLS) <= ids.keys() or any(
-                len(pair) != 2 or "".join(pair) not in ids for pair in self.merges):
-            raise SmolGPTError("malformed bpe tokenizer: its vocabulary lacks byte values or "
-                               "the tokens its merges make")
+        if (
+            len(ids) != len(self.vocab)
+            or not set(BYTE_SYMBOLS) <= ids.keys()
+            or any(len(pair) != 2 or "".join(pair) not in ids for pair in self.merges)
+        ):
+            raise SmolGPTError(
+                "malformed bpe tokenizer: its vocabulary lacks byte values or "
+                "the tokens its merges make"
+            )
         self._hf = tk.Tokenizer(tk.models.BPE(vocab=ids, merges=self.merges))
         self._hf.pre_tokenizer = self.pre_tokenizer()
         self._hf.decoder = tk.decoders.ByteLevel()  # (for exports; decode is ours)
@@ -350,14 +371,15 @@ class BPETokenizer:
     @staticmethod
     def pre_tokenizer():
         tk = _tokenizers()
-        return tk.pre_tokenizers.Sequence([
-            tk.pre_tokenizers.Split("\n", "isolated"),
-            tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+        return tk.pre_tokenizers.Sequence(
+            [
+                tk.pre_tokenizers.Split("\n", "isolated"),
+                tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
 
     @classmethod
-    def train(cls, chunks: Iterable[str], vocab_size: int,
-              strict: bool = True) -> "BPETokenizer":
+    def train(cls, chunks: Iterable[str], vocab_size: int, strict: bool = True) -> "BPETokenizer":
         """Learn merges from chunks of text until the vocabulary holds vocab_size tokens.
         SmolGPTError where vocab_size is below the 256 byte values, or (strict) above what
         the text allows (every adjacent pair of its pre-tokens merged); not strict, the
@@ -367,17 +389,22 @@ class BPETokenizer:
         learner = tk.Tokenizer(tk.models.BPE())
         learner.pre_tokenizer = cls.pre_tokenizer()
         trainer = tk.trainers.BpeTrainer(
-            vocab_size=vocab_size, show_progress=False, special_tokens=[],
-            initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+            vocab_size=vocab_size,
+            show_progress=False,
+            special_tokens=[],
+            initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+        )
         learner.train_from_iterator(
-            (piece for chunk in chunks for piece in _pieces(chunk)), trainer)
+            (piece for chunk in chunks for piece in _pieces(chunk)), trainer
+        )
         model = json.loads(learner.to_str())["model"]
         vocab = sorted(model["vocab"], key=model["vocab"].get)
         if len(vocab) < vocab_size and strict:
             raise SmolGPTError(
                 f"--vocab_size {vocab_size} is more than the training text allows: merging "
                 f"every pair in it gives {len(vocab)} tokens; use --vocab_size {len(vocab)} "
-                "or less, or train on more text")
+                "or less, or train on more text"
+            )
         return cls(vocab, model["merges"])
 
     @property
@@ -393,12 +420,13 @@ class BPETokenizer:
     def _encodings(self, text: str, offsets: bool) -> list:
         pieces = _pieces(text)
         try:
-            return (self._hf.encode_batch(pieces) if offsets
-                    else self._hf.encode_batch_fast(pieces))
+            return self._hf.encode_batch(pieces) if offsets else self._hf.encode_batch_fast(pieces)
         except TypeError:  # a lone surrogate: a str that is not Unicode text
-            raise SmolGPTError("the text holds characters that are not Unicode (lone "
-                               "surrogates, e.g. from undecodable bytes): give UTF-8 "
-                               "text") from None
+            raise SmolGPTError(
+                "the text holds characters that are not Unicode (lone "
+                "surrogates, e.g. from undecodable bytes): give UTF-8 "
+                "text"
+            ) from None
 
     def encode_array(self, text: str) -> np.ndarray:
         ids = [e.ids for e in self._encodings(text, offsets=False)]

@@ -113,8 +113,13 @@ class Budget:
     evaluation still fits and the learning-rate decay ends when training does.
     """
 
-    def __init__(self, cfg: TrainConfig, clock_start: float, elapsed_before: float = 0.0,
-                 extended_at: Optional[list] = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        clock_start: float,
+        elapsed_before: float = 0.0,
+        extended_at: Optional[list] = None,
+    ):
         self.cfg, self.clock_start, self.elapsed_before = cfg, clock_start, elapsed_before
         self.extended_at = extended_at  # Progress.extended_at
         self.max_iters = cfg.step_limit  # None: the time budget alone ends training
@@ -204,13 +209,17 @@ def projection(budget: Budget, iteration: int, device: torch.device) -> list[str
     evals_left = evals_left if steps_left else 0
     step_s, eval_s = budget.step_time() or 0.0, budget.final_eval_s()
     total = steps_left * step_s + evals_left * eval_s
-    lines = [f"projected training time: {duration(total)} ({steps_left} steps at {step_s:.2f} "
-             f"s, {evals_left} evaluations at {eval_s:.1f} s"
-             f"{'; early stopping may end it sooner' if cfg.early_stop_patience else ''})"]
+    lines = [
+        f"projected training time: {duration(total)} ({steps_left} steps at {step_s:.2f} "
+        f"s, {evals_left} evaluations at {eval_s:.1f} s"
+        f"{'; early stopping may end it sooner' if cfg.early_stop_patience else ''})"
+    ]
     if device.type == "cpu" and total > LONG_RUN_S:
-        lines.append("that is long for a CPU: --preset micro or --preset nano train smaller "
-                     "models many times faster, and --time_budget SECONDS stops training "
-                     "after that many seconds")
+        lines.append(
+            "that is long for a CPU: --preset micro or --preset nano train smaller "
+            "models many times faster, and --time_budget SECONDS stops training "
+            "after that many seconds"
+        )
     return lines
 
 
@@ -225,8 +234,9 @@ class _SignalFlag:
     every process of a torchrun launch from the terminal, and torchrun then forwards it."""
 
     # SIGHUP does not exist on Windows.
-    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
-                    if hasattr(signal, name))
+    SIGNALS = tuple(
+        getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+    )
     REPEAT_GRACE_S = 2.0
 
     def __init__(self):
@@ -247,8 +257,9 @@ class _SignalFlag:
         if self.signum is None:
             self.signum = signum
         doing = "stopping the evaluation" if self.evaluating else "finishing this step"
-        log.warning("%s received: %s and saving (again to stop at once)",
-                    signal.Signals(signum).name, doing)
+        log.warning(
+            "%s received: %s and saving (again to stop at once)", signal.Signals(signum).name, doing
+        )
 
     @staticmethod
     def _silence_closed_terminal() -> None:
@@ -292,10 +303,17 @@ class Trainer:
     evaluates its share of the windows, rank 0 alone writes and decides when to stop.
     """
 
-    def __init__(self, cfg: TrainConfig, data: TokenData, out_dir: Path, device: torch.device,
-                 resume_from: Optional[dict] = None, init_weights: Optional[dict] = None,
-                 on_evaluation: Optional[Callable[[GPT, int, dict], None]] = None,
-                 group: Group = Group()):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        data: TokenData,
+        out_dir: Path,
+        device: torch.device,
+        resume_from: Optional[dict] = None,
+        init_weights: Optional[dict] = None,
+        on_evaluation: Optional[Callable[[GPT, int, dict], None]] = None,
+        group: Group = Group(),
+    ):
         clock_start = time.perf_counter()
         self.on_evaluation, self.group = on_evaluation, group
         self.cfg, self.data, self.out_dir, self.device = cfg, data, Path(out_dir), device
@@ -312,26 +330,38 @@ class Trainer:
         # One decision about reduced precision, followed by autocast, Muon and the loss.
         self.precision = hardware.precision_policy(device, cfg.amp)
         self.optimizers = make_optimizers(self.model, cfg, device, self.precision.muon_dtype)
-        self.scaler = torch.amp.GradScaler(device.type) if self.precision.needs_grad_scaler else None
-        self.sampler = BatchSampler(data.train, cfg.block_size, cfg.batch_size, cfg.seed, device,
-                                    group.rank, group.world_size)
+        self.scaler = (
+            torch.amp.GradScaler(device.type) if self.precision.needs_grad_scaler else None
+        )
+        self.sampler = BatchSampler(
+            data.train,
+            cfg.block_size,
+            cfg.batch_size,
+            cfg.seed,
+            device,
+            group.rank,
+            group.world_size,
+        )
         self.progress = Progress(tokens=0)
         self.diverged = False  # a non-finite loss met (see _lose_finiteness)
         if resume_from is not None:
             self._restore(resume_from)
-        self.budget = Budget(cfg, clock_start, self.progress.elapsed_s,
-                             self.progress.extended_at)
+        self.budget = Budget(cfg, clock_start, self.progress.elapsed_s, self.progress.extended_at)
         # DDP averages the ranks' gradients in the backward pass (and copies rank 0's weights
         # to the others here). The rotary tables are constants: no need to send them along
         # before every forward pass (newer torch names that setting differently).
         self.replicated = self.model
         if group.distributed:
-            no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
-                              inspect.signature(DistributedDataParallel).parameters
-                              else {"broadcast_buffers": False})
+            no_buffer_sync = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else {"broadcast_buffers": False}
+            )
             self.replicated = DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None,
-                **no_buffer_sync)
+                self.model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                **no_buffer_sync,
+            )
         self.forward = torch.compile(self.replicated) if cfg.compile else self.replicated
         # Evaluations need no gradients, so no DDP: each rank scores its own windows.
         self.eval_forward = self.forward if not group.distributed else self.model
@@ -375,8 +405,11 @@ class Trainer:
         (Budget.done), so the learning rate does not jump back up. During warm-up nothing is
         recorded: warm-up goes on as configured."""
         p = self.progress
-        old = dataclasses.replace(self.cfg, max_iters=saved.get("max_iters", self.cfg.max_iters),
-                                  time_budget=saved.get("time_budget", self.cfg.time_budget))
+        old = dataclasses.replace(
+            self.cfg,
+            max_iters=saved.get("max_iters", self.cfg.max_iters),
+            time_budget=saved.get("time_budget", self.cfg.time_budget),
+        )
         if (old.step_limit, old.time_budget) == (self.cfg.step_limit, self.cfg.time_budget):
             return
         done = p.done
@@ -399,7 +432,8 @@ class Trainer:
             "optimizer": [opt.state_dict() for opt in self.optimizers],
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "progress": dataclasses.asdict(
-                dataclasses.replace(self.progress, done=self.budget.done(self.progress.iter))),
+                dataclasses.replace(self.progress, done=self.budget.done(self.progress.iter))
+            ),
             "rng": {
                 "torch": cpu_states[0],
                 "cuda": cuda_states[0],
@@ -443,8 +477,11 @@ class Trainer:
             # Under DDP the ranks' gradients are averaged once, in the last micro-batch's
             # backward pass: the earlier ones only accumulate locally.
             last = micro == steps - 1
-            with contextlib.nullcontext() if last or not self.group.distributed \
-                    else self.replicated.no_sync():
+            with (
+                contextlib.nullcontext()
+                if last or not self.group.distributed
+                else self.replicated.no_sync()
+            ):
                 with self.precision.autocast():
                     _, loss = self.forward(x, y)
                 loss = loss / steps
@@ -484,23 +521,32 @@ class Trainer:
         block, most = self.cfg.block_size, self.cfg.eval_iters * self.cfg.batch_size
         group = self.group
         # A distributed evaluation is never abandoned: the other ranks would wait for it.
-        should_stop = None if stop is None or group.distributed else (
-            lambda: stop.signum is not None)
+        should_stop = (
+            None if stop is None or group.distributed else (lambda: stop.signum is not None)
+        )
         try:
             out = {}
             for split, ids in (("train", self.data.train), ("val", self.data.val)):
                 # Each rank scores its share of the windows; the sums are added up.
-                starts = window_starts(len(ids), block, most)[group.rank::group.world_size]
-                scored = score_windows(self.eval_forward, ids, block, starts, self.cfg.batch_size,
-                                       self.device, self.precision.autocast, should_stop)
+                starts = window_starts(len(ids), block, most)[group.rank :: group.world_size]
+                scored = score_windows(
+                    self.eval_forward,
+                    ids,
+                    block,
+                    starts,
+                    self.cfg.batch_size,
+                    self.device,
+                    self.precision.autocast,
+                    should_stop,
+                )
                 if scored is None:
                     return None
                 nats, count = group.sum(list(scored), self.device)
                 out[split] = nats / count
             if self.data.val_chars:
                 out["val_bits_per_char"] = bits_per_char(
-                    out["val"], len(self.data.val) - 1, self.data.val_unk_bytes,
-                    self.data.val_chars)
+                    out["val"], len(self.data.val) - 1, self.data.val_unk_bytes, self.data.val_chars
+                )
             return out
         finally:
             self.model.train()
@@ -512,22 +558,40 @@ class Trainer:
     def run(self) -> Progress:
         """Train until the budget is spent or early stopping; return the final progress."""
         p = self.progress
-        log.info("model: %.2fM parameters, %d layers, %d heads, %d wide, context %d | %s, %s",
-                 self.model.num_parameters() / 1e6, self.cfg.n_layer, self.cfg.n_head,
-                 self.cfg.n_embd, self.cfg.block_size, self.device.type,
-                 self.precision.describe())
+        log.info(
+            "model: %.2fM parameters, %d layers, %d heads, %d wide, context %d | %s, %s",
+            self.model.num_parameters() / 1e6,
+            self.cfg.n_layer,
+            self.cfg.n_head,
+            self.cfg.n_embd,
+            self.cfg.block_size,
+            self.device.type,
+            self.precision.describe(),
+        )
         group = self.group
         if group.distributed:
             cfg = self.cfg
             sequences = cfg.batch_size * cfg.gradient_accumulation_steps * group.world_size
-            log.info("distributed: %d ranks (%s); global batch %d sequences = %d per "
-                     "micro-batch x %d accumulation x %d ranks, %d tokens a step",
-                     group.world_size, "NCCL" if self.device.type == "cuda" else "Gloo",
-                     sequences, cfg.batch_size, cfg.gradient_accumulation_steps,
-                     group.world_size, sequences * cfg.block_size)
-        run_log = RunLog(self.cfg, self.out_dir, self.model.estimate_flops_per_token(),
-                         hardware.peak_flops(self.device, self.precision),
-                         iteration=p.iter, elapsed=p.elapsed_s, group=group)
+            log.info(
+                "distributed: %d ranks (%s); global batch %d sequences = %d per "
+                "micro-batch x %d accumulation x %d ranks, %d tokens a step",
+                group.world_size,
+                "NCCL" if self.device.type == "cuda" else "Gloo",
+                sequences,
+                cfg.batch_size,
+                cfg.gradient_accumulation_steps,
+                group.world_size,
+                sequences * cfg.block_size,
+            )
+        run_log = RunLog(
+            self.cfg,
+            self.out_dir,
+            self.model.estimate_flops_per_token(),
+            hardware.peak_flops(self.device, self.precision),
+            iteration=p.iter,
+            elapsed=p.elapsed_s,
+            group=group,
+        )
         run_log.rewind(p.iter, p.evaluated)
         self.model.train()
         with run_log, _SignalFlag() as stop:
@@ -538,16 +602,17 @@ class Trainer:
                 if (finished or self._evaluation_due()) and not p.evaluated:
                     finished, _ = self._agree(self._evaluate_and_save(run_log, stop), stop)
                     if 0 < self.cfg.early_stop_patience <= p.evals_since_best:
-                        log.info("early stop: no new best val loss in %d evaluations",
-                                 self.cfg.early_stop_patience)
+                        log.info(
+                            "early stop: no new best val loss in %d evaluations",
+                            self.cfg.early_stop_patience,
+                        )
                         break
                 if finished:
                     run_log.finish()
                     break
                 self._step(run_log)
         if group.distributed:
-            log.info("the %d ranks held identical weights at every evaluation",
-                     group.world_size)
+            log.info("the %d ranks held identical weights at every evaluation", group.world_size)
         return p
 
     def _agree(self, finished: bool, stop: _SignalFlag) -> tuple[bool, int]:
@@ -555,8 +620,9 @@ class Trainer:
         received, 0 if none), the same on every rank: one collective under distributed
         training (a signal that arrives after it waits for the next). A non-finite loss any
         rank met ends them all."""
-        finished, signum, diverged = self.group.agree(finished, stop.signum or 0,
-                                                      int(self.diverged), device=self.device)
+        finished, signum, diverged = self.group.agree(
+            finished, stop.signum or 0, int(self.diverged), device=self.device
+        )
         if diverged:
             raise self._diverged()
         if signum and stop.signum is None:
@@ -580,8 +646,12 @@ class Trainer:
 
     def tokens_per_step(self, rows: int) -> int:
         """Training tokens in one step of `rows` sequences per micro-batch, every rank's."""
-        return (rows * self.cfg.block_size * self.cfg.gradient_accumulation_steps
-                * self.group.world_size)
+        return (
+            rows
+            * self.cfg.block_size
+            * self.cfg.gradient_accumulation_steps
+            * self.group.world_size
+        )
 
     def _step(self, run_log: RunLog) -> None:
         p = self.progress
@@ -606,8 +676,13 @@ class Trainer:
         if self.budget.steps == PROJECT_AFTER_STEPS and not self.cfg.time_budget:
             for line in projection(self.budget, p.iter, self.device):
                 log.info(line)
-        reported = run_log.step(p.iter, loss, self.cfg.learning_rate * multiplier,
-                                self.budget.elapsed(), self.tokens_per_step(rows))
+        reported = run_log.step(
+            p.iter,
+            loss,
+            self.cfg.learning_rate * multiplier,
+            self.budget.elapsed(),
+            self.tokens_per_step(rows),
+        )
         if reported is not None and not math.isfinite(reported):
             self._lose_finiteness()
 
@@ -616,8 +691,9 @@ class Trainer:
         """Seconds that one evaluation batch takes (a forward pass in eval mode): the faster
         of two, as the first may pay one-off costs (a compilation with --compile). It draws
         no random number that training uses, so exact resume is unaffected."""
-        x, y = BatchSampler(self.data.val, self.cfg.block_size, self.cfg.batch_size,
-                            self.cfg.seed, self.device).next()
+        x, y = BatchSampler(
+            self.data.val, self.cfg.block_size, self.cfg.batch_size, self.cfg.seed, self.device
+        ).next()
         self.model.eval()
         times = []
         for _ in range(2):
@@ -654,9 +730,19 @@ class Trainer:
         if new_best:
             p.best_val_bits_per_char = p.last_val_bits_per_char
         last_step = max(p.iter - 1, 0)
-        lr = self.cfg.learning_rate * lr_multiplier(self.cfg, last_step, self.budget.done(last_step))
-        run_log.evaluation(p.iter, losses, p.best_val_loss, new_best, lr, self.budget.elapsed(),
-                           scoring_s, p.tokens)
+        lr = self.cfg.learning_rate * lr_multiplier(
+            self.cfg, last_step, self.budget.done(last_step)
+        )
+        run_log.evaluation(
+            p.iter,
+            losses,
+            p.best_val_loss,
+            new_best,
+            lr,
+            self.budget.elapsed(),
+            scoring_s,
+            p.tokens,
+        )
         if self.on_evaluation is not None:
             self.on_evaluation(self.model, p.iter, losses)
         # The metrics row, loss.png and on_evaluation count as the evaluation's time too.
@@ -684,8 +770,10 @@ class Trainer:
         digest = zlib.crc32(json.dumps(crcs, sort_keys=True).encode())
         digests = self.group.gather(digest)
         if len(set(digests)) > 1:
-            raise SmolGPTError(f"the ranks' weights differ at iteration {self.progress.iter} "
-                               f"(checksums {digests}): please report this as a bug")
+            raise SmolGPTError(
+                f"the ranks' weights differ at iteration {self.progress.iter} "
+                f"(checksums {digests}): please report this as a bug"
+            )
 
     def _diverged(self) -> TrainingDiverged:
         return TrainingDiverged(
