@@ -42,6 +42,7 @@ def corpus(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_notebook_trains_loads_and_generates(corpus, tmp_path):
     result = smolgpt.train(data=str(corpus), out_dir=str(tmp_path / "run"), max_iters=20, **TINY)
     assert result.iterations == 20
@@ -69,6 +70,7 @@ def test_a_notebook_trains_loads_and_generates(corpus, tmp_path):
     assert greedy == model.generate("the ", max_new_tokens=10, temperature=0, seed=5)
 
 
+@pytest.mark.slow
 def test_the_api_and_the_command_line_generate_the_same_text(corpus, tmp_path):
     result = smolgpt.train(data=str(corpus), out_dir=str(tmp_path / "run"), max_iters=10, **TINY)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
@@ -138,6 +140,7 @@ def test_bad_sampling_settings_raise_before_generating(corpus, tmp_path):
         smolgpt.load(tmp_path / "missing.pth")
 
 
+@pytest.mark.slow
 def test_importing_smolgpt_does_not_import_torch():
     # `smolgpt --help` and `import smolgpt` stay fast: torch comes with the first train/load.
     code = (

@@ -242,6 +242,7 @@ def test_bad_vocab_size_flags_are_one_line(bpe_run, cli_main):
     e2e_assert_one_line_error(resumed, "--resume cannot change --vocab_size 500 (checkpoint: 400)")
 
 
+@pytest.mark.slow
 def test_without_tokenizers_one_line_says_what_to_install(bpe_run):
     root, result = bpe_run
     trained = smolgpt_without(

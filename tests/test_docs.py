@@ -22,6 +22,7 @@ def python_blocks(path: Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", path.read_text(encoding="utf-8"), re.M | re.S)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", GUIDES)
 def test_every_block_runs_and_its_observations_hold(name, tmp_path, monkeypatch, capsys):
     pytest.importorskip("matplotlib")  # the tour ends with smolgpt inspect

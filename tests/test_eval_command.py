@@ -102,7 +102,9 @@ def test_the_validation_text_encodes_to_the_validation_ids(tmp_path, monkeypatch
 
 @pytest.mark.slow
 @pytest.mark.parametrize("level", ["char", "word"])
-def test_eval_agrees_with_the_training_log_on_the_same_windows(tmp_path, level, cpu_precision):
+def test_eval_agrees_with_the_training_log_on_the_same_windows(
+    tmp_path, level, cpu_precision, cli_main
+):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(e2e_corpus_text(7_000), encoding="utf-8")
     run = tmp_path / "run"
@@ -110,7 +112,8 @@ def test_eval_agrees_with_the_training_log_on_the_same_windows(tmp_path, level, 
     last = rows(run)[-1]
     assert last["iter"] == 10 and "val_bits_per_char" in last
 
-    done = smolgpt_cli("eval", run / "latest_model.pth", "--json")
+    # The command line in this process: a second process would only import torch again.
+    done = cli_main(["eval", run / "latest_model.pth", "--json"])
     assert done.returncode == 0, done.stderr
     scores = json.loads(done.stdout)
     assert set(scores) == {"loss", "perplexity", "bits_per_char", "tokens", "chars", "unk_tokens"}
@@ -128,7 +131,7 @@ def test_eval_agrees_with_the_training_log_on_the_same_windows(tmp_path, level, 
     # The same numbers from Python, and the table for people.
     model = smolgpt.load(run / "latest_model.pth")
     assert model.evaluate().to_dict() == pytest.approx(scores, abs=1e-9)
-    table = smolgpt_cli("eval", run)
+    table = cli_main(["eval", run])
     assert table.returncode == 0, table.stderr
     assert f"bits per char  {scores['bits_per_char']:.4f}" in table.stdout
     assert "the validation split of" in table.stdout

@@ -330,6 +330,7 @@ def test_model_export_from_python(transformers, tmp_path):
     assert model.export(tmp_path / "hf", format="hf", overwrite=True) == tmp_path / "hf"
 
 
+@pytest.mark.slow
 def test_exports_load_without_transformers_and_hf_export_says_what_to_install(
     make_trainer, tmp_path
 ):

@@ -251,6 +251,7 @@ def test_settings_that_contradict_the_source_are_refused(sources, tmp_path, sett
     assert not out_dir.exists()
 
 
+@pytest.mark.slow
 def test_the_command_line_refuses_a_bad_source_in_one_line(smol_cli, cli_main, sources, tmp_path):
     src = sources["char"]
     before = e2e_snapshot(src.out_dir)

@@ -154,6 +154,7 @@ def test_inspect_command_draws_a_char_and_a_word_model(smol_cli, smol_runs, tmp_
     assert not (tmp_path / "long").exists()
 
 
+@pytest.mark.slow
 def test_without_matplotlib_inspect_says_what_to_install(smol_cli, smol_runs, tmp_path):
     run = smol_runs["char"].copy(tmp_path / "run")
     program = without_package("matplotlib") + (

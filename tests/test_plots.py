@@ -268,6 +268,7 @@ for call in (lambda: plots.plot_run(sys.argv[1]),
 )
 
 
+@pytest.mark.slow
 def test_without_matplotlib_the_error_says_what_to_install(tmp_path):
     run = make_run(tmp_path / "run")
     done = subprocess.run(
@@ -284,6 +285,7 @@ def test_without_matplotlib_the_error_says_what_to_install(tmp_path):
     assert plots.plotting_available()  # and here, where it is installed
 
 
+@pytest.mark.slow
 def test_the_plot_command_overlays_runs_and_refuses_in_one_line(tmp_path):
     first = make_run(tmp_path / "first")
     second = make_run(tmp_path / "second", n_evals=6, seconds_per_eval=50.0)

@@ -142,6 +142,7 @@ def train_args(text, out, *extra) -> list:
     return ["train", "--level", "char", "--data", text, *TINY, "--out_dir", out, *extra]
 
 
+@pytest.mark.slow
 def test_cp1252_is_refused_naming_encoding_and_trains_with_it(cli_main, cp1252_book, tmp_path):
     windows, utf8 = cp1252_book
     refused = cli_main(train_args(windows, tmp_path / "refused"))
@@ -179,6 +180,7 @@ def test_curly_and_typed_prompts_generate_the_same(cli_main, tmp_path, level):
     assert model.generate(curly, **sample) == model.generate(typed, **sample)
 
 
+@pytest.mark.slow
 def test_unk_share_is_reported_and_warned_about_with_the_flag(cli_main, tmp_path):
     # A word in eight is seen once: at the default --min_word_freq 3 it is <UNK>.
     words = [
