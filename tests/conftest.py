@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -41,6 +42,12 @@ torch.set_num_threads(1)
 
 # ../shared/data beside the repository: reference corpora that may be absent for users.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+# A shell without job control starts background commands with SIGINT ignored, and every
+# process the tests start would inherit that: the tests that press Ctrl-C need it delivered.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_configure(config):
