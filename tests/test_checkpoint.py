@@ -117,8 +117,9 @@ def test_missing_file(tmp_path):
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.pth"
     path.touch()
-    with pytest.raises(SmolGPTError, match=names(str(path), "empty")):
+    with pytest.raises(SmolGPTError, match=names(str(path))) as err:
         checkpoint.load(path)
+    assert "empty" in str(err.value).replace(str(path), "")  # not only in the path
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.1, 0.99])
@@ -127,8 +128,9 @@ def test_truncated_file(saved, tmp_path, fraction):
     data = path.read_bytes()
     cut = tmp_path / "cut.pth"
     cut.write_bytes(data[: int(len(data) * fraction)])
-    with pytest.raises(SmolGPTError, match=names(str(cut), "truncated")):
+    with pytest.raises(SmolGPTError, match=names(str(cut))) as err:
         checkpoint.load(cut)
+    assert "truncated" in str(err.value).replace(str(cut), "")  # not only in the path
 
 
 def test_garbage_file(tmp_path):

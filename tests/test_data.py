@@ -320,7 +320,8 @@ def test_summary_reports_unk_at_word_level(write_text, monkeypatch):
     path = write_text("t.txt", spread_out_rare_words(every=50))
     words = prepare(resolve_corpus(str(path)), "word", min_word_freq=2)
     assert words.unk_rates == (0.02, 0.02)
-    assert words.summary().endswith(", vocabulary 6, <UNK> 2.0% of train and 2.0% of val")
+    summary = words.summary()
+    assert "vocabulary 6" in summary and "<UNK>" in summary and summary.count("2.0%") == 2
     assert words.unk_warning() is None  # 2% is under UNK_WARN_RATE
     monkeypatch.setattr(data, "COUNT_BLOCK", 7)  # counted a block at a time: the same
     del words.unk_rates
@@ -695,8 +696,7 @@ def test_a_damaged_token_cache_is_rebuilt(write_text, isolated_cache, caplog, le
         again = prepare(corpus, level, min_word_freq=1)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
-    assert warnings[0].startswith("token cache for book was damaged (")
-    assert warnings[0].endswith("): rebuilding")
+    assert "book" in warnings[0] and "damaged" in warnings[0], warnings  # which text's cache
     assert np.array_equal(again.train, train) and np.array_equal(again.val, val)
     assert again.tokenizer.to_dict() == tokenizer
     caplog.clear()
