@@ -14,6 +14,7 @@ import http.server
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import struct
@@ -304,6 +305,12 @@ class E2EResult:
             f"{self.seconds:.1f}s\n--- stdout ---\n{self.stdout[-3000:]}\n"
             f"--- stderr ---\n{self.stderr[-3000:]}"
         )
+
+
+def names(*needles: str) -> str:
+    """A pytest.raises match= pattern: the message names every needle (a flag, a path, a
+    value), in any order and any case; the wording around them is free to change."""
+    return "(?is)" + "".join(f"(?=.*{re.escape(needle)})" for needle in needles)
 
 
 def e2e_assert_one_line_error(result: E2EResult, *needles: str, status: int = 2) -> str:

@@ -15,7 +15,7 @@ from smolgpt import checkpoint
 from smolgpt.config import PRESETS, TrainConfig, read_config_file
 from smolgpt.errors import SmolGPTError
 
-from e2e import e2e_corpus_text
+from e2e import e2e_corpus_text, names
 
 # A run of a few steps on a tiny model (the file gives the rest: preset, level, data, out_dir).
 TINY_TOML = """\
@@ -71,9 +71,10 @@ def test_a_json_file_is_read_too_and_a_byte_order_mark_ignored(write_text):
 @pytest.mark.parametrize(
     "text, needles",
     [
-        ("maxiters = 10\n", ["maxiters", "did you mean max_iters"]),
+        ("maxiters = 10\n", ["maxiters", "max_iters"]),
         ("max_iters = 10\nlearnig_rate = 0.1\nzzz = 1\n", ["learnig_rate", "learning_rate", "zzz"]),
-        ('config = "other.toml"\n', ["unknown setting", "config"]),  # no file includes another
+        # No file includes another ("config" alone is in every message: --config FILE).
+        ('config = "other.toml"\n', ["unknown", "config"]),
     ],
 )
 def test_unknown_keys_are_named_with_the_closest_valid_one(write_config, text, needles):
@@ -88,14 +89,14 @@ def test_unknown_keys_are_named_with_the_closest_valid_one(write_config, text, n
 @pytest.mark.parametrize(
     "line, needles",
     [
-        ('max_iters = "2000"', ["max_iters", "an integer", "'2000'", "a string"]),
-        ("max_iters = 2000.0", ["max_iters", "an integer", "2000.0", "a number"]),
-        ("batch_size = true", ["batch_size", "an integer", "True (true or false)"]),
-        ("amp = 1", ["amp", "true or false", "an integer"]),
-        ('learning_rate = "1e-3"', ["learning_rate", "a number", "a string"]),
-        ("level = 1", ["level", "a string", "an integer"]),
-        ("n_layer = [1, 2]", ["n_layer", "an integer", "an array"]),
-        ("seed = 1979-05-27", ["seed", "an integer"]),
+        ('max_iters = "2000"', ["max_iters", "integer", "'2000'", "string"]),
+        ("max_iters = 2000.0", ["max_iters", "integer", "2000.0", "number"]),
+        ("batch_size = true", ["batch_size", "integer", "True", "true or false"]),
+        ("amp = 1", ["amp", "true or false", "integer"]),
+        ('learning_rate = "1e-3"', ["learning_rate", "number", "string"]),
+        ("level = 1", ["level", "string", "integer"]),
+        ("n_layer = [1, 2]", ["n_layer", "integer", "array"]),
+        ("seed = 1979-05-27", ["seed", "integer"]),
     ],
 )
 def test_a_value_of_the_wrong_type_names_the_key_and_the_type(write_config, line, needles):
@@ -106,26 +107,27 @@ def test_a_value_of_the_wrong_type_names_the_key_and_the_type(write_config, line
 
 
 def test_sections_are_refused(write_config):
-    with pytest.raises(SmolGPTError, match=r"\[model\] is a table.*without \[sections\]"):
+    with pytest.raises(SmolGPTError, match=names("run.toml", "[model]")):
         read_config_file(write_config('preset = "nano"\n[model]\nn_layer = 2\n'))
 
 
 def test_bad_syntax_says_the_line(write_config):
-    with pytest.raises(SmolGPTError, match=r"run.toml is not valid TOML: .*line 3"):
+    with pytest.raises(SmolGPTError, match=names("run.toml", "line 3")):
         read_config_file(write_config('preset = "nano"\nlevel = "char"\nmax_iters = \n'))
-    with pytest.raises(SmolGPTError, match="not valid JSON"):
+    with pytest.raises(SmolGPTError, match=names("run.json", "line 1")):
         read_config_file(write_config("{preset: nano}", "run.json"))
-    with pytest.raises(SmolGPTError, match="one JSON object"):
+    with pytest.raises(SmolGPTError, match=names("run.json", "object")):
         read_config_file(write_config('["preset"]', "run.json"))
 
 
 def test_a_missing_file_a_directory_and_non_text_are_refused(tmp_path, write_text):
-    with pytest.raises(SmolGPTError, match="nope.toml does not exist"):
+    with pytest.raises(SmolGPTError, match=names(str(tmp_path / "nope.toml"), "not exist")):
         read_config_file(tmp_path / "nope.toml")
-    with pytest.raises(SmolGPTError, match="is a directory"):
+    with pytest.raises(SmolGPTError, match=names(str(tmp_path))) as err:
         read_config_file(tmp_path)
+    assert "directory" in str(err.value).replace(str(tmp_path), "")  # not only in the path
     (tmp_path / "latin1.toml").write_bytes('data = "caf\xe9"\n'.encode("latin-1"))
-    with pytest.raises(SmolGPTError, match="not UTF-8"):
+    with pytest.raises(SmolGPTError, match=names("latin1.toml", "UTF-8")):
         read_config_file(tmp_path / "latin1.toml")
 
 
@@ -182,14 +184,14 @@ def test_resume_rewrites_config_json_and_holds_the_file_to_the_resume_rules(
         TINY_TOML.replace("n_layer = 1", "n_layer = 2") + f'data = "{corpus}"\nout_dir = "{run}"\n',
         "bigger.toml",
     )
-    with pytest.raises(SmolGPTError, match="--resume cannot change --n_layer 2"):
+    with pytest.raises(SmolGPTError, match=names("--resume", "--n_layer 2")):
         smolgpt.train(config=bigger, resume=True, max_iters=8)
     assert json.loads((run / "config.json").read_text(encoding="utf-8")) == again
 
 
 def test_a_bad_file_stops_the_run_before_anything_is_written(write_config, corpus, tmp_path):
-    path = write_config(TINY_TOML + f'data = "{corpus}"\nmax_iter = 5\n')
-    with pytest.raises(SmolGPTError, match="max_iter .did you mean max_iters"):
+    path = write_config(TINY_TOML + f'data = "{corpus}"\nmaxiter = 5\n')
+    with pytest.raises(SmolGPTError, match=names("maxiter", "max_iters")):
         smolgpt.train(config=path, out_dir=str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
@@ -216,9 +218,9 @@ def test_train_py_reads_a_config_file_and_flags_win(smol_cli, tmp_path):
 @pytest.mark.parametrize(
     "text, needles",
     [
-        ('preset = "nano"\nmax_iter = 5\n', ["max_iter", "did you mean max_iters"]),
-        ('preset = "nano"\nmax_iters = "5"\n', ["max_iters", "an integer", "a string"]),
-        ('preset = "nano"\nmax_iters = \n', ["not valid TOML", "line 2"]),
+        ('preset = "nano"\nmaxiter = 5\n', ["maxiter", "max_iters"]),
+        ('preset = "nano"\nmax_iters = "5"\n', ["max_iters", "integer", "string"]),
+        ('preset = "nano"\nmax_iters = \n', ["line 2"]),
     ],
 )
 def test_a_bad_config_file_is_one_line_and_status_2(smol_cli, tmp_path, text, needles):
@@ -243,5 +245,5 @@ def test_a_missing_config_file_is_one_line_and_status_2(smol_cli, tmp_path):
     result = smol_cli.run(
         "module", "train", "--config", tmp_path / "nope.toml", "--out_dir", tmp_path / "run"
     )
-    smol_cli.assert_one_line_error(result, "nope.toml", "does not exist")
+    smol_cli.assert_one_line_error(result, "nope.toml", "not exist")
     assert not (tmp_path / "run").exists()

@@ -147,7 +147,7 @@ def test_interactive_loop_through_a_pipe(smol_cli, char_ckpt, char_model):
         char_model.generate(prompt, max_new_tokens=40, seed=3 + turn) + "\n"
         for turn, prompt in enumerate(["The old", "The cat"])
     )
-    assert "a blank line or Ctrl-D quits" in err
+    assert "Ctrl-D" in err  # the hint names the keys that end the loop
     assert "Traceback" not in err
 
 

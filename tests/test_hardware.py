@@ -15,6 +15,8 @@ from smolgpt.errors import SmolGPTError
 from smolgpt.sampling import generate
 from smolgpt.training import Trainer
 
+from e2e import names
+
 # Abridged /proc/cpuinfo texts of each CPU kind (one processor each; real files repeat the
 # block per core). The flags are the real ones of these CPUs, shortened.
 ZEN2_AVX2 = """processor\t: 0
@@ -75,10 +77,11 @@ def test_the_policy_says_why():
     zen2 = hardware.parse_cpuinfo(ZEN2_AVX2, "x86_64")
     assert zen2.model == "AMD EPYC 7B12"
     assert "avx2" in zen2.describe() and "no native bf16" in zen2.describe()
-    assert hardware.cpu_policy(zen2).describe().startswith("float32 (")
+    assert hardware.cpu_policy(zen2).describe().startswith("float32")
     assert "emulated" in hardware.cpu_policy(zen2).describe()
     amx = hardware.cpu_policy(hardware.parse_cpuinfo(SAPPHIRE_RAPIDS_AMX, "x86_64"))
-    assert amx.describe() == "bfloat16 (the CPU has AVX512_BF16 and AMX_BF16)"
+    assert amx.describe().startswith("bfloat16") and "AVX512_BF16" in amx.describe()
+    assert "AMX_BF16" in amx.describe()  # every flag that decided it
     arm = hardware.cpu_policy(hardware.parse_cpuinfo(GRAVITON3_BF16, "aarch64"))
     assert "BF16 extension" in arm.describe()
 
@@ -98,7 +101,7 @@ def test_the_environment_forces_either_cpu_kind():
     assert hardware.cpu_policy(zen2, forced="1").reduced == torch.bfloat16
     assert hardware.cpu_policy(zen4, forced="0").reduced is None
     assert "SMOLGPT_CPU_BF16=1" in hardware.cpu_policy(zen2, forced="1").describe()
-    with pytest.raises(SmolGPTError, match="SMOLGPT_CPU_BF16"):
+    with pytest.raises(SmolGPTError, match=names("SMOLGPT_CPU_BF16", "'yes'")):
         hardware.cpu_policy(zen2, forced="yes")
 
 

@@ -19,7 +19,7 @@ from smolgpt.errors import SmolGPTError
 from smolgpt.model import GPT
 from smolgpt.runinfo import describe, format_description
 
-from e2e import e2e_corpus_text
+from e2e import e2e_corpus_text, names
 
 TINY = dict(
     level="char",
@@ -265,21 +265,23 @@ def test_a_word_level_model_shows_its_min_word_freq(make_trainer, tmp_path):
 
 
 def test_paths_without_a_model(tmp_path, write_text):
-    with pytest.raises(SmolGPTError, match="nope.pth does not exist"):
+    with pytest.raises(SmolGPTError, match=names(str(tmp_path / "nope.pth"), "not exist")):
         describe(tmp_path / "nope.pth")
-    with pytest.raises(SmolGPTError, match="without best_model.pth or latest_model.pth"):
+    # What a directory should hold: a run's checkpoints, or an export's smolgpt.json.
+    models = ("best_model.pth", "latest_model.pth", "smolgpt.json")
+    with pytest.raises(SmolGPTError, match=names(str(tmp_path), *models)):
         describe(tmp_path)
-    with pytest.raises(SmolGPTError, match="not a smolgpt checkpoint"):
+    with pytest.raises(SmolGPTError, match=names("notes.txt", "smolgpt checkpoint")):
         describe(write_text("notes.txt", "hello"))
     started = tmp_path / "started"
     started.mkdir()
     (started / "config.json").write_text(json.dumps({"smolgpt_version": smolgpt.__version__}))
-    with pytest.raises(SmolGPTError, match="without a checkpoint yet"):
+    with pytest.raises(SmolGPTError, match=names(str(started), "checkpoint yet")):
         describe(started)
     foreign = tmp_path / "foreign"  # a transformers model's directory, say
     foreign.mkdir()
     (foreign / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(SmolGPTError, match="nor an export's smolgpt.json"):
+    with pytest.raises(SmolGPTError, match=names(str(foreign), *models)):
         describe(foreign)
 
 
@@ -293,8 +295,8 @@ def test_the_command_line(smol_cli, run_dir, tmp_path):
     assert lines.stdout == format_description(describe(run_dir / "latest_model.pth")) + "\n"
 
     missing = smol_cli.run("module", "info", tmp_path / "nope")
-    smol_cli.assert_one_line_error(missing, "nope", "does not exist")
+    smol_cli.assert_one_line_error(missing, str(tmp_path / "nope"), "not exist")
     (tmp_path / "notes.txt").write_text("hello")
     foreign = smol_cli.run("module", "info", tmp_path / "notes.txt", "--json")
-    smol_cli.assert_one_line_error(foreign, "notes.txt", "not a smolgpt checkpoint")
+    smol_cli.assert_one_line_error(foreign, "notes.txt", "smolgpt checkpoint")
     assert foreign.stdout == ""

@@ -4,6 +4,7 @@ checkpoint gets the right advice, and the default prompt is one the model can re
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -71,7 +72,7 @@ def test_overwrite_moves_the_old_run_aside_and_never_deletes_it(smol_cli, smol_r
     )
     assert fresh.returncode == 0, fresh.describe()
     (moved,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.")]
-    assert "moved the previous run to" in fresh.stderr and str(moved) in fresh.stderr
+    assert str(moved) in fresh.stderr  # where the old run went
     assert {k: v for k, v in e2e_snapshot(moved).items() if k != ".lock"} == {
         k: v for k, v in before.items() if k != ".lock"
     }  # the old run, byte for byte
@@ -95,7 +96,7 @@ def test_a_run_directory_or_a_wrong_file_as_checkpoint(smol_cli, smol_runs, tmp_
     run = smol_runs["char"].out_dir
     by_dir = smol_cli.run("generate", run, "--prompt", "The ", "--max_new_tokens", "10")
     assert by_dir.returncode == 0, by_dir.describe()
-    assert f"using {run / 'best_model.pth'}" in by_dir.stderr
+    assert str(run / "best_model.pth") in by_dir.stderr  # which checkpoint of the run
     by_file = smol_cli.run(
         "generate", run / "best_model.pth", "--prompt", "The ", "--max_new_tokens", "10"
     )
@@ -107,12 +108,12 @@ def test_a_run_directory_or_a_wrong_file_as_checkpoint(smol_cli, smol_runs, tmp_
     noise = tmp_path / "noise.pth"
     noise.write_bytes(os.urandom(4096).replace(b"\x80", b"\x81"))
     for path, needle in [
-        (tmp_path / "empty_run", "is a directory without best_model.pth"),
-        (notes, "is not a smolgpt checkpoint"),
-        (noise, "is not a smolgpt checkpoint"),
+        (tmp_path / "empty_run", "best_model.pth"),  # what a run directory holds
+        (notes, "smolgpt checkpoint"),
+        (noise, "smolgpt checkpoint"),
     ]:
         result = smol_cli.run("generate", path)
-        line = smol_cli.assert_one_line_error(result, needle)
+        line = smol_cli.assert_one_line_error(result, str(path), needle)
         assert "run code" not in line  # kept for real pickles that carry code
 
 
@@ -129,4 +130,4 @@ def test_the_default_prompt_is_one_the_model_can_read(smol_runs, level, caplog):
         assert prompt.isalpha() and prompt_id == min(words)  # the most frequent word
     text = model.generate(max_new_tokens=8)
     assert text.startswith(prompt) and "<UNK>" not in text.split()[0]
-    assert "not in the vocabulary" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no unknown words

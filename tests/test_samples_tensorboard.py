@@ -102,10 +102,8 @@ def test_without_tensorboard_training_goes_on_and_says_what_to_install(tmp_path,
         settings=TINY,
     )
     assert done.returncode == 0, done.stderr
-    hints = [line for line in done.stderr.splitlines() if "TensorBoard" in line]
-    assert hints == [
-        "no TensorBoard logs: --tensorboard needs the tensorboard package: "
-        "pip install 'smolgpt[tensorboard]'"
-    ]
+    hints = [line for line in done.stderr.splitlines() if "--tensorboard" in line]
+    assert len(hints) == 1, done.stderr  # one line naming the flag, and what to install
+    assert "pip install 'smolgpt[tensorboard]'" in hints[0], hints
     assert (tmp_path / "run" / "best_model.pth").is_file()
     assert not (tmp_path / "run" / "tensorboard").exists()

