@@ -11,65 +11,34 @@ import pytest
 
 import smolgpt
 
-from e2e import e2e_snapshot
+from e2e import e2e_assert_one_line_error, e2e_snapshot
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "--preset",
-    "nano",
-    "--n_layer",
-    "1",
-    "--n_embd",
-    "16",
-    "--n_head",
-    "2",
-    "--block_size",
-    "16",
-    "--batch_size",
-    "4",
-    "--eval_iters",
-    "2",
-    "--eval_interval",
-    "5",
-    "--max_iters",
-    "5",
-]
+TINY = (
+    "--preset nano --n_layer 1 --n_embd 16 --n_head 2 --block_size 16 --batch_size 4 "
+    "--eval_iters 2 --eval_interval 5 --max_iters 5"
+).split()
 
 
-def test_overwrite_moves_the_old_run_aside_and_never_deletes_it(smol_cli, smol_runs, tmp_path):
+# Refusals run the command line's code in this process (cli_main): a process of their own
+# would only import torch again. Each test keeps one real process for what it checks.
+
+
+def test_overwrite_moves_the_old_run_aside_and_never_deletes_it(
+    smol_cli, smol_runs, cli_main, tmp_path
+):
     run = smol_runs["char"].copy(tmp_path / "run")
     before = e2e_snapshot(run)
+    train = ["train", "--level", "char", "--out_dir", run, *TINY]
     # Without --overwrite, the run is refused; with it and a bad text, nothing moves.
-    refused = smol_cli.run(
-        "train", "--level", "char", "--data", smol_cli.corpus, "--out_dir", run, *TINY
-    )
-    smol_cli.assert_one_line_error(refused, "--overwrite", "--resume")
-    missing = smol_cli.run(
-        "train",
-        "--level",
-        "char",
-        "--data",
-        tmp_path / "nope.txt",
-        "--out_dir",
-        run,
-        "--overwrite",
-        *TINY,
-    )
-    smol_cli.assert_one_line_error(missing, "nope.txt")
+    refused = cli_main([*train, "--data", smol_cli.corpus])
+    e2e_assert_one_line_error(refused, "--overwrite", "--resume")
+    missing = cli_main([*train, "--data", tmp_path / "nope.txt", "--overwrite"])
+    e2e_assert_one_line_error(missing, "nope.txt")
     assert e2e_snapshot(run) == before
 
-    fresh = smol_cli.run(
-        "train",
-        "--level",
-        "char",
-        "--data",
-        smol_cli.corpus,
-        "--out_dir",
-        run,
-        "--overwrite",
-        *TINY,
-    )
+    fresh = smol_cli.run("module", *train, "--data", smol_cli.corpus, "--overwrite")
     assert fresh.returncode == 0, fresh.describe()
     (moved,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.")]
     assert str(moved) in fresh.stderr  # where the old run went
@@ -77,29 +46,17 @@ def test_overwrite_moves_the_old_run_aside_and_never_deletes_it(smol_cli, smol_r
         k: v for k, v in before.items() if k != ".lock"
     }  # the old run, byte for byte
     assert [row["iter"] for row in smol_cli.metrics(run)] == [0, 5]  # the new run alone
-    both = smol_cli.run(
-        "train",
-        "--level",
-        "char",
-        "--data",
-        smol_cli.corpus,
-        "--out_dir",
-        run,
-        "--overwrite",
-        "--resume",
-        *TINY,
-    )
-    smol_cli.assert_one_line_error(both, "--resume", "--overwrite")
+    both = cli_main([*train, "--data", smol_cli.corpus, "--overwrite", "--resume"])
+    e2e_assert_one_line_error(both, "--resume", "--overwrite")
 
 
-def test_a_run_directory_or_a_wrong_file_as_checkpoint(smol_cli, smol_runs, tmp_path):
+def test_a_run_directory_or_a_wrong_file_as_checkpoint(smol_cli, smol_runs, cli_main, tmp_path):
     run = smol_runs["char"].out_dir
-    by_dir = smol_cli.run("generate", run, "--prompt", "The ", "--max_new_tokens", "10")
+    sample = ["--prompt", "The ", "--max_new_tokens", "10"]
+    by_dir = smol_cli.run("generate", run, *sample)
     assert by_dir.returncode == 0, by_dir.describe()
     assert str(run / "best_model.pth") in by_dir.stderr  # which checkpoint of the run
-    by_file = smol_cli.run(
-        "generate", run / "best_model.pth", "--prompt", "The ", "--max_new_tokens", "10"
-    )
+    by_file = cli_main(["generate", run / "best_model.pth", *sample])
     assert by_dir.stdout == by_file.stdout
 
     (tmp_path / "empty_run").mkdir()
@@ -112,8 +69,7 @@ def test_a_run_directory_or_a_wrong_file_as_checkpoint(smol_cli, smol_runs, tmp_
         (notes, "smolgpt checkpoint"),
         (noise, "smolgpt checkpoint"),
     ]:
-        result = smol_cli.run("generate", path)
-        line = smol_cli.assert_one_line_error(result, str(path), needle)
+        line = e2e_assert_one_line_error(cli_main(["generate", path]), str(path), needle)
         assert "run code" not in line  # kept for real pickles that carry code
 
 
