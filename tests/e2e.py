@@ -34,29 +34,11 @@ E2E_ROOT = Path(__file__).resolve().parents[1]  # the repository: train.py, gene
 
 # A model that trains 60 steps in well under a second on one CPU core. Early stopping is
 # off whatever the preset's recipe says, so a run's length is exactly --max_iters.
-E2E_TINY = [
-    "--preset",
-    "nano",
-    "--n_layer",
-    "1",
-    "--n_embd",
-    "32",
-    "--n_head",
-    "2",
-    "--block_size",
-    "32",
-    "--batch_size",
-    "8",
-    "--eval_iters",
-    "4",
-    "--eval_interval",
-    "10",
-    "--log_interval",
-    "10",
-    "--early_stop_patience",
-    "0",
-    "--no-plot",  # loss.png has tests of its own; here it would only cost time
-]
+E2E_TINY = (
+    "--preset nano --n_layer 1 --n_embd 32 --n_head 2 --block_size 32 --batch_size 8 "
+    "--eval_iters 4 --eval_interval 10 --log_interval 10 --early_stop_patience 0 "
+    "--no-plot"  # loss.png has tests of its own; here it would only cost time
+).split()
 
 
 def without_package(package: str) -> str:

@@ -70,30 +70,10 @@ def test_a_time_budget_bar_shows_seconds_of_the_budget_and_ends_full(tmp_path, m
 
 # ------------------------------------------------------------------- end to end, on a tty
 
-FLAGS = [
-    "--level",
-    "char",
-    "--preset",
-    "nano",
-    "--n_layer",
-    "1",
-    "--n_embd",
-    "16",
-    "--n_head",
-    "2",
-    "--block_size",
-    "16",
-    "--batch_size",
-    "4",
-    "--eval_iters",
-    "2",
-    "--eval_interval",
-    "10",
-    "--warmup_iters",
-    "5",
-    "--early_stop_patience",
-    "0",
-]
+FLAGS = (
+    "--level char --preset nano --n_layer 1 --n_embd 16 --n_head 2 --block_size 16 --batch_size 4 "
+    "--eval_iters 2 --eval_interval 10 --warmup_iters 5 --early_stop_patience 0"
+).split()
 
 
 def _train_on_a_terminal(smol_cli, *args) -> str:

@@ -578,14 +578,10 @@ def test_playground_in_headless_chromium(main):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=chromium(),
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
+            args=(
+                "--no-sandbox --disable-gpu --disable-background-networking "
+                "--disable-component-update --disable-sync --no-first-run"
+            ).split(),
         )
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 700})

@@ -36,30 +36,10 @@ from smolgpt import checkpoint, cli
 from e2e import E2E_ROOT, E2EProcess, E2EResult
 
 # A model that takes a few milliseconds a step; evaluations at 0, 50, 100, ...
-TINY = [
-    "--level",
-    "char",
-    "--preset",
-    "nano",
-    "--n_layer",
-    "1",
-    "--n_embd",
-    "16",
-    "--n_head",
-    "2",
-    "--block_size",
-    "16",
-    "--batch_size",
-    "4",
-    "--eval_iters",
-    "2",
-    "--eval_interval",
-    "50",
-    "--log_interval",
-    "50",
-    "--early_stop_patience",
-    "0",
-]
+TINY = (
+    "--level char --preset nano --n_layer 1 --n_embd 16 --n_head 2 --block_size 16 --batch_size 4 "
+    "--eval_iters 2 --eval_interval 50 --log_interval 50 --early_stop_patience 0"
+).split()
 VENV_BIN = Path(sys.executable).parent  # where the `smolgpt` console script is installed
 LAUNCHERS = ["python train.py", "smolgpt", "python -m smolgpt"]
 

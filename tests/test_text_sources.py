@@ -21,26 +21,10 @@ from smolgpt.data import Corpus, prepare, resolve_corpus
 
 from e2e import e2e_assert_one_line_error, e2e_corpus_text
 
-TINY = [
-    "--preset",
-    "nano",
-    "--n_layer",
-    "1",
-    "--n_embd",
-    "16",
-    "--n_head",
-    "2",
-    "--block_size",
-    "16",
-    "--batch_size",
-    "4",
-    "--max_iters",
-    "2",
-    "--eval_iters",
-    "1",
-    "--eval_interval",
-    "1",
-]
+TINY = (
+    "--preset nano --n_layer 1 --n_embd 16 --n_head 2 --block_size 16 --batch_size 4 --max_iters "
+    "2 --eval_iters 1 --eval_interval 1"
+).split()
 
 
 def book(chars: int = 6_000) -> str:
