@@ -32,7 +32,7 @@ import torch
 
 from smolgpt import checkpoint
 
-from e2e import flip_bit_in_tensor_data
+from e2e import e2e_assert_one_line_error, e2e_snapshot, flip_bit_in_tensor_data
 
 pytestmark = pytest.mark.slow
 
@@ -352,9 +352,10 @@ def test_one_training_process_per_run_directory(smol_cli, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def refused_outputs(smol_cli, smol_runs, tmp_path_factory) -> dict:
-    """Commands refused for where they write or what they read, run concurrently:
-    {id: (result, watched path, snapshot before, snapshot after, extra)}."""
+def refused_commands(smol_cli, smol_runs, tmp_path_factory) -> dict:
+    """Commands refused for where they write or what they read, and the files they name:
+    {id: (argv of `smolgpt`, the path to watch)}, plus "marker": the file the evil
+    checkpoint's payload would create. Refused commands change nothing: tests share them."""
     base = tmp_path_factory.mktemp("refused")
     a_file = base / "not-a-dir"
     a_file.write_text("precious\n", encoding="utf-8")
@@ -380,30 +381,37 @@ def refused_outputs(smol_cli, smol_runs, tmp_path_factory) -> dict:
     evil = base / "evil.pth"
     _write_evil_checkpoint(evil, good, marker)
 
-    train = lambda out: smol_cli.train_args("char", out)  # noqa: E731
-    calls = {
-        "out_dir is a file": (("train", train(a_file)), a_file),
-        "out_dir under a file": (("train", train(a_file / "sub")), a_file),
-        "evil checkpoint": (("generate", [evil, "--prompt", "The "]), base),
-        "truncated checkpoint": (("generate", [truncated]), base),
-        "empty checkpoint": (("generate", [empty]), base),
-        "foreign checkpoint": (("generate", [foreign]), base),
-        "damaged checkpoint": (("generate", [damaged, "--prompt", "The "]), base),
+    def train(out: Path, *extra) -> list:
+        return ["train", *smol_cli.train_args("char", out, *extra)]
+
+    return {
+        "out_dir is a file": (train(a_file), a_file),
+        "out_dir under a file": (train(a_file / "sub"), a_file),
+        "evil checkpoint": (["generate", evil, "--prompt", "The "], base),
+        "truncated checkpoint": (["generate", truncated], base),
+        "empty checkpoint": (["generate", empty], base),
+        "foreign checkpoint": (["generate", foreign], base),
+        "damaged checkpoint": (["generate", damaged, "--prompt", "The "], base),
         "resume from a damaged checkpoint": (
-            ("train", train(resume_damaged) + ["--resume", "--max_iters", "60"]),
+            train(resume_damaged, "--resume", "--max_iters", "60"),
             resume_damaged,
         ),
         "resume from a truncated checkpoint": (
-            ("train", train(resume_truncated) + ["--resume", "--max_iters", "60"]),
+            train(resume_truncated, "--resume", "--max_iters", "60"),
             resume_truncated,
         ),
+        "marker": marker,
     }
-    before = {name: smol_cli.snapshot(watch) for name, (_, watch) in calls.items()}
-    results = smol_cli.run_many([call for call, _ in calls.values()], workers=3)
-    return {
-        name: (result, watch, before[name], smol_cli.snapshot(watch), marker)
-        for (name, (_, watch)), result in zip(calls.items(), results)
-    }
+
+
+def refuse(run, refused_commands: dict, name: str) -> tuple:
+    """Run a refused command with run (cli_main: in this process, the command line's own
+    code; a process of its own would only import torch again) and return (result, watched
+    path, snapshot before, snapshot after)."""
+    argv, watch = refused_commands[name]
+    before = e2e_snapshot(watch)
+    result = run(argv)
+    return result, watch, before, e2e_snapshot(watch)
 
 
 class _Payload:
@@ -435,26 +443,29 @@ def test_evil_checkpoint_payload_is_armed(smol_runs, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["out_dir is a file", "out_dir under a file"])
-def test_bad_out_dir_is_refused_before_training(smol_cli, refused_outputs, name):
-    result, watch, before, after, _ = refused_outputs[name]
-    smol_cli.assert_one_line_error(result, str(watch))
+def test_bad_out_dir_is_refused_before_training(cli_main, refused_commands, name):
+    result, watch, before, after = refuse(cli_main, refused_commands, name)
+    e2e_assert_one_line_error(result, str(watch))
     assert after == before
     assert "eval" not in result.stderr
 
 
-def test_evil_checkpoint_runs_no_code(smol_cli, refused_outputs):
-    result, watch, before, after, marker = refused_outputs["evil checkpoint"]
+def test_evil_checkpoint_runs_no_code(smol_cli, refused_commands):
+    # A real process, as a user runs generate.py on a file from the internet.
+    argv, watch = refused_commands["evil checkpoint"]
+    before = e2e_snapshot(watch)
+    result = smol_cli.run("module", *argv)
     smol_cli.assert_one_line_error(result, "evil.pth")
-    assert not marker.exists(), "loading the checkpoint ran code"
-    assert after == before
+    assert not refused_commands["marker"].exists(), "loading the checkpoint ran code"
+    assert e2e_snapshot(watch) == before
 
 
 @pytest.mark.parametrize(
     "name", ["truncated checkpoint", "empty checkpoint", "foreign checkpoint", "damaged checkpoint"]
 )
-def test_broken_checkpoints_are_refused(smol_cli, refused_outputs, name):
-    result, watch, before, after, _ = refused_outputs[name]
-    smol_cli.assert_one_line_error(result, name.split()[0] + ".pth")
+def test_broken_checkpoints_are_refused(cli_main, refused_commands, name):
+    result, watch, before, after = refuse(cli_main, refused_commands, name)
+    e2e_assert_one_line_error(result, name.split()[0] + ".pth")
     assert result.stdout == ""
     assert after == before
 
@@ -467,11 +478,11 @@ def test_broken_checkpoints_are_refused(smol_cli, refused_outputs, name):
     ],
 )
 def test_resume_refuses_a_checkpoint_damaged_after_it_was_written(
-    smol_cli, refused_outputs, name, needle
+    cli_main, refused_commands, name, needle
 ):
-    result, watch, before, after, _ = refused_outputs[name]
+    result, watch, before, after = refuse(cli_main, refused_commands, name)
     latest = str(watch / "latest_model.pth")
-    line = smol_cli.assert_one_line_error(result, latest)
+    line = e2e_assert_one_line_error(result, latest)
     assert needle in line.replace(latest, ""), line  # not only in the path
     assert after == before  # nothing overwritten, best_model.pth included
 
