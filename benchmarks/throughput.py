@@ -33,7 +33,7 @@ cost" is the median over rounds of the AdamW step's tokens/s over the Muon step'
     python benchmarks/throughput.py                 # baby, nano/micro at char and word level
     python benchmarks/throughput.py --tiny          # also the tiny preset
     python benchmarks/throughput.py --configs baby --seconds 2 --rounds 3
-    python benchmarks/throughput.py --configs baby --seconds 0.1 --rounds 1 --warmup 1  # smoke
+    python benchmarks/throughput.py --quick         # smoke: a one-layer toy config, seconds
 """
 
 from __future__ import annotations
@@ -72,6 +72,10 @@ class BenchConfig:
     level: str
     dropout: float
     muon_ns_steps: int = TrainConfig.muon_ns_steps  # the preset's, on this kind of CPU
+
+
+# --quick's config: each step a few milliseconds, so that warming up and sizing cost nothing.
+TOY = BenchConfig("toy", 1, 2, 32, 32, 4, 65, "char", 0.0)
 
 
 def bench_configs(dropout: float) -> list[BenchConfig]:
@@ -311,6 +315,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="add a column for smolgpt with --no-amp (float32)",
     )
     parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: a one-layer toy config, 1 round of ~0.02 s measurements, 1 warm-up step",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=common.OUT / "throughput.json",
@@ -319,7 +328,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     configs = bench_configs(args.dropout)
-    if args.configs:
+    if args.quick:
+        configs, args.seconds, args.rounds, args.warmup = [TOY], 0.02, 1, 1
+    elif args.configs:
         known = [c.name for c in configs]
         unknown = set(args.configs) - set(known)
         if unknown:
