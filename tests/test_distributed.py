@@ -20,7 +20,7 @@ import pytest
 import smolgpt
 from smolgpt import checkpoint
 
-from e2e import E2E_ROOT, E2EProcess, e2e_wait_for, unused_port
+from e2e import E2E_ROOT, E2EProcess, E2EResult, e2e_wait_for, unused_port
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +62,27 @@ def assert_no_traceback_of_ours(stderr: str) -> None:
     assert not [f for f in frames if "smolgpt" in f or "train.py" in f], stderr
 
 
+def assert_an_ordinary_two_rank_run(result: E2EResult, run_dir: Path, iters: int) -> None:
+    """What a finished two-rank run printed and left: Muon (the nano preset's) kept the
+    ranks' weights identical, one report by rank 0; one set of files, each written once; an
+    ordinary checkpoint that one process loads and samples from."""
+    reports = [line for line in result.stderr.splitlines() if "identical" in line]
+    assert len(reports) == 1 and "2 ranks" in reports[0], result.describe()
+    assert "global batch 16" in result.stderr and "2 ranks" in result.stderr, result.describe()
+    assert result.stderr.count(f"done: {iters} iterations") == 1
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".lock",
+        "best_model.pth",
+        "config.json",
+        "latest_model.pth",
+        "metrics.jsonl",
+    ]
+    ckpt = checkpoint.load(run_dir / "latest_model.pth")
+    assert ckpt["run_info"]["world_size"] == 2 and len(ckpt["rng"]["other_ranks"]["torch"]) == 1
+    text = smolgpt.load(run_dir / "best_model.pth", "cpu").generate("The", max_new_tokens=20)
+    assert text.startswith("The") and len(text) == 23
+
+
 def workers(launcher: E2EProcess, count: int) -> dict[int, int]:
     """{rank: pid} of the training processes torchrun started, once all are up."""
     found: dict[int, int] = {}
@@ -83,42 +104,6 @@ def workers(launcher: E2EProcess, count: int) -> dict[int, int]:
 
     e2e_wait_for(look, process=launcher, what="torchrun's workers")
     return found
-
-
-def test_two_processes_train_as_one_with_twice_the_accumulation(smol_cli, tmp_path):
-    steps = ("--max_iters", "20")
-    pair = two_ranks(smol_cli, tmp_path, "pair", *steps)
-    single = smol_cli.run(
-        "train",
-        *smol_cli.train_args(
-            "char", tmp_path / "single", *steps, "--gradient_accumulation_steps", "2"
-        ),
-    )
-    result = pair.wait(240)
-    assert result.returncode == 0, result.describe()
-    assert single.returncode == 0, single.describe()
-    # Muon (the nano preset's) kept the ranks' weights identical; one report, by rank 0.
-    reports = [line for line in result.stderr.splitlines() if "identical" in line]
-    assert len(reports) == 1 and "2 ranks" in reports[0], result.describe()
-    assert "global batch 16" in result.stderr and "2 ranks" in result.stderr, result.describe()
-    assert result.stderr.count("done: 20 iterations") == 1
-    assert_same_curves(rows(tmp_path / "pair"), rows(tmp_path / "single"))
-    # One set of files, each written once.
-    assert sorted(p.name for p in (tmp_path / "pair").iterdir()) == [
-        ".lock",
-        "best_model.pth",
-        "config.json",
-        "latest_model.pth",
-        "metrics.jsonl",
-    ]
-    assert [r["iter"] for r in rows(tmp_path / "pair")] == [0, 10, 20]
-    # Its checkpoint is an ordinary one: one process loads it and samples.
-    ckpt = checkpoint.load(tmp_path / "pair" / "latest_model.pth")
-    assert ckpt["run_info"]["world_size"] == 2 and len(ckpt["rng"]["other_ranks"]["torch"]) == 1
-    text = smolgpt.load(tmp_path / "pair" / "best_model.pth", "cpu").generate(
-        "The", max_new_tokens=20
-    )
-    assert text.startswith("The") and len(text) == 23
 
 
 def test_a_signal_to_one_rank_stops_all_and_the_run_resumes_at_any_world_size(smol_cli, tmp_path):
@@ -147,6 +132,7 @@ def test_a_signal_to_one_rank_stops_all_and_the_run_resumes_at_any_world_size(sm
     assert resumed.returncode == 0, resumed.describe()
     done = straight.wait(240)
     assert done.returncode == 0, done.describe()
+    assert_an_ordinary_two_rank_run(done, tmp_path / "straight", iters=200)
     # Every rank's RNG and the batch stream were saved: the resumed run is the straight one.
     assert_same_curves(rows(tmp_path / "stopped"), rows(tmp_path / "straight"))
 
