@@ -86,6 +86,18 @@ def test_n_embd_must_be_divisible_by_n_head():
         ModelConfig(vocab_size=10, n_embd=10, n_head=3)
 
 
+@pytest.mark.parametrize("position", ["rope", "learned"])
+@pytest.mark.parametrize("n_embd, n_head", [(100, 3), (10, 3), (50, 4), (36, 5), (7, 2), (1, 6)])
+def test_a_suggested_width_passes_every_check(n_embd, n_head, position):
+    """What an error suggests for --n_embd is accepted when followed (--n_embd 100 --n_head 3
+    once suggested 99, whose head size of 33 rotary positions then refused)."""
+    with pytest.raises(SmolGPTError, match="--n_embd") as err:
+        ModelConfig(vocab_size=10, n_embd=n_embd, n_head=n_head, position=position)
+    suggested = int(re.search(r"--n_embd (\d+)", str(err.value)).group(1))
+    ModelConfig(vocab_size=10, n_embd=suggested, n_head=n_head, position=position)
+    assert abs(suggested - n_embd) <= n_head * (2 if position == "rope" else 1)
+
+
 @pytest.mark.parametrize(
     "name, value",
     [

@@ -209,19 +209,27 @@ class ModelShape:
 
     def __post_init__(self) -> None:
         _check_positive_ints(self, "n_layer", "n_head", "n_embd", "block_size")
+        _check_choice("position encoding", self.position, POSITIONS)
         if self.n_embd % self.n_head:
             raise SmolGPTError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
-                f"choose e.g. --n_embd {self.n_head * max(1, round(self.n_embd / self.n_head))}"
+                f"choose e.g. --n_embd {self.nearest_valid_width()}"
             )
-        _check_choice("position encoding", self.position, POSITIONS)
         if self.position == "rope" and (self.n_embd // self.n_head) % 2:
             raise SmolGPTError(
                 f"rotary positions need an even head size, got n_embd / n_head = "
-                f"{self.n_embd // self.n_head}: change --n_embd or use --position learned"
+                f"{self.n_embd // self.n_head}: choose e.g. --n_embd "
+                f"{self.nearest_valid_width()}, or use --position learned"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise SmolGPTError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def nearest_valid_width(self) -> int:
+        """The n_embd nearest this one that every check above accepts with this n_head and
+        position scheme: a multiple of n_head, and of 2 * n_head for rotary positions (which
+        rotate pairs of a head's dimensions)."""
+        step = self.n_head * (2 if self.position == "rope" else 1)
+        return step * max(1, round(self.n_embd / step))
 
     def shape(self) -> dict[str, Any]:
         """The shape fields alone, as keyword arguments."""
