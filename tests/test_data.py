@@ -749,3 +749,20 @@ def test_two_processes_preparing_one_corpus_both_succeed(write_text, isolated_ca
     (entry,) = (isolated_cache / "tokens").iterdir()
     assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "tokens.bin"]
     assert data._checked_entry(entry / "meta.json", entry / "tokens.bin")[1] == ""
+
+
+@pytest.mark.parametrize(
+    "share, shown",
+    [
+        (0.0, "0.0%"),
+        (1e-6, "<0.1%"),
+        (0.0004, "<0.1%"),
+        (0.0005, "0.1%"),
+        (0.25, "25.0%"),
+        (0.9994, "99.9%"),
+        (0.9999, ">99.9%"),
+        (1.0, "100.0%"),
+    ],
+)
+def test_a_share_beside_a_count_is_never_a_rounded_zero_or_whole(share, shown):
+    assert data.percent(share) == shown

@@ -156,6 +156,7 @@ def test_unknown_characters_are_left_out_with_a_warning(sources, write_text, tmp
     count = strange.count("ö") + strange.count("€")
     assert len(warnings) == 1 and f"{count:,}" in warnings[0]  # how many, and which
     assert "'ö'" in warnings[0] and "'€'" in warnings[0]
+    assert "0.0%" not in warnings[0]  # a count that is not zero beside a share that is not
     assert smolgpt.load(result.best_checkpoint).tokenizer.to_dict() == vocabulary.to_dict()
 
     # The rest of the text is encoded as it is; the cache remembers what was dropped.

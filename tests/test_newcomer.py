@@ -87,3 +87,12 @@ def test_the_default_prompt_is_one_the_model_can_read(smol_runs, level, caplog):
     text = model.generate(max_new_tokens=8)
     assert text.startswith(prompt) and "<UNK>" not in text.split()[0]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no unknown words
+
+
+def test_one_iteration_is_said_in_the_singular(smol_cli, cli_main, tmp_path):
+    done = cli_main(
+        ["train", "--level", "char", "--data", smol_cli.corpus, "--out_dir", tmp_path / "run"]
+        + [*TINY, "--max_iters", "1", "--no-plot"]  # the last --max_iters wins
+    )
+    assert done.returncode == 0, done.describe()
+    assert "done: 1 iteration in " in done.stderr, done.describe()

@@ -99,8 +99,8 @@ def test_from_python_snippets_run(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"^\d+ steps, best val loss \d\.\d{3}$", result.stdout, flags=re.M), (
-        result.stdout
-    )
+    assert re.search(
+        r"^best val loss \d\.\d{3} \(training steps: \d+\)$", result.stdout, flags=re.M
+    ), result.stdout
     assert "ROMEO:" in result.stdout and "most likely next character:" in result.stdout
     assert (tmp_path / "runs" / "shakespeare_nano" / "best_model.pth").is_file()

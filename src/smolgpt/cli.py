@@ -373,8 +373,9 @@ def run_train(explicit: dict[str, Any], args: Sequence[str], launcher: Launcher)
     if not group.is_main:
         return 0
     sample = launcher.command("generate", [str(result.best_checkpoint)])
+    iterations = f"{result.iterations} iteration{'' if result.iterations == 1 else 's'}"
     print(
-        f"done: {result.iterations} iterations in {time.perf_counter() - start:.1f}s, best val "
+        f"done: {iterations} in {time.perf_counter() - start:.1f}s, best val "
         f"loss {result.best_val_loss:.4f}; checkpoints in {result.out_dir}/\n"
         f"sample with: {sample}",
         file=sys.stderr,

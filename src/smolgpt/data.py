@@ -396,7 +396,7 @@ class TokenData:
         )
         if self.unk_rates is not None:
             train, val = self.unk_rates
-            line += f", <UNK> {train:.1%} of train and {val:.1%} of val"
+            line += f", <UNK> {percent(train)} of train and {percent(val)} of val"
         return line
 
     @functools.cached_property
@@ -432,9 +432,19 @@ class TokenData:
         more = f" and {len(common) - 10} more" if len(common) > 10 else ""
         return (
             f"{sum(self.dropped.values()):,} characters of the text "
-            f"({self.dropped_share:.1%}) are not in the vocabulary of the --init_from "
+            f"({percent(self.dropped_share)}) are not in the vocabulary of the --init_from "
             f"model and were left out: {len(common)} distinct, {shown}{more}"
         )
+
+
+def percent(share: float) -> str:
+    """A share as a percentage to one decimal, never a rounded 0.0% (or 100.0%) beside a
+    count that is not zero (or not all): "<0.1%" and ">99.9%" instead."""
+    if 0 < share < 0.0005:
+        return "<0.1%"
+    if 0.9995 <= share < 1:
+        return ">99.9%"
+    return f"{share:.1%}"
 
 
 def text_from(
