@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from smolgpt.api import describe_settings
 from smolgpt.config import (
     CPU_FLOAT32,
     DEVICES,
@@ -377,3 +378,13 @@ def test_help_shows_each_presets_real_default(name):
                 )
                 assert str(value) in part, (preset, level, cpu_float32, part)
     assert preset_default("block_size") is None  # no preset sets it: the plain default
+
+
+def test_the_settings_line_leaves_out_what_means_nothing_at_the_level():
+    described = {
+        level: describe_settings(resolve_train_config({"preset": "nano", "level": level}))
+        for level in ("char", "word", "bpe")
+    }
+    assert "min_word_freq=3" in described["word"]
+    assert "min_word_freq" not in described["char"] + described["bpe"]
+    assert "vocab_size=" in described["bpe"] and "vocab_size" not in described["char"]

@@ -349,11 +349,12 @@ def write_run_config(out_dir: Path, cfg: TrainConfig) -> Path:
 
 
 def describe_settings(cfg: TrainConfig) -> str:
-    """The resolved settings of a run, compactly: one line per --help group."""
+    """The resolved settings of a run, compactly: one line per --help group, without the
+    settings that mean nothing at the run's level (min_word_freq but at word level)."""
     groups: dict[str, list[str]] = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if value is not None:
+        if value is not None and cfg.level in f.metadata.get("levels", (cfg.level,)):
             groups.setdefault(f.metadata["group"], []).append(f"{f.name}={value}")
     return "settings:\n" + "\n".join(
         f"  {title}: {' '.join(groups[g])}" for g, title in HELP_GROUPS.items() if g in groups

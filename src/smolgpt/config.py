@@ -147,8 +147,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def _opt(default: Any, help: str, group: str, **extra: Any) -> Any:  # noqa: A002 - argparse's name
     """A dataclass field whose help text, --help group and extras travel along with it:
-    ``choices`` (for argparse) and ``shown``, the default as --help shows it where the value
-    itself would not say it (None meaning "worked out at run time")."""
+    ``choices`` (for argparse), ``shown``, the default as --help shows it where the value
+    itself would not say it (None meaning "worked out at run time"), and ``levels``, the
+    tokenizer levels a setting means anything at (all when absent)."""
     return field(default=default, metadata={"help": help, "group": group, **extra})
 
 
@@ -372,7 +373,9 @@ class TrainConfig(ModelShape):
         "evaluation",
     )
     # Tokenizer.
-    min_word_freq: int = _opt(3, "word level: words seen fewer times become <UNK>", "data")
+    min_word_freq: int = _opt(
+        3, "word level: words seen fewer times become <UNK>", "data", levels=("word",)
+    )
     vocab_size: Optional[int] = _opt(
         None,
         "bpe level: tokens in the vocabulary, the 256 byte values and then the merges "
