@@ -331,3 +331,13 @@ def test_the_plot_command_overlays_runs_and_refuses_in_one_line(tmp_path):
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert "nope" in missing.stderr and "Traceback" not in missing.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_plot_command_says_where_its_default_picture_went(tmp_path, cli_main):
+    pytest.importorskip("matplotlib")
+    here = tmp_path / "here"
+    here.mkdir()
+    done = cli_main(["plot", make_run(tmp_path / "run")], cwd=here)
+    assert done.returncode == 0, done.describe()
+    assert done.stderr.strip().splitlines()[-1] == f"wrote {here.resolve() / 'loss_curves.png'}"
+    assert (here / "loss_curves.png").is_file()

@@ -562,13 +562,12 @@ def run_plot(
     ylim: Optional[list[float]] = None,
     title: Optional[str] = None,
 ) -> int:
-    """Overlay the runs' val loss curves in the PNG out."""
+    """Overlay the runs' val loss curves in the PNG out; the last line says where it went,
+    as an absolute path (the default lands in the current directory)."""
     from .plots import plot_runs
 
-    print(
-        f"wrote {plot_runs(run_dirs, out, x, tuple(ylim) if ylim else None, title)}",
-        file=sys.stderr,
-    )
+    written = plot_runs(run_dirs, out, x, tuple(ylim) if ylim else None, title)
+    print(f"wrote {Path(written).resolve()}", file=sys.stderr)
     return 0
 
 
