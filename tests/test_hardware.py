@@ -5,6 +5,8 @@ The product checks watch the real aten operations with a TorchDispatchMode, so t
 whichever CPU runs them: SMOLGPT_CPU_BF16 forces each CPU kind's path.
 """
 
+import json
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -242,3 +244,26 @@ def test_trainer_follows_the_policy_of_no_amp(tmp_path, monkeypatch):
     with ProductDtypes() as watch:
         trainer.train_step()
     assert watch.dtypes() == {torch.float32}
+
+
+# ------------------------------------------------------------------------- the peak
+
+
+def test_mfu_is_quoted_against_the_best_peak_measured_on_this_machine(isolated_cache):
+    """A peak measured while other work runs comes out low; the roof of every measurement
+    kept in the cache is what MFU is quoted against, and it only rises."""
+    cpu = torch.device("cpu")
+    policy = hardware.precision_policy(cpu)
+    measured = hardware.matmul_flops("cpu", policy.reduced or torch.float32)
+    peaks = isolated_cache / hardware.PEAKS_FILE
+    key = hardware.peak_key(cpu, policy.reduced or torch.float32)
+
+    assert hardware.peak_flops(cpu, policy) == measured  # the first measurement is kept
+    assert json.loads(peaks.read_text()) == {key: measured}
+    peaks.write_text(json.dumps({key: measured * 10, "another machine": 1.0}))
+    assert hardware.peak_flops(cpu, policy) == measured * 10  # a quieter moment, earlier
+    peaks.write_text(json.dumps({key: measured / 10, "another machine": 1.0}))
+    assert hardware.peak_flops(cpu, policy) == measured  # a busier one: this one wins
+    assert json.loads(peaks.read_text()) == {key: measured, "another machine": 1.0}
+    peaks.write_text("not json")
+    assert hardware.peak_flops(cpu, policy) == measured  # unreadable: measured anew

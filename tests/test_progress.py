@@ -141,3 +141,9 @@ def test_a_time_budget_bar_ends_at_100_percent_on_a_terminal(smol_cli, tmp_path)
     bars = [r for r in _renders(text) if "/3 s" in r]
     assert bars and "100%" in bars[-1] and "3/3 s" in bars[-1], bars
     assert "s/s" not in text
+
+
+def test_mfu_is_never_above_100_percent(tmp_path):
+    run_log = _run_log(tmp_path)  # 1e6 FLOPs a token against a peak of 1e12 FLOP/s
+    assert run_log.mfu(1e5) == pytest.approx(0.1)
+    assert run_log.mfu(5e6) == 1.0  # a peak measured too low cannot make it 500%

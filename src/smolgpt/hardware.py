@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import platform
 import time
@@ -33,6 +34,7 @@ import torch
 
 from .config import DEVICES
 from .errors import SmolGPTError
+from .files import atomic_write_text, cache_dir
 
 
 def resolve_device(name: str) -> torch.device:
@@ -288,9 +290,37 @@ def matmul_flops(device_type: str, dtype: torch.dtype) -> float:
     return _time_matmul(device, dtype, n=n, reps=reps)
 
 
+# The highest matmul peak measured on this machine so far, per device, dtype, torch build and
+# thread count: {key: FLOP/s}, in the cache directory.
+PEAKS_FILE = "matmul_peaks.json"
+
+
+def peak_key(device: torch.device, dtype: torch.dtype) -> str:
+    """What a peak measurement holds for: the processor, the dtype, torch and its threads."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_info().model
+    dtype_name = str(dtype).replace("torch.", "")
+    return f"{name} | {dtype_name} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
 def peak_flops(device: torch.device, policy: PrecisionPolicy) -> float:
-    """The matmul peak that MFU is quoted against: in the dtype the model's products run in."""
-    return matmul_flops(device.type, policy.reduced or torch.float32)
+    """The matmul peak that MFU is quoted against, in the dtype the model's products run in:
+    the highest of this process's measurement and every earlier one on this machine (kept in
+    the cache directory). A peak measured while other work runs comes out low, and MFU
+    against it could read above 100%; the roof of all measurements only rises towards the
+    true peak."""
+    dtype = policy.reduced or torch.float32
+    measured = matmul_flops(device.type, dtype)
+    path, key = cache_dir() / PEAKS_FILE, peak_key(device, dtype)
+    try:
+        peaks = json.loads(path.read_text(encoding="utf-8"))
+        known = float(peaks.get(key, 0.0))
+    except (OSError, ValueError, TypeError, AttributeError):  # none yet, or not ours: anew
+        peaks, known = {}, 0.0
+    if measured > known:
+        # A read-only or full cache directory only loses the memory of this measurement.
+        with contextlib.suppress(OSError, SmolGPTError):
+            atomic_write_text(path, json.dumps({**peaks, key: measured}, indent=1) + "\n")
+    return max(measured, known)
 
 
 def configure_backends(device: torch.device) -> None:

@@ -126,8 +126,9 @@ class RunLog:
             atomic_write_text(self.path, "".join(r + "\n" for r in keep))
 
     def mfu(self, tokens_per_s: float) -> float:
-        """Achieved training FLOP/s over the measured matmul peak."""
-        return self.flops_per_token * tokens_per_s / self.peak_flops
+        """Achieved training FLOP/s over the measured matmul peak, at most 1: the peak is a
+        measurement, and a model's products cannot outrun the fastest product measured."""
+        return min(1.0, self.flops_per_token * tokens_per_s / self.peak_flops)
 
     def _restart_window(self) -> None:
         """Throughput counts the steps and tokens since the last evaluation."""

@@ -583,14 +583,21 @@ class Trainer:
                 group.world_size,
                 sequences * cfg.block_size,
             )
+        peak = hardware.peak_flops(self.device, self.precision)
         run_log = RunLog(
             self.cfg,
             self.out_dir,
             self.model.estimate_flops_per_token(),
-            hardware.peak_flops(self.device, self.precision),
+            peak,
             iteration=p.iter,
             elapsed=p.elapsed_s,
             group=group,
+        )
+        log.info(
+            "MFU below is training FLOP/s over a matmul peak of %.1f GFLOP/s a process (%s, "
+            "the best measured on this machine)",
+            peak / 1e9,
+            hardware.peak_key(self.device, self.precision.reduced or torch.float32),
         )
         run_log.rewind(p.iter, p.evaluated)
         self.model.train()
