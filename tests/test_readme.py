@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from smolgpt.cli import build_parser
+from smolgpt.config import LEVELS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -104,3 +105,9 @@ def test_from_python_snippets_run(tmp_path):
     ), result.stdout
     assert "ROMEO:" in result.stdout and "most likely next character:" in result.stdout
     assert (tmp_path / "runs" / "shakespeare_nano" / "best_model.pth").is_file()
+
+
+def test_the_opening_names_every_tokenizer_level():
+    opening = README.read_text(encoding="utf-8").split("\n## ", 1)[0]
+    for level in LEVELS:
+        assert level in opening, f"the README's opening does not name the {level} level"
