@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from smolgpt.config import resolve_train_config
+from smolgpt.distributed import Group, PeerLost
 from smolgpt.training import Budget, projection
+
+from e2e import names
 
 
 def cfg(**overrides):
@@ -113,3 +116,25 @@ def test_a_repeated_signal_counts_as_a_second_request_only_after_a_grace_period(
         monkeypatch.setattr(_SignalFlag, "REPEAT_GRACE_S", 0.0)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_connection_lost_inside_torch_is_the_one_line_peer_lost():
+    """DDP averages gradients inside the backward pass: when a rank dies then, the Gloo
+    error surfaces there and must end the run as any lost peer does, in one line."""
+    two = Group(rank=0, local_rank=0, world_size=2)
+    gloo = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+        "[127.0.0.1]:10667: Connection reset by peer. This is typically caused by a remote "
+        "worker hanging or bugs in the application.\nCheck the logs of the remote worker"
+    )
+    with pytest.raises(PeerLost, match=names("rank 0 of 2", "Connection reset by peer")) as err:
+        with two.talking_inside_torch():
+            raise gloo
+    assert "\n" not in str(err.value)
+    shapes = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError) as err, two.talking_inside_torch():
+        raise shapes
+    assert err.value is shapes  # not a connection: as it is
+    with pytest.raises(RuntimeError) as err, Group().talking_inside_torch():
+        raise gloo
+    assert err.value is gloo  # one process has no peers to lose

@@ -135,6 +135,21 @@ class Group:
         except (RuntimeError, dist.DistError) as exc:  # gloo and NCCL raise either
             raise self.lost(exc) from None
 
+    @contextlib.contextmanager
+    def talking_inside_torch(self) -> Iterator[None]:
+        """Around work in which PyTorch itself talks to the other ranks (DDP averages the
+        gradients during the backward pass): an error of the connection there becomes
+        PeerLost too. Any other error goes on as it is."""
+        try:
+            yield
+        except (RuntimeError, dist.DistError) as exc:
+            text = str(exc).lower()
+            if self.distributed and (
+                isinstance(exc, dist.DistError) or "gloo" in text or "nccl" in text
+            ):
+                raise self.lost(exc) from None
+            raise
+
     def lost(self, exc: BaseException) -> PeerLost:
         """The error that ends a rank that lost the others."""
         text = str(exc).strip()

@@ -485,7 +485,8 @@ class Trainer:
                 with self.precision.autocast():
                     _, loss = self.forward(x, y)
                 loss = loss / steps
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                with self.group.talking_inside_torch():
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         if self.scaler:
             for optimizer in self.optimizers:
