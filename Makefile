@@ -30,15 +30,22 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	touch $(VENV)/.installed $@
 
+# The demo ends with a loss curve to look at: the plot extra too.
+$(VENV)/.installed-plot: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[plot]"
+	touch $@
+
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
 DEMO_DIR := checkpoints/demo_char_nano
 
-demo: setup
+demo: $(VENV)/.installed-plot
 	rm -rf $(DEMO_DIR)  # the demo's own run directory: each demo starts afresh
 	$(BIN)/python train.py --level char --preset nano --time_budget 60 --out_dir $(DEMO_DIR)
 	$(BIN)/python generate.py $(DEMO_DIR)/best_model.pth --prompt "ROMEO:" --max_new_tokens 300
+	@echo "loss curve: $(DEMO_DIR)/loss.png"
+	@echo "next: source $(VENV)/bin/activate, and the README's commands run as written"
 
 lint: setup-test
 	$(BIN)/ruff check .

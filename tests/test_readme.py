@@ -111,3 +111,17 @@ def test_the_opening_names_every_tokenizer_level():
     opening = README.read_text(encoding="utf-8").split("\n## ", 1)[0]
     for level in LEVELS:
         assert level in opening, f"the README's opening does not name the {level} level"
+
+
+def test_the_demo_leaves_a_loss_curve_and_a_way_on(tmp_path):
+    """make demo installs what draws loss.png, and the quick start says how the commands
+    after it find smolgpt (its .venv)."""
+    planned = subprocess.run(
+        ["make", "-n", "demo", f"VENV={tmp_path / 'venv'}"],
+        cwd=README.parent,
+        capture_output=True,
+        text=True,
+    )
+    assert planned.returncode == 0, planned.stderr
+    assert '-e ".[plot]"' in planned.stdout, planned.stdout
+    assert "source .venv/bin/activate" in readme_section("Quick start")
