@@ -182,19 +182,26 @@ def _rows_written(metrics: Path) -> int:
     return metrics.read_bytes().count(b"\n") if metrics.exists() else 0
 
 
-def run_train(train_args: Sequence[str], out_dir: Path, poll_s: float = 0.25) -> TrainRun:
-    """Run ``python train.py *train_args --out_dir out_dir`` from the repository root to its
-    end, timed with time.perf_counter. While it runs, its metrics.jsonl is polled every
-    poll_s seconds, so each row's "process_s" is the second (since process start, to within
-    poll_s) at which the row appeared."""
+def run_train(
+    train_args: Sequence[str],
+    out_dir: Path,
+    poll_s: float = 0.25,
+    python_args: Sequence[str] = (),
+    env: Optional[dict] = None,
+) -> TrainRun:
+    """Run ``python *python_args train.py *train_args --out_dir out_dir`` from the
+    repository root to its end (in env, None: this process's), timed with
+    time.perf_counter. While it runs, its metrics.jsonl is polled every poll_s seconds, so
+    each row's "process_s" is the second (since process start, to within poll_s) at which
+    the row appeared."""
     from smolgpt.runlog import METRICS
 
-    command = [sys.executable, "train.py", *train_args, "--out_dir", str(out_dir)]
+    command = [sys.executable, *python_args, "train.py", *train_args, "--out_dir", str(out_dir)]
     metrics = Path(out_dir) / METRICS
     appeared: list[float] = []
     with tempfile.TemporaryFile("w+", errors="replace") as log:
         start = time.perf_counter()
-        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             while True:
                 try:

@@ -494,6 +494,23 @@ class E2ERun:
         return dest
 
 
+def e2e_assert_install_advice(text: str, extra: str, cwd: Path = None) -> None:
+    """Assert that text advises the command that installs `extra` from this clone, and
+    that it would: pip install -e of the repository (as seen from cwd, None: any folder)
+    with an extra that pyproject.toml defines. `pip install 'smolgpt[...]'` would fail:
+    smolgpt is not on PyPI."""
+    import tomllib
+
+    found = re.search(r'pip install -e "([^"\[]+)\[([\w-]+)\]"', text)
+    assert found, f"no pip install -e advice in {text!r}"
+    path, named = found.groups()
+    assert named == extra, f"advises the {named} extra, not {extra}: {text!r}"
+    where = Path(path) if cwd is None or Path(path).is_absolute() else Path(cwd) / path
+    assert where.resolve() == E2E_ROOT, f"{path} is not the clone ({E2E_ROOT}): {text!r}"
+    defined = tomllib.loads((E2E_ROOT / "pyproject.toml").read_text())["project"]
+    assert extra in defined["optional-dependencies"], f"no {extra} extra in pyproject.toml"
+
+
 # ----------------------------------------------------------------------------- a server
 
 

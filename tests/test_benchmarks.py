@@ -126,6 +126,21 @@ def toy_runs(data: Path, records: Path, no_transformers: Path) -> dict[str, tupl
             {},
         ),
         "serving": (["serving.py", "--quick", *out("serving")], {}),
+        "busy_cpu": (
+            [
+                "busy_cpu.py",
+                "--budget",
+                "1",
+                "--rounds",
+                "1",
+                "--busy-loops",
+                "1",
+                "--extra",
+                f"{TOY_TRAIN} --data {corpus}",
+                *out("busy_cpu"),
+            ],
+            {},
+        ),
         "throughput": ([*throughput, *out("throughput")], {}),
         "generation": (["generation.py", "--quick", *out("generation")], {}),
         "recipe_sweep": (
@@ -270,6 +285,18 @@ def assert_peer_columns(run, record: dict, header: str) -> None:
         assert record["transformers"] is not None
     else:
         assert says(run.stdout, "transformers", "skipped", "No module named"), run.describe()
+
+
+def test_busy_cpu(runs):
+    record = check(
+        runs["busy_cpu"],
+        "| way | busy loops | threads | steps (each round) |",
+        "| smolgpt | 0 |",
+        "| openmp-default | 1 |",
+    )
+    assert {(r["way"], r["busy_loops"]) for r in record["results"]} == {
+        (way, busy) for way in ("smolgpt", "openmp-default") for busy in (0, 1)
+    }
 
 
 def test_throughput(runs):

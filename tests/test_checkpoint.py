@@ -18,7 +18,7 @@ from smolgpt.errors import SmolGPTError
 from smolgpt.model import GPT
 from smolgpt.tokenizer import CharTokenizer
 
-from e2e import flip_bit_in_tensor_data, names
+from e2e import E2E_ROOT, flip_bit_in_tensor_data, names
 
 
 def trained(make_trainer, level: str = "char", **settings) -> tuple[dict, GPT]:
@@ -163,9 +163,9 @@ def test_newer_format_version(tmp_path, state):
     path = tmp_path / "future.pth"
     version = checkpoint.FORMAT_VERSION + 1
     checkpoint.save(path, {**ckpt, "format_version": version})
-    # The file, its version, and the command that brings a smolgpt that reads it.
+    # The file, its version, and how to get a smolgpt that reads it (in this clone).
     with pytest.raises(
-        SmolGPTError, match=names(str(path), str(version), "pip install -U smolgpt")
+        SmolGPTError, match=names(str(path), str(version), str(E2E_ROOT), "git pull")
     ):
         checkpoint.load(path)
 

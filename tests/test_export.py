@@ -29,7 +29,7 @@ from smolgpt.model import GPT
 from smolgpt.sampling import generate
 from smolgpt.tokenizer import CharTokenizer, WordTokenizer
 
-from e2e import E2EResult, e2e_assert_one_line_error, names
+from e2e import E2EResult, e2e_assert_install_advice, e2e_assert_one_line_error, names
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -360,7 +360,8 @@ def test_exports_load_without_transformers_and_hf_export_says_what_to_install(
     )
     expected = model.generate(max_new_tokens=5, temperature=0)
     assert result.stdout == f"{expected}\n{expected}\n", run_result.describe()
-    e2e_assert_one_line_error(run_result, "pip install 'smolgpt[hf]'")
+    e2e_assert_one_line_error(run_result, "tokenizers")
+    e2e_assert_install_advice(run_result.stderr, "hf")
     assert not (tmp_path / "out").exists()
 
 

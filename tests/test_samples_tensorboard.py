@@ -12,7 +12,7 @@ import pytest
 import smolgpt
 from smolgpt import checkpoint
 
-from e2e import e2e_corpus_text, smolgpt_without
+from e2e import e2e_assert_install_advice, e2e_corpus_text, smolgpt_without
 
 TINY = dict(
     level="char",
@@ -104,6 +104,6 @@ def test_without_tensorboard_training_goes_on_and_says_what_to_install(tmp_path,
     assert done.returncode == 0, done.stderr
     hints = [line for line in done.stderr.splitlines() if "--tensorboard" in line]
     assert len(hints) == 1, done.stderr  # one line naming the flag, and what to install
-    assert "pip install 'smolgpt[tensorboard]'" in hints[0], hints
+    e2e_assert_install_advice(hints[0], "tensorboard")
     assert (tmp_path / "run" / "best_model.pth").is_file()
     assert not (tmp_path / "run" / "tensorboard").exists()

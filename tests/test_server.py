@@ -27,7 +27,7 @@ import pytest
 import smolgpt
 from smolgpt.server import playground_html
 
-from e2e import E2E_ROOT, e2e_assert_one_line_error, smolgpt_without
+from e2e import E2E_ROOT, e2e_assert_install_advice, e2e_assert_one_line_error, smolgpt_without
 
 pytestmark = pytest.mark.slow
 API_KEY = "test-key-123"
@@ -639,7 +639,7 @@ def test_command_line_errors_are_one_line(smol_cli, runs, tmp_path):
     e2e_assert_one_line_error(busy, str(port), os.strerror(errno.EADDRINUSE), "--port")
     without = smolgpt_without("starlette", "serve", runs[0])
     assert without.returncode == 2 and without.stderr.count("\n") == 1, without.stderr
-    assert "pip install 'smolgpt[serve]'" in without.stderr
+    e2e_assert_install_advice(without.stderr, "serve")
 
 
 def test_unique_names_and_the_warning_on_every_network(smol_cli, runs, tmp_path, main):

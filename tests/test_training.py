@@ -2,6 +2,7 @@
 learning-rate schedule follows, the time held back for the final evaluation, and the
 projected length of a run."""
 
+import re
 import time
 
 import pytest
@@ -69,13 +70,71 @@ def test_the_final_evaluation_is_estimated_from_evaluation_batches_not_steps():
     assert timer.train_seconds() == pytest.approx(57.0)
 
 
-def test_a_real_run_times_an_evaluation_batch_after_its_first_step(make_trainer):
+def test_a_real_run_times_an_evaluation_batch_before_its_first_step(make_trainer):
     trainer = make_trainer(max_iters=3, time_budget=600.0, eval_iters=5)
     trainer.out_dir.mkdir()
     trainer.run()
     b = trainer.budget
     assert b.eval_batch_s is not None and 0 < b.eval_batch_s < b.eval_s
     assert trainer.progress.iter == 3  # max_iters capped the time budget
+    assert trainer.progress.eval_batches == 5  # 600 s: room for every batch asked for
+
+
+def test_evaluations_take_a_tenth_of_a_budget_at_most():
+    """Slow evaluation batches: fewer of them, planned for the evaluations expected, the
+    first and the last included; one at least, however slow."""
+    b = Budget(budgeted(time_budget=60.0, eval_iters=20), clock_start=time.perf_counter())
+    # Six evaluations (at the start and five points) x 2 splits, in 6 s: 0.5 s a batch.
+    assert b.expected_evaluations(step_s=0.1) == 6
+    assert b.plan_eval_batches(batch_s=0.1, step_s=0.3) == 5
+    assert b.plan_eval_batches(batch_s=0.001, step_s=0.003) == 20  # all asked for fit
+    assert b.plan_eval_batches(batch_s=30.0, step_s=90.0) == 1
+    # With --eval_interval, the evaluations every so many steps at the step time expected.
+    by_steps = Budget(
+        budgeted(time_budget=60.0, eval_interval=100, eval_iters=20),
+        clock_start=time.perf_counter(),
+    )
+    assert by_steps.expected_evaluations(step_s=0.1) == 1 + 6  # 600 steps
+    assert by_steps.plan_eval_batches(batch_s=0.1, step_s=0.1) == 4  # 6 s / (7 x 2 x 0.1 s)
+
+
+def test_the_points_of_a_budget_divide_the_time_left_after_the_first_evaluation():
+    """Start-up may spend much of a short budget: the five points spread the time left
+    after this process's first evaluation, so none is lost."""
+    b = Budget(budgeted(time_budget=10.0), clock_start=time.perf_counter(), elapsed_before=4.0)
+    assert b.point(0) == 2  # 40% of the budget gone: two fifths of it passed
+    b.evaluated(0)  # the first evaluation of this process starts the points
+    assert b.point(0) == 0 and b.points_evaluated == 0
+    b.elapsed_before = 4.0 + 6.0 / 5 + 0.01  # a fifth of the 6 s left
+    assert b.point(0) == 1
+
+
+def test_the_projection_comes_before_the_first_evaluation_and_long_ones_report(
+    make_trainer, monkeypatch, caplog
+):
+    """A run counted in steps says how long it will take before it evaluates the
+    untrained model; an evaluation expected to take long says how far it has got."""
+    from smolgpt import runlog, training
+
+    monkeypatch.setattr(training, "EVAL_PROGRESS_S", 0.0)  # every evaluation is long ...
+    monkeypatch.setattr(runlog, "EVAL_PROGRESS_S", 0.0)  # ... and reports every batch
+    trainer = make_trainer(max_iters=2, eval_interval=2, eval_iters=3, early_stop_patience=0)
+    trainer.out_dir.mkdir()
+    with caplog.at_level("INFO", logger="smolgpt"):
+        trainer.run()
+    lines = [r.getMessage() for r in caplog.records]
+    first_eval = next(i for i, line in enumerate(lines) if line.startswith("eval @ iter 0"))
+    projected = [i for i, line in enumerate(lines) if line.startswith("projected training")]
+    assert projected and projected[0] < first_eval, lines
+    assert "from one timed forward and backward pass" in lines[projected[0]], lines
+    assert "2 evaluations" in lines[projected[0]], lines  # at 0 and at 2
+    progress = [line for line in lines[:first_eval] if line.startswith("evaluating at iter 0")]
+    assert progress and all(re.search(r"\d+/6 batches, \dm\d\ds left", p) for p in progress)
+    # A long run hears before its first evaluation how to make it shorter.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="smolgpt"):
+        make_trainer(max_iters=5000)._plan(batch_s=0.5, pass_s=4.0)
+    assert "that is long for a CPU" in caplog.text and "5h" in caplog.text, caplog.text
 
 
 def test_the_projection_counts_the_steps_and_evaluations_left():

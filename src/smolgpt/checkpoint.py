@@ -34,6 +34,7 @@ import torch
 
 from .config import LEGACY_DEFAULTS, ModelConfig
 from .errors import SmolGPTError
+from .extras import upgrade_advice
 from .files import atomic_write
 from .model import GPT
 from .tokenizer import Tokenizer, tokenizer_from_dict
@@ -162,7 +163,7 @@ def validate(ckpt: Any, path: Path) -> None:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise SmolGPTError(
             f"{path} has checkpoint format version {version}, newer than this smolgpt "
-            f"understands ({FORMAT_VERSION}): upgrade smolgpt (pip install -U smolgpt)"
+            f"understands ({FORMAT_VERSION}): {upgrade_advice()}"
         )
     config = model_config(ckpt, path)
     tokenizer = tokenizer_from_dict(ckpt["tokenizer"])

@@ -42,6 +42,7 @@ from .config import (
     default_text,
 )
 from .errors import Relayed, SmolGPTError
+from .extras import install_command
 from .files import atomic_write_text, read_user_text
 
 log = logging.getLogger("smolgpt")
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw PNGs of what a trained model does inside, and a text summary: the "
         "attention weights of every head for a prompt, the token embeddings projected to 2-D "
         "(with nearest neighbours), and the loss at each position of the context. Needs "
-        "matplotlib (pip install 'smolgpt[plot]'). See docs/tour.md.",
+        f"matplotlib ({install_command('plot')}). See docs/tour.md.",
     )
     inspect.add_argument("checkpoint", help="a .pth checkpoint, a run directory, or an export")
     inspect.add_argument(
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         "plot",
         help="draw the val loss curves of runs in one picture",
         description="Overlay the val loss of one or more runs (their metrics.jsonl) in a PNG; "
-        "needs matplotlib (pip install 'smolgpt[plot]').",
+        f"needs matplotlib ({install_command('plot')}).",
     )
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     plot.add_argument(
@@ -253,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve models over HTTP: OpenAI's completions API and a playground page",
         description="Serve one or more models: a playground page at /, OpenAI's completions "
         "API at /v1/completions (streaming too), /v1/models, /health and /openapi.json. "
-        "Needs the serve extra (pip install 'smolgpt[serve]'). Listens on this computer "
+        f"Needs the serve extra ({install_command('serve')}). Listens on this computer "
         "only unless --host says otherwise.",
     )
     serve.add_argument(

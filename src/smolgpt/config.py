@@ -47,6 +47,10 @@ SCHEDULES = ("cosine", "linear", "constant")
 EXPORT_FORMATS = ("hf", "safetensors")  # smolgpt export --format
 PLOT_AXES = ("iter", "time", "tokens")  # smolgpt plot --x: what the curves are drawn against
 DEFAULT_MAX_ITERS = 5000  # the original smolgpt's: the length of a run not given one
+DEFAULT_EVAL_INTERVAL = 250  # steps between evaluations of a run counted in steps
+# A time-budgeted run not given --eval_interval evaluates at its start and after each this
+# many-th of its training time: a curve of six points, whatever its steps cost.
+BUDGET_EVALUATIONS = 5
 # Fine-tuning (--init_from) without a learning rate given trains at this share of the
 # preset's: full-size steps on a new text would soon wipe out what the source had learned.
 FINETUNE_LR_FACTOR = 0.1
@@ -342,15 +346,25 @@ class TrainConfig(ModelShape):
     beta2: float = _opt(0.99, "AdamW beta2", "optimisation")
     grad_clip: float = _opt(1.0, "clip gradient norm to this (0 disables)", "optimisation")
     # Evaluation, stopping, logging.
-    eval_interval: int = _opt(250, "steps between evaluations (and checkpoints)", "evaluation")
-    eval_iters: int = _opt(20, "batches per evaluation of train and val loss", "evaluation")
+    eval_interval: Optional[int] = _opt(
+        None,
+        "steps between evaluations (and checkpoints)",
+        "evaluation",
+        shown=f"{DEFAULT_EVAL_INTERVAL}; with --time_budget, {BUDGET_EVALUATIONS} spread over it",
+    )
+    eval_iters: int = _opt(
+        20,
+        "batches per evaluation of train and val loss (under --time_budget, fewer where "
+        "evaluations would take more than a tenth of it)",
+        "evaluation",
+    )
     log_interval: int = _opt(
         50, "steps between progress lines when stderr is not a terminal", "evaluation"
     )
     plot: bool = _opt(
         True,
         "redraw loss.png in the run directory at every evaluation "
-        "(needs matplotlib: pip install 'smolgpt[plot]')",
+        "(needs matplotlib: the plot extra)",
         "evaluation",
     )
     sample_every: int = _opt(
@@ -363,8 +377,7 @@ class TrainConfig(ModelShape):
     tensorboard: bool = _opt(
         False,
         "also log the metrics for TensorBoard, in the run "
-        "directory's tensorboard/ (needs: pip install "
-        "'smolgpt[tensorboard]')",
+        "directory's tensorboard/ (needs the tensorboard extra)",
         "evaluation",
     )
     early_stop_patience: int = _opt(
@@ -433,12 +446,13 @@ class TrainConfig(ModelShape):
             self,
             "batch_size",
             "gradient_accumulation_steps",
-            "eval_interval",
             "eval_iters",
             "log_interval",
             "min_word_freq",
             "muon_ns_steps",
         )
+        if self.eval_interval is not None:
+            _check_positive_ints(self, "eval_interval")
         for name in ("warmup_iters", "early_stop_patience", "sample_every"):
             if getattr(self, name) < 0:
                 raise SmolGPTError(f"--{name} must be >= 0, got {getattr(self, name)}")
@@ -477,6 +491,14 @@ class TrainConfig(ModelShape):
         if self.max_iters is not None:
             return self.max_iters
         return None if self.time_budget else DEFAULT_MAX_ITERS
+
+    @property
+    def eval_every(self) -> Optional[int]:
+        """Steps between evaluations: eval_interval if given, else DEFAULT_EVAL_INTERVAL; None
+        under a time budget, whose evaluations then follow the clock (BUDGET_EVALUATIONS)."""
+        if self.eval_interval is not None:
+            return self.eval_interval
+        return None if self.time_budget else DEFAULT_EVAL_INTERVAL
 
     @property
     def final_lr(self) -> float:

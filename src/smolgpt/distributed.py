@@ -65,11 +65,11 @@ class Group:
     # order. Errors from a lost peer become PeerLost (one line, not a traceback).
 
     def agree(
-        self, decided_by_main: bool, *any_rank: int, device: torch.device = None
-    ) -> tuple[bool, ...]:
-        """(rank 0's decided_by_main, then the largest of each any_rank value over all
-        ranks): one small all-reduce, once a step (whether training ends now; a signal, a
-        non-finite loss that any rank met)."""
+        self, decided_by_main: int, *any_rank: int, device: torch.device = None
+    ) -> tuple[int, ...]:
+        """(rank 0's decided_by_main, a non-negative int, then the largest of each any_rank
+        value over all ranks): one small all-reduce, once a step (what to do next; a signal,
+        a non-finite loss that any rank met)."""
         if not self.distributed:
             return (decided_by_main, *any_rank)
         flags = torch.tensor(
@@ -78,7 +78,7 @@ class Group:
             device=device,
         )
         self._call(dist.all_reduce, flags, op=dist.ReduceOp.MAX)
-        return (bool(flags[0]), *(int(f) for f in flags[1:]))
+        return tuple(int(f) for f in flags)
 
     def from_main(self, value: float, device: torch.device = None) -> float:
         """Rank 0's value, on every rank."""

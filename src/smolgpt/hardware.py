@@ -247,6 +247,80 @@ def this_cpu() -> dict:
     return info
 
 
+class OtherLoad:
+    """How many cores other programs kept busy while the block ran: from Linux's
+    /proc/stat (every process's CPU time) less this process's own; ``cores`` is None where
+    there is no /proc/stat. Use as a context manager around the work measured."""
+
+    def __enter__(self) -> "OtherLoad":
+        self.start, self.cores = _cpu_seconds(), None
+        return self
+
+    # /proc/stat counts in ticks (10 ms): a shorter block is lengthened to this, idly.
+    MIN_SECONDS = 0.2
+
+    def __exit__(self, *exc) -> None:
+        if self.start is not None:
+            time.sleep(max(self.MIN_SECONDS - (time.perf_counter() - self.start[0]), 0.0))
+        end = _cpu_seconds()
+        if self.start is not None and end is not None:
+            wall, busy, own = (b - a for a, b in zip(self.start, end))
+            self.cores = max(busy - own, 0.0) / max(wall, 1e-9)
+
+
+def _cpu_seconds() -> Optional[tuple[float, float, float]]:
+    """(wall clock, CPU seconds of every process, of this one), or None without
+    /proc/stat."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = sum(fields[3:5])  # idle and iowait
+    busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # up to steal
+    return time.perf_counter(), busy, time.process_time()
+
+
+def may_choose_threads(device: torch.device) -> bool:
+    """Whether smolgpt may choose how many threads compute on this device: a CPU with more
+    than one, where neither OMP_NUM_THREADS nor MKL_NUM_THREADS says how many (set one of
+    them for a count that never varies, as bit-for-bit comparisons of runs need)."""
+    user_set = any(os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))
+    return device.type == "cpu" and not user_set and torch.get_num_threads() > 1
+
+
+def describe_threads(busy_cores: Optional[float] = None, timed_against: int = 0) -> str:
+    """How this process computes on the CPU, for the start-up log: its compute threads (and
+    with busy_cores, the cores other programs kept busy at start-up, and timed_against, the
+    other count timed then) and how they wait between operations (see SPIN_COUNT in
+    smolgpt/__init__.py)."""
+    import smolgpt
+
+    count = torch.get_num_threads()
+    threads = f"{count} compute thread{'' if count == 1 else 's'}"
+    if timed_against:
+        threads += (
+            f" (other programs kept {busy_cores:.1f} cores busy: a training pass timed on "
+            f"{count} and on {timed_against}, and {count} was faster; OMP_NUM_THREADS fixes "
+            "the count)"
+        )
+    spin, policy = os.environ.get("GOMP_SPINCOUNT"), os.environ.get("OMP_WAIT_POLICY")
+    if not smolgpt.WAIT_POLICY_IN_TIME and spin == smolgpt.SPIN_COUNT:
+        return (
+            f"{threads}, waiting as OpenMP does by default: torch was loaded before smolgpt "
+            f"(set GOMP_SPINCOUNT={smolgpt.SPIN_COUNT} before importing torch, or import "
+            "smolgpt first, so that a CPU busy with other work slows training in "
+            "proportion, not several-fold)"
+        )
+    if spin == smolgpt.SPIN_COUNT and policy is None:
+        return (
+            f"{threads}, spinning briefly while they wait (GOMP_SPINCOUNT={spin}: a CPU "
+            "busy with other work slows training in proportion, not several-fold)"
+        )
+    yours = (("GOMP_SPINCOUNT", spin), ("OMP_WAIT_POLICY", policy))
+    return f"{threads}, waiting as " + ", ".join(f"{k}={v}" for k, v in yours if v is not None)
+
+
 # ----------------------------------------------------------------------- the peak
 
 

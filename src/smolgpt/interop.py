@@ -55,6 +55,7 @@ import torch
 from . import checkpoint
 from .config import ModelConfig
 from .errors import SmolGPTError
+from .extras import install_command, upgrade_advice
 from .files import atomic_write, atomic_write_text, umask
 from .model import GPT
 
@@ -77,7 +78,6 @@ META = "smolgpt.json"  # what smolgpt needs beyond the weights: tokenizer, confi
 WEIGHTS = "model.safetensors"
 HF_CONFIG = "config.json"
 PICKLED = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth")
-HF_INSTALL = "pip install 'smolgpt[hf]'"
 ROPE_BASE = 10000.0  # model.rotary_tables' base
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which the model uses
 
@@ -454,7 +454,8 @@ def require_hf() -> None:
         import tokenizers  # noqa: F401
     except ImportError:
         raise SmolGPTError(
-            f"exporting for transformers needs the tokenizers library: install with {HF_INSTALL}"
+            "exporting for transformers needs the tokenizers library: install with "
+            + install_command("hf")
         ) from None
 
 
@@ -575,8 +576,7 @@ def _read_meta(folder: Path, why: str) -> dict:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise SmolGPTError(
             f"{folder / META} has export format version {version}, newer "
-            f"than this smolgpt understands ({FORMAT_VERSION}): upgrade smolgpt "
-            "(pip install -U smolgpt)"
+            f"than this smolgpt understands ({FORMAT_VERSION}): {upgrade_advice()}"
         )
     if "tokenizer" not in meta:
         raise SmolGPTError(f"{folder / META} has no tokenizer: the export is incomplete")

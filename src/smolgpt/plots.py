@@ -1,6 +1,6 @@
 """Loss curves from a run's ``metrics.jsonl``, drawn into PNG files.
 
-matplotlib is an optional dependency (``pip install 'smolgpt[plot]'``), so it is imported
+matplotlib is an optional dependency (the plot extra), so it is imported
 only inside the functions that draw. They use its object API (a ``Figure`` on an Agg canvas)
 and never pyplot: no global figure state and no GUI backend, so plotting works on a headless
 server and from several threads at once. Every PNG is written with
@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Union
 
 from .config import PLOT_AXES
 from .errors import SmolGPTError
+from .extras import install_command
 from .files import atomic_write
 from .runlog import METRICS
 
@@ -25,7 +26,10 @@ PathLike = Union[str, Path]
 NUMERIC_KEYS = ("iter", "train_loss", "val_loss", "elapsed_s")
 TRAIN_COLOR, VAL_COLOR = "#1f77b4", "#ff7f0e"  # matplotlib's first two default colours
 X_AXES = PLOT_AXES
-INSTALL_HINT = "plots need matplotlib: pip install 'smolgpt[plot]'"
+
+
+def install_hint() -> str:
+    return f"plots need matplotlib: {install_command('plot')}"
 
 
 def plotting_available() -> bool:
@@ -44,7 +48,7 @@ def _figure_classes():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise SmolGPTError(INSTALL_HINT) from None
+        raise SmolGPTError(install_hint()) from None
     return Figure, FigureCanvasAgg
 
 

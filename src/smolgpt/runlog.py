@@ -20,11 +20,14 @@ from tqdm import tqdm
 
 from .config import TrainConfig
 from .distributed import Group
+from .extras import install_command
 from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
+# An evaluation expected to take longer than this reports how far it has got this often.
+EVAL_PROGRESS_S = 10.0
 TENSORBOARD = "tensorboard"  # --tensorboard's folder in the run directory
 # The TensorBoard name of each metrics key: loss curves together, the rest apart.
 BOARD_TAGS = {
@@ -239,6 +242,29 @@ class RunLog:
             self._move_bar(elapsed)
         return row
 
+    def evaluation_progress(self, iteration: int):
+        """A report(batches scored, batches in all) for a long evaluation at `iteration`: a
+        line every EVAL_PROGRESS_S seconds with how far it has got and the time left."""
+        start = last = time.perf_counter()
+        every_s = EVAL_PROGRESS_S
+
+        def report(scored: int, total: int) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            if now - last < every_s or scored == total or not self.group.is_main:
+                return
+            last = now
+            left = (now - start) / scored * (total - scored)
+            log.info(
+                "evaluating at iter %d: %d/%d batches, %s left",
+                iteration,
+                scored,
+                total,
+                duration(left),
+            )
+
+        return report
+
     def _prepare_plots(self) -> None:
         """Import matplotlib now (a second or more on a small CPU), so that a time-budgeted
         run counts it before it plans its steps, not in its final evaluation; or say at the
@@ -247,7 +273,7 @@ class RunLog:
 
         if not plots.plotting_available():
             self.plot_failed = True
-            log.info("no loss.png: %s (--no-plot silences this)", plots.INSTALL_HINT)
+            log.info("no loss.png: %s (--no-plot silences this)", plots.install_hint())
 
     def _plot(self) -> None:
         """Redraw loss.png from metrics.jsonl. Should drawing fail, say so once and go on: a
@@ -273,8 +299,8 @@ def tensorboard_writer(folder: Path, purge_from: Optional[int] = None):
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # torch's module imports the tensorboard package
         log.warning(
-            "no TensorBoard logs: --tensorboard needs the tensorboard package: "
-            "pip install 'smolgpt[tensorboard]'"
+            "no TensorBoard logs: --tensorboard needs the tensorboard package: %s",
+            install_command("tensorboard"),
         )
         return None
     return SummaryWriter(str(folder), purge_step=purge_from or None)

@@ -22,7 +22,7 @@ How a shared server stays alive: every torch call runs on one worker thread, and
 but never blocks them; up to ``queue`` more wait for a turn, and beyond that the answer is
 an immediate 503 "busy". A request has ``timeout`` seconds, its wait included. A client that
 disconnects stops its generation at the next token. Prompt length, max_tokens and n have
-caps. The framework is Starlette on uvicorn (``pip install 'smolgpt[serve]'``): small, and
+caps. The framework is Starlette on uvicorn (the serve extra): small, and
 built around streaming responses.
 """
 
@@ -48,10 +48,10 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence
 from . import __version__
 from .config import SampleConfig, ServeConfig
 from .errors import SmolGPTError
+from .extras import install_command
 
 log = logging.getLogger("smolgpt")
 
-INSTALL_HINT = "smolgpt serve needs starlette and uvicorn: pip install 'smolgpt[serve]'"
 API_KEY_VARIABLE = "SMOLGPT_API_KEY"
 MAX_STOPS = 4  # OpenAI's limit on stop strings
 MAX_STOP_CHARS = 200
@@ -644,6 +644,10 @@ def _head(job: Completion) -> dict[str, Any]:
     }
 
 
+def install_hint() -> str:
+    return f"smolgpt serve needs starlette and uvicorn: {install_command('serve')}"
+
+
 def build_app(served: Sequence[Served], cfg: ServeConfig, api_key: Optional[str] = None):
     """The ASGI application serving these models (Starlette), for uvicorn or any ASGI server."""
     try:
@@ -652,7 +656,7 @@ def build_app(served: Sequence[Served], cfg: ServeConfig, api_key: Optional[str]
         from starlette.responses import HTMLResponse, JSONResponse, Response
         from starlette.routing import Route
     except ImportError:
-        raise SmolGPTError(INSTALL_HINT) from None
+        raise SmolGPTError(install_hint()) from None
 
     server = Server(served, cfg, api_key)
 
@@ -1135,7 +1139,7 @@ def serve(
         importlib.import_module("starlette")
         import uvicorn
     except ImportError:
-        raise SmolGPTError(INSTALL_HINT) from None
+        raise SmolGPTError(install_hint()) from None
     sock = listen(cfg.host, cfg.port)  # first: a port in use fails before models load
     try:
         app = build_app(load_models(checkpoints, cfg.device), cfg, api_key)

@@ -37,6 +37,7 @@ import numpy as np
 
 from .config import LEVELS, check_vocab_size
 from .errors import SmolGPTError
+from .extras import install_command
 
 # A word is letters/digits, possibly joined by apostrophes (don't, holmes's); every other
 # non-space character is a token of its own. (’ is for vocabularies from before 0.5.)
@@ -319,7 +320,7 @@ def _tokenizers():
         import tokenizers
     except ImportError:
         raise SmolGPTError(
-            "--level bpe needs the tokenizers library: pip install 'smolgpt[bpe]'"
+            f"--level bpe needs the tokenizers library: {install_command('bpe')}"
         ) from None
     return tokenizers
 

@@ -2,11 +2,12 @@
 
 One :class:`Trainer` owns a run directory for the life of a run. Each iteration it takes one
 optimiser step (see ``optim.py``: AdamW or Muon, warm-up then cosine learning rate, gradient
-accumulation, clipping, mixed precision); every ``eval_interval`` steps it measures train and
-val loss on fixed batches, has :class:`~smolgpt.runlog.RunLog` append a row to
-``metrics.jsonl``, and saves ``latest_model.pth`` (and ``best_model.pth`` on a new best val
-loss). :class:`Budget` says when to stop: after max_iters steps, or with ``--time_budget``
-when the time left holds just the final evaluation.
+accumulation, clipping, mixed precision); every ``eval_interval`` steps (under a time
+budget, at points spread over it) it measures train and val loss on fixed batches, has
+:class:`~smolgpt.runlog.RunLog` append a row to ``metrics.jsonl``, and saves
+``latest_model.pth`` (and ``best_model.pth`` on a new best val loss). :class:`Budget` says
+when to stop: after max_iters steps, or with ``--time_budget`` when the time left holds
+just the final evaluation.
 
 A checkpoint holds everything that decides the future of a run (weights, optimiser, scaler,
 iteration, best loss, every RNG state), so a resumed run continues exactly where the saved
@@ -40,7 +41,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__, checkpoint, hardware
-from .config import TrainConfig
+from .config import BUDGET_EVALUATIONS, TrainConfig
 from .data import BatchSampler, TokenData
 from .distributed import Group
 from .errors import SmolGPTError
@@ -56,7 +57,7 @@ from .optim import (
     warming_up,
     warmup_share,
 )
-from .runlog import RunLog, duration
+from .runlog import EVAL_PROGRESS_S, RunLog, duration
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ class Progress:
     # Training tokens seen, every rank's; None in checkpoints written before smolgpt 0.12
     # (restored as steps x tokens per step: there was no --batch_warmup then).
     tokens: Optional[int] = None
+    # Batches of each split that every evaluation of the run scores: planned once by a
+    # time-budgeted run (Budget.plan_eval_batches); None: eval_iters.
+    eval_batches: Optional[int] = None
 
 
 class TrainingInterrupted(Exception):
@@ -110,7 +114,10 @@ class Budget:
 
     A time-budgeted run holds back the time of its final evaluation (the last one measured,
     or before there is one an estimate from a timed evaluation batch), so that the
-    evaluation still fits and the learning-rate decay ends when training does.
+    evaluation still fits and the learning-rate decay ends when training does. Without
+    --eval_interval it evaluates at its start and after each BUDGET_EVALUATIONS-th of its
+    training time; its evaluations score at most eval_iters batches a split, fewer where
+    they would take more than EVAL_SHARE of the budget in all (plan_eval_batches).
     """
 
     def __init__(
@@ -125,6 +132,11 @@ class Budget:
         self.max_iters = cfg.step_limit  # None: the time budget alone ends training
         self.eval_s: Optional[float] = None  # the last evaluation's duration
         self.eval_batch_s: Optional[float] = None  # one evaluation batch's, when timed
+        self.eval_batches = cfg.eval_iters  # a split's batches in each evaluation
+        # Under a clock schedule: the share of training done when this process first
+        # evaluated (or resumed an evaluated run), and the last point evaluated since.
+        self.points_from: Optional[float] = None
+        self.points_evaluated = -1
         self.steps, self.step_s = 0, 0.0  # steps timed, and their total time (first excluded)
 
     def elapsed(self) -> float:
@@ -149,7 +161,44 @@ class Budget:
             return self.eval_s
         if self.eval_batch_s is None:
             return 0.0
-        return 2 * self.cfg.eval_iters * self.eval_batch_s
+        return 2 * self.eval_batches * self.eval_batch_s
+
+    def expected_evaluations(self, step_s: float) -> int:
+        """How many evaluations a time-budgeted run makes, its first and last included, at
+        step_s seconds a step."""
+        cfg = self.cfg
+        if cfg.eval_every is None:
+            return BUDGET_EVALUATIONS + 1
+        steps = cfg.time_budget / max(step_s, 1e-9)
+        if self.max_iters is not None:
+            steps = min(steps, self.max_iters)
+        return 1 + math.ceil(steps / cfg.eval_every)
+
+    def plan_eval_batches(self, batch_s: float, step_s: float) -> int:
+        """The batches of each split that every evaluation of a time-budgeted run scores:
+        eval_iters, or fewer (one at least) where its expected evaluations, at batch_s
+        seconds a batch, would take more than EVAL_SHARE of the budget. The same batches
+        every time, so that successive losses differ only because the model did."""
+        budget = EVAL_SHARE * self.cfg.time_budget
+        batches = budget / (self.expected_evaluations(step_s) * 2 * max(batch_s, 1e-9))
+        fits = math.floor(batches + 1e-9)  # 4.999... from rounding is 5
+        return max(1, min(self.cfg.eval_iters, fits))
+
+    def point(self, iteration: int) -> int:
+        """Which of the BUDGET_EVALUATIONS points of a time-budgeted run it has passed after
+        `iteration` steps, now (0 before the first): they divide the training time left
+        after this process's first evaluation (start-up may take a good part of a short
+        budget) into equal parts."""
+        share = self.share(iteration, self.elapsed())
+        start = self.points_from or 0.0
+        return math.floor((share - start) / max(1.0 - start, 1e-9) * BUDGET_EVALUATIONS)
+
+    def evaluated(self, iteration: int) -> None:
+        """Record an evaluation after `iteration` steps (the first of this process starts
+        the points)."""
+        if self.points_from is None:
+            self.points_from = self.share(iteration, self.elapsed())
+        self.points_evaluated = self.point(iteration)
 
     def train_seconds(self) -> float:
         """The schedule's horizon under --time_budget: the budget less the final evaluation."""
@@ -190,28 +239,45 @@ class Budget:
         return warm + (1.0 - warm) * (decay_then + (1.0 - decay_then) * rest)
 
 
-# A run counted in steps says how long it will take after this many steps of its process
-# (the first, with its one-off costs, is not timed), and on a CPU, beyond LONG_RUN_S, how
-# to make it shorter.
+# Evaluations of a time-budgeted run take at most this share of the budget in all.
+EVAL_SHARE = 0.1
+# Other programs keeping this many cores busy make a run time its pass on one thread too.
+BUSY_CORES = 0.5
+# A run counted in steps says how long it will take before it starts, from a timed forward
+# and backward pass, then again from the mean of this many steps of its process (the first,
+# with its one-off costs, is not timed); and on a CPU, beyond LONG_RUN_S, how to make it
+# shorter.
 PROJECT_AFTER_STEPS = 5
 LONG_RUN_S = 3600
 
 
-def projection(budget: Budget, iteration: int, device: torch.device) -> list[str]:
-    """The log lines that project the rest of a run counted in steps: the steps left at the
-    mean step time so far, plus the evaluations still due (at budget.final_eval_s() each);
-    and on a CPU, where that is over LONG_RUN_S, one that suggests a shorter run."""
-    cfg, every = budget.cfg, budget.cfg.eval_interval
+def projection(
+    budget: Budget,
+    iteration: int,
+    device: torch.device,
+    step_s: Optional[float] = None,
+    evaluation_pending: bool = False,
+) -> list[str]:
+    """The log lines that project the rest of a run counted in steps: the steps left at
+    step_s seconds each (given: an estimate before the first step; else the mean step time
+    so far), plus the evaluations still due (at budget.final_eval_s() each; the one at
+    `iteration` too if evaluation_pending); and on a CPU, where that is over LONG_RUN_S,
+    one that suggests a shorter run."""
+    cfg, every = budget.cfg, budget.cfg.eval_every
     limit = cfg.step_limit  # (a run counted in steps has one)
     steps_left = max(limit - iteration, 0)
     # An evaluation every eval_interval steps, and one at the end.
     evals_left = limit // every - iteration // every + (limit % every != 0)
-    evals_left = evals_left if steps_left else 0
-    step_s, eval_s = budget.step_time() or 0.0, budget.final_eval_s()
+    evals_left = (evals_left if steps_left else 0) + evaluation_pending
+    estimated = step_s is not None
+    if step_s is None:
+        step_s = budget.step_time() or 0.0
+    eval_s = budget.final_eval_s()
     total = steps_left * step_s + evals_left * eval_s
+    how = "about, from one timed forward and backward pass: " if estimated else ""
     lines = [
-        f"projected training time: {duration(total)} ({steps_left} steps at {step_s:.2f} "
-        f"s, {evals_left} evaluations at {eval_s:.1f} s"
+        f"projected training time: {duration(total)} ({how}{steps_left} steps at "
+        f"{step_s:.2f} s, {evals_left} evaluations at {eval_s:.1f} s"
         f"{'; early stopping may end it sooner' if cfg.early_stop_patience else ''})"
     ]
     if device.type == "cpu" and total > LONG_RUN_S:
@@ -344,6 +410,8 @@ class Trainer:
         )
         self.progress = Progress(tokens=0)
         self.diverged = False  # a non-finite loss met (see _lose_finiteness)
+        self.busy_cores: Optional[float] = None  # other programs' at start-up
+        self.threads_timed_against = 0  # the other thread count timed, if any
         if resume_from is not None:
             self._restore(resume_from)
         self.budget = Budget(cfg, clock_start, self.progress.elapsed_s, self.progress.extended_at)
@@ -504,13 +572,18 @@ class Trainer:
         return total
 
     @torch.no_grad()
-    def evaluate(self, stop: Optional[_SignalFlag] = None) -> Optional[dict[str, float]]:
+    def evaluate(
+        self,
+        stop: Optional[_SignalFlag] = None,
+        report: Optional[Callable[[int, int], None]] = None,
+    ) -> Optional[dict[str, float]]:
         """Mean loss of each split over the same windows at every evaluation (so successive
         numbers differ only because the model did): the split's evaluation windows
         (:func:`~smolgpt.evaluate.window_starts`), or where it has more than eval_iters x
-        batch_size of them, that many spread evenly over it. A validation split that small
-        is scored whole, as ``smolgpt eval`` scores it. With the validation text's size
-        known, "val_bits_per_char" too.
+        batch_size of them (under a time budget, its planned batches), that many spread
+        evenly over it. A validation split that small is scored whole, as ``smolgpt eval``
+        scores it. With the validation text's size known, "val_bits_per_char" too.
+        report(batches scored, batches in all) is called after each batch.
 
         With a stop flag, returns None as soon as a signal has been recorded (checked after
         every batch): a long evaluation is abandoned rather than awaited. Evaluating changes
@@ -519,26 +592,38 @@ class Trainer:
         self.model.eval()
         if stop is not None:
             stop.evaluating = True
-        block, most = self.cfg.block_size, self.cfg.eval_iters * self.cfg.batch_size
-        group = self.group
-        # A distributed evaluation is never abandoned: the other ranks would wait for it.
-        should_stop = (
-            None if stop is None or group.distributed else (lambda: stop.signum is not None)
-        )
+        block, most = self.cfg.block_size, self.budget.eval_batches * self.cfg.batch_size
+        group, batch = self.group, self.cfg.batch_size
+        splits = {"train": self.data.train, "val": self.data.val}
+        # Each rank scores its share of the windows; the sums are added up.
+        starts = {
+            split: window_starts(len(ids), block, most)[group.rank :: group.world_size]
+            for split, ids in splits.items()
+        }
+        total = sum(math.ceil(len(s) / batch) for s in starts.values())
+        scored_batches = 0
+
+        def after_batch() -> bool:
+            """Report; and whether to abandon the evaluation (a distributed one never is:
+            the other ranks would wait for it)."""
+            nonlocal scored_batches
+            scored_batches += 1
+            if report is not None:
+                report(min(scored_batches, total), total)
+            return stop is not None and not group.distributed and stop.signum is not None
+
         try:
             out = {}
-            for split, ids in (("train", self.data.train), ("val", self.data.val)):
-                # Each rank scores its share of the windows; the sums are added up.
-                starts = window_starts(len(ids), block, most)[group.rank :: group.world_size]
+            for split, ids in splits.items():
                 scored = score_windows(
                     self.eval_forward,
                     ids,
                     block,
-                    starts,
-                    self.cfg.batch_size,
+                    starts[split],
+                    batch,
                     self.device,
                     self.precision.autocast,
-                    should_stop,
+                    after_batch,
                 )
                 if scored is None:
                     return None
@@ -584,6 +669,7 @@ class Trainer:
                 group.world_size,
                 sequences * cfg.block_size,
             )
+        batch_s, pass_s = self._time_passes()  # and on a CPU, choose the threads
         peak = hardware.peak_flops(self.device, self.precision)
         run_log = RunLog(
             self.cfg,
@@ -600,14 +686,22 @@ class Trainer:
             peak / 1e9,
             hardware.peak_key(self.device, self.precision.reduced or torch.float32),
         )
+        if self.device.type == "cpu":
+            log.info(
+                "cpu: %s", hardware.describe_threads(self.busy_cores, self.threads_timed_against)
+            )
         run_log.rewind(p.iter, p.evaluated)
+        self._plan(batch_s, pass_s)
         self.model.train()
         with run_log, _SignalFlag() as stop:
             while True:
-                finished, signum = self._agree(self.budget.finished(p.iter), stop)
+                # Rank 0's clock decides for every rank: 2 finished, 1 evaluate now, 0 step.
+                finished = self.budget.finished(p.iter)
+                state, signum = self._agree(2 if finished else int(self._evaluation_due()), stop)
+                finished = state == 2
                 if signum:  # after a step, or at the start
                     raise self._save_interrupted(signum)
-                if (finished or self._evaluation_due()) and not p.evaluated:
+                if state and not p.evaluated:
                     finished, _ = self._agree(self._evaluate_and_save(run_log, stop), stop)
                     if 0 < self.cfg.early_stop_patience <= p.evals_since_best:
                         log.info(
@@ -623,19 +717,18 @@ class Trainer:
             log.info("the %d ranks held identical weights at every evaluation", group.world_size)
         return p
 
-    def _agree(self, finished: bool, stop: _SignalFlag) -> tuple[bool, int]:
-        """(whether training ends now, as rank 0 decides it; the signal any rank had
-        received, 0 if none), the same on every rank: one collective under distributed
-        training (a signal that arrives after it waits for the next). A non-finite loss any
-        rank met ends them all."""
-        finished, signum, diverged = self.group.agree(
-            finished, stop.signum or 0, int(self.diverged), device=self.device
+    def _agree(self, decision: int, stop: _SignalFlag) -> tuple[int, int]:
+        """(rank 0's decision, the signal any rank had received, 0 if none), the same on
+        every rank: one collective under distributed training (a signal that arrives after
+        it waits for the next). A non-finite loss any rank met ends them all."""
+        decision, signum, diverged = self.group.agree(
+            decision, stop.signum or 0, int(self.diverged), device=self.device
         )
         if diverged:
             raise self._diverged()
         if signum and stop.signum is None:
             stop.signum = signum
-        return finished, signum
+        return decision, signum
 
     def _save_interrupted(self, signum: int) -> TrainingInterrupted:
         """Save the run as it stands, for --resume to carry on from, and return the
@@ -647,10 +740,42 @@ class Trainer:
         return TrainingInterrupted(signum, self.out_dir, self.progress.iter)
 
     def _evaluation_due(self) -> bool:
-        # A time-budgeted run skips the evaluation of the untrained model: it tells nothing
-        # (the loss is about ln(vocab)) and would eat the budget.
-        it = self.progress.iter
-        return it % self.cfg.eval_interval == 0 and not (self.cfg.time_budget and it == 0)
+        """Every eval_interval steps, the start included; under a time budget without one,
+        at the start and whenever training has passed the next of its points in time."""
+        it, every = self.progress.iter, self.cfg.eval_every
+        if every is not None:
+            return it % every == 0
+        return it == 0 or self.budget.point(it) > self.budget.points_evaluated
+
+    def _plan(self, batch_s: float, pass_s: float) -> None:
+        """From one evaluation batch's time and one training pass's, timed before training
+        starts: a time-budgeted run plans its evaluations' batches (once per run: every
+        evaluation scores the same windows) and says so, a run counted in steps how long it
+        will take."""
+        p, budget, cfg = self.progress, self.budget, self.cfg
+        step_s = pass_s * cfg.gradient_accumulation_steps
+        budget.eval_batch_s = batch_s
+        if cfg.time_budget:
+            if p.eval_batches is None:
+                planned = budget.plan_eval_batches(batch_s, step_s)
+                p.eval_batches = round(self.group.from_main(planned, self.device))
+            budget.eval_batches = p.eval_batches
+            if p.evaluated:  # a resumed run: its evaluation at p.iter was made
+                budget.evaluated(p.iter)
+            count = budget.expected_evaluations(step_s)
+            log.info(
+                "time budget %s: about %d evaluations of %d batch%s a split (~%.1f s each), "
+                "the rest for training steps",
+                duration(cfg.time_budget),
+                count,
+                p.eval_batches,
+                "" if p.eval_batches == 1 else "es",
+                budget.final_eval_s(),
+            )
+        else:
+            pending = not p.evaluated and p.iter % cfg.eval_every == 0
+            for line in projection(budget, p.iter, self.device, step_s, pending):
+                log.info(line)
 
     def tokens_per_step(self, rows: int) -> int:
         """Training tokens in one step of `rows` sequences per micro-batch, every rank's."""
@@ -676,14 +801,8 @@ class Trainer:
         if self.device.type == "cpu" and not math.isfinite(loss.item()):
             self._lose_finiteness()
         self.budget.add_step(time.perf_counter() - start)
-        if self.budget.steps == 1 and self.budget.eval_s is None:
-            # No evaluation timed yet: time one evaluation batch for the estimate of the
-            # final evaluation (after the first step, which pays the one-off costs).
-            loss.item()  # wait for the step, so that the clock times the batch alone
-            self.budget.eval_batch_s = self._time_eval_batch()
         if self.budget.steps == PROJECT_AFTER_STEPS and not self.cfg.time_budget:
-            for line in projection(self.budget, p.iter, self.device):
-                log.info(line)
+            log.info(projection(self.budget, p.iter, self.device)[0])  # measured now
         reported = run_log.step(
             p.iter,
             loss,
@@ -694,24 +813,62 @@ class Trainer:
         if reported is not None and not math.isfinite(reported):
             self._lose_finiteness()
 
-    @torch.no_grad()
-    def _time_eval_batch(self) -> float:
-        """Seconds that one evaluation batch takes (a forward pass in eval mode): the faster
-        of two, as the first may pay one-off costs (a compilation with --compile). It draws
-        no random number that training uses, so exact resume is unaffected."""
+    def _time_passes(self) -> tuple[float, float]:
+        """Seconds of one evaluation batch (a forward pass in eval mode) and of one training
+        pass (forward and backward, no optimiser step): each the faster of two, as the first
+        may pay one-off costs (a compilation with --compile). On a CPU whose threads are
+        smolgpt's to choose (hardware.may_choose_threads) and that other programs keep
+        busy (BUSY_CORES), the training pass is timed on one thread too, and the run keeps
+        the faster count: there, short operations can spend more time waiting for a second
+        thread to be scheduled than they save. (Not on a quiet CPU: changing the count and
+        back leaves OpenMP's threads some 15% slower.) The training pass runs on the
+        model itself (no DistributedDataParallel, so no communication), with torch's RNG
+        forked for its dropout, and leaves no gradient behind: nothing a checkpoint holds
+        changes, so exact resume is unaffected."""
         x, y = BatchSampler(
             self.data.val, self.cfg.block_size, self.cfg.batch_size, self.cfg.seed, self.device
         ).next()
-        self.model.eval()
-        times = []
-        for _ in range(2):
-            start = time.perf_counter()
+
+        def timed(run: Callable[[], torch.Tensor]) -> float:
+            times = []
+            for _ in range(2):
+                start = time.perf_counter()
+                run().item()  # waits for the device
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        def forward() -> torch.Tensor:
+            with torch.no_grad(), self.precision.autocast():
+                return self.eval_forward(x, y)[1]
+
+        def forward_backward() -> torch.Tensor:
             with self.precision.autocast():
-                _, loss = self.eval_forward(x, y)
-            loss.item()  # waits for the device
-            times.append(time.perf_counter() - start)
-        self.model.train()
-        return min(times)
+                _, loss = self.model(x, y)
+            loss.backward()
+            return loss.detach()
+
+        self.model.eval()
+        try:
+            batch_s = timed(forward)
+        finally:
+            self.model.train()
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            with hardware.OtherLoad() as load:
+                pass_s = timed(forward_backward)
+            self.busy_cores = load.cores
+            busy = load.cores is not None and load.cores >= BUSY_CORES
+            if busy and hardware.may_choose_threads(self.device):
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                one_s = timed(forward_backward)
+                if one_s < pass_s:
+                    batch_s *= one_s / pass_s  # (an estimate: not timed again)
+                    pass_s, self.threads_timed_against = one_s, threads
+                else:
+                    torch.set_num_threads(threads)
+        self.model.zero_grad(set_to_none=True)
+        return batch_s, pass_s
 
     def _evaluate_and_save(self, run_log: RunLog, stop: _SignalFlag) -> bool:
         """Evaluate, record, checkpoint; return whether training is finished now. Under a
@@ -724,7 +881,9 @@ class Trainer:
         writes its metrics row) once; then TrainingInterrupted is raised."""
         p = self.progress
         start = time.perf_counter()
-        losses = self.evaluate(stop)
+        expected_s = self.budget.final_eval_s()
+        report = run_log.evaluation_progress(p.iter) if expected_s > EVAL_PROGRESS_S else None
+        losses = self.evaluate(stop, report)
         if losses is None:
             raise self._save_interrupted(stop.signum)
         if not all(map(math.isfinite, losses.values())):
@@ -755,6 +914,7 @@ class Trainer:
             self.on_evaluation(self.model, p.iter, losses)
         # The metrics row, loss.png and on_evaluation count as the evaluation's time too.
         self.budget.eval_s = time.perf_counter() - start
+        self.budget.evaluated(p.iter)
         p.evaluated, p.elapsed_s = True, self.budget.elapsed()
         self._check_replicas()
         self.save(LATEST)  # first: a run directory with any checkpoint has a latest one
