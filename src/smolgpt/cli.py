@@ -35,6 +35,7 @@ from .config import (
     EXPORT_FORMATS,
     HELP_GROUPS,
     PLOT_AXES,
+    PLOT_VALUES,
     PRESETS,
     GenerateConfig,
     ServeConfig,
@@ -228,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser(
         "plot",
         help="draw the val loss curves of runs in one picture",
-        description="Overlay the val loss of one or more runs (their metrics.jsonl) in a PNG; "
+        description="Overlay the val loss of one or more runs (their metrics.jsonl) in a PNG, "
+        "in nats per token or, for runs of different levels, in bits per character; "
         f"needs matplotlib ({install_command('plot')}).",
     )
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
@@ -242,11 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw against iterations, wall time or training tokens (default: iter)",
     )
     plot.add_argument(
+        "--y",
+        choices=PLOT_VALUES,
+        help="draw val loss in nats per token, or val bits per character, which compares "
+        "runs of different levels (default: bits_per_char where the runs' levels or "
+        "vocabularies differ, else loss)",
+    )
+    plot.add_argument(
         "--ylim",
         nargs=2,
         type=float,
         metavar=("LOW", "HIGH"),
-        help="the val loss range shown (default: all of it)",
+        help="the range of --y shown (default: all of it)",
     )
     plot.add_argument("--title", help="a heading for the picture")
     serve = commands.add_parser(
@@ -562,12 +571,14 @@ def run_plot(
     x: str,
     ylim: Optional[list[float]] = None,
     title: Optional[str] = None,
+    y: Optional[str] = None,
 ) -> int:
-    """Overlay the runs' val loss curves in the PNG out; the last line says where it went,
-    as an absolute path (the default lands in the current directory)."""
+    """Overlay the runs' val curves (y, by default as plot_runs chooses, which says why in a
+    log line) in the PNG out; the last line says where it went, as an absolute path (the
+    default lands in the current directory)."""
     from .plots import plot_runs
 
-    written = plot_runs(run_dirs, out, x, tuple(ylim) if ylim else None, title)
+    written = plot_runs(run_dirs, out, x, tuple(ylim) if ylim else None, title, y)
     print(f"wrote {Path(written).resolve()}", file=sys.stderr)
     return 0
 
@@ -647,7 +658,9 @@ def main(argv: Optional[Sequence[str]] = None, launcher: Launcher = SMOLGPT) -> 
                 args["device"],
             )
         if command == "plot":
-            return run_plot(args["run_dirs"], args["out"], args["x"], args["ylim"], args["title"])
+            return run_plot(
+                args["run_dirs"], args["out"], args["x"], args["ylim"], args["title"], args["y"]
+            )
         if command == "info":
             return run_info(args["checkpoint"], args["json"])
         if command == "serve":

@@ -46,6 +46,9 @@ OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "linear", "constant")
 EXPORT_FORMATS = ("hf", "safetensors")  # smolgpt export --format
 PLOT_AXES = ("iter", "time", "tokens")  # smolgpt plot --x: what the curves are drawn against
+# smolgpt plot --y: what the curves show, val loss in nats per token (comparable between runs
+# of one tokenizer only) or val bits per character (comparable across levels).
+PLOT_VALUES = ("loss", "bits_per_char")
 DEFAULT_MAX_ITERS = 5000  # the original smolgpt's: the length of a run not given one
 DEFAULT_EVAL_INTERVAL = 250  # steps between evaluations of a run counted in steps
 # A time-budgeted run not given --eval_interval evaluates at its start and after each this

@@ -10,15 +10,18 @@ server and from several threads at once. Every PNG is written with
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-from .config import PLOT_AXES
+from .config import LEVELS, PLOT_AXES, PLOT_VALUES, RUN_CONFIG
 from .errors import SmolGPTError
 from .extras import install_command
 from .files import atomic_write
 from .runlog import METRICS
+
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 
@@ -26,6 +29,16 @@ PathLike = Union[str, Path]
 NUMERIC_KEYS = ("iter", "train_loss", "val_loss", "elapsed_s")
 TRAIN_COLOR, VAL_COLOR = "#1f77b4", "#ff7f0e"  # matplotlib's first two default colours
 X_AXES = PLOT_AXES
+Y_VALUES = PLOT_VALUES
+# What each y of plot_runs draws (a metrics row's key), and how its axis is labelled.
+Y_KEYS = {"loss": "val_loss", "bits_per_char": "val_bits_per_char"}
+Y_LABELS = {"loss": "val loss (nats per token)", "bits_per_char": "val bits per character"}
+# A line of at most this many points has a marker at each: one point would draw nothing
+# else, and two or three would read as a bare segment. Longer curves stay plain lines.
+MARKED_POINTS = 25
+# The narrowest loss range an axis shows, as a share of the loss: one evaluation, or a few
+# almost equal, would otherwise be drawn with ticks of 0.0001 under an offset of "+2.147".
+LEAST_SPAN = 0.05
 
 
 def install_hint() -> str:
@@ -109,6 +122,28 @@ def _time_unit(seconds: float) -> tuple[float, str]:
     return 1.0, "s"
 
 
+def _markers(points: int) -> dict:
+    """Line style that shows each point of a short line (see MARKED_POINTS)."""
+    return {"marker": "o", "markersize": 3.5} if points <= MARKED_POINTS else {}
+
+
+def _readable(ax, xs: list[float], ys: list[float]) -> None:
+    """Tick labels that read at a glance however few points ax draws: never an offset, and
+    where the points span (almost) nothing, a range wide enough for ticks of a sensible size.
+    On y (a loss) that is LEAST_SPAN of the loss around them; on x (iterations, wall time or
+    tokens, which start at 0) a single value is drawn in the middle of 0 to twice it."""
+    ax.ticklabel_format(useOffset=False)
+    finite = [v for v in ys if math.isfinite(v)]
+    if finite:
+        low, high = min(finite), max(finite)
+        least = LEAST_SPAN * max(abs(low), abs(high)) or 1.0
+        if high - low < least:
+            half, middle = max(least, 1.1 * (high - low)) / 2, (low + high) / 2
+            ax.set_ylim(middle - half, middle + half)
+    if xs and min(xs) == max(xs):
+        ax.set_xlim(*((0, 2 * xs[0]) if xs[0] > 0 else (xs[0] - 1, xs[0] + 1)))
+
+
 def _save(fig, canvas_class, out_path: Path) -> Path:
     canvas_class(fig)  # attaches itself to the figure: Agg draws it, no GUI involved
     # dpi="figure": the promised pixel size, whatever a user's matplotlibrc says.
@@ -118,7 +153,8 @@ def _save(fig, canvas_class, out_path: Path) -> Path:
 
 def plot_run(run_dir: PathLike, out_path: Optional[PathLike] = None) -> Path:
     """Draw one run's train and val loss against iterations (left) and wall time (right),
-    with the best val loss marked and labelled, into a 1000x400-pixel PNG.
+    with the best val loss marked and labelled, into a 1000x400-pixel PNG. Every point of a
+    short run is marked, so one evaluation draws a visible train and val point.
 
     Writes ``<run_dir>/loss.png`` unless out_path is given, atomically (an existing file is
     replaced only by a complete image). Returns the path written.
@@ -136,22 +172,27 @@ def plot_run(run_dir: PathLike, out_path: Optional[PathLike] = None) -> Path:
         (panels[1], "elapsed_s", divisor, f"wall time ({unit})"),
     ):
         xs = [r[key] / scale for r in rows]
-        ax.plot(xs, [r["train_loss"] for r in rows], color=TRAIN_COLOR, label="train")
-        ax.plot(xs, [r["val_loss"] for r in rows], color=VAL_COLOR, label="val")
+        style = _markers(len(rows))
+        train, val = [r["train_loss"] for r in rows], [r["val_loss"] for r in rows]
+        # Above the best-val marker: one evaluation's train point shows even on top of it.
+        ax.plot(xs, train, color=TRAIN_COLOR, label="train", zorder=3, **style)
+        ax.plot(xs, val, color=VAL_COLOR, label="val", **style)
+        _readable(ax, xs, train + val)
         if best is not None:
             bx = best[key] / scale
-            ax.plot([bx], [best["val_loss"]], "o", color=VAL_COLOR, markeredgecolor="black")
+            # Wider than the line's markers, so a train point on top leaves a ring of it.
+            ax.plot([bx], [best["val_loss"]], "o", ms=9, color=VAL_COLOR, mec="black")
             ax.annotate(
                 f"best val {best['val_loss']:.4f}\n@ iter {best['iter']}",
                 (bx, best["val_loss"]),
                 textcoords="offset points",
-                xytext=(0, 12),
+                xytext=(0, 14),
                 ha="center",
                 fontsize=8,
             )
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    panels[0].set_ylabel("loss")
+    panels[0].set_ylabel("loss (nats per token)")
     panels[0].legend()
     fig.suptitle(Path(run_dir).resolve().name)
     return _save(fig, Canvas, out_path)
@@ -163,14 +204,20 @@ def plot_runs(
     x: str = "iter",
     ylim: Optional[tuple[float, float]] = None,
     title: Optional[str] = None,
+    y: Optional[str] = None,
 ) -> Path:
-    """Overlay the val loss of several runs in one PNG (1000x500 pixels), one line per run,
-    labelled with its directory's name; x is "iter", "time" (wall time) or "tokens" (training
-    tokens seen). ylim: the val loss range shown (low, high), e.g. to leave the untrained
+    """Overlay the validation curves of several runs in one PNG (1000x500 pixels), one line
+    per run, labelled with its directory's name; x is "iter", "time" (wall time) or "tokens"
+    (training tokens seen). y is "loss" (val loss, nats per token) or "bits_per_char" (val
+    bits per character, which compares runs of different levels); by default bits per
+    character where the runs' tokenizers differ (see :func:`default_y`, which says so in a
+    log line), else loss. ylim: the range of y shown (low, high), e.g. to leave the untrained
     model's loss off the top; title: a heading. Writes out_path atomically and returns it.
     """
     if x not in X_AXES:
         raise SmolGPTError(f"x must be one of {', '.join(X_AXES)}, not {x!r}")
+    if y is not None and y not in Y_VALUES:
+        raise SmolGPTError(f"y must be one of {', '.join(Y_VALUES)}, not {y!r}")
     if ylim is not None and not (
         len(ylim) == 2 and all(map(math.isfinite, ylim)) and ylim[0] < ylim[1]
     ):
@@ -179,7 +226,11 @@ def plot_runs(
     if not run_dirs:
         raise SmolGPTError("plot_runs needs at least one run directory")
     Figure, Canvas = _figure_classes()
-    runs = [(d, read_metrics(d)) for d in run_dirs]  # every file is checked before drawing
+    why = None
+    if y is None:
+        y, why = default_y(run_dirs)
+    # Every file is read and checked before anything is drawn.
+    runs = [(d, _y_rows(d, read_metrics(d), y, why)) for d in run_dirs]
 
     if x == "time":
         divisor, unit = _time_unit(max(r["elapsed_s"] for _, rows in runs for r in rows))
@@ -188,6 +239,7 @@ def plot_runs(
         xlabel = {"iter": "iteration", "tokens": "training tokens"}[x]
     fig = Figure(figsize=(10, 5), dpi=100, layout="constrained")
     ax = fig.subplots()
+    every_x, every_y = [], []
     for run_dir, rows in runs:
         if x == "iter":
             xs = [r["iter"] for r in rows]
@@ -195,16 +247,81 @@ def plot_runs(
             xs = [r["elapsed_s"] / divisor for r in rows]
         else:
             xs = _tokens_seen(run_dir, rows)
-        ax.plot(xs, [r["val_loss"] for r in rows], label=run_dir.resolve().name)
+        ys = [r[Y_KEYS[y]] for r in rows]
+        ax.plot(xs, ys, label=run_dir.resolve().name, **_markers(len(rows)))
+        every_x += xs
+        every_y += ys
+    _readable(ax, every_x, every_y)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("val loss")
+    ax.set_ylabel(Y_LABELS[y])
     if ylim is not None:
         ax.set_ylim(*ylim)
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, Canvas, Path(out_path))
+    written = _save(fig, Canvas, Path(out_path))
+    if why:
+        log.info(
+            "%s: drew val bits per character, which compares them; --y loss draws nats per token",
+            why,
+        )
+    return written
+
+
+def default_y(run_dirs: Iterable[PathLike]) -> tuple[str, Optional[str]]:
+    """What :func:`plot_runs` draws when not told, and why when it is not val loss:
+    ("bits_per_char", "runs of different levels (char, word)") where the runs' levels
+    differ, or at one level their vocabularies (bpe's vocab_size, word's min_word_freq):
+    nats per token of different tokenizers measure different things. Else ("loss", None).
+    A run whose level neither its config.json nor a checkpoint records takes no part."""
+    known = [t for t in map(_tokenizer, map(Path, run_dirs)) if t is not None]
+    for kind, index in (("levels", 0), ("vocabularies", 1)):
+        differing = list(dict.fromkeys(t[index] for t in known))
+        if len(differing) > 1:
+            return "bits_per_char", f"runs of different {kind} ({', '.join(differing)})"
+    return "loss", None
+
+
+def _tokenizer(run_dir: Path) -> Optional[tuple[str, str]]:
+    """The run's level and its vocabulary in words ("bpe with vocab_size 1024"), from its
+    config.json, else its checkpoint's train_config; None where neither says."""
+    settings = _run_config(run_dir)
+    if settings is None or "level" not in settings:
+        _, settings = _checkpoint_config(run_dir)
+    level = settings.get("level") if settings else None
+    if level not in LEVELS:
+        return None
+    setting = {"word": "min_word_freq", "bpe": "vocab_size"}.get(level)
+    if setting is None or settings.get(setting) is None:
+        return level, level
+    return level, f"{level} with {setting} {settings[setting]}"
+
+
+def _run_config(run_dir: Path) -> Optional[dict]:
+    """The settings of the run's config.json, or None where it is absent or damaged."""
+    try:
+        settings = json.loads((run_dir / RUN_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def _y_rows(run_dir: Path, rows: list[dict], y: str, why: Optional[str]) -> list[dict]:
+    """The rows of a run that hold y's value: all of them for the loss; for bits per
+    character those that record it, or a SmolGPTError where none does (why: the reason
+    bits per character was chosen, where it was not asked for)."""
+    if y == "loss":
+        return rows
+    kept = [r for r in rows if _is_number(r.get(Y_KEYS[y]))]
+    if kept:
+        return kept
+    reason = f"{why} are compared in bits per character, but " if why else ""
+    raise SmolGPTError(
+        f"{reason}{run_dir / METRICS} has no val_bits_per_char (a run of an older smolgpt, "
+        "or one whose validation text's size was unknown): draw val loss with --y loss "
+        f"(y='loss' from Python), or measure its model with `smolgpt eval {run_dir}`"
+    )
 
 
 def _tokens_seen(run_dir: Path, rows: list[dict]) -> list[float]:
@@ -218,23 +335,35 @@ def _tokens_seen(run_dir: Path, rows: list[dict]) -> list[float]:
 
 
 def _tokens_per_step(run_dir: Path) -> int:
-    import torch  # a dependency of smolgpt; only this axis needs it
+    path, cfg = _checkpoint_config(run_dir)
+    if path is None:
+        raise SmolGPTError(
+            f"{run_dir} has no checkpoint recording its tokens per step; "
+            "plot with x='iter' or x='time' instead"
+        )
+    try:
+        return cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+    except (KeyError, TypeError):  # an unreadable checkpoint (cfg None) or one without these
+        raise SmolGPTError(
+            f"{path} is not a readable checkpoint: cannot count the "
+            f"tokens of {run_dir}; plot with x='iter' instead"
+        ) from None
 
-    for name in ("latest_model.pth", "best_model.pth"):
-        path = run_dir / name
-        if not path.is_file():
-            continue
-        try:
-            # mmap: only the small train_config is read, not every tensor in the file.
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            cfg = ckpt["train_config"]
-            return cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
-        except Exception:  # noqa: BLE001 - any unreadable checkpoint means the same here
-            raise SmolGPTError(
-                f"{path} is not a readable checkpoint: cannot count the "
-                f"tokens of {run_dir}; plot with x='iter' instead"
-            ) from None
-    raise SmolGPTError(
-        f"{run_dir} has no checkpoint recording its tokens per step; "
-        "plot with x='iter' or x='time' instead"
+
+def _checkpoint_config(run_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
+    """The train_config of the run's latest checkpoint (else its best), with that file's
+    path: (path, None) where it cannot be read, (None, None) where the run has none."""
+    path = next(
+        (p for p in (run_dir / "latest_model.pth", run_dir / "best_model.pth") if p.is_file()),
+        None,
     )
+    if path is None:
+        return None, None
+    import torch  # a dependency of smolgpt; only what a checkpoint records needs it
+
+    try:
+        # mmap: only the small train_config is read, not every tensor in the file.
+        cfg = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["train_config"]
+    except Exception:  # noqa: BLE001 - any unreadable checkpoint means the same here
+        return path, None
+    return path, cfg if isinstance(cfg, dict) else None
