@@ -20,6 +20,10 @@ Configurations (``--configs``; the default is the first two):
 
     python benchmarks/frontier.py                          # 30 ... 600 s, both: ~40 min
     python benchmarks/frontier.py --budgets 2 --configs speedrun --extra "--n_layer 1"  # smoke
+
+``--replot RECORD ...`` trains nothing: it prints the table and draws the plot again from
+JSON records earlier runs wrote (several at once: a run of one configuration, given its own
+``--out``, joins the plot of a run of the others).
 """
 
 from __future__ import annotations
@@ -98,17 +102,28 @@ def evaluate(checkpoint: Path) -> dict:
 
 
 def plot(results: list[dict], path: Path, cpu: str) -> Optional[Path]:
+    """Draw results (val loss against budget, a line a configuration) to path."""
+    fig = figure(results, cpu)
+    if fig is None:
+        print("plot skipped: pip install matplotlib")
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def figure(results: list[dict], cpu: str):
+    """The plot as a matplotlib Figure; None without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        print("plot skipped: pip install matplotlib")
         return None
     fig = Figure(figsize=(7, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for config in dict.fromkeys(r["config"] for r in results):
-        rows = [r for r in results if r["config"] == config]
+        rows = sorted((r for r in results if r["config"] == config), key=lambda r: r["budget_s"])
         ax.plot([r["budget_s"] for r in rows], [r["val_loss"] for r in rows], "o-", label=config)
     ax.axhline(
         NANOGPT_GPU,
@@ -127,9 +142,59 @@ def plot(results: list[dict], path: Path, cpu: str) -> Optional[Path]:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return fig
+
+
+def recorded(records: list[Path]) -> tuple[list[dict], str]:
+    """The results of frontier JSON records, in order (a configuration and budget a later
+    record holds again replaces the earlier), and the CPU they ran on. Records of different
+    CPUs are refused: their losses are not comparable in one plot."""
+    results: dict[tuple, dict] = {}
+    cpus = {}
+    for path in records:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("benchmark") != "frontier":
+            raise SystemExit(f"{path} is not a frontier.py record")
+        cpus[path] = record["hardware"]["cpu"]
+        for result in record["results"]:
+            results[result["config"], result["budget_s"]] = result
+    if len(set(cpus.values())) > 1:
+        raise SystemExit(
+            "the records come from different CPUs: "
+            + "; ".join(f"{path}: {cpu}" for path, cpu in cpus.items())
+        )
+    return list(results.values()), next(iter(cpus.values()))
+
+
+def report(results: list[dict], cpu: str, plot_path: Path) -> None:
+    """Print the table and the target, and draw the plot."""
+    print(
+        markdown_table(
+            [
+                "config",
+                "--time_budget s",
+                "val loss (whole split)",
+                "best logged val",
+                "iterations",
+                "whole process s",
+            ],
+            [
+                [
+                    r["config"],
+                    f"{r['budget_s']:g}",
+                    f"{r['val_loss']:.4f}",
+                    f"{r['logged_best_val']:.4f}",
+                    r["iterations"],
+                    f"{r['wall_s']:.1f}",
+                ]
+                for r in results
+            ],
+        )
+    )
+    print(f"\nTarget: nanoGPT's {NANOGPT_GPU} (6x384, 5000 iterations on an A100).")
+    drawn = plot(results, plot_path, cpu)
+    if drawn:
+        print(f"Plot: {drawn}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -147,7 +212,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--extra", default="", help="flags added to every run (smoke tests)")
     parser.add_argument("--out", type=Path, default=OUT / "frontier.json")
     parser.add_argument("--plot", type=Path, default=OUT / "frontier.png")
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        nargs="+",
+        metavar="RECORD",
+        help="train nothing: print the table and draw --plot from these JSON records",
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        missing = [str(path) for path in args.replot if not path.is_file()]
+        if missing:
+            parser.error(f"no such record: {', '.join(missing)}")
+        report(*recorded(args.replot), args.plot)
+        return 0
     if not args.data.is_file():
         parser.error(
             f"{args.data} not found: give --data (tiny Shakespeare: "
@@ -195,34 +273,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-    cpu = hardware.this_cpu()["cpu"]
-    print(
-        markdown_table(
-            [
-                "config",
-                "--time_budget s",
-                "val loss (whole split)",
-                "best logged val",
-                "iterations",
-                "whole process s",
-            ],
-            [
-                [
-                    r["config"],
-                    f"{r['budget_s']:g}",
-                    f"{r['val_loss']:.4f}",
-                    f"{r['logged_best_val']:.4f}",
-                    r["iterations"],
-                    f"{r['wall_s']:.1f}",
-                ]
-                for r in results
-            ],
-        )
-    )
-    print(f"\nTarget: nanoGPT's {NANOGPT_GPU} (6x384, 5000 iterations on an A100).")
-    drawn = plot(results, args.plot, cpu)
-    if drawn:
-        print(f"Plot: {drawn}")
+    report(results, hardware.this_cpu()["cpu"], args.plot)
     print_command(__file__, argv)
     write_record(args.out, "frontier", results=results)
     return 0

@@ -473,3 +473,45 @@ def test_frontier_configs(monkeypatch):
         explicit = vars(build_parser().parse_args(["train", "--level", "char", *flags]))
         explicit.pop("command")
         resolve_train_config(explicit)
+
+
+def test_frontier_replot_joins_records(monkeypatch, tmp_path, capsys):
+    """--replot draws the plot again from JSON records, training nothing: a configuration
+    run on its own (micro, as the README's table has it) joins the others' plot."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    frontier = importlib.import_module("frontier")
+
+    def record(name: str, configs: list, cpu: str = "AMD EPYC (x86_64: avx2)") -> Path:
+        results = [
+            {
+                "config": config,
+                "budget_s": budget,
+                "wall_s": budget + 2.0,
+                "val_loss": 2.5 - rank / 10 - budget / 1000,
+                "logged_best_val": 2.5 - rank / 10 - budget / 1000,
+                "iterations": 10 * budget,
+                "flags": [],
+            }
+            for rank, config in enumerate(configs)
+            for budget in (30.0, 60.0)
+        ]
+        path = tmp_path / name
+        record = {"benchmark": "frontier", "hardware": {"cpu": cpu}, "results": results}
+        path.write_text(json.dumps(record))
+        return path
+
+    both, micro = record("both.json", ["speedrun", "nanogpt-cpu"]), record("m.json", ["micro"])
+    png = tmp_path / "frontier.png"
+    assert frontier.main(["--replot", str(both), str(micro), "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "| micro | 60 | 2.4400 |" in printed and "| speedrun | 30 |" in printed
+    assert png.stat().st_size > 0
+    results, cpu = frontier.recorded([both, micro])
+    (axes,) = frontier.figure(results, cpu).axes
+    drawn = {line.get_label(): list(line.get_ydata()) for line in axes.get_lines()}
+    assert drawn["micro"] == pytest.approx([2.47, 2.44]) and {"speedrun", "nanogpt-cpu"} <= set(
+        drawn
+    )
+    with pytest.raises(SystemExit, match="different CPUs"):
+        frontier.recorded([both, record("other.json", ["micro"], cpu="Intel Xeon")])

@@ -5,6 +5,7 @@ line for a path that holds no model."""
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -19,7 +20,7 @@ from smolgpt.errors import SmolGPTError
 from smolgpt.model import GPT
 from smolgpt.runinfo import describe, format_description
 
-from e2e import e2e_corpus_text, names
+from e2e import E2E_TINY, e2e_corpus_text, names
 
 TINY = dict(
     level="char",
@@ -52,6 +53,7 @@ KEYS = {
     "data",
     "data_source",
     "data_fingerprint",
+    "data_path",
     "preset",
     "device",
     "precision",
@@ -167,6 +169,47 @@ def test_an_export(run_dir, tmp_path):
     assert info["saved_from"] == "file modification time"
     assert "iterations" in format_description(describe(run_dir))
     assert "iterations" not in format_description(info)  # an export keeps no progress
+
+
+def test_the_data_as_given_and_where_it_is(cli_main, tmp_path):
+    """A run's text is shown as its --data was given and where that is (absolute), for the
+    checkpoint and for its exports alike, wherever info runs (issue #31, item 8)."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    text = project / "input.txt"
+    project.mkdir()
+    text.write_text(e2e_corpus_text(8_000), encoding="utf-8")
+    train = ["train", "--data", "input.txt", "--out_dir", "run", "--level", "char", *E2E_TINY]
+    trained = cli_main([*train, "--max_iters", "2", "--eval_interval", "2"], cwd=project)
+    assert trained.returncode == 0, trained.describe()
+    formats = ["safetensors"] + (["hf"] if importlib.util.find_spec("tokenizers") else [])
+    for fmt in formats:
+        exported = cli_main(["export", "run", fmt, "--format", fmt], cwd=project)
+        assert exported.returncode == 0, exported.describe()
+    absolute = str(text.resolve())
+    for target in ["run", "run/latest_model.pth", *formats]:
+        shown = cli_main(["info", project / target], cwd=elsewhere)
+        assert shown.returncode == 0, shown.describe()
+        fields = dict(line.split(":", 1) for line in shown.stdout.splitlines())
+        assert fields["data"].strip() == f"input.txt ({absolute})", (target, shown.stdout)
+        info = describe(project / target)
+        assert (info["data"], info["data_path"]) == ("input.txt", absolute), target
+        assert info["data_fingerprint"] == describe(project / "run")["data_fingerprint"]
+
+
+def test_a_built_in_corpus_and_an_absolute_path_are_shown_once(make_trainer, tmp_path):
+    ckpt = make_trainer().state()
+    ckpt["data"]["source"] = ckpt["train_config"]["data"] = "shakespeare"
+    checkpoint.save(tmp_path / "builtin.pth", ckpt)
+    info = describe(tmp_path / "builtin.pth")
+    assert (info["data"], info["data_path"]) == ("shakespeare", None)
+    assert "\ndata:          shakespeare\n" in format_description(info)
+    where = str(tmp_path / "book.txt")
+    info.update(data=where, data_source=where, data_path=where)
+    assert f"\ndata:          {where}\n" in format_description(info)
+    # Older checkpoints record no absolute path: what the run read, where it differs.
+    info.update(data="~/book.txt", data_path=None)
+    assert f"\ndata:          ~/book.txt (read as {where})\n" in format_description(info)
 
 
 # ------------------------------------------------------------------ older checkpoints

@@ -109,6 +109,46 @@ def test_without_a_text_the_loss_picture_is_skipped_and_the_summary_says_why(tmp
     assert (tmp_path / "out" / "summary.txt").read_text() == result.summary
 
 
+def test_labels_in_a_dense_cluster_do_not_overlap(tmp_path, monkeypatch):
+    """Tokens whose embeddings all but coincide are still drawn, every one, but labelled only
+    as far as the labels stay readable: no two label boxes overlap, the prompt's tokens are
+    labelled first, and the tokens that stand apart keep theirs."""
+    pytest.importorskip("matplotlib")
+    chars = CharTokenizer.train(["abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"])
+    model = tiny(vocab_size=chars.vocab_size)
+    apart = [0, 1, 2, 3]  # the characters 0 to 3: far from each other and from the rest
+    with torch.no_grad():
+        weights = model.wte.weight
+        centre = torch.randn(16, generator=torch.Generator().manual_seed(1))
+        weights[:] = centre + 1e-3 * torch.randn(weights.shape)
+        for i in apart:
+            weights[i] = centre + 3 * torch.eye(16)[i] * (1 if i % 2 else -1)
+    drawn = {}
+    save = inspection._save
+
+    def keep(fig, canvas, path):
+        drawn[path.name] = fig
+        return save(fig, canvas, path)
+
+    monkeypatch.setattr(inspection, "_save", keep)
+    prompt = [chars.stoi["q"], chars.stoi["Z"]]  # both in the cluster: only q fits
+    inspection.inspect_model(model, chars, tmp_path, prompt, None)
+    fig = drawn["embeddings.png"]
+    (ax,) = fig.axes
+    assert len(ax.collections[0].get_offsets()) == chars.vocab_size  # every token a point
+    renderer = fig.canvas.get_renderer()
+    boxes = {text.get_text(): text.get_window_extent(renderer) for text in ax.texts}
+    names = sorted(boxes)
+    for i, one in enumerate(names):
+        for other in names[i + 1 :]:
+            a, b = boxes[one], boxes[other]
+            apart_x = a.x1 <= b.x0 or b.x1 <= a.x0
+            apart_y = a.y1 <= b.y0 or b.y1 <= a.y0
+            assert apart_x or apart_y, f"labels {one!r} and {other!r} overlap"
+    # The cluster is one spot: it has room for one name, the prompt's first token's.
+    assert set(boxes) == {"q"} | {chars.chars[i] for i in apart}, sorted(boxes)
+
+
 def assert_picture(path, min_pixels: int = 300) -> None:
     """A PNG that decodes, of a real size, and not blank: many distinct colours."""
     from matplotlib.image import imread

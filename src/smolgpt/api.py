@@ -552,7 +552,9 @@ class Model:
                 f"unknown export format {format!r}: choose one of {', '.join(EXPORT_FORMATS)}"
             )
         write = interop.export_hf if format == "hf" else interop.export_safetensors
-        return write(self.module, self.tokenizer, out_dir, self.train_config, overwrite)
+        return write(
+            self.module, self.tokenizer, out_dir, self.train_config, overwrite, self.data_info
+        )
 
     def text_stream(self, prompt: Optional[str] = None, **sampling: Any) -> TextStream:
         """The :class:`~smolgpt.sampling.TextStream` of every sample at once, with how many

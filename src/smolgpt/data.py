@@ -90,6 +90,9 @@ class Corpus:
     name: str
     paths: tuple[Path, ...]
     encoding: str = "utf-8"
+    # Where a file or directory the user named is, as an absolute path (their name may be
+    # relative to where they ran); None for a built-in corpus or a URL.
+    location: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -126,9 +129,9 @@ def resolve_corpus(spec: str, encoding: str = "utf-8") -> Corpus:
         files = tuple(sorted(p for p in path.rglob("*.txt") if p.is_file()))
         if not files:
             raise SmolGPTError(f"directory {path} holds no .txt files: add some or pass a file")
-        return Corpus(str(path), files, encoding)
+        return Corpus(str(path), files, encoding, str(path.resolve()))
     if path.is_file():
-        return Corpus(str(path), (path,), encoding)
+        return Corpus(str(path), (path,), encoding, str(path.resolve()))
     raise SmolGPTError(
         f"--data {spec!r} is neither a file, a directory, a URL nor a built-in corpus "
         f"({', '.join(BUILTINS)}): check the path"

@@ -34,7 +34,7 @@ SUMMARY = "summary.txt"
 ATTENTION, EMBEDDINGS, LOSS = "attention.png", "embeddings.png", "loss_by_position.png"
 PROMPT_TOKENS = 24  # a default prompt's length: enough to see patterns, few enough to label
 NEIGHBOURS_OF = 6  # tokens whose nearest neighbours the summary lists
-LABELLED = 80  # tokens named in the embedding picture (beyond the prompt's)
+LABELLED = 80  # tokens a word model's embedding picture may name (beyond the prompt's)
 MAX_WINDOWS = 256  # windows the loss per position averages over
 
 
@@ -153,16 +153,29 @@ def _draw_attention(weights: torch.Tensor, labels: list[str], path: Path) -> Pat
     return _save(fig, Canvas, path)
 
 
-def _draw_embeddings(points: torch.Tensor, labelled: dict[int, str], path: Path) -> Path:
+def _draw_embeddings(points: torch.Tensor, labelled: list[tuple[int, str]], path: Path) -> Path:
+    """Every token a point; labelled, (token id, label) most important first, names those
+    that fit: a label whose box would touch one already placed is left out (its point
+    stays), so a dense cluster shows a readable few of its names rather than a smudge."""
     Figure, Canvas = _figure_classes()
     fig = Figure(figsize=(7, 7), dpi=100, layout="constrained")
     ax = fig.subplots()
     ax.scatter(points[:, 0].numpy(), points[:, 1].numpy(), s=6, alpha=0.4)
-    for token_id, label in labelled.items():
-        ax.annotate(label, points[token_id].tolist(), fontsize=7)
     ax.set_xlabel("first principal direction")
     ax.set_ylabel("second principal direction")
     ax.set_title(f"token embeddings ({len(points)} tokens), projected to 2-D")
+    Canvas(fig)
+    fig.draw_without_rendering()  # the layout, which says where each point lands in pixels,
+    fig.set_layout_engine("none")  # kept as it is while the labels go in
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for token_id, label in labelled:
+        text = ax.annotate(label, points[token_id].tolist(), fontsize=7)
+        box = text.get_window_extent(renderer).padded(1)
+        if any(box.overlaps(other) for other in placed):
+            text.remove()
+        else:
+            placed.append(box)
     return _save(fig, Canvas, path)
 
 
@@ -226,15 +239,20 @@ def inspect_model(
             f"{token_label(tokenizer, i)} {sim:.2f}" for i, sim in nearest(module, token_id)
         )
         lines.append(f"  {token_label(tokenizer, token_id)}: {near}")
-    labelled = set(distinct)
+    # The tokens to name, most important first: the prompt's, then the text's commonest
+    # (without a text, a word model's ids are in order of frequency; others' by id).
+    others = []
     if config.vocab_size <= 100:
-        labelled |= set(range(config.vocab_size))
-    elif isinstance(tokenizer, WordTokenizer):  # ids are in order of frequency
-        labelled |= set(range(2, min(config.vocab_size, 2 + LABELLED)))
+        others = list(range(config.vocab_size))
+    elif isinstance(tokenizer, WordTokenizer):
+        others = list(range(2, min(config.vocab_size, 2 + LABELLED)))
+    if text_tokens is not None and len(text_tokens):
+        counts = torch.bincount(torch.as_tensor(list(text_tokens)), minlength=config.vocab_size)
+        others.sort(key=lambda i: -counts[i].item())  # stable: ties keep their order
     result.files.append(
         _draw_embeddings(
             embedding_map(module),
-            {i: token_label(tokenizer, i) for i in sorted(labelled)},
+            [(i, token_label(tokenizer, i)) for i in dict.fromkeys(distinct + others)],
             out_dir / EMBEDDINGS,
         )
     )

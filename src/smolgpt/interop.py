@@ -6,8 +6,9 @@ renamed into place, so a failure never leaves a half directory behind):
 
 - :func:`export_safetensors`: ``model.safetensors`` with smolgpt's own tensor names (the
   tied head stored once, as ``wte.weight``; an untied one as ``lm_head.weight``) and
-  ``smolgpt.json`` (a format marker, the model config, the tokenizer and the training
-  settings). No pickle: it loads without torch.load and without transformers.
+  ``smolgpt.json`` (a format marker, the model config, the tokenizer, the training
+  settings and what the run recorded of its text: fingerprint, source, path). No pickle:
+  it loads without torch.load and without transformers.
 - :func:`export_hf`: a directory that ``AutoModelForCausalLM.from_pretrained`` and
   ``AutoTokenizer.from_pretrained`` read with no custom code. Models with learned positions
   become ``GPT2LMHeadModel`` (GPT-2 is exactly that architecture, with exact GELU); rotary
@@ -162,7 +163,11 @@ def _float_state(module: GPT) -> dict[str, torch.Tensor]:
 
 
 def _meta(
-    module: GPT, tokenizer: Tokenizer, train_config: Optional[dict], weights: str
+    module: GPT,
+    tokenizer: Tokenizer,
+    train_config: Optional[dict],
+    data_info: Optional[dict],
+    weights: str,
 ) -> dict[str, Any]:
     if tokenizer.vocab_size != module.config.vocab_size:
         raise SmolGPTError(
@@ -176,6 +181,8 @@ def _meta(
         "model_config": dataclasses.asdict(module.config),
         "tokenizer": tokenizer.to_dict(),
         "train_config": dict(train_config or {}),
+        # The run's text as its checkpoint recorded it (older exports have none).
+        "data": dict(data_info or {}),
     }
 
 
@@ -188,11 +195,13 @@ def export_safetensors(
     out_dir: Union[str, Path],
     train_config: Optional[dict] = None,
     overwrite: bool = False,
+    data_info: Optional[dict] = None,
 ) -> Path:
     """Write out_dir with model.safetensors (smolgpt's tensor names; a tied head is stored
     once, as wte.weight) and smolgpt.json; :func:`load_source` reads it back exactly.
-    out_dir must be new or empty (or an earlier export, with overwrite). Returns out_dir."""
-    meta = _meta(module, tokenizer, train_config, "smolgpt")
+    out_dir must be new or empty (or an earlier export, with overwrite). data_info: what the
+    run recorded of its text (a checkpoint's "data"), kept in smolgpt.json. Returns out_dir."""
+    meta = _meta(module, tokenizer, train_config, data_info, "smolgpt")
     state = _float_state(module)
 
     def write(folder: Path) -> None:
@@ -465,12 +474,14 @@ def export_hf(
     out_dir: Union[str, Path],
     train_config: Optional[dict] = None,
     overwrite: bool = False,
+    data_info: Optional[dict] = None,
 ) -> Path:
     """Write out_dir so that transformers' AutoModelForCausalLM and AutoTokenizer load it
     without custom code: GPT2LMHeadModel (learned positions) or GPTNeoXForCausalLM (rotary),
     whose logits equal the module's to float precision, and a tokenizer giving the same ids.
-    smolgpt.json makes it load back into smolgpt exactly. out_dir must be new or empty (or
-    an earlier export, with overwrite). Returns out_dir."""
+    smolgpt.json makes it load back into smolgpt exactly, and keeps data_info as
+    :func:`export_safetensors` does. out_dir must be new or empty (or an earlier export,
+    with overwrite). Returns out_dir."""
     require_hf()
     config = module.config
     if not config.causal:
@@ -479,7 +490,7 @@ def export_hf(
             "transformers' models are causal: export it with --format "
             "safetensors"
         )
-    meta = _meta(module, tokenizer, train_config, "hf")
+    meta = _meta(module, tokenizer, train_config, data_info, "hf")
     pad = WordTokenizer.PAD_ID if isinstance(tokenizer, WordTokenizer) else None
     tensors = hf_state_dict(_float_state(module), config)
     tokenizer_json = hf_tokenizer(tokenizer).to_str(pretty=True)
@@ -504,9 +515,10 @@ def load_source(
 ) -> tuple[GPT, Tokenizer, dict[str, Any], dict[str, Any]]:
     """A model (eval mode, on device), its tokenizer, the train_config dict of the run that
     trained it ({} when unknown) and what the run recorded of its text (a checkpoint's
-    "data": fingerprint, source; {} for an export), from a smolgpt checkpoint (.pth), a
-    safetensors export directory, or a Hugging Face directory in one of the layouts
-    :func:`export_hf` writes. Anything else is a SmolGPTError naming what is wrong."""
+    "data": fingerprint, source, path, which an export carries along; {} when unknown),
+    from a smolgpt checkpoint (.pth), a safetensors export directory, or a Hugging Face
+    directory in one of the layouts :func:`export_hf` writes. Anything else is a
+    SmolGPTError naming what is wrong."""
     path = Path(path)
     if path.is_file() and path.name in (META, WEIGHTS, HF_CONFIG):
         path = path.parent  # a file of an export: the export
@@ -547,7 +559,7 @@ def load_source(
         module,
         tokenizer_from_dict(meta["tokenizer"]),
         dict(meta.get("train_config") or {}),
-        {},
+        dict(meta["data"]) if isinstance(meta.get("data"), dict) else {},
     )
 
 

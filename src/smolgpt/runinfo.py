@@ -88,9 +88,7 @@ def _describe_checkpoint(path: Path) -> dict[str, Any]:
         "best_val_bits_per_char": _number(progress.get("best_val_bits_per_char")),
         "last_val_bits_per_char": _number(progress.get("last_val_bits_per_char")),
         "training_time_s": _number(progress.get("elapsed_s")),
-        "data": train_config.get("data"),
-        "data_source": data.get("source"),
-        "data_fingerprint": data.get("fingerprint"),
+        **_data(train_config, data),
         "preset": train_config.get("preset"),
         "device": run_info.get("device"),
         "precision": run_info.get("precision"),
@@ -105,17 +103,29 @@ def _describe_checkpoint(path: Path) -> dict[str, Any]:
 
 def _describe_export(folder: Path) -> dict[str, Any]:
     """An export records the model and its run's settings, not the run's progress."""
-    module, tokenizer, train_config = interop.load_source(folder, torch.device("cpu"))[:3]
+    module, tokenizer, train_config, data = interop.load_source(folder, torch.device("cpu"))
     weights = folder / interop.WEIGHTS
     return {
         "checkpoint": None,
         **_model(module.config, tokenizer.to_dict()),
-        "data": train_config.get("data"),
+        **_data(train_config, data),
         "preset": train_config.get("preset"),
         "saved": _mtime(weights),
         "saved_from": "file modification time",
         "file_size": weights.stat().st_size,
         "train_config": train_config,
+    }
+
+
+def _data(train_config: dict, data: dict) -> dict[str, Any]:
+    """The run's text: its --data as given, the name it was read by, its hash, and where
+    it is as an absolute path (None for a built-in corpus or a URL, and for checkpoints,
+    and exports, written before smolgpt recorded it)."""
+    return {
+        "data": train_config.get("data"),
+        "data_source": data.get("source"),
+        "data_fingerprint": data.get("fingerprint"),
+        "data_path": data.get("path"),
     }
 
 
@@ -219,13 +229,18 @@ def format_description(info: dict[str, Any]) -> str:
                 "unknown" if seconds is None else f"{duration(seconds)} ({seconds:.1f}s)",
             ),
         ]
-    data, source = info.get("data"), info.get("data_source")
-    rows.append(
-        ("data", shown(data) + (f" (read as {source})" if source not in (None, data) else ""))
-    )
+    # As given (relative to where the run was), then where that is; without the absolute
+    # path (older files), the name the run read it by where that differs.
+    data, source, where = info.get("data"), info.get("data_source"), info.get("data_path")
+    if where is not None:
+        data_row = shown(data) + (f" ({where})" if where != data else "")
+    else:
+        data_row = shown(data) + (f" (read as {source})" if source not in (None, data) else "")
+    rows.append(("data", data_row))
+    if info["kind"] != "export" or info.get("data_fingerprint") is not None:
+        rows.append(("fingerprint", shown(info.get("data_fingerprint"))))
     if info["kind"] != "export":
         rows += [
-            ("fingerprint", shown(info["data_fingerprint"])),
             (
                 "precision",
                 "unknown"

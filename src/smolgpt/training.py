@@ -509,7 +509,12 @@ class Trainer:
                 # Under distributed training, the other ranks' own (dropout masks differ).
                 "other_ranks": {"torch": cpu_states[1:], "cuda": cuda_states[1:]},
             },
-            "data": {"fingerprint": self.data.fingerprint, "source": self.data.source},
+            # The text: its hash, its name as read, and where it is (older checkpoints: no path).
+            "data": {
+                "fingerprint": self.data.fingerprint,
+                "source": self.data.source,
+                "path": self.data.corpus.location if self.data.corpus else None,
+            },
             # What wrote the file, for `smolgpt info` (absent before smolgpt 0.7).
             "run_info": {
                 "smolgpt": __version__,
