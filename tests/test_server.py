@@ -1,9 +1,10 @@
 """`smolgpt serve`: the real server in a subprocess on 127.0.0.1, spoken to over real sockets,
 by the official openai client, by schemathesis, and by a headless Chromium for the page.
 
-Two servers are started once for the module: ``main`` (a char and a word model, default
-limits) and ``strict`` (one turn, a queue of one, a 3 s timeout, an API key, listening on
-0.0.0.0); a few tests start their own.
+Three servers are started once for the module: ``main`` (a char and a word model, default
+limits), ``strict`` (one turn, a queue of one, a 3 s timeout, an API key, listening on
+0.0.0.0) and ``chats`` (a char model trained on chat transcripts, beside main's two); a few
+tests start their own.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import errno
 import http.client
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -25,9 +27,16 @@ from pathlib import Path
 import pytest
 
 import smolgpt
-from smolgpt.server import playground_html
+from smolgpt.server import CHAT_STOPS, chat_prompt, chat_stops, playground_html
+from smolgpt.tokenizer import BPETokenizer, CharTokenizer, WordTokenizer
 
-from e2e import E2E_ROOT, e2e_assert_install_advice, e2e_assert_one_line_error, smolgpt_without
+from e2e import (
+    E2E_ROOT,
+    e2e_assert_install_advice,
+    e2e_assert_one_line_error,
+    e2e_corpus_text,
+    smolgpt_without,
+)
 
 pytestmark = pytest.mark.slow
 API_KEY = "test-key-123"
@@ -143,6 +152,56 @@ def char_model(runs):
     return smolgpt.load(runs[0], device="cpu")
 
 
+def transcripts(chats: int = 600, seed: int = 7) -> str:
+    """Chats in chat_prompt's transcript format: what a base model learns to go on with."""
+    rng = random.Random(seed)
+    things = "key lamp door letter river house garden clock".split()
+    places = ["by the door", "in the garden", "under the lamp", "on the stair", "near the river"]
+    out = []
+    for _ in range(chats):
+        if rng.random() < 0.3:
+            out.append("System: You answer in one line.")
+        for _ in range(rng.randint(1, 3)):
+            thing = rng.choice(things)
+            out += [
+                f"User: Where is the {thing}?",
+                f"Assistant: The {thing} is {rng.choice(places)}.",
+            ]
+        out.append("")
+    return "\n".join(out)
+
+
+@pytest.fixture(scope="module")
+def chat_run(smol_cli, tmp_path_factory):
+    """A char model trained on transcripts (300 steps, seconds): it writes role lines. Some
+    of the prose of main's models first, so that it knows every character they know."""
+    base = tmp_path_factory.mktemp("chat")
+    corpus = base / "transcripts.txt"
+    corpus.write_text(e2e_corpus_text(20_000) + "\n" + transcripts(), encoding="utf-8")
+    out = base / "chat"
+    result = smol_cli.run(
+        "train",
+        "--level",
+        "char",
+        "--data",
+        corpus,
+        *smol_cli.tiny,
+        "--out_dir",
+        out,
+        "--max_iters",
+        "300",
+    )
+    assert result.returncode == 0, result.describe()
+    return out
+
+
+@pytest.fixture(scope="module")
+def chats(smol_cli, chat_run, runs):
+    server = start_server(smol_cli, chat_run, *runs)
+    yield server
+    stop_server(server)
+
+
 def events(response) -> list:
     """The data of each server-sent event of a streamed response, as it arrives."""
     out = []
@@ -154,12 +213,12 @@ def events(response) -> list:
     return out
 
 
-def stream(server: Server, body: dict) -> list:
+def stream(server: Server, body: dict, path: str = "/v1/completions") -> list:
     conn = server.connection()
     try:
         conn.request(
             "POST",
-            "/v1/completions",
+            path,
             json.dumps({**body, "stream": True}),
             {"Content-Type": "application/json"},
         )
@@ -195,11 +254,22 @@ def test_health_models_and_openapi(main):
 
     status, _, doc = main.call("GET", "/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.")
-    assert {"/v1/completions", "/v1/models", "/health"} <= set(doc["paths"])
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= set(doc["paths"])
     request = doc["components"]["schemas"]["CompletionRequest"]
     assert request["properties"]["model"]["enum"] == ["char", "word"]
     assert request["properties"]["max_tokens"]["maximum"] == 2000  # the server's cap
     assert request["required"] == ["prompt", "model"]  # two models: say which
+    chat = doc["components"]["schemas"]["ChatCompletionRequest"]
+    assert chat["required"] == ["messages", "model"]
+    assert chat["properties"]["messages"]["items"]["properties"]["role"]["enum"] == [
+        "system",
+        "user",
+        "assistant",
+    ]
+    # The sampling settings are the completions endpoint's, not a copy that could drift.
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "stop", "n", "seed", "stream"):
+        assert chat["properties"][name] == request["properties"][name], name
+    assert "prompt" not in chat["properties"] and "echo" not in chat["properties"]
 
 
 def test_completion_is_the_api_generation(main, char_model):
@@ -299,6 +369,204 @@ def test_official_openai_client(main):
         client.completions.create(model="gpt-4", prompt="x")
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="char", prompt="x", temperature=3)
+
+
+# ------------------------------------------------------------------ chats
+
+CHAT = [
+    {"role": "system", "content": "You answer in one line."},
+    {"role": "user", "content": "Where is the key?"},
+]
+ROLE_LINES = ("\nSystem:", "\nUser:", "\nAssistant:")
+
+
+def test_chat_prompt_is_a_plain_transcript():
+    assert chat_prompt(CHAT) == (
+        "System: You answer in one line.\nUser: Where is the key?\nAssistant:"
+    )
+    turns = [
+        {"role": "user", "content": "  Hi\n"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": ""},
+    ]
+    assert chat_prompt(turns) == "User: Hi\nAssistant: Hello.\nUser: \nAssistant:"
+    assert CHAT_STOPS == ROLE_LINES
+
+
+def test_chat_stops_are_the_role_lines_as_each_level_writes_them():
+    text = transcripts(20)
+    assert chat_stops(CharTokenizer.train([text])) == ROLE_LINES
+    assert chat_stops(BPETokenizer.train([text], 300)) == ROLE_LINES
+    # A char model that cannot write "Assistant" never writes its line.
+    assert chat_stops(CharTokenizer(set(text) - {"A"})) == ("\nSystem:", "\nUser:")
+    # Word level keeps neither line breaks nor capitals; unknown labels read as <UNK>.
+    words = WordTokenizer(["system", "user", "assistant", ":", "the"], min_word_freq=1)
+    assert chat_stops(words) == (" system:", " user:", " assistant:")
+    assert chat_stops(WordTokenizer(["the", ":"], min_word_freq=1)) == (" <UNK>:",)
+
+
+def role_lines_cut(text: str) -> str:
+    """text up to its first role line, without the whitespace around it."""
+    ends = [text.index(line) for line in ROLE_LINES if line in text]
+    return text[: min(ends, default=len(text))].strip()
+
+
+def test_chat_with_the_openai_client(chats):
+    import openai
+
+    client = openai.OpenAI(base_url=chats.url + "v1", api_key="unused", max_retries=0)
+    settings = dict(max_tokens=120, seed=5, temperature=0.9, n=3)
+    result = client.chat.completions.create(
+        model="chat", messages=CHAT, extra_body={"top_k": 20}, **settings
+    )
+    assert result.object == "chat.completion" and result.id.startswith("chatcmpl-")
+    assert result.model == "chat" and len(result.choices) == 3
+    # The reply is the transcript's completion, cut where the model begins the next role line.
+    status, _, raw = chats.complete(model="chat", prompt=chat_prompt(CHAT), top_k=20, **settings)
+    assert status == 200, raw
+    for choice, completion in zip(result.choices, raw["choices"]):
+        assert choice.message.role == "assistant"
+        assert choice.message.content == role_lines_cut(completion["text"])
+        assert not any(line in choice.message.content for line in ROLE_LINES)
+        assert choice.finish_reason == "stop"
+    assert any("\nUser:" in c["text"] for c in raw["choices"])  # the stop is needed
+    assert result.usage.prompt_tokens == len(chat_prompt(CHAT))
+    assert result.usage.completion_tokens < raw["usage"]["completion_tokens"]
+
+    chunks = list(
+        client.chat.completions.create(
+            model="chat",
+            messages=CHAT,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"top_k": 20},
+            **settings,
+        )
+    )
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    *deltas, usage = chunks
+    assert usage.choices == [] and usage.usage == result.usage
+    assert [c.choices[0].delta.role for c in deltas[:3]] == ["assistant"] * 3  # roles first
+    assert len(deltas) > 20  # piece by piece
+    for i, choice in enumerate(result.choices):
+        mine = [c.choices[0] for c in deltas if c.choices[0].index == i]
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+        assert [c.finish_reason for c in mine][-1] == "stop"
+        assert all(c.finish_reason is None for c in mine[:-1])
+
+
+def test_chat_without_a_role_line_runs_to_max_tokens(chats):
+    # A stop string of the request's own ends the reply too; without any, max_tokens does.
+    body = {"model": "chat", "messages": CHAT, "max_tokens": 8, "seed": 2}
+    status, _, result = chats.call("POST", "/v1/chat/completions", body)
+    assert status == 200, result
+    (choice,) = result["choices"]
+    assert choice["finish_reason"] == "length" and result["usage"]["completion_tokens"] == 8
+    assert set(choice["message"]) == {"role", "content"}
+    assert choice["message"]["role"] == "assistant"
+    content = choice["message"]["content"]
+    stop = content[3:5]  # a string the reply is known to contain
+    cut = chats.call("POST", "/v1/chat/completions", {**body, "stop": stop})[2]["choices"][0]
+    assert cut["finish_reason"] == "stop"
+    assert cut["message"]["content"] == content[: content.index(stop)].strip()
+    got = stream(chats, body, "/v1/chat/completions")
+    assert got[-1] == "[DONE]" and got[0]["choices"][0]["delta"] == {
+        "role": "assistant",
+        "content": "",
+    }
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in got[:-1]) == content
+
+
+def test_chat_with_a_word_model_and_one_that_cannot_read_the_roles(chats):
+    status, _, result = chats.call(
+        "POST",
+        "/v1/chat/completions",
+        {
+            "model": "word",
+            "messages": [{"role": "user", "content": "the old house"}],
+            "max_tokens": 10,
+        },
+    )
+    assert status == 200, result
+    assert result["choices"][0]["message"]["role"] == "assistant"
+    # main's char model never saw a "U" or an "A": the transcript is refused, naming them.
+    status, _, answer = chats.call(
+        "POST", "/v1/chat/completions", {"model": "char", "messages": CHAT}
+    )
+    assert status == 400 and answer["error"]["param"] == "messages", answer
+    assert "'U', 'A'" in answer["error"]["message"], answer
+    assert "/v1/completions" in answer["error"]["message"]
+
+
+BAD_CHATS = [
+    # (body, param named, words in the message)
+    ({"model": "chat", "messages": []}, "messages", "empty"),
+    ({"model": "chat", "messages": "Hi"}, "messages", "array"),
+    (
+        {"model": "chat", "messages": [{"role": "bot", "content": "x"}]},
+        "messages",
+        "system, user, assistant",
+    ),
+    (
+        {"model": "chat", "messages": [{"role": "user", "content": 3}]},
+        "messages",
+        "string, not integer",
+    ),
+    ({"model": "chat", "messages": [{"role": "user", "content": None}]}, "messages", "null"),
+    (
+        {
+            "model": "chat",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}],
+        },
+        "messages",
+        "string, not array",
+    ),
+    ({"model": "chat", "messages": [{"role": "user"}]}, "messages", "messages[0] needs 'content'"),
+    (
+        {"model": "chat", "messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+        "messages",
+        "tool_calls",
+    ),
+    (
+        {"model": "chat", "messages": [{"role": "user", "content": "\u4e2d"}]},
+        "messages",
+        "vocabulary",
+    ),
+    (
+        {"model": "chat", "messages": [{"role": "user", "content": "x" * 19990}] * 2},
+        "messages",
+        "limit is 20000",
+    ),
+    ({"model": "chat", "messages": CHAT, "temperature": 3}, "temperature", "at most 2"),
+    ({"model": "chat", "messages": CHAT, "echo": True}, "echo", "unsupported"),
+    ({"model": "chat", "prompt": "x"}, "prompt", "unsupported"),
+    ({"model": "chat"}, "messages", "needs 'messages'"),
+]
+
+
+@pytest.mark.parametrize(
+    "body,param,words", BAD_CHATS, ids=[f"{p}-{i}" for i, (_, p, _) in enumerate(BAD_CHATS)]
+)
+def test_bad_chats_are_400_in_openai_shape(chats, body, param, words):
+    for streaming in (False, True):  # refused before the status line either way
+        status, _, answer = chats.call(
+            "POST", "/v1/chat/completions", {**body, "stream": streaming}
+        )
+        assert status == 400, answer
+        error = answer["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param
+        assert words in error["message"] and "\n" not in error["message"], error["message"]
+
+
+def test_the_openai_client_sees_chat_refusals(chats):
+    import openai
+
+    client = openai.OpenAI(base_url=chats.url + "v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="role"):
+        client.chat.completions.create(model="chat", messages=[{"role": "tool", "content": "x"}])
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=CHAT)
 
 
 # ------------------------------------------------------------------ bad requests
@@ -519,13 +787,16 @@ def test_disconnect_stops_generation(main):
 # ------------------------------------------------------------------ the description, fuzzed
 
 
-def test_schemathesis_against_the_openapi_description(smol_cli, runs, tmp_path):
+def test_schemathesis_against_the_openapi_description(smol_cli, chat_run, tmp_path):
+    # The chat model knows every character main's char model does, and can read the chat
+    # transcript's role lines too ("U" and "A"), which main's cannot.
     server = start_server(
-        smol_cli, runs[0], "--max_tokens", "16", "--max_n", "2", "--max_prompt_chars", "200"
+        smol_cli, chat_run, "--max_tokens", "16", "--max_n", "2", "--max_prompt_chars", "200"
     )
     try:
         # positive_data_acceptance is left out: a schema cannot say which characters a char
-        # model knows, nor that n times the prompts has a cap (both documented 400 answers).
+        # model knows, that n times the prompts has a cap, nor how long a chat's transcript
+        # grows (all documented 400 answers).
         result = subprocess.run(
             [
                 str(Path(sys.executable).parent / "schemathesis"),

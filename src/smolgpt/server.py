@@ -1,21 +1,28 @@
-"""``smolgpt serve``: trained models behind OpenAI's completions API, and a playground page.
+"""``smolgpt serve``: trained models behind OpenAI's completions and chat completions API, and a
+playground page.
 
 The HTTP API is the one OpenAI's client libraries, chat front-ends and curl scripts already
 speak (as llama.cpp's server and litgpt serve do)::
 
-    POST /v1/completions    continue a prompt; "stream": true sends server-sent events
-    GET  /v1/models         the models served (GET /v1/models/{id}: one of them)
-    GET  /health            liveness, and how busy the server is
-    GET  /openapi.json      the OpenAPI description of all of this
-    GET  /                  the playground: a page to try prompts and watch text appear
-    GET  /runs/{id}/loss    the loss curve of the run beside a model's checkpoint
+    POST /v1/completions        continue a prompt; "stream": true sends server-sent events
+    POST /v1/chat/completions   the assistant's next message in a chat (see chat_prompt)
+    GET  /v1/models             the models served (GET /v1/models/{id}: one of them)
+    GET  /health                liveness, and how busy the server is
+    GET  /openapi.json          the OpenAPI description of all of this
+    GET  /                      the playground: a page to try prompts and watch text appear
+    GET  /runs/{id}/loss        the loss curve of the run beside a model's checkpoint
 
 A request's sampling settings are :class:`~smolgpt.config.SampleConfig`'s under OpenAI's
 names (max_tokens, n) or their own (top_k, min_p, repetition_penalty), with the same defaults,
 except the seed: without one, each request draws its own, as OpenAI's API does. The request
-schema below is the single definition of what is accepted: the OpenAPI description publishes
-it and :func:`check` enforces it, answering a violation with status 400 and OpenAI's error
-shape, ``{"error": {"message", "type", "param", "code"}}``.
+schemas below are the single definition of what is accepted (a chat request's is a completion
+request's, with messages for the prompt): the OpenAPI description publishes them and
+:func:`check` enforces them, answering a violation with status 400 and OpenAI's error shape,
+``{"error": {"message", "type", "param", "code"}}``.
+
+The models are base models, trained on plain text with no chat format: a chat reaches them as a
+plain transcript that they continue, one "Role: content" line per message (:func:`chat_prompt`),
+and the reply ends where the model begins the next role line (:func:`chat_stops`).
 
 How a shared server stays alive: every torch call runs on one worker thread, and up to
 ``parallel`` requests take turns on it token by token, so a long request slows others down
@@ -261,6 +268,81 @@ def completion_schema(cfg: ServeConfig, model_ids: Sequence[str]) -> dict[str, A
     }
 
 
+# A chat's roles, and the label each message's line begins with in the transcript.
+ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+CHAT_STOPS = tuple(f"\n{label}:" for label in ROLES.values())
+
+
+def chat_schema(cfg: ServeConfig, model_ids: Sequence[str]) -> dict[str, Any]:
+    """The JSON schema of a chat request: a completion request's, with messages in place of
+    prompt (and no echo)."""
+    completion = completion_schema(cfg, model_ids)
+    settings = {
+        k: v for k, v in completion["properties"].items() if k not in ("model", "prompt", "echo")
+    }
+    message = {
+        "type": "object",
+        "properties": {
+            "role": {"type": "string", "enum": list(ROLES)},
+            "content": {"type": "string", "maxLength": cfg.max_prompt_chars},
+            "name": {"type": "string", "nullable": True, "description": "accepted and ignored"},
+        },
+        "required": ["role", "content"],
+        "additionalProperties": False,
+    }
+    messages = {
+        "type": "array",
+        "items": message,
+        "minItems": 1,
+        "description": "the chat so far; the model writes the assistant's next message, "
+        "continuing a plain transcript of it (one 'Role: content' line per message, then "
+        "'Assistant:') up to the next role line",
+    }
+    return {
+        **completion,
+        "properties": {
+            "model": completion["properties"]["model"],
+            "messages": messages,
+            **settings,
+        },
+        "required": ["messages" if r == "prompt" else r for r in completion["required"]],
+    }
+
+
+def chat_prompt(messages: Sequence[dict[str, str]]) -> str:
+    """The plain transcript of a chat that a base model continues: one line per message, its
+    role's label (System, User, Assistant), a colon, a space and its content (with the
+    whitespace around it left out), then "Assistant:" for the model's turn::
+
+        System: You answer in rhyme.
+        User: Where is the key?
+        Assistant:
+
+    The reply is what the model writes next, up to the first of :func:`chat_stops` (left out
+    of it), without the whitespace around it."""
+    lines = [f"{ROLES[m['role']]}: {m['content'].strip()}" for m in messages]
+    return "\n".join([*lines, f"{ROLES['assistant']}:"])
+
+
+def chat_stops(tokenizer: Any) -> tuple[str, ...]:
+    """Where a reply ends: at the next role line (CHAT_STOPS: a line break, then "User:",
+    "System:" or "Assistant:"), as the model writes it. That is CHAT_STOPS themselves at char
+    and bpe level; a word-level model keeps neither line breaks nor capitals and writes
+    " user:" (" <UNK>:" where the label is not in its vocabulary). A char-level model missing
+    a label's characters never writes its line, so that line is left out."""
+    found: list[str] = []
+    for stop in CHAT_STOPS:
+        line = stop.lstrip("\n")
+        try:  # the second of two role lines, as the model's tokens decode
+            one = tokenizer.decode(tokenizer.encode(line))
+            two = tokenizer.decode(tokenizer.encode(line + stop))
+        except SmolGPTError:  # characters the model does not know
+            continue
+        if two[len(one) :] not in found:
+            found.append(two[len(one) :])
+    return tuple(found)
+
+
 def _json_type(value: Any) -> str:
     if isinstance(value, bool):
         return "boolean"
@@ -346,7 +428,9 @@ def check(value: Any, schema: dict[str, Any], name: str, param: Optional[str] = 
                 )
         for field in schema.get("required", ()):
             if field not in value:
-                raise ApiError(400, f"the request needs {field!r}", field)
+                if name == "request":
+                    raise ApiError(400, f"the request needs {field!r}", field)
+                raise ApiError(400, f"{name} needs {field!r}", param)
         for field, item in value.items():
             check(
                 item,
@@ -358,7 +442,8 @@ def check(value: Any, schema: dict[str, Any], name: str, param: Optional[str] = 
 
 @dataclass
 class Completion:
-    """A checked completion request."""
+    """A checked completion request, or chat request (chat: its one prompt is the transcript,
+    and the answer is in chat's shape)."""
 
     served: Served
     prompts: list[str]
@@ -366,11 +451,64 @@ class Completion:
     stream: bool
     echo: bool
     include_usage: bool
+    chat: bool = False
+
+    @property
+    def choices(self) -> int:
+        return len(self.prompts) * self.sampling.get("num_samples", 1)
 
 
 def parse_completion(
     body: dict[str, Any], served: Sequence[Served], schema: dict[str, Any], cfg: ServeConfig
 ) -> Completion:
+    model, sampling = _parse_request(body, served, schema)
+    prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+    n = sampling.get("num_samples", 1)
+    if n * len(prompts) > cfg.max_n:
+        raise ApiError(
+            400,
+            f"n ({n}) times {len(prompts)} prompts asks for "
+            f"{n * len(prompts)} completions; the limit is {cfg.max_n}",
+            "n",
+        )
+    return _completion(body, model, prompts, sampling)
+
+
+def parse_chat(
+    body: dict[str, Any], served: Sequence[Served], schema: dict[str, Any], cfg: ServeConfig
+) -> Completion:
+    """A chat request as the completion of its transcript (:func:`chat_prompt`), ending at the
+    next role line (:func:`chat_stops`) as well as at the request's own stop strings."""
+    model, sampling = _parse_request(body, served, schema)
+    prompt = chat_prompt(body["messages"])
+    if len(prompt) > cfg.max_prompt_chars:
+        raise ApiError(
+            400,
+            f"the messages make a transcript of {len(prompt)} characters; the limit is "
+            f"{cfg.max_prompt_chars}",
+            "messages",
+        )
+    tokenizer = model.model.tokenizer
+    labels = chat_prompt([{"role": m["role"], "content": ""} for m in body["messages"]])
+    try:
+        tokenizer.encode(labels)
+    except SmolGPTError:  # a char-level model that lacks a character of "User: " and such
+        missing = ", ".join(map(repr, tokenizer.unknown(labels)))
+        raise ApiError(
+            400,
+            f"model {model.id} cannot read the chat transcript's role lines: {missing} "
+            "not in its vocabulary (use /v1/completions with a prompt it can read)",
+            "messages",
+        ) from None
+    stop = sampling.get("stop", ())
+    sampling["stop"] = ((stop,) if isinstance(stop, str) else tuple(stop)) + chat_stops(tokenizer)
+    return _completion(body, model, [prompt], sampling, chat=True)
+
+
+def _parse_request(
+    body: dict[str, Any], served: Sequence[Served], schema: dict[str, Any]
+) -> tuple[Served, dict[str, Any]]:
+    """The model a request names, and its SampleConfig settings, once body passes schema."""
     by_id = {s.id: s for s in served}
     if isinstance(body.get("model"), str) and body["model"] not in by_id:  # OpenAI says 404
         raise ApiError(
@@ -385,20 +523,21 @@ def parse_completion(
         raise ApiError(
             400, f"several models are served: say which (model: one of {', '.join(by_id)})", "model"
         )
-    prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
     sampling = {
         name: body[api_name]
         for name in SampleConfig.__dataclass_fields__
         if body.get(api_name := OPENAI_NAMES.get(name, name)) is not None
     }
-    n = sampling.get("num_samples", 1)
-    if n * len(prompts) > cfg.max_n:
-        raise ApiError(
-            400,
-            f"n ({n}) times {len(prompts)} prompts asks for "
-            f"{n * len(prompts)} completions; the limit is {cfg.max_n}",
-            "n",
-        )
+    return model, sampling
+
+
+def _completion(
+    body: dict[str, Any],
+    model: Served,
+    prompts: list[str],
+    sampling: dict[str, Any],
+    chat: bool = False,
+) -> Completion:
     if "seed" not in sampling:
         sampling["seed"] = secrets.randbelow(MAX_SEED + 1)
     try:
@@ -413,6 +552,7 @@ def parse_completion(
         stream,
         bool(body.get("echo")),
         stream and bool((body.get("stream_options") or {}).get("include_usage")),
+        chat,
     )
 
 
@@ -475,6 +615,23 @@ class Usage:
         }
 
 
+class _Trimmed:
+    """A chat reply's pieces without the whitespace around the whole reply: what it begins
+    with is dropped, and whitespace is held back until text follows it."""
+
+    def __init__(self):
+        self.begun, self.held = False, ""
+
+    def __call__(self, piece: str) -> str:
+        text = self.held + piece
+        shown = text.rstrip()
+        self.held = text[len(shown) :]
+        if not self.begun:
+            shown = shown.lstrip()
+            self.begun = bool(shown)
+        return shown
+
+
 class Generator:
     """Runs completions on the one worker thread that makes every torch call."""
 
@@ -489,8 +646,9 @@ class Generator:
         self, job: Completion, deadline: float, usage: Usage, gone: Callable[[], Awaitable[bool]]
     ) -> AsyncIterator[tuple[int, str, Optional[str]]]:
         """(choice index, new text, finish reason or None) as the text is made, choice by
-        choice in OpenAI's order (every sample of the first prompt, then the next prompt's).
-        Returns early once gone() says the client left; ApiError 504 past the deadline."""
+        choice in OpenAI's order (every sample of the first prompt, then the next prompt's);
+        a chat reply without the whitespace around it. Returns early once gone() says the
+        client left; ApiError 504 past the deadline."""
         n = job.sampling.get("num_samples", 1)
         for p, prompt in enumerate(job.prompts):
             try:
@@ -498,8 +656,9 @@ class Generator:
                     lambda prompt=prompt: job.served.model.text_stream(prompt, **job.sampling)
                 )
             except SmolGPTError as exc:  # a prompt the model cannot read
-                raise ApiError(400, str(exc), "prompt") from None
+                raise ApiError(400, str(exc), "messages" if job.chat else "prompt") from None
             usage.prompt_tokens += stream.prompt_tokens
+            trims = [_Trimmed() for _ in range(n)]
             try:
                 first = True
                 while True:
@@ -513,6 +672,8 @@ class Generator:
                         break
                     self.tokens_generated += (stream.new_tokens - before) * n
                     for j, piece in enumerate(pieces):
+                        if job.chat and not first:
+                            piece = trims[j](piece)
                         if piece and (job.echo or not first):
                             yield p * n + j, piece, None
                     first = False
@@ -541,6 +702,7 @@ class Server:
         self.served, self.cfg, self.api_key = list(served), cfg, api_key
         self.by_id = {s.id: s for s in self.served}
         self.schema = completion_schema(cfg, list(self.by_id))
+        self.chat_schema = chat_schema(cfg, list(self.by_id))
         self.turns = Turns(cfg.parallel, cfg.queue)
         self.generator = Generator()
         # A prompt may take 6 bytes a character in JSON (\uXXXX escapes).
@@ -614,8 +776,8 @@ class Server:
     async def completion(
         self, job: Completion, deadline: float, gone: Callable[[], Awaitable[bool]]
     ) -> dict[str, Any]:
-        """A whole completion response (the caller holds a turn)."""
-        texts = [""] * (len(job.prompts) * job.sampling.get("num_samples", 1))
+        """A whole completion (or chat) response (the caller holds a turn)."""
+        texts = [""] * job.choices
         reasons: list[Optional[str]] = [None] * len(texts)
         usage = Usage()
         async for index, piece, reason in self.generator.events(job, deadline, usage, gone):
@@ -623,10 +785,7 @@ class Server:
             reasons[index] = reason or reasons[index]
         return {
             **_head(job),
-            "choices": [
-                {"text": text, "index": i, "logprobs": None, "finish_reason": reasons[i]}
-                for i, text in enumerate(texts)
-            ],
+            "choices": [_choice(job, i, text, reasons[i]) for i, text in enumerate(texts)],
             "usage": usage.body(),
         }
 
@@ -635,10 +794,15 @@ def _finite(value: float) -> Optional[float]:
     return value if math.isfinite(value) else None  # JSON has no NaN
 
 
-def _head(job: Completion) -> dict[str, Any]:
+def _head(job: Completion, chunk: bool = False) -> dict[str, Any]:
+    """What a response (chunk: every event of a stream) begins with, as OpenAI's does."""
+    if job.chat:
+        kind, prefix = ("chat.completion.chunk" if chunk else "chat.completion"), "chatcmpl"
+    else:
+        kind, prefix = "text_completion", "cmpl"
     return {
-        "id": f"cmpl-{secrets.token_hex(12)}",
-        "object": "text_completion",
+        "id": f"{prefix}-{secrets.token_hex(12)}",
+        "object": kind,
         "created": int(time.time()),
         "model": job.served.id,
     }
@@ -646,6 +810,19 @@ def _head(job: Completion) -> dict[str, Any]:
 
 def install_hint() -> str:
     return f"smolgpt serve needs starlette and uvicorn: {install_command('serve')}"
+
+
+def _choice(
+    job: Completion, index: int, text: str, reason: Optional[str], chunk: bool = False
+) -> dict[str, Any]:
+    """One choice of a response, or (chunk) its new text in an event of a stream."""
+    if not job.chat:
+        return {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
+    if chunk:  # a chat's deltas: the role came first (EventStream), then the text
+        key, message = "delta", ({"content": text} if text else {})
+    else:
+        key, message = "message", {"role": "assistant", "content": text}
+    return {"index": index, key: message, "logprobs": None, "finish_reason": reason}
 
 
 def build_app(served: Sequence[Served], cfg: ServeConfig, api_key: Optional[str] = None):
@@ -693,21 +870,26 @@ def build_app(served: Sequence[Served], cfg: ServeConfig, api_key: Optional[str]
             raise ApiError(400, "the request body must be a JSON object")
         return parsed
 
-    @answers
-    async def completions(request: Request) -> Response:
-        started = time.monotonic()
-        server.authorize(request.headers)
-        job = parse_completion(await read_json(request), server.served, server.schema, cfg)
-        deadline = started + cfg.timeout
-        if job.stream:
-            return EventStream(server, job, deadline, started)
-        await server.turns.enter(deadline)
-        try:
-            result = await server.completion(job, deadline, request.is_disconnected)
-        finally:
-            server.turns.leave()
-        _log_request(job, result["usage"]["completion_tokens"], started)
-        return JSONResponse(result)
+    def generation(parse: Callable[..., Completion], schema: dict[str, Any]):
+        """The endpoint of completions (or chats): parse reads a request that schema checks."""
+
+        @answers
+        async def endpoint(request: Request) -> Response:
+            started = time.monotonic()
+            server.authorize(request.headers)
+            job = parse(await read_json(request), server.served, schema, cfg)
+            deadline = started + cfg.timeout
+            if job.stream:
+                return EventStream(server, job, deadline, started)
+            await server.turns.enter(deadline)
+            try:
+                result = await server.completion(job, deadline, request.is_disconnected)
+            finally:
+                server.turns.leave()
+            _log_request(job, result["usage"]["completion_tokens"], started)
+            return JSONResponse(result)
+
+        return endpoint
 
     @answers
     async def models(request: Request) -> Response:
@@ -779,7 +961,7 @@ def build_app(served: Sequence[Served], cfg: ServeConfig, api_key: Optional[str]
             watcher = asyncio.ensure_future(watch())
             usage = Usage()
             events = self.server.generator.events(self.job, self.deadline, usage, gone)
-            head = _head(self.job)
+            head = _head(self.job, chunk=True)
             try:
                 try:  # the first event before the status line: a prompt the model cannot read
                     event = await anext(events, None)  # is answered 400 like any bad value
@@ -789,21 +971,16 @@ def build_app(served: Sequence[Served], cfg: ServeConfig, api_key: Optional[str]
                     {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
                 )
                 try:
+                    for index in range(self.job.choices if self.job.chat else 0):
+                        # A chat's first chunk of each choice says whose message it is.
+                        first = _choice(self.job, index, "", None, chunk=True)
+                        first["delta"] = {"role": "assistant", "content": ""}
+                        await _event(send, {**head, "choices": [first]})
                     while event is not None:
                         index, piece, reason = event
                         await _event(
                             send,
-                            {
-                                **head,
-                                "choices": [
-                                    {
-                                        "text": piece,
-                                        "index": index,
-                                        "logprobs": None,
-                                        "finish_reason": reason,
-                                    }
-                                ],
-                            },
+                            {**head, "choices": [_choice(self.job, index, piece, reason, True)]},
                         )
                         event = await anext(events, None)
                     if left.is_set():
@@ -834,7 +1011,12 @@ def build_app(served: Sequence[Served], cfg: ServeConfig, api_key: Optional[str]
             Route("/openapi.json", openapi_json),
             Route("/v1/models", models),
             Route("/v1/models/{model}", one_model),
-            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/completions", generation(parse_completion, server.schema), methods=["POST"]),
+            Route(
+                "/v1/chat/completions",
+                generation(parse_chat, server.chat_schema),
+                methods=["POST"],
+            ),
             Route("/runs/{model}/loss", loss),
         ],
         exception_handlers={404: not_found, 405: not_found},
@@ -859,7 +1041,8 @@ async def _event(send, payload: dict[str, Any]) -> None:
 
 def _log_request(job: Completion, tokens: int, started: float, note: str = "") -> None:
     log.info(
-        "completion %s: %d prompt(s), %d token(s) in %.2f s%s",
+        "%s %s: %d prompt(s), %d token(s) in %.2f s%s",
+        "chat completion" if job.chat else "completion",
         job.served.id,
         len(job.prompts),
         tokens,
@@ -902,7 +1085,71 @@ def openapi(server: Server) -> dict[str, Any]:
             "content": {"application/json": {"schema": {"$ref": ref}}},
         }
 
+    def generation(summary: str, name: str) -> dict[str, Any]:
+        """A POST of {name}Request answered by a {name}, or with stream: true its events."""
+        return {
+            "post": {
+                "summary": summary,
+                "security": secured,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": f"#/components/schemas/{name}Request"}
+                        }
+                    },
+                },
+                "responses": answers(
+                    400,
+                    401,
+                    404,
+                    413,
+                    503,
+                    504,
+                    ok={
+                        "description": f"the {name}, or with stream: true its events "
+                        "(data: {chunk} ... data: [DONE])",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": f"#/components/schemas/{name}"}
+                            },
+                            # Before OpenAPI 3.2, an event stream's schema is one event's.
+                            "text/event-stream": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["data"],
+                                    "properties": {
+                                        "data": {
+                                            "type": "string",
+                                            "description": f"a chunk as JSON (a {name} "
+                                            "with the new text), or [DONE]",
+                                        },
+                                        "event": {"type": "string"},
+                                    },
+                                }
+                            },
+                        },
+                    },
+                ),
+            }
+        }
+
+    def response(choice: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices", "usage"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"type": "string"},
+                "created": {"type": "integer"},
+                "model": {"type": "string"},
+                "choices": {"type": "array", "items": choice},
+                "usage": usage,
+            },
+        }
+
     secured = [{"bearer": []}] if server.api_key else []
+    finish_reason = {"type": "string", "nullable": True, "enum": ["stop", "length", None]}
     choice = {
         "type": "object",
         "required": ["text", "index", "finish_reason"],
@@ -910,7 +1157,24 @@ def openapi(server: Server) -> dict[str, Any]:
             "text": {"type": "string"},
             "index": {"type": "integer"},
             "logprobs": {"nullable": True},
-            "finish_reason": {"type": "string", "nullable": True, "enum": ["stop", "length", None]},
+            "finish_reason": finish_reason,
+        },
+    }
+    chat_choice = {
+        "type": "object",
+        "required": ["message", "index", "finish_reason"],
+        "properties": {
+            "message": {
+                "type": "object",
+                "required": ["role", "content"],
+                "properties": {
+                    "role": {"type": "string", "enum": ["assistant"]},
+                    "content": {"type": "string"},
+                },
+            },
+            "index": {"type": "integer"},
+            "logprobs": {"nullable": True},
+            "finish_reason": finish_reason,
         },
     }
     usage = {
@@ -941,55 +1205,18 @@ def openapi(server: Server) -> dict[str, Any]:
         "info": {
             "title": "smolgpt",
             "version": __version__,
-            "description": "OpenAI-compatible completions from smolgpt models",
+            "description": "OpenAI-compatible completions and chat completions from smolgpt models",
         },
         "paths": {
-            "/v1/completions": {
-                "post": {
-                    "summary": "continue a prompt (stream: true for server-sent events)",
-                    "security": secured,
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {"$ref": "#/components/schemas/CompletionRequest"}
-                            }
-                        },
-                    },
-                    "responses": answers(
-                        400,
-                        401,
-                        404,
-                        413,
-                        503,
-                        504,
-                        ok={
-                            "description": "the completion, or with stream: true its events "
-                            "(data: {chunk} ... data: [DONE])",
-                            "content": {
-                                "application/json": {
-                                    "schema": {"$ref": "#/components/schemas/Completion"}
-                                },
-                                # Before OpenAPI 3.2, an event stream's schema is one event's.
-                                "text/event-stream": {
-                                    "schema": {
-                                        "type": "object",
-                                        "required": ["data"],
-                                        "properties": {
-                                            "data": {
-                                                "type": "string",
-                                                "description": "a chunk as JSON "
-                                                "(a Completion with the new text), or [DONE]",
-                                            },
-                                            "event": {"type": "string"},
-                                        },
-                                    }
-                                },
-                            },
-                        },
-                    ),
-                }
-            },
+            "/v1/completions": generation(
+                "continue a prompt (stream: true for server-sent events)", "Completion"
+            ),
+            "/v1/chat/completions": generation(
+                "the assistant's next message, continuing a plain transcript of the chat "
+                "(one 'Role: content' line per message, then 'Assistant:') up to the next "
+                "role line (stream: true for server-sent events)",
+                "ChatCompletion",
+            ),
             "/v1/models": {
                 "get": {
                     "summary": "the models served",
@@ -1050,18 +1277,9 @@ def openapi(server: Server) -> dict[str, Any]:
         "components": {
             "schemas": {
                 "CompletionRequest": server.schema,
-                "Completion": {
-                    "type": "object",
-                    "required": ["id", "object", "created", "model", "choices", "usage"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "object": {"type": "string"},
-                        "created": {"type": "integer"},
-                        "model": {"type": "string"},
-                        "choices": {"type": "array", "items": choice},
-                        "usage": usage,
-                    },
-                },
+                "Completion": response(choice),
+                "ChatCompletionRequest": server.chat_schema,
+                "ChatCompletion": response(chat_choice),
                 "Model": model,
                 "ModelList": {
                     "type": "object",
