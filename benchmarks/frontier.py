@@ -166,6 +166,15 @@ def recorded(records: list[Path]) -> tuple[list[dict], str]:
     return list(results.values()), next(iter(cpus.values()))
 
 
+# The other columns of a result, and how each is printed; a record transcribed from a table
+# may lack them ("-").
+KEPT = (("logged_best_val", "{:.4f}"), ("iterations", "{}"), ("wall_s", "{:.1f}"))
+
+
+def shown(result: dict, key: str, form: str) -> str:
+    return form.format(result[key]) if key in result else "-"
+
+
 def report(results: list[dict], cpu: str, plot_path: Path) -> None:
     """Print the table and the target, and draw the plot."""
     print(
@@ -183,9 +192,7 @@ def report(results: list[dict], cpu: str, plot_path: Path) -> None:
                     r["config"],
                     f"{r['budget_s']:g}",
                     f"{r['val_loss']:.4f}",
-                    f"{r['logged_best_val']:.4f}",
-                    r["iterations"],
-                    f"{r['wall_s']:.1f}",
+                    *(shown(r, key, form) for key, form in KEPT),
                 ]
                 for r in results
             ],

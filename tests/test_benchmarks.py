@@ -515,3 +515,32 @@ def test_frontier_replot_joins_records(monkeypatch, tmp_path, capsys):
     )
     with pytest.raises(SystemExit, match="different CPUs"):
         frontier.recorded([both, record("other.json", ["micro"], cpu="Intel Xeon")])
+
+
+def test_the_frontier_plot_draws_every_row_of_the_readme_table(monkeypatch):
+    """docs/frontier.png is drawn from benchmarks/records/frontier-zen3-0.10.0.json: its
+    numbers are the README table's, every row of it (micro too)."""
+    import re
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    frontier = importlib.import_module("frontier")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    head = "| `--time_budget` | 30 s | 60 s | 150 s | 300 s | 600 s |"
+    table = readme[readme.index(head) :].split("\n\n")[0].splitlines()[2:]
+    config = {"--preset speedrun": "speedrun", "nanoGPT's CPU": "nanogpt-cpu"}
+    config["--preset micro"] = "micro"
+    in_readme = {}
+    for row in table:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        (name,) = [v for k, v in config.items() if k in cells[0]]
+        in_readme[name] = [float(c) for c in cells[1:] if re.fullmatch(r"[\d.]+", c)]
+    results, _ = frontier.recorded([ROOT / "benchmarks/records/frontier-zen3-0.10.0.json"])
+    recorded = {
+        name: [
+            r["val_loss"]
+            for r in sorted(results, key=lambda r: r["budget_s"])
+            if r["config"] == name
+        ]
+        for name in in_readme
+    }
+    assert recorded == in_readme and set(in_readme) == {"speedrun", "nanogpt-cpu", "micro"}
