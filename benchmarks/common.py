@@ -159,7 +159,7 @@ def cpu_trainer(data, **settings):
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of a finished run's metrics.jsonl, oldest first ([] if it has none)."""
-    from smolgpt.runlog import METRICS
+    from smolgpt.rundir import METRICS
 
     path = Path(run_dir) / METRICS
     if not path.exists():
@@ -194,7 +194,7 @@ def run_train(
     time.perf_counter. While it runs, its metrics.jsonl is polled every poll_s seconds, so
     each row's "process_s" is the second (since process start, to within poll_s) at which
     the row appeared."""
-    from smolgpt.runlog import METRICS
+    from smolgpt.rundir import METRICS
 
     command = [sys.executable, *python_args, "train.py", *train_args, "--out_dir", str(out_dir)]
     metrics = Path(out_dir) / METRICS

@@ -13,31 +13,17 @@ inspection, server and cli on top.
 ``import smolgpt`` is cheap: torch is imported when train or load is first used.
 """
 
-import os
-import sys
 from typing import Any
 
-# Compute threads that spin only briefly when they wait between parallel operations. OpenMP
-# (libgomp) keeps a finished thread spinning 300,000 times in case more work comes: on a
-# CPU that other programs share, the spinning thread takes the core its partner needs, and
-# training can collapse (1 step where a quiet run made ~200, beside two busy loops on 2
-# cores). 10,000 spins keep a quiet CPU's speed; no spinning at all (OMP_WAIT_POLICY=
-# PASSIVE) costs a third of it with small models (benchmarks/busy_cpu.py). OpenMP reads the
-# setting once, when torch loads it: hence here, before anything of smolgpt imports torch.
-# A setting of the user's own wins.
-SPIN_COUNT = "10000"
-WAIT_POLICY_IN_TIME = "torch" not in sys.modules
-if not any(name in os.environ for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")):
-    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
-
-from .config import (  # noqa: E402 - after the spin count above
+from . import openmp  # noqa: F401 - first: before anything imports torch (see there)
+from .config import (
     GenerateConfig,
     ModelConfig,
     SampleConfig,
     ServeConfig,
     TrainConfig,
 )
-from .errors import SmolGPTError  # noqa: E402
+from .errors import SmolGPTError
 
 __version__ = "0.12.0"
 __all__ = [

@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
@@ -36,7 +35,6 @@ from . import __version__, checkpoint, data, distributed, finetune, hardware
 from .config import (
     EXPORT_FORMATS,
     HELP_GROUPS,
-    RUN_CONFIG,
     ModelConfig,
     SampleConfig,
     TrainConfig,
@@ -47,9 +45,10 @@ from .config import (
 from .errors import SmolGPTError
 from .files import RunLock, atomic_write_text, ensure_writable_dir
 from .model import GPT
+from .rundir import BEST, LATEST, RUN_CONFIG, SAMPLES, clean_stale_temporaries, locate, move_aside
 from .sampling import TextStream
 from .tokenizer import BPETokenizer, Tokenizer, WordTokenizer, tokenizer_from_dict
-from .training import BEST, LATEST, Trainer, clean_stale_temporaries, run_checkpoint
+from .training import Trainer
 
 if TYPE_CHECKING:
     from .evaluate import Evaluation
@@ -266,7 +265,7 @@ def _prepare_run(
         )
     if group.is_main:
         if requested.overwrite and (out_dir / LATEST).exists():  # only once the text is good
-            log.info("--overwrite: moved the previous run to %s", _move_aside(out_dir, lock))
+            log.info("--overwrite: moved the previous run to %s", move_aside(out_dir, lock))
         if source is not None:
             log.info(finetune.describe(source, cfg, settings))
         log.info(describe_settings(cfg))
@@ -279,7 +278,7 @@ class EvaluationSamples:
     short sample of the model in training, logged and added to samples.txt. The prompt and
     seed are the same every time, so the text changes only because the model did."""
 
-    FILE = "samples.txt"
+    FILE = SAMPLES
     TOKENS = 100  # words or characters: a glance, not a story
 
     def __init__(self, out_dir: Path, tokenizer: Tokenizer, cfg: TrainConfig):
@@ -323,20 +322,6 @@ def _resumable(out_dir: Path, settings: dict[str, Any]) -> tuple[dict, TrainConf
             LATEST,
         )
     return ckpt, cfg
-
-
-def _move_aside(out_dir: Path, lock: RunLock) -> Path:
-    """Move a run's files into a new sibling directory named after the time, never deleting
-    anything; the run directory itself, and the lock this process holds in it, stay."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target, n = out_dir.with_name(f"{out_dir.name}.{stamp}"), 1
-    while target.exists():
-        target, n = out_dir.with_name(f"{out_dir.name}.{stamp}-{n}"), n + 1
-    target.mkdir()
-    for entry in out_dir.iterdir():
-        if entry != lock.path:
-            entry.rename(target / entry.name)
-    return target
 
 
 def write_run_config(out_dir: Path, cfg: TrainConfig) -> Path:
@@ -614,19 +599,10 @@ def load(path: Union[str, Path], device: str = "auto") -> Model:
     then mps, then cpu)."""
     from . import interop
 
-    path = Path(path)
-    if path.is_dir():
-        found = run_checkpoint(path)
-        if found is not None:
-            log.info("%s is a run directory: using %s", path, found)
-            path = found
-        elif not any((path / name).is_file() for name in (interop.META, interop.HF_CONFIG)):
-            raise SmolGPTError(
-                f"{path} is a directory without {BEST} or {LATEST} (nor an "
-                f"export's {interop.META}): pass a checkpoint, a run directory "
-                "that smolgpt train wrote, or a directory smolgpt export wrote"
-            )
+    located = locate(path, transformers_dirs=True)
+    if located.kind == "run directory":
+        log.info("%s is a run directory: using %s", located.given, located.model)
     module, tokenizer, train_config, data_info = interop.load_source(
-        path, hardware.resolve_device(device)
+        located.model, hardware.resolve_device(device)
     )
     return Model(module, tokenizer, train_config, data_info)

@@ -525,16 +525,14 @@ def run_eval(
     the scores on stdout."""
     from .api import load
     from .data import iter_text, resolve_corpus
-    from .training import run_checkpoint
+    from .rundir import locate
 
     if batch_size < 1:
         raise SmolGPTError(f"--batch_size must be at least 1, not {batch_size}")
     text = None
     if text_spec is not None:  # read before the model: a wrong path fails at once
         text = "".join(iter_text(resolve_corpus(text_spec, encoding)))
-    path = Path(source)
-    if path.is_dir():  # a run directory: its checkpoint, which the output names
-        path = run_checkpoint(path) or path
+    path = locate(source).model  # a run directory: its checkpoint, which the output names
     model = load(path, device)
     what = (
         f"--data {text_spec}"

@@ -712,7 +712,6 @@ def resolve_train_config(explicit: dict[str, Any], cpu_float32: bool = False) ->
 
 # Beside a run's checkpoints: the settings it resolved to, as JSON (rewritten by every
 # process of the run). --config reads it back.
-RUN_CONFIG = "config.json"
 # How a config file's values are named when one has the wrong type.
 _TYPE_NAMES = {
     bool: "true or false",

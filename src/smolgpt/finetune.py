@@ -34,8 +34,8 @@ from . import interop
 from .config import FINETUNE_LR_FACTOR, PRESETS, TrainConfig
 from .errors import SmolGPTError
 from .model import GPT
+from .rundir import locate
 from .tokenizer import BPETokenizer, Tokenizer, WordTokenizer
-from .training import run_checkpoint
 
 # The settings that decide the weights' shapes (with the vocabulary, which is the
 # tokenizer's); dropout is not among them: it is part of the recipe.
@@ -72,15 +72,8 @@ def load_source(init_from: str) -> Source:
     """The model --init_from names (a run directory means its best_model.pth, else its
     latest_model.pth), on the CPU: the trainer copies its weights to the run's device.
     A path that is missing or holds no model is a SmolGPTError."""
-    path = Path(init_from).expanduser()
-    if not path.exists():
-        raise SmolGPTError(
-            f"--init_from {init_from} does not exist: pass a checkpoint (.pth), "
-            "a run directory, or a directory written by smolgpt export"
-        )
-    if path.is_dir():
-        path = run_checkpoint(path) or path  # a directory that is no run: an export
     try:
+        path = locate(init_from).model
         module, tokenizer, train_config, _ = interop.load_source(path, torch.device("cpu"))
     except SmolGPTError as exc:
         raise SmolGPTError(f"--init_from: {exc}") from None

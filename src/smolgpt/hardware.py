@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 
+from . import openmp
 from .config import DEVICES
 from .errors import SmolGPTError
 from .files import atomic_write_text, cache_dir
@@ -294,8 +295,6 @@ def describe_threads(busy_cores: Optional[float] = None, timed_against: int = 0)
     with busy_cores, the cores other programs kept busy at start-up, and timed_against, the
     other count timed then) and how they wait between operations (see SPIN_COUNT in
     smolgpt/__init__.py)."""
-    import smolgpt
-
     count = torch.get_num_threads()
     threads = f"{count} compute thread{'' if count == 1 else 's'}"
     if timed_against:
@@ -305,14 +304,14 @@ def describe_threads(busy_cores: Optional[float] = None, timed_against: int = 0)
             "the count)"
         )
     spin, policy = os.environ.get("GOMP_SPINCOUNT"), os.environ.get("OMP_WAIT_POLICY")
-    if not smolgpt.WAIT_POLICY_IN_TIME and spin == smolgpt.SPIN_COUNT:
+    if not openmp.WAIT_POLICY_IN_TIME and spin == openmp.SPIN_COUNT:
         return (
             f"{threads}, waiting as OpenMP does by default: torch was loaded before smolgpt "
-            f"(set GOMP_SPINCOUNT={smolgpt.SPIN_COUNT} before importing torch, or import "
+            f"(set GOMP_SPINCOUNT={openmp.SPIN_COUNT} before importing torch, or import "
             "smolgpt first, so that a CPU busy with other work slows training in "
             "proportion, not several-fold)"
         )
-    if spin == smolgpt.SPIN_COUNT and policy is None:
+    if spin == openmp.SPIN_COUNT and policy is None:
         return (
             f"{threads}, spinning briefly while they wait (GOMP_SPINCOUNT={spin}: a CPU "
             "busy with other work slows training in proportion, not several-fold)"

@@ -59,6 +59,7 @@ from .errors import SmolGPTError
 from .extras import install_command, upgrade_advice
 from .files import atomic_write, atomic_write_text, umask
 from .model import GPT
+from .rundir import EXPORT_META, HF_CONFIG, is_run_config
 
 # (The detokenization marks too: the export's decoder follows WordTokenizer.decode.)
 from .tokenizer import (
@@ -75,9 +76,8 @@ from .tokenizer import (
 
 FORMAT = "smolgpt-export"
 FORMAT_VERSION = 1
-META = "smolgpt.json"  # what smolgpt needs beyond the weights: tokenizer, configs
+META = EXPORT_META  # what smolgpt needs beyond the weights: tokenizer, configs
 WEIGHTS = "model.safetensors"
-HF_CONFIG = "config.json"
 PICKLED = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth")
 ROPE_BASE = 10000.0  # model.rotary_tables' base
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which the model uses
@@ -525,8 +525,7 @@ def load_source(
     if not path.is_dir():
         module, tokenizer, ckpt = checkpoint.load_model(path, device)
         return module, tokenizer, ckpt.get("train_config", {}), ckpt.get("data", {})
-    if (path / HF_CONFIG).is_file() and "smolgpt_version" in _read_json(path / HF_CONFIG):
-        # A training run's config.json (config.RUN_CONFIG), not a transformers one.
+    if is_run_config(path / HF_CONFIG):  # a training run's config.json, not transformers'
         raise SmolGPTError(
             f"{path} is a training run that has not saved a checkpoint yet: "
             "wait for its first evaluation, or pass another model"

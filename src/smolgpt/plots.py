@@ -15,11 +15,11 @@ import math
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-from .config import LEVELS, PLOT_AXES, PLOT_VALUES, RUN_CONFIG
+from .config import LEVELS, PLOT_AXES, PLOT_VALUES
 from .errors import SmolGPTError
 from .extras import install_command
 from .files import atomic_write
-from .runlog import METRICS
+from .rundir import LOSS_PLOT, METRICS, RUN_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def plot_run(run_dir: PathLike, out_path: Optional[PathLike] = None) -> Path:
     """
     Figure, Canvas = _figure_classes()
     rows = read_metrics(run_dir)
-    out_path = Path(out_path) if out_path is not None else Path(run_dir) / "loss.png"
+    out_path = Path(out_path) if out_path is not None else Path(run_dir) / LOSS_PLOT
     best = _best(rows)
     divisor, unit = _time_unit(max(r["elapsed_s"] for r in rows))
 

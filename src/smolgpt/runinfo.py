@@ -22,12 +22,10 @@ from typing import Any, Optional, Union
 import torch
 
 from . import checkpoint, interop
-from .config import RUN_CONFIG
-from .errors import SmolGPTError
 from .model import GPT
-from .runlog import METRICS, duration
+from .rundir import METRICS, RUN_CONFIG, locate
+from .runlog import duration
 from .tokenizer import tokenizer_from_dict
-from .training import BEST, LATEST, run_checkpoint
 
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "position", "bias")
 
@@ -38,33 +36,17 @@ def describe(path: Union[str, Path]) -> dict[str, Any]:
     run's metrics.jsonl and config.json), or a directory smolgpt export wrote. The
     checkpoint is read as every checkpoint is (weights only, checked); a path that holds
     none is a SmolGPTError. Anything the file does not record is None."""
-    given = Path(path)
-    if not given.exists():
-        raise SmolGPTError(
-            f"{given} does not exist: pass a checkpoint (.pth), a run "
-            "directory, or a directory smolgpt export wrote"
-        )
-    if given.is_dir():
-        found = run_checkpoint(given)
-        if found is not None:
-            return {
-                "path": str(given),
-                "kind": "run directory",
-                **_describe_checkpoint(found),
-                **_run_files(given),
-            }
-        if (given / interop.META).is_file():
-            return {"path": str(given), "kind": "export", **_describe_export(given)}
-        if "smolgpt_version" in (_run_config(given) or {}) or (given / METRICS).is_file():
-            raise SmolGPTError(
-                f"{given} is a run directory without a checkpoint yet (no {BEST} "
-                f"or {LATEST}): describe it after its first evaluation"
-            )
-        raise SmolGPTError(
-            f"{given} is a directory without {BEST} or {LATEST} (nor an "
-            f"export's {interop.META}): pass a checkpoint, a run directory "
-            "that smolgpt train wrote, or a directory smolgpt export wrote"
-        )
+    located = locate(path)
+    given = located.given
+    if located.kind == "run directory":
+        return {
+            "path": str(given),
+            "kind": "run directory",
+            **_describe_checkpoint(located.model),
+            **_run_files(given),
+        }
+    if located.kind == "export":
+        return {"path": str(given), "kind": "export", **_describe_export(given)}
     return {"path": str(given), "kind": "checkpoint", **_describe_checkpoint(given)}
 
 

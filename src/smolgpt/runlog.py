@@ -22,13 +22,12 @@ from .config import TrainConfig
 from .distributed import Group
 from .extras import install_command
 from .files import atomic_write_text
+from .rundir import METRICS, TENSORBOARD
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.jsonl"
 # An evaluation expected to take longer than this reports how far it has got this often.
 EVAL_PROGRESS_S = 10.0
-TENSORBOARD = "tensorboard"  # --tensorboard's folder in the run directory
 # The TensorBoard name of each metrics key: loss curves together, the rest apart.
 BOARD_TAGS = {
     "train_loss": "loss/train",

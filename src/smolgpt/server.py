@@ -56,6 +56,7 @@ from . import __version__
 from .config import SampleConfig, ServeConfig
 from .errors import SmolGPTError
 from .extras import install_command
+from .rundir import BEST, LATEST, METRICS
 
 log = logging.getLogger("smolgpt")
 
@@ -122,8 +123,6 @@ class Served:
 def model_id(path: Path) -> str:
     """The name a checkpoint is served under: its run's directory name for best_model.pth
     (with "-latest" for latest_model.pth), a directory's own name, else the file's stem."""
-    from .training import BEST, LATEST
-
     resolved = path.resolve()
     if resolved.is_dir():
         return resolved.name
@@ -138,7 +137,6 @@ def load_models(paths: Sequence[str], device: str) -> list[Served]:
     """Every checkpoint, run directory or export in paths, loaded and named; a name that
     two paths would share gets -2, -3, ... in the order given."""
     from .api import load
-    from .runlog import METRICS
 
     if not paths:
         raise SmolGPTError("give at least one checkpoint, run directory or export to serve")

@@ -57,11 +57,10 @@ from .optim import (
     warming_up,
     warmup_share,
 )
+from .rundir import BEST, LATEST
 from .runlog import EVAL_PROGRESS_S, RunLog, duration
 
 log = logging.getLogger(__name__)
-
-LATEST, BEST = "latest_model.pth", "best_model.pth"
 
 
 @dataclass
@@ -954,16 +953,3 @@ class Trainer:
             f"stopped. {BEST} and {LATEST} hold the last good state; lower --learning_rate "
             f"(now {self.cfg.learning_rate:g}) or keep --grad_clip on"
         )
-
-
-def run_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The checkpoint that stands for a run directory: its best_model.pth, else its
-    latest_model.pth; None if it holds neither."""
-    return next((run_dir / name for name in (BEST, LATEST) if (run_dir / name).is_file()), None)
-
-
-def clean_stale_temporaries(out_dir: Path) -> None:
-    """Remove half-written checkpoint files left by a process killed mid-save. Call only
-    while holding the run directory's lock (no live writer can own them then)."""
-    for tmp in Path(out_dir).glob(".*.pth.*.tmp"):
-        tmp.unlink(missing_ok=True)
