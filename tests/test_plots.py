@@ -492,3 +492,25 @@ def test_the_plot_command_says_where_its_default_picture_went(tmp_path, cli_main
     assert done.returncode == 0, done.describe()
     assert done.stderr.strip().splitlines()[-1] == f"wrote {here.resolve() / 'loss_curves.png'}"
     assert (here / "loss_curves.png").is_file()
+
+
+def test_tokens_of_older_rows_count_every_rank(real_run, tmp_path):
+    """Rows written before they carried "tokens" are counted from the checkpoint's recipe,
+    times the processes that trained (each on its own batches)."""
+    import json
+    import shutil
+
+    import torch
+
+    run = tmp_path / "two-ranks"
+    shutil.copytree(real_run, run, ignore=shutil.ignore_patterns(".lock"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("tokens", None)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("latest_model.pth", "best_model.pth"):
+        ckpt = torch.load(run / name, weights_only=True)
+        ckpt["run_info"]["world_size"] = 2
+        torch.save(ckpt, run / name)
+    rows = plots.read_metrics(run)
+    assert plots._tokens_seen(run, rows) == [r["iter"] * 64 * 2 for r in rows]

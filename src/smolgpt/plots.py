@@ -19,7 +19,7 @@ from .config import LEVELS, PLOT_AXES, PLOT_VALUES
 from .errors import SmolGPTError
 from .extras import install_command
 from .files import atomic_write
-from .rundir import LOSS_PLOT, METRICS, RUN_CONFIG
+from .rundir import BEST, LATEST, LOSS_PLOT, METRICS, RUN_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +342,8 @@ def _tokens_per_step(run_dir: Path) -> int:
             "plot with x='iter' or x='time' instead"
         )
     try:
-        return cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+        per_rank = cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+        return per_rank * cfg["world_size"]  # every rank trains on its own batches
     except (KeyError, TypeError):  # an unreadable checkpoint (cfg None) or one without these
         raise SmolGPTError(
             f"{path} is not a readable checkpoint: cannot count the "
@@ -352,18 +353,18 @@ def _tokens_per_step(run_dir: Path) -> int:
 
 def _checkpoint_config(run_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
     """The train_config of the run's latest checkpoint (else its best), with that file's
-    path: (path, None) where it cannot be read, (None, None) where the run has none."""
-    path = next(
-        (p for p in (run_dir / "latest_model.pth", run_dir / "best_model.pth") if p.is_file()),
-        None,
-    )
+    path, and "world_size", the processes that trained it (its run_info; 1 where it does
+    not say): (path, None) where it cannot be read, (None, None) where the run has none."""
+    path = next((p for p in (run_dir / LATEST, run_dir / BEST) if p.is_file()), None)
     if path is None:
         return None, None
     import torch  # a dependency of smolgpt; only what a checkpoint records needs it
 
     try:
         # mmap: only the small train_config is read, not every tensor in the file.
-        cfg = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["train_config"]
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        cfg = ckpt["train_config"]
+        world_size = (ckpt.get("run_info") or {}).get("world_size", 1)
     except Exception:  # noqa: BLE001 - any unreadable checkpoint means the same here
         return path, None
-    return path, cfg if isinstance(cfg, dict) else None
+    return path, {**cfg, "world_size": world_size} if isinstance(cfg, dict) else None
