@@ -12,7 +12,7 @@ LAYERS = [
     # files and plain facts
     ["errors", "extras", "openmp", "files", "config", "rundir"],
     # the machine, and the pieces of a model
-    ["distributed", "hardware", "kernels", "tokenizer", "model", "optim"],
+    ["distributed", "signals", "hardware", "kernels", "tokenizer", "model", "optim"],
     # text to batches, scoring, checkpoints, sampling, other formats, pictures
     ["data", "evaluate", "checkpoint", "sampling", "interop", "plots"],
     # training

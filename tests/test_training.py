@@ -10,7 +10,8 @@ import torch
 
 from smolgpt.config import resolve_train_config
 from smolgpt.distributed import Group, PeerLost
-from smolgpt.training import Budget, projection
+from smolgpt.optim import Budget
+from smolgpt.training import projection
 
 from e2e import names
 
@@ -166,13 +167,13 @@ def test_a_repeated_signal_counts_as_a_second_request_only_after_a_grace_period(
     import os
     import signal
 
-    from smolgpt.training import _SignalFlag
+    from smolgpt.signals import SignalFlag
 
-    with _SignalFlag() as flag:
+    with SignalFlag() as flag:
         os.kill(os.getpid(), signal.SIGINT)
         os.kill(os.getpid(), signal.SIGINT)  # the forwarded copy
         assert flag.signum == signal.SIGINT
-        monkeypatch.setattr(_SignalFlag, "REPEAT_GRACE_S", 0.0)
+        monkeypatch.setattr(SignalFlag, "REPEAT_GRACE_S", 0.0)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
 

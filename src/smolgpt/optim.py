@@ -9,11 +9,12 @@ as a function of how far training has got; :func:`batch_rows` the batch-size sch
 from __future__ import annotations
 
 import math
+import time
 from typing import Optional
 
 import torch
 
-from .config import TrainConfig
+from .config import BUDGET_EVALUATIONS, TrainConfig
 from .model import GPT
 
 # Under --time_budget the first step learns at this share of the peak rate at least: its
@@ -26,7 +27,7 @@ def lr_multiplier(cfg: TrainConfig, step: int, done: float) -> float:
     or linear decay to ``final_lr`` by the end of training.
 
     step: optimiser steps completed; done: how far along its schedule the run is, in [0, 1]
-    (the share of training done: see ``training.Budget.done``). A run counted in steps warms
+    (the share of training done: see ``Budget.done``). A run counted in steps warms
     up over ``warmup_iters`` steps; a time-budgeted run over ``warmup_budget_share`` of it.
     """
     if warming_up(cfg, step, done):
@@ -228,3 +229,139 @@ def use_settings(optimizers: list[torch.optim.Optimizer], cfg: TrainConfig) -> N
         if isinstance(optimizer, torch.optim.Muon):
             for group in optimizer.param_groups:
                 group["ns_steps"] = cfg.muon_ns_steps
+
+
+# Evaluations of a time-budgeted run take at most this share of the budget in all.
+EVAL_SHARE = 0.1
+
+
+class Budget:
+    """How long a run trains and how far it has got: max_iters steps, or with --time_budget
+    seconds of wall time, summed over every process of a resumed run. Under a time budget a
+    max_iters given too caps the steps: training ends at whichever limit comes first.
+
+    A time-budgeted run holds back the time of its final evaluation (the last one measured,
+    or before there is one an estimate from a timed evaluation batch), so that the
+    evaluation still fits and the learning-rate decay ends when training does. Without
+    --eval_interval it evaluates at its start and after each BUDGET_EVALUATIONS-th of its
+    training time; its evaluations score at most eval_iters batches a split, fewer where
+    they would take more than EVAL_SHARE of the budget in all (plan_eval_batches).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        clock_start: float,
+        elapsed_before: float = 0.0,
+        extended_at: Optional[list] = None,
+    ):
+        self.cfg, self.clock_start, self.elapsed_before = cfg, clock_start, elapsed_before
+        self.extended_at = extended_at  # Progress.extended_at
+        self.max_iters = cfg.step_limit  # None: the time budget alone ends training
+        self.eval_s: Optional[float] = None  # the last evaluation's duration
+        self.eval_batch_s: Optional[float] = None  # one evaluation batch's, when timed
+        self.eval_batches = cfg.eval_iters  # a split's batches in each evaluation
+        # Under a clock schedule: the share of training done when this process first
+        # evaluated (or resumed an evaluated run), and the last point evaluated since.
+        self.points_from: Optional[float] = None
+        self.points_evaluated = -1
+        self.steps, self.step_s = 0, 0.0  # steps timed, and their total time (first excluded)
+
+    def elapsed(self) -> float:
+        """Seconds of the run so far: earlier processes' and this one's."""
+        return self.elapsed_before + time.perf_counter() - self.clock_start
+
+    def add_step(self, seconds: float) -> None:
+        self.steps += 1
+        if self.steps > 1:  # the first step pays for one-off allocations and imports
+            self.step_s += seconds
+
+    def step_time(self) -> Optional[float]:
+        """The mean time of this process's steps, the first excluded (None before two)."""
+        return self.step_s / (self.steps - 1) if self.steps > 1 else None
+
+    def final_eval_s(self) -> float:
+        """The measured time of the last evaluation, or before there is one, an estimate
+        from one timed evaluation batch: 2 splits x eval_iters batches (0 before either).
+        Batches, not training steps: a step's backward pass and optimiser (Muon's above
+        all) cost an evaluation nothing."""
+        if self.eval_s is not None:
+            return self.eval_s
+        if self.eval_batch_s is None:
+            return 0.0
+        return 2 * self.eval_batches * self.eval_batch_s
+
+    def expected_evaluations(self, step_s: float) -> int:
+        """How many evaluations a time-budgeted run makes, its first and last included, at
+        step_s seconds a step."""
+        cfg = self.cfg
+        if cfg.eval_every is None:
+            return BUDGET_EVALUATIONS + 1
+        steps = cfg.time_budget / max(step_s, 1e-9)
+        if self.max_iters is not None:
+            steps = min(steps, self.max_iters)
+        return 1 + math.ceil(steps / cfg.eval_every)
+
+    def plan_eval_batches(self, batch_s: float, step_s: float) -> int:
+        """The batches of each split that every evaluation of a time-budgeted run scores:
+        eval_iters, or fewer (one at least) where its expected evaluations, at batch_s
+        seconds a batch, would take more than EVAL_SHARE of the budget. The same batches
+        every time, so that successive losses differ only because the model did."""
+        budget = EVAL_SHARE * self.cfg.time_budget
+        batches = budget / (self.expected_evaluations(step_s) * 2 * max(batch_s, 1e-9))
+        fits = math.floor(batches + 1e-9)  # 4.999... from rounding is 5
+        return max(1, min(self.cfg.eval_iters, fits))
+
+    def point(self, iteration: int) -> int:
+        """Which of the BUDGET_EVALUATIONS points of a time-budgeted run it has passed after
+        `iteration` steps, now (0 before the first): they divide the training time left
+        after this process's first evaluation (start-up may take a good part of a short
+        budget) into equal parts."""
+        share = self.share(iteration, self.elapsed())
+        start = self.points_from or 0.0
+        return math.floor((share - start) / max(1.0 - start, 1e-9) * BUDGET_EVALUATIONS)
+
+    def evaluated(self, iteration: int) -> None:
+        """Record an evaluation after `iteration` steps (the first of this process starts
+        the points)."""
+        if self.points_from is None:
+            self.points_from = self.share(iteration, self.elapsed())
+        self.points_evaluated = self.point(iteration)
+
+    def train_seconds(self) -> float:
+        """The schedule's horizon under --time_budget: the budget less the final evaluation."""
+        return max((self.cfg.time_budget or 0.0) - self.final_eval_s(), 0.0)
+
+    def finished(self, iteration: int) -> bool:
+        """Whether training is over after `iteration` steps (as far as the budget goes)."""
+        if self.max_iters is not None and iteration >= self.max_iters:
+            return True
+        if not self.cfg.time_budget:
+            return False
+        # After one step at least, should start-up eat the budget.
+        return iteration > 0 and self.elapsed() >= self.train_seconds()
+
+    def share(self, iteration: int, elapsed: float) -> float:
+        """The share of training done after `iteration` steps and `elapsed` seconds, in
+        [0, 1]: of max_iters, or of the time training may use, whichever is further on."""
+        shares = []
+        if self.max_iters is not None:
+            shares.append(iteration / self.max_iters)
+        if self.cfg.time_budget:
+            shares.append(elapsed / max(self.train_seconds(), 1e-9))
+        return min(max(shares), 1.0)
+
+    def done(self, iteration: int) -> float:
+        """How far along its learning-rate schedule the run is, in [0, 1]: what
+        lr_multiplier follows. That is the share of training done, except in a run resumed
+        with another horizon after warm-up (extended_at): it goes on from the point of the
+        new schedule where the decay had got to, and spreads the rest of the decay over
+        what is left of training, so that the rate never jumps."""
+        share = self.share(iteration, self.elapsed())
+        if self.extended_at is None:
+            return share
+        iteration_then, elapsed_then, decay_then = self.extended_at
+        start = self.share(iteration_then, elapsed_then)
+        rest = min(max((share - start) / max(1.0 - start, 1e-9), 0.0), 1.0)
+        warm = warmup_share(self.cfg)
+        return warm + (1.0 - warm) * (decay_then + (1.0 - decay_then) * rest)

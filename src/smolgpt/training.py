@@ -28,9 +28,7 @@ import inspect
 import json
 import logging
 import math
-import os
 import signal
-import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -41,13 +39,14 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__, checkpoint, hardware
-from .config import BUDGET_EVALUATIONS, TrainConfig
+from .config import TrainConfig
 from .data import BatchSampler, TokenData
 from .distributed import Group
 from .errors import SmolGPTError
 from .evaluate import bits_per_char, score_windows, window_starts
 from .model import GPT
 from .optim import (
+    Budget,
     batch_rows,
     decay_share,
     lr_multiplier,
@@ -55,10 +54,10 @@ from .optim import (
     set_learning_rates,
     use_settings,
     warming_up,
-    warmup_share,
 )
 from .rundir import BEST, LATEST
 from .runlog import EVAL_PROGRESS_S, RunLog, duration
+from .signals import SignalFlag
 
 log = logging.getLogger(__name__)
 
@@ -106,140 +105,6 @@ class TrainingDiverged(SmolGPTError):
     """The loss became NaN or infinite."""
 
 
-class Budget:
-    """How long a run trains and how far it has got: max_iters steps, or with --time_budget
-    seconds of wall time, summed over every process of a resumed run. Under a time budget a
-    max_iters given too caps the steps: training ends at whichever limit comes first.
-
-    A time-budgeted run holds back the time of its final evaluation (the last one measured,
-    or before there is one an estimate from a timed evaluation batch), so that the
-    evaluation still fits and the learning-rate decay ends when training does. Without
-    --eval_interval it evaluates at its start and after each BUDGET_EVALUATIONS-th of its
-    training time; its evaluations score at most eval_iters batches a split, fewer where
-    they would take more than EVAL_SHARE of the budget in all (plan_eval_batches).
-    """
-
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        clock_start: float,
-        elapsed_before: float = 0.0,
-        extended_at: Optional[list] = None,
-    ):
-        self.cfg, self.clock_start, self.elapsed_before = cfg, clock_start, elapsed_before
-        self.extended_at = extended_at  # Progress.extended_at
-        self.max_iters = cfg.step_limit  # None: the time budget alone ends training
-        self.eval_s: Optional[float] = None  # the last evaluation's duration
-        self.eval_batch_s: Optional[float] = None  # one evaluation batch's, when timed
-        self.eval_batches = cfg.eval_iters  # a split's batches in each evaluation
-        # Under a clock schedule: the share of training done when this process first
-        # evaluated (or resumed an evaluated run), and the last point evaluated since.
-        self.points_from: Optional[float] = None
-        self.points_evaluated = -1
-        self.steps, self.step_s = 0, 0.0  # steps timed, and their total time (first excluded)
-
-    def elapsed(self) -> float:
-        """Seconds of the run so far: earlier processes' and this one's."""
-        return self.elapsed_before + time.perf_counter() - self.clock_start
-
-    def add_step(self, seconds: float) -> None:
-        self.steps += 1
-        if self.steps > 1:  # the first step pays for one-off allocations and imports
-            self.step_s += seconds
-
-    def step_time(self) -> Optional[float]:
-        """The mean time of this process's steps, the first excluded (None before two)."""
-        return self.step_s / (self.steps - 1) if self.steps > 1 else None
-
-    def final_eval_s(self) -> float:
-        """The measured time of the last evaluation, or before there is one, an estimate
-        from one timed evaluation batch: 2 splits x eval_iters batches (0 before either).
-        Batches, not training steps: a step's backward pass and optimiser (Muon's above
-        all) cost an evaluation nothing."""
-        if self.eval_s is not None:
-            return self.eval_s
-        if self.eval_batch_s is None:
-            return 0.0
-        return 2 * self.eval_batches * self.eval_batch_s
-
-    def expected_evaluations(self, step_s: float) -> int:
-        """How many evaluations a time-budgeted run makes, its first and last included, at
-        step_s seconds a step."""
-        cfg = self.cfg
-        if cfg.eval_every is None:
-            return BUDGET_EVALUATIONS + 1
-        steps = cfg.time_budget / max(step_s, 1e-9)
-        if self.max_iters is not None:
-            steps = min(steps, self.max_iters)
-        return 1 + math.ceil(steps / cfg.eval_every)
-
-    def plan_eval_batches(self, batch_s: float, step_s: float) -> int:
-        """The batches of each split that every evaluation of a time-budgeted run scores:
-        eval_iters, or fewer (one at least) where its expected evaluations, at batch_s
-        seconds a batch, would take more than EVAL_SHARE of the budget. The same batches
-        every time, so that successive losses differ only because the model did."""
-        budget = EVAL_SHARE * self.cfg.time_budget
-        batches = budget / (self.expected_evaluations(step_s) * 2 * max(batch_s, 1e-9))
-        fits = math.floor(batches + 1e-9)  # 4.999... from rounding is 5
-        return max(1, min(self.cfg.eval_iters, fits))
-
-    def point(self, iteration: int) -> int:
-        """Which of the BUDGET_EVALUATIONS points of a time-budgeted run it has passed after
-        `iteration` steps, now (0 before the first): they divide the training time left
-        after this process's first evaluation (start-up may take a good part of a short
-        budget) into equal parts."""
-        share = self.share(iteration, self.elapsed())
-        start = self.points_from or 0.0
-        return math.floor((share - start) / max(1.0 - start, 1e-9) * BUDGET_EVALUATIONS)
-
-    def evaluated(self, iteration: int) -> None:
-        """Record an evaluation after `iteration` steps (the first of this process starts
-        the points)."""
-        if self.points_from is None:
-            self.points_from = self.share(iteration, self.elapsed())
-        self.points_evaluated = self.point(iteration)
-
-    def train_seconds(self) -> float:
-        """The schedule's horizon under --time_budget: the budget less the final evaluation."""
-        return max((self.cfg.time_budget or 0.0) - self.final_eval_s(), 0.0)
-
-    def finished(self, iteration: int) -> bool:
-        """Whether training is over after `iteration` steps (as far as the budget goes)."""
-        if self.max_iters is not None and iteration >= self.max_iters:
-            return True
-        if not self.cfg.time_budget:
-            return False
-        # After one step at least, should start-up eat the budget.
-        return iteration > 0 and self.elapsed() >= self.train_seconds()
-
-    def share(self, iteration: int, elapsed: float) -> float:
-        """The share of training done after `iteration` steps and `elapsed` seconds, in
-        [0, 1]: of max_iters, or of the time training may use, whichever is further on."""
-        shares = []
-        if self.max_iters is not None:
-            shares.append(iteration / self.max_iters)
-        if self.cfg.time_budget:
-            shares.append(elapsed / max(self.train_seconds(), 1e-9))
-        return min(max(shares), 1.0)
-
-    def done(self, iteration: int) -> float:
-        """How far along its learning-rate schedule the run is, in [0, 1]: what
-        lr_multiplier follows. That is the share of training done, except in a run resumed
-        with another horizon after warm-up (extended_at): it goes on from the point of the
-        new schedule where the decay had got to, and spreads the rest of the decay over
-        what is left of training, so that the rate never jumps."""
-        share = self.share(iteration, self.elapsed())
-        if self.extended_at is None:
-            return share
-        iteration_then, elapsed_then, decay_then = self.extended_at
-        start = self.share(iteration_then, elapsed_then)
-        rest = min(max((share - start) / max(1.0 - start, 1e-9), 0.0), 1.0)
-        warm = warmup_share(self.cfg)
-        return warm + (1.0 - warm) * (decay_then + (1.0 - decay_then) * rest)
-
-
-# Evaluations of a time-budgeted run take at most this share of the budget in all.
-EVAL_SHARE = 0.1
 # Other programs keeping this many cores busy make a run time its pass on one thread too.
 BUSY_CORES = 0.5
 # A run counted in steps says how long it will take before it starts, from a timed forward
@@ -286,68 +151,6 @@ def projection(
             "after that many seconds"
         )
     return lines
-
-
-class _SignalFlag:
-    """Record SIGINT, SIGTERM and SIGHUP (a closed terminal or a dropped SSH session)
-    instead of dying mid-step; a second signal stops at once. The training loop reads
-    ``signum`` after each step, and an evaluation between its batches (it sets
-    ``evaluating`` meanwhile, so that the warning says which will happen). Python lets only
-    the main thread handle signals: elsewhere this does nothing.
-
-    A repeat within REPEAT_GRACE_S of the first is not a second request: Ctrl-C reaches
-    every process of a torchrun launch from the terminal, and torchrun then forwards it."""
-
-    # SIGHUP does not exist on Windows.
-    SIGNALS = tuple(
-        getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
-    )
-    REPEAT_GRACE_S = 2.0
-
-    def __init__(self):
-        self.signum: Optional[int] = None  # also set when another rank received one
-        self.received_at: Optional[float] = None  # when this process first received one
-        self.evaluating = False
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame):
-        if signum == getattr(signal, "SIGHUP", None):
-            self._silence_closed_terminal()
-        now = time.monotonic()
-        if self.received_at is not None:
-            if now - self.received_at >= self.REPEAT_GRACE_S:  # asked twice: the user means it
-                raise KeyboardInterrupt
-            return
-        self.received_at = now
-        if self.signum is None:
-            self.signum = signum
-        doing = "stopping the evaluation" if self.evaluating else "finishing this step"
-        log.warning(
-            "%s received: %s and saving (again to stop at once)", signal.Signals(signum).name, doing
-        )
-
-    @staticmethod
-    def _silence_closed_terminal() -> None:
-        """Send stdout and stderr to /dev/null where they went to a terminal that has closed
-        (SIGHUP's usual cause). Every write to a closed terminal fails, and a failed progress
-        line would end the run before it saves; an empty write tells, and costs nothing."""
-        for fd in (1, 2):
-            try:
-                os.write(fd, b"")
-            except OSError:
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, fd)
-                os.close(devnull)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -578,7 +381,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(
         self,
-        stop: Optional[_SignalFlag] = None,
+        stop: Optional[SignalFlag] = None,
         report: Optional[Callable[[int, int], None]] = None,
     ) -> Optional[dict[str, float]]:
         """Mean loss of each split over the same windows at every evaluation (so successive
@@ -697,7 +500,7 @@ class Trainer:
         run_log.rewind(p.iter, p.evaluated)
         self._plan(batch_s, pass_s)
         self.model.train()
-        with run_log, _SignalFlag() as stop:
+        with run_log, SignalFlag() as stop:
             while True:
                 # Rank 0's clock decides for every rank: 2 finished, 1 evaluate now, 0 step.
                 finished = self.budget.finished(p.iter)
@@ -721,7 +524,7 @@ class Trainer:
             log.info("the %d ranks held identical weights at every evaluation", group.world_size)
         return p
 
-    def _agree(self, decision: int, stop: _SignalFlag) -> tuple[int, int]:
+    def _agree(self, decision: int, stop: SignalFlag) -> tuple[int, int]:
         """(rank 0's decision, the signal any rank had received, 0 if none), the same on
         every rank: one collective under distributed training (a signal that arrives after
         it waits for the next). A non-finite loss any rank met ends them all."""
@@ -874,7 +677,7 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
         return batch_s, pass_s
 
-    def _evaluate_and_save(self, run_log: RunLog, stop: _SignalFlag) -> bool:
+    def _evaluate_and_save(self, run_log: RunLog, stop: SignalFlag) -> bool:
         """Evaluate, record, checkpoint; return whether training is finished now. Under a
         time budget this evaluation may serve as the final one; and where an estimate of the
         final evaluation's time ended training, the measured time may show that there is
