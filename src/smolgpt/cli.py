@@ -524,7 +524,7 @@ def run_eval(
     """Score the model at source on text_spec (default: its validation split) and print
     the scores on stdout."""
     from .api import load
-    from .data import iter_text, resolve_corpus
+    from .sources import iter_text, resolve_corpus
     from .training import run_checkpoint
 
     if batch_size < 1:
@@ -594,8 +594,8 @@ def run_inspect(
     """Draw the look inside the model at source; print the summary on stdout and the files
     written on stderr."""
     from .api import load
-    from .data import iter_text, resolve_corpus
     from .plots import _figure_classes
+    from .sources import iter_text, resolve_corpus
 
     _figure_classes()  # matplotlib missing: one line, before anything is loaded
     text = None
