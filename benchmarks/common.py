@@ -118,11 +118,11 @@ def median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def random_token_data(vocab_size: int, level: str = "char", n_tokens: int = 200_000, seed: int = 0):
-    """A smolgpt.data.TokenData of uniformly random ids, in memory, with a real tokenizer of
+    """A smolgpt.tokendata.TokenData of uniformly random ids, in memory, with a real tokenizer of
     vocab_size at level: what a Trainer needs, without a corpus."""
     import numpy as np
 
-    from smolgpt.data import TokenData
+    from smolgpt.tokendata import TokenData
     from smolgpt.tokenizer import CharTokenizer, WordTokenizer
 
     ids = np.random.default_rng(seed).integers(0, vocab_size, size=n_tokens).astype(np.uint16)

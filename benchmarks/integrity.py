@@ -40,24 +40,24 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def token_cache_rows(source: Path, mb: float, repeats: int, tmp: Path) -> list[dict]:
-    from smolgpt import data
+    from smolgpt import sources, tokencache
 
     corpus_path = tmp / "corpus.txt"
     common.make_corpus(source, mb, corpus_path)
-    corpus = data.Corpus("corpus", (corpus_path,))
+    corpus = sources.Corpus("corpus", (corpus_path,))
     rows = []
     for level in ("char", "word"):
         os.environ["SMOLGPT_CACHE_DIR"] = str(tmp / f"cache-{level}")
         start = time.perf_counter()
-        data.prepare(corpus, level)
+        tokencache.prepare(corpus, level)
         build = time.perf_counter() - start
         (ids,) = (tmp / f"cache-{level}" / "tokens").glob("*/tokens.bin")
         rows.append(
             {
                 "what": f"token cache, {level} level ({ids.stat().st_size / MB:.1f} MB of ids)",
                 "without": build,  # a run without the cache tokenizes every time
-                "with": best_seconds(lambda: data.prepare(corpus, level), repeats),
-                "check": best_seconds(lambda: data.file_crc32(ids), repeats),
+                "with": best_seconds(lambda: tokencache.prepare(corpus, level), repeats),
+                "check": best_seconds(lambda: tokencache.file_crc32(ids), repeats),
                 "labels": ("first preparation", "cached open (checked)", "CRC-32 of tokens.bin"),
             }
         )

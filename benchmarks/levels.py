@@ -69,13 +69,13 @@ def held_out(spec: str, levels: set[str], cache: Path, folder: Path) -> Path:
     """The end of the text that lies in the validation split of every level of levels,
     written to folder: from the first line break after the latest of their starts."""
     os.environ["SMOLGPT_CACHE_DIR"] = str(cache)  # (a built-in corpus is built there)
-    from smolgpt import data
+    from smolgpt import sources, tokencache
 
-    corpus = data.resolve_corpus(spec)
-    text = "".join(data.iter_text(corpus))
-    starts = [data.text_cut(corpus)]  # bpe level's
+    corpus = sources.resolve_corpus(spec)
+    text = "".join(sources.iter_text(corpus))
+    starts = [sources.text_cut(corpus)]  # bpe level's
     for level in levels - {"bpe"}:
-        tokens = data.prepare(corpus, level)  # (cached: its training run reads it again)
+        tokens = tokencache.prepare(corpus, level)  # (cached: its training run reads it again)
         # (Normalising keeps the length, but for a byte-order mark: close enough here.)
         starts.append(len(text) - len(tokens.val_text()))
     start = text.find("\n", max(starts)) + 1

@@ -1,4 +1,4 @@
-"""Corpus preparation throughput: smolgpt.data.prepare at char, word and bpe level, in MB/s.
+"""Corpus preparation throughput: smolgpt.tokencache.prepare at char, word and bpe level, in MB/s.
 
 The corpus (default: sherlock.txt repeated to about --mb megabytes) is written to a
 temporary file. Each measurement runs in its own subprocess with a fresh, empty
@@ -71,7 +71,7 @@ def child(level: str, path: str, min_word_freq: int, vocab_size: int) -> None:
     import resource
     from concurrent import futures
 
-    from smolgpt import data
+    from smolgpt import sources, tokencache
 
     # Count the workers of every process pool prepare opens (0 pools: single process).
     pools: list[int] = []
@@ -82,14 +82,14 @@ def child(level: str, path: str, min_word_freq: int, vocab_size: int) -> None:
             pools.append(max_workers or os.cpu_count() or 1)
             super().__init__(max_workers, *args, **kwargs)
 
-    data.ProcessPoolExecutor = CountingPool
+    tokencache.ProcessPoolExecutor = CountingPool
     rss_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if level == "tokenizers":
         result = peer(path, vocab_size)
     else:
-        corpus = data.resolve_corpus(path)
+        corpus = sources.resolve_corpus(path)
         start = time.perf_counter()
-        tokens = data.prepare(
+        tokens = tokencache.prepare(
             corpus, level, min_word_freq, vocab_size=vocab_size if level == "bpe" else None
         )
         result = {
@@ -190,7 +190,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        description="First-run corpus preparation throughput (MB/s) of smolgpt.data.prepare "
+        description="First-run corpus preparation throughput (MB/s) of smolgpt.tokencache.prepare "
         "at char, word and bpe level (and the tokenizers library alone, as a peer), each "
         "measurement in a fresh subprocess with an empty cache; "
         "prints a markdown table and writes JSON."
@@ -305,7 +305,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(markdown_table(rows))
     print()
     print(
-        'MB = 10^6 bytes. "prepare s" is the time inside smolgpt.data.prepare (fingerprint, '
+        'MB = 10^6 bytes. "prepare s" is the time inside smolgpt.tokencache.prepare (fingerprint, '
         'vocabulary, encoding, writing ids), with an empty cache; "process wall s" adds '
         "interpreter start and imports. Peak RSS: the measuring process (torch is imported) "
         "and its largest tokenizer worker, from rusage."

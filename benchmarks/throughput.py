@@ -50,8 +50,9 @@ import common
 import torch
 
 from smolgpt import hardware
+from smolgpt.batches import BatchSampler
 from smolgpt.config import PRESETS, TrainConfig, preset_values
-from smolgpt.data import BatchSampler, TokenData
+from smolgpt.tokendata import TokenData
 from smolgpt.training import Trainer
 
 # Vocabulary sizes of the Sherlock Holmes corpus (../shared/data/sherlock.txt) at each level

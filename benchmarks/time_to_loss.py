@@ -79,7 +79,7 @@ def train_args(s: Scenario, data_dir: Path, extra: list[str]) -> list[str]:
 def warm_token_cache(args: list[str]) -> str:
     """Prepare the run's corpus at its level once (untimed), through the user's cache, using
     the same flag parsing as train.py so --extra flags such as --min_word_freq count."""
-    from smolgpt import data
+    from smolgpt import sources, tokencache
     from smolgpt.cli import build_parser
     from smolgpt.config import resolve_train_config
     from smolgpt.files import cache_dir
@@ -88,7 +88,7 @@ def warm_token_cache(args: list[str]) -> str:
     explicit.pop("command")
     cfg = resolve_train_config(explicit)
     start = time.perf_counter()
-    data.prepare(data.resolve_corpus(cfg.data), cfg.level, cfg.min_word_freq)
+    tokencache.prepare(sources.resolve_corpus(cfg.data), cfg.level, cfg.min_word_freq)
     seconds = time.perf_counter() - start
     return f"{cfg.level} {Path(cfg.data).name}: ready in {seconds:.2f}s ({cache_dir()})"
 

@@ -18,7 +18,7 @@ from typing import Optional
 import pytest
 import torch
 
-from smolgpt import cli, data, hardware
+from smolgpt import cli, hardware, sources, tokencache
 from smolgpt.config import ModelConfig, resolve_train_config
 from smolgpt.model import GPT
 from smolgpt.training import Trainer
@@ -164,7 +164,7 @@ def make_trainer(tmp_path_factory):
     text.write_text(e2e_corpus_text(8_000), encoding="utf-8")
 
     def make(level: str = "char", **settings) -> Trainer:
-        tokens = data.prepare(data.Corpus("tiny", (text,)), level, min_word_freq=1)
+        tokens = tokencache.prepare(sources.Corpus("tiny", (text,)), level, min_word_freq=1)
         cfg = resolve_train_config(
             {
                 "preset": "nano",

@@ -13,7 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import smolgpt
-from smolgpt import data
+from smolgpt import sources, tokencache
 from smolgpt.errors import SmolGPTError
 from smolgpt.tokenizer import BYTE_SYMBOLS, BPETokenizer, tokenizer_from_dict
 
@@ -133,10 +133,10 @@ def test_the_tokenizer_learns_from_the_training_split_only(write_text):
     train = e2e_corpus_text(20_000)
     val = "zanzibarquux\n" * 170
     path = write_text("t.txt", train + val)
-    tokens = data.prepare(data.resolve_corpus(str(path)), "bpe", vocab_size=500)
+    tokens = tokencache.prepare(sources.resolve_corpus(str(path)), "bpe", vocab_size=500)
     bpe = tokens.tokenizer
     assert not any("zanz" in t for t in bpe.vocab)
-    cut = data.text_cut(data.resolve_corpus(str(path)))
+    cut = sources.text_cut(sources.resolve_corpus(str(path)))
     text = path.read_text()
     assert text[cut - 1] == "\n" and cut >= 0.9 * len(text)
     assert tokens.val_text() == text[cut:]
@@ -147,20 +147,20 @@ def test_the_tokenizer_learns_from_the_training_split_only(write_text):
 def test_a_text_without_line_breaks_is_cut_at_nine_tenths(write_text):
     text = "word " * 2000
     path = write_text("t.txt", text)
-    corpus = data.resolve_corpus(str(path))
-    assert data.text_cut(corpus) == int(len(text) * 0.9)
-    tokens = data.prepare(corpus, "bpe", vocab_size=260)
+    corpus = sources.resolve_corpus(str(path))
+    assert sources.text_cut(corpus) == int(len(text) * 0.9)
+    tokens = tokencache.prepare(corpus, "bpe", vocab_size=260)
     assert tokens.tokenizer.decode(np.concatenate([tokens.train, tokens.val])) == text
 
 
 def test_the_cache_is_keyed_by_vocab_size(write_text):
     path = write_text("t.txt", e2e_corpus_text(20_000))
-    corpus = data.resolve_corpus(str(path))
-    small = data.prepare(corpus, "bpe", vocab_size=300)
-    large = data.prepare(corpus, "bpe", vocab_size=500)
+    corpus = sources.resolve_corpus(str(path))
+    small = tokencache.prepare(corpus, "bpe", vocab_size=300)
+    large = tokencache.prepare(corpus, "bpe", vocab_size=500)
     assert (small.tokenizer.vocab_size, large.tokenizer.vocab_size) == (300, 500)
     assert len(large.train) < len(small.train)
-    again = data.prepare(corpus, "bpe", vocab_size=300)
+    again = tokencache.prepare(corpus, "bpe", vocab_size=300)
     assert again.tokenizer.to_dict() == small.tokenizer.to_dict()
 
 
@@ -189,7 +189,9 @@ def test_checkpoint_generate_eval_and_export_share_the_ids(bpe_run, tmp_path):
     model = smolgpt.load(result.best_checkpoint, device="cpu")
     assert model.tokenizer.level == "bpe" and model.config.vocab_size == 400
     prompt = "Holmes saw Zyxwvut 🙂 naïve\r\n"
-    tokens = data.prepare(data.resolve_corpus(str(root / "corpus.txt")), "bpe", vocab_size=400)
+    tokens = tokencache.prepare(
+        sources.resolve_corpus(str(root / "corpus.txt")), "bpe", vocab_size=400
+    )
     assert model.tokenizer.encode(prompt) == tokens.tokenizer.encode(prompt)
     assert model.generate(prompt, max_new_tokens=0) == prompt  # lossless
     text = model.generate(prompt, max_new_tokens=20, seed=3)
@@ -318,10 +320,10 @@ def test_a_presets_vocab_size_gives_way_to_a_small_text(tmp_path, caplog):
 def test_a_large_training_split_is_sampled_evenly_for_learning():
     chunks = ["".join(f"chunk{c} line {i}\n" for i in range(1000)) for c in range(10)]
     total = sum(map(len, chunks))
-    sampled = list(data._sample(iter(chunks), total, total // 10))
+    sampled = list(tokencache._sample(iter(chunks), total, total // 10))
     assert len(sampled) == 10  # some of every chunk
     assert all(
         piece.endswith("\n") and chunk.startswith(piece) for piece, chunk in zip(sampled, chunks)
     )
     assert total // 10 <= sum(map(len, sampled)) < total // 10 + 10 * 20
-    assert list(data._sample(iter(chunks), total, total)) == chunks
+    assert list(tokencache._sample(iter(chunks), total, total)) == chunks

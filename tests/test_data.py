@@ -17,24 +17,23 @@ import numpy as np
 import pytest
 import torch
 
-from smolgpt import data
+from smolgpt import sources, tokencache, tokendata
+from smolgpt.batches import BatchSampler, check_long_enough
 from smolgpt.config import LEVELS
-from smolgpt.data import (
+from smolgpt.errors import SmolGPTError
+from smolgpt.files import file_encoding
+from smolgpt.sources import (
     SHERLOCK,
-    BatchSampler,
     Corpus,
-    check_long_enough,
     download_url,
-    file_encoding,
     gutenberg_path,
     iter_text,
     markdown_play_to_text,
-    prepare,
     resolve_corpus,
     shakespeare_path,
     strip_gutenberg,
 )
-from smolgpt.errors import SmolGPTError
+from smolgpt.tokencache import prepare
 from smolgpt.tokenizer import CharTokenizer, WordTokenizer
 
 from e2e import names
@@ -88,7 +87,7 @@ def test_resolve_corpus_directory_is_sorted_and_recursive(write_text, tmp_path):
 def test_resolve_corpus_missing_path(tmp_path):
     missing = tmp_path / "nope.txt"
     # The path, the flag, and the built-in corpora it could have named instead.
-    with pytest.raises(SmolGPTError, match=names(str(missing), "--data", *data.BUILTINS)):
+    with pytest.raises(SmolGPTError, match=names(str(missing), "--data", *sources.BUILTINS)):
         resolve_corpus(str(missing))
 
 
@@ -154,7 +153,7 @@ def test_file_encoding_follows_a_byte_order_mark(tmp_path):
 
 def test_iter_text_default_chunk_follows_module_setting(write_text, monkeypatch):
     path = write_text("t.txt", prose(1000))
-    monkeypatch.setattr(data, "CHUNK_BYTES", 500)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 500)
     assert len(list(iter_text(Corpus("t", (path,))))) > 5
 
 
@@ -197,8 +196,8 @@ def test_prepare_second_call_is_served_from_cache(write_text, isolated_cache, mo
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("the cached ids should have been used")
 
-    monkeypatch.setattr(data, "_learn", no_tokenizing)
-    monkeypatch.setattr(data, "_encode", no_tokenizing)
+    monkeypatch.setattr(tokencache, "_learn", no_tokenizing)
+    monkeypatch.setattr(tokencache, "_encode", no_tokenizing)
     second = prepare(corpus, "char")
     assert all_files(isolated_cache) == files  # nothing new, nothing rewritten
     assert second.train.tolist() == first.train.tolist()
@@ -271,7 +270,7 @@ def test_undecodable_error_names_the_byte_and_its_offset(tmp_path, monkeypatch):
     with pytest.raises(SmolGPTError, match=names(str(path), "0xe9", "offset 3")):
         prepare(resolve_corpus(str(path)), "word")
     # ...also after a character cut in two by the blocks the file is checked in
-    monkeypatch.setattr(data, "CHUNK_BYTES", 4)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 4)
     path.write_bytes("abé".encode("utf-8") + b"\xff\n")  # é is bytes 2 and 3
     with pytest.raises(SmolGPTError, match=names(str(path), "0xff", "offset 4")):
         prepare(resolve_corpus(str(path)), "word")
@@ -323,7 +322,7 @@ def test_summary_reports_unk_at_word_level(write_text, monkeypatch):
     summary = words.summary()
     assert "vocabulary 6" in summary and "<UNK>" in summary and summary.count("2.0%") == 2
     assert words.unk_warning() is None  # 2% is under UNK_WARN_RATE
-    monkeypatch.setattr(data, "COUNT_BLOCK", 7)  # counted a block at a time: the same
+    monkeypatch.setattr(tokendata, "COUNT_BLOCK", 7)  # counted a block at a time: the same
     del words.unk_rates
     assert words.unk_rates == (0.02, 0.02)
     chars = prepare(resolve_corpus(str(path)), "char")
@@ -337,7 +336,7 @@ def test_unk_over_the_threshold_is_warned_with_the_flag_that_helps(
 ):
     path = write_text("t.txt", spread_out_rare_words(every=10))
     tokens = prepare(resolve_corpus(str(path)), "word", min_word_freq)
-    assert tokens.unk_rates == (0.1, 0.1) and data.UNK_WARN_RATE < 0.1
+    assert tokens.unk_rates == (0.1, 0.1) and tokendata.UNK_WARN_RATE < 0.1
     warning = tokens.unk_warning()
     assert "<UNK>" in warning and warning.count("10.0%") == 2  # of either split
     assert re.search(rf"--min_word_freq {lower}\b", warning)  # lower, and at most the default
@@ -380,11 +379,11 @@ def test_word_level_process_pool_gives_same_ids(write_text, tmp_path, monkeypatc
 
     monkeypatch.setenv("SMOLGPT_CACHE_DIR", str(tmp_path / "single"))
     single = prepare(corpus, "word", min_word_freq=2)
-    assert data._workers(corpus) == 1
+    assert tokencache._workers(corpus) == 1
 
     monkeypatch.setenv("SMOLGPT_CACHE_DIR", str(tmp_path / "pool"))
-    monkeypatch.setattr(data, "CHUNK_BYTES", 2000)
-    assert data._workers(corpus) > 1 or (os.cpu_count() or 1) == 1
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 2000)
+    assert tokencache._workers(corpus) > 1 or (os.cpu_count() or 1) == 1
     assert len(list(iter_text(corpus))) > 10  # the pool gets many chunks
     pooled = prepare(corpus, "word", min_word_freq=2)
 
@@ -692,7 +691,7 @@ def test_a_damaged_token_cache_is_rebuilt(write_text, isolated_cache, caplog, le
     del whole  # its memory map: a cut file under a live map would fault on reading
     (entry,) = (isolated_cache / "tokens").iterdir()
     CACHE_DAMAGE[damage](entry)
-    with caplog.at_level(logging.WARNING, logger="smolgpt.data"):
+    with caplog.at_level(logging.WARNING, logger="smolgpt.tokencache"):
         again = prepare(corpus, level, min_word_freq=1)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
@@ -700,7 +699,7 @@ def test_a_damaged_token_cache_is_rebuilt(write_text, isolated_cache, caplog, le
     assert np.array_equal(again.train, train) and np.array_equal(again.val, val)
     assert again.tokenizer.to_dict() == tokenizer
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="smolgpt.data"):
+    with caplog.at_level(logging.WARNING, logger="smolgpt.tokencache"):
         prepare(corpus, level, min_word_freq=1)  # the rebuilt entry is whole
     assert not caplog.records
     assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "tokens.bin"]
@@ -711,17 +710,17 @@ def test_the_cache_records_size_and_checksum(write_text, isolated_cache):
     tokens = prepare(corpus, "word", min_word_freq=1)
     (entry,) = (isolated_cache / "tokens").iterdir()
     meta = json.loads((entry / "meta.json").read_text())
-    assert meta["format"] == data.CACHE_FORMAT and meta["dtype"] == "uint16"
+    assert meta["format"] == tokencache.CACHE_FORMAT and meta["dtype"] == "uint16"
     assert meta["bytes"] == (entry / "tokens.bin").stat().st_size == 2 * meta["count"]
     assert meta["count"] == len(tokens.train) + len(tokens.val)
-    assert meta["crc32"] == data.file_crc32(entry / "tokens.bin")
+    assert meta["crc32"] == tokencache.file_crc32(entry / "tokens.bin")
 
 
 _PREPARE = """
 import json, sys
 from pathlib import Path
-from smolgpt import data
-tokens = data.prepare(data.Corpus("book", (Path(sys.argv[1]),)), "word", min_word_freq=1)
+from smolgpt import sources, tokencache
+tokens = tokencache.prepare(sources.Corpus("book", (Path(sys.argv[1]),)), "word", min_word_freq=1)
 print(json.dumps([len(tokens.train), len(tokens.val), int(tokens.train.sum())]))
 """
 
@@ -748,7 +747,7 @@ def test_two_processes_preparing_one_corpus_both_succeed(write_text, isolated_ca
     assert outputs[0][0] == outputs[1][0]
     (entry,) = (isolated_cache / "tokens").iterdir()
     assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "tokens.bin"]
-    assert data._checked_entry(entry / "meta.json", entry / "tokens.bin")[1] == ""
+    assert tokencache._checked_entry(entry / "meta.json", entry / "tokens.bin")[1] == ""
 
 
 @pytest.mark.parametrize(
@@ -765,4 +764,4 @@ def test_two_processes_preparing_one_corpus_both_succeed(write_text, isolated_ca
     ],
 )
 def test_a_share_beside_a_count_is_never_a_rounded_zero_or_whole(share, shown):
-    assert data.percent(share) == shown
+    assert tokendata.percent(share) == shown

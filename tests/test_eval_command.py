@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import smolgpt
-from smolgpt import data
+from smolgpt import sources, tokencache
 from smolgpt.evaluate import window_starts
 
 from e2e import (
@@ -86,13 +86,13 @@ def test_the_validation_text_encodes_to_the_validation_ids(tmp_path, monkeypatch
     """Read back from a corpus of two files in many chunks (the split falls inside one),
     with CRLF line endings and curly quotes, the text gives the validation ids again; its
     length and <UNK> bytes are what the cache recorded."""
-    monkeypatch.setattr(data, "CHUNK_BYTES", 700)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 700)
     folder = tmp_path / "books"
     folder.mkdir()
     text = e2e_corpus_text(12_000).replace("'", "\u2019").replace("\n", "\r\n")
     (folder / "a.txt").write_text(text[:5_000], encoding="utf-8", newline="")
     (folder / "b.txt").write_text(text[5_000:], encoding="utf-8", newline="")
-    tokens = data.prepare(data.resolve_corpus(str(folder)), level, min_word_freq=4)
+    tokens = tokencache.prepare(sources.resolve_corpus(str(folder)), level, min_word_freq=4)
     val_text = tokens.val_text()
     assert tokens.tokenizer.encode(val_text) == tokens.val.tolist()
     assert tokens.val_chars == len(val_text)
@@ -128,7 +128,7 @@ def test_eval_agrees_with_the_training_log_on_the_same_windows(
     assert scores["loss"] == pytest.approx(last["val_loss"], abs=tolerance)
     assert scores["bits_per_char"] == pytest.approx(last["val_bits_per_char"], abs=tolerance * 1.5)
     assert scores["perplexity"] == pytest.approx(math.exp(scores["loss"]))
-    tokens = data.prepare(data.resolve_corpus(str(corpus)), level, 1)
+    tokens = tokencache.prepare(sources.resolve_corpus(str(corpus)), level, 1)
     assert scores["tokens"] == len(tokens.val) and scores["chars"] == tokens.val_chars
     # Characters are one denominator for both levels: each level's count is of the same text.
     ratio = scores["chars"] / scores["tokens"]

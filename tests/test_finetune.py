@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 import smolgpt
-from smolgpt import data, interop
+from smolgpt import interop, tokencache, tokendata
 from smolgpt.config import FINETUNE_LR_FACTOR, PRESETS, TrainConfig, preset_values
+from smolgpt.sources import Corpus
 from smolgpt.tokenizer import WordTokenizer
 
 from e2e import e2e_corpus_text, e2e_metrics, e2e_snapshot, names
@@ -132,7 +133,7 @@ def test_new_words_are_unk_in_the_sources_vocabulary(sources, write_text, tmp_pa
     result = finetune(src, tmp_path / "ft", data=str(new))
     assert smolgpt.load(result.best_checkpoint).tokenizer.to_dict() == vocabulary.to_dict()
 
-    tokens = data.prepare(data.Corpus("b", (new,)), "word", tokenizer=vocabulary)  # cached
+    tokens = tokencache.prepare(Corpus("b", (new,)), "word", tokenizer=vocabulary)  # cached
     assert tokens.given_tokenizer and tokens.tokenizer.to_dict() == vocabulary.to_dict()
     words = WordTokenizer.split(new.read_text(encoding="utf-8").lower())
     assert "poirot" in words and "poirot" not in vocabulary.stoi
@@ -141,7 +142,7 @@ def test_new_words_are_unk_in_the_sources_vocabulary(sources, write_text, tmp_pa
     ]
     assert 0.01 < tokens.unk_rates[0] < 0.2
     # The advice for too much <UNK> is not a --min_word_freq that would not apply.
-    assert "--init_from" in data._fewer_unk(1, given_tokenizer=True)
+    assert "--init_from" in tokendata._fewer_unk(1, given_tokenizer=True)
 
 
 def test_unknown_characters_are_left_out_with_a_warning(sources, write_text, tmp_path, caplog):
@@ -160,7 +161,7 @@ def test_unknown_characters_are_left_out_with_a_warning(sources, write_text, tmp
     assert smolgpt.load(result.best_checkpoint).tokenizer.to_dict() == vocabulary.to_dict()
 
     # The rest of the text is encoded as it is; the cache remembers what was dropped.
-    tokens = data.prepare(data.Corpus("b", (new,)), "char", tokenizer=vocabulary)
+    tokens = tokencache.prepare(Corpus("b", (new,)), "char", tokenizer=vocabulary)
     kept = strange.replace("ö", "").replace("€", "")
     assert vocabulary.decode(list(tokens.train) + list(tokens.val)) == kept
     assert tokens.dropped == {"ö": strange.count("ö"), "€": strange.count("€")}
@@ -170,23 +171,23 @@ def test_a_text_mostly_unknown_to_the_source_is_refused(sources, write_text):
     vocabulary = smolgpt.load(sources["char"].latest).tokenizer
     greek = write_text("greek.txt", "Μῆνιν ἄειδε θεὰ Πηληϊάδεω Ἀχιλῆος\n" * 50)
     with pytest.raises(smolgpt.SmolGPTError, match=names("greek", "characters", "--init_from")):
-        data.prepare(data.Corpus("greek", (greek,)), "char", tokenizer=vocabulary)
+        tokencache.prepare(Corpus("greek", (greek,)), "char", tokenizer=vocabulary)
     words = smolgpt.load(sources["word"].latest).tokenizer
     other = write_text("other.txt", "zebra quokka wombat, emu. " * 200)
     with pytest.raises(smolgpt.SmolGPTError, match=names("<UNK>", "--init_from")):
-        data.prepare(data.Corpus("other", (other,)), "word", tokenizer=words)
+        tokencache.prepare(Corpus("other", (other,)), "word", tokenizer=words)
 
 
 def test_the_token_cache_is_keyed_by_the_given_tokenizer(sources, write_text):
     text = write_text("c.txt", sources["char"].corpus.read_text(encoding="utf-8")[:3000])
-    corpus = data.Corpus("c", (text,))
-    learned = data.prepare(corpus, "char")
+    corpus = Corpus("c", (text,))
+    learned = tokencache.prepare(corpus, "char")
     vocabulary = smolgpt.load(sources["char"].latest).tokenizer  # knows more characters
-    given = data.prepare(corpus, "char", tokenizer=vocabulary)
+    given = tokencache.prepare(corpus, "char", tokenizer=vocabulary)
     assert learned.tokenizer.to_dict() != given.tokenizer.to_dict()
     assert given.tokenizer.to_dict() == vocabulary.to_dict()
     assert learned.tokenizer.decode(learned.train) == vocabulary.decode(given.train)
-    assert data.prepare(corpus, "char").tokenizer.to_dict() == learned.tokenizer.to_dict()
+    assert tokencache.prepare(corpus, "char").tokenizer.to_dict() == learned.tokenizer.to_dict()
 
 
 # ------------------------------------------------------------------ the learning rate

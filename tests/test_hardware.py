@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from smolgpt import data, hardware
+from smolgpt import hardware, sources, tokencache
 from smolgpt.config import SampleConfig, resolve_train_config
 from smolgpt.errors import SmolGPTError
 from smolgpt.sampling import generate
@@ -169,9 +169,9 @@ class ProductDtypes(TorchDispatchMode):
 
 def _trainer(tmp_path, level: str, **overrides) -> Trainer:
     text = "the cat sat on the mat. the dog ran to the cat, and the cat ran away! " * 60
-    corpus = data.Corpus("t", ((tmp_path / "t.txt"),))
+    corpus = sources.Corpus("t", ((tmp_path / "t.txt"),))
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
-    tokens = data.prepare(corpus, level, min_word_freq=1)
+    tokens = tokencache.prepare(corpus, level, min_word_freq=1)
     settings = {
         "level": level,
         "preset": "nano",

@@ -14,7 +14,8 @@ LAYERS = [
     # the machine, and the pieces of a model
     ["distributed", "signals", "hardware", "kernels", "tokenizer", "model", "optim"],
     # text to batches, scoring, checkpoints, sampling, other formats, pictures
-    ["data", "evaluate", "checkpoint", "sampling", "interop", "plots"],
+    ["sources", "tokendata", "tokencache", "batches", "evaluate", "checkpoint", "sampling"],
+    ["interop", "plots"],
     # training
     ["runlog", "training", "finetune", "inspection", "runinfo"],
     # the Python API, then what stands on it

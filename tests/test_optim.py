@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from smolgpt import data
+from smolgpt import sources, tokencache
 from smolgpt.config import resolve_train_config
 from smolgpt.errors import SmolGPTError
 from smolgpt.optim import BatchedMuon, batch_rows, lr_multiplier, make_optimizers, orthogonalise
@@ -182,8 +182,8 @@ def test_batch_warmup_counts_the_tokens_it_trains_on(make_trainer):
 
 
 def test_schedule_scales_every_optimiser_alike(write_text, tmp_path):
-    corpus = data.Corpus("t", (write_text("t.txt", "to be or not to be, that is it. " * 200),))
-    token_data = data.prepare(corpus, "char")
+    corpus = sources.Corpus("t", (write_text("t.txt", "to be or not to be, that is it. " * 200),))
+    token_data = tokencache.prepare(corpus, "char")
     c = cfg(
         optimizer="muon",
         learning_rate=4e-3,
@@ -219,8 +219,8 @@ def test_orthogonalise_in_the_policys_dtype(dtype, steps):
 
 
 def test_a_resumed_run_uses_its_own_muon_ns_steps(write_text, tmp_path):
-    corpus = data.Corpus("t", (write_text("t.txt", "to be or not to be, that is it. " * 200),))
-    token_data = data.prepare(corpus, "char")
+    corpus = sources.Corpus("t", (write_text("t.txt", "to be or not to be, that is it. " * 200),))
+    token_data = tokencache.prepare(corpus, "char")
     shape = dict(optimizer="muon", n_layer=1, n_embd=16, n_head=2, block_size=16, batch_size=4)
     first = Trainer(cfg(**shape), token_data, tmp_path / "run", torch.device("cpu"))
     first.train_step(0.25)

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 import smolgpt
-from smolgpt import checkpoint, data
-from smolgpt.data import Corpus, prepare, resolve_corpus
+from smolgpt import checkpoint, sources
+from smolgpt.sources import Corpus, resolve_corpus
+from smolgpt.tokencache import prepare
 
 from e2e import e2e_assert_one_line_error, e2e_corpus_text
 
@@ -103,7 +104,7 @@ def test_a_directory_and_a_url_are_normalised_alike(tmp_path, http_server, level
 def test_crlf_split_between_reads_is_one_line_break(tmp_path, monkeypatch, name):
     path = tmp_path / "crlf.txt"
     path.write_bytes(SAVED[name])
-    monkeypatch.setattr(data, "CHUNK_BYTES", 97)  # reads that end inside many CRLFs
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 97)  # reads that end inside many CRLFs
     tokens = prepare(resolve_corpus(str(path)), "char")
     assert tokens.tokenizer.decode(ids(tokens)) == LF
 

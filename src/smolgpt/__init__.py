@@ -7,9 +7,9 @@ The API::
     smolgpt.info(path) -> dict                   what a checkpoint or run holds (smolgpt info)
     smolgpt.serve(checkpoints, **settings)       an OpenAI-style HTTP server (smolgpt serve)
 
-Modules, in the order data flows through them: config -> tokenizer -> data -> model (with
-kernels) -> optim, training (with runlog) -> checkpoint -> sampling, and api, runinfo,
-inspection, server and cli on top.
+Modules, in the order data flows through them: config -> sources -> tokenizer -> tokencache
+(with tokendata) -> batches -> model (with kernels) -> optim, training (with runlog) ->
+checkpoint -> sampling, and api, runinfo, inspection, server and cli on top.
 ``import smolgpt`` is cheap: torch is imported when train or load is first used.
 """
 

@@ -31,7 +31,17 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
 
 import torch
 
-from . import __version__, checkpoint, data, distributed, finetune, hardware
+from . import (
+    __version__,
+    batches,
+    checkpoint,
+    distributed,
+    finetune,
+    hardware,
+    sources,
+    tokencache,
+    tokendata,
+)
 from .config import (
     EXPORT_FORMATS,
     HELP_GROUPS,
@@ -210,7 +220,7 @@ def _prepare_run(
     out_dir: Path,
     lock: Optional[RunLock],
     group: distributed.Group,
-) -> tuple[TrainConfig, data.TokenData, Optional[dict]]:
+) -> tuple[TrainConfig, tokendata.TokenData, Optional[dict]]:
     """Check the run directory and the text, and read them: (the run's config, its tokens,
     the checkpoint it resumes or None). Only rank 0 (which holds the lock) changes anything
     on disk: stale temporaries, a run moved aside, config.json."""
@@ -234,15 +244,15 @@ def _prepare_run(
     elif resume_from is not None and cfg.init_from:
         tokenizer = tokenizer_from_dict(resume_from["tokenizer"])
     # A preset's vocab_size gives way to a text too small for it; one asked for does not.
-    tokens = data.prepare(
-        data.resolve_corpus(cfg.data, cfg.encoding),
+    tokens = tokencache.prepare(
+        sources.resolve_corpus(cfg.data, cfg.encoding),
         cfg.level,
         cfg.min_word_freq,
         tokenizer,
         cfg.vocab_size,
         strict="vocab_size" in settings,
     )
-    data.check_long_enough(tokens, cfg.block_size)
+    batches.check_long_enough(tokens, cfg.block_size)
     log.info(tokens.summary())
     for warning in (tokens.unk_warning(), tokens.dropped_warning()):
         if warning:
@@ -448,7 +458,7 @@ class Model:
                 "a text to evaluate (--data)"
             )
         try:
-            corpus = data.resolve_corpus(cfg["data"], cfg.get("encoding", "utf-8"))
+            corpus = sources.resolve_corpus(cfg["data"], cfg.get("encoding", "utf-8"))
         except SmolGPTError as exc:
             raise SmolGPTError(
                 f"the model's training text: {exc}; or give a text to evaluate (--data)"
@@ -456,13 +466,13 @@ class Model:
         # Hashed here although prepare hashes it again: a changed text would otherwise be
         # tokenized whole into a new cache entry before it is refused.
         fingerprint = self.data_info.get("fingerprint")
-        if fingerprint and data.fingerprint(corpus) != fingerprint:
+        if fingerprint and sources.fingerprint(corpus) != fingerprint:
             raise SmolGPTError(
                 f"{cfg['data']} has changed since the model was trained on it: "
                 "its validation split is gone; give a text to evaluate (--data)"
             )
         # Read as training read it: a fine-tuned model's run used the model's tokenizer.
-        tokens = data.prepare(
+        tokens = tokencache.prepare(
             corpus,
             self.tokenizer.level,
             cfg.get("min_word_freq", 3),

@@ -524,8 +524,8 @@ def run_eval(
     """Score the model at source on text_spec (default: its validation split) and print
     the scores on stdout."""
     from .api import load
-    from .data import iter_text, resolve_corpus
     from .rundir import locate
+    from .sources import iter_text, resolve_corpus
 
     if batch_size < 1:
         raise SmolGPTError(f"--batch_size must be at least 1, not {batch_size}")
@@ -592,8 +592,8 @@ def run_inspect(
     """Draw the look inside the model at source; print the summary on stdout and the files
     written on stderr."""
     from .api import load
-    from .data import iter_text, resolve_corpus
     from .plots import _figure_classes
+    from .sources import iter_text, resolve_corpus
 
     _figure_classes()  # matplotlib missing: one line, before anything is loaded
     text = None

@@ -39,8 +39,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__, checkpoint, hardware
+from .batches import BatchSampler
 from .config import TrainConfig
-from .data import BatchSampler, TokenData
 from .distributed import Group
 from .errors import SmolGPTError
 from .evaluate import bits_per_char, score_windows, window_starts
@@ -58,6 +58,7 @@ from .optim import (
 from .rundir import BEST, LATEST
 from .runlog import EVAL_PROGRESS_S, RunLog, duration
 from .signals import SignalFlag
+from .tokendata import TokenData
 
 log = logging.getLogger(__name__)
 
