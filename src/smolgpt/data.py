@@ -405,9 +405,9 @@ class TokenData:
     @functools.cached_property
     def unk_rates(self) -> Optional[tuple[float, float]]:
         """The share of <UNK> among the train and among the val ids; None at char level."""
-        if not isinstance(self.tokenizer, WordTokenizer):
+        if (unk := self.tokenizer.unk_id) is None:
             return None
-        return _share(self.train, WordTokenizer.UNK_ID), _share(self.val, WordTokenizer.UNK_ID)
+        return _share(self.train, unk), _share(self.val, unk)
 
     def unk_warning(self) -> Optional[str]:
         """A warning when <UNK> is more than UNK_WARN_RATE of either split, else None."""
@@ -466,10 +466,7 @@ def text_from(
         if pieces:
             pieces.append(tokenizer.read(chunk))
         elif before + count > token:
-            if token == before and isinstance(tokenizer, BPETokenizer):
-                start = 0  # (bpe skips no character: the chunk's first token starts it)
-            else:
-                start = tokenizer.starts(chunk)[token - before]
+            start = tokenizer.token_start(chunk, token - before)
             pieces.append(tokenizer.read(chunk)[start:])
         before += count
     return "".join(pieces)
@@ -480,10 +477,7 @@ def _val_stats(
 ) -> dict[str, int]:
     """The validation split's characters and <UNK> bytes (TokenData.val_chars, val_unk_bytes)."""
     text = text_from(corpus, tokenizer, chunk_tokens, split, cut)
-    unk_bytes = 0
-    if isinstance(tokenizer, WordTokenizer):
-        unk_bytes = sum(tokenizer.unk_bytes(text)[1:])  # the first token is never predicted
-    return {"val_chars": len(text), "val_unk_bytes": unk_bytes}
+    return {"val_chars": len(text), "val_unk_bytes": tokenizer.charged_unk_bytes(text)}
 
 
 def _share(ids: np.ndarray, token: int) -> float:
@@ -522,7 +516,7 @@ def check_vocabulary(data: TokenData) -> None:
             "vocabulary of the --init_from model: fine-tune on text in the characters it "
             "knows, or train a new model without --init_from"
         )
-    if not isinstance(tokenizer, WordTokenizer):
+    if tokenizer.unk_id is None:  # (only a word vocabulary has <UNK>)
         return
     if data.given_tokenizer and data.unk_rates[0] > UNK_REFUSE_RATE:
         raise SmolGPTError(
@@ -544,7 +538,7 @@ def _word_counts(chunk: str) -> Counter:
     return WordTokenizer.count(chunk)
 
 
-_worker_tokenizer: Optional[WordTokenizer] = None
+_worker_tokenizer: Optional[Tokenizer] = None
 
 
 def _init_encoder(tokenizer_dict: dict) -> None:
@@ -619,19 +613,6 @@ def _sample(chunks: Iterator[str], total: int, most: int) -> Iterator[str]:
             yield chunk[: end or None]
 
 
-def _known_chars(tokenizer: CharTokenizer, chunk: str, dropped: Counter) -> np.ndarray:
-    """The ids of chunk's characters, leaving out (and counting into dropped) those the
-    tokenizer does not know. A char tokenizer has no unknown id; a learned one knows every
-    character of its text, a given one (a fine-tuned model's) may not."""
-    text = tokenizer.read(chunk)
-    missing = set(text).difference(tokenizer.stoi)
-    if missing:
-        for ch in missing:
-            dropped[ch] += text.count(ch)
-        text = text.translate(dict.fromkeys(map(ord, missing)))
-    return tokenizer.encode_array(text)
-
-
 def _encode(
     corpus: Corpus, tokenizer: Tokenizer, out, cut: Optional[int]
 ) -> tuple[int, int, Counter, list[int]]:
@@ -641,15 +622,13 @@ def _encode(
     dropped: Counter = Counter()
     pool = None
     chunks = text_chunks(corpus, cut)
-    if isinstance(tokenizer, CharTokenizer):
-        encoded = (_known_chars(tokenizer, chunk, dropped) for chunk in chunks)
-    elif isinstance(tokenizer, WordTokenizer) and (workers := _workers(corpus)) > 1:
+    if tokenizer.multiprocess_encoding and (workers := _workers(corpus)) > 1:
         pool = ProcessPoolExecutor(
             workers, initializer=_init_encoder, initargs=(tokenizer.to_dict(),)
         )
         encoded = pool.map(_encode_chunk, chunks)
     else:  # (the bpe tokenizer encodes on every core by itself)
-        encoded = map(tokenizer.encode_array, chunks)
+        encoded = (tokenizer.encode_known(chunk, dropped) for chunk in chunks)
     dtype = token_dtype(tokenizer.vocab_size)
     count = crc = 0
     chunk_tokens = []
