@@ -4,6 +4,11 @@ Each tokenizer learns its vocabulary from the training text, turns text into ids
 and serialises to plain JSON-compatible data (:meth:`to_dict` / :func:`tokenizer_from_dict`),
 which every checkpoint carries, so a checkpoint alone is enough to generate.
 
+:class:`Tokenizer` is what every level does (an abstract base class); each level is a
+subclass that carries its own behaviour: its default prompt, its ``<UNK>`` (if any) and
+what bits-per-char charges for it, its ``tokenizers`` form for exports, what a checkpoint
+stores. The rest of smolgpt calls these methods and never asks which class it has.
+
 The char and word tokenizers read text through :func:`normalize_text` first, the training
 text and a prompt alike:
 CRLF and lone CR line endings become LF, byte-order marks (U+FEFF) are dropped, and
