@@ -1,16 +1,25 @@
 """Character and word tokenizers: round trips, vocabulary rules, text normalisation,
-serialisation."""
+serialisation; and the Tokenizer interface every level implements (issue #32)."""
 
 from __future__ import annotations
 
+import ast
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from smolgpt import tokenizer as tokenizer_module
 from smolgpt.errors import SmolGPTError
-from smolgpt.tokenizer import CharTokenizer, WordTokenizer, normalize_text, tokenizer_from_dict
+from smolgpt.tokenizer import (
+    CharTokenizer,
+    Tokenizer,
+    WordTokenizer,
+    normalize_text,
+    tokenizer_from_dict,
+)
 
 from e2e import names
 
@@ -261,3 +270,160 @@ def test_unknown_tokenizer_type_raises(data, kind):
 def test_malformed_tokenizer_dict_raises(data):
     with pytest.raises(SmolGPTError):
         tokenizer_from_dict(data)
+
+
+# ------------------------------------------------------------------ the Tokenizer interface
+
+INTERFACE_TEXT = "The cat sat.\nThe dog sat on the mat, the cat ran!\nA café? The end.\n" * 3
+
+
+def level_tokenizer(level: str) -> Tokenizer:
+    """A tokenizer of level trained on INTERFACE_TEXT (bpe: skipped without tokenizers)."""
+    if level == "char":
+        return CharTokenizer.train([INTERFACE_TEXT])
+    if level == "word":
+        return WordTokenizer.train([INTERFACE_TEXT], min_word_freq=2)
+    pytest.importorskip("tokenizers")
+    from smolgpt.tokenizer import BPETokenizer
+
+    return BPETokenizer.train([INTERFACE_TEXT], 270)
+
+
+LEVELS = ("char", "word", "bpe")
+
+
+def tokenizer_class_names() -> set[str]:
+    return {
+        name
+        for name, obj in vars(tokenizer_module).items()
+        if isinstance(obj, type) and issubclass(obj, Tokenizer)
+    }
+
+
+def isinstance_on_tokenizers(source: str, classes: set[str]) -> list[int]:
+    """The lines of source that call isinstance or issubclass on one of classes."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("isinstance", "issubclass")
+            and len(node.args) == 2
+        ):
+            named = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
+            named |= {n.attr for n in ast.walk(node.args[1]) if isinstance(n, ast.Attribute)}
+            if named & classes:
+                found.append(node.lineno)
+    return found
+
+
+def test_the_isinstance_check_finds_tokenizer_classes():
+    classes = tokenizer_class_names()
+    assert {"Tokenizer", "CharTokenizer", "WordTokenizer", "BPETokenizer"} <= classes
+    source = (
+        "isinstance(t, WordTokenizer)\n"
+        "isinstance(t, (str, tokenizer.BPETokenizer))\n"
+        "isinstance(t, str)\n"
+        "issubclass(k, CharTokenizer)\n"
+    )
+    assert isinstance_on_tokenizers(source, classes) == [1, 2, 4]
+
+
+def test_no_module_but_tokenizer_py_asks_which_tokenizer_class_it_has():
+    # Each level's behaviour is a method of its class (issue #32): no module branches on it.
+    classes = tokenizer_class_names()
+    package = Path(tokenizer_module.__file__).parent
+    found = {
+        path.name: lines
+        for path in sorted(package.glob("*.py"))
+        if path.name != "tokenizer.py"
+        and (lines := isinstance_on_tokenizers(path.read_text(encoding="utf-8"), classes))
+    }
+    assert found == {}
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_every_level_is_a_tokenizer(level):
+    tok = level_tokenizer(level)
+    assert isinstance(tok, Tokenizer)
+    assert tok.level == level == tok.to_dict()["type"]
+    assert tokenizer_from_dict(tok.to_dict()).to_dict() == tok.to_dict()
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_the_default_prompt_encodes_without_unknowns(level):
+    tok = level_tokenizer(level)
+    prompt = tok.default_prompt()
+    assert tok.encode(prompt) and tok.unknown(prompt) == []
+    assert tok.default_prompt() == {"char": "\n", "word": "the", "bpe": "\n"}[level]
+
+
+def test_default_prompts_without_a_line_break_or_a_word():
+    assert CharTokenizer.train(["abc"]).default_prompt() == "c"  # its last character
+    assert WordTokenizer(["!", "."]).default_prompt() == "."  # no word: its last token
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_unknown_and_padding_ids(level):
+    tok = level_tokenizer(level)
+    expected = {"word": (WordTokenizer.UNK_ID, WordTokenizer.PAD_ID)}.get(level, (None, None))
+    assert (tok.unk_id, tok.pad_id) == expected
+    assert tok.multiprocess_encoding == (level == "word")
+    special = {"pad_token": "<PAD>", "unk_token": "<UNK>"} if level == "word" else {}
+    assert tok.hf_special_tokens() == special
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_charged_unk_bytes(level):
+    tok = level_tokenizer(level)
+    # The first token (zebra) is never predicted, so never charged.
+    text = "zebra the gnu sat by the yak’s café" if level != "char" else "the cat"
+    charged = tok.charged_unk_bytes(text)
+    if level == "word":
+        assert tok.unknown(text) == ["zebra", "gnu", "by", "yak's"]
+        assert charged == len("gnu") + len("by") + len("yak's") == sum(tok.unk_bytes(text)[1:])
+    else:
+        assert charged == 0
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_token_start_is_where_starts_says(level):
+    tok = level_tokenizer(level)
+    text = "  The cat, sat!\n on the mat"
+    starts = tok.starts(text)
+    assert [tok.token_start(text, i) for i in range(len(starts))] == starts
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_encode_known_drops_only_what_a_char_vocabulary_lacks(level):
+    tok = level_tokenizer(level)
+    text = "The zebra sat. Ω"
+    dropped: Counter = Counter()
+    ids = tok.encode_known(text, dropped)
+    if level == "char":
+        assert dropped == Counter({"z": 1, "b": 1, "Ω": 1})
+        assert tok.decode(ids) == "The era sat. "
+    else:
+        assert dropped == Counter()
+        assert ids.tolist() == tok.encode(text)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_frequent_ids_and_training_settings(level):
+    tok = level_tokenizer(level)
+    if level == "word":
+        assert tok.frequent_ids(3) == [2, 3, 4]
+        assert tok.itos[2] == "the"
+        assert tok.frequent_ids(10_000) == list(range(2, tok.vocab_size))
+    else:
+        assert tok.frequent_ids(3) == []
+    settings = {"char": {}, "word": {"min_word_freq": 2}, "bpe": {"vocab_size": tok.vocab_size}}
+    assert tok.training_settings() == settings[level]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_hf_tokenizer_gives_the_same_ids(level):
+    pytest.importorskip("tokenizers")
+    tok = level_tokenizer(level)
+    text = "The cat sat.\r\nThe “dog” ran!" if level != "char" else "The cat sat.\nThe mat"
+    assert tok.hf_tokenizer().encode(text).ids == tok.encode(text)

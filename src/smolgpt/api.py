@@ -57,7 +57,7 @@ from .files import RunLock, atomic_write_text, ensure_writable_dir
 from .model import GPT
 from .rundir import BEST, LATEST, RUN_CONFIG, SAMPLES, clean_stale_temporaries, locate, move_aside
 from .sampling import TextStream
-from .tokenizer import BPETokenizer, Tokenizer, WordTokenizer, tokenizer_from_dict
+from .tokenizer import Tokenizer, tokenizer_from_dict
 from .training import Trainer
 
 if TYPE_CHECKING:
@@ -401,11 +401,7 @@ class Model:
     def default_prompt(self) -> str:
         """A prompt any model can read: a line break at char level (if the text had any) and
         bpe level, the most frequent word at word level."""
-        if isinstance(self.tokenizer, WordTokenizer):  # its vocabulary is by frequency
-            return next((w for w in self.tokenizer.itos if w.isalpha()), self.tokenizer.itos[-1])
-        if isinstance(self.tokenizer, BPETokenizer):
-            return "\n"
-        return "\n" if "\n" in self.tokenizer.stoi else self.tokenizer.chars[-1]
+        return self.tokenizer.default_prompt()
 
     def generate(self, prompt: Optional[str] = None, **sampling: Any) -> Union[str, list[str]]:
         """The prompt (default: :meth:`default_prompt`) and its continuation as text: one
@@ -568,7 +564,7 @@ class Model:
         if not prompt:
             raise SmolGPTError("the prompt is empty: give some text to continue")
         prompt_ids = self.tokenizer.encode(prompt)  # raises for unknown characters
-        if isinstance(self.tokenizer, WordTokenizer):
+        if self.tokenizer.unk_id is not None:  # (a char model's encode refused them)
             unknown_words = self.tokenizer.unknown(prompt)
             if unknown_words:
                 log.warning(

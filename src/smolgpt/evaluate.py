@@ -22,7 +22,7 @@ import torch
 
 from .errors import SmolGPTError
 from .model import GPT
-from .tokenizer import CharTokenizer, Tokenizer, WordTokenizer
+from .tokenizer import Tokenizer
 
 # What spelling one UTF-8 byte costs without a model: 8 bits, in nats.
 NATS_PER_BYTE = math.log(256)
@@ -70,7 +70,7 @@ def evaluate_text(module: GPT, tokenizer: Tokenizer, text: str, batch_size: int 
     """
     if batch_size < 1:
         raise SmolGPTError(f"batch_size must be at least 1, not {batch_size}")
-    if isinstance(tokenizer, CharTokenizer) and tokenizer.unknown(text):
+    if tokenizer.unk_id is None and tokenizer.unknown(text):  # (only char level has any)
         shown = ", ".join(repr(ch) for ch in tokenizer.unknown(text)[:10])
         raise SmolGPTError(
             f"the text has characters the model does not know: {shown}; a "
@@ -84,10 +84,8 @@ def evaluate_text(module: GPT, tokenizer: Tokenizer, text: str, batch_size: int 
             f"text too short to evaluate: {n} token(s); at least 2 are needed "
             "(the first is only context for the rest)"
         )
-    unk_tokens, unk_bytes = 0, 0
-    if isinstance(tokenizer, WordTokenizer):
-        unk_tokens = sum(i == WordTokenizer.UNK_ID for i in ids)
-        unk_bytes = sum(tokenizer.unk_bytes(text)[1:])  # t_0 is never predicted nor charged
+    unk_tokens = 0 if tokenizer.unk_id is None else ids.count(tokenizer.unk_id)
+    unk_bytes = tokenizer.charged_unk_bytes(text)  # t_0 is never predicted nor charged
 
     nats = _model_nats(module, ids, batch_size)
     loss = nats / (n - 1)

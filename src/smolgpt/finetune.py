@@ -35,7 +35,7 @@ from .config import FINETUNE_LR_FACTOR, PRESETS, TrainConfig
 from .errors import SmolGPTError
 from .model import GPT
 from .rundir import locate
-from .tokenizer import BPETokenizer, Tokenizer, WordTokenizer
+from .tokenizer import Tokenizer
 
 # The settings that decide the weights' shapes (with the vocabulary, which is the
 # tokenizer's); dropout is not among them: it is part of the recipe.
@@ -106,11 +106,9 @@ def source_settings(settings: dict[str, Any], source: Source) -> dict[str, Any]:
         raise SmolGPTError(
             f"{shown}: a fine-tuned model keeps the shape of {where}; drop the flag(s)"
         )
+    # The tokenizer's settings (min_word_freq, vocab_size) recorded, so the run says what it used.
     completed = {**settings, **shape, "level": source.level}
-    if isinstance(source.tokenizer, WordTokenizer):  # recorded, so the run says what it used
-        completed["min_word_freq"] = source.tokenizer.min_word_freq
-    if isinstance(source.tokenizer, BPETokenizer):
-        completed["vocab_size"] = source.tokenizer.vocab_size
+    completed.update(source.tokenizer.training_settings())
     if "preset" not in settings and source.train_config.get("preset") in PRESETS:
         completed["preset"] = source.train_config["preset"]
     return completed

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .files import atomic_write_text
 from .model import GPT
 from .plots import _figure_classes, _save
-from .tokenizer import Tokenizer, WordTokenizer
+from .tokenizer import Tokenizer
 
 SUMMARY = "summary.txt"
 ATTENTION, EMBEDDINGS, LOSS = "attention.png", "embeddings.png", "loss_by_position.png"
@@ -244,8 +244,8 @@ def inspect_model(
     others = []
     if config.vocab_size <= 100:
         others = list(range(config.vocab_size))
-    elif isinstance(tokenizer, WordTokenizer):
-        others = list(range(2, min(config.vocab_size, 2 + LABELLED)))
+    else:
+        others = tokenizer.frequent_ids(LABELLED)
     if text_tokens is not None and len(text_tokens):
         counts = torch.bincount(torch.as_tensor(list(text_tokens)), minlength=config.vocab_size)
         others.sort(key=lambda i: -counts[i].item())  # stable: ties keep their order

@@ -60,19 +60,7 @@ from .extras import install_command, upgrade_advice
 from .files import atomic_write, atomic_write_text, umask
 from .model import GPT
 from .rundir import EXPORT_META, HF_CONFIG, is_run_config
-
-# (The detokenization marks too: the export's decoder follows WordTokenizer.decode.)
-from .tokenizer import (
-    JOINERS,
-    NO_SPACE_AFTER,
-    NO_SPACE_BEFORE,
-    TEXT_REPLACEMENTS,
-    BPETokenizer,
-    CharTokenizer,
-    Tokenizer,
-    WordTokenizer,
-    tokenizer_from_dict,
-)
+from .tokenizer import Tokenizer, tokenizer_from_dict
 
 FORMAT = "smolgpt-export"
 FORMAT_VERSION = 1
@@ -81,18 +69,6 @@ WEIGHTS = "model.safetensors"
 PICKLED = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth")
 ROPE_BASE = 10000.0  # model.rotary_tables' base
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which the model uses
-
-# WORD_PATTERN for the tokenizers library's regex engine (Oniguruma), which reads \w
-# otherwise than WordTokenizer's NLTK (3.10 runs patterns on the regex module): there, \w
-# is a letter, mark, letter-like number, decimal digit, connector (_) or zero-width
-# (non-)joiner, so "x²" is two tokens. Spelled out like this, the two agree on every
-# character Python's Unicode database knows (checked for every code point).
-_WORD_CHARS = r"\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}"
-HF_WORD_PATTERN = (
-    rf"[{_WORD_CHARS}]+(?:['’][{_WORD_CHARS}]+)*"  # a word ...
-    rf"|[^{_WORD_CHARS}\s]"
-)  # ... or any other mark but a space
-
 
 # ------------------------------------------------------------------ writing directories
 
@@ -395,53 +371,11 @@ def hf_config(config: ModelConfig, pad_token_id: Optional[int] = None) -> dict[s
 # ----------------------------------------------------------------- Hugging Face tokenizer
 
 
-def _word_decoder():
-    """Tokens joined by spaces, then the spaces smolgpt's WordTokenizer.decode leaves out
-    removed again (all but those around ASCII quotes: see the module's docstring)."""
-    from tokenizers import Regex, decoders
-
-    # WordPiece's decoder without its cleanup only joins with spaces (no token of ours
-    # starts with its "##"); Fuse makes one string for the replacements to work on.
-    steps = [decoders.WordPiece(prefix="##", cleanup=False), decoders.Fuse()]
-    for mark in sorted(NO_SPACE_BEFORE | JOINERS):
-        # A mark of one character is always a token of its own; "n't" could begin a word.
-        before = " " + mark if len(mark) == 1 else Regex(f" {mark}(?= |$)")
-        steps.append(decoders.Replace(before, mark))
-    for mark in sorted(NO_SPACE_AFTER | JOINERS):
-        steps.append(decoders.Replace(mark + " ", mark))
-    return decoders.Sequence(steps)
-
-
 def hf_tokenizer(tokenizer: Tokenizer):
     """A ``tokenizers.Tokenizer`` that gives the ids tokenizer gives (same normalisation,
     splitting and vocabulary; no BOS or EOS added), and decodes as the module's docstring
-    says."""
-    from tokenizers import Regex, normalizers, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers.decoders import Fuse
-    from tokenizers.models import WordLevel
-
-    if isinstance(tokenizer, BPETokenizer):  # built with the tokenizers library already
-        return tokenizer.hf_tokenizer()
-    steps = []
-    if tokenizer.normalize:  # normalize_text, replacement by replacement
-        steps += [normalizers.Replace("\r\n", "\n"), normalizers.Replace("\r", "\n")]
-        steps += [normalizers.Replace(old, new) for old, new in TEXT_REPLACEMENTS]
-    if isinstance(tokenizer, CharTokenizer):
-        # No unknown token: a character outside the vocabulary is an error, as in smolgpt.
-        hf = HFTokenizer(WordLevel(vocab=tokenizer.stoi))
-        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")  # each character
-        hf.decoder = Fuse()  # characters joined as they are
-    else:
-        hf = HFTokenizer(WordLevel(vocab=tokenizer.stoi, unk_token=WordTokenizer.UNK))
-        steps.append(normalizers.Lowercase())
-        # The matches of the pattern are the tokens; what lies between them (space) goes.
-        hf.pre_tokenizer = pre_tokenizers.Split(Regex(HF_WORD_PATTERN), "removed", invert=True)
-        hf.decoder = _word_decoder()
-        hf.add_special_tokens([WordTokenizer.PAD, WordTokenizer.UNK])
-    if steps:
-        hf.normalizer = normalizers.Sequence(steps)
-    return hf
+    says: each level's :meth:`~smolgpt.tokenizer.Tokenizer.hf_tokenizer`."""
+    return tokenizer.hf_tokenizer()
 
 
 def _hf_tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict[str, Any]:
@@ -452,8 +386,7 @@ def _hf_tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict[str, Any
         "clean_up_tokenization_spaces": False,
         "model_max_length": block_size,
     }
-    if isinstance(tokenizer, WordTokenizer):
-        out.update(pad_token=WordTokenizer.PAD, unk_token=WordTokenizer.UNK)
+    out.update(tokenizer.hf_special_tokens())
     return out
 
 
@@ -491,7 +424,7 @@ def export_hf(
             "safetensors"
         )
     meta = _meta(module, tokenizer, train_config, data_info, "hf")
-    pad = WordTokenizer.PAD_ID if isinstance(tokenizer, WordTokenizer) else None
+    pad = tokenizer.pad_id
     tensors = hf_state_dict(_float_state(module), config)
     tokenizer_json = hf_tokenizer(tokenizer).to_str(pretty=True)
 

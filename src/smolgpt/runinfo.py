@@ -115,10 +115,11 @@ def _model(config, tokenizer: dict) -> dict[str, Any]:
     """The network's size and shape, and its tokenizer."""
     with torch.device("meta"):  # counted without allocating or initialising a weight
         parameters = GPT(config).num_parameters()
-    level = tokenizer_from_dict(tokenizer).level
+    built = tokenizer_from_dict(tokenizer)
+    level = built.level
     described = {"vocab_size": config.vocab_size}
-    if level == "word":
-        described["min_word_freq"] = tokenizer.get("min_word_freq")
+    # The settings it was learned with, as the checkpoint recorded them (None where not).
+    described.update((k, tokenizer.get(k)) for k in built.training_settings() if k not in described)
     return {
         "parameters": parameters,
         "parameters_human": f"{parameters / 1e6:.2f}M",

@@ -60,7 +60,7 @@ def _word_counts(chunk: str) -> Counter:
     return WordTokenizer.count(chunk)
 
 
-_worker_tokenizer: Optional[WordTokenizer] = None
+_worker_tokenizer: Optional[Tokenizer] = None
 
 
 def _init_encoder(tokenizer_dict: dict) -> None:
@@ -137,19 +137,6 @@ def _sample(chunks: Iterator[str], total: int, most: int) -> Iterator[str]:
             yield chunk[: end or None]
 
 
-def _known_chars(tokenizer: CharTokenizer, chunk: str, dropped: Counter) -> np.ndarray:
-    """The ids of chunk's characters, leaving out (and counting into dropped) those the
-    tokenizer does not know. A char tokenizer has no unknown id; a learned one knows every
-    character of its text, a given one (a fine-tuned model's) may not."""
-    text = tokenizer.read(chunk)
-    missing = set(text).difference(tokenizer.stoi)
-    if missing:
-        for ch in missing:
-            dropped[ch] += text.count(ch)
-        text = text.translate(dict.fromkeys(map(ord, missing)))
-    return tokenizer.encode_array(text)
-
-
 def _encode(
     corpus: Corpus, tokenizer: Tokenizer, out, cut: Optional[int]
 ) -> tuple[int, int, Counter, list[int]]:
@@ -159,15 +146,13 @@ def _encode(
     dropped: Counter = Counter()
     pool = None
     chunks = text_chunks(corpus, cut)
-    if isinstance(tokenizer, CharTokenizer):
-        encoded = (_known_chars(tokenizer, chunk, dropped) for chunk in chunks)
-    elif isinstance(tokenizer, WordTokenizer) and (workers := _workers(corpus)) > 1:
+    if tokenizer.multiprocess_encoding and (workers := _workers(corpus)) > 1:
         pool = ProcessPoolExecutor(
             workers, initializer=_init_encoder, initargs=(tokenizer.to_dict(),)
         )
         encoded = pool.map(_encode_chunk, chunks)
     else:  # (the bpe tokenizer encodes on every core by itself)
-        encoded = map(tokenizer.encode_array, chunks)
+        encoded = (tokenizer.encode_known(chunk, dropped) for chunk in chunks)
     dtype = token_dtype(tokenizer.vocab_size)
     count = crc = 0
     chunk_tokens = []
@@ -302,10 +287,7 @@ def _val_stats(
 ) -> dict[str, int]:
     """The validation split's characters and <UNK> bytes (TokenData.val_chars, val_unk_bytes)."""
     text = text_from(corpus, tokenizer, chunk_tokens, split, cut)
-    unk_bytes = 0
-    if isinstance(tokenizer, WordTokenizer):
-        unk_bytes = sum(tokenizer.unk_bytes(text)[1:])  # the first token is never predicted
-    return {"val_chars": len(text), "val_unk_bytes": unk_bytes}
+    return {"val_chars": len(text), "val_unk_bytes": tokenizer.charged_unk_bytes(text)}
 
 
 def _entry_meta(corpus: Corpus, text_hash: str, cut: Optional[int], made: dict) -> dict:

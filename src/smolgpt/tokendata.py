@@ -16,7 +16,7 @@ import numpy as np
 from .config import TrainConfig
 from .errors import SmolGPTError
 from .sources import Corpus, text_chunks
-from .tokenizer import BPETokenizer, Tokenizer, WordTokenizer
+from .tokenizer import Tokenizer
 
 COUNT_BLOCK = 16 << 20  # token ids compared at a time when counting <UNK>
 
@@ -77,9 +77,9 @@ class TokenData:
     @functools.cached_property
     def unk_rates(self) -> Optional[tuple[float, float]]:
         """The share of <UNK> among the train and among the val ids; None at char level."""
-        if not isinstance(self.tokenizer, WordTokenizer):
+        if (unk := self.tokenizer.unk_id) is None:
             return None
-        return _share(self.train, WordTokenizer.UNK_ID), _share(self.val, WordTokenizer.UNK_ID)
+        return _share(self.train, unk), _share(self.val, unk)
 
     def unk_warning(self) -> Optional[str]:
         """A warning when <UNK> is more than UNK_WARN_RATE of either split, else None."""
@@ -138,10 +138,7 @@ def text_from(
         if pieces:
             pieces.append(tokenizer.read(chunk))
         elif before + count > token:
-            if token == before and isinstance(tokenizer, BPETokenizer):
-                start = 0  # (bpe skips no character: the chunk's first token starts it)
-            else:
-                start = tokenizer.starts(chunk)[token - before]
+            start = tokenizer.token_start(chunk, token - before)
             pieces.append(tokenizer.read(chunk)[start:])
         before += count
     return "".join(pieces)
@@ -183,7 +180,7 @@ def check_vocabulary(data: TokenData) -> None:
             "vocabulary of the --init_from model: fine-tune on text in the characters it "
             "knows, or train a new model without --init_from"
         )
-    if not isinstance(tokenizer, WordTokenizer):
+    if tokenizer.unk_id is None:  # (only a word vocabulary has <UNK>)
         return
     if data.given_tokenizer and data.unk_rates[0] > UNK_REFUSE_RATE:
         raise SmolGPTError(

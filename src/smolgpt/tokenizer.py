@@ -4,6 +4,11 @@ Each tokenizer learns its vocabulary from the training text, turns text into ids
 and serialises to plain JSON-compatible data (:meth:`to_dict` / :func:`tokenizer_from_dict`),
 which every checkpoint carries, so a checkpoint alone is enough to generate.
 
+:class:`Tokenizer` is what every level does (an abstract base class); each level is a
+subclass that carries its own behaviour: its default prompt, its ``<UNK>`` (if any) and
+what bits-per-char charges for it, its ``tokenizers`` form for exports, what a checkpoint
+stores. The rest of smolgpt calls these methods and never asks which class it has.
+
 The char and word tokenizers read text through :func:`normalize_text` first, the training
 text and a prompt alike:
 CRLF and lone CR line endings become LF, byte-order marks (U+FEFF) are dropped, and
@@ -30,8 +35,9 @@ import codecs
 import functools
 import itertools
 import json
+from abc import ABC, abstractmethod
 from collections import Counter
-from typing import Iterable, Union
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
@@ -87,17 +93,137 @@ JOINERS = set("-—–/")  # hyphens, dashes and slashes join their neighbours: 
 TOGGLE_QUOTES = set("\"'")  # ASCII quotes: alternately opening and closing
 
 
-class _TextReader:
-    """What both tokenizers share: how they read text before tokenizing it."""
+# WORD_PATTERN for the tokenizers library's regex engine (Oniguruma), which reads \w
+# otherwise than WordTokenizer's NLTK (3.10 runs patterns on the regex module): there, \w
+# is a letter, mark, letter-like number, decimal digit, connector (_) or zero-width
+# (non-)joiner, so "x²" is two tokens. Spelled out like this, the two agree on every
+# character Python's Unicode database knows (checked for every code point).
+_WORD_CHARS = r"\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}"
+HF_WORD_PATTERN = (
+    rf"[{_WORD_CHARS}]+(?:['’][{_WORD_CHARS}]+)*"  # a word ...
+    rf"|[^{_WORD_CHARS}\s]"
+)  # ... or any other mark but a space
 
+
+class Tokenizer(ABC):
+    """What every level's tokenizer does; the rest of smolgpt uses tokenizers through this
+    class only, and each level (:class:`CharTokenizer`, :class:`WordTokenizer`,
+    :class:`BPETokenizer`) is a subclass that says how it does it.
+
+    Class attributes: ``level`` ("char", "word" or "bpe", also the ``type`` its
+    :meth:`to_dict` records), ``unk_id`` (the id of ``<UNK>``, None where no text becomes an
+    unknown token), ``pad_id`` (the id of ``<PAD>``, or None), and
+    ``multiprocess_encoding`` (whether a large text encodes faster spread over processes).
+    """
+
+    level: str
     normalize: bool
+    unk_id: Optional[int] = None
+    pad_id: Optional[int] = None
+    multiprocess_encoding = False
+
+    # ---------------------------------------------------------------- text <-> ids
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """How many ids there are (0 .. vocab_size - 1)."""
 
     def read(self, text: str) -> str:
         """text as this tokenizer reads it (normalize_text, unless normalize is off)."""
         return normalize_text(text) if self.normalize else text
 
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """The ids of text; SmolGPTError where it cannot be encoded."""
 
-class CharTokenizer(_TextReader):
+    @abstractmethod
+    def encode_array(self, text: str) -> np.ndarray:
+        """The ids of text as an int64 array (fast, for large texts)."""
+
+    def encode_known(self, text: str, dropped: Counter) -> np.ndarray:
+        """The ids of text, leaving out (and counting into dropped) the characters this
+        tokenizer cannot encode at all. Only a char tokenizer has such characters (a word
+        tokenizer reads what it does not know as <UNK>, a bpe one spells it in bytes)."""
+        return self.encode_array(text)
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of ids."""
+
+    @abstractmethod
+    def decoder(self) -> Any:
+        """An incremental decoder: text for ids given a few at a time (for streaming), with
+        ``add(ids) -> str`` and ``flush() -> str``."""
+
+    @abstractmethod
+    def starts(self, text: str) -> list[int]:
+        """Where each token of encode(text) begins in read(text)."""
+
+    def token_start(self, text: str, index: int) -> int:
+        """Where the index-th token of encode(text) begins in read(text)."""
+        return self.starts(text)[index]
+
+    # ---------------------------------------------------------------- unknown text
+
+    @abstractmethod
+    def unknown(self, text: str) -> list[str]:
+        """What of text is not in the vocabulary, in order of first appearance: characters
+        encode refuses where unk_id is None, words read as <UNK> where it is not."""
+
+    def charged_unk_bytes(self, text: str) -> int:
+        """What bits-per-char charges for the <UNK> tokens of encode(text): the UTF-8 bytes
+        of the words they stand for, all but the first token's (it is never predicted).
+        0 for a tokenizer without <UNK>."""
+        return 0
+
+    # ---------------------------------------------------------------- about the vocabulary
+
+    @abstractmethod
+    def default_prompt(self) -> str:
+        """A prompt the model can read, for when none is given."""
+
+    def frequent_ids(self, count: int) -> list[int]:
+        """Up to count ids of the commonest tokens of the training text, most common first,
+        as far as the vocabulary alone tells (a word vocabulary is in order of frequency);
+        [] where it does not."""
+        return []
+
+    def training_settings(self) -> dict[str, Any]:
+        """The training settings this vocabulary was learned with, by the names a run
+        records them under (min_word_freq, vocab_size); {} where none applies."""
+        return {}
+
+    # ---------------------------------------------------------------- stored and exported
+
+    @abstractmethod
+    def to_dict(self) -> dict:
+        """Plain JSON-compatible data that :func:`tokenizer_from_dict` rebuilds this
+        tokenizer from: what a checkpoint stores."""
+
+    @abstractmethod
+    def hf_tokenizer(self):
+        """A ``tokenizers.Tokenizer`` that gives the ids this tokenizer gives (same
+        normalisation, splitting and vocabulary; no BOS or EOS added), for an export to
+        transformers (see :mod:`smolgpt.interop`). Needs the tokenizers library."""
+
+    def hf_special_tokens(self) -> dict[str, str]:
+        """The special tokens an exported ``tokenizer_config.json`` names (pad_token,
+        unk_token); {} where there are none."""
+        return {}
+
+
+def _hf_normalizers(tokenizer: Tokenizer) -> list:
+    """normalize_text as tokenizers normalizers, replacement by replacement ([] where the
+    tokenizer reads text as given)."""
+    if not tokenizer.normalize:
+        return []
+    normalizers = _tokenizers().normalizers
+    steps = [normalizers.Replace("\r\n", "\n"), normalizers.Replace("\r", "\n")]
+    return steps + [normalizers.Replace(old, new) for old, new in TEXT_REPLACEMENTS]
+
+
+class CharTokenizer(Tokenizer):
     """One token per character; the vocabulary is every character of the training text
     (normalised, so it holds no CR, byte-order mark or curly quote)."""
 
@@ -153,23 +279,52 @@ class CharTokenizer(_TextReader):
 
     def starts(self, text: str) -> list[int]:
         """Where each token of text begins in read(text): every character the vocabulary
-        knows (characters it does not know are skipped, as data.prepare leaves them out)."""
+        knows (characters it does not know are skipped, as tokencache.prepare leaves them out)."""
         return [i for i, ch in enumerate(self.read(text)) if ch in self.stoi]
+
+    def encode_known(self, text: str, dropped: Counter) -> np.ndarray:
+        """The ids of text's characters, leaving out (and counting into dropped) those the
+        vocabulary lacks. A char tokenizer has no unknown id; a learned one knows every
+        character of its text, a given one (a fine-tuned model's) may not."""
+        text = self.read(text)
+        missing = set(text).difference(self.stoi)
+        if missing:
+            for ch in missing:
+                dropped[ch] += text.count(ch)
+            text = text.translate(dict.fromkeys(map(ord, missing)))
+        return self.encode_array(text)
 
     def decoder(self) -> "CharDecoder":
         """An incremental decoder: text for ids given a few at a time (for streaming)."""
         return CharDecoder(self)
 
+    def default_prompt(self) -> str:
+        """A line break, if the training text had any; else its last character."""
+        return "\n" if "\n" in self.stoi else self.chars[-1]
+
     def to_dict(self) -> dict:
         return {"type": "char", "chars": list(self.chars), "normalize": self.normalize}
 
+    def hf_tokenizer(self):
+        """One token per character; no unknown token: a character outside the vocabulary
+        is an error, as in smolgpt."""
+        tk = _tokenizers()
+        hf = tk.Tokenizer(tk.models.WordLevel(vocab=self.stoi))
+        hf.pre_tokenizer = tk.pre_tokenizers.Split(tk.Regex(r"[\s\S]"), "isolated")
+        hf.decoder = tk.decoders.Fuse()  # characters joined as they are
+        if steps := _hf_normalizers(self):
+            hf.normalizer = tk.normalizers.Sequence(steps)
+        return hf
 
-class WordTokenizer(_TextReader):
+
+class WordTokenizer(Tokenizer):
     """Lowercased words and punctuation of normalised text; rare words become <UNK>."""
 
     level = "word"
     PAD, UNK = "<PAD>", "<UNK>"
     PAD_ID, UNK_ID = 0, 1
+    pad_id, unk_id = PAD_ID, UNK_ID
+    multiprocess_encoding = True  # NLTK's splitting is Python, one core per process
 
     def __init__(self, words: Iterable[str], min_word_freq: int = 3, normalize: bool = True):
         self.normalize = normalize
@@ -218,6 +373,9 @@ class WordTokenizer(_TextReader):
             0 if w in self.stoi else len(w.encode("utf-8")) for w in self.split(self.read(text))
         ]
 
+    def charged_unk_bytes(self, text: str) -> int:
+        return sum(self.unk_bytes(text)[1:])  # the first token is never predicted
+
     def starts(self, text: str) -> list[int]:
         """Where each token of encode(text) begins in read(text)."""
         text = self.read(text)
@@ -242,6 +400,17 @@ class WordTokenizer(_TextReader):
         """An incremental decoder: text for ids given a few at a time (for streaming)."""
         return WordDecoder(self)
 
+    def default_prompt(self) -> str:
+        """The most frequent word (the vocabulary is by frequency); else the last token."""
+        return next((w for w in self.itos if w.isalpha()), self.itos[-1])
+
+    def frequent_ids(self, count: int) -> list[int]:
+        """The first count words after <PAD> and <UNK>: the vocabulary is by frequency."""
+        return list(range(2, min(self.vocab_size, 2 + count)))
+
+    def training_settings(self) -> dict[str, Any]:
+        return {"min_word_freq": self.min_word_freq}
+
     def to_dict(self) -> dict:
         return {
             "type": "word",
@@ -249,6 +418,41 @@ class WordTokenizer(_TextReader):
             "min_word_freq": self.min_word_freq,
             "normalize": self.normalize,
         }
+
+    def hf_tokenizer(self):
+        """The same words (HF_WORD_PATTERN) and vocabulary, <UNK> for the rest; decoding
+        joins as :meth:`decode` does, but for ASCII quotes (see :mod:`smolgpt.interop`)."""
+        tk = _tokenizers()
+        hf = tk.Tokenizer(tk.models.WordLevel(vocab=self.stoi, unk_token=self.UNK))
+        steps = _hf_normalizers(self) + [tk.normalizers.Lowercase()]
+        # The matches of the pattern are the tokens; what lies between them (space) goes.
+        hf.pre_tokenizer = tk.pre_tokenizers.Split(
+            tk.Regex(HF_WORD_PATTERN), "removed", invert=True
+        )
+        hf.decoder = _hf_word_decoder()
+        hf.add_special_tokens([self.PAD, self.UNK])
+        hf.normalizer = tk.normalizers.Sequence(steps)
+        return hf
+
+    def hf_special_tokens(self) -> dict[str, str]:
+        return {"pad_token": self.PAD, "unk_token": self.UNK}
+
+
+def _hf_word_decoder():
+    """Tokens joined by spaces, then the spaces WordTokenizer.decode leaves out removed
+    again (all but those around ASCII quotes: see smolgpt.interop's docstring)."""
+    decoders, regex = _tokenizers().decoders, _tokenizers().Regex
+
+    # WordPiece's decoder without its cleanup only joins with spaces (no token of ours
+    # starts with its "##"); Fuse makes one string for the replacements to work on.
+    steps = [decoders.WordPiece(prefix="##", cleanup=False), decoders.Fuse()]
+    for mark in sorted(NO_SPACE_BEFORE | JOINERS):
+        # A mark of one character is always a token of its own; "n't" could begin a word.
+        before = " " + mark if len(mark) == 1 else regex(f" {mark}(?= |$)")
+        steps.append(decoders.Replace(before, mark))
+    for mark in sorted(NO_SPACE_AFTER | JOINERS):
+        steps.append(decoders.Replace(mark + " ", mark))
+    return decoders.Sequence(steps)
 
 
 class CharDecoder:
@@ -336,7 +540,7 @@ def _pieces(text: str, size: int = BPE_PIECE_CHARS) -> list[str]:
     return pieces
 
 
-class BPETokenizer:
+class BPETokenizer(Tokenizer):
     """Byte-level byte-pair encoding learned by the tokenizers library (no merge loop here).
 
     Text is first cut into pre-tokens: every line break on its own, then GPT-2's pattern
@@ -436,6 +640,10 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
 
+    def token_start(self, text: str, index: int) -> int:
+        # (no character is ever skipped: the first token starts the text)
+        return 0 if index == 0 else self.starts(text)[index]
+
     def starts(self, text: str) -> list[int]:
         """Where each token of encode(text) begins in text (a token that is part of a
         character's bytes: where that character begins)."""
@@ -453,6 +661,13 @@ class BPETokenizer:
     def decoder(self) -> "BPEDecoder":
         """An incremental decoder: text for ids given a few at a time (for streaming)."""
         return BPEDecoder(self)
+
+    def default_prompt(self) -> str:
+        """A line break (any text encodes)."""
+        return "\n"
+
+    def training_settings(self) -> dict[str, Any]:
+        return {"vocab_size": self.vocab_size}
 
     def hf_tokenizer(self):
         """A copy of the tokenizers library's object that does the encoding."""
@@ -477,9 +692,6 @@ class BPEDecoder:
     def flush(self) -> str:
         """The bytes held back for a character that never completed, as U+FFFD."""
         return self.utf8.decode(b"", final=True)
-
-
-Tokenizer = Union[CharTokenizer, WordTokenizer, BPETokenizer]
 
 
 def tokenizer_from_dict(data: dict) -> Tokenizer:
