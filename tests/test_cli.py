@@ -239,14 +239,16 @@ def test_a_busy_cpu_slows_training_in_proportion_not_several_fold(smol_cli, tmp_
         env.pop(name)
 
     def train(name: str) -> tuple[float, E2EResult]:
-        """Training tokens/s of a 6 s nano run (evaluations left out), and the run."""
+        """Training tokens/s of a 6 s nano run (evaluations left out), and the run, whose
+        final evaluation ends within the budget (its clock starts once the process has
+        imported torch and read the text, which a loaded machine slows too)."""
         out = tmp_path / name
         args = ["--level", "char", "--preset", "nano", "--data", smol_cli.corpus]
         args += ["--no-plot", "--time_budget", "6", "--out_dir", out]
         result = smol_cli.run("train", *args, env=env, timeout=120)
         assert result.returncode == 0, result.describe()
         rows = [row for row in smol_cli.metrics(out) if row["iter"] > 0]
-        assert rows, result.describe()
+        assert rows and rows[-1]["elapsed_s"] <= 6 + 2, result.describe()
         return sum(row["tokens_per_s"] for row in rows) / len(rows), result
 
     quiet, _ = train("quiet")
@@ -261,7 +263,6 @@ def test_a_busy_cpu_slows_training_in_proportion_not_several_fold(smol_cli, tmp_
         result.describe()
     )
     assert busy >= quiet / 4, f"{busy:.0f} training tokens/s beside busy loops, {quiet:.0f} without"
-    assert result.seconds < 6 + 20, result.describe()  # the budget, start-up and the imports
 
 
 def test_speedrun_preset_runs_its_recipe_for_a_few_seconds(smol_cli, tmp_path):

@@ -23,6 +23,7 @@ built from it.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import pickle
 import zipfile
@@ -33,6 +34,7 @@ from typing import Any, Iterator
 import torch
 
 from .config import LEGACY_DEFAULTS, ModelConfig
+from .distributed import Group
 from .errors import SmolGPTError
 from .extras import upgrade_advice
 from .files import atomic_write
@@ -207,3 +209,58 @@ def load_model(path: Path, device: torch.device) -> tuple[GPT, Tokenizer, dict]:
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()
     return model, tokenizer_from_dict(ckpt["tokenizer"]), ckpt
+
+
+# ------------------------------------------------------------ a training run's state
+
+
+def rng_states(group: Group, device: torch.device) -> dict[str, Any]:
+    """Every rank's RNG states as a checkpoint keeps them: rank 0's under "torch" and
+    "cuda", the other ranks' (their dropout masks differ) under "other_ranks". A
+    collective under distributed training: every rank calls it."""
+    cuda = device.type == "cuda"
+    cpu_states = group.gather(torch.get_rng_state())
+    cuda_states = group.gather([torch.cuda.get_rng_state(device)] if cuda else [])
+    return {
+        "torch": cpu_states[0],
+        "cuda": cuda_states[0],
+        "other_ranks": {"torch": cpu_states[1:], "cuda": cuda_states[1:]},
+    }
+
+
+def restore_rng(rng: dict[str, Any], rank: int, device: torch.device) -> None:
+    """Set this rank's RNG states from a checkpoint's (see rng_states). A rank without a
+    saved state (the run was saved with fewer ranks) keeps its seed's."""
+    others = rng.get("other_ranks") or {"torch": [], "cuda": []}
+    states = [(rng["torch"], rng.get("cuda"))] + list(zip(others["torch"], others["cuda"]))
+    if rank < len(states):
+        cpu_state, cuda_states = states[rank]
+        torch.set_rng_state(cpu_state)
+        if device.type == "cuda" and cuda_states:
+            torch.cuda.set_rng_state(cuda_states[0], device)
+
+
+def restore_optimizers(optimizers: list, states: Any) -> None:
+    """Load a checkpoint's optimiser states into a run's optimisers, refusing a checkpoint
+    written with another --optimizer (another number of them)."""
+    if isinstance(states, dict):  # written before runs could have several optimisers
+        states = [states]
+    if len(states) != len(optimizers):
+        raise SmolGPTError(
+            f"the checkpoint holds {len(states)} optimiser states, this run has "
+            f"{len(optimizers)}: it was written with another --optimizer"
+        )
+    for optimizer, state in zip(optimizers, states):
+        optimizer.load_state_dict(state)
+
+
+def run_info(version: str, device: torch.device, precision: str, world_size: int) -> dict:
+    """What wrote a checkpoint, for `smolgpt info` (absent before smolgpt 0.7)."""
+    return {
+        "smolgpt": version,
+        "torch": str(torch.__version__),  # a TorchVersion, which pickles as a class
+        "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device.type,
+        "precision": precision,
+        "world_size": world_size,
+    }

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from .errors import Relayed, SmolGPTError
 
@@ -223,3 +225,22 @@ def session(group: Group, device: torch.device) -> Iterator[torch.device]:
     finally:
         package.setLevel(level)
         dist.destroy_process_group()
+
+
+def replicate(model: torch.nn.Module, group: Group, device: torch.device) -> torch.nn.Module:
+    """The model as the training step calls it: under distributed training wrapped in
+    DistributedDataParallel, which averages the ranks' gradients in the backward pass (and
+    copies rank 0's weights to the others now); else the model itself. The rotary tables
+    are constants: no need to send them along before every forward pass (newer torch
+    names that setting differently)."""
+    if not group.distributed:
+        return model
+    parameters = inspect.signature(DistributedDataParallel).parameters
+    no_buffer_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in parameters
+        else {"broadcast_buffers": False}
+    )
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync
+    )

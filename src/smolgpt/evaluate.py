@@ -20,6 +20,7 @@ from typing import Callable, ContextManager, Optional, Sequence
 import numpy as np
 import torch
 
+from .distributed import Group
 from .errors import SmolGPTError
 from .model import GPT
 from .tokenizer import Tokenizer
@@ -160,6 +161,49 @@ def score_windows(
             if should_stop is not None and should_stop():
                 return None
     return total, count
+
+
+def score_splits(
+    forward: Callable,
+    splits: dict[str, Sequence[int]],
+    block_size: int,
+    most: int,
+    batch_size: int,
+    autocast: Callable[[], ContextManager],
+    group: Group,
+    device: torch.device,
+    should_stop: Callable[[], bool],
+    report: Optional[Callable[[int, int], None]] = None,
+) -> Optional[dict[str, float]]:
+    """{split: mean loss in nats} over each split's evaluation windows (window_starts), at
+    most `most` of them spread evenly (a split that small is scored whole, as ``smolgpt
+    eval`` scores it). Under distributed training each rank scores its share of the
+    windows and the sums are added up. report(batches scored, batches in all) is called
+    after each batch; None as soon as should_stop() says so."""
+    starts = {
+        split: window_starts(len(ids), block_size, most)[group.rank :: group.world_size]
+        for split, ids in splits.items()
+    }
+    total = sum(math.ceil(len(s) / batch_size) for s in starts.values())
+    scored_batches = 0
+
+    def after_batch() -> bool:
+        nonlocal scored_batches
+        scored_batches += 1
+        if report is not None:
+            report(min(scored_batches, total), total)
+        return should_stop()
+
+    out = {}
+    for split, ids in splits.items():
+        scored = score_windows(
+            forward, ids, block_size, starts[split], batch_size, device, autocast, after_batch
+        )
+        if scored is None:
+            return None
+        nats, count = group.sum(list(scored), device)
+        out[split] = nats / count
+    return out
 
 
 def _model_nats(module: GPT, ids: list[int], batch_size: int) -> float:

@@ -28,7 +28,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -401,3 +401,79 @@ def configure_backends(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+# ------------------------------------------------------------------ passes and threads
+
+# Other programs keeping this many cores busy make a run time its pass on one thread too.
+BUSY_CORES = 0.5
+
+
+@dataclass
+class PassTimes:
+    """What time_passes measured: seconds of an evaluation batch and of a training pass;
+    the cores other programs kept busy meanwhile (None without /proc/stat); and the
+    thread count timed against where the other was chosen (0: the count did not change)."""
+
+    batch_s: float
+    pass_s: float
+    busy_cores: Optional[float]
+    timed_against: int = 0
+
+
+def time_passes(
+    model: torch.nn.Module,
+    eval_forward: Callable,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    policy: PrecisionPolicy,
+    device: torch.device,
+) -> PassTimes:
+    """Time one evaluation batch (eval_forward(x, y) in eval mode) and one training pass
+    (forward and backward of model, no optimiser step): each the faster of two, as the
+    first may pay one-off costs (a compilation with --compile). On a CPU whose threads are
+    smolgpt's to choose (may_choose_threads) and that other programs keep busy
+    (BUSY_CORES), the training pass is timed on one thread too, and the faster count is
+    kept: there, short operations can spend more time waiting for a second thread to be
+    scheduled than they save. (Not on a quiet CPU: changing the count and back leaves
+    OpenMP's threads some 15% slower.) The training pass runs with torch's RNG forked for
+    its dropout and leaves no gradient behind: nothing a checkpoint holds changes."""
+
+    def timed(run: Callable[[], torch.Tensor]) -> float:
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            run().item()  # waits for the device
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad(), policy.autocast():
+            return eval_forward(x, y)[1]
+
+    def forward_backward() -> torch.Tensor:
+        with policy.autocast():
+            _, loss = model(x, y)
+        loss.backward()
+        return loss.detach()
+
+    model.eval()
+    try:
+        batch_s = timed(forward)
+    finally:
+        model.train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with OtherLoad() as load:
+            times = PassTimes(batch_s, timed(forward_backward), load.cores)
+        busy = load.cores is not None and load.cores >= BUSY_CORES
+        if busy and may_choose_threads(device):
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            one_s = timed(forward_backward)
+            if one_s < times.pass_s:
+                # (the evaluation batch is not timed again: scaled as the pass was)
+                times = PassTimes(batch_s * one_s / times.pass_s, one_s, load.cores, threads)
+            else:
+                torch.set_num_threads(threads)
+    model.zero_grad(set_to_none=True)
+    return times

@@ -8,6 +8,7 @@ as a function of how far training has got; :func:`batch_rows` the batch-size sch
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Optional
@@ -365,3 +366,26 @@ class Budget:
         rest = min(max((share - start) / max(1.0 - start, 1e-9), 0.0), 1.0)
         warm = warmup_share(self.cfg)
         return warm + (1.0 - warm) * (decay_then + (1.0 - decay_then) * rest)
+
+
+def continued_schedule(
+    cfg: TrainConfig, saved: dict, iteration: int, elapsed: float, done: Optional[float]
+) -> Optional[list]:
+    """Where --resume changed the run's horizon (max_iters or time_budget) after warm-up:
+    where the old schedule's decay had got to, [iteration, elapsed, decay share], for the new
+    one to go on from there (Budget.done), so that the learning rate does not jump back up.
+    None where the horizon is unchanged, or during warm-up (warm-up goes on as configured).
+    saved: the checkpoint's train_config; done: how far along its schedule it was saved
+    (None in older checkpoints: then the share of its steps or budget)."""
+    old = dataclasses.replace(
+        cfg,
+        max_iters=saved.get("max_iters", cfg.max_iters),
+        time_budget=saved.get("time_budget", cfg.time_budget),
+    )
+    if (old.step_limit, old.time_budget) == (cfg.step_limit, cfg.time_budget):
+        return None
+    if done is None:
+        done = Budget(old, time.perf_counter()).share(iteration, elapsed)
+    if warming_up(old, iteration, done):
+        return None
+    return [iteration, elapsed, decay_share(old, done)]

@@ -290,6 +290,47 @@ class RunLog:
             )
 
 
+def log_start(
+    cfg: TrainConfig, parameters: int, device: torch.device, precision: str, group: Group
+) -> None:
+    """The lines a run starts with: the model and where it computes, and the global batch
+    of a distributed run."""
+    log.info(
+        "model: %.2fM parameters, %d layers, %d heads, %d wide, context %d | %s, %s",
+        parameters / 1e6,
+        cfg.n_layer,
+        cfg.n_head,
+        cfg.n_embd,
+        cfg.block_size,
+        device.type,
+        precision,
+    )
+    if group.distributed:
+        sequences = cfg.batch_size * cfg.gradient_accumulation_steps * group.world_size
+        log.info(
+            "distributed: %d ranks (%s); global batch %d sequences = %d per "
+            "micro-batch x %d accumulation x %d ranks, %d tokens a step",
+            group.world_size,
+            "NCCL" if device.type == "cuda" else "Gloo",
+            sequences,
+            cfg.batch_size,
+            cfg.gradient_accumulation_steps,
+            group.world_size,
+            sequences * cfg.block_size,
+        )
+
+
+def log_measured(peak: str, threads: Optional[str]) -> None:
+    """The lines on what start-up measured: what MFU is measured against (peak: the matmul
+    peak and what it holds for), and on a CPU its compute threads."""
+    log.info(
+        "MFU below is training FLOP/s over a matmul peak of %s, the best measured on this machine)",
+        peak,
+    )
+    if threads is not None:
+        log.info("cpu: %s", threads)
+
+
 def tensorboard_writer(folder: Path, purge_from: Optional[int] = None):
     """A TensorBoard SummaryWriter into folder, which hides what earlier writers logged from
     step purge_from on (a resumed run logs those steps again); without the tensorboard

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
-import inspect
 import json
 import logging
 import math
@@ -36,27 +34,25 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__, checkpoint, hardware
 from .batches import BatchSampler
 from .config import TrainConfig
-from .distributed import Group
+from .distributed import Group, replicate
 from .errors import SmolGPTError
-from .evaluate import bits_per_char, score_windows, window_starts
+from .evaluate import bits_per_char, score_splits
 from .model import GPT
 from .optim import (
     Budget,
     batch_rows,
-    decay_share,
+    continued_schedule,
     lr_multiplier,
     make_optimizers,
     set_learning_rates,
     use_settings,
-    warming_up,
 )
 from .rundir import BEST, LATEST
-from .runlog import EVAL_PROGRESS_S, RunLog, duration
+from .runlog import EVAL_PROGRESS_S, RunLog, duration, log_measured, log_start
 from .signals import SignalFlag
 from .tokendata import TokenData
 
@@ -91,6 +87,18 @@ class Progress:
     # time-budgeted run (Budget.plan_eval_batches); None: eval_iters.
     eval_batches: Optional[int] = None
 
+    def record(self, losses: dict[str, float]) -> bool:
+        """Take in an evaluation's losses ("val", optionally "val_bits_per_char"); return
+        whether its val loss is a new best."""
+        new_best = losses["val"] < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, losses["val"])
+        self.evals_since_best = 0 if new_best else self.evals_since_best + 1
+        self.last_val_loss = losses["val"]
+        self.last_val_bits_per_char = losses.get("val_bits_per_char")
+        if new_best:
+            self.best_val_bits_per_char = self.last_val_bits_per_char
+        return new_best
+
 
 class TrainingInterrupted(Exception):
     """SIGINT, SIGTERM or SIGHUP arrived; latest_model.pth was saved. exit_code is
@@ -106,8 +114,6 @@ class TrainingDiverged(SmolGPTError):
     """The loss became NaN or infinite."""
 
 
-# Other programs keeping this many cores busy make a run time its pass on one thread too.
-BUSY_CORES = 0.5
 # A run counted in steps says how long it will take before it starts, from a timed forward
 # and backward pass, then again from the mean of this many steps of its process (the first,
 # with its one-off costs, is not timed); and on a CPU, beyond LONG_RUN_S, how to make it
@@ -142,7 +148,8 @@ def projection(
     how = "about, from one timed forward and backward pass: " if estimated else ""
     lines = [
         f"projected training time: {duration(total)} ({how}{steps_left} steps at "
-        f"{step_s:.2f} s, {evals_left} evaluations at {eval_s:.1f} s"
+        f"{step_s:.2f} s, {evals_left} evaluation{'' if evals_left == 1 else 's'} at "
+        f"{eval_s:.1f} s"
         f"{'; early stopping may end it sooner' if cfg.early_stop_patience else ''})"
     ]
     if device.type == "cpu" and total > LONG_RUN_S:
@@ -218,21 +225,7 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
         self.budget = Budget(cfg, clock_start, self.progress.elapsed_s, self.progress.extended_at)
-        # DDP averages the ranks' gradients in the backward pass (and copies rank 0's weights
-        # to the others here). The rotary tables are constants: no need to send them along
-        # before every forward pass (newer torch names that setting differently).
-        self.replicated = self.model
-        if group.distributed:
-            no_buffer_sync = (
-                {"forward_sync_buffers": False}
-                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                else {"broadcast_buffers": False}
-            )
-            self.replicated = DistributedDataParallel(
-                self.model,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                **no_buffer_sync,
-            )
+        self.replicated = replicate(self.model, group, device)  # DDP under torchrun
         self.forward = torch.compile(self.replicated) if cfg.compile else self.replicated
         # Evaluations need no gradients, so no DDP: each rank scores its own windows.
         self.eval_forward = self.forward if not group.distributed else self.model
@@ -241,60 +234,23 @@ class Trainer:
 
     def _restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
-        states = ckpt["optimizer"]
-        if isinstance(states, dict):  # written before runs could have several optimisers
-            states = [states]
-        if len(states) != len(self.optimizers):
-            raise SmolGPTError(
-                f"the checkpoint holds {len(states)} optimiser states, this run has "
-                f"{len(self.optimizers)}: it was written with another --optimizer"
-            )
-        for optimizer, state in zip(self.optimizers, states):
-            optimizer.load_state_dict(state)
+        checkpoint.restore_optimizers(self.optimizers, ckpt["optimizer"])
         use_settings(self.optimizers, self.cfg)
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.progress = Progress(**ckpt["progress"])
-        if self.progress.tokens is None:
-            self.progress.tokens = self.progress.iter * self.tokens_per_step(self.cfg.batch_size)
-        rng = ckpt["rng"]
-        # Rank 0's states are "torch" and "cuda"; other ranks' under "other_ranks". A rank
-        # without a saved state (the run was saved with fewer ranks) keeps its seed's.
-        others = rng.get("other_ranks") or {"torch": [], "cuda": []}
-        states = [(rng["torch"], rng.get("cuda"))] + list(zip(others["torch"], others["cuda"]))
-        if self.group.rank < len(states):
-            cpu_state, cuda_states = states[self.group.rank]
-            torch.set_rng_state(cpu_state)
-            if self.device.type == "cuda" and cuda_states:
-                torch.cuda.set_rng_state(cuda_states[0], self.device)
-        self.sampler.load_state_dict(rng["sampler"])
-        self._continue_schedule(ckpt.get("train_config") or {})
-
-    def _continue_schedule(self, saved: dict) -> None:
-        """Where --resume changed the run's horizon (max_iters or time_budget) after warm-up,
-        record where the old schedule's decay had got to: the new one goes on from there
-        (Budget.done), so the learning rate does not jump back up. During warm-up nothing is
-        recorded: warm-up goes on as configured."""
-        p = self.progress
-        old = dataclasses.replace(
-            self.cfg,
-            max_iters=saved.get("max_iters", self.cfg.max_iters),
-            time_budget=saved.get("time_budget", self.cfg.time_budget),
+        self.progress = p = Progress(**ckpt["progress"])
+        if p.tokens is None:
+            p.tokens = p.iter * self.tokens_per_step(self.cfg.batch_size)
+        checkpoint.restore_rng(ckpt["rng"], self.group.rank, self.device)
+        self.sampler.load_state_dict(ckpt["rng"]["sampler"])
+        saved = ckpt.get("train_config") or {}
+        p.extended_at = continued_schedule(self.cfg, saved, p.iter, p.elapsed_s, p.done) or (
+            p.extended_at
         )
-        if (old.step_limit, old.time_budget) == (self.cfg.step_limit, self.cfg.time_budget):
-            return
-        done = p.done
-        if done is None:  # an older checkpoint: the share of its steps or budget
-            done = Budget(old, time.perf_counter()).share(p.iter, p.elapsed_s)
-        if not warming_up(old, p.iter, done):
-            p.extended_at = [p.iter, p.elapsed_s, decay_share(old, done)]
 
     def state(self) -> dict:
         """The checkpoint dictionary for the run as it stands now (every rank's RNG states
         gathered: a collective, which every rank calls)."""
-        cuda = self.device.type == "cuda"
-        cpu_states = self.group.gather(torch.get_rng_state())
-        cuda_states = self.group.gather([torch.cuda.get_rng_state(self.device)] if cuda else [])
         return {
             "model_config": dataclasses.asdict(self.model_config),
             "tokenizer": self.data.tokenizer.to_dict(),
@@ -306,11 +262,8 @@ class Trainer:
                 dataclasses.replace(self.progress, done=self.budget.done(self.progress.iter))
             ),
             "rng": {
-                "torch": cpu_states[0],
-                "cuda": cuda_states[0],
+                **checkpoint.rng_states(self.group, self.device),
                 "sampler": self.sampler.state_dict(),  # the same on every rank
-                # Under distributed training, the other ranks' own (dropout masks differ).
-                "other_ranks": {"torch": cpu_states[1:], "cuda": cuda_states[1:]},
             },
             # The text: its hash, its name as read, and where it is (older checkpoints: no path).
             "data": {
@@ -318,15 +271,9 @@ class Trainer:
                 "source": self.data.source,
                 "path": self.data.corpus.location if self.data.corpus else None,
             },
-            # What wrote the file, for `smolgpt info` (absent before smolgpt 0.7).
-            "run_info": {
-                "smolgpt": __version__,
-                "torch": str(torch.__version__),  # a TorchVersion, which pickles as a class
-                "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "device": self.device.type,
-                "precision": self.precision.describe(),
-                "world_size": self.group.world_size,
-            },
+            "run_info": checkpoint.run_info(
+                __version__, self.device, self.precision.describe(), self.group.world_size
+            ),
         }
 
     def save(self, name: str) -> None:
@@ -386,60 +333,40 @@ class Trainer:
         report: Optional[Callable[[int, int], None]] = None,
     ) -> Optional[dict[str, float]]:
         """Mean loss of each split over the same windows at every evaluation (so successive
-        numbers differ only because the model did): the split's evaluation windows
-        (:func:`~smolgpt.evaluate.window_starts`), or where it has more than eval_iters x
-        batch_size of them (under a time budget, its planned batches), that many spread
-        evenly over it. A validation split that small is scored whole, as ``smolgpt eval``
-        scores it. With the validation text's size known, "val_bits_per_char" too.
-        report(batches scored, batches in all) is called after each batch.
+        numbers differ only because the model did; see evaluate.score_splits), at most
+        eval_iters x batch_size windows (under a time budget, its planned batches), and with
+        the validation text's size known, "val_bits_per_char" too. report(batches scored,
+        batches in all) is called after each batch.
 
         With a stop flag, returns None as soon as a signal has been recorded (checked after
         every batch): a long evaluation is abandoned rather than awaited. Evaluating changes
         nothing a checkpoint holds (it draws no random number, and dropout is off), so the
         run's state is then still the state from before it."""
+        group, data = self.group, self.data
+
+        def should_stop() -> bool:  # (a distributed evaluation is never abandoned: the
+            # other ranks would wait for it)
+            return stop is not None and not group.distributed and stop.signum is not None
+
         self.model.eval()
         if stop is not None:
             stop.evaluating = True
-        block, most = self.cfg.block_size, self.budget.eval_batches * self.cfg.batch_size
-        group, batch = self.group, self.cfg.batch_size
-        splits = {"train": self.data.train, "val": self.data.val}
-        # Each rank scores its share of the windows; the sums are added up.
-        starts = {
-            split: window_starts(len(ids), block, most)[group.rank :: group.world_size]
-            for split, ids in splits.items()
-        }
-        total = sum(math.ceil(len(s) / batch) for s in starts.values())
-        scored_batches = 0
-
-        def after_batch() -> bool:
-            """Report; and whether to abandon the evaluation (a distributed one never is:
-            the other ranks would wait for it)."""
-            nonlocal scored_batches
-            scored_batches += 1
-            if report is not None:
-                report(min(scored_batches, total), total)
-            return stop is not None and not group.distributed and stop.signum is not None
-
         try:
-            out = {}
-            for split, ids in splits.items():
-                scored = score_windows(
-                    self.eval_forward,
-                    ids,
-                    block,
-                    starts[split],
-                    batch,
-                    self.device,
-                    self.precision.autocast,
-                    after_batch,
-                )
-                if scored is None:
-                    return None
-                nats, count = group.sum(list(scored), self.device)
-                out[split] = nats / count
-            if self.data.val_chars:
+            out = score_splits(
+                self.eval_forward,
+                {"train": data.train, "val": data.val},
+                self.cfg.block_size,
+                self.budget.eval_batches * self.cfg.batch_size,
+                self.cfg.batch_size,
+                self.precision.autocast,
+                group,
+                self.device,
+                should_stop,
+                report,
+            )
+            if out is not None and data.val_chars:
                 out["val_bits_per_char"] = bits_per_char(
-                    out["val"], len(self.data.val) - 1, self.data.val_unk_bytes, self.data.val_chars
+                    out["val"], len(data.val) - 1, data.val_unk_bytes, data.val_chars
                 )
             return out
         finally:
@@ -451,34 +378,10 @@ class Trainer:
 
     def run(self) -> Progress:
         """Train until the budget is spent or early stopping; return the final progress."""
-        p = self.progress
-        log.info(
-            "model: %.2fM parameters, %d layers, %d heads, %d wide, context %d | %s, %s",
-            self.model.num_parameters() / 1e6,
-            self.cfg.n_layer,
-            self.cfg.n_head,
-            self.cfg.n_embd,
-            self.cfg.block_size,
-            self.device.type,
-            self.precision.describe(),
-        )
-        group = self.group
-        if group.distributed:
-            cfg = self.cfg
-            sequences = cfg.batch_size * cfg.gradient_accumulation_steps * group.world_size
-            log.info(
-                "distributed: %d ranks (%s); global batch %d sequences = %d per "
-                "micro-batch x %d accumulation x %d ranks, %d tokens a step",
-                group.world_size,
-                "NCCL" if self.device.type == "cuda" else "Gloo",
-                sequences,
-                cfg.batch_size,
-                cfg.gradient_accumulation_steps,
-                group.world_size,
-                sequences * cfg.block_size,
-            )
+        p, group, device = self.progress, self.group, self.device
+        log_start(self.cfg, self.model.num_parameters(), device, self.precision.describe(), group)
         batch_s, pass_s = self._time_passes()  # and on a CPU, choose the threads
-        peak = hardware.peak_flops(self.device, self.precision)
+        peak = hardware.peak_flops(device, self.precision)
         run_log = RunLog(
             self.cfg,
             self.out_dir,
@@ -488,16 +391,13 @@ class Trainer:
             elapsed=p.elapsed_s,
             group=group,
         )
-        log.info(
-            "MFU below is training FLOP/s over a matmul peak of %.1f GFLOP/s a process (%s, "
-            "the best measured on this machine)",
-            peak / 1e9,
-            hardware.peak_key(self.device, self.precision.reduced or torch.float32),
+        dtype = self.precision.reduced or torch.float32
+        log_measured(
+            f"{peak / 1e9:.1f} GFLOP/s a process ({hardware.peak_key(device, dtype)}",
+            hardware.describe_threads(self.busy_cores, self.threads_timed_against)
+            if device.type == "cpu"
+            else None,
         )
-        if self.device.type == "cpu":
-            log.info(
-                "cpu: %s", hardware.describe_threads(self.busy_cores, self.threads_timed_against)
-            )
         run_log.rewind(p.iter, p.evaluated)
         self._plan(batch_s, pass_s)
         self.model.train()
@@ -622,61 +522,17 @@ class Trainer:
             self._lose_finiteness()
 
     def _time_passes(self) -> tuple[float, float]:
-        """Seconds of one evaluation batch (a forward pass in eval mode) and of one training
-        pass (forward and backward, no optimiser step): each the faster of two, as the first
-        may pay one-off costs (a compilation with --compile). On a CPU whose threads are
-        smolgpt's to choose (hardware.may_choose_threads) and that other programs keep
-        busy (BUSY_CORES), the training pass is timed on one thread too, and the run keeps
-        the faster count: there, short operations can spend more time waiting for a second
-        thread to be scheduled than they save. (Not on a quiet CPU: changing the count and
-        back leaves OpenMP's threads some 15% slower.) The training pass runs on the
-        model itself (no DistributedDataParallel, so no communication), with torch's RNG
-        forked for its dropout, and leaves no gradient behind: nothing a checkpoint holds
-        changes, so exact resume is unaffected."""
+        """(one evaluation batch's seconds, one training pass's), timed on a batch of the
+        validation split (see hardware.PassTimes); on a busy CPU the thread count may change
+        to the faster."""
         x, y = BatchSampler(
             self.data.val, self.cfg.block_size, self.cfg.batch_size, self.cfg.seed, self.device
         ).next()
-
-        def timed(run: Callable[[], torch.Tensor]) -> float:
-            times = []
-            for _ in range(2):
-                start = time.perf_counter()
-                run().item()  # waits for the device
-                times.append(time.perf_counter() - start)
-            return min(times)
-
-        def forward() -> torch.Tensor:
-            with torch.no_grad(), self.precision.autocast():
-                return self.eval_forward(x, y)[1]
-
-        def forward_backward() -> torch.Tensor:
-            with self.precision.autocast():
-                _, loss = self.model(x, y)
-            loss.backward()
-            return loss.detach()
-
-        self.model.eval()
-        try:
-            batch_s = timed(forward)
-        finally:
-            self.model.train()
-        cuda = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            with hardware.OtherLoad() as load:
-                pass_s = timed(forward_backward)
-            self.busy_cores = load.cores
-            busy = load.cores is not None and load.cores >= BUSY_CORES
-            if busy and hardware.may_choose_threads(self.device):
-                threads = torch.get_num_threads()
-                torch.set_num_threads(1)
-                one_s = timed(forward_backward)
-                if one_s < pass_s:
-                    batch_s *= one_s / pass_s  # (an estimate: not timed again)
-                    pass_s, self.threads_timed_against = one_s, threads
-                else:
-                    torch.set_num_threads(threads)
-        self.model.zero_grad(set_to_none=True)
-        return batch_s, pass_s
+        times = hardware.time_passes(
+            self.model, self.eval_forward, x, y, self.precision, self.device
+        )
+        self.busy_cores, self.threads_timed_against = times.busy_cores, times.timed_against
+        return times.batch_s, times.pass_s
 
     def _evaluate_and_save(self, run_log: RunLog, stop: SignalFlag) -> bool:
         """Evaluate, record, checkpoint; return whether training is finished now. Under a
@@ -697,13 +553,7 @@ class Trainer:
         if not all(map(math.isfinite, losses.values())):
             raise self._diverged()
         scoring_s = time.perf_counter() - start
-        new_best = losses["val"] < p.best_val_loss
-        p.best_val_loss = min(p.best_val_loss, losses["val"])
-        p.evals_since_best = 0 if new_best else p.evals_since_best + 1
-        p.last_val_loss = losses["val"]
-        p.last_val_bits_per_char = losses.get("val_bits_per_char")
-        if new_best:
-            p.best_val_bits_per_char = p.last_val_bits_per_char
+        new_best = p.record(losses)
         last_step = max(p.iter - 1, 0)
         lr = self.cfg.learning_rate * lr_multiplier(
             self.cfg, last_step, self.budget.done(last_step)
