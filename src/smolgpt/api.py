@@ -536,13 +536,13 @@ class Model:
         transformers loads with no custom code; needs the hf extra) or "safetensors"
         (smolgpt's own, without pickle). out_dir must be new or empty; overwrite replaces an
         earlier export only. Returns the directory written."""
-        from . import interop
+        from . import export, hf
 
         if format not in EXPORT_FORMATS:
             raise SmolGPTError(
                 f"unknown export format {format!r}: choose one of {', '.join(EXPORT_FORMATS)}"
             )
-        write = interop.export_hf if format == "hf" else interop.export_safetensors
+        write = hf.export_hf if format == "hf" else export.export_safetensors
         return write(
             self.module, self.tokenizer, out_dir, self.train_config, overwrite, self.data_info
         )

@@ -22,6 +22,7 @@ from typing import Any, Optional, Union
 import torch
 
 from . import checkpoint, interop
+from .export import WEIGHTS
 from .model import GPT
 from .rundir import METRICS, RUN_CONFIG, locate
 from .runlog import duration
@@ -86,7 +87,7 @@ def _describe_checkpoint(path: Path) -> dict[str, Any]:
 def _describe_export(folder: Path) -> dict[str, Any]:
     """An export records the model and its run's settings, not the run's progress."""
     module, tokenizer, train_config, data = interop.load_source(folder, torch.device("cpu"))
-    weights = folder / interop.WEIGHTS
+    weights = folder / WEIGHTS
     return {
         "checkpoint": None,
         **_model(module.config, tokenizer.to_dict()),
