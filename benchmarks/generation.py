@@ -15,7 +15,7 @@ context of 128) and the same sampling (temperature 0.8, then top-k 40):
 - smolgpt, no cache: a reference loop written below (:func:`generate_without_cache`), which
   feeds the whole context through the same model for every new token, as generation did
   before the cache, with the same sampling in plain PyTorch;
-- transformers: the model exported with ``smolgpt.interop.export_hf`` and read back with
+- transformers: the model exported with ``smolgpt.hf.export_hf`` and read back with
   ``AutoModelForCausalLM.from_pretrained``, then ``generate(ids, do_sample=True, top_k=...,
   temperature=..., max_new_tokens=...)`` with no end-of-text token, on the prompt's ids
   repeated batch times as the input batch (its logits are checked to equal smolgpt's).
@@ -104,13 +104,13 @@ def smolgpt_model(preset: str, folder: Path) -> "smolgpt.Model":
 
 
 def transformers_model(model: "smolgpt.Model", folder: Path):
-    """The transformers copy of model, in eval mode: written by smolgpt.interop.export_hf,
+    """The transformers copy of model, in eval mode: written by smolgpt.hf.export_hf,
     read by AutoModelForCausalLM.from_pretrained."""
     from transformers import AutoModelForCausalLM
 
-    from smolgpt import interop
+    from smolgpt import hf
 
-    out_dir = interop.export_hf(model.module, model.tokenizer, folder / f"hf-{id(model)}")
+    out_dir = hf.export_hf(model.module, model.tokenizer, folder / f"hf-{id(model)}")
     return AutoModelForCausalLM.from_pretrained(out_dir).eval()
 
 

@@ -22,9 +22,12 @@ import pytest
 import torch
 
 import smolgpt
-from smolgpt import checkpoint, cli, interop
+from smolgpt import checkpoint, cli
 from smolgpt.config import ModelConfig, SampleConfig
 from smolgpt.errors import SmolGPTError
+from smolgpt.export import META, export_safetensors
+from smolgpt.hf import export_hf
+from smolgpt.interop import load_source
 from smolgpt.model import GPT
 from smolgpt.sampling import generate
 from smolgpt.tokenizer import CharTokenizer, WordTokenizer
@@ -134,7 +137,7 @@ def test_transformers_computes_what_smolgpt_computes(
 ):
     tokenizer = make_tokenizer(level)
     model = make_model(tokenizer.vocab_size, position, bias, tied=tied)
-    out = interop.export_hf(model, tokenizer, tmp_path / "hf", train_config={"preset": "nano"})
+    out = export_hf(model, tokenizer, tmp_path / "hf", train_config={"preset": "nano"})
     assert exported_files(out) == {
         "config.json",
         "model.safetensors",
@@ -172,7 +175,7 @@ def test_transformers_computes_what_smolgpt_computes(
     assert len(set(greedy)) > 1  # not one token over and over: the comparison says something
 
     # And back: the same model, tokenizer and settings.
-    back, back_tokenizer, train_config, _ = interop.load_source(out, torch.device("cpu"))
+    back, back_tokenizer, train_config, _ = load_source(out, torch.device("cpu"))
     assert back.config == model.config
     assert back_tokenizer.to_dict() == tokenizer.to_dict()
     assert train_config == {"preset": "nano"}
@@ -185,7 +188,7 @@ def test_a_model_changed_and_saved_by_transformers_loads_back(transformers, tmp_
     """As after fine-tuning in transformers: the zero biases of a model without biases have
     changed, so it comes back with biases."""
     tokenizer = make_tokenizer("word")
-    out = interop.export_hf(
+    out = export_hf(
         make_model(tokenizer.vocab_size, position, bias=False), tokenizer, tmp_path / "hf"
     )
     hf = transformers.AutoModelForCausalLM.from_pretrained(out)
@@ -206,7 +209,7 @@ def test_a_model_changed_and_saved_by_transformers_loads_back(transformers, tmp_
 @pytest.mark.parametrize("level", LEVELS)
 def test_autotokenizer_gives_smolgpts_ids(transformers, tmp_path, level):
     tokenizer = make_tokenizer(level)
-    out = interop.export_hf(make_model(tokenizer.vocab_size, "rope"), tokenizer, tmp_path / "hf")
+    out = export_hf(make_model(tokenizer.vocab_size, "rope"), tokenizer, tmp_path / "hf")
     hf = transformers.AutoTokenizer.from_pretrained(out)
     assert isinstance(hf, transformers.PreTrainedTokenizerFast)
     for text in TEXTS + [CORPUS]:
@@ -239,7 +242,7 @@ def test_a_tokenizer_that_does_not_normalise_exports_as_it_is(transformers, tmp_
     """Tokenizers saved before smolgpt 0.5 read text as given (CR, curly quotes and all)."""
     words = WordTokenizer.train([CORPUS], 1).itos[2:] + ["holmes’s", "it’s", "“", "”"]
     tokenizer = WordTokenizer(words, 1, normalize=False)
-    out = interop.export_hf(make_model(tokenizer.vocab_size, "learned"), tokenizer, tmp_path / "hf")
+    out = export_hf(make_model(tokenizer.vocab_size, "learned"), tokenizer, tmp_path / "hf")
     hf = transformers.AutoTokenizer.from_pretrained(out)
     for text in TEXTS:
         assert hf(text)["input_ids"] == tokenizer.encode(text), repr(text)
@@ -257,7 +260,7 @@ def test_safetensors_export_loads_back_exactly(tmp_path, level, position, tied):
 
     tokenizer = make_tokenizer(level)
     model = make_model(tokenizer.vocab_size, position, bias=position == "rope", tied=tied)
-    out = interop.export_safetensors(model, tokenizer, tmp_path / "st", {"max_iters": 7})
+    out = export_safetensors(model, tokenizer, tmp_path / "st", {"max_iters": 7})
     assert exported_files(out) == {"model.safetensors", "smolgpt.json"}  # no pickle
     with safe_open(out / "model.safetensors", "pt") as f:
         names = set(f.keys())
@@ -280,7 +283,7 @@ def test_an_untied_rotary_head_saved_by_transformers_4_loads_back(tmp_path):
 
     tokenizer = make_tokenizer("char")
     model = make_model(tokenizer.vocab_size, "rope", tied=False)
-    out = interop.export_hf(model, tokenizer, tmp_path / "hf")
+    out = export_hf(model, tokenizer, tmp_path / "hf")
     tensors = load_file(out / "model.safetensors")
     tensors["embed_out.weight"] = tensors.pop("lm_head.weight")
     save_file(tensors, out / "model.safetensors")
@@ -303,16 +306,16 @@ def test_a_model_without_the_causal_mask_exports_only_as_safetensors(tmp_path):
         )
     )
     with pytest.raises(SmolGPTError, match=names("--no-causal", "--format safetensors")):
-        interop.export_hf(model, tokenizer, tmp_path / "hf")
+        export_hf(model, tokenizer, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
-    out = interop.export_safetensors(model, tokenizer, tmp_path / "st")
+    out = export_safetensors(model, tokenizer, tmp_path / "st")
     assert smolgpt.load(out, "cpu").config.causal is False
 
 
 def test_model_export_from_python(transformers, tmp_path):
     """smolgpt.load(...).export(...): the API behind `smolgpt export`, both formats."""
     tokenizer = make_tokenizer("char")
-    source = interop.export_safetensors(
+    source = export_safetensors(
         make_model(tokenizer.vocab_size, "rope"), tokenizer, tmp_path / "source"
     )
     model = smolgpt.load(source, device="cpu")
@@ -337,8 +340,8 @@ def test_exports_load_without_transformers_and_hf_export_says_what_to_install(
     pytest.importorskip("tokenizers")  # to write the Hugging Face export read below
     run = trained_run(make_trainer, tmp_path / "run", "char")
     model = smolgpt.load(run, "cpu")
-    for fmt in ("hf", "safetensors"):
-        getattr(interop, f"export_{fmt}")(model.module, model.tokenizer, tmp_path / fmt)
+    for fmt, export in (("hf", export_hf), ("safetensors", export_safetensors)):
+        export(model.module, model.tokenizer, tmp_path / fmt)
     script = (
         "import sys\n"
         "sys.modules['transformers'] = sys.modules['tokenizers'] = None  # not installed\n"
@@ -373,13 +376,13 @@ def test_a_failed_export_leaves_nothing_and_keeps_an_earlier_one(tmp_path):
     model = make_model(tokenizer.vocab_size, "rope")
     unwritable = {"seed": object()}  # not JSON: fails after model.safetensors is written
     with pytest.raises(TypeError):
-        interop.export_safetensors(model, tokenizer, tmp_path / "st", unwritable)
+        export_safetensors(model, tokenizer, tmp_path / "st", unwritable)
     assert list(tmp_path.iterdir()) == []  # neither the directory nor a temporary one
 
-    interop.export_safetensors(model, tokenizer, tmp_path / "st", {"seed": 1})
+    export_safetensors(model, tokenizer, tmp_path / "st", {"seed": 1})
     before = {p.name: p.read_bytes() for p in (tmp_path / "st").iterdir()}
     with pytest.raises(TypeError):
-        interop.export_safetensors(model, tokenizer, tmp_path / "st", unwritable, overwrite=True)
+        export_safetensors(model, tokenizer, tmp_path / "st", unwritable, overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "st").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["st"]
 
@@ -389,7 +392,7 @@ def test_an_export_has_the_permissions_of_a_folder_made_by_hand(tmp_path):
     old = os.umask(0o022)
     try:
         tokenizer = make_tokenizer("char")
-        out = interop.export_safetensors(
+        out = export_safetensors(
             make_model(tokenizer.vocab_size, "rope"), tokenizer, tmp_path / "st"
         )
     finally:
@@ -402,20 +405,18 @@ def test_out_dir_rules(tmp_path):
     tokenizer = make_tokenizer("char")
     model = make_model(tokenizer.vocab_size, "learned")
     (tmp_path / "empty").mkdir()
-    interop.export_safetensors(model, tokenizer, tmp_path / "empty")  # an empty one is fine
+    export_safetensors(model, tokenizer, tmp_path / "empty")  # an empty one is fine
     with pytest.raises(SmolGPTError, match=names(str(tmp_path / "empty"), "--overwrite")) as err:
-        interop.export_safetensors(model, tokenizer, tmp_path / "empty")
+        export_safetensors(model, tokenizer, tmp_path / "empty")
     assert "empty" in str(err.value).replace(str(tmp_path / "empty"), "")  # not only the path
-    interop.export_safetensors(model, tokenizer, tmp_path / "empty", {"a": 1}, overwrite=True)
+    export_safetensors(model, tokenizer, tmp_path / "empty", {"a": 1}, overwrite=True)
     assert smolgpt.load(tmp_path / "empty", "cpu").train_config == {"a": 1}
 
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     # What an earlier export would hold, and what --overwrite replaces: never deleted.
-    with pytest.raises(
-        SmolGPTError, match=names(str(tmp_path / "notes"), interop.META, "--overwrite")
-    ):
-        interop.export_safetensors(model, tokenizer, tmp_path / "notes", overwrite=True)
+    with pytest.raises(SmolGPTError, match=names(str(tmp_path / "notes"), META, "--overwrite")):
+        export_safetensors(model, tokenizer, tmp_path / "notes", overwrite=True)
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
@@ -510,7 +511,7 @@ def test_directories_smolgpt_cannot_reproduce_are_refused(tmp_path, name):
     pytest.importorskip("tokenizers")
     position, change, needles = FOREIGN[name]
     tokenizer = make_tokenizer("word")
-    out = interop.export_hf(make_model(tokenizer.vocab_size, position), tokenizer, tmp_path / "hf")
+    out = export_hf(make_model(tokenizer.vocab_size, position), tokenizer, tmp_path / "hf")
     change(out)
     with pytest.raises(SmolGPTError, match=names(*needles)) as error:
         smolgpt.load(out, "cpu")
@@ -624,7 +625,7 @@ def test_readme_export_snippet_runs(transformers, tmp_path, monkeypatch, capsys)
     snippet = section.split("```python\n")[1].split("```")[0]
     tokenizer = CharTokenizer.train([CORPUS + "ROMEO:"])
     model = make_model(tokenizer.vocab_size, "learned", block_size=128)
-    interop.export_hf(model, tokenizer, tmp_path / "exports" / "char_nano_hf")
+    export_hf(model, tokenizer, tmp_path / "exports" / "char_nano_hf")
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     exec(compile(snippet, "README.md", "exec"), {})

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 import smolgpt
-from smolgpt import interop, tokencache, tokendata
+from smolgpt import tokencache, tokendata
 from smolgpt.config import FINETUNE_LR_FACTOR, PRESETS, TrainConfig, preset_values
+from smolgpt.export import export_safetensors
+from smolgpt.hf import export_hf
 from smolgpt.sources import Corpus
 from smolgpt.tokenizer import WordTokenizer
 
@@ -326,14 +328,12 @@ def test_a_fine_tuning_runs_default_directory_is_named_after_its_source():
 # ------------------------------------------------------------------ exported models
 
 
-@pytest.mark.parametrize("export", ["export_safetensors", "export_hf"])
+@pytest.mark.parametrize("export", [export_safetensors, export_hf], ids=lambda f: f.__name__)
 def test_fine_tuning_from_an_export(sources, tmp_path, export):
     src = sources["char"]
     model = smolgpt.load(src.latest)
     exported = tmp_path / "exported"
-    getattr(interop, export)(
-        model.module, model.tokenizer, exported, train_config=model.train_config
-    )
+    export(model.module, model.tokenizer, exported, train_config=model.train_config)
     result = finetune(src, tmp_path / "ft", init_from=str(exported))
     first = e2e_metrics(result.out_dir)[0]
     assert first["val_loss"] == pytest.approx(src.rows[-1]["val_loss"], abs=1e-5)

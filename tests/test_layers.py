@@ -15,7 +15,7 @@ LAYERS = [
     ["distributed", "signals", "hardware", "kernels", "tokenizer", "model", "optim"],
     # text to batches, scoring, checkpoints, sampling, other formats, pictures
     ["sources", "tokendata", "tokencache", "batches", "evaluate", "checkpoint", "sampling"],
-    ["interop", "plots"],
+    ["export", "hf", "interop", "plots"],
     # training
     ["runlog", "training", "finetune", "inspection", "runinfo"],
     # the Python API, then what stands on it

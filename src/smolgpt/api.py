@@ -226,10 +226,23 @@ def _prepare_run(
     on disk: stale temporaries, a run moved aside, config.json."""
     if group.is_main:
         clean_stale_temporaries(out_dir)
-    resume_from, cfg = None, requested
+    resume_from, cfg = _run_to_continue(settings, requested, out_dir)
+    tokens = _read_text(settings, cfg, source, resume_from)
+    if resume_from is not None:
+        _check_same_text(cfg, tokens, resume_from, out_dir)
+    if group.is_main:
+        _start_run_directory(settings, requested, cfg, source, out_dir, lock)
+    return cfg, tokens, resume_from
+
+
+def _run_to_continue(
+    settings: dict[str, Any], requested: TrainConfig, out_dir: Path
+) -> tuple[Optional[dict], TrainConfig]:
+    """(the checkpoint to resume or None, the run's config): a run already in out_dir is
+    resumed with --resume, and refused without --resume or --overwrite."""
     if requested.resume:
-        resume_from, cfg = _resumable(out_dir, settings)
-    elif (out_dir / LATEST).exists() and not requested.overwrite:
+        return _resumable(out_dir, settings)
+    if (out_dir / LATEST).exists() and not requested.overwrite:
         # A run exists once it has a latest checkpoint (saved before any best one); a
         # directory killed before that holds nothing worth keeping and starts afresh.
         raise SmolGPTError(
@@ -237,6 +250,16 @@ def _prepare_run(
             "--overwrite to start afresh (the old run is moved aside), or choose another "
             "--out_dir"
         )
+    return None, requested
+
+
+def _read_text(
+    settings: dict[str, Any],
+    cfg: TrainConfig,
+    source: Optional[finetune.Source],
+    resume_from: Optional[dict],
+) -> tokendata.TokenData:
+    """The run's text as tokens, long enough for its context, with what it says logged."""
     # A fine-tuning run reads its text with its source's tokenizer, on resume too.
     tokenizer = None
     if source is not None:
@@ -257,15 +280,20 @@ def _prepare_run(
     for warning in (tokens.unk_warning(), tokens.dropped_warning()):
         if warning:
             log.warning(warning)
-    if (
-        resume_from is not None
-        and resume_from.get("data", {}).get("fingerprint") != tokens.fingerprint
-    ):
+    return tokens
+
+
+def _check_same_text(
+    cfg: TrainConfig, tokens: tokendata.TokenData, resume_from: dict, out_dir: Path
+) -> None:
+    """Raise SmolGPTError unless a resumed run reads the text it was trained on, into the
+    same vocabulary."""
+    if resume_from.get("data", {}).get("fingerprint") != tokens.fingerprint:
         raise SmolGPTError(
             f"--data {cfg.data} is not the text this run was trained on; pass the "
             "original text, or start a new run in another --out_dir"
         )
-    if resume_from is not None and resume_from["tokenizer"] != tokens.tokenizer.to_dict():
+    if resume_from["tokenizer"] != tokens.tokenizer.to_dict():
         # The same text, read by another smolgpt version (0.5 normalises line endings
         # and quotes): ids would no longer mean what the model learned.
         raise SmolGPTError(
@@ -273,14 +301,24 @@ def _prepare_run(
             f"in {out_dir} was trained with (written by an older smolgpt?); start a new "
             "run with --overwrite or another --out_dir"
         )
-    if group.is_main:
-        if requested.overwrite and (out_dir / LATEST).exists():  # only once the text is good
-            log.info("--overwrite: moved the previous run to %s", move_aside(out_dir, lock))
-        if source is not None:
-            log.info(finetune.describe(source, cfg, settings))
-        log.info(describe_settings(cfg))
-        write_run_config(out_dir, cfg)
-    return cfg, tokens, resume_from
+
+
+def _start_run_directory(
+    settings: dict[str, Any],
+    requested: TrainConfig,
+    cfg: TrainConfig,
+    source: Optional[finetune.Source],
+    out_dir: Path,
+    lock: Optional[RunLock],
+) -> None:
+    """Rank 0, once the text is good: move an overwritten run aside, log the settings and
+    write config.json."""
+    if requested.overwrite and (out_dir / LATEST).exists():
+        log.info("--overwrite: moved the previous run to %s", move_aside(out_dir, lock))
+    if source is not None:
+        log.info(finetune.describe(source, cfg, settings))
+    log.info(describe_settings(cfg))
+    write_run_config(out_dir, cfg)
 
 
 class EvaluationSamples:
@@ -536,13 +574,13 @@ class Model:
         transformers loads with no custom code; needs the hf extra) or "safetensors"
         (smolgpt's own, without pickle). out_dir must be new or empty; overwrite replaces an
         earlier export only. Returns the directory written."""
-        from . import interop
+        from . import export, hf
 
         if format not in EXPORT_FORMATS:
             raise SmolGPTError(
                 f"unknown export format {format!r}: choose one of {', '.join(EXPORT_FORMATS)}"
             )
-        write = interop.export_hf if format == "hf" else interop.export_safetensors
+        write = hf.export_hf if format == "hf" else export.export_safetensors
         return write(
             self.module, self.tokenizer, out_dir, self.train_config, overwrite, self.data_info
         )

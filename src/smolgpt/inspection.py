@@ -216,43 +216,17 @@ def inspect_model(
         f"block_size {config.block_size}, {config.position} positions, vocabulary "
         f"{config.vocab_size}, {module.num_parameters():,} parameters",
         f"prompt ({len(labels)} tokens): {' '.join(labels)}",
-        "",
-        "attention (mean over the prompt's tokens): how far back each head looks, and "
-        "its share on the token itself, the previous one and the first one",
     ]
-
     weights = attention_weights(module, prompt_ids)
-    for layer in range(config.n_layer):
-        for head in range(config.n_head):
-            s = head_summary(weights[layer, head])
-            lines.append(
-                f"  layer {layer} head {head}: {s['distance']:5.1f} tokens back, "
-                f"self {s['self']:4.0%}, previous {s['previous']:4.0%}, "
-                f"first {s['first']:4.0%}"
-            )
+    lines += _attention_lines(weights)
     result.files.append(_draw_attention(weights, labels, out_dir / ATTENTION))
 
     distinct = list(dict.fromkeys(prompt_ids))
-    lines += ["", "nearest neighbours in the embedding (cosine similarity)"]
-    for token_id in distinct[:NEIGHBOURS_OF]:
-        near = ", ".join(
-            f"{token_label(tokenizer, i)} {sim:.2f}" for i, sim in nearest(module, token_id)
-        )
-        lines.append(f"  {token_label(tokenizer, token_id)}: {near}")
-    # The tokens to name, most important first: the prompt's, then the text's commonest
-    # (without a text, a word model's ids are in order of frequency; others' by id).
-    others = []
-    if config.vocab_size <= 100:
-        others = list(range(config.vocab_size))
-    else:
-        others = tokenizer.frequent_ids(LABELLED)
-    if text_tokens is not None and len(text_tokens):
-        counts = torch.bincount(torch.as_tensor(list(text_tokens)), minlength=config.vocab_size)
-        others.sort(key=lambda i: -counts[i].item())  # stable: ties keep their order
+    lines += _neighbour_lines(module, tokenizer, distinct)
     result.files.append(
         _draw_embeddings(
             embedding_map(module),
-            [(i, token_label(tokenizer, i)) for i in dict.fromkeys(distinct + others)],
+            _tokens_to_label(module, tokenizer, distinct, text_tokens),
             out_dir / EMBEDDINGS,
         )
     )
@@ -262,14 +236,69 @@ def inspect_model(
         lines.append(f"loss per position: skipped ({skipped_why})")
     else:
         losses = loss_by_position(module, text_tokens)
-        marks = sorted({1, 2, 4, 8, 16, 32, 64, len(losses)} & set(range(1, len(losses) + 1)))
-        lines.append(
-            "loss per position (nats), by tokens of context seen: "
-            + ", ".join(f"{p}: {losses[p - 1]:.3f}" for p in marks)
-        )
+        lines.append(_loss_line(losses))
         result.files.append(_draw_loss(losses, out_dir / LOSS))
 
     result.summary = "\n".join(lines) + "\n"
     atomic_write_text(out_dir / SUMMARY, result.summary)
     result.files.append(out_dir / SUMMARY)
     return result
+
+
+def _attention_lines(weights: torch.Tensor) -> list[str]:
+    """The summary's attention section: for each head of weights (layer, head, query,
+    key), how far back it looks and its share on the token itself, the previous and first."""
+    lines = [
+        "",
+        "attention (mean over the prompt's tokens): how far back each head looks, and "
+        "its share on the token itself, the previous one and the first one",
+    ]
+    n_layer, n_head = weights.shape[:2]
+    for layer in range(n_layer):
+        for head in range(n_head):
+            s = head_summary(weights[layer, head])
+            lines.append(
+                f"  layer {layer} head {head}: {s['distance']:5.1f} tokens back, "
+                f"self {s['self']:4.0%}, previous {s['previous']:4.0%}, "
+                f"first {s['first']:4.0%}"
+            )
+    return lines
+
+
+def _neighbour_lines(module: GPT, tokenizer: Tokenizer, distinct: list[int]) -> list[str]:
+    """The summary's section on the nearest neighbours of the prompt's first tokens."""
+    lines = ["", "nearest neighbours in the embedding (cosine similarity)"]
+    for token_id in distinct[:NEIGHBOURS_OF]:
+        near = ", ".join(
+            f"{token_label(tokenizer, i)} {sim:.2f}" for i, sim in nearest(module, token_id)
+        )
+        lines.append(f"  {token_label(tokenizer, token_id)}: {near}")
+    return lines
+
+
+def _tokens_to_label(
+    module: GPT,
+    tokenizer: Tokenizer,
+    distinct: list[int],
+    text_tokens: Optional[Sequence[int]],
+) -> list[tuple[int, str]]:
+    """(id, label) of the tokens to name in the embedding map, most important first: the
+    prompt's, then the text's commonest (without a text, a word model's ids are in order
+    of frequency; others' by id)."""
+    vocab_size = module.config.vocab_size
+    if vocab_size <= 100:
+        others = list(range(vocab_size))
+    else:
+        others = tokenizer.frequent_ids(LABELLED)
+    if text_tokens is not None and len(text_tokens):
+        counts = torch.bincount(torch.as_tensor(list(text_tokens)), minlength=vocab_size)
+        others.sort(key=lambda i: -counts[i].item())  # stable: ties keep their order
+    return [(i, token_label(tokenizer, i)) for i in dict.fromkeys(distinct + others)]
+
+
+def _loss_line(losses: torch.Tensor) -> str:
+    """The summary's line on the loss per position, at 1, 2, 4, ... tokens of context."""
+    marks = sorted({1, 2, 4, 8, 16, 32, 64, len(losses)} & set(range(1, len(losses) + 1)))
+    return "loss per position (nats), by tokens of context seen: " + ", ".join(
+        f"{p}: {losses[p - 1]:.3f}" for p in marks
+    )

@@ -214,14 +214,7 @@ def plot_runs(
     log line), else loss. ylim: the range of y shown (low, high), e.g. to leave the untrained
     model's loss off the top; title: a heading. Writes out_path atomically and returns it.
     """
-    if x not in X_AXES:
-        raise SmolGPTError(f"x must be one of {', '.join(X_AXES)}, not {x!r}")
-    if y is not None and y not in Y_VALUES:
-        raise SmolGPTError(f"y must be one of {', '.join(Y_VALUES)}, not {y!r}")
-    if ylim is not None and not (
-        len(ylim) == 2 and all(map(math.isfinite, ylim)) and ylim[0] < ylim[1]
-    ):
-        raise SmolGPTError(f"ylim must be two finite numbers, low then high, not {ylim!r}")
+    _check_plot_args(x, y, ylim)
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise SmolGPTError("plot_runs needs at least one run directory")
@@ -231,22 +224,11 @@ def plot_runs(
         y, why = default_y(run_dirs)
     # Every file is read and checked before anything is drawn.
     runs = [(d, _y_rows(d, read_metrics(d), y, why)) for d in run_dirs]
-
-    if x == "time":
-        divisor, unit = _time_unit(max(r["elapsed_s"] for _, rows in runs for r in rows))
-        xlabel = f"wall time ({unit})"
-    else:
-        xlabel = {"iter": "iteration", "tokens": "training tokens"}[x]
+    xlabel, xs_of_runs = _x_values(x, runs)
     fig = Figure(figsize=(10, 5), dpi=100, layout="constrained")
     ax = fig.subplots()
     every_x, every_y = [], []
-    for run_dir, rows in runs:
-        if x == "iter":
-            xs = [r["iter"] for r in rows]
-        elif x == "time":
-            xs = [r["elapsed_s"] / divisor for r in rows]
-        else:
-            xs = _tokens_seen(run_dir, rows)
+    for (run_dir, rows), xs in zip(runs, xs_of_runs):
         ys = [r[Y_KEYS[y]] for r in rows]
         ax.plot(xs, ys, label=run_dir.resolve().name, **_markers(len(rows)))
         every_x += xs
@@ -267,6 +249,30 @@ def plot_runs(
             why,
         )
     return written
+
+
+def _check_plot_args(x: str, y: Optional[str], ylim: Optional[tuple[float, float]]) -> None:
+    """Raise SmolGPTError unless x, y and ylim are what :func:`plot_runs` takes."""
+    if x not in X_AXES:
+        raise SmolGPTError(f"x must be one of {', '.join(X_AXES)}, not {x!r}")
+    if y is not None and y not in Y_VALUES:
+        raise SmolGPTError(f"y must be one of {', '.join(Y_VALUES)}, not {y!r}")
+    if ylim is not None and not (
+        len(ylim) == 2 and all(map(math.isfinite, ylim)) and ylim[0] < ylim[1]
+    ):
+        raise SmolGPTError(f"ylim must be two finite numbers, low then high, not {ylim!r}")
+
+
+def _x_values(x: str, runs: list[tuple[Path, list[dict]]]) -> tuple[str, list[list[float]]]:
+    """The x axis's label, and each run's x values: its rows' iterations, wall times (in one
+    unit for all the runs) or training tokens seen."""
+    if x == "iter":
+        return "iteration", [[r["iter"] for r in rows] for _, rows in runs]
+    if x == "time":
+        divisor, unit = _time_unit(max(r["elapsed_s"] for _, rows in runs for r in rows))
+        xs = [[r["elapsed_s"] / divisor for r in rows] for _, rows in runs]
+        return f"wall time ({unit})", xs
+    return "training tokens", [_tokens_seen(run_dir, rows) for run_dir, rows in runs]
 
 
 def default_y(run_dirs: Iterable[PathLike]) -> tuple[str, Optional[str]]:

@@ -22,6 +22,7 @@ from typing import Any, Optional, Union
 import torch
 
 from . import checkpoint, interop
+from .export import WEIGHTS
 from .model import GPT
 from .rundir import METRICS, RUN_CONFIG, locate
 from .runlog import duration
@@ -86,7 +87,7 @@ def _describe_checkpoint(path: Path) -> dict[str, Any]:
 def _describe_export(folder: Path) -> dict[str, Any]:
     """An export records the model and its run's settings, not the run's progress."""
     module, tokenizer, train_config, data = interop.load_source(folder, torch.device("cpu"))
-    weights = folder / interop.WEIGHTS
+    weights = folder / WEIGHTS
     return {
         "checkpoint": None,
         **_model(module.config, tokenizer.to_dict()),
@@ -173,15 +174,32 @@ def _mtime(path: Path) -> str:
 def format_description(info: dict[str, Any]) -> str:
     """:func:`describe`'s dict as aligned ``key: value`` lines; "unknown" for what the file
     does not record."""
+    rows = _model_rows(info)
+    if info["kind"] != "export":
+        rows += _progress_rows(info)
+    rows += _data_rows(info)
+    if info["kind"] != "export":
+        rows += _machine_rows(info)
+    rows += _file_rows(info)
+    rows = [(key, value) for key, value in rows if value is not None]
+    width = max(len(key) for key, _ in rows) + 1
+    return "\n".join(f"{key + ':':<{width}} {value}" for key, value in rows)
 
-    def shown(value: Any, fmt: str = "{}") -> str:
-        return "unknown" if value is None else fmt.format(value)
 
-    shape, tokenizer, seconds = info["shape"], info["tokenizer"], info.get("training_time_s")
+Rows = list[tuple[str, Optional[str]]]  # (key, value), None: a row not shown
+
+
+def _shown(value: Any, fmt: str = "{}") -> str:
+    return "unknown" if value is None else fmt.format(value)
+
+
+def _model_rows(info: dict[str, Any]) -> Rows:
+    """Where the model is, and what it is: size, shape, tokenizer, preset."""
+    shape, tokenizer = info["shape"], info["tokenizer"]
     vocabulary = f"{info['level']}, {tokenizer['vocab_size']:,} tokens"
     if "min_word_freq" in tokenizer:
-        vocabulary += f" (min_word_freq {shown(tokenizer['min_word_freq'])})"
-    rows = [
+        vocabulary += f" (min_word_freq {_shown(tokenizer['min_word_freq'])})"
+    return [
         ("path", info["path"]),
         ("checkpoint", info.get("checkpoint") if info["kind"] == "run directory" else None),
         ("parameters", f"{info['parameters']:,} ({info['parameters_human']})"),
@@ -192,51 +210,65 @@ def format_description(info: dict[str, Any]) -> str:
             ),
         ),
         ("tokenizer", vocabulary),
-        ("preset", shown(info.get("preset"))),
+        ("preset", _shown(info.get("preset"))),
     ]
-    if info["kind"] != "export":
-        rows += [
-            ("iterations", shown(info["iterations"], "{:,}")),
-            (
-                "val loss",
-                f"best {shown(info['best_val_loss'], '{:.4f}')}, "
-                f"last {shown(info['last_val_loss'], '{:.4f}')}",
-            ),
-            (
-                "val bits/char",
-                f"best {shown(info['best_val_bits_per_char'], '{:.4f}')}, "
-                f"last {shown(info['last_val_bits_per_char'], '{:.4f}')}",
-            ),
-            (
-                "training time",
-                "unknown" if seconds is None else f"{duration(seconds)} ({seconds:.1f}s)",
-            ),
-        ]
+
+
+def _progress_rows(info: dict[str, Any]) -> Rows:
+    """How far the run got: iterations, val loss and bits per character, training time."""
+    seconds = info.get("training_time_s")
+    return [
+        ("iterations", _shown(info["iterations"], "{:,}")),
+        (
+            "val loss",
+            f"best {_shown(info['best_val_loss'], '{:.4f}')}, "
+            f"last {_shown(info['last_val_loss'], '{:.4f}')}",
+        ),
+        (
+            "val bits/char",
+            f"best {_shown(info['best_val_bits_per_char'], '{:.4f}')}, "
+            f"last {_shown(info['last_val_bits_per_char'], '{:.4f}')}",
+        ),
+        (
+            "training time",
+            "unknown" if seconds is None else f"{duration(seconds)} ({seconds:.1f}s)",
+        ),
+    ]
+
+
+def _data_rows(info: dict[str, Any]) -> Rows:
+    """The text the run read, and its fingerprint."""
     # As given (relative to where the run was), then where that is; without the absolute
     # path (older files), the name the run read it by where that differs.
     data, source, where = info.get("data"), info.get("data_source"), info.get("data_path")
     if where is not None:
-        data_row = shown(data) + (f" ({where})" if where != data else "")
+        data_row = _shown(data) + (f" ({where})" if where != data else "")
     else:
-        data_row = shown(data) + (f" (read as {source})" if source not in (None, data) else "")
-    rows.append(("data", data_row))
+        data_row = _shown(data) + (f" (read as {source})" if source not in (None, data) else "")
+    rows: Rows = [("data", data_row)]
     if info["kind"] != "export" or info.get("data_fingerprint") is not None:
-        rows.append(("fingerprint", shown(info.get("data_fingerprint"))))
-    if info["kind"] != "export":
-        rows += [
-            (
-                "precision",
-                "unknown"
-                if info["precision"] is None
-                else f"{info['device']}, {info['precision']}",
-            ),
-            (
-                "versions",
-                f"smolgpt {shown(info['smolgpt_version'])}, torch {shown(info['torch_version'])}",
-            ),
-        ]
+        rows.append(("fingerprint", _shown(info.get("data_fingerprint"))))
+    return rows
+
+
+def _machine_rows(info: dict[str, Any]) -> Rows:
+    """What the run trained on: device and precision, smolgpt's and torch's versions."""
+    return [
+        (
+            "precision",
+            "unknown" if info["precision"] is None else f"{info['device']}, {info['precision']}",
+        ),
+        (
+            "versions",
+            f"smolgpt {_shown(info['smolgpt_version'])}, torch {_shown(info['torch_version'])}",
+        ),
+    ]
+
+
+def _file_rows(info: dict[str, Any]) -> Rows:
+    """When the file was saved and its size; for a run directory, its other files."""
     saved = info["saved"]
-    rows += [
+    rows: Rows = [
         (
             "saved",
             saved if info["saved_from"] == "checkpoint" else f"{saved} ({info['saved_from']})",
@@ -245,9 +277,7 @@ def format_description(info: dict[str, Any]) -> str:
     ]
     if info["kind"] == "run directory":
         rows += [
-            ("evaluations", shown(info["evaluations"], "{} (" + METRICS + ")")),
+            ("evaluations", _shown(info["evaluations"], "{} (" + METRICS + ")")),
             (RUN_CONFIG, "present" if info["run_config"] is not None else "absent"),
         ]
-    rows = [(key, value) for key, value in rows if value is not None]
-    width = max(len(key) for key, _ in rows) + 1
-    return "\n".join(f"{key + ':':<{width}} {value}" for key, value in rows)
+    return rows

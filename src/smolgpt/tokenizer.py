@@ -205,7 +205,7 @@ class Tokenizer(ABC):
     def hf_tokenizer(self):
         """A ``tokenizers.Tokenizer`` that gives the ids this tokenizer gives (same
         normalisation, splitting and vocabulary; no BOS or EOS added), for an export to
-        transformers (see :mod:`smolgpt.interop`). Needs the tokenizers library."""
+        transformers (see :mod:`smolgpt.hf`). Needs the tokenizers library."""
 
     def hf_special_tokens(self) -> dict[str, str]:
         """The special tokens an exported ``tokenizer_config.json`` names (pad_token,
@@ -421,7 +421,7 @@ class WordTokenizer(Tokenizer):
 
     def hf_tokenizer(self):
         """The same words (HF_WORD_PATTERN) and vocabulary, <UNK> for the rest; decoding
-        joins as :meth:`decode` does, but for ASCII quotes (see :mod:`smolgpt.interop`)."""
+        joins as :meth:`decode` does, but for ASCII quotes (see :mod:`smolgpt.hf`)."""
         tk = _tokenizers()
         hf = tk.Tokenizer(tk.models.WordLevel(vocab=self.stoi, unk_token=self.UNK))
         steps = _hf_normalizers(self) + [tk.normalizers.Lowercase()]
@@ -440,7 +440,7 @@ class WordTokenizer(Tokenizer):
 
 def _hf_word_decoder():
     """Tokens joined by spaces, then the spaces WordTokenizer.decode leaves out removed
-    again (all but those around ASCII quotes: see smolgpt.interop's docstring)."""
+    again (all but those around ASCII quotes: see smolgpt.hf's docstring)."""
     decoders, regex = _tokenizers().decoders, _tokenizers().Regex
 
     # WordPiece's decoder without its cleanup only joins with spaces (no token of ours
