@@ -8,8 +8,9 @@ from typing import Any, Optional
 from . import __version__
 
 
-def openapi(server: Any) -> dict[str, Any]:
-    """The OpenAPI 3.0 description of the server's endpoints, with its limits."""
+def openapi(schema: dict[str, Any], chat_schema: dict[str, Any], keyed: bool) -> dict[str, Any]:
+    """The OpenAPI 3.0 description of the server's endpoints: schema and chat_schema are its
+    requests' (with its limits); keyed: whether an API key is needed."""
     error = {"$ref": "#/components/schemas/Error"}
 
     def answers(*statuses: int, ok: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -102,7 +103,7 @@ def openapi(server: Any) -> dict[str, Any]:
             },
         }
 
-    secured = [{"bearer": []}] if server.api_key else []
+    secured = [{"bearer": []}] if keyed else []
     finish_reason = {"type": "string", "nullable": True, "enum": ["stop", "length", None]}
     choice = {
         "type": "object",
@@ -230,9 +231,9 @@ def openapi(server: Any) -> dict[str, Any]:
         },
         "components": {
             "schemas": {
-                "CompletionRequest": server.schema,
+                "CompletionRequest": schema,
                 "Completion": response(choice),
-                "ChatCompletionRequest": server.chat_schema,
+                "ChatCompletionRequest": chat_schema,
                 "ChatCompletion": response(chat_choice),
                 "Model": model,
                 "ModelList": {
@@ -262,6 +263,6 @@ def openapi(server: Any) -> dict[str, Any]:
             }
         },
     }
-    if server.api_key:
+    if keyed:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     return doc

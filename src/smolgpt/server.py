@@ -34,7 +34,7 @@ import secrets
 import socket
 import time
 from importlib import resources
-from typing import Any, Awaitable, Callable, Optional, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence
 
 from . import __version__
 from .config import ServeConfig
@@ -196,204 +196,233 @@ def _choice(
     return {"index": index, key: message, "logprobs": None, "finish_reason": reason}
 
 
+# ------------------------------------------------------------------ the routes
+
+
+def error_response(error: ApiError, headers: Optional[dict] = None) -> Any:
+    """OpenAI's error object, with error's status (and Retry-After on a 503)."""
+    from starlette.responses import JSONResponse
+
+    if error.status == 503:
+        headers = {**(headers or {}), "Retry-After": "1"}
+    return JSONResponse(error.body(), error.status, headers)
+
+
+Handler = Callable[[Server, Any], Awaitable[Any]]
+
+
+def endpoint(handler: Handler, keyed: bool) -> Callable[[Any], Awaitable[Any]]:
+    """A route's endpoint: the API key check (where keyed: the one check of the server), then
+    handler(server, request), whose dict is answered as JSON, str as HTML and anything else
+    as the ASGI application it is; an ApiError becomes OpenAI's error response."""
+
+    async def answer(request: Any) -> Any:
+        from starlette.responses import HTMLResponse, JSONResponse
+
+        server = request.app.state.server
+        try:
+            if keyed:
+                server.authorize(request.headers)
+            result = await handler(server, request)
+        except ApiError as error:
+            return error_response(error)
+        if isinstance(result, dict):
+            return JSONResponse(result)
+        return HTMLResponse(result) if isinstance(result, str) else result
+
+    return answer
+
+
+async def read_json(request: Any, limit: int) -> dict[str, Any]:
+    """The request's body as a JSON object, of limit bytes at most."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(limit)
+    try:
+        parsed = json.loads(body)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return parsed
+
+
+async def _generate(
+    server: Server, request: Any, parse: Callable[..., Completion], schema: dict[str, Any]
+) -> Any:
+    """A completion (or chat): parse reads a request that schema checks; the whole answer, or
+    with stream: true its events."""
+    started = time.monotonic()
+    job = parse(await read_json(request, server.max_body), server.served, schema, server.cfg)
+    deadline = started + server.cfg.timeout
+    if job.stream:
+        return EventStream(server, job, deadline, started)
+    await server.turns.enter(deadline)
+    try:
+        result = await server.completion(job, deadline, request.is_disconnected)
+    finally:
+        server.turns.leave()
+    _log_request(job, result["usage"]["completion_tokens"], started)
+    return result
+
+
+async def completions(server: Server, request: Any) -> Any:
+    return await _generate(server, request, parse_completion, server.schema)
+
+
+async def chat_completions(server: Server, request: Any) -> Any:
+    return await _generate(server, request, parse_chat, server.chat_schema)
+
+
+async def models(server: Server, request: Any) -> dict[str, Any]:
+    return {"object": "list", "data": [s.description() for s in server.served]}
+
+
+async def one_model(server: Server, request: Any) -> dict[str, Any]:
+    return server.model(request.path_params["model"]).description()
+
+
+async def loss(server: Server, request: Any) -> dict[str, Any]:
+    return server.loss_curve(request.path_params["model"])
+
+
+async def health(server: Server, request: Any) -> dict[str, Any]:
+    return server.health()
+
+
+async def openapi_json(server: Server, request: Any) -> dict[str, Any]:
+    return openapi(server.schema, server.chat_schema, keyed=server.api_key is not None)
+
+
+async def page(server: Server, request: Any) -> str:
+    return playground_html()
+
+
+async def not_found(request: Any, exc: Exception) -> Any:
+    """A 404 or 405 from the router, in OpenAI's error shape."""
+    status = getattr(exc, "status_code", 500)
+    message = (
+        "no such endpoint: see /openapi.json"
+        if status == 404
+        else f"{request.method} is not allowed here"
+        if status == 405
+        else "server error"
+    )
+    # The headers of Starlette's answer: Allow, with a 405.
+    return error_response(
+        ApiError(status, message, kind="invalid_request_error" if status < 500 else "server_error"),
+        getattr(exc, "headers", None),
+    )
+
+
+# path, handler, methods (None: GET), whether the API key is needed
+ROUTES: list[tuple[str, Handler, Optional[list[str]], bool]] = [
+    ("/", page, None, False),
+    ("/health", health, None, False),
+    ("/openapi.json", openapi_json, None, False),
+    ("/v1/models", models, None, True),
+    ("/v1/models/{model}", one_model, None, True),
+    ("/v1/completions", completions, ["POST"], True),
+    ("/v1/chat/completions", chat_completions, ["POST"], True),
+    ("/runs/{model}/loss", loss, None, True),
+]
+
+
 def build_app(served: Sequence[Served], cfg: ServeConfig, api_key: Optional[str] = None):
     """The ASGI application serving these models (Starlette), for uvicorn or any ASGI server."""
     try:
         from starlette.applications import Starlette
-        from starlette.requests import Request
-        from starlette.responses import HTMLResponse, JSONResponse, Response
         from starlette.routing import Route
     except ImportError:
         raise SmolGPTError(install_hint()) from None
-
-    server = Server(served, cfg, api_key)
-
-    def error_response(error: ApiError, headers: Optional[dict] = None) -> Response:
-        if error.status == 503:
-            headers = {**(headers or {}), "Retry-After": "1"}
-        return JSONResponse(error.body(), error.status, headers)
-
-    def answers(handler):
-        """An endpoint whose ApiErrors become OpenAI-shaped error responses."""
-
-        async def endpoint(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except ApiError as error:
-                return error_response(error)
-
-        return endpoint
-
-    async def read_json(request: Request) -> dict[str, Any]:
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > server.max_body:
-            raise _too_large(server.max_body)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > server.max_body:
-                raise _too_large(server.max_body)
-        try:
-            parsed = json.loads(body)
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
-        if not isinstance(parsed, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return parsed
-
-    def generation(parse: Callable[..., Completion], schema: dict[str, Any]):
-        """The endpoint of completions (or chats): parse reads a request that schema checks."""
-
-        @answers
-        async def endpoint(request: Request) -> Response:
-            started = time.monotonic()
-            server.authorize(request.headers)
-            job = parse(await read_json(request), server.served, schema, cfg)
-            deadline = started + cfg.timeout
-            if job.stream:
-                return EventStream(server, job, deadline, started)
-            await server.turns.enter(deadline)
-            try:
-                result = await server.completion(job, deadline, request.is_disconnected)
-            finally:
-                server.turns.leave()
-            _log_request(job, result["usage"]["completion_tokens"], started)
-            return JSONResponse(result)
-
-        return endpoint
-
-    @answers
-    async def models(request: Request) -> Response:
-        server.authorize(request.headers)
-        return JSONResponse({"object": "list", "data": [s.description() for s in server.served]})
-
-    @answers
-    async def one_model(request: Request) -> Response:
-        server.authorize(request.headers)
-        return JSONResponse(server.model(request.path_params["model"]).description())
-
-    @answers
-    async def loss(request: Request) -> Response:
-        server.authorize(request.headers)
-        return JSONResponse(server.loss_curve(request.path_params["model"]))
-
-    async def health(request: Request) -> Response:
-        return JSONResponse(server.health())
-
-    async def openapi_json(request: Request) -> Response:
-        return JSONResponse(openapi(server))
-
-    async def page(request: Request) -> Response:
-        return HTMLResponse(playground_html())
-
-    async def not_found(request: Request, exc: Exception) -> Response:
-        status = getattr(exc, "status_code", 500)
-        message = (
-            "no such endpoint: see /openapi.json"
-            if status == 404
-            else f"{request.method} is not allowed here"
-            if status == 405
-            else "server error"
-        )
-        # The headers of Starlette's answer: Allow, with a 405.
-        return error_response(
-            ApiError(
-                status, message, kind="invalid_request_error" if status < 500 else "server_error"
-            ),
-            getattr(exc, "headers", None),
-        )
-
-    class EventStream(Response):
-        """A completion streamed as server-sent events, holding its turn until it ends."""
-
-        media_type = "text/event-stream"
-
-        def __init__(self, server: Server, job: Completion, deadline: float, started: float):
-            # Response.__init__ would declare a body of length 0.
-            self.status_code, self.background = 200, None
-            self.init_headers({"Cache-Control": "no-cache"})
-            self.server, self.job, self.deadline, self.started = server, job, deadline, started
-
-        async def __call__(self, scope, receive, send) -> None:
-            try:
-                await self.server.turns.enter(self.deadline)
-            except ApiError as error:
-                return await error_response(error)(scope, receive, send)
-            left = asyncio.Event()
-
-            async def watch() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                left.set()
-
-            async def gone() -> bool:
-                return left.is_set()
-
-            watcher = asyncio.ensure_future(watch())
-            usage = Usage()
-            events = self.server.generator.events(self.job, self.deadline, usage, gone)
-            head = _head(self.job, chunk=True)
-            try:
-                try:  # the first event before the status line: a prompt the model cannot read
-                    event = await anext(events, None)  # is answered 400 like any bad value
-                except ApiError as error:
-                    return await error_response(error)(scope, receive, send)
-                await send(
-                    {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
-                )
-                try:
-                    for index in range(self.job.choices if self.job.chat else 0):
-                        # A chat's first chunk of each choice says whose message it is.
-                        first = _choice(self.job, index, "", None, chunk=True)
-                        first["delta"] = {"role": "assistant", "content": ""}
-                        await _event(send, {**head, "choices": [first]})
-                    while event is not None:
-                        index, piece, reason = event
-                        await _event(
-                            send,
-                            {**head, "choices": [_choice(self.job, index, piece, reason, True)]},
-                        )
-                        event = await anext(events, None)
-                    if left.is_set():
-                        return
-                    if self.job.include_usage:
-                        await _event(send, {**head, "choices": [], "usage": usage.body()})
-                    await _send(send, b"data: [DONE]\n\n")
-                except ApiError as error:  # the timeout, after the status line went out
-                    await _event(send, error.body())
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            except OSError:  # the connection broke while sending
-                left.set()
-            finally:
-                await events.aclose()  # its own finally stops the generation
-                watcher.cancel()
-                self.server.turns.leave()
-                _log_request(
-                    self.job,
-                    usage.completion_tokens,
-                    self.started,
-                    " (client left)" if left.is_set() else "",
-                )
-
     app = Starlette(
         routes=[
-            Route("/", page),
-            Route("/health", health),
-            Route("/openapi.json", openapi_json),
-            Route("/v1/models", models),
-            Route("/v1/models/{model}", one_model),
-            Route("/v1/completions", generation(parse_completion, server.schema), methods=["POST"]),
-            Route(
-                "/v1/chat/completions",
-                generation(parse_chat, server.chat_schema),
-                methods=["POST"],
-            ),
-            Route("/runs/{model}/loss", loss),
+            Route(path, endpoint(handler, keyed), methods=methods)
+            for path, handler, methods, keyed in ROUTES
         ],
         exception_handlers={404: not_found, 405: not_found},
     )
-    app.state.server = server
+    app.state.server = Server(served, cfg, api_key)
     return app
+
+
+# ------------------------------------------------------------------ streaming
+
+
+class EventStream:
+    """A completion streamed as server-sent events (an ASGI application), holding its turn
+    until it ends."""
+
+    headers = [
+        (b"cache-control", b"no-cache"),
+        (b"content-type", b"text/event-stream; charset=utf-8"),
+    ]
+
+    def __init__(self, server: Server, job: Completion, deadline: float, started: float):
+        self.server, self.job, self.deadline, self.started = server, job, deadline, started
+        self.left = asyncio.Event()  # the client disconnected
+        self.usage = Usage()
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await self.server.turns.enter(self.deadline)
+        except ApiError as error:
+            return await error_response(error)(scope, receive, send)
+        watcher = asyncio.ensure_future(self._watch(receive))
+        events = self.server.generator.events(self.job, self.deadline, self.usage, self._gone)
+        try:
+            try:  # the first event before the status line: a prompt the model cannot read
+                event = await anext(events, None)  # is answered 400 like any bad value
+            except ApiError as error:
+                return await error_response(error)(scope, receive, send)
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+            if await self._send_events(send, event, events):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the connection broke while sending
+            self.left.set()
+        finally:
+            await events.aclose()  # its own finally stops the generation
+            watcher.cancel()
+            self.server.turns.leave()
+            note = " (client left)" if self.left.is_set() else ""
+            _log_request(self.job, self.usage.completion_tokens, self.started, note)
+
+    async def _watch(self, receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.left.set()
+
+    async def _gone(self) -> bool:
+        return self.left.is_set()
+
+    async def _send_events(self, send, event: Any, events: AsyncIterator) -> bool:
+        """Every event from the first on, then the usage (if asked for) and [DONE]; a timeout
+        as an error event. False when the client left, and the body is not to be ended."""
+        head = _head(self.job, chunk=True)
+        try:
+            for index in range(self.job.choices if self.job.chat else 0):
+                # A chat's first chunk of each choice says whose message it is.
+                first = _choice(self.job, index, "", None, chunk=True)
+                first["delta"] = {"role": "assistant", "content": ""}
+                await _event(send, {**head, "choices": [first]})
+            while event is not None:
+                index, piece, reason = event
+                choice = _choice(self.job, index, piece, reason, chunk=True)
+                await _event(send, {**head, "choices": [choice]})
+                event = await anext(events, None)
+            if self.left.is_set():
+                return False
+            if self.job.include_usage:
+                await _event(send, {**head, "choices": [], "usage": self.usage.body()})
+            await _send(send, b"data: [DONE]\n\n")
+        except ApiError as error:  # the timeout, after the status line went out
+            await _event(send, error.body())
+        return True
 
 
 def _too_large(limit: int) -> ApiError:
