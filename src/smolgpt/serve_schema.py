@@ -57,25 +57,94 @@ class ApiError(Exception):
 OPENAI_NAMES = {"max_new_tokens": "max_tokens", "num_samples": "n"}
 
 
-def _sample_default(name: str) -> Any:
-    return SampleConfig.__dataclass_fields__[name].default
+def _setting(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A SampleConfig setting's schema: its default and help, and null for the default."""
+    field = SampleConfig.__dataclass_fields__[name]
+    return {
+        **schema,
+        "nullable": True,
+        "default": field.default,
+        "description": field.metadata["help"],
+    }
+
+
+def _sampling(cfg: ServeConfig) -> dict[str, Any]:
+    """The sampling settings a request may give, under their names in requests."""
+    stop_text = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
+    return {
+        "max_tokens": _setting(
+            "max_new_tokens", {"type": "integer", "minimum": 0, "maximum": cfg.max_tokens}
+        ),
+        "temperature": _setting("temperature", {"type": "number", "minimum": 0, "maximum": 2}),
+        "top_p": _setting(
+            "top_p", {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1}
+        ),
+        "top_k": _setting("top_k", {"type": "integer", "minimum": 0}),
+        "min_p": _setting("min_p", {"type": "number", "minimum": 0, "maximum": 1}),
+        "repetition_penalty": _setting(
+            "repetition_penalty",
+            {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 100},
+        ),
+        "stop": {
+            "oneOf": [stop_text, {"type": "array", "items": stop_text, "maxItems": MAX_STOPS}],
+            "nullable": True,
+            "description": "end a completion at any of these strings (left out of it)",
+        },
+        "n": _setting("num_samples", {"type": "integer", "minimum": 1, "maximum": cfg.max_n}),
+        "seed": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": MAX_SEED,
+            "nullable": True,
+            "description": "the same seed and settings give the same text; default: a "
+            "new random seed per request",
+        },
+    }
+
+
+def _unsupported(description: str) -> dict[str, Any]:
+    """An OpenAI field accepted only at 0."""
+    return {
+        "type": "number",
+        "nullable": True,
+        "minimum": 0,
+        "maximum": 0,
+        "description": description,
+    }
+
+
+# What a request may say besides its prompt and sampling settings.
+OPTIONS = {
+    "stream": {
+        "type": "boolean",
+        "nullable": True,
+        "default": False,
+        "description": "send the text as server-sent events as it is made, ending "
+        "with data: [DONE]",
+    },
+    "stream_options": {
+        "type": "object",
+        "nullable": True,
+        "additionalProperties": False,
+        "properties": {"include_usage": {"type": "boolean"}},
+        "description": "include_usage: a last event with the token counts",
+    },
+    "echo": {
+        "type": "boolean",
+        "nullable": True,
+        "default": False,
+        "description": "begin each completion with its prompt",
+    },
+    "user": {"type": "string", "nullable": True, "description": "accepted and ignored"},
+    "frequency_penalty": _unsupported("not supported: only 0 (use repetition_penalty)"),
+    "presence_penalty": _unsupported("not supported: only 0 (use repetition_penalty)"),
+}
 
 
 def completion_schema(cfg: ServeConfig, model_ids: Sequence[str]) -> dict[str, Any]:
     """The JSON schema (OpenAPI 3.0 dialect) of a completion request: what is accepted,
     with the limits of cfg."""
-
-    def setting(name: str, schema: dict[str, Any]) -> dict[str, Any]:
-        help_text = SampleConfig.__dataclass_fields__[name].metadata["help"]
-        return {
-            **schema,
-            "nullable": True,
-            "default": _sample_default(name),
-            "description": help_text,
-        }
-
     text = {"type": "string", "minLength": 1, "maxLength": cfg.max_prompt_chars}
-    stop_text = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
     properties = {
         "model": {
             "type": "string",
@@ -86,68 +155,8 @@ def completion_schema(cfg: ServeConfig, model_ids: Sequence[str]) -> dict[str, A
             "oneOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": cfg.max_n}],
             "description": "the text to continue, or a list of texts",
         },
-        "max_tokens": setting(
-            "max_new_tokens", {"type": "integer", "minimum": 0, "maximum": cfg.max_tokens}
-        ),
-        "temperature": setting("temperature", {"type": "number", "minimum": 0, "maximum": 2}),
-        "top_p": setting(
-            "top_p", {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1}
-        ),
-        "top_k": setting("top_k", {"type": "integer", "minimum": 0}),
-        "min_p": setting("min_p", {"type": "number", "minimum": 0, "maximum": 1}),
-        "repetition_penalty": setting(
-            "repetition_penalty",
-            {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 100},
-        ),
-        "stop": {
-            "oneOf": [stop_text, {"type": "array", "items": stop_text, "maxItems": MAX_STOPS}],
-            "nullable": True,
-            "description": "end a completion at any of these strings (left out of it)",
-        },
-        "n": setting("num_samples", {"type": "integer", "minimum": 1, "maximum": cfg.max_n}),
-        "seed": {
-            "type": "integer",
-            "minimum": 0,
-            "maximum": MAX_SEED,
-            "nullable": True,
-            "description": "the same seed and settings give the same text; default: a "
-            "new random seed per request",
-        },
-        "stream": {
-            "type": "boolean",
-            "nullable": True,
-            "default": False,
-            "description": "send the text as server-sent events as it is made, ending "
-            "with data: [DONE]",
-        },
-        "stream_options": {
-            "type": "object",
-            "nullable": True,
-            "additionalProperties": False,
-            "properties": {"include_usage": {"type": "boolean"}},
-            "description": "include_usage: a last event with the token counts",
-        },
-        "echo": {
-            "type": "boolean",
-            "nullable": True,
-            "default": False,
-            "description": "begin each completion with its prompt",
-        },
-        "user": {"type": "string", "nullable": True, "description": "accepted and ignored"},
-        "frequency_penalty": {
-            "type": "number",
-            "nullable": True,
-            "minimum": 0,
-            "maximum": 0,
-            "description": "not supported: only 0 (use repetition_penalty)",
-        },
-        "presence_penalty": {
-            "type": "number",
-            "nullable": True,
-            "minimum": 0,
-            "maximum": 0,
-            "description": "not supported: only 0 (use repetition_penalty)",
-        },
+        **_sampling(cfg),
+        **OPTIONS,
     }
     required = ["prompt"] + (["model"] if len(model_ids) > 1 else [])
     return {
@@ -250,18 +259,7 @@ def check(value: Any, schema: dict[str, Any], name: str, param: Optional[str] = 
             return
         raise ApiError(400, f"{name} must not be null", param)
     if "oneOf" in schema:
-        options = schema["oneOf"]
-        kind = _json_type(value)
-        matching = [
-            o for o in options if o["type"] == kind or (o["type"] == "number" and kind == "integer")
-        ]
-        if not matching:
-            raise ApiError(
-                400,
-                f"{name} must be a {' or an '.join(o['type'] for o in options)}, not {kind}",
-                param,
-            )
-        return check(value, matching[0], name, param)
+        return check(value, _one_of(value, schema["oneOf"], name, param), name, param)
     kind, expected = _json_type(value), schema["type"]
     if not (kind == expected or (expected == "number" and kind == "integer")):
         raise ApiError(
@@ -273,58 +271,87 @@ def check(value: Any, schema: dict[str, Any], name: str, param: Optional[str] = 
         raise ApiError(400, f"{name} must be a finite number, got {value}", param)
     if "enum" in schema and value not in schema["enum"]:
         raise ApiError(400, f"{name} must be one of {', '.join(map(str, schema['enum']))}", param)
-    if expected in ("integer", "number"):
-        low, high = schema.get("minimum"), schema.get("maximum")
-        if low is not None and (value < low or (schema.get("exclusiveMinimum") and value == low)):
-            relation = "above" if schema.get("exclusiveMinimum") else "at least"
-            raise ApiError(400, f"{name} must be {relation} {low}, got {value}", param)
-        if high is not None and value > high:
-            raise ApiError(400, f"{name} must be at most {high}, got {value}", param)
-    elif expected == "string":
-        if len(value) < schema.get("minLength", 0):
-            raise ApiError(400, f"{name} must not be empty", param)
-        if len(value) > schema.get("maxLength", math.inf):
+    checks = {
+        "integer": _check_number,
+        "number": _check_number,
+        "string": _check_string,
+        "array": _check_array,
+        "object": _check_object,
+    }
+    if expected in checks:
+        checks[expected](value, schema, name, param)
+
+
+def _one_of(value: Any, options: list[dict[str, Any]], name: str, param: str) -> dict[str, Any]:
+    """The option of a oneOf that value's type picks."""
+    kind = _json_type(value)
+    matching = [
+        o for o in options if o["type"] == kind or (o["type"] == "number" and kind == "integer")
+    ]
+    if not matching:
+        raise ApiError(
+            400,
+            f"{name} must be a {' or an '.join(o['type'] for o in options)}, not {kind}",
+            param,
+        )
+    return matching[0]
+
+
+def _check_number(value: float, schema: dict[str, Any], name: str, param: str) -> None:
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if low is not None and (value < low or (schema.get("exclusiveMinimum") and value == low)):
+        relation = "above" if schema.get("exclusiveMinimum") else "at least"
+        raise ApiError(400, f"{name} must be {relation} {low}, got {value}", param)
+    if high is not None and value > high:
+        raise ApiError(400, f"{name} must be at most {high}, got {value}", param)
+
+
+def _check_string(value: str, schema: dict[str, Any], name: str, param: str) -> None:
+    if len(value) < schema.get("minLength", 0):
+        raise ApiError(400, f"{name} must not be empty", param)
+    if len(value) > schema.get("maxLength", math.inf):
+        raise ApiError(
+            400,
+            f"{name} is {len(value)} characters long; the limit is {schema['maxLength']}",
+            param,
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(
+            400, f"{name} is not valid Unicode (it holds a lone surrogate)", param
+        ) from None
+
+
+def _check_array(value: list, schema: dict[str, Any], name: str, param: str) -> None:
+    if len(value) < schema.get("minItems", 0):
+        raise ApiError(400, f"{name} must not be an empty list", param)
+    if len(value) > schema.get("maxItems", math.inf):
+        raise ApiError(
+            400, f"{name} holds {len(value)} items; the limit is {schema['maxItems']}", param
+        )
+    for i, item in enumerate(value):
+        check(item, schema["items"], f"{name}[{i}]", param)
+
+
+def _check_object(value: dict, schema: dict[str, Any], name: str, param: str) -> None:
+    """An object's fields: none unknown, the required there, each as its schema says (the
+    request's own fields are named, and reported as param, as they are)."""
+    top = name == "request"
+    known = schema.get("properties", {})
+    if schema.get("additionalProperties") is False:
+        unknown = sorted(set(value) - set(known))
+        if unknown:
             raise ApiError(
                 400,
-                f"{name} is {len(value)} characters long; the limit is {schema['maxLength']}",
-                param,
+                f"unknown or unsupported field(s) {', '.join(unknown)}"
+                f"{'' if top else ' in ' + name}: choose from {', '.join(known)}",
+                unknown[0] if top else param,
             )
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ApiError(
-                400, f"{name} is not valid Unicode (it holds a lone surrogate)", param
-            ) from None
-    elif expected == "array":
-        if len(value) < schema.get("minItems", 0):
-            raise ApiError(400, f"{name} must not be an empty list", param)
-        if len(value) > schema.get("maxItems", math.inf):
-            raise ApiError(
-                400, f"{name} holds {len(value)} items; the limit is {schema['maxItems']}", param
-            )
-        for i, item in enumerate(value):
-            check(item, schema["items"], f"{name}[{i}]", param)
-    elif expected == "object":
-        known = schema.get("properties", {})
-        if schema.get("additionalProperties") is False:
-            unknown = sorted(set(value) - set(known))
-            if unknown:
-                raise ApiError(
-                    400,
-                    f"unknown or unsupported field(s) {', '.join(unknown)}"
-                    f"{' in ' + name if name != 'request' else ''}: choose from "
-                    f"{', '.join(known)}",
-                    unknown[0] if name == "request" else param,
-                )
-        for field in schema.get("required", ()):
-            if field not in value:
-                if name == "request":
-                    raise ApiError(400, f"the request needs {field!r}", field)
-                raise ApiError(400, f"{name} needs {field!r}", param)
-        for field, item in value.items():
-            check(
-                item,
-                known[field],
-                field if name == "request" else f"{name}.{field}",
-                field if name == "request" else param,
-            )
+    for field in schema.get("required", ()):
+        if field not in value:
+            if top:
+                raise ApiError(400, f"the request needs {field!r}", field)
+            raise ApiError(400, f"{name} needs {field!r}", param)
+    for field, item in value.items():
+        check(item, known[field], field if top else f"{name}.{field}", field if top else param)
