@@ -20,6 +20,8 @@ LAYERS = [
     ["runlog", "training", "finetune", "inspection", "runinfo"],
     # the Python API, then what stands on it
     ["api"],
+    # the HTTP server: its request schemas, its OpenAPI description, its models and their turns
+    ["serve_schema", "serve_openapi", "scheduler"],
     ["server", "cli", "__main__", "__init__"],
 ]
 ORDER = [name for layer in LAYERS for name in layer]

@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 import smolgpt
-from smolgpt.server import CHAT_STOPS, chat_prompt, chat_stops, playground_html
+from smolgpt.serve_schema import CHAT_STOPS, chat_prompt, chat_stops
+from smolgpt.server import playground_html
 from smolgpt.tokenizer import BPETokenizer, CharTokenizer, WordTokenizer
 
 from e2e import (

@@ -1,0 +1,255 @@
+"""The OpenAPI 3.0 description of ``smolgpt serve``: its endpoints, the request schemas of
+serve_schema and the shapes of its answers, put together from a piece per endpoint."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from . import __version__
+
+REASONS = {
+    400: "invalid request",
+    401: "API key missing or wrong",
+    404: "no such model",
+    413: "request body too large",
+    503: "busy: try again shortly",
+    504: "the request took longer than the server's timeout",
+}
+
+# ------------------------------------------------------------------ the answers' shapes
+
+FINISH_REASON = {"type": "string", "nullable": True, "enum": ["stop", "length", None]}
+
+
+def _choice(key: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A choice of an answer, whose text is under key."""
+    return {
+        "type": "object",
+        "required": [key, "index", "finish_reason"],
+        "properties": {
+            key: schema,
+            "index": {"type": "integer"},
+            "logprobs": {"nullable": True},
+            "finish_reason": FINISH_REASON,
+        },
+    }
+
+
+CHOICE = _choice("text", {"type": "string"})
+CHAT_CHOICE = _choice(
+    "message",
+    {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {
+            "role": {"type": "string", "enum": ["assistant"]},
+            "content": {"type": "string"},
+        },
+    },
+)
+USAGE = {
+    "type": "object",
+    "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+    "properties": {
+        k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+    },
+}
+MODEL = {
+    "type": "object",
+    "required": ["id", "object", "created", "owned_by"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"type": "string", "enum": ["model"]},
+        "created": {"type": "integer"},
+        "owned_by": {"type": "string"},
+        "level": {"type": "string"},
+        "parameters": {"type": "integer"},
+        "block_size": {"type": "integer"},
+        "vocab_size": {"type": "integer"},
+        "loss_curve": {"type": "boolean"},
+    },
+}
+MODEL_LIST = {
+    "type": "object",
+    "required": ["object", "data"],
+    "properties": {
+        "object": {"type": "string"},
+        "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
+    },
+}
+ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": "string", "nullable": True},
+                "code": {"type": "string", "nullable": True},
+            },
+        }
+    },
+}
+
+
+def response(choice: dict[str, Any]) -> dict[str, Any]:
+    """A completion's (or chat's) answer, with choices of this shape."""
+    return {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices", "usage"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "items": choice},
+            "usage": USAGE,
+        },
+    }
+
+
+# ------------------------------------------------------------------ the endpoints
+
+
+def answers(*statuses: int, ok: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The responses of an endpoint: ok for 200, and OpenAI's error object for statuses."""
+    error = {"$ref": "#/components/schemas/Error"}
+    out = {"200": ok} if ok else {}
+    out.update(
+        {
+            str(s): {
+                "description": REASONS[s],
+                "content": {"application/json": {"schema": error}},
+            }
+            for s in statuses
+        }
+    )
+    return out
+
+
+def json_body(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def event_stream(name: str) -> dict[str, Any]:
+    """A stream of {name} chunks: before OpenAPI 3.2, an event stream's schema is one event's."""
+    return {
+        "schema": {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "type": "string",
+                    "description": f"a chunk as JSON (a {name} with the new text), or [DONE]",
+                },
+                "event": {"type": "string"},
+            },
+        }
+    }
+
+
+def generation(summary: str, name: str, secured: list) -> dict[str, Any]:
+    """A POST of {name}Request answered by a {name}, or with stream: true its events."""
+    ok = {
+        "description": f"the {name}, or with stream: true its events "
+        "(data: {chunk} ... data: [DONE])",
+        "content": {
+            "application/json": {"schema": ref(name)},
+            "text/event-stream": event_stream(name),
+        },
+    }
+    return {
+        "post": {
+            "summary": summary,
+            "security": secured,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ref(f"{name}Request")}},
+            },
+            "responses": answers(400, 401, 404, 413, 503, 504, ok=ok),
+        }
+    }
+
+
+def get(summary: str, responses: dict[str, Any], **more: Any) -> dict[str, Any]:
+    return {"get": {"summary": summary, **more, "responses": responses}}
+
+
+def paths(secured: list) -> dict[str, Any]:
+    """Every endpoint; secured: the security of those that need the API key."""
+    model_param = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+    anything = {"type": "object"}
+    return {
+        "/v1/completions": generation(
+            "continue a prompt (stream: true for server-sent events)", "Completion", secured
+        ),
+        "/v1/chat/completions": generation(
+            "the assistant's next message, continuing a plain transcript of the chat "
+            "(one 'Role: content' line per message, then 'Assistant:') up to the next "
+            "role line (stream: true for server-sent events)",
+            "ChatCompletion",
+            secured,
+        ),
+        "/v1/models": get(
+            "the models served",
+            answers(401, ok=json_body(ref("ModelList"), "the models")),
+            security=secured,
+        ),
+        "/v1/models/{model}": get(
+            "one model",
+            answers(401, 404, ok=json_body(ref("Model"), "the model")),
+            security=secured,
+            parameters=model_param,
+        ),
+        "/runs/{model}/loss": get(
+            "the loss curve of the training run beside a model's checkpoint",
+            answers(401, 404, ok=json_body(anything, "evaluations in order")),
+            security=secured,
+            parameters=model_param,
+        ),
+        "/health": get("liveness, and how busy the server is", {"200": json_body(anything, "ok")}),
+        "/": get(
+            "the playground page",
+            {
+                "200": {
+                    "description": "an HTML page",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                }
+            },
+        ),
+    }
+
+
+def openapi(schema: dict[str, Any], chat_schema: dict[str, Any], keyed: bool) -> dict[str, Any]:
+    """The OpenAPI 3.0 description of the server's endpoints: schema and chat_schema are its
+    requests' (with its limits); keyed: whether an API key is needed."""
+    components: dict[str, Any] = {
+        "schemas": {
+            "CompletionRequest": schema,
+            "Completion": response(CHOICE),
+            "ChatCompletionRequest": chat_schema,
+            "ChatCompletion": response(CHAT_CHOICE),
+            "Model": MODEL,
+            "ModelList": MODEL_LIST,
+            "Error": ERROR,
+        }
+    }
+    if keyed:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "smolgpt",
+            "version": __version__,
+            "description": "OpenAI-compatible completions and chat completions from smolgpt models",
+        },
+        "paths": paths([{"bearer": []}] if keyed else []),
+        "components": components,
+    }
