@@ -40,7 +40,7 @@ from typing import Callable, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import __version__, checkpoint, hardware
+from . import __version__, checkpoint, hardware, kernels
 from .config import BUDGET_EVALUATIONS, TrainConfig
 from .data import BatchSampler, TokenData
 from .distributed import Group
@@ -387,8 +387,12 @@ class Trainer:
         # Each rank its own dropout masks; rank 0 (and a single process) those of the seed.
         torch.manual_seed(cfg.seed + group.rank)
         self.model_config = cfg.model_config(data.tokenizer.vocab_size)
-        self.model = GPT(self.model_config).to(device)
+        # The plain model with kernels.py's faster versions of its parts swapped in: the
+        # same numbers, sooner (kernels.py says why each exists).
+        self.model = kernels.use_fast_kernels(GPT(self.model_config).to(device))
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
+        # model(x, y)[1], the mean loss, without holding a word-level batch's logits.
+        self.training_loss = kernels.TrainingLoss(self.model)
         if init_weights is not None:
             # After the random initialisation all the same, so that the RNG streams (dropout)
             # are those of any run with this seed.
@@ -418,7 +422,7 @@ class Trainer:
         # DDP averages the ranks' gradients in the backward pass (and copies rank 0's weights
         # to the others here). The rotary tables are constants: no need to send them along
         # before every forward pass (newer torch names that setting differently).
-        self.replicated = self.model
+        self.replicated = self.training_loss
         if group.distributed:
             no_buffer_sync = (
                 {"forward_sync_buffers": False}
@@ -426,13 +430,14 @@ class Trainer:
                 else {"broadcast_buffers": False}
             )
             self.replicated = DistributedDataParallel(
-                self.model,
+                self.training_loss,
                 device_ids=[device.index] if device.type == "cuda" else None,
                 **no_buffer_sync,
             )
-        self.forward = torch.compile(self.replicated) if cfg.compile else self.replicated
+        # loss(x, y): the mean loss of a batch, what a training step differentiates.
+        self.loss = torch.compile(self.replicated) if cfg.compile else self.replicated
         # Evaluations need no gradients, so no DDP: each rank scores its own windows.
-        self.eval_forward = self.forward if not group.distributed else self.model
+        self.eval_loss = self.loss if not group.distributed else self.training_loss
 
     # ----------------------------------------------------------------- state
 
@@ -556,7 +561,7 @@ class Trainer:
                 else self.replicated.no_sync()
             ):
                 with self.precision.autocast():
-                    _, loss = self.forward(x, y)
+                    loss = self.loss(x, y)
                 loss = loss / steps
                 with self.group.talking_inside_torch():
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -621,7 +626,7 @@ class Trainer:
             out = {}
             for split, ids in splits.items():
                 scored = score_windows(
-                    self.eval_forward,
+                    self.eval_loss,
                     ids,
                     block,
                     starts[split],
@@ -844,11 +849,11 @@ class Trainer:
 
         def forward() -> torch.Tensor:
             with torch.no_grad(), self.precision.autocast():
-                return self.eval_forward(x, y)[1]
+                return self.eval_loss(x, y)
 
         def forward_backward() -> torch.Tensor:
             with self.precision.autocast():
-                _, loss = self.model(x, y)
+                loss = self.training_loss(x, y)
             loss.backward()
             return loss.detach()
 
