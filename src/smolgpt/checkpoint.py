@@ -32,7 +32,6 @@ from typing import Any, Iterator
 
 import torch
 
-from . import kernels
 from .config import LEGACY_DEFAULTS, ModelConfig
 from .errors import SmolGPTError
 from .extras import upgrade_advice
@@ -206,6 +205,5 @@ def load_model(path: Path, device: torch.device) -> tuple[GPT, Tokenizer, dict]:
     ckpt = load(path, map_location=device)
     model = GPT(model_config(ckpt, path))
     model.load_state_dict(ckpt["model"])
-    # The same model with kernels.py's faster versions of its parts swapped in.
-    kernels.use_fast_kernels(model.to(device).eval())
+    model.to(device).eval()
     return model, tokenizer_from_dict(ckpt["tokenizer"]), ckpt

@@ -19,7 +19,7 @@ costs one position of work instead of re-running the whole context.
 Every computation here is the plain PyTorch expression: ``nn.Dropout``, ``nn.GELU``, attention
 written out as softmax(q k^T / sqrt(hs)) v, and ``F.cross_entropy`` of the logits. Faster
 versions of some of them live in ``kernels.py``, and ``kernels.use_fast_kernels`` swaps them
-into a model once it is built (the trainer and the checkpoint loader do); they compute the
+into a model once it is built (the trainer and the model loader do); they compute the
 same numbers (tests/test_kernels.py), so this file can be read without them.
 
 Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads, hs head size.
