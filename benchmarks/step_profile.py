@@ -126,7 +126,7 @@ def time_kernels(args) -> None:
 
         def head_loss():
             with pol.autocast():
-                _, loss = kernels.head_loss(hidden, weight, targets, chunk)
+                loss = kernels.head_loss(hidden, weight, targets, chunk)
             loss.backward()
 
         rows.append(
@@ -177,7 +177,7 @@ def build_step(
                 if isinstance(child, kernels.Dropout):
                     setattr(module, name, torch.nn.Dropout(child.p))
     if whole_loss:
-        model.loss_chunk_elements = sys.maxsize
+        trainer.training_loss.chunk_elements = sys.maxsize
     if pure_bf16:
         model.bfloat16()
         trainer.precision = hardware.cpu_policy(hardware.cpu_info(), amp=False)  # no autocast

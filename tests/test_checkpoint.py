@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from smolgpt import checkpoint
+from smolgpt import checkpoint, kernels
 from smolgpt.errors import SmolGPTError
 from smolgpt.model import GPT
 from smolgpt.tokenizer import CharTokenizer
@@ -82,8 +82,16 @@ def test_load_model_gives_same_outputs(saved):
     text = "Holmes and Watson opened the old door."
     assert tokenizer.decode(tokenizer.encode(text)) == text
     x = torch.tensor([tokenizer.encode(text)[:16]])
-    with torch.no_grad():
-        assert torch.equal(loaded(x)[0], model(x)[0])
+    # The trainer's model has kernels.py's faster parts; the loaded one is plain until they
+    # are swapped in (as smolgpt.load does): then the outputs are the same, bit for bit.
+    kernels.use_fast_kernels(loaded)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            assert torch.equal(loaded(x)[0], model(x)[0])
+    finally:
+        model.train(was_training)
     assert loaded.lm_head.weight is loaded.wte.weight  # tying survives loading
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import smolgpt
-from smolgpt import checkpoint, cli
+from smolgpt import checkpoint, cli, kernels
 from smolgpt.config import ModelConfig, SampleConfig
 from smolgpt.errors import SmolGPTError
 from smolgpt.export import META, export_safetensors
@@ -272,7 +272,8 @@ def test_safetensors_export_loads_back_exactly(tmp_path, level, position, tied):
     assert loaded.config == model.config and loaded.train_config == {"max_iters": 7}
     assert loaded.tokenizer.to_dict() == tokenizer.to_dict()
     ids = tokenizer.encode(known_text(tokenizer, CORPUS))[:32]
-    assert torch.equal(logits(loaded.module, ids), logits(model, ids))
+    # (smolgpt.load swaps in the CPU kernels: the same logits as the model with them)
+    assert torch.equal(logits(loaded.module, ids), logits(kernels.use_fast_kernels(model), ids))
     assert (loaded.module.lm_head.weight is loaded.module.wte.weight) == tied
 
 

@@ -188,7 +188,7 @@ def _trainer(tmp_path, level: str, **overrides) -> Trainer:
         resolve_train_config(settings), tokens, tmp_path / f"run-{level}", torch.device("cpu")
     )
     if level == "word":  # the chunked head loss, as at a real word-level vocabulary
-        trainer.model.loss_chunk_elements = 4 * tokens.tokenizer.vocab_size
+        trainer.training_loss.chunk_elements = 4 * tokens.tokenizer.vocab_size
     return trainer
 
 

@@ -12,7 +12,7 @@ LAYERS = [
     # files and plain facts
     ["errors", "extras", "openmp", "files", "config", "rundir"],
     # the machine, and the pieces of a model
-    ["distributed", "signals", "hardware", "kernels", "tokenizer", "model", "optim"],
+    ["distributed", "signals", "hardware", "tokenizer", "model", "kernels", "optim"],
     # text to batches, scoring, checkpoints, sampling, other formats, pictures
     ["sources", "tokendata", "tokencache", "batches", "evaluate", "checkpoint", "sampling"],
     ["export", "hf", "interop", "plots"],

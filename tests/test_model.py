@@ -1,5 +1,5 @@
-"""The GPT network: shapes, causality, the KV cache, weight tying, initialisation, the chunked
-head loss, dropout and gradient checkpointing."""
+"""The GPT network: shapes, causality, the KV cache, weight tying, initialisation and gradient
+checkpointing (kernels.py's faster versions of its parts: tests/test_kernels.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 from smolgpt import model as model_module
 from smolgpt.config import ModelConfig
 from smolgpt.errors import SmolGPTError
-from smolgpt.kernels import GELU, ChunkedHeadLoss, Dropout
 from smolgpt.model import GPT, KVCache, apply_rotary, rotary_tables
 
 from e2e import names
@@ -35,10 +34,6 @@ def test_output_shapes(tiny_model, tiny_config):
         loss, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
     )
     assert loss.shape == () and loss.dtype == torch.float32
-    tiny_model.loss_chunk_elements = 4 * tiny_config.vocab_size  # fewer than 21 rows of logits
-    skipped, chunked_loss = tiny_model(x, targets=targets)
-    assert skipped is None  # large logits are never held: the loss is made chunk by chunk
-    torch.testing.assert_close(chunked_loss, loss)
 
 
 def test_full_block_is_accepted_and_longer_raises(tiny_model, tiny_config):
@@ -210,87 +205,6 @@ def test_loss_backward_reaches_every_parameter(tiny_model, tiny_config):
     loss.backward()
     for name, p in tiny_model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-
-
-# --------------------------------------------------------------------------- head loss
-
-
-def test_chunked_head_loss_equals_cross_entropy_and_its_gradients():
-    torch.manual_seed(0)
-    x = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(7, 8, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(7, (10,))
-    expected = torch.nn.functional.cross_entropy(x @ weight.t(), targets)
-    expected_grads = torch.autograd.grad(2 * expected, (x, weight))
-    # 3 rows per chunk: the last chunk is a partial one.
-    loss = ChunkedHeadLoss.apply(x, weight, targets, torch.float64, 3, True)
-    grads = torch.autograd.grad(2 * loss, (x, weight))  # backward scales by the upstream 2
-    torch.testing.assert_close(loss, expected.float())
-    for got, want in zip(grads, expected_grads):
-        assert got.dtype == torch.float64
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # softmax in float32
-
-
-@pytest.mark.parametrize("autocast", [False, True])
-def test_model_loss_is_the_same_in_chunks_or_whole(tiny_config, autocast):
-    torch.manual_seed(0)
-    model = GPT(tiny_config).train()
-    x, y = ids(tiny_config, 3, 16), ids(tiny_config, 3, 16, seed=1)
-
-    def loss_and_grads():
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            _, loss = model(x, targets=y)
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-    whole, whole_grads = loss_and_grads()  # 48 rows x 23 logits: one ordinary cross-entropy
-    model.loss_chunk_elements = 5 * tiny_config.vocab_size
-    chunked, chunked_grads = loss_and_grads()  # 5 rows per chunk
-    tol = {"rtol": 2e-2, "atol": 2e-3} if autocast else {"rtol": 1e-4, "atol": 1e-6}
-    torch.testing.assert_close(chunked, whole, **tol)
-    for got, want in zip(chunked_grads, whole_grads):
-        torch.testing.assert_close(got, want, **tol)
-    with torch.no_grad():  # evaluation: no gradients made
-        _, loss = model(x, targets=y)
-    torch.testing.assert_close(loss, whole, rtol=2e-2, atol=2e-3)
-
-
-# --------------------------------------------------------------------------- dropout
-
-
-def test_dropout_keeps_1_minus_p_and_rescales():
-    torch.manual_seed(0)
-    drop = Dropout(0.2).train()
-    x = torch.ones(400, 250, requires_grad=True)
-    y = drop(x)
-    kept = y != 0
-    assert kept.float().mean().item() == pytest.approx(0.8, abs=0.005)
-    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.8))
-    y.sum().backward()
-    torch.testing.assert_close(x.grad, y.detach())  # gradient flows through kept elements only
-    # Each element's draw is independent of its neighbours': no visible pattern in a row.
-    assert 0.7 < kept[:, 0].float().mean().item() < 0.9
-    assert 0.7 < kept[:, 3].float().mean().item() < 0.9
-
-
-def test_dropout_is_seeded_odd_sized_and_off_in_eval():
-    x = torch.randn(3, 5, 7, dtype=torch.bfloat16)  # 105 elements: not a multiple of four
-    drop = Dropout(0.5).train()
-    torch.manual_seed(1)
-    a = drop(x)
-    torch.manual_seed(1)
-    assert torch.equal(drop(x), a) and a.dtype == torch.bfloat16 and a.shape == x.shape
-    assert not torch.equal(drop(x), a)  # the next draw differs
-    assert torch.equal(drop.eval()(x), x)
-    assert torch.equal(Dropout(0.0).train()(x), x)
-
-
-@pytest.mark.parametrize("shape", [(1, 1, 192), (16, 64, 512)])  # a generation step; a batch
-def test_gelu_kernel_is_exact_gelu_and_leaves_onednn_on(shape):
-    x = torch.randn(shape) * 3
-    torch.testing.assert_close(GELU()(x), torch.nn.functional.gelu(x))
-    assert torch.backends.mkldnn.enabled  # switched off for small inputs only while it runs
 
 
 def test_optimizer_groups_split_matrices_from_vectors(tiny_model):

@@ -20,6 +20,7 @@ from typing import Callable, ContextManager, Optional, Sequence
 import numpy as np
 import torch
 
+from . import kernels
 from .distributed import Group
 from .errors import SmolGPTError
 from .model import GPT
@@ -121,7 +122,7 @@ def window_starts(n_tokens: int, block_size: int, max_windows: Optional[int] = N
 
 
 def score_windows(
-    forward: Callable,
+    loss: Callable,
     ids: Sequence[int],
     block_size: int,
     starts: list[int],
@@ -132,9 +133,9 @@ def score_windows(
 ) -> Optional[tuple[float, int]]:
     """(sum of the cross-entropies in nats, tokens predicted) over the windows at starts.
 
-    forward(x, y) -> (logits, mean loss) is a GPT (or its compiled form) in eval mode; ids a
-    1-D array or tensor, read a window at a time (a memory-mapped split is never loaded
-    whole). Windows of equal length go batch_size at a time; a shorter last one goes alone,
+    loss(x, y) -> mean loss is a GPT's (kernels.TrainingLoss, or its compiled form) in eval
+    mode; ids a 1-D array or tensor, read a window at a time (a memory-mapped split is never
+    loaded whole). Windows of equal length go batch_size at a time; a shorter last one goes alone,
     so no padding ever reaches the model. The sum is kept in float64. should_stop is asked
     after every batch: when it says yes, the scoring is abandoned and None returned."""
     n = len(ids)
@@ -155,8 +156,8 @@ def score_windows(
             ).to(device)
             x, y = rows[:, :-1], rows[:, 1:]
             with autocast():
-                _, loss = forward(x, y)
-            total += loss.double().item() * y.numel()
+                mean = loss(x, y)
+            total += mean.double().item() * y.numel()
             count += y.numel()
             if should_stop is not None and should_stop():
                 return None
@@ -164,7 +165,7 @@ def score_windows(
 
 
 def score_splits(
-    forward: Callable,
+    loss: Callable,
     splits: dict[str, Sequence[int]],
     block_size: int,
     most: int,
@@ -175,7 +176,7 @@ def score_splits(
     should_stop: Callable[[], bool],
     report: Optional[Callable[[int, int], None]] = None,
 ) -> Optional[dict[str, float]]:
-    """{split: mean loss in nats} over each split's evaluation windows (window_starts), at
+    """{split: mean loss in nats} of loss(x, y) over each split's evaluation windows, at
     most `most` of them spread evenly (a split that small is scored whole, as ``smolgpt
     eval`` scores it). Under distributed training each rank scores its share of the
     windows and the sums are added up. report(batches scored, batches in all) is called
@@ -197,7 +198,7 @@ def score_splits(
     out = {}
     for split, ids in splits.items():
         scored = score_windows(
-            forward, ids, block_size, starts[split], batch_size, device, autocast, after_batch
+            loss, ids, block_size, starts[split], batch_size, device, autocast, after_batch
         )
         if scored is None:
             return None
@@ -213,7 +214,7 @@ def _model_nats(module: GPT, ids: list[int], batch_size: int) -> float:
     module.eval()  # no dropout
     try:
         nats, _ = score_windows(
-            module,
+            kernels.TrainingLoss(module),  # model(x, y)[1] without all the logits at once
             ids,
             block,
             window_starts(len(ids), block),

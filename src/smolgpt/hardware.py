@@ -423,14 +423,15 @@ class PassTimes:
 
 def time_passes(
     model: torch.nn.Module,
-    eval_forward: Callable,
+    eval_loss: Callable,
+    training_loss: Callable,
     x: torch.Tensor,
     y: torch.Tensor,
     policy: PrecisionPolicy,
     device: torch.device,
 ) -> PassTimes:
-    """Time one evaluation batch (eval_forward(x, y) in eval mode) and one training pass
-    (forward and backward of model, no optimiser step): each the faster of two, as the
+    """Time one evaluation batch (eval_loss(x, y), model in eval mode) and one training pass
+    (training_loss(x, y) and its backward, no optimiser step): each the faster of two, as the
     first may pay one-off costs (a compilation with --compile). On a CPU whose threads are
     smolgpt's to choose (may_choose_threads) and that other programs keep busy
     (BUSY_CORES), the training pass is timed on one thread too, and the faster count is
@@ -449,11 +450,11 @@ def time_passes(
 
     def forward() -> torch.Tensor:
         with torch.no_grad(), policy.autocast():
-            return eval_forward(x, y)[1]
+            return eval_loss(x, y)
 
     def forward_backward() -> torch.Tensor:
         with policy.autocast():
-            _, loss = model(x, y)
+            loss = training_loss(x, y)
         loss.backward()
         return loss.detach()
 

@@ -12,7 +12,7 @@ from typing import Any, Union
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, kernels
 from .errors import SmolGPTError
 from .export import META, WEIGHTS, check_out_dir, read_safetensors_export
 from .hf import read_hf, require_hf
@@ -32,7 +32,17 @@ def load_source(
     "data": fingerprint, source, path, which an export carries along; {} when unknown),
     from a smolgpt checkpoint (.pth), a safetensors export directory, or a Hugging Face
     directory in one of the layouts :func:`~smolgpt.hf.export_hf` writes. Anything else is a
-    SmolGPTError naming what is wrong."""
+    SmolGPTError naming what is wrong.
+
+    The model is the plain one with kernels.py's faster versions of its parts swapped in
+    (:func:`smolgpt.kernels.use_fast_kernels`): the same numbers, sooner."""
+    module, tokenizer, train_config, data = _load_source(path, device)
+    return kernels.use_fast_kernels(module), tokenizer, train_config, data
+
+
+def _load_source(
+    path: Union[str, Path], device: torch.device
+) -> tuple[GPT, Tokenizer, dict[str, Any], dict[str, Any]]:
     path = Path(path)
     if path.is_file() and path.name in (META, WEIGHTS, HF_CONFIG):
         path = path.parent  # a file of an export: the export

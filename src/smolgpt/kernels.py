@@ -1,26 +1,31 @@
-"""Faster ways to compute four parts of the model, chosen by measurement on CPUs.
+"""Faster ways to compute parts of the model, chosen by measurement on CPUs, and the one
+place they go in.
 
-``model.py`` says *what* a GPT computes; this module holds the places where *how* it is
-computed matters for speed, each a drop-in for the plain PyTorch expression named in its
-docstring (``benchmarks/step_profile.py --kernels`` times each against it, and
-``benchmarks/generation.py`` the generation step):
+``model.py`` says *what* a GPT computes, in plain PyTorch; this module holds the places where
+*how* it is computed matters for speed. :func:`use_fast_kernels` swaps them into a built
+model (the trainer, and ``interop.load_source`` for every model ``smolgpt.load`` reads),
+and :class:`TrainingLoss` is the training loss without the logits. Each computes what the
+plain module it replaces computes (tests/test_kernels.py checks outputs and gradients);
+``benchmarks/step_profile.py --kernels`` times each against it, ``benchmarks/generation.py``
+the generation step, and README's "What makes the difference on a CPU" gives the speed-ups:
 
 - :class:`Dropout`: ``nn.Dropout`` with a cheaper random mask on CPUs;
 - :class:`GELU`: ``nn.GELU()``, without oneDNN's fixed cost on the small inputs of a
   generation step;
-- :func:`attention_input` and :func:`attention`: ``F.scaled_dot_product_attention``, run in
-  float32 on a CPU under bf16 autocast, where the fused kernel is fast only in float32;
-- :func:`head_loss`: ``F.cross_entropy(x @ weight.T, targets)``, made a chunk of rows at a time
-  when the logits are large (word level), so they are never all held at once.
+- :class:`FusedAttention`: ``model.Attention`` (softmax(q k^T / sqrt(hs)) v written out) as
+  ``F.scaled_dot_product_attention``, a fused kernel that never holds the (T, T) weights,
+  run in float32 on a CPU under bf16 autocast, where it is fast only in float32;
+- :class:`TrainingLoss`: ``model(idx, targets)[1]``, the head's cross-entropy made a chunk of
+  rows at a time when the logits are large (word level), so they are never all held at once.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from .model import GPT, Attention
 
 # Logits per chunk of the head loss: 2^20 float32 = 4 MB, which stays in cache.
 LOSS_CHUNK_ELEMENTS = 1 << 20
@@ -28,17 +33,13 @@ LOSS_CHUNK_ELEMENTS = 1 << 20
 SMALL_ELEMENTS = 32768
 
 
-class Dropout(nn.Module):
+class Dropout(nn.Dropout):
     """nn.Dropout, with a faster mask on CPUs.
 
     PyTorch's CPU dropout draws one random number per element, and drawing is most of its
     cost. Here one 64-bit draw makes four 15-bit numbers, each compared with p * 2^15 to
     decide whether its element is kept. Elsewhere (CUDA) PyTorch's fused kernel is used.
     """
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
@@ -52,11 +53,8 @@ class Dropout(nn.Module):
         keep = quarters >= round(self.p * 2**15)
         return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
 
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
-
-class GELU(nn.Module):
+class GELU(nn.GELU):
     """nn.GELU(): x * Phi(x), exact (with erf), by PyTorch's own kernel on small CPU inputs.
 
     On a CPU, F.gelu hands every float32 tensor to oneDNN, whose fixed cost (some 50 us a
@@ -81,28 +79,31 @@ class GELU(nn.Module):
             torch.backends.mkldnn.enabled = True
 
 
-def attention_input(qkv: torch.Tensor) -> torch.Tensor:
-    """The queries, keys and values (one tensor) in the dtype attention should run in.
+class FusedAttention(Attention):
+    """model.Attention by F.scaled_dot_product_attention: one fused kernel (flash or
+    memory-efficient where the hardware has them) that never holds the (T, T) weights.
 
-    On a CPU the fused attention kernel is fast only in float32 (in bf16 it is 2-4x slower
-    at these sizes), so under CPU autocast they are converted to float32, once for all three;
-    the rotation of rotary positions then runs in float32 too."""
-    on_cpu_bf16 = qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16
-    return qkv.float() if on_cpu_bf16 else qkv
+    On a CPU the fused kernel is fast only in float32 (in bf16 it is 2-4x slower at these
+    sizes), so under CPU autocast q, k and v are converted to float32 and the result back."""
 
-
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], causal: bool
-) -> torch.Tensor:
-    """F.scaled_dot_product_attention (fused flash / memory-efficient kernels where the
-    hardware has them), kept in the inputs' dtype: float32 inputs on a CPU are not cast back
-    to bf16 by autocast (see :func:`attention_input`)."""
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-    # No context manager otherwise: entering even a null one costs a few microseconds per
-    # layer, which a generation step at batch 1 notices.
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        T, Tk = q.size(2), k.size(2)
+        if not self.causal or T == 1:  # one new token may see everything before it
+            mask, causal = None, False
+        elif T == Tk:  # no cache: the kernel's own causal mask, its fastest path
+            mask, causal = None, True
+        else:  # new token i sits at position Tk - T + i and may see keys 0 .. Tk - T + i
+            rows = torch.arange(T, device=q.device).unsqueeze(1) + (Tk - T)
+            mask, causal = torch.arange(Tk, device=q.device) <= rows, False
+        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            dtype = q.dtype
+            with torch.autocast("cpu", enabled=False):
+                q, k, v = (t.float() for t in (q, k, v))
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            return y.to(dtype)
+        # No context manager otherwise: entering even a null one costs a few microseconds per
+        # layer, which a generation step at batch 1 notices.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
@@ -155,17 +156,53 @@ def head_loss(
     weight: torch.Tensor,
     targets: torch.Tensor,
     chunk_elements: int = LOSS_CHUNK_ELEMENTS,
-) -> tuple[Optional[torch.Tensor], torch.Tensor]:
-    """(logits, mean cross-entropy) of the output head x @ weight.T (x: (N, C) final hidden
-    states) against targets (N,). When the logits would hold more than chunk_elements
-    numbers, the loss is made by :class:`ChunkedHeadLoss` and logits is None."""
+) -> torch.Tensor:
+    """Mean cross-entropy of the output head's logits x @ weight.T (x: (N, C) final hidden
+    states) against targets (N,): ``F.cross_entropy(F.linear(x, weight), targets)``, by
+    :class:`ChunkedHeadLoss` when the logits would hold more than chunk_elements numbers."""
     rows = max(1, chunk_elements // weight.size(0))
     if x.size(0) <= rows:  # the logits are small: the ordinary path is faster
-        logits = F.linear(x, weight)
-        # In float32 at least, even under autocast: a bf16 log-softmax loses digits.
-        return logits, F.cross_entropy(
-            logits.to(torch.promote_types(logits.dtype, torch.float32)), targets
-        )
+        return F.cross_entropy(F.linear(x, weight), targets)  # float32 under autocast
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    return None, ChunkedHeadLoss.apply(x, weight, targets, dtype, rows, torch.is_grad_enabled())
+    return ChunkedHeadLoss.apply(x, weight, targets, dtype, rows, torch.is_grad_enabled())
+
+
+class TrainingLoss(nn.Module):
+    """model(idx, targets)[1], the mean loss, with the head's loss by :func:`head_loss`: at
+    word level the logits of a training batch are never all held at once.
+
+    A module of its own rather than a method of the model, so that what wraps it for
+    training (DistributedDataParallel, torch.compile) sees an ordinary forward; its
+    parameters are the model's."""
+
+    # The largest logits the loss is made from in one piece.
+    chunk_elements = LOSS_CHUNK_ELEMENTS
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.model.hidden_states(idx)
+        weight = self.model.lm_head.weight
+        return head_loss(x.flatten(0, 1), weight, targets.flatten(), self.chunk_elements)
+
+
+def use_fast_kernels(model: nn.Module) -> nn.Module:
+    """Swap this module's faster versions into model, in place, and return it: every
+    nn.Dropout becomes a :class:`Dropout`, every exact nn.GELU a :class:`GELU`, every
+    model.Attention a :class:`FusedAttention`. No parameters or buffers change: the state
+    dict, and what it computes, stay the same."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.Dropout:
+                fast = Dropout(child.p)
+            elif type(child) is nn.GELU and child.approximate == "none":
+                fast = GELU()
+            elif type(child) is Attention:
+                fast = FusedAttention(child.causal)
+            else:
+                continue
+            setattr(parent, name, fast.train(child.training))
+    return model

@@ -16,9 +16,11 @@ learn it position by position, and small models train markedly faster with it
 For generation, :class:`KVCache` keeps every layer's keys and values so that each new token
 costs one position of work instead of re-running the whole context.
 
-Four computations call faster versions of themselves in ``kernels.py`` (dropout, GELU, the
-attention product on CPUs, and the loss of the output head); each is a drop-in for the plain
-PyTorch expression its docstring names, so this file can be read without them.
+Every computation here is the plain PyTorch expression: ``nn.Dropout``, ``nn.GELU``, attention
+written out as softmax(q k^T / sqrt(hs)) v, and ``F.cross_entropy`` of the logits. Faster
+versions of some of them live in ``kernels.py``, and ``kernels.use_fast_kernels`` swaps them
+into a model once it is built (the trainer and the model loader do); they compute the
+same numbers (tests/test_kernels.py), so this file can be read without them.
 
 Shapes in comments: B batch, T time (tokens), C channels (n_embd), nh heads, hs head size.
 """
@@ -30,9 +32,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import kernels
 from .config import ModelConfig
 
 
@@ -86,15 +88,49 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
+class Attention(nn.Module):
+    """softmax(q k^T / sqrt(hs)) v for every head, each token seeing only itself and the
+    tokens before it (unless causal is off). No parameters: the weights that make q, k and v
+    belong to :class:`CausalSelfAttention`.
+
+    The queries are the last T of the keys' positions: all of them in training, the new
+    tokens when keys and values come from a :class:`KVCache`.
+    """
+
+    def __init__(self, causal: bool = True):
+        super().__init__()
+        self.causal = causal
+
+    def weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The attention weights (B, nh, T, Tk) of queries q (B, nh, T, hs) over keys k
+        (B, nh, Tk, hs): row i is how much query i takes from each key."""
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, Tk)
+        if self.causal:
+            T, Tk = q.size(2), k.size(2)
+            # Query i sits at position Tk - T + i and may not see the keys after it.
+            future = torch.ones(T, Tk, dtype=torch.bool, device=q.device).triu(Tk - T + 1)
+            scores = scores.masked_fill(future, float("-inf"))
+        return scores.softmax(dim=-1)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.weights(q, k) @ v  # (B, nh, T, hs): a weighted average of the values
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}"
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.causal = config.causal  # False only as an exercise (--no-causal)
         # One matrix computes queries, keys and values for all heads at once.
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # causal=False only as an exercise (--no-causal).
+        # No dropout on the attention weights: it would force the slow unfused path on CPUs,
+        # and dropout on the residual branches (below, and in the MLP) regularises enough.
+        self.attention = Attention(config.causal)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = kernels.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
 
     def split_heads(self, qkv: torch.Tensor, rotary=None):
         """Queries, keys and values (B, T, 3C) as three (B, nh, T, hs) tensors, queries and
@@ -112,43 +148,21 @@ class CausalSelfAttention(nn.Module):
         return tuple(t.transpose(1, 2) for t in (q, k, v.view(B, T, self.n_head, C // self.n_head)))
 
     def attention_weights(self, x: torch.Tensor, rotary=None) -> torch.Tensor:
-        """Every head's attention weights (B, nh, T, T) for x (the block's normalised input):
-        row i is how much token i takes from each token, softmax(q k^T / sqrt(hs)) under the
-        causal mask. forward computes the same inside a fused kernel without ever holding
-        them; this spells it out, to look inside a model (smolgpt inspect, docs/tour.md)."""
+        """Every head's attention weights (B, nh, T, T) for x (the block's normalised input),
+        in float32: what forward averages the values with, to look inside a model (smolgpt
+        inspect, docs/tour.md)."""
         q, k, _ = self.split_heads(self.c_attn(x).float(), rotary)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, T)
-        if self.causal:
-            T = x.size(1)
-            future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-            scores = scores.masked_fill(future, float("-inf"))
-        return scores.softmax(dim=-1)
+        return self.attention.weights(q, k)
 
     def forward(
         self, x: torch.Tensor, rotary=None, cache: Optional[KVCache] = None, layer: int = 0
     ):
         """rotary: the (cos, sin) rows of this chunk's positions, or None (learned positions)."""
         B, T, C = x.shape
-        qkv = self.c_attn(x)  # (B, T, 3C): queries, keys and values of every head at once
-        dtype = qkv.dtype
-        qkv = kernels.attention_input(qkv)  # float32 on a CPU under bf16 autocast
-        q, k, v = self.split_heads(qkv, rotary)
-        past = 0
+        q, k, v = self.split_heads(self.c_attn(x), rotary)  # each (B, nh, T, hs)
         if cache is not None:
-            past = cache.length
             k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
-        if past == 0:
-            mask, causal = None, self.causal
-        elif T == 1 or not self.causal:
-            mask, causal = None, False  # one new token may see everything before it
-        else:
-            # New token i sits at position past + i and may see keys 0 .. past + i.
-            rows = torch.arange(T, device=x.device).unsqueeze(1) + past
-            mask, causal = torch.arange(past + T, device=x.device) <= rows, False
-        # softmax(q k^T / sqrt(hs)) v, masked so a token sees only itself and earlier ones.
-        # No dropout on the attention weights: it would force the slow unfused path on CPUs,
-        # and dropout on the residual branches (below, and in the MLP) regularises enough.
-        y = kernels.attention(q, k, v, mask, causal).to(dtype)
+        y = self.attention(q, k, v)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -159,9 +173,9 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         # Exact (erf) GELU: GPT-2 used a tanh approximation, which costs twice as much in bf16
         # on CPUs (benchmarks/step_profile.py --kernels).
-        self.gelu = kernels.GELU()
+        self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = kernels.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
@@ -183,8 +197,6 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    # The largest logits the loss of a training batch is made from in one piece (see forward).
-    loss_chunk_elements = kernels.LOSS_CHUNK_ELEMENTS
     # Gradient checkpointing (--gradient_checkpointing) trades compute for memory. When on,
     # a training forward keeps only each block's input for the backward pass, not the
     # activations inside the block (attention, the 4x-wide MLP, dropout masks); the backward
@@ -204,7 +216,7 @@ class GPT(nn.Module):
             cos, sin = rotary_tables(config.block_size, config.n_embd // config.n_head)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
-        self.drop = kernels.Dropout(config.dropout)
+        self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -250,13 +262,20 @@ class GPT(nn.Module):
         """(logits, loss) for token ids idx (B, T).
 
         logits (B, T, vocab) are the next-token scores at every position; loss is the mean
-        cross-entropy against targets (B, T), or None without targets. With targets and
-        logits of more than ``loss_chunk_elements`` numbers (a word-level training batch),
-        the loss is made a chunk at a time and logits is None: they are never held in memory.
-        With a cache, idx continues the cached tokens. With ``gradient_checkpointing`` on, a
-        training forward under autograd returns the same values and gradients, keeping less
-        memory until the backward.
+        cross-entropy against targets (B, T), or None without targets. With a cache, idx
+        continues the cached tokens.
         """
+        logits = self.lm_head(self.hidden_states(idx, cache))  # (B, T, vocab)
+        if targets is None:
+            return logits, None
+        # (Under autocast, cross_entropy runs in float32: a bf16 log-softmax loses digits.)
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def hidden_states(self, idx: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """The final hidden states (B, T, C) for token ids idx (B, T), after the last
+        LayerNorm: what the output head turns into logits. With ``gradient_checkpointing``
+        on, a training forward under autograd returns the same values and gradients, keeping
+        less memory until the backward."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -281,13 +300,7 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, rotary, None, i, use_reentrant=False)
             else:
                 x = block(x, rotary, cache, i)
-        x = self.ln_f(x)
-        if targets is None:
-            return self.lm_head(x), None
-        logits, loss = kernels.head_loss(
-            x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), self.loss_chunk_elements
-        )
-        return (None if logits is None else logits.view(B, T, -1)), loss
+        return self.ln_f(x)
 
     def optimizer_groups(self, weight_decay: float, exclude=()) -> list[dict]:
         """AdamW parameter groups: decay matrices (weights, embeddings), not biases or norms;

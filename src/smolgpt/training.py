@@ -35,7 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import __version__, checkpoint, hardware
+from . import __version__, checkpoint, hardware, kernels
 from .batches import BatchSampler
 from .config import TrainConfig
 from .distributed import Group, replicate
@@ -197,8 +197,12 @@ class Trainer:
         # Each rank its own dropout masks; rank 0 (and a single process) those of the seed.
         torch.manual_seed(cfg.seed + group.rank)
         self.model_config = cfg.model_config(data.tokenizer.vocab_size)
-        self.model = GPT(self.model_config).to(device)
+        # The plain model with kernels.py's faster versions of its parts swapped in: the
+        # same numbers, sooner (kernels.py says why each exists).
+        self.model = kernels.use_fast_kernels(GPT(self.model_config).to(device))
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
+        # model(x, y)[1], the mean loss, without holding a word-level batch's logits.
+        self.training_loss = kernels.TrainingLoss(self.model)
         if init_weights is not None:
             # After the random initialisation all the same, so that the RNG streams (dropout)
             # are those of any run with this seed.
@@ -225,10 +229,11 @@ class Trainer:
         if resume_from is not None:
             self._restore(resume_from)
         self.budget = Budget(cfg, clock_start, self.progress.elapsed_s, self.progress.extended_at)
-        self.replicated = replicate(self.model, group, device)  # DDP under torchrun
-        self.forward = torch.compile(self.replicated) if cfg.compile else self.replicated
+        self.replicated = replicate(self.training_loss, group, device)  # DDP under torchrun
+        # loss(x, y): the mean loss of a batch, what a training step differentiates.
+        self.loss = torch.compile(self.replicated) if cfg.compile else self.replicated
         # Evaluations need no gradients, so no DDP: each rank scores its own windows.
-        self.eval_forward = self.forward if not group.distributed else self.model
+        self.eval_loss = self.loss if not group.distributed else self.training_loss
 
     # ----------------------------------------------------------------- state
 
@@ -306,7 +311,7 @@ class Trainer:
                 else self.replicated.no_sync()
             ):
                 with self.precision.autocast():
-                    _, loss = self.forward(x, y)
+                    loss = self.loss(x, y)
                 loss = loss / steps
                 with self.group.talking_inside_torch():
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -353,7 +358,7 @@ class Trainer:
             stop.evaluating = True
         try:
             out = score_splits(
-                self.eval_forward,
+                self.eval_loss,
                 {"train": data.train, "val": data.val},
                 self.cfg.block_size,
                 self.budget.eval_batches * self.cfg.batch_size,
@@ -529,7 +534,7 @@ class Trainer:
             self.data.val, self.cfg.block_size, self.cfg.batch_size, self.cfg.seed, self.device
         ).next()
         times = hardware.time_passes(
-            self.model, self.eval_forward, x, y, self.precision, self.device
+            self.model, self.eval_loss, self.training_loss, x, y, self.precision, self.device
         )
         self.busy_cores, self.threads_timed_against = times.busy_cores, times.timed_against
         return times.batch_s, times.pass_s
