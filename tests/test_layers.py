@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "smolgpt"
 # Lowest first: a module may import those before it, never those after.
 LAYERS = [
     # files and plain facts
-    ["errors", "extras", "openmp", "files", "config", "rundir"],
+    ["errors", "extras", "openmp", "files", "settings", "commandconfig", "config", "rundir"],
     # the machine, and the pieces of a model
     ["distributed", "signals", "hardware", "kernels", "tokenizer", "model", "optim"],
     # text to batches, scoring, checkpoints, sampling, other formats, pictures
