@@ -166,18 +166,22 @@ def check_vocab_size(vocab_size: Any) -> None:
 class ModelShape:
     """The size and architecture of a GPT, declared once for models and training runs."""
 
-    n_layer: int = opt(4, "transformer blocks", "model", positive=True)
-    n_head: int = opt(4, "attention heads per block", "model", positive=True)
-    n_embd: int = opt(128, "embedding width (divisible by n_head)", "model", positive=True)
-    block_size: int = opt(128, "context length in tokens", "model", positive=True)
+    n_layer: int = opt(4, "transformer blocks", "model", positive=True, resume="fixed")
+    n_head: int = opt(4, "attention heads per block", "model", positive=True, resume="fixed")
+    n_embd: int = opt(
+        128, "embedding width (divisible by n_head)", "model", positive=True, resume="fixed"
+    )
+    block_size: int = opt(128, "context length in tokens", "model", positive=True, resume="fixed")
     dropout: float = opt(0.1, "dropout probability", "model")
-    bias: bool = opt(True, "biases in linear layers and LayerNorms", "model")
+    bias: bool = opt(True, "biases in linear layers and LayerNorms", "model", resume="fixed")
     position: str = opt(
         "rope",
         "how the model knows token positions: rotary (rope) or GPT-2's learned embeddings",
         "model",
         choices=POSITIONS,
         label="position encoding",
+        resume="fixed",
+        legacy="learned",
     )
     tie_embeddings: bool = opt(
         True,
@@ -235,18 +239,20 @@ class ModelConfig(ModelShape):
 class TrainConfig(ModelShape):
     """One training run: a model shape (from :class:`ModelShape`) and everything else."""
 
-    level: str = opt("word", "tokenization level", "data", choices=LEVELS)
+    level: str = opt("word", "tokenization level", "data", choices=LEVELS, resume="fixed")
     preset: str = opt(
         "tiny",
         "model size and training recipe (see Presets in the README)",
         "data",
         choices=tuple(PRESETS),
+        resume="fixed",
     )
     data: str = opt(
         "shakespeare",
         "training text: a built-in corpus (shakespeare, sherlock), a .txt file, "
         "a directory of .txt files, or an http(s) URL",
         "data",
+        resume="ignored",
     )
     init_from: Optional[str] = opt(
         None,
@@ -254,15 +260,19 @@ class TrainConfig(ModelShape):
         "checkpoint, a run directory, or a directory written by smolgpt export)",
         "data",
         shown="unset: a new model",
+        resume="kept",
     )
     out_dir: Optional[str] = opt(
         None,
         "run directory",
         "data",
         shown="checkpoints/<level>_<preset>; with --init_from, checkpoints/<source>_finetune",
+        resume="ignored",
     )
     # Optimisation.
-    batch_size: int = opt(32, "sequences per micro-batch", "optimisation", positive=True)
+    batch_size: int = opt(
+        32, "sequences per micro-batch", "optimisation", positive=True, resume="fixed"
+    )
     gradient_accumulation_steps: int = opt(
         1, "micro-batches per optimiser step", "optimisation", positive=True
     )
@@ -284,6 +294,8 @@ class TrainConfig(ModelShape):
         "adamw, or muon: Muon for the blocks' weight matrices and AdamW for the rest",
         "optimisation",
         choices=OPTIMIZERS,
+        resume="fixed",
+        legacy="adamw",
     )
     learning_rate: float = opt(
         3e-4,
@@ -387,14 +399,16 @@ class TrainConfig(ModelShape):
         "data",
         levels=("word",),
         positive=True,
+        resume="fixed",
     )
     vocab_size: Optional[int] = opt(
         None,
         "bpe level: tokens in the vocabulary, the 256 byte values and then the merges "
         "learned from the training split",
         "data",
+        resume="fixed",
     )
-    encoding: str = encoding_setting("data")
+    encoding: str = encoding_setting("data", resume="fixed")
     # Hardware and bookkeeping.
     amp: bool = opt(
         True,
@@ -410,15 +424,20 @@ class TrainConfig(ModelShape):
         "them: less memory (longer contexts, bigger models), about a third more compute",
         "system",
     )
-    seed: int = opt(1337, "random seed", "system")
-    resume: bool = opt(False, "continue from latest_model.pth in the run directory", "system")
+    seed: int = opt(1337, "random seed", "system", resume="fixed")
+    resume: bool = opt(
+        False, "continue from latest_model.pth in the run directory", "system", resume="ignored"
+    )
     overwrite: bool = opt(
         False,
         "start a new run in an --out_dir that holds one: the old run is moved aside "
         "(renamed with a timestamp), never deleted",
         "system",
+        resume="ignored",
     )
-    colab_drive: bool = opt(False, "on Colab: write the run to Google Drive", "system")
+    colab_drive: bool = opt(
+        False, "on Colab: write the run to Google Drive", "system", resume="ignored"
+    )
 
     def __post_init__(self) -> None:
         """Reject settings no run could use, naming the flag to change."""
@@ -665,35 +684,30 @@ def default_text(cls: type, name: str) -> str:
     return default_shown(next(f for f in dataclasses.fields(cls) if f.name == name))
 
 
-# Fields added after checkpoints were first written, with the value those older checkpoints
-# imply (they predate rotary positions, so their models learned position embeddings).
-LEGACY_DEFAULTS: dict[str, Any] = {"position": "learned", "optimizer": "adamw"}
+def _marked(key: str, value: Any = None) -> dict[str, Any]:
+    """{name: metadata[key]} of TrainConfig's fields whose metadata has key (equal to
+    value, if given)."""
+    return {
+        f.name: f.metadata[key]
+        for f in dataclasses.fields(TrainConfig)
+        if key in f.metadata and (value is None or f.metadata[key] == value)
+    }
 
-# Settings that define what a run *is*; a resumed run may not change them. (The training
-# text is checked by content, not by the --data string.) gradient_accumulation_steps may
-# change: with the number of processes (torchrun), to keep the global batch.
-RESUME_FIXED = (
-    "level",
-    "preset",
-    "n_layer",
-    "n_head",
-    "n_embd",
-    "block_size",
-    "bias",
-    "position",
-    "optimizer",
-    "min_word_freq",
-    "vocab_size",
-    "encoding",
-    "batch_size",
-    "seed",
-)
-# Bookkeeping that is not part of a run's recipe.
-_RESUME_IGNORED = ("resume", "overwrite", "out_dir", "data", "colab_drive")
-# Where a run started: its history, which a resumed run keeps whatever is given now (it
-# continues from its own latest_model.pth, so a --init_from given then is neither refused
-# nor used).
-RESUME_KEPT = ("init_from",)
+
+# Fields added after checkpoints were first written, with the value those older checkpoints
+# imply (their metadata's "legacy": they predate rotary positions, so their models learned
+# position embeddings).
+LEGACY_DEFAULTS: dict[str, Any] = _marked("legacy")
+# What --resume does with each setting is its metadata's "resume" (see settings.py).
+# "fixed": what a run *is*, which a resumed run may not change. (The training text is checked
+# by content, not by the --data string.) gradient_accumulation_steps may change: with the
+# number of processes (torchrun), to keep the global batch. "kept": where a run started, its
+# history, which a resumed run keeps whatever is given now (it continues from its own
+# latest_model.pth, so a --init_from given then is neither refused nor used). "ignored":
+# bookkeeping that is not part of a run's recipe.
+RESUME_FIXED = tuple(_marked("resume", "fixed"))
+RESUME_KEPT = tuple(_marked("resume", "kept"))
+_RESUME_IGNORED = tuple(_marked("resume", "ignored"))
 
 
 def resume_train_config(

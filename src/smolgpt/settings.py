@@ -86,7 +86,7 @@ def device_setting(group: str = "system", help: str = "where to run") -> Any:  #
     return opt("auto", help, group, choices=DEVICES)
 
 
-def encoding_setting(group: str) -> Any:
+def encoding_setting(group: str, **extra: Any) -> Any:
     """--encoding, of every command that reads a --data text."""
     return opt(
         "utf-8",
@@ -94,6 +94,7 @@ def encoding_setting(group: str) -> Any:
         "recognised by itself); e.g. cp1252 or latin-1 for older Windows or European texts",
         group,
         check=check_encoding,
+        **extra,
     )
 
 
