@@ -10,7 +10,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "smolgpt"
 # Lowest first: a module may import those before it, never those after.
 LAYERS = [
     # files and plain facts
-    ["errors", "extras", "openmp", "files", "settings", "commandconfig", "config", "rundir"],
+    [
+        "errors",
+        "extras",
+        "openmp",
+        "files",
+        "settings",
+        "commandconfig",
+        "presets",
+        "configfile",
+        "config",
+        "rundir",
+    ],
     # the machine, and the pieces of a model
     ["distributed", "signals", "hardware", "kernels", "tokenizer", "model", "optim"],
     # text to batches, scoring, checkpoints, sampling, other formats, pictures
@@ -20,7 +31,7 @@ LAYERS = [
     ["runlog", "training", "finetune", "inspection", "runinfo"],
     # the Python API, then what stands on it
     ["api"],
-    ["server", "cli", "__main__", "__init__"],
+    ["server", "flags", "cli", "__main__", "__init__"],
 ]
 ORDER = [name for layer in LAYERS for name in layer]
 

@@ -1,35 +1,33 @@
 """Every setting smolgpt has, defined once.
 
-Typed dataclasses hold them:
+Typed dataclasses hold them; the training run's are here:
 
 - :class:`ModelShape`: the network's size and architecture, shared by the two below;
 - :class:`ModelConfig`: a shape plus the vocabulary size: enough to rebuild a network, and
   stored in every checkpoint;
-- :class:`TrainConfig`: a training run (a shape plus data, optimisation, evaluation, ...);
-- :class:`SampleConfig`: how to sample a continuation, and :class:`GenerateConfig`, which adds
-  the prompt and the device for ``smolgpt generate``.
+- :class:`TrainConfig`: a training run (a shape plus data, optimisation, evaluation, ...).
 
-Each field carries its command-line help (and its ``--help`` group) in ``metadata``; the
-command line builds its flags from the fields and the Python API passes keyword arguments
-straight to the dataclasses, so both accept the same names with the same defaults. Every
-config checks itself in ``__post_init__``: a bad value is a :class:`SmolGPTError` naming the
-setting, however the config was made.
+The other commands' (:class:`SampleConfig`, :class:`GenerateConfig`, :class:`ServeConfig`,
+and those of eval, inspect, plot, export and info) are in ``commandconfig.py``, and offered
+here too. Each field carries its command-line help, its ``--help`` group and the values it
+allows in ``metadata`` (``settings.py`` says what it may hold); the command line builds every
+command's flags from the fields and the Python API passes keyword arguments straight to the
+dataclasses, so both accept the same names with the same defaults. Every config checks
+itself in ``__post_init__`` (what the metadata allows, then what spans several fields): a
+bad value is a :class:`SmolGPTError` naming the setting, however the config was made.
 
-Presets are plain data (:data:`PRESETS`). A training setting is resolved in three layers,
-later layers winning: the dataclass default, then the preset (its per-level entries, and on a
-CPU that computes in float32 its ``cpu_float32`` entries), then a setting the user gave: in
-a config file (:func:`read_config_file`), or as a flag or keyword argument, which wins over
-the file. A preset changes only the fields it names. A fine-tuning run (``--init_from``)
-takes its level and shape from its source model instead, and scales down a learning rate
-not given (see ``finetune.py``).
+Presets are plain data (:data:`PRESETS`, in ``presets.py``). A training setting is resolved
+in three layers, later layers winning: the dataclass default, then the preset (its per-level
+entries, and on a CPU that computes in float32 its ``cpu_float32`` entries), then a setting
+the user gave: in a config file (:func:`read_config_file`, ``configfile.py``), or as a flag
+or keyword argument, which wins over the file. A preset changes only the fields it names. A
+fine-tuning run (``--init_from``) takes its level and shape from its source model instead,
+and scales down a learning rate not given (see ``finetune.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -44,8 +42,9 @@ from .commandconfig import (  # noqa: F401 - where smolgpt.config has always off
     SampleConfig,
     ServeConfig,
 )
+from .configfile import read_settings_file
 from .errors import SmolGPTError
-from .files import read_user_text
+from .presets import CPU_FLOAT32, PRESETS, preset_values  # noqa: F401 - as above
 from .settings import (  # noqa: F401 - as above
     DEVICES,
     EXPORT_FORMATS,
@@ -72,85 +71,6 @@ BUDGET_EVALUATIONS = 5
 # Fine-tuning (--init_from) without a learning rate given trains at this share of the
 # preset's: full-size steps on a new text would soon wipe out what the source had learned.
 FINETUNE_LR_FACTOR = 0.1
-# The preset entries that apply on a CPU without native bf16, which trains in float32.
-CPU_FLOAT32 = "cpu_float32"
-
-
-# Presets: the original smolgpt's model sizes, plus a training recipe for each size and level
-# (see benchmarks/RESULTS.md for the experiments behind them). Entries under a level
-# apply at that level only; anything not named keeps the TrainConfig default.
-#
-# Why the recipes differ from the original (AdamW, constant lr 3e-4, dropout 0.1 everywhere):
-# on a 2-core CPU (benchmarks/RESULTS.md), nano and micro learn several times faster with
-# Muon for the blocks' matrices and a high AdamW rate (1e-2 to 5e-2) for the embeddings,
-# warmed up and decayed. Character models of these sizes barely overfit in the time they
-# train, so they go without dropout (which costs a quarter of a CPU step); char micro uses
-# batches of 16 so that a short run still makes enough steps. Word models overfit within a
-# few epochs: they keep dropout (more for the larger micro) and stop early once validation
-# stops improving. tiny and small are GPU-sized and were not measured here; they keep AdamW
-# at conventional rates.
-#
-# On a CPU without native bf16 (most laptops), Muon's iteration runs in float32 and costs a
-# larger share of a step, while every step is slower: micro orthogonalises with three
-# Newton-Schulz iterations instead of five there, and at word level it makes more, smaller
-# steps (batches of 16) with less dropout (the fewer steps overfit less).
-
-# micro's recipe at each level, and on float32 CPUs (speedrun shares it).
-_MICRO_RECIPES: dict[str, Any] = {
-    "char": {"batch_size": 16, "learning_rate": 5e-2, "dropout": 0.0},
-    "word": {"learning_rate": 1e-2, "dropout": 0.3, "early_stop_patience": 4},
-    "bpe": {"vocab_size": 1024, "batch_size": 16, "learning_rate": 5e-2, "dropout": 0.0},
-    CPU_FLOAT32: {
-        "char": {"muon_ns_steps": 3},
-        "bpe": {"muon_ns_steps": 3},
-        "word": {"batch_size": 16, "dropout": 0.2, "muon_ns_steps": 3},
-    },
-}
-PRESETS: dict[str, dict[str, Any]] = {
-    "nano": {
-        "n_layer": 3,
-        "n_head": 3,
-        "n_embd": 48,
-        "optimizer": "muon",
-        "char": {"learning_rate": 2e-2, "dropout": 0.0},
-        "word": {"learning_rate": 1e-2, "dropout": 0.2, "early_stop_patience": 4},
-        "bpe": {"vocab_size": 4096, "learning_rate": 2e-2, "dropout": 0.0},
-    },
-    "micro": {"n_layer": 4, "n_head": 4, "n_embd": 128, "optimizer": "muon", **_MICRO_RECIPES},
-    # Aimed at nanoGPT's best char-level result on tiny Shakespeare (val 1.4697, 6x384 on an
-    # A100) in ten minutes of a 2-core CPU (issue #17; each choice is measured in
-    # benchmarks/RESULTS.md): micro made wider rather than deeper (width keeps a CPU's matrix
-    # products efficient; depth adds small operations), its learning rate decayed linearly to
-    # zero, within a 600 s budget (for shorter budgets micro does better). Word and bpe
-    # levels take micro's recipes at this shape.
-    "speedrun": {
-        "n_layer": 4,
-        "n_head": 6,
-        "n_embd": 192,
-        "optimizer": "muon",
-        "time_budget": 600.0,
-        "min_lr": 0.0,
-        "lr_schedule": "linear",
-        **_MICRO_RECIPES,
-    },
-    "tiny": {
-        "n_layer": 6,
-        "n_head": 6,
-        "n_embd": 384,
-        "char": {"batch_size": 64, "learning_rate": 1e-3, "dropout": 0.2},
-        "word": {"learning_rate": 5e-4, "dropout": 0.3, "early_stop_patience": 4},
-        "bpe": {"vocab_size": 2048, "learning_rate": 1e-3, "dropout": 0.2},
-    },
-    "small": {
-        "n_layer": 12,
-        "n_head": 12,
-        "n_embd": 768,
-        "batch_size": 16,
-        "char": {"learning_rate": 6e-4, "dropout": 0.2},
-        "word": {"learning_rate": 3e-4, "dropout": 0.3, "early_stop_patience": 4},
-        "bpe": {"vocab_size": 8192, "learning_rate": 6e-4, "dropout": 0.2},
-    },
-}
 
 
 def check_vocab_size(vocab_size: Any) -> None:
@@ -508,20 +428,6 @@ def source_name(init_from: str) -> str:
     return (path.stem if path.suffix == ".pth" else path.name) or "source"
 
 
-def preset_values(preset: str, level: str, cpu_float32: bool = False) -> dict[str, Any]:
-    """The fields a preset sets at a level: its common entries, then the level's own, then
-    (on a CPU that computes in float32, see ``hardware.PrecisionPolicy``) the level's
-    ``cpu_float32`` entries."""
-    check_choice("preset", preset, tuple(PRESETS))
-    check_choice("level", level, LEVELS)
-    entry = PRESETS[preset]
-    values = {k: v for k, v in entry.items() if k not in (*LEVELS, CPU_FLOAT32)}
-    values.update(entry.get(level, {}))
-    if cpu_float32:
-        values.update(entry.get(CPU_FLOAT32, {}).get(level, {}))
-    return values
-
-
 def resolve_train_config(explicit: dict[str, Any], cpu_float32: bool = False) -> TrainConfig:
     """Build a TrainConfig from the settings a user gave: defaults < preset < given.
     cpu_float32: the run trains on a CPU without native bf16 (the preset may differ there)."""
@@ -536,95 +442,10 @@ def resolve_train_config(explicit: dict[str, Any], cpu_float32: bool = False) ->
     return TrainConfig(**{**preset_values(preset, level, cpu_float32), **explicit})
 
 
-# Beside a run's checkpoints: the settings it resolved to, as JSON (rewritten by every
-# process of the run). --config reads it back.
-# How a config file's values are named when one has the wrong type.
-_TYPE_NAMES = {
-    bool: "true or false",
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-    list: "an array",
-    dict: "a table",
-    type(None): "null",
-}
-
-
 def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
-    """The settings in a config file (``--config``): one flat TOML table, or a JSON object
-    such as a run's config.json (its "smolgpt_version" is skipped), keyed by TrainConfig's
-    field names (the flags' names), each value of its field's type. The values are settings
-    as given, to be resolved like flags; relative paths in them stay relative to the current
-    directory, as a flag's would. Every problem is a SmolGPTError naming the file."""
-    path = Path(path).expanduser()
-    where = f"--config {path}"
-    if path.is_dir():
-        raise SmolGPTError(f"{where} is a directory: give a .toml file")
-    text = read_user_text(path, where)
-    if path.suffix.lower() == ".json":
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SmolGPTError(f"{where} is not valid JSON: {exc}") from None
-        if not isinstance(values, dict):
-            raise SmolGPTError(f"{where} must hold one JSON object of settings")
-        values.pop("smolgpt_version", None)  # written beside the settings in config.json
-    else:
-        try:
-            values = _toml().loads(text)
-        except ValueError as exc:  # tomllib.TOMLDecodeError: its message gives the line
-            raise SmolGPTError(f"{where} is not valid TOML: {exc}") from None
-    return _typed_settings(values, where)
-
-
-def _toml():
-    """tomllib (Python 3.11), or on 3.10 the tomli package it came from."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise SmolGPTError(
-                "reading a TOML --config needs Python 3.11 or the tomli package: pip install tomli"
-            ) from None
-    return tomllib
-
-
-def _typed_settings(values: dict[str, Any], where: str) -> dict[str, Any]:
-    """values, checked against TrainConfig's fields: their names and types (an integer is a
-    number too, and becomes a float where one is expected; true is not an integer)."""
-    tables = [k for k, v in values.items() if isinstance(v, dict)]
-    if tables:  # a [section] header reads as a nested table
-        raise SmolGPTError(
-            f"{where}: [{tables[0]}] is a table; a config file is one flat "
-            "list of settings (key = value), without [sections]"
-        )
-    hints = typing.get_type_hints(TrainConfig)
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    unknown = [k for k in values if k not in names]
-    if unknown:
-        shown = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, names, n=1)
-            shown.append(f"{key} (did you mean {close[0]}?)" if close else key)
-        raise SmolGPTError(
-            f"{where}: unknown setting(s) {', '.join(shown)}; the keys are "
-            "the flag names of smolgpt train --help, without the dashes"
-        )
-    typed = {}
-    for key, value in values.items():
-        kind, optional = hints[key], False
-        if typing.get_origin(kind) is Union:  # Optional[X]
-            optional = True
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        if kind is float and type(value) is int:
-            value = float(value)
-        if not (type(value) is kind or (value is None and optional)):
-            got = _TYPE_NAMES.get(type(value), type(value).__name__)
-            raise SmolGPTError(f"{where}: {key} must be {_TYPE_NAMES[kind]}, got {value!r} ({got})")
-        typed[key] = value
-    return typed
+    """The settings in a config file (``--config``) for a training run: see
+    :func:`configfile.read_settings_file`."""
+    return read_settings_file(path, TrainConfig)
 
 
 def preset_default(name: str) -> Optional[str]:
