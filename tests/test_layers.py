@@ -31,7 +31,7 @@ LAYERS = [
     ["runlog", "training", "finetune", "inspection", "runinfo"],
     # the Python API, then what stands on it
     ["api"],
-    ["server", "flags", "cli", "__main__", "__init__"],
+    ["server", "flags", "docs", "cli", "__main__", "__init__"],
 ]
 ORDER = [name for layer in LAYERS for name in layer]
 
