@@ -8,7 +8,6 @@ does train's; see ``settings.py`` for what a field's metadata says.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,13 +37,28 @@ class SampleConfig:
         0.8,
         "sampling temperature; 0 means greedy decoding (always the most likely token)",
         "sampling",
+        minimum=0,
+        note="(0 means greedy)",
     )
-    top_k: int = opt(50, "sample only from the k most likely tokens (0 disables)", "sampling")
+    top_k: int = opt(
+        50,
+        "sample only from the k most likely tokens (0 disables)",
+        "sampling",
+        minimum=0,
+        note="(0 disables it)",
+    )
     top_p: float = opt(
-        1.0, "nucleus sampling: smallest set of tokens with this much probability", "sampling"
+        1.0,
+        "nucleus sampling: smallest set of tokens with this much probability",
+        "sampling",
+        interval="(0, 1]",
     )
     min_p: float = opt(
-        0.0, "drop tokens less likely than min_p times the most likely one (0 disables)", "sampling"
+        0.0,
+        "drop tokens less likely than min_p times the most likely one (0 disables)",
+        "sampling",
+        interval="[0, 1]",
+        note="(0 disables it)",
     )
     repetition_penalty: float = opt(
         1.0,
@@ -67,16 +81,6 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, SampleConfig)
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise SmolGPTError(
-                f"--temperature must be >= 0 (0 means greedy), got {self.temperature}"
-            )
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise SmolGPTError(f"--top_k must be >= 0 (0 disables it), got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise SmolGPTError(f"--top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise SmolGPTError(f"--min_p must be in [0, 1] (0 disables it), got {self.min_p}")
         if isinstance(self.stop, str):  # one string given where a list is expected
             self.stop = (self.stop,)
         self.stop = tuple(self.stop)

@@ -92,7 +92,7 @@ class ModelShape:
         128, "embedding width (divisible by n_head)", "model", positive=True, resume="fixed"
     )
     block_size: int = opt(128, "context length in tokens", "model", positive=True, resume="fixed")
-    dropout: float = opt(0.1, "dropout probability", "model")
+    dropout: float = opt(0.1, "dropout probability", "model", interval="[0, 1)")
     bias: bool = opt(True, "biases in linear layers and LayerNorms", "model", resume="fixed")
     position: str = opt(
         "rope",
@@ -129,8 +129,6 @@ class ModelShape:
                 f"{self.n_embd // self.n_head}: choose e.g. --n_embd "
                 f"{self.nearest_valid_width()}, or use --position learned"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise SmolGPTError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def nearest_valid_width(self) -> int:
         """The n_embd nearest this one that every check above accepts with this n_head and
@@ -244,6 +242,7 @@ class TrainConfig(ModelShape):
         0.02,
         "with --time_budget: the share of the budget spent warming up, instead of warmup_iters",
         "optimisation",
+        interval="[0, 1)",
     )
     lr_schedule: str = opt(
         "cosine",
@@ -256,15 +255,19 @@ class TrainConfig(ModelShape):
         "share of training over which each step's batch grows linearly from a quarter "
         "of batch_size to all of it (0: whole batches from the first step)",
         "optimisation",
+        interval="[0, 1]",
     )
     weight_decay: float = opt(
         0.1,
         "weight decay of matrices and embeddings (AdamW and Muon; not biases or norms)",
         "optimisation",
+        minimum=0,
     )
     beta1: float = opt(0.9, "AdamW beta1", "optimisation")
     beta2: float = opt(0.99, "AdamW beta2", "optimisation")
-    grad_clip: float = opt(1.0, "clip gradient norm to this (0 disables)", "optimisation")
+    grad_clip: float = opt(
+        1.0, "clip gradient norm to this (0 disables)", "optimisation", minimum=0
+    )
     # Evaluation, stopping, logging.
     eval_interval: Optional[int] = opt(
         None,
@@ -371,14 +374,6 @@ class TrainConfig(ModelShape):
             )
         if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:
             raise SmolGPTError(f"--min_lr must be in [0, learning_rate], got {self.min_lr}")
-        if not 0.0 <= self.warmup_budget_share < 1.0:
-            raise SmolGPTError(
-                f"--warmup_budget_share must be in [0, 1), got {self.warmup_budget_share}"
-            )
-        if not 0.0 <= self.batch_warmup <= 1.0:
-            raise SmolGPTError(f"--batch_warmup must be in [0, 1], got {self.batch_warmup}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise SmolGPTError("--grad_clip and --weight_decay must be >= 0")
         if self.resume and self.overwrite:
             raise SmolGPTError(
                 "--resume continues the run in --out_dir and --overwrite "

@@ -10,9 +10,11 @@ The metadata :func:`opt` understands:
 - ``choices``: the values allowed (argparse offers them; ``label`` names the setting in the
   error, when not its flag);
 - ``positive``: a positive integer (int fields) or a positive, finite number (float
-  fields); ``minimum``: an integer at least this; ``check``: a function of the value
-  that raises :class:`SmolGPTError` (None passes them all, and the choices too where the
-  default is None: "unset");
+  fields); ``minimum``: at least this (an integer for int fields, a finite number for float
+  ones); ``interval``: within this, e.g. ``"[0, 1)"``; ``note``: words after the bound in
+  the error, e.g. ``"(0 disables it)"``; ``check``: a function of the value that raises
+  :class:`SmolGPTError` (None passes them all, and the choices too where the default is
+  None: "unset");
 - ``levels``: the tokenizer levels a setting means anything at (all when absent);
 - ``resume``: what ``train --resume`` does with the setting: ``"fixed"`` (it defines what
   a run is: refused if changed), ``"kept"`` (the run's history: the saved value stays,
@@ -115,7 +117,8 @@ def check_positive_number(name: str, value: Any) -> None:
 
 def check_fields(cfg: Any, cls: type) -> None:
     """Enforce what the fields cls declares (its own, not a base class's, which checks its
-    own) allow: choices, positive, minimum and check. A value of None passes: unset."""
+    own) allow: choices, positive, minimum, interval and check. None passes all but the
+    choices, and those too where the default is None: unset."""
     inherited = {
         f.name
         for base in cls.__mro__[1:]
@@ -130,19 +133,29 @@ def check_fields(cfg: Any, cls: type) -> None:
             continue
         if "choices" in meta:
             check_choice(meta.get("label", f.name), value, meta["choices"])
-        if value is None:
-            continue
-        if meta.get("positive"):
-            if "float" in str(f.type):
-                check_positive_number(f.name, value)
-            else:
-                check_positive_int(f.name, value)
-        if "minimum" in meta and (
-            isinstance(value, bool) or not isinstance(value, int) or value < meta["minimum"]
-        ):
-            raise SmolGPTError(f"--{f.name} must be >= {meta['minimum']}, got {value!r}")
-        if "check" in meta:
-            meta["check"](value)
+        if value is not None:
+            _check_number(f, value)
+            if "check" in meta:
+                meta["check"](value)
+
+
+def _check_number(f: dataclasses.Field, value: Any) -> None:
+    """What f's metadata says of its number: positive, minimum, interval (a note after the
+    bound, e.g. "(0 disables it)", goes into the message)."""
+    meta, real = f.metadata, "float" in str(f.type)
+    note = f" {meta['note']}" if "note" in meta else ""
+    if meta.get("positive"):
+        (check_positive_number if real else check_positive_int)(f.name, value)
+    number = not isinstance(value, bool) and isinstance(value, (float, int) if real else int)
+    if "minimum" in meta and not (number and math.isfinite(value) and value >= meta["minimum"]):
+        raise SmolGPTError(f"--{f.name} must be >= {meta['minimum']}{note}, got {value!r}")
+    if "interval" in meta:  # "[0, 1)": closed at 0, open at 1
+        interval = meta["interval"]
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        above = value >= low if interval[0] == "[" else value > low
+        below = value <= high if interval[-1] == "]" else value < high
+        if not (number and above and below):
+            raise SmolGPTError(f"--{f.name} must be in {interval}{note}, got {value!r}")
 
 
 def default_shown(f: dataclasses.Field) -> str:
