@@ -1,8 +1,10 @@
 """The command line: ``smolgpt train``, ``generate``, ``eval``, ``export``, ``plot``,
-``info`` and ``serve`` (and the root train.py / generate.py, which call the same parsers).
+``inspect``, ``info`` and ``serve`` (and the root train.py / generate.py, which call the same
+parsers).
 
-A thin layer over the Python API (``smolgpt.train``, ``smolgpt.load``): flags are generated
-from the config dataclasses, so each setting is defined once, for both. This is the only
+A thin layer over the Python API (``smolgpt.train``, ``smolgpt.load``): every command's flags
+are generated from its settings dataclass (``flags.py``), so each setting is defined once,
+for both. This is the only
 place that prints for the user or chooses an exit status: a :class:`SmolGPTError` becomes
 one line on stderr and status 2; an interrupt saves first, then exits 130 (SIGINT), 143
 (SIGTERM) or 129 (SIGHUP).
@@ -24,21 +26,17 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from tqdm import tqdm
 
-from .config import (
-    EvalConfig,
-    ExportConfig,
-    GenerateConfig,
-    InfoConfig,
-    InspectConfig,
-    PlotConfig,
-)
+from .config import GenerateConfig
 from .errors import Relayed, SmolGPTError
 from .files import atomic_write_text, read_user_text
 from .flags import COMMANDS, build_parser  # noqa: F401 - build_parser: cli's, as ever
+
+if TYPE_CHECKING:
+    from .config import EvalConfig, ExportConfig, InfoConfig, InspectConfig, PlotConfig
 
 log = logging.getLogger("smolgpt")
 
@@ -380,10 +378,11 @@ def main(argv: Optional[Sequence[str]] = None, launcher: Launcher = SMOLGPT) -> 
         if command == "generate":
             return run_generate(args.pop("checkpoint"), args)
         if command == "plot":
-            return run_plot(args.pop("run_dirs"), PlotConfig(**args))
+            return run_plot(args.pop("run_dirs"), COMMANDS[command].settings(**args))
         source = args.pop("checkpoint")
         if command == "export":
-            return run_export(source, args.pop("out_dir"), ExportConfig(**args), launcher)
+            out_dir = args.pop("out_dir")
+            return run_export(source, out_dir, COMMANDS[command].settings(**args), launcher)
         runner = {"eval": run_eval, "inspect": run_inspect, "info": run_info}[command]
         return runner(source, COMMANDS[command].settings(**args))
     except SmolGPTError as exc:
