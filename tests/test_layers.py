@@ -10,7 +10,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "smolgpt"
 # Lowest first: a module may import those before it, never those after.
 LAYERS = [
     # files and plain facts
-    ["errors", "extras", "openmp", "files", "config", "rundir"],
+    [
+        "errors",
+        "extras",
+        "openmp",
+        "files",
+        "settings",
+        "commandconfig",
+        "presets",
+        "configfile",
+        "config",
+        "rundir",
+    ],
     # the machine, and the pieces of a model
     ["distributed", "signals", "hardware", "tokenizer", "model", "kernels", "optim"],
     # text to batches, scoring, checkpoints, sampling, other formats, pictures
@@ -22,7 +33,7 @@ LAYERS = [
     ["api"],
     # the HTTP server: its request schemas, its OpenAPI description, its models and their turns
     ["serve_schema", "serve_openapi", "scheduler"],
-    ["server", "cli", "__main__", "__init__"],
+    ["server", "flags", "docs", "cli", "__main__", "__init__"],
 ]
 ORDER = [name for layer in LAYERS for name in layer]
 

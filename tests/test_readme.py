@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from smolgpt import docs
 from smolgpt.cli import build_parser
 from smolgpt.config import LEVELS
 
@@ -59,6 +60,21 @@ def test_flag_tables_match_help(command, section):
         for flag, default, what in flag_table(readme_section(section))
     ]
     assert documented == help_entries(command)
+
+
+def test_flag_tables_are_what_the_script_writes(tmp_path):
+    text = README.read_text(encoding="utf-8")
+    assert docs.write_tables(text) == text, (
+        "the README's flag tables differ from the settings: run python -m smolgpt.docs"
+    )
+    stale = text.replace("| `--port` | 8000 |", "| `--port` | 8080 |")
+    assert stale != text and docs.write_tables(stale) == text
+    copy = tmp_path / "README.md"
+    copy.write_text(stale, encoding="utf-8")
+    assert docs.main([str(copy), "--check"]) == 1
+    assert copy.read_text(encoding="utf-8") == stale
+    assert docs.main([str(copy)]) == 0
+    assert copy.read_text(encoding="utf-8") == text
 
 
 def test_help_prints_the_documented_defaults():

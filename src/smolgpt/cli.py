@@ -1,8 +1,10 @@
 """The command line: ``smolgpt train``, ``generate``, ``eval``, ``export``, ``plot``,
-``info`` and ``serve`` (and the root train.py / generate.py, which call the same parsers).
+``inspect``, ``info`` and ``serve`` (and the root train.py / generate.py, which call the same
+parsers).
 
-A thin layer over the Python API (``smolgpt.train``, ``smolgpt.load``): flags are generated
-from the config dataclasses, so each setting is defined once, for both. This is the only
+A thin layer over the Python API (``smolgpt.train``, ``smolgpt.load``): every command's flags
+are generated from its settings dataclass (``flags.py``), so each setting is defined once,
+for both. This is the only
 place that prints for the user or chooses an exit status: a :class:`SmolGPTError` becomes
 one line on stderr and status 2; an interrupt saves first, then exits 130 (SIGINT), 143
 (SIGTERM) or 129 (SIGHUP).
@@ -13,7 +15,6 @@ way this process was started (a :class:`Launcher`), so that it can be pasted as 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
@@ -25,268 +26,19 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from tqdm import tqdm
 
-from . import __version__
-from .config import (
-    DEVICES,
-    EXPORT_FORMATS,
-    HELP_GROUPS,
-    PLOT_AXES,
-    PLOT_VALUES,
-    PRESETS,
-    GenerateConfig,
-    ServeConfig,
-    TrainConfig,
-    default_text,
-)
+from .config import GenerateConfig
 from .errors import Relayed, SmolGPTError
-from .extras import install_command
 from .files import atomic_write_text, read_user_text
+from .flags import COMMANDS, build_parser  # noqa: F401 - build_parser: cli's, as ever
+
+if TYPE_CHECKING:
+    from .config import EvalConfig, ExportConfig, InfoConfig, InspectConfig, PlotConfig
 
 log = logging.getLogger("smolgpt")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line on stderr (and status 2), like every error."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def flag_help(cls: type, f: dataclasses.Field) -> str:
-    """A setting's --help text (the README's flag tables show the same)."""
-    return f"{f.metadata['help']} (default: {default_text(cls, f.name)})"
-
-
-def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One --flag per dataclass field, under its group's heading; flags not given stay
-    absent, so that presets can fill them."""
-    hints = typing.get_type_hints(cls)
-    fields = dataclasses.fields(cls)
-    for group, title in HELP_GROUPS.items():
-        members = [f for f in fields if f.metadata["group"] == group]
-        if not members:
-            continue
-        section = parser.add_argument_group(title)
-        for f in members:
-            kind = hints[f.name]
-            if typing.get_origin(kind) is typing.Union:  # Optional[X]
-                kind = next(a for a in typing.get_args(kind) if a is not type(None))
-            if kind is bool:
-                section.add_argument(
-                    f"--{f.name}",
-                    action=argparse.BooleanOptionalAction,
-                    default=argparse.SUPPRESS,
-                    help=flag_help(cls, f),
-                )
-            elif typing.get_origin(kind) is tuple:  # one or more strings: --stop A B --stop C
-                section.add_argument(
-                    f"--{f.name}",
-                    nargs="+",
-                    action="extend",
-                    type=unescape,
-                    default=argparse.SUPPRESS,
-                    help=flag_help(cls, f),
-                    metavar="TEXT",
-                )
-            else:
-                section.add_argument(
-                    f"--{f.name}",
-                    type=kind,
-                    default=argparse.SUPPRESS,
-                    help=flag_help(cls, f),
-                    choices=f.metadata.get("choices"),
-                    metavar=None if "choices" in f.metadata else kind.__name__.upper(),
-                )
-
-
-def unescape(text: str) -> str:
-    """A string typed on the command line with \\n, \\t and \\\\ read as a line break, a tab
-    and a backslash: a shell cannot easily pass a line break."""
-    escapes = {"n": "\n", "t": "\t", "\\": "\\"}
-    out, chars = [], iter(text)
-    for ch in chars:
-        if ch == "\\":
-            nxt = next(chars, "")
-            out.append(escapes.get(nxt, ch + nxt))
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="smolgpt", description="Train and sample small GPT language models.")
-    parser.add_argument("--version", action="version", version=f"smolgpt {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    train = commands.add_parser(
-        "train",
-        help="train a model",
-        description=f"Train a GPT. Presets: {', '.join(PRESETS)}; a preset sets the model "
-        "size and its training recipe; any flag you give wins over it.",
-    )
-    # Not a setting itself: its file's settings count as given, and the flags given win.
-    train.add_argument(
-        "--config",
-        metavar="FILE",
-        default=argparse.SUPPRESS,
-        help="read settings from a TOML file whose keys are these flags' names "
-        "(see Config files in the README); a flag given wins over the file "
-        "(default: unset)",
-    )
-    add_config_flags(train, TrainConfig)
-    generate = commands.add_parser("generate", help="generate text from a checkpoint")
-    generate.add_argument(
-        "checkpoint",
-        help="a .pth checkpoint, a run directory (its "
-        "best_model.pth), or a directory written by smolgpt export",
-    )
-    add_config_flags(generate, GenerateConfig)
-    export = commands.add_parser(
-        "export",
-        help="export a model for Hugging Face transformers or as safetensors",
-        description="Write a model to a new directory: --format hf for transformers "
-        "(AutoModelForCausalLM, AutoTokenizer), --format safetensors for smolgpt alone.",
-    )
-    export.add_argument("checkpoint", help="a .pth checkpoint, a run directory, or an export")
-    export.add_argument("out_dir", help="the directory to write (new or empty)")
-    export.add_argument(
-        "--format",
-        required=True,
-        choices=EXPORT_FORMATS,
-        help="hf: a transformers model and tokenizer; safetensors: smolgpt's "
-        "weights and settings, without pickle",
-    )
-    export.add_argument(
-        "--overwrite", action="store_true", help="replace out_dir if it holds an earlier export"
-    )
-    evaluate = commands.add_parser(
-        "eval",
-        help="loss, perplexity and bits per character of a model on a text",
-        description="Score a model on the validation split of the text it was trained on "
-        "(default) or on any text (--data): every token after the first is predicted once. "
-        "Bits per character compare models of any level on the same text.",
-    )
-    evaluate.add_argument(
-        "checkpoint",
-        help="a .pth checkpoint, a run directory (its "
-        "best_model.pth), or a directory written by smolgpt export",
-    )
-    evaluate.add_argument(
-        "--data",
-        help="the text to score, as train's --data takes it (a "
-        "file, a directory of .txt files, a built-in corpus, a URL); "
-        "default: the model's validation split",
-    )
-    evaluate.add_argument(
-        "--encoding", default="utf-8", help="text encoding of --data files (default: utf-8)"
-    )
-    evaluate.add_argument(
-        "--json",
-        action="store_true",
-        help="print one JSON object (loss, perplexity, bits_per_char, "
-        "tokens, chars, unk_tokens) instead of a table",
-    )
-    evaluate.add_argument(
-        "--batch_size", type=int, default=8, help="windows scored at a time (default: 8)"
-    )
-    evaluate.add_argument(
-        "--device", choices=DEVICES, default="auto", help="where to run (default: auto)"
-    )
-    inspect = commands.add_parser(
-        "inspect",
-        help="draw what a model does inside: attention, embeddings, loss by position",
-        description="Draw PNGs of what a trained model does inside, and a text summary: the "
-        "attention weights of every head for a prompt, the token embeddings projected to 2-D "
-        "(with nearest neighbours), and the loss at each position of the context. Needs "
-        f"matplotlib ({install_command('plot')}). See docs/tour.md.",
-    )
-    inspect.add_argument("checkpoint", help="a .pth checkpoint, a run directory, or an export")
-    inspect.add_argument(
-        "--out",
-        help="the directory to draw into (default: inspect/ beside "
-        "the checkpoint, or inside a run or export directory)",
-    )
-    inspect.add_argument(
-        "--prompt",
-        type=unescape,
-        help="the text whose attention is drawn, "
-        "at most block_size tokens (default: the first 24 tokens of the text)",
-    )
-    inspect.add_argument(
-        "--data",
-        help="the text whose loss per position is drawn, as "
-        "train's --data takes it (default: the model's validation split)",
-    )
-    inspect.add_argument(
-        "--encoding", default="utf-8", help="text encoding of --data files (default: utf-8)"
-    )
-    inspect.add_argument(
-        "--device", choices=DEVICES, default="auto", help="where to run (default: auto)"
-    )
-    plot = commands.add_parser(
-        "plot",
-        help="draw the val loss curves of runs in one picture",
-        description="Overlay the val loss of one or more runs (their metrics.jsonl) in a PNG, "
-        "in nats per token or, for runs of different levels, in bits per character; "
-        f"needs matplotlib ({install_command('plot')}).",
-    )
-    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
-    plot.add_argument(
-        "--out", default="loss_curves.png", help="the PNG to write (default: loss_curves.png)"
-    )
-    plot.add_argument(
-        "--x",
-        choices=PLOT_AXES,
-        default="iter",
-        help="draw against iterations, wall time or training tokens (default: iter)",
-    )
-    plot.add_argument(
-        "--y",
-        choices=PLOT_VALUES,
-        help="draw val loss in nats per token, or val bits per character, which compares "
-        "runs of different levels (default: bits_per_char where the runs' levels or "
-        "vocabularies differ, else loss)",
-    )
-    plot.add_argument(
-        "--ylim",
-        nargs=2,
-        type=float,
-        metavar=("LOW", "HIGH"),
-        help="the range of --y shown (default: all of it)",
-    )
-    plot.add_argument("--title", help="a heading for the picture")
-    serve = commands.add_parser(
-        "serve",
-        help="serve models over HTTP: OpenAI's completions API and a playground page",
-        description="Serve one or more models: a playground page at /, OpenAI's completions "
-        "API at /v1/completions (streaming too), /v1/models, /health and /openapi.json. "
-        f"Needs the serve extra ({install_command('serve')}). Listens on this computer "
-        "only unless --host says otherwise.",
-    )
-    serve.add_argument(
-        "checkpoints",
-        nargs="+",
-        metavar="CHECKPOINT",
-        help="a .pth checkpoint, a run directory (its best_model.pth), or a "
-        "directory written by smolgpt export; each is served under its run's "
-        "or file's name",
-    )
-    add_config_flags(serve, ServeConfig)
-    info = commands.add_parser(
-        "info",
-        help="describe a checkpoint or run: model, training, data and versions",
-        description="Describe a checkpoint (.pth), a run directory (its best_model.pth, else "
-        "latest_model.pth, with its metrics.jsonl and config.json) or an export: its size and "
-        "shape, tokenizer, iterations, losses, data, precision, versions and times.",
-    )
-    info.add_argument("checkpoint", help="a .pth checkpoint, a run directory, or an export")
-    info.add_argument(
-        "--json", action="store_true", help="print one JSON object instead of key: value lines"
-    )
-    return parser
 
 
 # ------------------------------------------------------------------ commands to paste
@@ -492,10 +244,12 @@ def check_output_file(path: Path) -> None:
         raise SmolGPTError(f"--out {path}: the folder {folder} is not writable")
 
 
-def run_export(source: str, out_dir: str, fmt: str, overwrite: bool, launcher: Launcher) -> int:
-    """Export the model at source to out_dir in format fmt ("hf" or "safetensors")."""
+def run_export(source: str, out_dir: str, cfg: ExportConfig, launcher: Launcher) -> int:
+    """Export the model at source to out_dir in cfg's format ("hf" or "safetensors")."""
     from . import interop
     from .api import load
+
+    fmt, overwrite = cfg.format, cfg.overwrite
 
     if fmt == "hf":
         interop.require_hf()
@@ -513,34 +267,26 @@ def run_export(source: str, out_dir: str, fmt: str, overwrite: bool, launcher: L
     return 0
 
 
-def run_eval(
-    source: str,
-    text_spec: Optional[str],
-    encoding: str,
-    as_json: bool,
-    batch_size: int,
-    device: str,
-) -> int:
-    """Score the model at source on text_spec (default: its validation split) and print
+def run_eval(source: str, cfg: EvalConfig) -> int:
+    """Score the model at source on cfg.data (default: its validation split) and print
     the scores on stdout."""
     from .api import load
     from .rundir import locate
     from .sources import iter_text, resolve_corpus
 
-    if batch_size < 1:
-        raise SmolGPTError(f"--batch_size must be at least 1, not {batch_size}")
+    text_spec = cfg.data
     text = None
     if text_spec is not None:  # read before the model: a wrong path fails at once
-        text = "".join(iter_text(resolve_corpus(text_spec, encoding)))
+        text = "".join(iter_text(resolve_corpus(text_spec, cfg.encoding)))
     path = locate(source).model  # a run directory: its checkpoint, which the output names
-    model = load(path, device)
+    model = load(path, cfg.device)
     what = (
         f"--data {text_spec}"
         if text_spec
         else "the validation split of " + str(model.train_config.get("data", "its training text"))
     )
-    scores = model.evaluate(text, batch_size)
-    if as_json:
+    scores = model.evaluate(text, cfg.batch_size)
+    if cfg.json:
         print(json.dumps(scores.to_dict()))
     else:
         print(
@@ -553,42 +299,28 @@ def run_eval(
     return 0
 
 
-def run_info(path: str, as_json: bool) -> int:
+def run_info(path: str, cfg: InfoConfig) -> int:
     """Describe the checkpoint, run or export at path on stdout: aligned key: value lines,
     or one JSON object (null for what it does not record)."""
     from .runinfo import describe, format_description
 
     description = describe(path)
-    print(json.dumps(description) if as_json else format_description(description))
+    print(json.dumps(description) if cfg.json else format_description(description))
     return 0
 
 
-def run_plot(
-    run_dirs: list[str],
-    out: str,
-    x: str,
-    ylim: Optional[list[float]] = None,
-    title: Optional[str] = None,
-    y: Optional[str] = None,
-) -> int:
-    """Overlay the runs' val curves (y, by default as plot_runs chooses, which says why in a
-    log line) in the PNG out; the last line says where it went, as an absolute path (the
-    default lands in the current directory)."""
+def run_plot(run_dirs: list[str], cfg: PlotConfig) -> int:
+    """Overlay the runs' val curves (cfg.y, by default as plot_runs chooses, which says why
+    in a log line) in the PNG cfg.out; the last line says where it went, as an absolute path
+    (the default lands in the current directory)."""
     from .plots import plot_runs
 
-    written = plot_runs(run_dirs, out, x, tuple(ylim) if ylim else None, title, y)
+    written = plot_runs(run_dirs, cfg.out, cfg.x, cfg.ylim, cfg.title, cfg.y)
     print(f"wrote {Path(written).resolve()}", file=sys.stderr)
     return 0
 
 
-def run_inspect(
-    source: str,
-    out: Optional[str],
-    prompt: Optional[str],
-    text_spec: Optional[str],
-    encoding: str,
-    device: str,
-) -> int:
+def run_inspect(source: str, cfg: InspectConfig) -> int:
     """Draw the look inside the model at source; print the summary on stdout and the files
     written on stderr."""
     from .api import load
@@ -597,11 +329,12 @@ def run_inspect(
 
     _figure_classes()  # matplotlib missing: one line, before anything is loaded
     text = None
-    if text_spec is not None:  # read before the model: a wrong path fails at once
-        text = "".join(iter_text(resolve_corpus(text_spec, encoding)))
+    if cfg.data is not None:  # read before the model: a wrong path fails at once
+        text = "".join(iter_text(resolve_corpus(cfg.data, cfg.encoding)))
     path = Path(source)
     folder = path if path.is_dir() else path.parent
-    result = load(path, device).inspect(Path(out) if out else folder / "inspect", prompt, text)
+    out = Path(cfg.out) if cfg.out else folder / "inspect"
+    result = load(path, cfg.device).inspect(out, cfg.prompt, text)
     print(result.summary, end="")
     print("wrote " + ", ".join(str(f) for f in result.files), file=sys.stderr)
     return 0
@@ -637,40 +370,21 @@ def main(argv: Optional[Sequence[str]] = None, launcher: Launcher = SMOLGPT) -> 
             # The parser takes no words before the command but --help and --version, which
             # exit: argv[0] is the command.
             return run_train(args, argv[1:], launcher)
-        if command == "eval":
-            return run_eval(
-                args["checkpoint"],
-                args["data"],
-                args["encoding"],
-                args["json"],
-                args["batch_size"],
-                args["device"],
-            )
-        if command == "inspect":
-            return run_inspect(
-                args["checkpoint"],
-                args["out"],
-                args["prompt"],
-                args["data"],
-                args["encoding"],
-                args["device"],
-            )
-        if command == "plot":
-            return run_plot(
-                args["run_dirs"], args["out"], args["x"], args["ylim"], args["title"], args["y"]
-            )
-        if command == "info":
-            return run_info(args["checkpoint"], args["json"])
         if command == "serve":
             from .server import serve
 
             serve(args.pop("checkpoints"), **args)
             return 0
+        if command == "generate":
+            return run_generate(args.pop("checkpoint"), args)
+        if command == "plot":
+            return run_plot(args.pop("run_dirs"), COMMANDS[command].settings(**args))
+        source = args.pop("checkpoint")
         if command == "export":
-            return run_export(
-                args["checkpoint"], args["out_dir"], args["format"], args["overwrite"], launcher
-            )
-        return run_generate(args.pop("checkpoint"), args)
+            out_dir = args.pop("out_dir")
+            return run_export(source, out_dir, COMMANDS[command].settings(**args), launcher)
+        runner = {"eval": run_eval, "inspect": run_inspect, "info": run_info}[command]
+        return runner(source, COMMANDS[command].settings(**args))
     except SmolGPTError as exc:
         if not isinstance(exc, Relayed):  # (rank 0's, which rank 0 reported)
             print(f"error: {exc}", file=sys.stderr)

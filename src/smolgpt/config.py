@@ -1,54 +1,68 @@
 """Every setting smolgpt has, defined once.
 
-Typed dataclasses hold them:
+Typed dataclasses hold them; the training run's are here:
 
 - :class:`ModelShape`: the network's size and architecture, shared by the two below;
 - :class:`ModelConfig`: a shape plus the vocabulary size: enough to rebuild a network, and
   stored in every checkpoint;
-- :class:`TrainConfig`: a training run (a shape plus data, optimisation, evaluation, ...);
-- :class:`SampleConfig`: how to sample a continuation, and :class:`GenerateConfig`, which adds
-  the prompt and the device for ``smolgpt generate``.
+- :class:`TrainConfig`: a training run (a shape plus data, optimisation, evaluation, ...).
 
-Each field carries its command-line help (and its ``--help`` group) in ``metadata``; the
-command line builds its flags from the fields and the Python API passes keyword arguments
-straight to the dataclasses, so both accept the same names with the same defaults. Every
-config checks itself in ``__post_init__``: a bad value is a :class:`SmolGPTError` naming the
-setting, however the config was made.
+The other commands' (:class:`SampleConfig`, :class:`GenerateConfig`, :class:`ServeConfig`,
+and those of eval, inspect, plot, export and info) are in ``commandconfig.py``, and offered
+here too. Each field carries its command-line help, its ``--help`` group and the values it
+allows in ``metadata`` (``settings.py`` says what it may hold); the command line builds every
+command's flags from the fields and the Python API passes keyword arguments straight to the
+dataclasses, so both accept the same names with the same defaults. Every config checks
+itself in ``__post_init__`` (what the metadata allows, then what spans several fields): a
+bad value is a :class:`SmolGPTError` naming the setting, however the config was made.
 
-Presets are plain data (:data:`PRESETS`). A training setting is resolved in three layers,
-later layers winning: the dataclass default, then the preset (its per-level entries, and on a
-CPU that computes in float32 its ``cpu_float32`` entries), then a setting the user gave: in
-a config file (:func:`read_config_file`), or as a flag or keyword argument, which wins over
-the file. A preset changes only the fields it names. A fine-tuning run (``--init_from``)
-takes its level and shape from its source model instead, and scales down a learning rate
-not given (see ``finetune.py``).
+Presets are plain data (:data:`PRESETS`, in ``presets.py``). A training setting is resolved
+in three layers, later layers winning: the dataclass default, then the preset (its per-level
+entries, and on a CPU that computes in float32 its ``cpu_float32`` entries), then a setting
+the user gave: in a config file (:func:`read_config_file`, ``configfile.py``), or as a flag
+or keyword argument, which wins over the file. A preset changes only the fields it names. A
+fine-tuning run (``--init_from``) takes its level and shape from its source model instead,
+and scales down a learning rate not given (see ``finetune.py``).
 """
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
-import difflib
-import json
-import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .commandconfig import (  # noqa: F401 - where smolgpt.config has always offered them
+    EvalConfig,
+    ExportConfig,
+    GenerateConfig,
+    InfoConfig,
+    InspectConfig,
+    PlotConfig,
+    SampleConfig,
+    ServeConfig,
+)
+from .configfile import read_settings_file
 from .errors import SmolGPTError
-from .files import read_user_text
+from .presets import CPU_FLOAT32, PRESETS, preset_values  # noqa: F401 - as above
+from .settings import (  # noqa: F401 - as above
+    DEVICES,
+    EXPORT_FORMATS,
+    HELP_GROUPS,
+    LEVELS,
+    OPTIMIZERS,
+    PLOT_AXES,
+    PLOT_VALUES,
+    POSITIONS,
+    SCHEDULES,
+    check_choice,
+    check_fields,
+    default_shown,
+    device_setting,
+    encoding_setting,
+    opt,
+)
 
-LEVELS = ("char", "word", "bpe")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-POSITIONS = ("rope", "learned")
-OPTIMIZERS = ("adamw", "muon")
-SCHEDULES = ("cosine", "linear", "constant")
-EXPORT_FORMATS = ("hf", "safetensors")  # smolgpt export --format
-PLOT_AXES = ("iter", "time", "tokens")  # smolgpt plot --x: what the curves are drawn against
-# smolgpt plot --y: what the curves show, val loss in nats per token (comparable between runs
-# of one tokenizer only) or val bits per character (comparable across levels).
-PLOT_VALUES = ("loss", "bits_per_char")
 DEFAULT_MAX_ITERS = 5000  # the original smolgpt's: the length of a run not given one
 DEFAULT_EVAL_INTERVAL = 250  # steps between evaluations of a run counted in steps
 # A time-budgeted run not given --eval_interval evaluates at its start and after each this
@@ -57,119 +71,6 @@ BUDGET_EVALUATIONS = 5
 # Fine-tuning (--init_from) without a learning rate given trains at this share of the
 # preset's: full-size steps on a new text would soon wipe out what the source had learned.
 FINETUNE_LR_FACTOR = 0.1
-# The preset entries that apply on a CPU without native bf16, which trains in float32.
-CPU_FLOAT32 = "cpu_float32"
-# The headings of `--help`, in order; every field names one in its metadata.
-HELP_GROUPS = {
-    "data": "what to train on",
-    "model": "model shape",
-    "optimisation": "optimisation",
-    "evaluation": "evaluation, stopping and logging",
-    "input": "input",
-    "sampling": "sampling",
-    "output": "output",
-    "server": "server",
-    "limits": "limits per request and for the server",
-    "system": "hardware and bookkeeping",
-    "ablation": "ablations, to see what a part does (docs/exercises.md)",
-}
-
-
-# Presets: the original smolgpt's model sizes, plus a training recipe for each size and level
-# (see benchmarks/RESULTS.md for the experiments behind them). Entries under a level
-# apply at that level only; anything not named keeps the TrainConfig default.
-#
-# Why the recipes differ from the original (AdamW, constant lr 3e-4, dropout 0.1 everywhere):
-# on a 2-core CPU (benchmarks/RESULTS.md), nano and micro learn several times faster with
-# Muon for the blocks' matrices and a high AdamW rate (1e-2 to 5e-2) for the embeddings,
-# warmed up and decayed. Character models of these sizes barely overfit in the time they
-# train, so they go without dropout (which costs a quarter of a CPU step); char micro uses
-# batches of 16 so that a short run still makes enough steps. Word models overfit within a
-# few epochs: they keep dropout (more for the larger micro) and stop early once validation
-# stops improving. tiny and small are GPU-sized and were not measured here; they keep AdamW
-# at conventional rates.
-#
-# On a CPU without native bf16 (most laptops), Muon's iteration runs in float32 and costs a
-# larger share of a step, while every step is slower: micro orthogonalises with three
-# Newton-Schulz iterations instead of five there, and at word level it makes more, smaller
-# steps (batches of 16) with less dropout (the fewer steps overfit less).
-
-# micro's recipe at each level, and on float32 CPUs (speedrun shares it).
-_MICRO_RECIPES: dict[str, Any] = {
-    "char": {"batch_size": 16, "learning_rate": 5e-2, "dropout": 0.0},
-    "word": {"learning_rate": 1e-2, "dropout": 0.3, "early_stop_patience": 4},
-    "bpe": {"vocab_size": 1024, "batch_size": 16, "learning_rate": 5e-2, "dropout": 0.0},
-    CPU_FLOAT32: {
-        "char": {"muon_ns_steps": 3},
-        "bpe": {"muon_ns_steps": 3},
-        "word": {"batch_size": 16, "dropout": 0.2, "muon_ns_steps": 3},
-    },
-}
-PRESETS: dict[str, dict[str, Any]] = {
-    "nano": {
-        "n_layer": 3,
-        "n_head": 3,
-        "n_embd": 48,
-        "optimizer": "muon",
-        "char": {"learning_rate": 2e-2, "dropout": 0.0},
-        "word": {"learning_rate": 1e-2, "dropout": 0.2, "early_stop_patience": 4},
-        "bpe": {"vocab_size": 4096, "learning_rate": 2e-2, "dropout": 0.0},
-    },
-    "micro": {"n_layer": 4, "n_head": 4, "n_embd": 128, "optimizer": "muon", **_MICRO_RECIPES},
-    # Aimed at nanoGPT's best char-level result on tiny Shakespeare (val 1.4697, 6x384 on an
-    # A100) in ten minutes of a 2-core CPU (issue #17; each choice is measured in
-    # benchmarks/RESULTS.md): micro made wider rather than deeper (width keeps a CPU's matrix
-    # products efficient; depth adds small operations), its learning rate decayed linearly to
-    # zero, within a 600 s budget (for shorter budgets micro does better). Word and bpe
-    # levels take micro's recipes at this shape.
-    "speedrun": {
-        "n_layer": 4,
-        "n_head": 6,
-        "n_embd": 192,
-        "optimizer": "muon",
-        "time_budget": 600.0,
-        "min_lr": 0.0,
-        "lr_schedule": "linear",
-        **_MICRO_RECIPES,
-    },
-    "tiny": {
-        "n_layer": 6,
-        "n_head": 6,
-        "n_embd": 384,
-        "char": {"batch_size": 64, "learning_rate": 1e-3, "dropout": 0.2},
-        "word": {"learning_rate": 5e-4, "dropout": 0.3, "early_stop_patience": 4},
-        "bpe": {"vocab_size": 2048, "learning_rate": 1e-3, "dropout": 0.2},
-    },
-    "small": {
-        "n_layer": 12,
-        "n_head": 12,
-        "n_embd": 768,
-        "batch_size": 16,
-        "char": {"learning_rate": 6e-4, "dropout": 0.2},
-        "word": {"learning_rate": 3e-4, "dropout": 0.3, "early_stop_patience": 4},
-        "bpe": {"vocab_size": 8192, "learning_rate": 6e-4, "dropout": 0.2},
-    },
-}
-
-
-def _opt(default: Any, help: str, group: str, **extra: Any) -> Any:  # noqa: A002 - argparse's name
-    """A dataclass field whose help text, --help group and extras travel along with it:
-    ``choices`` (for argparse), ``shown``, the default as --help shows it where the value
-    itself would not say it (None meaning "worked out at run time"), and ``levels``, the
-    tokenizer levels a setting means anything at (all when absent)."""
-    return field(default=default, metadata={"help": help, "group": group, **extra})
-
-
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise SmolGPTError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
-
-
-def _check_positive_ints(cfg: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise SmolGPTError(f"--{name} must be a positive integer, got {value!r}")
 
 
 def check_vocab_size(vocab_size: Any) -> None:
@@ -181,34 +82,34 @@ def check_vocab_size(vocab_size: Any) -> None:
         )
 
 
-def _check_positive_number(name: str, value: Any) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise SmolGPTError(f"--{name} must be a positive number, got {value!r}")
-
-
 @dataclass
 class ModelShape:
     """The size and architecture of a GPT, declared once for models and training runs."""
 
-    n_layer: int = _opt(4, "transformer blocks", "model")
-    n_head: int = _opt(4, "attention heads per block", "model")
-    n_embd: int = _opt(128, "embedding width (divisible by n_head)", "model")
-    block_size: int = _opt(128, "context length in tokens", "model")
-    dropout: float = _opt(0.1, "dropout probability", "model")
-    bias: bool = _opt(True, "biases in linear layers and LayerNorms", "model")
-    position: str = _opt(
+    n_layer: int = opt(4, "transformer blocks", "model", positive=True, resume="fixed")
+    n_head: int = opt(4, "attention heads per block", "model", positive=True, resume="fixed")
+    n_embd: int = opt(
+        128, "embedding width (divisible by n_head)", "model", positive=True, resume="fixed"
+    )
+    block_size: int = opt(128, "context length in tokens", "model", positive=True, resume="fixed")
+    dropout: float = opt(0.1, "dropout probability", "model", interval="[0, 1)")
+    bias: bool = opt(True, "biases in linear layers and LayerNorms", "model", resume="fixed")
+    position: str = opt(
         "rope",
         "how the model knows token positions: rotary (rope) or GPT-2's learned embeddings",
         "model",
         choices=POSITIONS,
+        label="position encoding",
+        resume="fixed",
+        legacy="learned",
     )
-    tie_embeddings: bool = _opt(
+    tie_embeddings: bool = opt(
         True,
         "the output head reuses the token embedding matrix (weight tying); "
         "off, the head has a matrix of its own",
         "ablation",
     )
-    causal: bool = _opt(
+    causal: bool = opt(
         True,
         "each token attends only to itself and earlier tokens; off, training sees the "
         "next token (the loss collapses and samples are garbage)",
@@ -216,8 +117,7 @@ class ModelShape:
     )
 
     def __post_init__(self) -> None:
-        _check_positive_ints(self, "n_layer", "n_head", "n_embd", "block_size")
-        _check_choice("position encoding", self.position, POSITIONS)
+        check_fields(self, ModelShape)
         if self.n_embd % self.n_head:
             raise SmolGPTError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
@@ -229,8 +129,6 @@ class ModelShape:
                 f"{self.n_embd // self.n_head}: choose e.g. --n_embd "
                 f"{self.nearest_valid_width()}, or use --position learned"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise SmolGPTError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def nearest_valid_width(self) -> int:
         """The n_embd nearest this one that every check above accepts with this n_head and
@@ -248,10 +146,10 @@ class ModelShape:
 class ModelConfig(ModelShape):
     """A model shape and its vocabulary: enough to rebuild the network from a checkpoint."""
 
-    vocab_size: int = field(kw_only=True)  # the tokenizer's
+    vocab_size: int = field(kw_only=True, metadata={"positive": True})  # the tokenizer's
 
     def __post_init__(self) -> None:
-        _check_positive_ints(self, "vocab_size")
+        check_fields(self, ModelConfig)
         super().__post_init__()
 
 
@@ -259,185 +157,214 @@ class ModelConfig(ModelShape):
 class TrainConfig(ModelShape):
     """One training run: a model shape (from :class:`ModelShape`) and everything else."""
 
-    level: str = _opt("word", "tokenization level", "data", choices=LEVELS)
-    preset: str = _opt(
+    level: str = opt("word", "tokenization level", "data", choices=LEVELS, resume="fixed")
+    preset: str = opt(
         "tiny",
         "model size and training recipe (see Presets in the README)",
         "data",
         choices=tuple(PRESETS),
+        resume="fixed",
     )
-    data: str = _opt(
+    data: str = opt(
         "shakespeare",
         "training text: a built-in corpus (shakespeare, sherlock), a .txt file, "
         "a directory of .txt files, or an http(s) URL",
         "data",
+        resume="ignored",
     )
-    init_from: Optional[str] = _opt(
+    init_from: Optional[str] = opt(
         None,
         "fine-tune: start from this model's weights, tokenizer and shape (a .pth "
         "checkpoint, a run directory, or a directory written by smolgpt export)",
         "data",
         shown="unset: a new model",
+        resume="kept",
     )
-    out_dir: Optional[str] = _opt(
+    out_dir: Optional[str] = opt(
         None,
         "run directory",
         "data",
         shown="checkpoints/<level>_<preset>; with --init_from, checkpoints/<source>_finetune",
+        resume="ignored",
     )
     # Optimisation.
-    batch_size: int = _opt(32, "sequences per micro-batch", "optimisation")
-    gradient_accumulation_steps: int = _opt(1, "micro-batches per optimiser step", "optimisation")
-    max_iters: Optional[int] = _opt(
+    batch_size: int = opt(
+        32, "sequences per micro-batch", "optimisation", positive=True, resume="fixed"
+    )
+    gradient_accumulation_steps: int = opt(
+        1, "micro-batches per optimiser step", "optimisation", positive=True
+    )
+    max_iters: Optional[int] = opt(
         None,
         "optimiser steps to train for; with --time_budget, a cap on them",
         "optimisation",
         shown=f"{DEFAULT_MAX_ITERS}; no cap with --time_budget",
+        positive=True,
     )
-    time_budget: Optional[float] = _opt(
+    time_budget: Optional[float] = opt(
         None,
         "train for this many seconds of wall time (instead of, or up to, max_iters)",
         "optimisation",
+        positive=True,
     )
-    optimizer: str = _opt(
+    optimizer: str = opt(
         "adamw",
         "adamw, or muon: Muon for the blocks' weight matrices and AdamW for the rest",
         "optimisation",
         choices=OPTIMIZERS,
+        resume="fixed",
+        legacy="adamw",
     )
-    learning_rate: float = _opt(
+    learning_rate: float = opt(
         3e-4,
         "peak learning rate (of AdamW: with --optimizer muon, of the embeddings, biases and norms)",
         "optimisation",
+        positive=True,
     )
-    muon_lr: float = _opt(
-        0.05, "peak learning rate of Muon's matrices (--optimizer muon)", "optimisation"
+    muon_lr: float = opt(
+        0.05,
+        "peak learning rate of Muon's matrices (--optimizer muon)",
+        "optimisation",
+        positive=True,
     )
-    muon_ns_steps: int = _opt(
+    muon_ns_steps: int = opt(
         5,
         "Newton-Schulz iterations of Muon's orthogonalisation (fewer: cheaper steps, "
         "rougher orthogonalisation)",
         "optimisation",
+        positive=True,
     )
-    min_lr: Optional[float] = _opt(
+    min_lr: Optional[float] = opt(
         None, "final learning rate of the decay", "optimisation", shown="learning_rate / 10"
     )
-    warmup_iters: int = _opt(100, "linear warm-up steps", "optimisation")
-    warmup_budget_share: float = _opt(
+    warmup_iters: int = opt(100, "linear warm-up steps", "optimisation", minimum=0)
+    warmup_budget_share: float = opt(
         0.02,
         "with --time_budget: the share of the budget spent warming up, instead of warmup_iters",
         "optimisation",
+        interval="[0, 1)",
     )
-    lr_schedule: str = _opt(
+    lr_schedule: str = opt(
         "cosine",
         "learning-rate schedule after warm-up: cosine or linear decay to min_lr, or constant",
         "optimisation",
         choices=SCHEDULES,
     )
-    batch_warmup: float = _opt(
+    batch_warmup: float = opt(
         0.0,
         "share of training over which each step's batch grows linearly from a quarter "
         "of batch_size to all of it (0: whole batches from the first step)",
         "optimisation",
+        interval="[0, 1]",
     )
-    weight_decay: float = _opt(
+    weight_decay: float = opt(
         0.1,
         "weight decay of matrices and embeddings (AdamW and Muon; not biases or norms)",
         "optimisation",
+        minimum=0,
     )
-    beta1: float = _opt(0.9, "AdamW beta1", "optimisation")
-    beta2: float = _opt(0.99, "AdamW beta2", "optimisation")
-    grad_clip: float = _opt(1.0, "clip gradient norm to this (0 disables)", "optimisation")
+    beta1: float = opt(0.9, "AdamW beta1", "optimisation")
+    beta2: float = opt(0.99, "AdamW beta2", "optimisation")
+    grad_clip: float = opt(
+        1.0, "clip gradient norm to this (0 disables)", "optimisation", minimum=0
+    )
     # Evaluation, stopping, logging.
-    eval_interval: Optional[int] = _opt(
+    eval_interval: Optional[int] = opt(
         None,
         "steps between evaluations (and checkpoints)",
         "evaluation",
         shown=f"{DEFAULT_EVAL_INTERVAL}; with --time_budget, {BUDGET_EVALUATIONS} spread over it",
+        positive=True,
     )
-    eval_iters: int = _opt(
+    eval_iters: int = opt(
         20,
         "batches per evaluation of train and val loss (under --time_budget, fewer where "
         "evaluations would take more than a tenth of it)",
         "evaluation",
+        positive=True,
     )
-    log_interval: int = _opt(
-        50, "steps between progress lines when stderr is not a terminal", "evaluation"
+    log_interval: int = opt(
+        50,
+        "steps between progress lines when stderr is not a terminal",
+        "evaluation",
+        positive=True,
     )
-    plot: bool = _opt(
+    plot: bool = opt(
         True,
         "redraw loss.png in the run directory at every evaluation "
         "(needs matplotlib: the plot extra)",
         "evaluation",
     )
-    sample_every: int = _opt(
+    sample_every: int = opt(
         0,
         "at the evaluations this many steps apart, print a short sample (the same prompt "
         "and seed each time, so the text changes only as the model learns) and add it to "
         "samples.txt in the run directory (0: never)",
         "evaluation",
+        minimum=0,
     )
-    tensorboard: bool = _opt(
+    tensorboard: bool = opt(
         False,
         "also log the metrics for TensorBoard, in the run "
         "directory's tensorboard/ (needs the tensorboard extra)",
         "evaluation",
     )
-    early_stop_patience: int = _opt(
+    early_stop_patience: int = opt(
         0,
         "stop after this many evaluations without a new best val loss (0: never)",
         "evaluation",
+        minimum=0,
     )
     # Tokenizer.
-    min_word_freq: int = _opt(
-        3, "word level: words seen fewer times become <UNK>", "data", levels=("word",)
+    min_word_freq: int = opt(
+        3,
+        "word level: words seen fewer times become <UNK>",
+        "data",
+        levels=("word",),
+        positive=True,
+        resume="fixed",
     )
-    vocab_size: Optional[int] = _opt(
+    vocab_size: Optional[int] = opt(
         None,
         "bpe level: tokens in the vocabulary, the 256 byte values and then the merges "
         "learned from the training split",
         "data",
+        resume="fixed",
     )
-    encoding: str = _opt(
-        "utf-8",
-        "text encoding of --data files (a UTF-8 or UTF-16 byte-order mark is "
-        "recognised by itself); e.g. cp1252 or latin-1 for older Windows or European texts",
-        "data",
-    )
+    encoding: str = encoding_setting("data", resume="fixed")
     # Hardware and bookkeeping.
-    amp: bool = _opt(
+    amp: bool = opt(
         True,
         "reduced precision where the hardware computes it natively (see "
         "Precision); --no-amp: float32 everywhere",
         "system",
     )
-    device: str = _opt("auto", "where to train", "system", choices=DEVICES)
-    compile: bool = _opt(False, "torch.compile the model (slow start, can be faster)", "system")
-    gradient_checkpointing: bool = _opt(
+    device: str = device_setting(help="where to train")
+    compile: bool = opt(False, "torch.compile the model (slow start, can be faster)", "system")
+    gradient_checkpointing: bool = opt(
         False,
         "recompute each block's activations in the backward pass instead of keeping "
         "them: less memory (longer contexts, bigger models), about a third more compute",
         "system",
     )
-    seed: int = _opt(1337, "random seed", "system")
-    resume: bool = _opt(False, "continue from latest_model.pth in the run directory", "system")
-    overwrite: bool = _opt(
+    seed: int = opt(1337, "random seed", "system", resume="fixed")
+    resume: bool = opt(
+        False, "continue from latest_model.pth in the run directory", "system", resume="ignored"
+    )
+    overwrite: bool = opt(
         False,
         "start a new run in an --out_dir that holds one: the old run is moved aside "
         "(renamed with a timestamp), never deleted",
         "system",
+        resume="ignored",
     )
-    colab_drive: bool = _opt(False, "on Colab: write the run to Google Drive", "system")
+    colab_drive: bool = opt(
+        False, "on Colab: write the run to Google Drive", "system", resume="ignored"
+    )
 
     def __post_init__(self) -> None:
         """Reject settings no run could use, naming the flag to change."""
-        _check_choice("level", self.level, LEVELS)
-        _check_choice("preset", self.preset, tuple(PRESETS))
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
-        _check_choice("device", self.device, DEVICES)
-        if self.max_iters is not None:
-            _check_positive_ints(self, "max_iters")
+        check_fields(self, TrainConfig)
         if self.level == "bpe":
             check_vocab_size(self.vocab_size)
         elif self.vocab_size is not None:
@@ -445,46 +372,13 @@ class TrainConfig(ModelShape):
                 f"--vocab_size applies at --level bpe only (the {self.level} "
                 "level's vocabulary is what the text holds): drop the flag"
             )
-        _check_positive_ints(
-            self,
-            "batch_size",
-            "gradient_accumulation_steps",
-            "eval_iters",
-            "log_interval",
-            "min_word_freq",
-            "muon_ns_steps",
-        )
-        if self.eval_interval is not None:
-            _check_positive_ints(self, "eval_interval")
-        for name in ("warmup_iters", "early_stop_patience", "sample_every"):
-            if getattr(self, name) < 0:
-                raise SmolGPTError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        _check_positive_number("learning_rate", self.learning_rate)
-        _check_positive_number("muon_lr", self.muon_lr)
         if self.min_lr is not None and not 0 <= self.min_lr <= self.learning_rate:
             raise SmolGPTError(f"--min_lr must be in [0, learning_rate], got {self.min_lr}")
-        if self.time_budget is not None:
-            _check_positive_number("time_budget", self.time_budget)
-        if not 0.0 <= self.warmup_budget_share < 1.0:
-            raise SmolGPTError(
-                f"--warmup_budget_share must be in [0, 1), got {self.warmup_budget_share}"
-            )
-        if not 0.0 <= self.batch_warmup <= 1.0:
-            raise SmolGPTError(f"--batch_warmup must be in [0, 1], got {self.batch_warmup}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise SmolGPTError("--grad_clip and --weight_decay must be >= 0")
         if self.resume and self.overwrite:
             raise SmolGPTError(
                 "--resume continues the run in --out_dir and --overwrite "
                 "starts a new one there: pass one of them"
             )
-        try:
-            codecs.lookup(self.encoding)
-        except LookupError:
-            raise SmolGPTError(
-                f"unknown --encoding {self.encoding!r}: use a Python codec "
-                "name such as utf-8, utf-16, cp1252 or latin-1"
-            ) from None
         super().__post_init__()  # the shape
 
     @property
@@ -520,159 +414,6 @@ class TrainConfig(ModelShape):
         return ModelConfig(vocab_size=vocab_size, **self.shape())
 
 
-@dataclass
-class SampleConfig:
-    """How to sample a continuation; names and defaults follow Hugging Face ``generate``
-    where one exists, except the defaults of temperature and top_k, which suit small models.
-    The filters apply in transformers' order: repetition penalty, temperature, top-k, top-p,
-    min-p."""
-
-    max_new_tokens: int = _opt(100, "tokens (words or characters) to generate", "sampling")
-    temperature: float = _opt(
-        0.8,
-        "sampling temperature; 0 means greedy decoding (always the most likely token)",
-        "sampling",
-    )
-    top_k: int = _opt(50, "sample only from the k most likely tokens (0 disables)", "sampling")
-    top_p: float = _opt(
-        1.0, "nucleus sampling: smallest set of tokens with this much probability", "sampling"
-    )
-    min_p: float = _opt(
-        0.0, "drop tokens less likely than min_p times the most likely one (0 disables)", "sampling"
-    )
-    repetition_penalty: float = _opt(
-        1.0,
-        "divide the scores of tokens already in the text by this (CTRL's penalty, as in "
-        "transformers; 1 disables, >1 repeats less)",
-        "sampling",
-    )
-    stop: tuple[str, ...] = _opt(
-        (),
-        "stop at any of these strings (not printed); on the command line \\n and \\t "
-        "mean a line break and a tab",
-        "sampling",
-        shown="none",
-    )
-    num_samples: int = _opt(1, "independent continuations to generate, as one batch", "sampling")
-    seed: int = _opt(1337, "random seed; the same seed gives the same text", "sampling")
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise SmolGPTError(f"--max_new_tokens must be >= 0, got {self.max_new_tokens!r}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise SmolGPTError(
-                f"--temperature must be >= 0 (0 means greedy), got {self.temperature}"
-            )
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise SmolGPTError(f"--top_k must be >= 0 (0 disables it), got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise SmolGPTError(f"--top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise SmolGPTError(f"--min_p must be in [0, 1] (0 disables it), got {self.min_p}")
-        _check_positive_number("repetition_penalty", self.repetition_penalty)
-        if isinstance(self.stop, str):  # one string given where a list is expected
-            self.stop = (self.stop,)
-        self.stop = tuple(self.stop)
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise SmolGPTError(f"--stop strings must be non-empty text, got {list(self.stop)!r}")
-        _check_positive_ints(self, "num_samples")
-
-
-@dataclass
-class GenerateConfig(SampleConfig):
-    """``smolgpt generate``: the sampling settings, plus what to continue, where to write it
-    and where to run."""
-
-    prompt: Optional[str] = _opt(
-        None,
-        "text to continue",
-        "input",
-        shown="a line break at char and bpe level, the most frequent word at word level",
-    )
-    prompt_file: Optional[str] = _opt(None, "read the text to continue from this file", "input")
-    interactive: bool = _opt(
-        False,
-        "a prompt loop that keeps the model loaded: type a prompt, "
-        "see its continuation; a blank line or Ctrl-D quits, Ctrl-C stops "
-        "one generation",
-        "input",
-    )
-    out: Optional[str] = _opt(
-        None, "write the text to this file (atomically) instead of stdout", "output"
-    )
-    device: str = _opt("auto", "where to run", "system", choices=DEVICES)
-
-    def __post_init__(self) -> None:
-        _check_choice("device", self.device, DEVICES)
-        if self.prompt is not None and self.prompt_file is not None:
-            raise SmolGPTError("give --prompt or --prompt_file, not both")
-        if self.interactive and (
-            self.prompt is not None or self.prompt_file is not None or self.out is not None
-        ):
-            raise SmolGPTError(
-                "--interactive reads its prompts from the terminal: drop "
-                "--prompt, --prompt_file and --out"
-            )
-        super().__post_init__()
-
-    def sampling(self) -> SampleConfig:
-        """The sampling settings alone."""
-        return SampleConfig(
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(SampleConfig)}
-        )
-
-
-@dataclass
-class ServeConfig:
-    """``smolgpt serve``: where the server listens and the limits that keep a shared server
-    alive. A request's sampling settings come in the request, with SampleConfig's defaults."""
-
-    host: str = _opt(
-        "127.0.0.1",
-        "address to listen on; 127.0.0.1 is this computer only, "
-        "0.0.0.0 every network it is on (see Serving in the README)",
-        "server",
-    )
-    port: int = _opt(8000, "port to listen on (0: any free port)", "server")
-    api_key: Optional[str] = _opt(
-        None,
-        "require this key from clients (Authorization: Bearer KEY); the environment "
-        "variable SMOLGPT_API_KEY sets it too, out of sight of other users' ps",
-        "server",
-        shown="unset: no key",
-    )
-    max_prompt_chars: int = _opt(20000, "longest prompt accepted, in characters", "limits")
-    max_tokens: int = _opt(2000, "most tokens one completion may ask for (max_tokens)", "limits")
-    max_n: int = _opt(8, "most completions one request may ask for (n times prompts)", "limits")
-    timeout: float = _opt(
-        120.0,
-        "seconds a request may take, waiting included, before it is ended with status 504",
-        "limits",
-    )
-    parallel: int = _opt(4, "requests generated at once, taking turns token by token", "limits")
-    queue: int = _opt(
-        16, "requests that may wait for a turn; more are answered 503 (busy)", "limits"
-    )
-    device: str = _opt("auto", "where to run", "system", choices=DEVICES)
-
-    def __post_init__(self) -> None:
-        _check_choice("device", self.device, DEVICES)
-        if (
-            isinstance(self.port, bool)
-            or not isinstance(self.port, int)
-            or not 0 <= self.port <= 65535
-        ):
-            raise SmolGPTError(f"--port must be 0 to 65535, got {self.port!r}")
-        if not self.host:
-            raise SmolGPTError("--host is empty: give an address such as 127.0.0.1")
-        if self.api_key is not None and not self.api_key.strip():
-            raise SmolGPTError("--api_key is empty: give a key, or leave it out")
-        _check_positive_ints(self, "max_prompt_chars", "max_tokens", "max_n", "parallel")
-        if isinstance(self.queue, bool) or not isinstance(self.queue, int) or self.queue < 0:
-            raise SmolGPTError(f"--queue must be >= 0, got {self.queue!r}")
-        _check_positive_number("timeout", self.timeout)
-
-
 def source_name(init_from: str) -> str:
     """A short name for an --init_from path: its run directory's for a checkpoint a run wrote
     (runs/x/best_model.pth: x), else the file's stem or the directory's name."""
@@ -680,20 +421,6 @@ def source_name(init_from: str) -> str:
     if path.name in ("best_model.pth", "latest_model.pth"):  # training.BEST and LATEST
         path = path.parent
     return (path.stem if path.suffix == ".pth" else path.name) or "source"
-
-
-def preset_values(preset: str, level: str, cpu_float32: bool = False) -> dict[str, Any]:
-    """The fields a preset sets at a level: its common entries, then the level's own, then
-    (on a CPU that computes in float32, see ``hardware.PrecisionPolicy``) the level's
-    ``cpu_float32`` entries."""
-    _check_choice("preset", preset, tuple(PRESETS))
-    _check_choice("level", level, LEVELS)
-    entry = PRESETS[preset]
-    values = {k: v for k, v in entry.items() if k not in (*LEVELS, CPU_FLOAT32)}
-    values.update(entry.get(level, {}))
-    if cpu_float32:
-        values.update(entry.get(CPU_FLOAT32, {}).get(level, {}))
-    return values
 
 
 def resolve_train_config(explicit: dict[str, Any], cpu_float32: bool = False) -> TrainConfig:
@@ -710,95 +437,10 @@ def resolve_train_config(explicit: dict[str, Any], cpu_float32: bool = False) ->
     return TrainConfig(**{**preset_values(preset, level, cpu_float32), **explicit})
 
 
-# Beside a run's checkpoints: the settings it resolved to, as JSON (rewritten by every
-# process of the run). --config reads it back.
-# How a config file's values are named when one has the wrong type.
-_TYPE_NAMES = {
-    bool: "true or false",
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-    list: "an array",
-    dict: "a table",
-    type(None): "null",
-}
-
-
 def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
-    """The settings in a config file (``--config``): one flat TOML table, or a JSON object
-    such as a run's config.json (its "smolgpt_version" is skipped), keyed by TrainConfig's
-    field names (the flags' names), each value of its field's type. The values are settings
-    as given, to be resolved like flags; relative paths in them stay relative to the current
-    directory, as a flag's would. Every problem is a SmolGPTError naming the file."""
-    path = Path(path).expanduser()
-    where = f"--config {path}"
-    if path.is_dir():
-        raise SmolGPTError(f"{where} is a directory: give a .toml file")
-    text = read_user_text(path, where)
-    if path.suffix.lower() == ".json":
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SmolGPTError(f"{where} is not valid JSON: {exc}") from None
-        if not isinstance(values, dict):
-            raise SmolGPTError(f"{where} must hold one JSON object of settings")
-        values.pop("smolgpt_version", None)  # written beside the settings in config.json
-    else:
-        try:
-            values = _toml().loads(text)
-        except ValueError as exc:  # tomllib.TOMLDecodeError: its message gives the line
-            raise SmolGPTError(f"{where} is not valid TOML: {exc}") from None
-    return _typed_settings(values, where)
-
-
-def _toml():
-    """tomllib (Python 3.11), or on 3.10 the tomli package it came from."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError:
-            raise SmolGPTError(
-                "reading a TOML --config needs Python 3.11 or the tomli package: pip install tomli"
-            ) from None
-    return tomllib
-
-
-def _typed_settings(values: dict[str, Any], where: str) -> dict[str, Any]:
-    """values, checked against TrainConfig's fields: their names and types (an integer is a
-    number too, and becomes a float where one is expected; true is not an integer)."""
-    tables = [k for k, v in values.items() if isinstance(v, dict)]
-    if tables:  # a [section] header reads as a nested table
-        raise SmolGPTError(
-            f"{where}: [{tables[0]}] is a table; a config file is one flat "
-            "list of settings (key = value), without [sections]"
-        )
-    hints = typing.get_type_hints(TrainConfig)
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    unknown = [k for k in values if k not in names]
-    if unknown:
-        shown = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, names, n=1)
-            shown.append(f"{key} (did you mean {close[0]}?)" if close else key)
-        raise SmolGPTError(
-            f"{where}: unknown setting(s) {', '.join(shown)}; the keys are "
-            "the flag names of smolgpt train --help, without the dashes"
-        )
-    typed = {}
-    for key, value in values.items():
-        kind, optional = hints[key], False
-        if typing.get_origin(kind) is Union:  # Optional[X]
-            optional = True
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        if kind is float and type(value) is int:
-            value = float(value)
-        if not (type(value) is kind or (value is None and optional)):
-            got = _TYPE_NAMES.get(type(value), type(value).__name__)
-            raise SmolGPTError(f"{where}: {key} must be {_TYPE_NAMES[kind]}, got {value!r} ({got})")
-        typed[key] = value
-    return typed
+    """The settings in a config file (``--config``) for a training run: see
+    :func:`configfile.read_settings_file`."""
+    return read_settings_file(path, TrainConfig)
 
 
 def preset_default(name: str) -> Optional[str]:
@@ -855,44 +497,33 @@ def default_text(cls: type, name: str) -> str:
         from_preset = preset_default(name)
         if from_preset:
             return from_preset
-    shown = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("shown")
-    if shown:
-        return shown
-    default = getattr(cls, name)
-    if isinstance(default, bool):
-        return "on" if default else "off"
-    return "unset" if default is None else str(default)
+    return default_shown(next(f for f in dataclasses.fields(cls) if f.name == name))
+
+
+def _marked(key: str, value: Any = None) -> dict[str, Any]:
+    """{name: metadata[key]} of TrainConfig's fields whose metadata has key (equal to
+    value, if given)."""
+    return {
+        f.name: f.metadata[key]
+        for f in dataclasses.fields(TrainConfig)
+        if key in f.metadata and (value is None or f.metadata[key] == value)
+    }
 
 
 # Fields added after checkpoints were first written, with the value those older checkpoints
-# imply (they predate rotary positions, so their models learned position embeddings).
-LEGACY_DEFAULTS: dict[str, Any] = {"position": "learned", "optimizer": "adamw"}
-
-# Settings that define what a run *is*; a resumed run may not change them. (The training
-# text is checked by content, not by the --data string.) gradient_accumulation_steps may
-# change: with the number of processes (torchrun), to keep the global batch.
-RESUME_FIXED = (
-    "level",
-    "preset",
-    "n_layer",
-    "n_head",
-    "n_embd",
-    "block_size",
-    "bias",
-    "position",
-    "optimizer",
-    "min_word_freq",
-    "vocab_size",
-    "encoding",
-    "batch_size",
-    "seed",
-)
-# Bookkeeping that is not part of a run's recipe.
-_RESUME_IGNORED = ("resume", "overwrite", "out_dir", "data", "colab_drive")
-# Where a run started: its history, which a resumed run keeps whatever is given now (it
-# continues from its own latest_model.pth, so a --init_from given then is neither refused
-# nor used).
-RESUME_KEPT = ("init_from",)
+# imply (their metadata's "legacy": they predate rotary positions, so their models learned
+# position embeddings).
+LEGACY_DEFAULTS: dict[str, Any] = _marked("legacy")
+# What --resume does with each setting is its metadata's "resume" (see settings.py).
+# "fixed": what a run *is*, which a resumed run may not change. (The training text is checked
+# by content, not by the --data string.) gradient_accumulation_steps may change: with the
+# number of processes (torchrun), to keep the global batch. "kept": where a run started, its
+# history, which a resumed run keeps whatever is given now (it continues from its own
+# latest_model.pth, so a --init_from given then is neither refused nor used). "ignored":
+# bookkeeping that is not part of a run's recipe.
+RESUME_FIXED = tuple(_marked("resume", "fixed"))
+RESUME_KEPT = tuple(_marked("resume", "kept"))
+_RESUME_IGNORED = tuple(_marked("resume", "ignored"))
 
 
 def resume_train_config(
