@@ -246,14 +246,14 @@ def check_output_file(path: Path) -> None:
 
 def run_export(source: str, out_dir: str, cfg: ExportConfig, launcher: Launcher) -> int:
     """Export the model at source to out_dir in cfg's format ("hf" or "safetensors")."""
-    from . import interop
     from .api import load
+    from .export import check_out_dir
+    from .hf import require_hf
 
     fmt, overwrite = cfg.format, cfg.overwrite
-
     if fmt == "hf":
-        interop.require_hf()
-    interop.check_out_dir(out_dir, overwrite)  # both before the work of loading
+        require_hf()
+    check_out_dir(out_dir, overwrite)  # both before the work of loading
     out = load(source, "cpu").export(out_dir, fmt, overwrite)
     print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}", file=sys.stderr)
     if fmt == "hf":

@@ -14,14 +14,11 @@ import torch
 
 from . import checkpoint, kernels
 from .errors import SmolGPTError
-from .export import META, WEIGHTS, check_out_dir, read_safetensors_export
-from .hf import read_hf, require_hf
+from .export import META, WEIGHTS, read_safetensors_export
+from .hf import read_hf
 from .model import GPT
 from .rundir import HF_CONFIG, is_run_config
 from .tokenizer import Tokenizer, tokenizer_from_dict
-
-# What the cli checks before the work of loading a model to export.
-__all__ = ["check_out_dir", "load_source", "require_hf"]
 
 
 def load_source(
