@@ -8,7 +8,6 @@ import re
 
 import pytest
 
-from smolgpt.api import describe_settings
 from smolgpt.config import (
     CPU_FLOAT32,
     DEVICES,
@@ -26,6 +25,7 @@ from smolgpt.config import (
     resume_train_config,
 )
 from smolgpt.errors import SmolGPTError
+from smolgpt.runsetup import describe_settings
 
 from e2e import names
 

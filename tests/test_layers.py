@@ -28,7 +28,7 @@ LAYERS = [
     ["sources", "tokendata", "tokencache", "batches", "evaluate", "checkpoint", "sampling"],
     ["export", "hf", "interop", "plots"],
     # training
-    ["runlog", "training", "finetune", "inspection", "runinfo"],
+    ["runlog", "training", "finetune", "inspection", "runinfo", "runsetup"],
     # the Python API, then what stands on it
     ["api"],
     # the HTTP server: its request schemas, its OpenAPI description, its models and their turns
