@@ -23,7 +23,7 @@ LAYERS = [
         "rundir",
     ],
     # the machine, and the pieces of a model
-    ["distributed", "signals", "hardware", "tokenizer", "model", "kernels", "optim"],
+    ["distributed", "signals", "hardware", "wordtext", "tokenizer", "model", "kernels", "optim"],
     # text to batches, scoring, checkpoints, sampling, other formats, pictures
     ["sources", "tokendata", "tokencache", "batches", "evaluate", "checkpoint", "sampling"],
     ["export", "hf", "interop", "plots"],

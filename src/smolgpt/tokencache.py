@@ -5,7 +5,7 @@ tokenizer, encodes everything once, and caches the ids on disk (``tokens.bin``, 
 when read, beside ``meta.json``), keyed by the text's SHA-256, its --encoding and the
 tokenizer settings; the next run with the same text starts at once. (A fine-tuning run gives
 its source model's tokenizer instead of learning one: the cache is then keyed by that
-tokenizer.) The tokenizer normalises the text (:func:`~smolgpt.tokenizer.normalize_text`: no
+tokenizer.) The tokenizer normalises the text (:func:`~smolgpt.wordtext.normalize_text`: no
 byte-order mark, typographic quotes as ASCII). At word level, training is refused when the
 vocabulary would teach nothing, and the share of <UNK> is reported. Word-level tokenization
 is spread over all CPU cores. Every open checks the cached ids against the size and CRC-32

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import bisect
 import codecs
-import functools
 import itertools
 import json
 from abc import ABC, abstractmethod
@@ -43,66 +42,16 @@ import numpy as np
 
 from .config import LEVELS, check_vocab_size
 from .errors import SmolGPTError
-from .extras import install_command
-
-# A word is letters/digits, possibly joined by apostrophes (don't, holmes's); every other
-# non-space character is a token of its own. (’ is for vocabularies from before 0.5.)
-WORD_PATTERN = r"\w+(?:['’]\w+)*|[^\w\s]"
-
-# What normalize_text replaces. Books (Project Gutenberg's among them) print quotes and
-# apostrophes curly; keyboards type them straight.
-TEXT_REPLACEMENTS = (
-    ("\ufeff", ""),  # a byte-order mark, or one left mid-text by joining files
-    ("\u2018", "'"),
-    ("\u2019", "'"),
-    ("\u201a", "'"),
-    ("\u201b", "'"),  # ‘ ’ ‚ ‛
-    ("\u201c", '"'),
-    ("\u201d", '"'),
-    ("\u201e", '"'),
-    ("\u201f", '"'),  # “ ” „ ‟
+from .wordtext import (
+    HF_WORD_PATTERN,
+    TEXT_REPLACEMENTS,
+    CharDecoder,
+    WordDecoder,
+    _hf_word_decoder,
+    _splitter,
+    _tokenizers,
+    normalize_text,
 )
-
-
-def normalize_text(text: str) -> str:
-    """text as the tokenizers read it: CRLF and lone CR line endings as LF, without U+FEFF,
-    and with the typographic quotes of TEXT_REPLACEMENTS as ASCII ' and ". Normalising
-    twice changes nothing, and neither does normalising piecewise, as long as no piece ends
-    between the CR and LF of a CRLF."""
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    for typographic, plain in TEXT_REPLACEMENTS:
-        if typographic in text:  # (a str.replace chain is 10x faster than str.translate)
-            text = text.replace(typographic, plain)
-    return text
-
-
-@functools.lru_cache(maxsize=None)
-def _splitter():
-    # Imported on first use: NLTK takes half a second to import, and char level needs none.
-    from nltk.tokenize import RegexpTokenizer
-
-    return RegexpTokenizer(WORD_PATTERN)
-
-
-# Detokenization: marks that hug the previous token, and marks the next token hugs. (The
-# curly quotes are in vocabularies from before 0.5 only.)
-NO_SPACE_BEFORE = set(".,;:!?)]}%”’…") | {"n't"}
-NO_SPACE_AFTER = set("([{“‘$#")
-JOINERS = set("-—–/")  # hyphens, dashes and slashes join their neighbours: red-headed
-TOGGLE_QUOTES = set("\"'")  # ASCII quotes: alternately opening and closing
-
-
-# WORD_PATTERN for the tokenizers library's regex engine (Oniguruma), which reads \w
-# otherwise than WordTokenizer's NLTK (3.10 runs patterns on the regex module): there, \w
-# is a letter, mark, letter-like number, decimal digit, connector (_) or zero-width
-# (non-)joiner, so "x²" is two tokens. Spelled out like this, the two agree on every
-# character Python's Unicode database knows (checked for every code point).
-_WORD_CHARS = r"\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}"
-HF_WORD_PATTERN = (
-    rf"[{_WORD_CHARS}]+(?:['’][{_WORD_CHARS}]+)*"  # a word ...
-    rf"|[^{_WORD_CHARS}\s]"
-)  # ... or any other mark but a space
 
 
 class Tokenizer(ABC):
@@ -438,70 +387,6 @@ class WordTokenizer(Tokenizer):
         return {"pad_token": self.PAD, "unk_token": self.UNK}
 
 
-def _hf_word_decoder():
-    """Tokens joined by spaces, then the spaces WordTokenizer.decode leaves out removed
-    again (all but those around ASCII quotes: see smolgpt.hf's docstring)."""
-    decoders, regex = _tokenizers().decoders, _tokenizers().Regex
-
-    # WordPiece's decoder without its cleanup only joins with spaces (no token of ours
-    # starts with its "##"); Fuse makes one string for the replacements to work on.
-    steps = [decoders.WordPiece(prefix="##", cleanup=False), decoders.Fuse()]
-    for mark in sorted(NO_SPACE_BEFORE | JOINERS):
-        # A mark of one character is always a token of its own; "n't" could begin a word.
-        before = " " + mark if len(mark) == 1 else regex(f" {mark}(?= |$)")
-        steps.append(decoders.Replace(before, mark))
-    for mark in sorted(NO_SPACE_AFTER | JOINERS):
-        steps.append(decoders.Replace(mark + " ", mark))
-    return decoders.Sequence(steps)
-
-
-class CharDecoder:
-    """Text of ids given a few at a time; the pieces join into :meth:`CharTokenizer.decode`."""
-
-    def __init__(self, tokenizer: CharTokenizer):
-        self.chars = tokenizer.chars
-
-    def add(self, ids: Iterable[int]) -> str:
-        return "".join(self.chars[i] for i in ids)
-
-    def flush(self) -> str:
-        return ""  # nothing is ever held back
-
-
-class WordDecoder:
-    """Text of ids given a few at a time; the pieces join into :meth:`WordTokenizer.decode`.
-
-    Whether a space goes before a token depends on the token before it (an opening bracket
-    takes none after it) and on the quotes opened so far, so the decoder keeps both. A token's
-    text therefore never changes once given: what streams out is the final text.
-    """
-
-    def __init__(self, tokenizer: WordTokenizer):
-        self.itos = tokenizer.itos
-        self.glue_next = True  # no space before the very first token
-        self.open_quotes = {q: False for q in TOGGLE_QUOTES}
-
-    def add(self, ids: Iterable[int]) -> str:
-        out: list[str] = []
-        for i in ids:
-            tok = self.itos[i]
-            if tok in TOGGLE_QUOTES:
-                opening = not self.open_quotes[tok]
-                self.open_quotes[tok] = opening
-                glue_before, glue_after = not opening, opening
-            else:
-                glue_before = tok in NO_SPACE_BEFORE or tok in JOINERS
-                glue_after = tok in NO_SPACE_AFTER or tok in JOINERS
-            if not (self.glue_next or glue_before):
-                out.append(" ")
-            out.append(tok)
-            self.glue_next = glue_after
-        return "".join(out)
-
-    def flush(self) -> str:
-        return ""  # nothing is ever held back
-
-
 # Byte-level BPE. GPT-2's alphabet: one printable character for each byte value, so that
 # merges work on strings. Printable bytes stand for themselves; the others, in order, for the
 # characters from U+0100 on (a space is "Ġ", a line break "Ċ").
@@ -516,17 +401,6 @@ _BYTE_OF_SYMBOL = {symbol: b for b, symbol in enumerate(BYTE_SYMBOLS)}
 # Text is encoded in pieces of about this many characters, cut after line breaks, on all
 # cores at once; the pieces give the same ids as the whole (see BPETokenizer).
 BPE_PIECE_CHARS = 1 << 16
-
-
-def _tokenizers():
-    """The tokenizers library, or a SmolGPTError saying how to install it."""
-    try:
-        import tokenizers
-    except ImportError:
-        raise SmolGPTError(
-            f"--level bpe needs the tokenizers library: {install_command('bpe')}"
-        ) from None
-    return tokenizers
 
 
 def _pieces(text: str, size: int = BPE_PIECE_CHARS) -> list[str]:
