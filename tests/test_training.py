@@ -11,7 +11,7 @@ import torch
 from smolgpt.config import resolve_train_config
 from smolgpt.distributed import Group, PeerLost
 from smolgpt.optim import Budget
-from smolgpt.training import projection
+from smolgpt.runlog import projection
 
 from e2e import names
 

@@ -22,6 +22,7 @@ from .config import TrainConfig
 from .distributed import Group
 from .extras import install_command
 from .files import atomic_write_text
+from .optim import Budget
 from .rundir import METRICS, TENSORBOARD
 
 log = logging.getLogger(__name__)
@@ -329,6 +330,53 @@ def log_measured(peak: str, threads: Optional[str]) -> None:
     )
     if threads is not None:
         log.info("cpu: %s", threads)
+
+
+# A run counted in steps says how long it will take before it starts, from a timed forward
+# and backward pass, then again from the mean of this many steps of its process (the first,
+# with its one-off costs, is not timed); and on a CPU, beyond LONG_RUN_S, how to make it
+# shorter.
+PROJECT_AFTER_STEPS = 5
+LONG_RUN_S = 3600
+
+
+def projection(
+    budget: Budget,
+    iteration: int,
+    device: torch.device,
+    step_s: Optional[float] = None,
+    evaluation_pending: bool = False,
+) -> list[str]:
+    """The log lines that project the rest of a run counted in steps: the steps left at
+    step_s seconds each (given: an estimate before the first step; else the mean step time
+    so far), plus the evaluations still due (at budget.final_eval_s() each; the one at
+    `iteration` too if evaluation_pending); and on a CPU, where that is over LONG_RUN_S,
+    one that suggests a shorter run."""
+    cfg, every = budget.cfg, budget.cfg.eval_every
+    limit = cfg.step_limit  # (a run counted in steps has one)
+    steps_left = max(limit - iteration, 0)
+    # An evaluation every eval_interval steps, and one at the end.
+    evals_left = limit // every - iteration // every + (limit % every != 0)
+    evals_left = (evals_left if steps_left else 0) + evaluation_pending
+    estimated = step_s is not None
+    if step_s is None:
+        step_s = budget.step_time() or 0.0
+    eval_s = budget.final_eval_s()
+    total = steps_left * step_s + evals_left * eval_s
+    how = "about, from one timed forward and backward pass: " if estimated else ""
+    lines = [
+        f"projected training time: {duration(total)} ({how}{steps_left} steps at "
+        f"{step_s:.2f} s, {evals_left} evaluation{'' if evals_left == 1 else 's'} at "
+        f"{eval_s:.1f} s"
+        f"{'; early stopping may end it sooner' if cfg.early_stop_patience else ''})"
+    ]
+    if device.type == "cpu" and total > LONG_RUN_S:
+        lines.append(
+            "that is long for a CPU: --preset micro or --preset nano train smaller "
+            "models many times faster, and --time_budget SECONDS stops training "
+            "after that many seconds"
+        )
+    return lines
 
 
 def tensorboard_writer(folder: Path, purge_from: Optional[int] = None):
