@@ -9,7 +9,8 @@ The API::
 
 Modules, in the order data flows through them: config -> sources -> tokenizer -> tokencache
 (with tokendata) -> batches -> model (with kernels) -> optim, training (with runlog) ->
-checkpoint -> sampling, and api, runinfo, inspection, server and cli on top.
+checkpoint -> sampling, and api, runinfo, inspection, server and cli on top; their layers
+are drawn in docs/architecture.md.
 ``import smolgpt`` is cheap: torch is imported when train or load is first used.
 """
 
