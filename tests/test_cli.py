@@ -280,7 +280,7 @@ def test_speedrun_preset_runs_its_recipe_for_a_few_seconds(smol_cli, tmp_path):
         "--out_dir",
         out,
         "--time_budget",
-        "4",
+        "8",  # start-up (imports, the timed passes, the first evaluation) takes seconds
         "--eval_iters",
         "2",
         timeout=120,
@@ -289,7 +289,7 @@ def test_speedrun_preset_runs_its_recipe_for_a_few_seconds(smol_cli, tmp_path):
     assert "4 layers, 6 heads, 192 wide" in result.stderr, result.describe()
     settings = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert (settings["time_budget"], settings["lr_schedule"], settings["min_lr"]) == (
-        4.0,
+        8.0,
         "linear",
         0.0,
     )
