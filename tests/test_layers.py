@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "smolgpt"
 LAYERS = [
     # files and plain facts
     [
+        "version",
         "errors",
         "extras",
         "openmp",
@@ -45,8 +46,8 @@ def imported(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and (node.level == 1 or node.module == "smolgpt"):
             if node.module not in (None, "smolgpt"):
                 found.add(node.module.split(".")[0])
-            else:  # from . import x, from smolgpt import x
-                found |= {alias.name for alias in node.names}
+            else:  # from . import x, from smolgpt import x: a module, or a name of __init__
+                found |= {a.name if a.name in ORDER else "__init__" for a in node.names}
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("smolgpt."):
             found.add(node.module.split(".")[1])
         elif isinstance(node, ast.Import):

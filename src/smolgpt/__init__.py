@@ -25,8 +25,8 @@ from .config import (
     TrainConfig,
 )
 from .errors import SmolGPTError
+from .version import __version__
 
-__version__ = "0.12.0"
 __all__ = [
     "train",
     "load",

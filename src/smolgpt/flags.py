@@ -11,10 +11,7 @@ import dataclasses
 import typing
 from typing import Any, Optional
 
-from . import __version__
-from .config import (
-    HELP_GROUPS,
-    PRESETS,
+from .commandconfig import (
     EvalConfig,
     ExportConfig,
     GenerateConfig,
@@ -22,10 +19,10 @@ from .config import (
     InspectConfig,
     PlotConfig,
     ServeConfig,
-    TrainConfig,
-    default_text,
 )
+from .config import HELP_GROUPS, PRESETS, TrainConfig, default_text
 from .extras import install_command
+from .version import __version__
 
 
 class _Parser(argparse.ArgumentParser):

@@ -463,17 +463,21 @@ def time_passes(
         batch_s = timed(forward)
     finally:
         model.train()
+    # The other programs' load is measured only where it may change the thread count: the
+    # measurement lengthens start-up to OtherLoad.MIN_SECONDS.
+    load = OtherLoad() if may_choose_threads(device) else None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        with OtherLoad() as load:
-            times = PassTimes(batch_s, timed(forward_backward), load.cores)
-        busy = load.cores is not None and load.cores >= BUSY_CORES
-        if busy and may_choose_threads(device):
+        with load or contextlib.nullcontext():
+            pass_s = timed(forward_backward)
+        busy_cores = load.cores if load is not None else None
+        times = PassTimes(batch_s, pass_s, busy_cores)
+        if busy_cores is not None and busy_cores >= BUSY_CORES:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             one_s = timed(forward_backward)
-            if one_s < times.pass_s:
+            if one_s < pass_s:
                 # (the evaluation batch is not timed again: scaled as the pass was)
-                times = PassTimes(batch_s * one_s / times.pass_s, one_s, load.cores, threads)
+                times = PassTimes(batch_s * one_s / pass_s, one_s, busy_cores, threads)
             else:
                 torch.set_num_threads(threads)
     model.zero_grad(set_to_none=True)

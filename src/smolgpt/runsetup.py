@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from . import (
-    __version__,
     batches,
     checkpoint,
     distributed,
@@ -31,6 +30,7 @@ from .errors import SmolGPTError
 from .files import RunLock, atomic_write_text
 from .rundir import LATEST, RUN_CONFIG, clean_stale_temporaries, move_aside
 from .tokenizer import tokenizer_from_dict
+from .version import __version__
 
 if TYPE_CHECKING:
     pass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from . import __version__
+from .version import __version__
 
 REASONS = {
     400: "invalid request",

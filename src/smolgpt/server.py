@@ -36,7 +36,6 @@ import time
 from importlib import resources
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence
 
-from . import __version__
 from .config import ServeConfig
 from .errors import SmolGPTError
 from .extras import install_command
@@ -52,6 +51,7 @@ from .scheduler import (
 )
 from .serve_openapi import openapi
 from .serve_schema import ApiError, chat_schema, completion_schema
+from .version import __version__
 
 log = logging.getLogger("smolgpt")
 

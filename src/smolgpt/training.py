@@ -35,7 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import __version__, checkpoint, hardware, kernels
+from . import checkpoint, hardware, kernels
 from .batches import BatchSampler
 from .config import TrainConfig
 from .distributed import Group, replicate
@@ -63,6 +63,7 @@ from .runlog import (
 )
 from .signals import SignalFlag
 from .tokendata import TokenData
+from .version import __version__
 
 log = logging.getLogger(__name__)
 
