@@ -267,7 +267,10 @@ def test_a_busy_cpu_slows_training_in_proportion_not_several_fold(smol_cli, tmp_
     assert re.search(r"cpu: \d compute threads?.*spinning briefly", result.stderr), (
         result.describe()
     )
-    assert busy >= quiet / 4, (
+    # In proportion would be about a half; spinning threads gave 1 step where a quiet run
+    # made 379 (under 0.01). A tenth leaves room for the rest of a parallel suite, whose load
+    # falls unevenly on the two runs (0.14 and 0.19 were seen there).
+    assert busy >= quiet / 10, (
         f"{busy:.0f} tokens a CPU-second beside busy loops, {quiet:.0f} without"
     )
 
