@@ -22,11 +22,12 @@ from e2e import E2E_ROOT, flip_bit_in_tensor_data, names
 
 
 def trained(make_trainer, level: str = "char", **settings) -> tuple[dict, GPT]:
-    """A checkpoint dictionary as training writes it: the state() of a real Trainer after
-    one step (so the optimisers hold moments), and its model."""
+    """A checkpoint's plain data as training writes it (to change into broken files): the
+    state() of a real Trainer after one step (so the optimisers hold moments), and its
+    model."""
     trainer = make_trainer(level, **settings)
     trainer.train_step()
-    return trainer.state(), trainer.model.eval()
+    return trainer.state().to_dict(), trainer.model.eval()
 
 
 @pytest.fixture
@@ -38,36 +39,46 @@ def state(make_trainer) -> tuple[dict, GPT]:
 def saved(tmp_path, state) -> tuple[Path, dict, GPT]:
     ckpt, model = state
     path = tmp_path / "model.pth"
-    checkpoint.save(path, ckpt)
+    checkpoint.save_dict(path, ckpt)
     return path, ckpt, model
 
 
-def test_round_trip(saved):
+def test_round_trip(make_trainer, tmp_path):
     """Everything a run needs to resume survives save and the weights-only unpickler."""
-    path, ckpt, model = saved
+    trainer = make_trainer()
+    trainer.train_step()
+    ckpt, path = trainer.state(), tmp_path / "model.pth"
+    checkpoint.save(path, ckpt)
     loaded = checkpoint.load(path)
-    assert (loaded["format"], loaded["format_version"]) == (
-        checkpoint.FORMAT,
-        checkpoint.FORMAT_VERSION,
-    )
-    for key in ("model_config", "tokenizer", "train_config", "progress", "data"):
-        assert loaded[key] == ckpt[key], key
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(loaded["model"][name], tensor), name
-    assert len(loaded["optimizer"]) == len(ckpt["optimizer"]) == 2  # AdamW and Muon
-    for mine, theirs in zip(loaded["optimizer"], ckpt["optimizer"]):
+    assert torch.load(path, weights_only=True)["format"] == checkpoint.FORMAT
+    assert loaded.format_version == checkpoint.FORMAT_VERSION
+    for key in ("model_config", "train_config", "progress", "data", "run_info", "scaler"):
+        assert getattr(loaded, key) == getattr(ckpt, key), key
+    assert loaded.tokenizer.to_dict() == ckpt.tokenizer.to_dict()
+    for name, tensor in trainer.model.state_dict().items():
+        assert torch.equal(loaded.model[name], tensor), name
+    assert len(loaded.optimizer) == len(ckpt.optimizer) == 2  # AdamW and Muon
+    for mine, theirs in zip(loaded.optimizer, ckpt.optimizer):
         assert mine["state"], "the step left no optimiser state: nothing was compared"
         assert mine["param_groups"] == theirs["param_groups"]
         torch.testing.assert_close(mine["state"], theirs["state"], rtol=0, atol=0)
     for key in ("torch", "sampler"):
-        assert torch.equal(loaded["rng"][key], ckpt["rng"][key]), key
+        assert torch.equal(loaded.rng[key], ckpt.rng[key]), key
+
+
+def test_fields_a_newer_smolgpt_added_to_progress_are_left_out(saved):
+    """A checkpoint of the same format version from a later smolgpt, whose progress has a
+    field this one does not know, still loads."""
+    path, ckpt, _ = saved
+    checkpoint.save_dict(path, {**ckpt, "progress": {**ckpt["progress"], "future": 1}})
+    assert checkpoint.load(path).progress == checkpoint.Progress(**ckpt["progress"])
 
 
 def test_checkpoint_from_before_rotary_loads_with_learned_positions(make_trainer, tmp_path):
     ckpt, model = trained(make_trainer, position="learned")
     del ckpt["model_config"]["position"]  # as written by smolgpt 0.1.0
     path = tmp_path / "old.pth"
-    checkpoint.save(path, ckpt)
+    checkpoint.save_dict(path, ckpt)
     loaded, _, _ = checkpoint.load_model(path, torch.device("cpu"))
     assert loaded.config.position == "learned"
     x = torch.randint(model.config.vocab_size, (1, 10))
@@ -97,7 +108,7 @@ def test_load_model_gives_same_outputs(saved):
 
 def test_word_tokenizer_round_trip(make_trainer, tmp_path):
     ckpt, _ = trained(make_trainer, "word")
-    checkpoint.save(tmp_path / "w.pth", ckpt)
+    checkpoint.save_dict(tmp_path / "w.pth", ckpt)
     _, tokenizer, _ = checkpoint.load_model(tmp_path / "w.pth", torch.device("cpu"))
     assert tokenizer.level == "word"
     assert tokenizer.to_dict() == ckpt["tokenizer"]
@@ -106,8 +117,8 @@ def test_word_tokenizer_round_trip(make_trainer, tmp_path):
 def test_save_replaces_atomically(saved):
     path, ckpt, _ = saved
     ckpt = {**ckpt, "progress": {**ckpt["progress"], "iter": 99}}
-    checkpoint.save(path, ckpt)
-    assert checkpoint.load(path)["progress"]["iter"] == 99
+    checkpoint.save_dict(path, ckpt)
+    assert checkpoint.load(path).progress.iter == 99
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.pth"]  # no temp files
 
 
@@ -170,7 +181,7 @@ def test_newer_format_version(tmp_path, state):
     ckpt, _ = state
     path = tmp_path / "future.pth"
     version = checkpoint.FORMAT_VERSION + 1
-    checkpoint.save(path, {**ckpt, "format_version": version})
+    checkpoint.save_dict(path, {**ckpt, "format_version": version})
     # The file, its version, and how to get a smolgpt that reads it (in this clone).
     with pytest.raises(
         SmolGPTError, match=names(str(path), str(version), str(E2E_ROOT), "git pull")
@@ -204,7 +215,7 @@ def test_weight_shape_mismatch(tmp_path, state):
     ckpt, _ = state
     ckpt["model_config"] = {**ckpt["model_config"], "n_embd": 32}
     path = tmp_path / "mismatch.pth"
-    checkpoint.save(path, ckpt)
+    checkpoint.save_dict(path, ckpt)
     stored = tuple(ckpt["model"]["wte.weight"].shape)  # the first weight whose shape differs
     with pytest.raises(
         SmolGPTError, match=names(str(path), "wte.weight", str(stored), str((stored[0], 32)))
@@ -216,7 +227,7 @@ def test_block_size_mismatch_names_the_weight(tmp_path, make_trainer):
     ckpt, _ = trained(make_trainer, position="learned")
     ckpt["model_config"] = {**ckpt["model_config"], "block_size": 64}
     path = tmp_path / "mismatch.pth"
-    checkpoint.save(path, ckpt)
+    checkpoint.save_dict(path, ckpt)
     with pytest.raises(SmolGPTError, match="wpe.weight"):
         checkpoint.load(path)
 
@@ -225,11 +236,11 @@ def test_missing_or_extra_weights(tmp_path, state):
     ckpt, _ = state
     weights = dict(ckpt["model"])
     weights.pop("ln_f.weight")
-    checkpoint.save(tmp_path / "a.pth", {**ckpt, "model": weights})
+    checkpoint.save_dict(tmp_path / "a.pth", {**ckpt, "model": weights})
     with pytest.raises(SmolGPTError, match=names(str(tmp_path / "a.pth"), "weights", "config")):
         checkpoint.load(tmp_path / "a.pth")
     extra = {**ckpt["model"], "extra.weight": torch.zeros(2)}
-    checkpoint.save(tmp_path / "b.pth", {**ckpt, "model": extra})
+    checkpoint.save_dict(tmp_path / "b.pth", {**ckpt, "model": extra})
     with pytest.raises(SmolGPTError, match=names(str(tmp_path / "b.pth"), "weights", "config")):
         checkpoint.load(tmp_path / "b.pth")
 
@@ -237,7 +248,7 @@ def test_missing_or_extra_weights(tmp_path, state):
 def test_tokenizer_vocab_mismatch(tmp_path, state):
     ckpt, _ = state
     ckpt["tokenizer"] = CharTokenizer.train(["abc"]).to_dict()
-    checkpoint.save(tmp_path / "t.pth", ckpt)
+    checkpoint.save_dict(tmp_path / "t.pth", ckpt)
     vocab_size = ckpt["model_config"]["vocab_size"]
     # The file, and the two sizes that disagree.
     with pytest.raises(SmolGPTError, match=names("t.pth", "tokenizer", "3", str(vocab_size))):
@@ -251,7 +262,7 @@ def test_tokenizer_vocab_mismatch(tmp_path, state):
 def test_malformed_model_config(tmp_path, state, model_config):
     ckpt, _ = state
     ckpt["model_config"] = model_config
-    checkpoint.save(tmp_path / "m.pth", ckpt)
+    checkpoint.save_dict(tmp_path / "m.pth", ckpt)
     with pytest.raises(SmolGPTError):
         checkpoint.load(tmp_path / "m.pth")
 
@@ -259,7 +270,7 @@ def test_malformed_model_config(tmp_path, state, model_config):
 def test_malformed_tokenizer(tmp_path, state):
     ckpt, _ = state
     ckpt["tokenizer"] = {"type": "char"}
-    checkpoint.save(tmp_path / "tok.pth", ckpt)
+    checkpoint.save_dict(tmp_path / "tok.pth", ckpt)
     with pytest.raises(SmolGPTError, match="tokenizer"):
         checkpoint.load(tmp_path / "tok.pth")
 

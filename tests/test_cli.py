@@ -58,9 +58,9 @@ def test_train_writes_checkpoints_and_metrics(smol_cli, smol_runs, level):
     assert "eval" in result.stderr and "iter" in result.stderr, result.describe()
 
     latest = checkpoint.load(run.out_dir / "latest_model.pth")
-    assert latest["train_config"]["level"] == level
-    assert latest["progress"]["iter"] == 20
-    assert checkpoint.load(run.out_dir / "best_model.pth")["progress"]["iter"] <= 20
+    assert latest.train_config["level"] == level
+    assert latest.progress.iter == 20
+    assert checkpoint.load(run.out_dir / "best_model.pth").progress.iter <= 20
 
 
 # ---------------------------------------------------------------------------- generate
@@ -191,7 +191,7 @@ def test_resume_trains_on_to_a_new_max_iters(smol_cli, smol_runs, tmp_path):
     assert [row["iter"] for row in smol_cli.metrics(out)] == [0, 10, 20, 30, 40]
     assert (out / "metrics.jsonl").read_text(encoding="utf-8").startswith(before)
     assert re.search(r"max_iters\D*20\D*40", result.stderr), result.describe()
-    assert checkpoint.load(out / "latest_model.pth")["progress"]["iter"] == 40
+    assert checkpoint.load(out / "latest_model.pth").progress.iter == 40
 
 
 def budgeted_args(smol_cli, out: Path, seconds: float, *extra) -> list:
@@ -221,7 +221,7 @@ def test_time_budget_stops_by_itself_with_a_curve_of_evaluations(smol_cli, tmp_p
     iters = [row["iter"] for row in rows]
     assert iters[0] == 0 and len(rows) >= 5 and iters == sorted(set(iters)), iters
     assert 4.0 <= rows[-1]["elapsed_s"] <= 6.5, rows[-1]
-    assert checkpoint.load(out / "latest_model.pth")["progress"]["iter"] == rows[-1]["iter"]
+    assert checkpoint.load(out / "latest_model.pth").progress.iter == rows[-1]["iter"]
     assert re.search(r"time budget 0m05s: about 6 evaluations of \d+ batch", result.stderr)
 
 

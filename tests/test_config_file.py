@@ -135,7 +135,7 @@ def test_a_missing_file_a_directory_and_non_text_are_refused(tmp_path, write_tex
 
 
 def saved_train_config(run_dir: Path) -> dict:
-    return checkpoint.load(run_dir / "latest_model.pth")["train_config"]
+    return checkpoint.load(run_dir / "latest_model.pth").train_config
 
 
 def test_preset_then_file_then_keyword_arguments(write_config, corpus, tmp_path, monkeypatch):

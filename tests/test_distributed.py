@@ -78,7 +78,7 @@ def assert_an_ordinary_two_rank_run(result: E2EResult, run_dir: Path, iters: int
         "metrics.jsonl",
     ]
     ckpt = checkpoint.load(run_dir / "latest_model.pth")
-    assert ckpt["run_info"]["world_size"] == 2 and len(ckpt["rng"]["other_ranks"]["torch"]) == 1
+    assert ckpt.run_info["world_size"] == 2 and len(ckpt.rng["other_ranks"]["torch"]) == 1
     text = smolgpt.load(run_dir / "best_model.pth", "cpu").generate("The", max_new_tokens=20)
     assert text.startswith("The") and len(text) == 23
 
@@ -123,7 +123,7 @@ def test_a_signal_to_one_rank_stops_all_and_the_run_resumes_at_any_world_size(sm
     assert "interrupted by SIGTERM" in result.stderr, result.describe()
     assert "Resume with: torchrun --standalone --nproc_per_node=2 " in result.stderr
     assert_no_traceback_of_ours(result.stderr)
-    saved = checkpoint.load(tmp_path / "stopped" / "latest_model.pth")["progress"]["iter"]
+    saved = checkpoint.load(tmp_path / "stopped" / "latest_model.pth").progress.iter
     assert 0 < saved < 200, saved
     again = tmp_path / "again"  # the stopped run as it is now, to resume in one process below
     shutil.copytree(tmp_path / "stopped", again)
@@ -178,9 +178,7 @@ def test_two_launches_on_one_machine_act_as_two_nodes(smol_cli, tmp_path):
     assert "2 ranks (Gloo)" in "".join(r.stderr for r in results)
     last = rows(tmp_path / "run")[-1]
     assert last["iter"] > 0 and last["elapsed_s"] <= 12, last
-    assert (
-        checkpoint.load(tmp_path / "run" / "latest_model.pth")["progress"]["iter"] == last["iter"]
-    )
+    assert checkpoint.load(tmp_path / "run" / "latest_model.pth").progress.iter == last["iter"]
 
 
 def test_a_rank_killed_outright_ends_the_run_without_a_hang(smol_cli, tmp_path):
@@ -239,7 +237,7 @@ def test_a_signal_to_the_launch_stops_every_rank_at_one_step(smol_cli, tmp_path,
     assert f"interrupted by {name}" in result.stderr, result.describe()
     assert "lost contact" not in result.stderr and "KeyboardInterrupt" not in result.stderr
     assert_no_traceback_of_ours(result.stderr)
-    saved = checkpoint.load(tmp_path / "run" / "latest_model.pth")["progress"]
+    saved = checkpoint.load(tmp_path / "run" / "latest_model.pth").progress
     # The iteration it stopped at is the one it saved.
     stops = [line for line in result.stderr.splitlines() if f"interrupted by {name}" in line]
-    assert any(re.search(rf"\b{saved['iter']}\b", line) for line in stops), result.describe()
+    assert any(re.search(rf"\b{saved.iter}\b", line) for line in stops), result.describe()

@@ -72,7 +72,7 @@ def test_native_bf16_is_read_from_the_cpu_flags(text, arch, native, flags):
     policy = hardware.cpu_policy(cpu)
     assert policy.reduced == (torch.bfloat16 if native else None)
     assert policy.muon_dtype == (torch.bfloat16 if native else torch.float32)
-    assert not policy.needs_grad_scaler
+    assert policy.grad_scaler() is None
 
 
 def test_the_policy_says_why():
@@ -121,7 +121,7 @@ def test_the_environment_forces_either_cpu_kind():
 def test_cuda_policy_follows_the_compute_capability(capability, reduced):
     policy = hardware.cuda_policy(capability)
     assert policy.reduced == reduced
-    assert policy.needs_grad_scaler is (reduced == torch.float16)
+    assert (policy.grad_scaler() is not None) is (reduced == torch.float16)
     # Muon's iteration: bf16 where native, never fp16 (its range is too narrow).
     assert policy.muon_dtype == (torch.bfloat16 if reduced == torch.bfloat16 else torch.float32)
     assert f"{capability[0]}.{capability[1]}" in policy.describe()

@@ -4,6 +4,7 @@ line for a path that holds no model."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -88,7 +89,7 @@ def test_a_run_directory(run_dir):
     assert (info["path"], info["kind"]) == (str(run_dir), "run directory")
     assert info["checkpoint"] == str(run_dir / "best_model.pth")  # which one was described
     ckpt = checkpoint.load(run_dir / "best_model.pth")
-    model = GPT(checkpoint.model_config(ckpt))
+    model = GPT(ckpt.model_config)
     assert info["parameters"] == model.num_parameters()
     assert info["parameters_human"] == f"{model.num_parameters() / 1e6:.2f}M"
     assert info["shape"] == {
@@ -103,13 +104,13 @@ def test_a_run_directory(run_dir):
     assert info["level"] == "char" and info["tokenizer"] == {"vocab_size": model.config.vocab_size}
     rows = metrics(run_dir)
     assert info["evaluations"] == len(rows)
-    assert info["iterations"] == ckpt["progress"]["iter"] <= 4
+    assert info["iterations"] == ckpt.progress.iter <= 4
     assert info["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in rows), abs=1e-5)
     for key in ("best_val_bits_per_char", "last_val_bits_per_char"):
         # Recorded by training from smolgpt 0.7 on (None while that is being wired up).
         assert info[key] is None or (isinstance(info[key], float) and info[key] > 0), key
-    assert info["training_time_s"] == pytest.approx(ckpt["progress"]["elapsed_s"])
-    assert info["data_fingerprint"] == ckpt["data"]["fingerprint"]
+    assert info["training_time_s"] == pytest.approx(ckpt.progress.elapsed_s)
+    assert info["data_fingerprint"] == ckpt.data["fingerprint"]
     assert info["data"].endswith("corpus.txt") and info["preset"] == "nano"
     assert (info["smolgpt_version"], info["torch_version"]) == (
         smolgpt.__version__,
@@ -199,7 +200,7 @@ def test_the_data_as_given_and_where_it_is(cli_main, tmp_path):
 
 def test_a_built_in_corpus_and_an_absolute_path_are_shown_once(make_trainer, tmp_path):
     ckpt = make_trainer().state()
-    ckpt["data"]["source"] = ckpt["train_config"]["data"] = "shakespeare"
+    ckpt.data["source"] = ckpt.train_config["data"] = "shakespeare"
     checkpoint.save(tmp_path / "builtin.pth", ckpt)
     info = describe(tmp_path / "builtin.pth")
     assert (info["data"], info["data_path"]) == ("shakespeare", None)
@@ -221,7 +222,7 @@ def version_1(make_trainer, path: Path) -> Path:
     last val loss, no bits per character), and no run_info or data source."""
     trainer = make_trainer(position="learned", optimizer="adamw")
     trainer.train_step()
-    ckpt = trainer.state()
+    ckpt = trainer.state().to_dict()
     del ckpt["model_config"]["position"], ckpt["run_info"], ckpt["data"]["source"]
     ckpt["progress"] = {
         "iter": 120,
@@ -233,7 +234,7 @@ def version_1(make_trainer, path: Path) -> Path:
     ckpt["train_config"] = {
         k: v for k, v in ckpt["train_config"].items() if k not in LEGACY_DEFAULTS
     }
-    torch.save({"format": checkpoint.FORMAT, "format_version": 1, **ckpt}, path)
+    torch.save({**ckpt, "format_version": 1}, path)
     return path
 
 
@@ -242,7 +243,7 @@ def test_a_format_version_1_checkpoint(make_trainer, tmp_path):
     info = describe(path)
     assert info["format_version"] == 1
     assert info["shape"]["position"] == "learned"
-    model = GPT(checkpoint.model_config(checkpoint.load(path)))
+    model = GPT(checkpoint.load(path).model_config)
     assert info["parameters"] == model.num_parameters()
     assert (info["iterations"], info["best_val_loss"], info["training_time_s"]) == (
         120,
@@ -277,14 +278,14 @@ def test_no_evaluation_yet_and_bits_per_char_recorded(make_trainer, tmp_path):
     character, where the checkpoint has them, are reported as they are."""
     trainer = make_trainer()
     ckpt = trainer.state()
-    assert math.isinf(ckpt["progress"]["best_val_loss"])
+    assert math.isinf(ckpt.progress.best_val_loss)
     checkpoint.save(tmp_path / "fresh.pth", ckpt)
     info = describe(tmp_path / "fresh.pth")
     assert info["best_val_loss"] is None and info["iterations"] == 0
     json.dumps(info, allow_nan=False)
 
-    ckpt["progress"].update(
-        best_val_loss=1.5, best_val_bits_per_char=2.125, last_val_bits_per_char=2.25
+    ckpt.progress = dataclasses.replace(
+        ckpt.progress, best_val_loss=1.5, best_val_bits_per_char=2.125, last_val_bits_per_char=2.25
     )
     checkpoint.save(tmp_path / "bits.pth", ckpt)
     info = describe(tmp_path / "bits.pth")
@@ -298,7 +299,7 @@ def test_a_word_level_model_shows_its_min_word_freq(make_trainer, tmp_path):
     info = describe(tmp_path / "word.pth")
     assert info["level"] == "word"
     assert info["tokenizer"] == {
-        "vocab_size": ckpt["model_config"]["vocab_size"],
+        "vocab_size": ckpt.model_config.vocab_size,
         "min_word_freq": 1,
     }
     assert "(min_word_freq 1)" in format_description(info)

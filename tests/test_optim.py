@@ -156,8 +156,8 @@ def test_a_step_trains_on_the_first_rows_of_its_batch(make_trainer):
     x, y = trainer.sampler.next()
     trainer.sampler.load_state_dict(stream)
     with torch.no_grad(), trainer.precision.autocast():
-        first_two = trainer.loss(x[:2], y[:2])
-        whole = trainer.loss(x, y)
+        first_two = trainer.losses.train(x[:2], y[:2])
+        whole = trainer.losses.train(x, y)
     loss = trainer.train_step(1.0, rows=2)
     assert loss.item() == pytest.approx(first_two.item(), rel=1e-5)
     assert loss.item() != pytest.approx(whole.item(), rel=1e-5)
@@ -174,7 +174,7 @@ def test_batch_warmup_counts_the_tokens_it_trains_on(make_trainer):
     assert trainer.progress.tokens == sum(per_step)
     # A checkpoint from before tokens were counted: every step had whole batches.
     state = trainer.state()
-    del state["progress"]["tokens"]
+    state.progress.tokens = None  # as Progress.from_dict reads such a checkpoint
     resumed = Trainer(
         trainer.cfg, trainer.data, trainer.out_dir, torch.device("cpu"), resume_from=state
     )
@@ -225,7 +225,7 @@ def test_a_resumed_run_uses_its_own_muon_ns_steps(write_text, tmp_path):
     first = Trainer(cfg(**shape), token_data, tmp_path / "run", torch.device("cpu"))
     first.train_step(0.25)
     state = first.state()
-    assert state["optimizer"][1]["param_groups"][0]["ns_steps"] == 5
+    assert state.optimizer[1]["param_groups"][0]["ns_steps"] == 5
     resumed = Trainer(
         cfg(**shape, muon_ns_steps=3),
         token_data,

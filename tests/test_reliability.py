@@ -100,7 +100,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(smol_cli, tmp_path, level)
     stopped = b.wait()
     assert stopped.returncode == 130, stopped.describe()
     assert "--resume" in stopped.stderr, stopped.describe()
-    stopped_at = checkpoint.load(broken / "latest_model.pth")["progress"]["iter"]
+    stopped_at = checkpoint.load(broken / "latest_model.pth").progress.iter
     assert 20 <= stopped_at < 200, stopped.describe()
 
     resumed = smol_cli.run("train", *smol_cli.train_args(level, broken, *flags, "--resume"))
@@ -131,7 +131,7 @@ def test_sigterm_saves_and_says_how_to_resume(smol_cli, tmp_path):
     assert stopped.returncode == 143, stopped.describe()
     assert "Traceback" not in stopped.stderr, stopped.describe()
     saved = checkpoint.load(out / "latest_model.pth")
-    assert 10 <= saved["progress"]["iter"] < 200
+    assert 10 <= saved.progress.iter < 200
 
     # The hint is the command as it was started (an interpreter, then train.py as typed),
     # with --resume; tests/test_signals_hints.py pastes such hints into a shell.
@@ -207,7 +207,7 @@ def _kill_lane(smol_cli, out: Path, env: dict, seed: int, modes: list) -> tuple[
 
     # Finish: a few more steps from wherever the kills left the run.
     if (out / "latest_model.pth").exists():
-        done = checkpoint.load(out / "latest_model.pth")["progress"]["iter"]
+        done = checkpoint.load(out / "latest_model.pth").progress.iter
         final = smol_cli.run(
             "train",
             *smol_cli.train_args(
@@ -317,7 +317,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_good_checkpoints(smol_cli, tmp_p
     for name in ("best_model.pth", "latest_model.pth"):
         if (out / name).exists():
             ckpt = checkpoint.load(out / name)
-            for key, tensor in ckpt["model"].items():
+            for key, tensor in ckpt.model.items():
                 assert torch.isfinite(tensor).all(), f"{name}: {key} is not finite"
     assert not _tmp_files(out)
 

@@ -62,8 +62,8 @@ def test_samples_come_at_evaluations_sample_every_steps_apart_and_change_nothing
     assert all(len(s) >= 90 for s in samples)
     # Sampling draws from its own generator with dropout off: training is exactly as without.
     assert [r["val_loss"] for r in rows(sampled)] == [r["val_loss"] for r in rows(plain)]
-    a = checkpoint.load(sampled / "latest_model.pth")["model"]
-    b = checkpoint.load(plain / "latest_model.pth")["model"]
+    a = checkpoint.load(sampled / "latest_model.pth").model
+    b = checkpoint.load(plain / "latest_model.pth").model
     assert all(a[k].equal(b[k]) for k in a)
     assert not (plain / "samples.txt").exists()
 

@@ -15,6 +15,7 @@ The end-to-end scenarios are mostly start-up (importing torch) and waiting, so t
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import pty
@@ -56,7 +57,7 @@ def _printed_command(result: E2EResult, label: str) -> str:
 
 
 def _progress(run_dir: Path) -> dict:
-    return checkpoint.load(run_dir / "latest_model.pth")["progress"]
+    return dataclasses.asdict(checkpoint.load(run_dir / "latest_model.pth").progress)
 
 
 # ---------------------------------------------------------------- printed commands, fast

@@ -140,10 +140,11 @@ def test_cp1252_is_refused_naming_encoding_and_trains_with_it(cli_main, cp1252_b
     reference = cli_main(train_args(utf8, tmp_path / "utf8"))
     assert reference.returncode == 0, reference.describe()
     saved = checkpoint.load(tmp_path / "cp1252" / "latest_model.pth")
-    assert saved["train_config"]["encoding"] == "cp1252"
+    assert saved.train_config["encoding"] == "cp1252"
     reference_saved = checkpoint.load(tmp_path / "utf8" / "latest_model.pth")
-    assert saved["tokenizer"] == reference_saved["tokenizer"]
-    assert "\r" not in saved["tokenizer"]["chars"] and "’" not in saved["tokenizer"]["chars"]
+    assert saved.tokenizer.to_dict() == reference_saved.tokenizer.to_dict()
+    chars = saved.tokenizer.to_dict()["chars"]
+    assert "\r" not in chars and "’" not in chars
 
 
 @pytest.mark.parametrize("level", ["char", "word"])

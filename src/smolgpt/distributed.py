@@ -26,7 +26,7 @@ import inspect
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, ContextManager, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -244,3 +244,31 @@ def replicate(model: torch.nn.Module, group: Group, device: torch.device) -> tor
     return DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync
     )
+
+
+@dataclass
+class Losses:
+    """The loss functions of a training run (see :func:`training_losses`)."""
+
+    replicated: torch.nn.Module  # under DDP the wrapper, whose no_sync() skips averaging
+    train: Callable  # what a training step differentiates: replicated, maybe compiled
+    eval: Callable  # what an evaluation scores
+
+    def accumulating(self, last: bool) -> ContextManager:
+        """The context of one micro-batch's forward and backward pass. Under DDP the ranks'
+        gradients are averaged once, in the last micro-batch's backward pass: the earlier
+        ones only accumulate locally."""
+        if last or not isinstance(self.replicated, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.replicated.no_sync()
+
+
+def training_losses(
+    loss: torch.nn.Module, group: Group, device: torch.device, compiled: bool
+) -> Losses:
+    """loss(x, y), the mean loss of a batch, made ready to train: replicated (DDP under
+    torchrun) and with --compile compiled. Evaluations need no gradients, so no DDP: under
+    distributed training each rank scores its own windows with the plain loss."""
+    replicated = replicate(loss, group, device)
+    train = torch.compile(replicated) if compiled else replicated
+    return Losses(replicated, train, train if not group.distributed else loss)

@@ -24,6 +24,7 @@ from . import kernels
 from .distributed import Group
 from .errors import SmolGPTError
 from .model import GPT
+from .tokendata import TokenData
 from .tokenizer import Tokenizer
 
 # What spelling one UTF-8 byte costs without a model: 8 bits, in nats.
@@ -224,3 +225,28 @@ def _model_nats(module: GPT, ids: list[int], batch_size: int) -> float:
         return nats
     finally:
         module.train(was_training)
+
+
+def score_run(
+    loss: Callable,
+    data: TokenData,
+    block_size: int,
+    most: int,
+    batch_size: int,
+    autocast: Callable[[], ContextManager],
+    group: Group,
+    device: torch.device,
+    should_stop: Callable[[], bool],
+    report: Optional[Callable[[int, int], None]] = None,
+) -> Optional[dict[str, float]]:
+    """A training run's evaluation: score_splits over data's train and val splits, and
+    with the validation text's size known, "val_bits_per_char" too."""
+    splits = {"train": data.train, "val": data.val}
+    out = score_splits(
+        loss, splits, block_size, most, batch_size, autocast, group, device, should_stop, report
+    )
+    if out is not None and data.val_chars:
+        out["val_bits_per_char"] = bits_per_char(
+            out["val"], len(data.val) - 1, data.val_unk_bytes, data.val_chars
+        )
+    return out

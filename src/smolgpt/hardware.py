@@ -146,10 +146,10 @@ class PrecisionPolicy:
         """A CPU that computes in float32: where presets may choose another recipe."""
         return self.device_type == "cpu" and self.reduced is None
 
-    @property
-    def needs_grad_scaler(self) -> bool:
-        """fp16 gradients underflow without loss scaling; bf16 has float32's range."""
-        return self.reduced == torch.float16
+    def grad_scaler(self) -> Optional[torch.amp.GradScaler]:
+        """A gradient scaler where the policy needs one: fp16 gradients underflow without
+        loss scaling (bf16 has float32's range); else None."""
+        return torch.amp.GradScaler(self.device_type) if self.reduced == torch.float16 else None
 
     def autocast(self):
         """The context a forward pass runs in under this policy."""

@@ -45,7 +45,7 @@ def _load_source(
         path = path.parent  # a file of an export: the export
     if not path.is_dir():
         module, tokenizer, ckpt = checkpoint.load_model(path, device)
-        return module, tokenizer, ckpt.get("train_config", {}), ckpt.get("data", {})
+        return module, tokenizer, ckpt.train_config, ckpt.data
     if is_run_config(path / HF_CONFIG):  # a training run's config.json, not transformers'
         raise SmolGPTError(
             f"{path} is a training run that has not saved a checkpoint yet: "

@@ -232,6 +232,36 @@ def use_settings(optimizers: list[torch.optim.Optimizer], cfg: TrainConfig) -> N
                 group["ns_steps"] = cfg.muon_ns_steps
 
 
+def optimizer_step(
+    optimizers: list[torch.optim.Optimizer],
+    parameters: list[torch.nn.Parameter],
+    grad_clip: float,
+    scaler: Optional[torch.amp.GradScaler] = None,
+) -> None:
+    """Apply the accumulated gradients: clip their norm to grad_clip (0: no clipping), step
+    every optimiser and clear the gradients. With an fp16 gradient scaler, the gradients are
+    unscaled first and a step whose gradients overflowed is skipped (not a fault: the scale
+    is lowered for the next)."""
+    if scaler:
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    for optimizer in optimizers:
+        if scaler:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if scaler:
+        scaler.update()
+
+
+def tokens_per_step(cfg: TrainConfig, rows: int, world_size: int = 1) -> int:
+    """Training tokens in one step of `rows` sequences per micro-batch, every rank's."""
+    return rows * cfg.block_size * cfg.gradient_accumulation_steps * world_size
+
+
 # Evaluations of a time-budgeted run take at most this share of the budget in all.
 EVAL_SHARE = 0.1
 
@@ -321,6 +351,17 @@ class Budget:
         share = self.share(iteration, self.elapsed())
         start = self.points_from or 0.0
         return math.floor((share - start) / max(1.0 - start, 1e-9) * BUDGET_EVALUATIONS)
+
+    def learning_rate(self, step: int) -> float:
+        """AdamW's learning rate at `step`: its peak times lr_multiplier."""
+        return self.cfg.learning_rate * lr_multiplier(self.cfg, step, self.done(step))
+
+    def evaluation_due(self, iteration: int) -> bool:
+        """Every eval_interval steps, the start included; under a time budget without one,
+        at the start and whenever training has passed the next of its points in time."""
+        if self.cfg.eval_every is not None:
+            return iteration % self.cfg.eval_every == 0
+        return iteration == 0 or self.point(iteration) > self.points_evaluated
 
     def evaluated(self, iteration: int) -> None:
         """Record an evaluation after `iteration` steps (the first of this process starts

@@ -53,25 +53,21 @@ def describe(path: Union[str, Path]) -> dict[str, Any]:
 
 def _describe_checkpoint(path: Path) -> dict[str, Any]:
     ckpt = checkpoint.load(path)
-    config = checkpoint.model_config(ckpt, path)
-    progress = ckpt.get("progress") or {}
-    run_info = ckpt.get("run_info") or {}
-    data = ckpt.get("data") or {}
-    train_config = ckpt.get("train_config") or {}
+    progress, run_info, train_config = ckpt.progress, ckpt.run_info, ckpt.train_config
     saved, saved_from = run_info.get("saved"), "checkpoint"
     if saved is None:  # written before smolgpt 0.7
         saved, saved_from = _mtime(path), "file modification time"
     return {
         "checkpoint": str(path),
-        "format_version": ckpt["format_version"],
-        **_model(config, ckpt["tokenizer"]),
-        "iterations": progress.get("iter"),
-        "best_val_loss": _number(progress.get("best_val_loss")),
-        "last_val_loss": _number(progress.get("last_val_loss")),
-        "best_val_bits_per_char": _number(progress.get("best_val_bits_per_char")),
-        "last_val_bits_per_char": _number(progress.get("last_val_bits_per_char")),
-        "training_time_s": _number(progress.get("elapsed_s")),
-        **_data(train_config, data),
+        "format_version": ckpt.format_version,
+        **_model(ckpt.model_config, ckpt.tokenizer.to_dict()),
+        "iterations": progress.iter,
+        "best_val_loss": _number(progress.best_val_loss),
+        "last_val_loss": _number(progress.last_val_loss),
+        "best_val_bits_per_char": _number(progress.best_val_bits_per_char),
+        "last_val_bits_per_char": _number(progress.last_val_bits_per_char),
+        "training_time_s": _number(progress.elapsed_s),
+        **_data(train_config, ckpt.data),
         "preset": train_config.get("preset"),
         "device": run_info.get("device"),
         "precision": run_info.get("precision"),

@@ -18,10 +18,12 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from .checkpoint import Progress
 from .config import TrainConfig
 from .distributed import Group
 from .extras import install_command
 from .files import atomic_write_text
+from .hardware import PassTimes, PrecisionPolicy, describe_threads, peak_flops, peak_key
 from .optim import Budget
 from .rundir import METRICS, TENSORBOARD
 
@@ -321,15 +323,40 @@ def log_start(
         )
 
 
-def log_measured(peak: str, threads: Optional[str]) -> None:
-    """The lines on what start-up measured: what MFU is measured against (peak: the matmul
-    peak and what it holds for), and on a CPU its compute threads."""
-    log.info(
-        "MFU below is training FLOP/s over a matmul peak of %s, the best measured on this machine)",
+def open_log(
+    cfg: TrainConfig,
+    out_dir: Path,
+    model: torch.nn.Module,
+    precision: PrecisionPolicy,
+    times: PassTimes,
+    progress: Progress,
+    group: Group,
+    device: torch.device,
+) -> RunLog:
+    """The run's log, rewound to progress (see RunLog.rewind), after the lines on what
+    start-up measured (times): what MFU is measured against (the matmul peak measured on this
+    machine) and on a CPU its compute threads."""
+    peak = peak_flops(device, precision)
+    run_log = RunLog(
+        cfg,
+        out_dir,
+        model.estimate_flops_per_token(),
         peak,
+        iteration=progress.iter,
+        elapsed=progress.elapsed_s,
+        group=group,
     )
-    if threads is not None:
-        log.info("cpu: %s", threads)
+    held = peak_key(device, precision.reduced or torch.float32)
+    log.info(
+        "MFU below is training FLOP/s over a matmul peak of %.1f GFLOP/s a process (%s, "
+        "the best measured on this machine)",
+        peak / 1e9,
+        held,
+    )
+    if device.type == "cpu":
+        log.info("cpu: %s", describe_threads(times.busy_cores, times.timed_against))
+    run_log.rewind(progress.iter, progress.evaluated)
+    return run_log
 
 
 # A run counted in steps says how long it will take before it starts, from a timed forward
@@ -377,6 +404,42 @@ def projection(
             "after that many seconds"
         )
     return lines
+
+
+def plan(
+    budget: Budget,
+    progress: Progress,
+    batch_s: float,
+    step_s: float,
+    group: Group,
+    device: torch.device,
+) -> None:
+    """From one evaluation batch's time and one step's, timed before training starts: a
+    time-budgeted run plans its evaluations' batches (once per run, kept in progress: every
+    evaluation scores the same windows) and says so; a run counted in steps says how long it
+    will take."""
+    cfg = budget.cfg
+    budget.eval_batch_s = batch_s
+    if not cfg.time_budget:
+        pending = not progress.evaluated and progress.iter % cfg.eval_every == 0
+        for line in projection(budget, progress.iter, device, step_s, pending):
+            log.info(line)
+        return
+    if progress.eval_batches is None:
+        planned = budget.plan_eval_batches(batch_s, step_s)
+        progress.eval_batches = round(group.from_main(planned, device))
+    budget.eval_batches = batches = progress.eval_batches
+    if progress.evaluated:  # a resumed run: its evaluation at progress.iter was made
+        budget.evaluated(progress.iter)
+    log.info(
+        "time budget %s: about %d evaluations of %d batch%s a split (~%.1f s each), "
+        "the rest for training steps",
+        duration(cfg.time_budget),
+        budget.expected_evaluations(step_s),
+        batches,
+        "" if batches == 1 else "es",
+        budget.final_eval_s(),
+    )
 
 
 def tensorboard_writer(folder: Path, purge_from: Optional[int] = None):

@@ -29,7 +29,6 @@ from .config import (
 from .errors import SmolGPTError
 from .files import RunLock, atomic_write_text
 from .rundir import LATEST, RUN_CONFIG, clean_stale_temporaries, move_aside
-from .tokenizer import tokenizer_from_dict
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -82,7 +81,7 @@ def _read_text(
     settings: dict[str, Any],
     cfg: TrainConfig,
     source: Optional[finetune.Source],
-    resume_from: Optional[dict],
+    resume_from: Optional[checkpoint.Checkpoint],
 ) -> tokendata.TokenData:
     """The run's text as tokens, long enough for its context, with what it says logged."""
     # A fine-tuning run reads its text with its source's tokenizer, on resume too.
@@ -90,7 +89,7 @@ def _read_text(
     if source is not None:
         tokenizer = source.tokenizer
     elif resume_from is not None and cfg.init_from:
-        tokenizer = tokenizer_from_dict(resume_from["tokenizer"])
+        tokenizer = resume_from.tokenizer
     # A preset's vocab_size gives way to a text too small for it; one asked for does not.
     tokens = tokencache.prepare(
         sources.resolve_corpus(cfg.data, cfg.encoding),
@@ -109,16 +108,19 @@ def _read_text(
 
 
 def _check_same_text(
-    cfg: TrainConfig, tokens: tokendata.TokenData, resume_from: dict, out_dir: Path
+    cfg: TrainConfig,
+    tokens: tokendata.TokenData,
+    resume_from: checkpoint.Checkpoint,
+    out_dir: Path,
 ) -> None:
     """Raise SmolGPTError unless a resumed run reads the text it was trained on, into the
     same vocabulary."""
-    if resume_from.get("data", {}).get("fingerprint") != tokens.fingerprint:
+    if resume_from.data.get("fingerprint") != tokens.fingerprint:
         raise SmolGPTError(
             f"--data {cfg.data} is not the text this run was trained on; pass the "
             "original text, or start a new run in another --out_dir"
         )
-    if resume_from["tokenizer"] != tokens.tokenizer.to_dict():
+    if resume_from.tokenizer.to_dict() != tokens.tokenizer.to_dict():
         # The same text, read by another smolgpt version (0.5 normalises line endings
         # and quotes): ids would no longer mean what the model learned.
         raise SmolGPTError(
@@ -155,7 +157,7 @@ def _resumable(out_dir: Path, settings: dict[str, Any]) -> tuple[dict, TrainConf
             "start a new run without --resume"
         )
     ckpt = checkpoint.load(latest)
-    cfg, changed = resume_train_config(ckpt.get("train_config", {}), settings)
+    cfg, changed = resume_train_config(ckpt.train_config, settings)
     for key, (old, new) in changed.items():
         log.info("resume: %s changed from %s to %s", key, old, new)
     if settings.get("init_from") and settings["init_from"] != cfg.init_from:

@@ -4,12 +4,17 @@ between steps."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
-from typing import Optional
+from typing import Iterator, Optional
+
+import torch
+
+from .distributed import Group
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +70,15 @@ class SignalFlag:
                 os.dup2(devnull, fd)
                 os.close(devnull)
 
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Mark the time inside as an evaluation's (which a signal abandons)."""
+        self.evaluating = True
+        try:
+            yield
+        finally:
+            self.evaluating = False
+
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
@@ -74,3 +88,38 @@ class SignalFlag:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class RunStops:
+    """What may end a training run between its steps, decided alike on every rank: a signal
+    any rank received (recorded by a :class:`SignalFlag`, whose handlers are installed while
+    inside this context manager) and a non-finite loss any rank met."""
+
+    def __init__(self, group: Group, device: torch.device):
+        self.group, self.device = group, device
+        self.flag = SignalFlag()
+        self.diverged = False  # this rank met a non-finite loss
+
+    def __enter__(self) -> "RunStops":
+        self.flag.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.flag.__exit__(*exc)
+
+    def agree(self, decision: int) -> tuple[int, int, bool]:
+        """(rank 0's decision, the signal any rank had received (0: none), whether any rank
+        met a non-finite loss), the same on every rank: one collective under distributed
+        training (a signal that arrives after it waits for the next)."""
+        decision, signum, diverged = self.group.agree(
+            decision, self.flag.signum or 0, int(self.diverged), device=self.device
+        )
+        if signum and self.flag.signum is None:
+            self.flag.signum = signum
+        return decision, signum, bool(diverged)
+
+    def lose_finiteness(self) -> bool:
+        """Record a non-finite loss; return whether to stop now (a single process) rather
+        than at the next agreement, together with the other ranks."""
+        self.diverged = True
+        return not self.group.distributed

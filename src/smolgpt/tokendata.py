@@ -55,6 +55,14 @@ class TokenData:
     val_chars: Optional[int] = None
     val_unk_bytes: Optional[int] = None
 
+    def describe(self) -> dict[str, Optional[str]]:
+        """What a checkpoint records of the text: its hash, its name as read, and where it is."""
+        return {
+            "fingerprint": self.fingerprint,
+            "source": self.source,
+            "path": self.corpus.location if self.corpus else None,
+        }
+
     def val_text(self) -> str:
         """The validation split as text (see :func:`text_from`); encoding it gives the
         validation ids again."""
