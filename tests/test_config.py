@@ -26,6 +26,8 @@ from smolgpt.config import (
 )
 from smolgpt.errors import SmolGPTError
 from smolgpt.runsetup import describe_settings
+from smolgpt.serve_schema import check
+from smolgpt.settings import JSON_TYPES, json_schema
 
 from e2e import names
 
@@ -338,6 +340,56 @@ def test_every_config_checks_itself_however_it_is_made():
         GenerateConfig(device="tpu")
     with pytest.raises(SmolGPTError, match="vocab_size"):
         ModelConfig(vocab_size=0)
+
+
+def test_json_schema_states_what_a_field_allows():
+    def schema(cls, name):
+        found = json_schema({f.name: f for f in dataclasses.fields(cls)}[name])
+        return {k: v for k, v in found.items() if k != "description"}
+
+    assert schema(SampleConfig, "top_p") == {
+        "type": "number",
+        "minimum": 0,
+        "exclusiveMinimum": True,
+        "maximum": 1,
+        "default": 1.0,
+    }
+    assert schema(ModelShape, "dropout") == {
+        "type": "number",
+        "minimum": 0,
+        "maximum": 1,
+        "exclusiveMaximum": True,
+        "default": 0.1,
+    }
+    assert schema(SampleConfig, "num_samples") == {"type": "integer", "minimum": 1, "default": 1}
+    assert schema(SampleConfig, "repetition_penalty")["exclusiveMinimum"] is True
+    assert schema(TrainConfig, "max_iters") == {
+        "type": "integer",
+        "nullable": True,
+        "minimum": 1,
+        "default": None,
+    }
+    assert schema(GenerateConfig, "device") == {
+        "type": "string",
+        "enum": list(DEVICES),
+        "default": "auto",
+    }
+    with pytest.raises(TypeError, match="stop"):
+        json_schema({f.name: f for f in dataclasses.fields(SampleConfig)}["stop"])
+
+
+def test_every_default_is_in_its_json_schema():
+    import smolgpt.commandconfig
+    import smolgpt.config
+
+    modules = (smolgpt.config, smolgpt.commandconfig)
+    classes = {c for m in modules for c in vars(m).values() if dataclasses.is_dataclass(c)}
+    settings = [f for cls in classes for f in dataclasses.fields(cls) if "help" in f.metadata]
+    for f in settings:
+        scalar = str(f.type).removeprefix("Optional[").rstrip("]") in JSON_TYPES
+        if scalar and f.default is not dataclasses.MISSING:
+            check(f.default, json_schema(f), f.name)
+    assert len(settings) > 100  # the settings of every command, not of some
 
 
 def test_model_and_training_share_one_shape_definition():

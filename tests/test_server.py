@@ -28,7 +28,7 @@ import pytest
 
 import smolgpt
 from smolgpt.serve_schema import CHAT_STOPS, chat_prompt, chat_stops
-from smolgpt.server import playground_html
+from smolgpt.server import ROUTES, playground_html
 from smolgpt.tokenizer import BPETokenizer, CharTokenizer, WordTokenizer
 
 from e2e import (
@@ -744,6 +744,20 @@ def test_api_key_and_non_loopback_warning(strict):
     doc = strict.call("GET", "/openapi.json", key=False)[2]
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert "--api_key" not in strict.process.stderr_so_far()  # it has one: no warning
+
+
+def test_routes_and_their_description_agree(strict):
+    # The paths served and those described: the same, with the same methods, and the API key
+    # asked for exactly where the description says so (its security and its 401 answer).
+    doc = strict.call("GET", "/openapi.json", key=False)[2]
+    served = {path: {m.lower() for m in methods or ["GET"]} for path, _, methods in ROUTES}
+    assert {path: set(operations) for path, operations in doc["paths"].items()} == served
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            status = strict.call(method.upper(), path.replace("{model}", "char"), key=False)[0]
+            keyed = operation.get("security") == [{"bearer": []}]
+            assert keyed == ("401" in operation["responses"]) == (status == 401), (method, path)
+            assert keyed or status == 200, (method, path)
 
 
 def test_disconnect_stops_generation(main):

@@ -155,7 +155,7 @@ def event_stream(name: str) -> dict[str, Any]:
     }
 
 
-def generation(summary: str, name: str, secured: list) -> dict[str, Any]:
+def generation(summary: str, name: str) -> dict[str, Any]:
     """A POST of {name}Request answered by a {name}, or with stream: true its events."""
     ok = {
         "description": f"the {name}, or with stream: true its events "
@@ -168,12 +168,11 @@ def generation(summary: str, name: str, secured: list) -> dict[str, Any]:
     return {
         "post": {
             "summary": summary,
-            "security": secured,
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": ref(f"{name}Request")}},
             },
-            "responses": answers(400, 401, 404, 413, 503, 504, ok=ok),
+            "responses": answers(400, 404, 413, 503, 504, ok=ok),
         }
     }
 
@@ -182,39 +181,55 @@ def get(summary: str, responses: dict[str, Any], **more: Any) -> dict[str, Any]:
     return {"get": {"summary": summary, **more, "responses": responses}}
 
 
+# The paths anyone may call, whether or not the server has an API key: the page, liveness and
+# this description. Every other path needs the key (server.py's routes take it from here).
+PUBLIC = frozenset({"/", "/health", "/openapi.json"})
+
+
 def paths(secured: list) -> dict[str, Any]:
-    """Every endpoint; secured: the security of those that need the API key."""
+    """Every endpoint; those not PUBLIC with the security secured (the API key's, or none)
+    and the answer 401."""
+    endpoints = _endpoints()
+    for path, operations in endpoints.items():
+        if path not in PUBLIC:
+            for operation in operations.values():
+                operation["security"] = secured
+                operation["responses"].update(answers(401))
+    return endpoints
+
+
+def _endpoints() -> dict[str, Any]:
+    """Every endpoint, what the API key adds aside."""
     model_param = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
     anything = {"type": "object"}
     return {
         "/v1/completions": generation(
-            "continue a prompt (stream: true for server-sent events)", "Completion", secured
+            "continue a prompt (stream: true for server-sent events)", "Completion"
         ),
         "/v1/chat/completions": generation(
             "the assistant's next message, continuing a plain transcript of the chat "
             "(one 'Role: content' line per message, then 'Assistant:') up to the next "
             "role line (stream: true for server-sent events)",
             "ChatCompletion",
-            secured,
         ),
         "/v1/models": get(
             "the models served",
-            answers(401, ok=json_body(ref("ModelList"), "the models")),
-            security=secured,
+            answers(ok=json_body(ref("ModelList"), "the models")),
         ),
         "/v1/models/{model}": get(
             "one model",
-            answers(401, 404, ok=json_body(ref("Model"), "the model")),
-            security=secured,
+            answers(404, ok=json_body(ref("Model"), "the model")),
             parameters=model_param,
         ),
         "/runs/{model}/loss": get(
             "the loss curve of the training run beside a model's checkpoint",
-            answers(401, 404, ok=json_body(anything, "evaluations in order")),
-            security=secured,
+            answers(404, ok=json_body(anything, "evaluations in order")),
             parameters=model_param,
         ),
         "/health": get("liveness, and how busy the server is", {"200": json_body(anything, "ok")}),
+        "/openapi.json": get(
+            "this description", {"200": json_body(anything, "the OpenAPI 3.0 description")}
+        ),
         "/": get(
             "the playground page",
             {

@@ -2,11 +2,13 @@
 
 A request's sampling settings are :class:`~smolgpt.config.SampleConfig`'s under OpenAI's
 names (max_tokens, n) or their own (top_k, min_p, repetition_penalty), with the same defaults,
-except the seed: without one, each request draws its own, as OpenAI's API does. The request
-schemas here are the single definition of what is accepted (a chat request's is a completion
-request's, with messages for the prompt): the OpenAPI description (serve_openapi) publishes
-them and :func:`check` enforces them, answering a violation with status 400 and OpenAI's error
-shape, ``{"error": {"message", "type", "param", "code"}}``.
+except the seed: without one, each request draws its own, as OpenAI's API does. Their ranges
+are those SampleConfig's fields declare (:func:`~smolgpt.settings.json_schema`), with the
+server's caps on top. The request schemas here are the single definition of what is accepted (a
+chat request's is a completion request's, with messages for the prompt): the OpenAPI
+description (serve_openapi) publishes them and :func:`check` enforces them, answering a
+violation with status 400 and OpenAI's error shape, ``{"error": {"message", "type", "param",
+"code"}}``.
 
 The models are base models, trained on plain text with no chat format: a chat reaches them as a
 plain transcript that they continue, one "Role: content" line per message (:func:`chat_prompt`),
@@ -20,6 +22,7 @@ from typing import Any, Optional, Sequence
 
 from .config import SampleConfig, ServeConfig
 from .errors import SmolGPTError
+from .settings import json_schema
 
 MAX_STOPS = 4  # OpenAI's limit on stop strings
 MAX_STOP_CHARS = 200
@@ -57,40 +60,33 @@ class ApiError(Exception):
 OPENAI_NAMES = {"max_new_tokens": "max_tokens", "num_samples": "n"}
 
 
-def _setting(name: str, schema: dict[str, Any]) -> dict[str, Any]:
-    """A SampleConfig setting's schema: its default and help, and null for the default."""
-    field = SampleConfig.__dataclass_fields__[name]
-    return {
-        **schema,
-        "nullable": True,
-        "default": field.default,
-        "description": field.metadata["help"],
-    }
+def _setting(name: str, **server: Any) -> dict[str, Any]:
+    """{name in requests: schema} of SampleConfig's setting name: the schema its field declares
+    (settings.json_schema), with the server's additions, and null (the default) allowed."""
+    schema = json_schema(SampleConfig.__dataclass_fields__[name])
+    return {OPENAI_NAMES.get(name, name): {**schema, **server, "nullable": True}}
 
 
 def _sampling(cfg: ServeConfig) -> dict[str, Any]:
-    """The sampling settings a request may give, under their names in requests."""
+    """The sampling settings a request may give, under their names in requests. The ranges are
+    SampleConfig's; the maxima given here are the server's own caps."""
     stop_text = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
     return {
-        "max_tokens": _setting(
-            "max_new_tokens", {"type": "integer", "minimum": 0, "maximum": cfg.max_tokens}
-        ),
-        "temperature": _setting("temperature", {"type": "number", "minimum": 0, "maximum": 2}),
-        "top_p": _setting(
-            "top_p", {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1}
-        ),
-        "top_k": _setting("top_k", {"type": "integer", "minimum": 0}),
-        "min_p": _setting("min_p", {"type": "number", "minimum": 0, "maximum": 1}),
-        "repetition_penalty": _setting(
-            "repetition_penalty",
-            {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 100},
-        ),
+        **_setting("max_new_tokens", maximum=cfg.max_tokens),  # --max_tokens
+        **_setting("temperature", maximum=2),  # OpenAI's API's cap
+        **_setting("top_p"),
+        **_setting("top_k"),
+        **_setting("min_p"),
+        **_setting("repetition_penalty", maximum=100),  # SampleConfig takes any positive one
+        # OpenAI's: one string or a list of them; SampleConfig's stop is a tuple.
         "stop": {
             "oneOf": [stop_text, {"type": "array", "items": stop_text, "maxItems": MAX_STOPS}],
             "nullable": True,
             "description": "end a completion at any of these strings (left out of it)",
         },
-        "n": _setting("num_samples", {"type": "integer", "minimum": 1, "maximum": cfg.max_n}),
+        **_setting("num_samples", maximum=cfg.max_n),  # --max_n
+        # The server's own: no default (each request draws its own), and the range of the
+        # seeds it draws (SampleConfig's seed may be any int).
         "seed": {
             "type": "integer",
             "minimum": 0,

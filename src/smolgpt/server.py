@@ -49,7 +49,7 @@ from .scheduler import (
     parse_chat,
     parse_completion,
 )
-from .serve_openapi import openapi
+from .serve_openapi import PUBLIC, openapi
 from .serve_schema import ApiError, chat_schema, completion_schema
 from .version import __version__
 
@@ -320,16 +320,16 @@ async def not_found(request: Any, exc: Exception) -> Any:
     )
 
 
-# path, handler, methods (None: GET), whether the API key is needed
-ROUTES: list[tuple[str, Handler, Optional[list[str]], bool]] = [
-    ("/", page, None, False),
-    ("/health", health, None, False),
-    ("/openapi.json", openapi_json, None, False),
-    ("/v1/models", models, None, True),
-    ("/v1/models/{model}", one_model, None, True),
-    ("/v1/completions", completions, ["POST"], True),
-    ("/v1/chat/completions", chat_completions, ["POST"], True),
-    ("/runs/{model}/loss", loss, None, True),
+# path, handler, methods (None: GET); the API key is needed on all but serve_openapi's PUBLIC.
+ROUTES: list[tuple[str, Handler, Optional[list[str]]]] = [
+    ("/", page, None),
+    ("/health", health, None),
+    ("/openapi.json", openapi_json, None),
+    ("/v1/models", models, None),
+    ("/v1/models/{model}", one_model, None),
+    ("/v1/completions", completions, ["POST"]),
+    ("/v1/chat/completions", chat_completions, ["POST"]),
+    ("/runs/{model}/loss", loss, None),
 ]
 
 
@@ -342,8 +342,8 @@ def build_app(served: Sequence[Served], cfg: ServeConfig, api_key: Optional[str]
         raise SmolGPTError(install_hint()) from None
     app = Starlette(
         routes=[
-            Route(path, endpoint(handler, keyed), methods=methods)
-            for path, handler, methods, keyed in ROUTES
+            Route(path, endpoint(handler, keyed=path not in PUBLIC), methods=methods)
+            for path, handler, methods in ROUTES
         ],
         exception_handlers={404: not_found, 405: not_found},
     )

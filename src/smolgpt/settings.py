@@ -1,7 +1,8 @@
 """What every settings dataclass is made of: :func:`opt`, a field that carries its
 command-line help, ``--help`` group and allowed values in its metadata; the settings more
 than one command shares (``--device``, ``--encoding``), defined once here; and
-:func:`check_fields`, which enforces the allowed values a field declares.
+:func:`check_fields`, which enforces the allowed values a field declares, and
+:func:`json_schema`, which states them as JSON schema (the server's request schemas are made of it).
 
 The metadata :func:`opt` understands:
 
@@ -151,11 +152,53 @@ def _check_number(f: dataclasses.Field, value: Any) -> None:
         raise SmolGPTError(f"--{f.name} must be >= {meta['minimum']}{note}, got {value!r}")
     if "interval" in meta:  # "[0, 1)": closed at 0, open at 1
         interval = meta["interval"]
-        low, high = (float(x) for x in interval[1:-1].split(","))
+        low, high = _ends(interval)
         above = value >= low if interval[0] == "[" else value > low
         below = value <= high if interval[-1] == "]" else value < high
         if not (number and above and below):
             raise SmolGPTError(f"--{f.name} must be in {interval}{note}, got {value!r}")
+
+
+def _ends(interval: str) -> tuple[float, float]:
+    """An interval's ends: "[0, 1)" gives (0, 1); whole numbers as ints, as a schema shows them."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    return int(low) if low.is_integer() else low, int(high) if high.is_integer() else high
+
+
+# JSON schema's types of the settings that have one (Optional[...] of them too).
+JSON_TYPES = {"int": "integer", "float": "number", "str": "string", "bool": "boolean"}
+
+
+def json_schema(f: dataclasses.Field) -> dict[str, Any]:
+    """A setting as JSON schema (OpenAPI 3.0's dialect, whose exclusiveMinimum and
+    exclusiveMaximum are booleans): the type of its annotation (nullable where Optional), the
+    values its metadata allows (choices, positive, minimum, interval), its default and its
+    help. The check metadata, a function, has no schema; a type JSON_TYPES lacks raises
+    TypeError."""
+    kind, meta = str(f.type), f.metadata
+    optional = kind.startswith("Optional[")
+    kind = kind[len("Optional[") : -1] if optional else kind
+    if kind not in JSON_TYPES:
+        raise TypeError(f"no JSON schema for {f.name}: {f.type}")
+    schema: dict[str, Any] = {"type": JSON_TYPES[kind], **({"nullable": True} if optional else {})}
+    if "choices" in meta:
+        schema["enum"] = list(meta["choices"])
+    if meta.get("positive"):
+        schema.update(
+            {"minimum": 0, "exclusiveMinimum": True} if kind == "float" else {"minimum": 1}
+        )
+    if "minimum" in meta:
+        schema["minimum"] = meta["minimum"]
+    if "interval" in meta:
+        interval = meta["interval"]
+        schema["minimum"], schema["maximum"] = _ends(interval)
+        if interval[0] == "(":
+            schema["exclusiveMinimum"] = True
+        if interval[-1] == ")":
+            schema["exclusiveMaximum"] = True
+    if f.default is not dataclasses.MISSING:
+        schema["default"] = f.default
+    return {**schema, "description": meta["help"]}
 
 
 def default_shown(f: dataclasses.Field) -> str:
