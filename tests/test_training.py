@@ -134,7 +134,8 @@ def test_the_projection_comes_before_the_first_evaluation_and_long_ones_report(
     # A long run hears before its first evaluation how to make it shorter.
     caplog.clear()
     with caplog.at_level("INFO", logger="smolgpt"):
-        make_trainer(max_iters=5000)._plan(batch_s=0.5, pass_s=4.0)
+        long = make_trainer(max_iters=5000)
+        runlog.plan(long.budget, long.progress, 0.5, 4.0, long.group, long.device)
     assert "that is long for a CPU" in caplog.text and "5h" in caplog.text, caplog.text
 
 

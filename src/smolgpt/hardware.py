@@ -469,16 +469,20 @@ def time_passes(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         with load or contextlib.nullcontext():
             pass_s = timed(forward_backward)
-        busy_cores = load.cores if load is not None else None
-        times = PassTimes(batch_s, pass_s, busy_cores)
-        if busy_cores is not None and busy_cores >= BUSY_CORES:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            one_s = timed(forward_backward)
-            if one_s < pass_s:
-                # (the evaluation batch is not timed again: scaled as the pass was)
-                times = PassTimes(batch_s * one_s / pass_s, one_s, busy_cores, threads)
-            else:
-                torch.set_num_threads(threads)
+        times = PassTimes(batch_s, pass_s, load.cores if load is not None else None)
+        if times.busy_cores is not None and times.busy_cores >= BUSY_CORES:
+            times = _faster_on_one_thread(times, lambda: timed(forward_backward))
     model.zero_grad(set_to_none=True)
+    return times
+
+
+def _faster_on_one_thread(times: PassTimes, time_pass: Callable[[], float]) -> PassTimes:
+    """Time the training pass on one thread too, and keep whichever count was faster (the
+    evaluation batch is not timed again: scaled as the pass was)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    one_s = time_pass()
+    if one_s < times.pass_s:
+        return PassTimes(times.batch_s * one_s / times.pass_s, one_s, times.busy_cores, threads)
+    torch.set_num_threads(threads)
     return times
