@@ -92,14 +92,7 @@ def smolgpt_model(preset: str, folder: Path) -> "smolgpt.Model":
     torch.manual_seed(0)
     module = GPT(config)
     path = folder / f"{preset}.pth"
-    checkpoint.save(
-        path,
-        {
-            "model_config": dataclasses.asdict(config),
-            "tokenizer": tokenizer.to_dict(),
-            "model": module.state_dict(),
-        },
-    )
+    checkpoint.save(path, checkpoint.Checkpoint(config, tokenizer, module.state_dict()))
     return smolgpt.load(path, device="cpu")
 
 

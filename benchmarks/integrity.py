@@ -86,7 +86,7 @@ def checkpoint_row(preset: str, repeats: int, tmp: Path) -> dict:
     trainer.train_step()
     ckpt = trainer.state()
     plain, checked = tmp / "plain.pth", tmp / "checked.pth"
-    plain_dict = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, **ckpt}
+    plain_dict = ckpt.to_dict()
     save_plain = best_seconds(lambda: torch.save(plain_dict, plain), repeats)
     save_checked = best_seconds(lambda: checkpoint.save(checked, ckpt), repeats)
     load_plain = best_seconds(lambda: torch.load(plain, weights_only=True), repeats)
