@@ -15,7 +15,7 @@ Bits per character divides each model's total cost by the same characters, so th
 compare, unlike loss per token. Throughput: tokens trained per second of the run (evaluations
 included) and the characters those tokens stand for.
 
-    python benchmarks/levels.py --preset micro --time-budget 120             # the README table
+    python benchmarks/levels.py --preset micro --time-budget 120    # docs/performance.md's table
     python benchmarks/levels.py --preset nano --time-budget 60 --levels bpe:512 bpe:1024 \\
         bpe:2048 bpe:4096 --samples 0                                       # a vocabulary sweep
 """

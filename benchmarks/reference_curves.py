@@ -1,6 +1,6 @@
-"""The README's reference curves: each preset trained at character level on each corpus for
-the same number of steps, with its own recipe, so that a user can hold their val loss
-against them ("is my loss normal?").
+"""The reference curves of the evaluation guide (docs/guides/evaluation.md): each preset
+trained at character level on each corpus for the same number of steps, with its own
+recipe, so that a user can hold their val loss against them ("is my loss normal?").
 
     python benchmarks/reference_curves.py --out-runs runs/reference      # ~8 min on a GPU
     smolgpt plot runs/reference/sherlock/{nano,micro,tiny,small} --ylim 1.2 2.4 \\

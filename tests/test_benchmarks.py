@@ -477,7 +477,7 @@ def test_frontier_configs(monkeypatch):
 
 def test_frontier_replot_joins_records(monkeypatch, tmp_path, capsys):
     """--replot draws the plot again from JSON records, training nothing: a configuration
-    run on its own (micro, as the README's table has it) joins the others' plot."""
+    run on its own (micro, as the performance page's table has it) joins the others' plot."""
     pytest.importorskip("matplotlib")
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     frontier = importlib.import_module("frontier")
@@ -517,23 +517,23 @@ def test_frontier_replot_joins_records(monkeypatch, tmp_path, capsys):
         frontier.recorded([both, record("other.json", ["micro"], cpu="Intel Xeon")])
 
 
-def test_the_frontier_plot_draws_every_row_of_the_readme_table(monkeypatch):
+def test_the_frontier_plot_draws_every_row_of_the_performance_table(monkeypatch):
     """docs/frontier.png is drawn from benchmarks/records/frontier-zen3-0.10.0.json: its
-    numbers are the README table's, every row of it (micro too)."""
+    numbers are the performance page's table, every row of it (micro too)."""
     import re
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     frontier = importlib.import_module("frontier")
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    page = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
     head = "| `--time_budget` | 30 s | 60 s | 150 s | 300 s | 600 s |"
-    table = readme[readme.index(head) :].split("\n\n")[0].splitlines()[2:]
+    table = page[page.index(head) :].split("\n\n")[0].splitlines()[2:]
     config = {"--preset speedrun": "speedrun", "nanoGPT's CPU": "nanogpt-cpu"}
     config["--preset micro"] = "micro"
-    in_readme = {}
+    in_table = {}
     for row in table:
         cells = [c.strip() for c in row.strip("|").split("|")]
         (name,) = [v for k, v in config.items() if k in cells[0]]
-        in_readme[name] = [float(c) for c in cells[1:] if re.fullmatch(r"[\d.]+", c)]
+        in_table[name] = [float(c) for c in cells[1:] if re.fullmatch(r"[\d.]+", c)]
     results, _ = frontier.recorded([ROOT / "benchmarks/records/frontier-zen3-0.10.0.json"])
     recorded = {
         name: [
@@ -541,6 +541,6 @@ def test_the_frontier_plot_draws_every_row_of_the_readme_table(monkeypatch):
             for r in sorted(results, key=lambda r: r["budget_s"])
             if r["config"] == name
         ]
-        for name in in_readme
+        for name in in_table
     }
-    assert recorded == in_readme and set(in_readme) == {"speedrun", "nanogpt-cpu", "micro"}
+    assert recorded == in_table and set(in_table) == {"speedrun", "nanogpt-cpu", "micro"}

@@ -616,20 +616,19 @@ def test_export_command_refuses_bad_input_in_one_line(run_cli, make_trainer, tmp
     e2e_assert_one_line_error(run_cli("generate", foreign), "gelu_new")
 
 
-# -------------------------------------------------------------------------------- README
+# ------------------------------------------------------------------------- the guide
 
 
 def test_readme_export_snippet_runs(transformers, tmp_path, monkeypatch, capsys):
-    """The README's snippet, as written, on a char model that knows its prompt."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("\n## Export\n") : readme.index("\n## From Python\n")]
-    snippet = section.split("```python\n")[1].split("```")[0]
+    """The export guide's snippet, as written, on a char model that knows its prompt."""
+    guide = (REPO / "docs" / "guides" / "export.md").read_text(encoding="utf-8")
+    snippet = guide.split("```python\n")[1].split("```")[0]
     tokenizer = CharTokenizer.train([CORPUS + "ROMEO:"])
     model = make_model(tokenizer.vocab_size, "learned", block_size=128)
     export_hf(model, tokenizer, tmp_path / "exports" / "char_nano_hf")
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
-    exec(compile(snippet, "README.md", "exec"), {})
+    exec(compile(snippet, "docs/guides/export.md", "exec"), {})
     prompt = tokenizer.encode("ROMEO:")
     greedy = generate(model, prompt, SampleConfig(temperature=0, max_new_tokens=100))[0]
     assert capsys.readouterr().out == tokenizer.decode(prompt + greedy) + "\n"

@@ -28,7 +28,7 @@ def test_the_extras_packages_come_from_pyproject():
 
 def test_no_message_or_page_advises_installing_from_pypi():
     """Every `pip install` line of the code, the README and the docs works from a clone."""
-    pages = [E2E_ROOT / "README.md", *(E2E_ROOT / "docs").glob("*.md")]
+    pages = [E2E_ROOT / "README.md", *(E2E_ROOT / "docs").rglob("*.md")]
     sources = [*(E2E_ROOT / "src" / "smolgpt").glob("*.py"), *pages]
     wrong = re.compile(r"pip install (-U )?['\"]?smolgpt\b")
     found = [

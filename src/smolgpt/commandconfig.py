@@ -140,7 +140,7 @@ class ServeConfig:
     host: str = opt(
         "127.0.0.1",
         "address to listen on; 127.0.0.1 is this computer only, "
-        "0.0.0.0 every network it is on (see Serving in the README)",
+        "0.0.0.0 every network it is on (see the serving guide)",
         "server",
     )
     port: int = opt(8000, "port to listen on (0: any free port)", "server")

@@ -160,7 +160,7 @@ class TrainConfig(ModelShape):
     level: str = opt("word", "tokenization level", "data", choices=LEVELS, resume="fixed")
     preset: str = opt(
         "tiny",
-        "model size and training recipe (see Presets in the README)",
+        "model size and training recipe (see Presets in the training guide)",
         "data",
         choices=tuple(PRESETS),
         resume="fixed",
@@ -444,7 +444,7 @@ def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
 
 
 def preset_default(name: str) -> Optional[str]:
-    """What the presets set a TrainConfig field to, for --help and the README's flag table
+    """What the presets set a TrainConfig field to, for --help and the flag reference
     ("nano 3, micro 4, tiny 6, small 12"), or None if no preset sets it."""
     if not any(
         name in preset_values(p, level, f32)
@@ -492,7 +492,7 @@ def preset_default(name: str) -> Optional[str]:
 
 
 def default_text(cls: type, name: str) -> str:
-    """The default of a setting as --help and the README's flag tables show it."""
+    """The default of a setting as --help and the flag reference show it."""
     if cls is TrainConfig:
         from_preset = preset_default(name)
         if from_preset:

@@ -7,7 +7,8 @@ model (the trainer, and ``interop.load_source`` for every model ``smolgpt.load``
 and :class:`TrainingLoss` is the training loss without the logits. Each computes what the
 plain module it replaces computes (tests/test_kernels.py checks outputs and gradients);
 ``benchmarks/step_profile.py --kernels`` times each against it, ``benchmarks/generation.py``
-the generation step, and README's "What makes the difference on a CPU" gives the speed-ups:
+the generation step, and docs/performance.md ("What makes the difference on a CPU") gives
+the speed-ups:
 
 - :class:`Dropout`: ``nn.Dropout`` with a cheaper random mask on CPUs;
 - :class:`GELU`: ``nn.GELU()``, without oneDNN's fixed cost on the small inputs of a
