@@ -3,6 +3,8 @@
 #   make test   set up .venv with every extra, lint, run the whole test suite (what CI runs)
 # and, before every commit:
 #   make check  lint and the fast tier of the tests (under a minute on 2 cores)
+# and, while writing the manual (docs/, mkdocs.yml):
+#   make docs   serve the site at http://127.0.0.1:8000, rebuilt at every save
 PYTHON ?= python3
 VENV ?= .venv
 # torch goes in first, pinned, so that installing smolgpt does not pull a build of pip's
@@ -11,9 +13,9 @@ TORCH ?= torch==2.13.0
 # pytest-xdist processes: one per core of the 2-core machines the timings were taken on.
 WORKERS ?= 2
 BIN := $(VENV)/bin
-EXTRAS := test,bench,hf,bpe,plot,tensorboard,notebook,serve
+EXTRAS := test,bench,hf,bpe,plot,tensorboard,notebook,serve,docs
 
-.PHONY: setup setup-test demo lint check test chromium clean
+.PHONY: setup setup-test demo docs lint check test chromium clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +30,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
-	touch $(VENV)/.installed $@
+	touch $(VENV)/.installed $(VENV)/.installed-docs $@
 
 # The demo ends with a loss curve to look at: the plot extra too.
 $(VENV)/.installed-plot: $(VENV)/.installed
@@ -46,6 +48,15 @@ demo: $(VENV)/.installed-plot
 	$(BIN)/python generate.py $(DEMO_DIR)/best_model.pth --prompt "ROMEO:" --max_new_tokens 300
 	@echo "loss curve: $(DEMO_DIR)/loss.png"
 	@echo "next: source $(VENV)/bin/activate, and the README's commands run as written"
+
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $@
+
+# The command-line reference is generated: written afresh first, so the site shows this code.
+docs: $(VENV)/.installed-docs
+	$(BIN)/python -m smolgpt.docs
+	$(BIN)/mkdocs serve
 
 lint: setup-test
 	$(BIN)/ruff check .
@@ -70,4 +81,4 @@ chromium:
 APT = DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1
 
 clean:
-	rm -rf $(VENV) checkpoints build *.egg-info
+	rm -rf $(VENV) checkpoints build site *.egg-info

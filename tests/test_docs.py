@@ -56,7 +56,7 @@ def _options() -> set[str]:
     commands = next(a for a in parser._actions if a.dest == "command").choices.values()
     return {
         option
-        for command in commands
+        for command in (parser, *commands)  # smolgpt --version, and every command's
         for action in command._actions
         for option in action.option_strings
     }
@@ -68,7 +68,7 @@ def test_every_flag_the_docs_name_exists():
     # (`python benchmarks/NAME.py --help` lists them): their smolgpt commands are checked by
     # test_every_command_shown_parses.
     for page in (p for p in PAGES if p.name not in ("performance.md", "development.md")):
-        named = set(re.findall(r"(?<![\w-])--[a-z][a-z_-]*[a-z]", page.read_text()))
+        named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]", page.read_text()))
         # Flags of other programs the pages show: torchrun's, pip's, pytest's, the
         # benchmarks' (their own --help lists them).
         named -= {n for n in named if n in OTHER_PROGRAMS_FLAGS}

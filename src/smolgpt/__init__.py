@@ -14,7 +14,7 @@ are drawn in docs/architecture.md.
 ``import smolgpt`` is cheap: torch is imported when train or load is first used.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import openmp  # noqa: F401 - first: before anything imports torch (see there)
 from .config import (
@@ -26,6 +26,13 @@ from .config import (
 )
 from .errors import SmolGPTError
 from .version import __version__
+
+if TYPE_CHECKING:
+    # What __getattr__ imports on first use, named here for type checkers and for the
+    # manual's API reference (which reads the source, not the running module).
+    from .api import Model, TrainResult, load, train
+    from .runinfo import describe as info
+    from .server import serve
 
 __all__ = [
     "train",

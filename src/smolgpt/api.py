@@ -295,7 +295,7 @@ class Model:
         """How well the model predicts text (default: the validation split of the text it
         was trained on, as its run split it): loss and perplexity per token, and bits per
         character (comparable across levels), every token after the first scored once; see
-        :func:`smolgpt.evaluate.evaluate_text` for the windows and how <UNK> is charged."""
+        :func:`smolgpt.evaluate.evaluate_text` for the windows and how ``<UNK>`` is charged."""
         from .evaluate import evaluate_text
 
         if text is None:

@@ -403,7 +403,7 @@ class TrainConfig(ModelShape):
 
     @property
     def default_out_dir(self) -> str:
-        """checkpoints/<level>_<preset>; for a fine-tuning run checkpoints/<source>_finetune,
+        """``checkpoints/<level>_<preset>``; fine-tuning, ``checkpoints/<source>_finetune``,
         named after --init_from as typed (so that resuming needs no look at the source), and
         never the source's own run directory."""
         if self.init_from:
@@ -444,7 +444,7 @@ def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
 
 
 def preset_default(name: str) -> Optional[str]:
-    """What the presets set a TrainConfig field to, for --help and the flag reference
+    """What the presets set a TrainConfig field to, for --help and the command-line reference
     ("nano 3, micro 4, tiny 6, small 12"), or None if no preset sets it."""
     if not any(
         name in preset_values(p, level, f32)
@@ -492,7 +492,7 @@ def preset_default(name: str) -> Optional[str]:
 
 
 def default_text(cls: type, name: str) -> str:
-    """The default of a setting as --help and the flag reference show it."""
+    """The default of a setting as --help and the command-line reference show it."""
     if cls is TrainConfig:
         from_preset = preset_default(name)
         if from_preset:

@@ -1,75 +1,156 @@
-"""The README's flag tables, written from the settings dataclasses (through the parser that
-is generated from them), so that they cannot drift from ``--help``.
+"""The site's command-line reference, docs/reference/cli.md, written whole from the parser
+that ``smolgpt`` runs (itself generated from the settings dataclasses), so that the page
+cannot drift from ``--help``: every subcommand, in the parser's order, with its synopsis,
+description and a table of its arguments under each of its --help headings.
 
-``python -m smolgpt.docs`` rewrites the tables in README.md (or the file named);
-``python -m smolgpt.docs --check`` only says whether they are up to date, and exits 1 if
-not (``tests/test_readme.py`` checks the same).
+``python -m smolgpt.docs`` writes the page (or the file named);
+``python -m smolgpt.docs --check`` changes nothing and exits 1 if the page is stale
+(``tests/test_site.py`` checks the same).
 """
 
 from __future__ import annotations
 
 import argparse
+import html
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .flags import build_parser
 
-# The README section that holds each command's table (its first flag table).
-TABLES = {"Training": "train", "Generation": "generate", "Serving": "serve"}
 HEADER = "| flag | default | what it does |"
-README = Path(__file__).resolve().parents[2] / "README.md"  # in a checkout
+POSITIONAL_HEADER = "| argument | what it does |"
+ROOT = Path(__file__).resolve().parents[2]  # the checkout's
+PAGE = ROOT / "docs" / "reference" / "cli.md"
 
 
-def flag_rows(command: str) -> list[str]:
-    """The table rows of a subcommand's flags, in --help order: `--flag` (and `--no-flag`),
-    the default, and what it does."""
-    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    parser = commands.choices[command]
-    rows = []
+def subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    """The parser's subcommands: .choices maps a name to its parser, ._choices_actions holds
+    each one's one-line help, in the parser's order."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def cell(text: str) -> str:
+    """text safe in a Markdown table cell: help texts hold placeholders such as <level>, which
+    a browser would take for HTML tags, and a | would end the cell."""
+    return html.escape(text, quote=False).replace("|", "&#124;")
+
+
+def documented(action: argparse.Action) -> bool:
+    return (
+        bool(action.help) and action.help != argparse.SUPPRESS and "-h" not in action.option_strings
+    )
+
+
+def option_row(action: argparse.Action) -> str:
+    """A flag's table row: `--flag` (and `--no-flag`), the default, and what it does."""
+    flags = " / ".join(f"`{name}`" for name in action.option_strings)
+    what, _, default = action.help.rpartition(" (default: ")
+    if not what:  # a help without a default
+        what, default = action.help, ")"
+    return f"| {flags} | {cell(default[:-1])} | {cell(what)} |"
+
+
+def positional_name(action: argparse.Action) -> str:
+    """A positional argument as usage shows it: CHECKPOINT, or RUN_DIR [RUN_DIR ...]."""
+    name = action.metavar or action.dest
+    repeated = {"+": f"{name} [{name} ...]", "*": f"[{name} ...]", "?": f"[{name}]"}
+    return repeated.get(action.nargs, name)
+
+
+def synopsis(name: str, parser: argparse.ArgumentParser) -> str:
+    # Written here, not taken from argparse's usage, which wraps to the terminal's width and
+    # lists every flag (they are in the tables below it).
+    words = ["smolgpt", name, "[options]"]
+    words += [positional_name(a) for a in parser._actions if not a.option_strings]
+    return " ".join(words)
+
+
+def group_tables(parser: argparse.ArgumentParser) -> list[str]:
+    """Each --help heading of a command that holds something, with its table: the positional
+    arguments, then the flags, in --help order."""
+    lines = []
     for group in parser._action_groups:
-        for action in group._group_actions:
-            if not action.option_strings or not action.help or action.option_strings[0] == "-h":
-                continue
-            flags = " / ".join(f"`{name}`" for name in action.option_strings)
-            what, _, default = action.help.rpartition(" (default: ")
-            if not what:  # a help without a default
-                what, default = action.help, ")"
-            rows.append(f"| {flags} | {default[:-1]} | {what} |")
-    return rows
+        actions = [a for a in group._group_actions if documented(a)]
+        if not actions:
+            continue
+        lines += ["", f"### {group.title}", ""]
+        if all(a.option_strings for a in actions):
+            lines += [HEADER, "|---|---|---|", *map(option_row, actions)]
+        else:  # argparse keeps positional arguments in a group of their own
+            rows = [f"| `{positional_name(a)}` | {cell(a.help)} |" for a in actions]
+            lines += [POSITIONAL_HEADER, "|---|---|", *rows]
+    return lines
 
 
-def write_tables(text: str) -> str:
-    """text (a README) with each command's flag table rewritten; the rest left as it is."""
-    for title, command in TABLES.items():
-        section = text.index(f"\n## {title}\n")
-        header = text.index(HEADER, section)
-        start = text.index("\n", text.index("\n", header) + 1) + 1  # after |---|---|---|
-        end = start
-        while text.startswith("| `--", end):
-            end = text.index("\n", end) + 1
-        text = text[:start] + "".join(row + "\n" for row in flag_rows(command)) + text[end:]
-    return text
+def command_section(name: str, parser: argparse.ArgumentParser, summary: str) -> list[str]:
+    lines = ["", f"## {name}", "", f"{summary[0].upper()}{summary[1:]}.", ""]
+    lines += ["```text", synopsis(name, parser), "```"]
+    if parser.description:
+        lines += ["", cell(parser.description)]
+    return lines + group_tables(parser)
+
+
+def intro(parser: argparse.ArgumentParser) -> list[str]:
+    """The page's opening: where it comes from, and the commands with their one-line help."""
+    commands = subcommands(parser)
+    top = [a for a in parser._actions if a.option_strings and documented(a)]
+    return [
+        "# Command line",
+        "",
+        "<!-- Generated by `python -m smolgpt.docs` from smolgpt's parser: edit the settings "
+        "dataclasses or src/smolgpt/flags.py, then run it again; do not edit this page. -->",
+        "",
+        f"`smolgpt`: {parser.description} This page is generated by `python -m smolgpt.docs` "
+        "from the parser that `smolgpt` runs, so it says what `smolgpt COMMAND --help` "
+        "prints: every flag, its default and what it does. A flag left out takes its "
+        "default (for `train`, its preset's).",
+        "",
+        "| command | what it does |",
+        "|---|---|",
+        *(f"| [`{c.dest}`](#{c.dest}) | {cell(c.help)} |" for c in commands._choices_actions),
+        "",
+        *(f"`smolgpt {a.option_strings[0]}`: {cell(a.help)}." for a in top),
+    ]
+
+
+def reference() -> str:
+    """The whole page, docs/reference/cli.md."""
+    # The descriptions say how to install an extra (pip install -e ".[plot]") as the parser
+    # words it for the current directory: the page words it for the checkout's root, as a
+    # reader in their clone types it, wherever this runs.
+    here = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        parser = build_parser()
+    finally:
+        os.chdir(here)
+    commands = subcommands(parser)
+    lines = intro(parser)
+    for choice in commands._choices_actions:
+        lines += command_section(choice.dest, commands.choices[choice.dest], choice.help)
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m smolgpt.docs", description=__doc__)
-    parser.add_argument("readme", nargs="?", default=str(README), help="default: README.md")
+    parser.add_argument("page", nargs="?", default=str(PAGE), help="default: %(default)s")
     parser.add_argument(
-        "--check", action="store_true", help="change nothing; exit 1 if the tables are stale"
+        "--check", action="store_true", help="change nothing; exit 1 if the page is stale"
     )
     args = parser.parse_args(argv)
-    path = Path(args.readme)
-    text = path.read_text(encoding="utf-8")
-    written = write_tables(text)
-    if written == text:
-        print(f"{path}: the flag tables are up to date", file=sys.stderr)
+    path = Path(args.page)
+    written = reference()
+    if path.is_file() and path.read_text(encoding="utf-8") == written:
+        print(f"{path}: up to date", file=sys.stderr)
         return 0
     if args.check:
-        print(f"{path}: the flag tables differ from --help: run python -m smolgpt.docs")
+        print(f"{path}: differs from --help: run python -m smolgpt.docs")
         return 1
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(written, encoding="utf-8")
-    print(f"{path}: rewrote the flag tables", file=sys.stderr)
+    print(f"{path}: written", file=sys.stderr)
     return 0
 
 

@@ -1,7 +1,8 @@
 """The command line's parser: every subcommand (:data:`COMMANDS`) with its flags generated
 from its settings dataclass, one --flag per field, so that each setting is defined once,
-for the command line, the Python API and the flag reference, docs/reference/cli.md (``python
--m smolgpt.docs`` writes it). The commands themselves are in ``cli.py``.
+for the command line, the Python API and the manual's command-line reference
+(``python -m smolgpt.docs`` writes docs/reference/cli.md). The commands themselves are in
+``cli.py``.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def flag_help(cls: type, f: dataclasses.Field) -> str:
-    """A setting's --help text (docs/reference/cli.md shows the same); a required one has no
-    default to show."""
+    """A setting's --help text (the command-line reference shows the same); a required one
+    has no default to show."""
     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
         return f.metadata["help"]
     return f"{f.metadata['help']} (default: {default_text(cls, f.name)})"

@@ -202,7 +202,7 @@ def json_schema(f: dataclasses.Field) -> dict[str, Any]:
 
 
 def default_shown(f: dataclasses.Field) -> str:
-    """A field's default as --help and the flag reference show it."""
+    """A field's default as --help and the command-line reference show it."""
     if f.metadata.get("shown"):
         return f.metadata["shown"]
     default = f.default
