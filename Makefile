@@ -13,7 +13,7 @@ TORCH ?= torch==2.13.0
 # pytest-xdist processes: one per core of the 2-core machines the timings were taken on.
 WORKERS ?= 2
 BIN := $(VENV)/bin
-EXTRAS := test,bench,hf,bpe,plot,tensorboard,notebook,serve,docs
+EXTRAS := test,bench,hf,bpe,plot,tensorboard,notebook,serve,docs,gguf
 
 .PHONY: setup setup-test demo docs lint check test chromium clean
 
@@ -30,6 +30,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	# (without llama.cpp's multimodal library, which the tests do not use: a shorter build)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install -q -e ".[llamacpp]" \
+	  || echo "llama-cpp-python could not be built here: the llama.cpp tests will be skipped"
 	touch $(VENV)/.installed $(VENV)/.installed-docs $@
 
 # The demo ends with a loss curve to look at: the plot extra too.

@@ -152,10 +152,13 @@ def test_every_command_shown_parses():
     assert seen >= 25, seen  # the check sees the pages' commands
 
 
-# Flags of other programs that the guides show: torchrun's, pip's, TensorBoard's, plot's
-# benchmark helper's.
+# Flags of other programs that the guides show: torchrun's, pip's, TensorBoard's, llama.cpp's,
+# the reference curves' benchmark script's.
 OTHER_PROGRAMS_FLAGS = {
     "--standalone",
+    "--temp",
+    "--top-k",
+    "--ignore-eos",
     "--logdir",
     "--out-runs",
     "--nproc_per_node",

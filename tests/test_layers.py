@@ -27,7 +27,7 @@ LAYERS = [
     ["distributed", "signals", "hardware", "wordtext", "tokenizer", "model", "kernels", "optim"],
     # text to batches, scoring, checkpoints, sampling, other formats, pictures
     ["sources", "tokendata", "tokencache", "batches", "evaluate", "checkpoint", "sampling"],
-    ["export", "hf", "interop", "plots"],
+    ["export", "hf", "gguf_export", "interop", "plots"],
     # training
     ["runlog", "training", "finetune", "inspection", "runinfo", "runsetup"],
     # the Python API, then what stands on it

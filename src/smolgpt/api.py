@@ -37,7 +37,7 @@ from . import (
     tokencache,
 )
 from .config import (
-    EXPORT_FORMATS,
+    ExportConfig,
     ModelConfig,
     SampleConfig,
     TrainConfig,
@@ -394,24 +394,24 @@ class Model:
 
     def export(
         self,
-        out_dir: Union[str, Path],
+        out: Union[str, Path],
         format: str = "hf",  # noqa: A002 - the command line's --format, by the same name
         overwrite: bool = False,
+        outtype: str = "f32",
     ) -> Path:
-        """Write the model to out_dir as ``smolgpt export`` does: format "hf" (a directory
-        transformers loads with no custom code; needs the hf extra) or "safetensors"
-        (smolgpt's own, without pickle). out_dir must be new or empty; overwrite replaces an
-        earlier export only. Returns the directory written."""
-        from . import export, hf
+        """Write the model to out as ``smolgpt export`` does: format "hf" (a directory
+        transformers loads with no custom code; needs the hf extra), "safetensors"
+        (smolgpt's own directory, without pickle) or "gguf" (one file for llama.cpp,
+        Ollama and LM Studio, its weight matrices as outtype: "f32", "f16" or "q8_0"; needs
+        the gguf extra). out must be new (a directory: or empty); overwrite replaces an
+        earlier export only. Returns the path written."""
+        from . import export, gguf_export, hf
 
-        if format not in EXPORT_FORMATS:
-            raise SmolGPTError(
-                f"unknown export format {format!r}: choose one of {', '.join(EXPORT_FORMATS)}"
-            )
+        cfg = ExportConfig(format=format, outtype=outtype, overwrite=overwrite)  # checks both
+        if cfg.format == "gguf":
+            return gguf_export.export_gguf(self.module, self.tokenizer, out, outtype, overwrite)
         write = hf.export_hf if format == "hf" else export.export_safetensors
-        return write(
-            self.module, self.tokenizer, out_dir, self.train_config, overwrite, self.data_info
-        )
+        return write(self.module, self.tokenizer, out, self.train_config, overwrite, self.data_info)
 
     def text_stream(self, prompt: Optional[str] = None, **sampling: Any) -> TextStream:
         """The :class:`~smolgpt.sampling.TextStream` of every sample at once, with how many

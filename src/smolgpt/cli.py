@@ -244,27 +244,46 @@ def check_output_file(path: Path) -> None:
         raise SmolGPTError(f"--out {path}: the folder {folder} is not writable")
 
 
-def run_export(source: str, out_dir: str, cfg: ExportConfig, launcher: Launcher) -> int:
-    """Export the model at source to out_dir in cfg's format ("hf" or "safetensors")."""
+def run_export(source: str, out: str, cfg: ExportConfig, launcher: Launcher) -> int:
+    """Export the model at source to out in cfg's format ("hf", "safetensors" or "gguf")."""
     from .api import load
-    from .export import check_out_dir
-    from .hf import require_hf
 
-    fmt, overwrite = cfg.format, cfg.overwrite
-    if fmt == "hf":
-        require_hf()
-    check_out_dir(out_dir, overwrite)  # both before the work of loading
-    out = load(source, "cpu").export(out_dir, fmt, overwrite)
-    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}", file=sys.stderr)
-    if fmt == "hf":
+    _check_export_target(out, cfg)  # before the work of loading
+    written = load(source, "cpu").export(out, cfg.format, cfg.overwrite, cfg.outtype)
+    if cfg.format == "gguf":
+        size = written.stat().st_size / 2**20
+        print(f"wrote {written} ({size:.1f} MiB, {cfg.outtype})", file=sys.stderr)
+        print(f"run it with llama.cpp: llama-completion -m {written} -p 'ROMEO:'", file=sys.stderr)
+        return 0
+    print(
+        f"wrote {written}: {', '.join(sorted(p.name for p in written.iterdir()))}",
+        file=sys.stderr,
+    )
+    if cfg.format == "hf":
         print(
-            f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}), "
-            f"AutoTokenizer.from_pretrained({str(out)!r})",
+            f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(written)!r}), "
+            f"AutoTokenizer.from_pretrained({str(written)!r})",
             file=sys.stderr,
         )
     else:
-        print(f"sample with: {launcher.command('generate', [str(out)])}", file=sys.stderr)
+        print(f"sample with: {launcher.command('generate', [str(written)])}", file=sys.stderr)
     return 0
+
+
+def _check_export_target(out: str, cfg: ExportConfig) -> None:
+    """Refuse a missing extra or an output that may not be written, in one line."""
+    if cfg.format == "gguf":
+        from .gguf_export import check_out_file, require_gguf
+
+        require_gguf()
+        check_out_file(Path(out), cfg.overwrite)
+        return
+    from .export import check_out_dir
+    from .hf import require_hf
+
+    if cfg.format == "hf":
+        require_hf()
+    check_out_dir(out, cfg.overwrite)
 
 
 def run_eval(source: str, cfg: EvalConfig) -> int:

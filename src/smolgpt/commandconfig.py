@@ -14,6 +14,7 @@ from typing import Optional
 from .errors import SmolGPTError
 from .settings import (
     EXPORT_FORMATS,
+    GGUF_OUTTYPES,
     PLOT_AXES,
     PLOT_VALUES,
     check_fields,
@@ -284,14 +285,26 @@ class ExportConfig:
     format: str = opt(
         dataclasses.MISSING,
         "hf: a transformers model and tokenizer; safetensors: smolgpt's weights and "
-        "settings, without pickle",
+        "settings, without pickle; gguf: one file for llama.cpp, Ollama and LM Studio",
         "options",
         choices=EXPORT_FORMATS,
     )
-    overwrite: bool = opt(False, "replace out_dir if it holds an earlier export", "options")
+    outtype: str = opt(
+        "f32",
+        "gguf: the weight matrices in float32, float16, or llama.cpp's 8-bit q8_0",
+        "options",
+        choices=GGUF_OUTTYPES,
+    )
+    overwrite: bool = opt(
+        False, "replace the output if it is an earlier export (of the same format)", "options"
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, ExportConfig)
+        if self.outtype != "f32" and self.format != "gguf":
+            raise SmolGPTError(
+                f"--outtype is for --format gguf; {self.format} exports keep float32 weights"
+            )
 
 
 @dataclass

@@ -137,11 +137,22 @@ COMMANDS = {
         "generate text from a checkpoint", GenerateConfig, arguments=(_CHECKPOINT,)
     ),
     "export": Command(
-        "export a model for Hugging Face transformers or as safetensors",
+        "export a model for Hugging Face transformers, llama.cpp (GGUF) or as safetensors",
         ExportConfig,
         "Write a model to a new directory: --format hf for transformers "
-        "(AutoModelForCausalLM, AutoTokenizer), --format safetensors for smolgpt alone.",
-        (_CHECKPOINT, ("out_dir", {"help": "the directory to write (new or empty)"})),
+        "(AutoModelForCausalLM, AutoTokenizer), --format safetensors for smolgpt alone; or "
+        "to one file, --format gguf, for llama.cpp, Ollama and LM Studio.",
+        (
+            _CHECKPOINT,
+            (
+                "out_dir",
+                {
+                    "metavar": "OUT",
+                    "help": "where to write: a new or empty directory (hf, safetensors), or "
+                    "a new file such as model.gguf (gguf)",
+                },
+            ),
+        ),
     ),
     "eval": Command(
         "loss, perplexity and bits per character of a model on a text",

@@ -41,7 +41,9 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 POSITIONS = ("rope", "learned")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "linear", "constant")
-EXPORT_FORMATS = ("hf", "safetensors")  # smolgpt export --format
+EXPORT_FORMATS = ("hf", "safetensors", "gguf")  # smolgpt export --format
+# smolgpt export --format gguf --outtype: how the weight matrices are stored (see gguf_export).
+GGUF_OUTTYPES = ("f32", "f16", "q8_0")
 PLOT_AXES = ("iter", "time", "tokens")  # smolgpt plot --x: what the curves are drawn against
 # smolgpt plot --y: what the curves show, val loss in nats per token (comparable between runs
 # of one tokenizer only) or val bits per character (comparable across levels).

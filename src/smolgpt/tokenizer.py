@@ -43,6 +43,8 @@ import numpy as np
 from .config import LEVELS, check_vocab_size
 from .errors import SmolGPTError
 from .wordtext import (
+    _BYTE_OF_SYMBOL,
+    BYTE_SYMBOLS,
     HF_WORD_PATTERN,
     TEXT_REPLACEMENTS,
     CharDecoder,
@@ -161,6 +163,15 @@ class Tokenizer(ABC):
         unk_token); {} where there are none."""
         return {}
 
+    def byte_level_bpe(self) -> tuple[list[str], list[tuple[str, str]]]:
+        """(tokens, merges) of a byte-level BPE, tokens written as GPT-2 writes bytes
+        (BYTE_SYMBOLS), that encodes text to this tokenizer's ids: what GGUF's "gpt2"
+        tokenizer model holds (see smolgpt.gguf_export). SmolGPTError where there is none."""
+        raise SmolGPTError(
+            f"a {self.level}-level vocabulary has no exact GGUF form (GGUF tokenizers split "
+            "text into pieces of its bytes): export it with --format hf"
+        )
+
 
 def _hf_normalizers(tokenizer: Tokenizer) -> list:
     """normalize_text as tokenizers normalizers, replacement by replacement ([] where the
@@ -250,6 +261,13 @@ class CharTokenizer(Tokenizer):
     def default_prompt(self) -> str:
         """A line break, if the training text had any; else its last character."""
         return "\n" if "\n" in self.stoi else self.chars[-1]
+
+    def byte_level_bpe(self) -> tuple[list[str], list[tuple[str, str]]]:
+        """Each character as its UTF-8 bytes, with merges that join those bytes left to right
+        and nothing else: no merge ever joins two characters."""
+        tokens = ["".join(BYTE_SYMBOLS[b] for b in ch.encode()) for ch in self.chars]
+        merges = {(t[:i], t[i]): None for t in tokens for i in range(1, len(t))}
+        return tokens, list(merges)
 
     def to_dict(self) -> dict:
         return {"type": "char", "chars": list(self.chars), "normalize": self.normalize}
@@ -387,17 +405,6 @@ class WordTokenizer(Tokenizer):
         return {"pad_token": self.PAD, "unk_token": self.UNK}
 
 
-# Byte-level BPE. GPT-2's alphabet: one printable character for each byte value, so that
-# merges work on strings. Printable bytes stand for themselves; the others, in order, for the
-# characters from U+0100 on (a space is "Ġ", a line break "Ċ").
-_PRINTABLE_BYTES = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-BYTE_SYMBOLS = [
-    chr(b)
-    if b in _PRINTABLE_BYTES
-    else chr(0x100 + sum(1 for c in range(b) if c not in _PRINTABLE_BYTES))
-    for b in range(256)
-]
-_BYTE_OF_SYMBOL = {symbol: b for b, symbol in enumerate(BYTE_SYMBOLS)}
 # Text is encoded in pieces of about this many characters, cut after line breaks, on all
 # cores at once; the pieces give the same ids as the whole (see BPETokenizer).
 BPE_PIECE_CHARS = 1 << 16
@@ -546,6 +553,9 @@ class BPETokenizer(Tokenizer):
     def hf_tokenizer(self):
         """A copy of the tokenizers library's object that does the encoding."""
         return _tokenizers().Tokenizer.from_str(self._hf.to_str())
+
+    def byte_level_bpe(self) -> tuple[list[str], list[tuple[str, str]]]:
+        return list(self.vocab), list(self.merges)  # learned as such
 
     def to_dict(self) -> dict:
         return {"type": "bpe", "vocab": self.vocab, "merges": [list(m) for m in self.merges]}

@@ -144,3 +144,16 @@ class WordDecoder:
 
     def flush(self) -> str:
         return ""  # nothing is ever held back
+
+
+# Byte-level BPE. GPT-2's alphabet: one printable character for each byte value, so that
+# merges work on strings. Printable bytes stand for themselves; the others, in order, for the
+# characters from U+0100 on (a space is "Ġ", a line break "Ċ").
+_PRINTABLE_BYTES = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+BYTE_SYMBOLS = [
+    chr(b)
+    if b in _PRINTABLE_BYTES
+    else chr(0x100 + sum(1 for c in range(b) if c not in _PRINTABLE_BYTES))
+    for b in range(256)
+]
+_BYTE_OF_SYMBOL = {symbol: b for b, symbol in enumerate(BYTE_SYMBOLS)}
