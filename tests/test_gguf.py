@@ -329,6 +329,15 @@ def test_llama_cpp_reads_smolgpt_ids(exported):
 
 
 @needs_llama
+def test_an_ascii_character_vocabulary_needs_no_merges(tmp_path):
+    text = "Plain ASCII, on two lines:\nno character takes two bytes. 1597! (Act II)" * 3
+    tokenizer = CharTokenizer.train([text])
+    assert tokenizer.byte_level_bpe()[1] == []
+    path = export_gguf(make_model(tokenizer.vocab_size, "rope"), tokenizer, tmp_path / "a.gguf")
+    assert load_llama(path).tokenize(text.encode(), add_bos=False) == tokenizer.encode(text)
+
+
+@needs_llama
 def test_llama_cpp_continues_greedily_with_smolgpt_tokens(exported):
     tokenizer, model, files = exported
     prompt = tokenizer.encode(known(tokenizer, "ROMEO: But"))

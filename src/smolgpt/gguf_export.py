@@ -134,7 +134,10 @@ def write_metadata(writer, module: GPT, tokenizer: Tokenizer, outtype: str, name
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
     writer.add_token_types([gguf.TokenType.NORMAL] * len(tokens))
-    writer.add_token_merges([f"{a} {b}" for a, b in merges])
+    # llama.cpp refuses a file without merges, and a character vocabulary of single bytes
+    # (ASCII text) needs none: a merge of two 0xFF bytes, which no UTF-8 text holds, stands in.
+    never = BYTE_SYMBOLS[0xFF]
+    writer.add_token_merges([f"{a} {b}" for a, b in merges] or [f"{never} {never}"])
     bos, eos = special_ids(tokenizer, tokens)
     writer.add_bos_token_id(bos)
     writer.add_eos_token_id(eos)
