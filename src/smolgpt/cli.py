@@ -249,11 +249,13 @@ def run_export(source: str, out: str, cfg: ExportConfig, launcher: Launcher) -> 
     from .api import load
 
     _check_export_target(out, cfg)  # before the work of loading
-    written = load(source, "cpu").export(out, cfg.format, cfg.overwrite, cfg.outtype)
+    model = load(source, "cpu")
+    written = model.export(out, cfg.format, cfg.overwrite, cfg.outtype)
     if cfg.format == "gguf":
         size = written.stat().st_size / 2**20
         print(f"wrote {written} ({size:.1f} MiB, {cfg.outtype})", file=sys.stderr)
-        print(f"run it with llama.cpp: llama-completion -m {written} -p 'ROMEO:'", file=sys.stderr)
+        run = f"llama-completion -m {shlex.quote(str(written))} -c {model.config.block_size}"
+        print(f"run it with llama.cpp: {run} --ignore-eos -n 200 -p 'ROMEO:'", file=sys.stderr)
         return 0
     print(
         f"wrote {written}: {', '.join(sorted(p.name for p in written.iterdir()))}",
