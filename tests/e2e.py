@@ -553,3 +553,41 @@ class LocalServer:
             self._server.server_close()
             self._thread.join(timeout=10)
             self.running = False
+
+
+def e2e_sharp_model(
+    vocab_size: int,
+    position: str,
+    n_embd: int = 32,
+    block_size: int = 64,
+    scale: float = 8.0,
+    **config,
+):
+    """A tiny GPT (2 layers, n_embd wide) in eval mode, its matrices scaled up from their
+    initialisation so that logits differ clearly between tokens and greedy
+    decoding is not decided by rounding."""
+    import torch
+
+    from smolgpt.config import ModelConfig
+    from smolgpt.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(
+        ModelConfig(
+            vocab_size=vocab_size,
+            block_size=block_size,
+            n_layer=2,
+            n_head=2,
+            n_embd=n_embd,
+            dropout=0.0,
+            position=position,
+            **config,
+        )
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+            else:  # LayerNorm weights and biases: away from 1 and 0
+                p.add_(0.5 * torch.randn_like(p))
+    return model.eval()

@@ -206,6 +206,9 @@ def test_checkpoint_generate_eval_and_export_share_the_ids(bpe_run, tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(str(out))
     assert hf(prompt)["input_ids"] == model.tokenizer.encode(prompt)
     assert hf.decode(hf(prompt)["input_ids"]) == prompt
+    assert hf.bos_token_id == model.tokenizer.encode("\n")[0]  # the begin token: a line break
+    lines = "two\nlines"  # the begin token, special to transformers, is found in text as such
+    assert hf(lines)["input_ids"] == model.tokenizer.encode(lines)
     again = smolgpt.load(out, device="cpu")
     assert again.tokenizer.to_dict() == model.tokenizer.to_dict()
     assert again.generate(prompt, max_new_tokens=5, temperature=0) == model.generate(

@@ -153,9 +153,14 @@ def test_every_command_shown_parses():
 
 
 # Flags of other programs that the guides show: torchrun's, pip's, TensorBoard's, llama.cpp's,
+# lm_eval's,
 # the reference curves' benchmark script's.
 OTHER_PROGRAMS_FLAGS = {
     "--standalone",
+    "--model",
+    "--model_args",
+    "--tasks",
+    "--include_path",
     "--temp",
     "--top-k",
     "--ignore-eos",

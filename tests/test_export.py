@@ -32,7 +32,13 @@ from smolgpt.model import GPT
 from smolgpt.sampling import generate
 from smolgpt.tokenizer import CharTokenizer, WordTokenizer
 
-from e2e import E2EResult, e2e_assert_install_advice, e2e_assert_one_line_error, names
+from e2e import (
+    E2EResult,
+    e2e_assert_install_advice,
+    e2e_assert_one_line_error,
+    e2e_sharp_model,
+    names,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,27 +70,9 @@ def make_model(
     vocab_size: int, position: str, bias: bool = True, block_size: int = 32, tied: bool = True
 ) -> GPT:
     """A tiny model whose weights are large enough that its logits say something."""
-    torch.manual_seed(0)
-    model = GPT(
-        ModelConfig(
-            vocab_size=vocab_size,
-            block_size=block_size,
-            n_layer=2,
-            n_head=2,
-            n_embd=16,
-            dropout=0.0,
-            bias=bias,
-            position=position,
-            tie_embeddings=tied,
-        )
+    return e2e_sharp_model(
+        vocab_size, position, 16, block_size, scale=20, bias=bias, tie_embeddings=tied
     )
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(20)
-            else:  # LayerNorm weights and biases: away from 1 and 0
-                p.add_(0.5 * torch.randn_like(p))
-    return model.eval()
 
 
 def known_text(tokenizer, text: str) -> str:
@@ -212,6 +200,12 @@ def test_autotokenizer_gives_smolgpts_ids(transformers, tmp_path, level):
     out = export_hf(make_model(tokenizer.vocab_size, "rope"), tokenizer, tmp_path / "hf")
     hf = transformers.AutoTokenizer.from_pretrained(out)
     assert isinstance(hf, transformers.PreTrainedTokenizerFast)
+    # A begin token for tools that start every text from one (lm-evaluation-harness), the
+    # token smolgpt's generation starts from; no end token, at which generate would stop.
+    bos = tokenizer.boundary_id()
+    assert hf.bos_token_id == bos and hf.eos_token_id is None
+    assert json.loads((out / "config.json").read_text())["bos_token_id"] == bos
+    assert bos == (WordTokenizer.PAD_ID if level == "word" else tokenizer.encode("\n")[0])
     for text in TEXTS + [CORPUS]:
         text = known_text(tokenizer, text)
         ids = tokenizer.encode(text)

@@ -23,14 +23,21 @@ import torch
 from torch import nn
 
 from smolgpt import checkpoint
-from smolgpt.config import ModelConfig, SampleConfig
+from smolgpt.config import SampleConfig
 from smolgpt.errors import SmolGPTError
 from smolgpt.gguf_export import export_gguf
 from smolgpt.model import GPT
 from smolgpt.sampling import generate
 from smolgpt.tokenizer import BPETokenizer, CharTokenizer, WordTokenizer
 
-from e2e import e2e_assert_install_advice, e2e_assert_one_line_error, smolgpt_without
+from e2e import (
+    e2e_assert_install_advice,
+    e2e_assert_one_line_error,
+    smolgpt_without,
+)
+from e2e import (
+    e2e_sharp_model as make_model,
+)
 
 gguf = pytest.importorskip(
     "gguf", reason='the gguf extra is not installed: pip install -e ".[gguf]"'
@@ -56,30 +63,6 @@ def make_tokenizer(level: str):
         "tokenizers", reason='bpe level needs the bpe extra: pip install -e ".[bpe]"'
     )
     return BPETokenizer.train([CORPUS], vocab_size=320, strict=False)
-
-
-def make_model(vocab_size: int, position: str, n_embd: int = 32, **config) -> GPT:
-    """A tiny model whose weights are large enough that its logits say something."""
-    torch.manual_seed(0)
-    model = GPT(
-        ModelConfig(
-            vocab_size=vocab_size,
-            block_size=64,
-            n_layer=2,
-            n_head=2,
-            n_embd=n_embd,
-            dropout=0.0,
-            position=position,
-            **config,
-        )
-    )
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8)
-            else:  # LayerNorm weights and biases: away from 1 and 0
-                p.add_(0.5 * torch.randn_like(p))
-    return model.eval()
 
 
 def save_checkpoint(model: GPT, tokenizer, path: Path) -> Path:

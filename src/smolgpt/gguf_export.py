@@ -151,7 +151,7 @@ def special_ids(tokenizer: Tokenizer, tokens: list[str]) -> tuple[int, int]:
     a token the model never produces where the vocabulary has one, the byte 0xFF, which no
     UTF-8 text contains (bpe level); a character vocabulary has none, and there it is the
     line break too."""
-    begin = tokenizer.encode(tokenizer.default_prompt())[0]
+    begin = tokenizer.boundary_id()
     never = BYTE_SYMBOLS[0xFF]
     return begin, tokens.index(never) if never in tokens else begin
 

@@ -219,7 +219,9 @@ def smolgpt_state_dict(
     return state
 
 
-def hf_config(config: ModelConfig, pad_token_id: Optional[int] = None) -> dict[str, Any]:
+def hf_config(
+    config: ModelConfig, pad_token_id: Optional[int] = None, bos_token_id: Optional[int] = None
+) -> dict[str, Any]:
     """config.json of the transformers model that computes what a smolgpt model of config
     does (dropouts 0: an export is for inference and fine-tuning brings its own)."""
     layout = LAYOUTS[config.position]
@@ -237,7 +239,9 @@ def hf_config(config: ModelConfig, pad_token_id: Optional[int] = None) -> dict[s
             rotary_pct=out["rope_parameters"]["partial_rotary_factor"], rotary_emb_base=ROPE_BASE
         )
         out.update(attention_dropout=0.0, hidden_dropout=0.0)
-    out.update(bos_token_id=None, eos_token_id=None, pad_token_id=pad_token_id, dtype="float32")
+    # No end token: transformers' generate would stop at it, where smolgpt goes on.
+    out.update(bos_token_id=bos_token_id, eos_token_id=None, pad_token_id=pad_token_id)
+    out["dtype"] = "float32"
     return out
 
 
@@ -260,6 +264,18 @@ def _hf_tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict[str, Any
         "model_max_length": block_size,
     }
     out.update(tokenizer.hf_special_tokens())
+    # The begin token, which lm-evaluation-harness starts every text from (it refuses a
+    # tokenizer without one): named by its vocabulary entry, so its id is the model's, and
+    # found in text after normalisation, as the rest is ("\r\n" is one line break).
+    out["bos_token"] = {
+        "__type": "AddedToken",
+        "content": tokenizer.hf_tokenizer().id_to_token(tokenizer.boundary_id()),
+        "normalized": True,
+        "special": True,
+        "lstrip": False,
+        "rstrip": False,
+        "single_word": False,
+    }
     return out
 
 
@@ -303,7 +319,7 @@ def export_hf(
 
     def write(folder: Path) -> None:
         write_weights(folder / WEIGHTS, tensors)
-        write_json(folder / HF_CONFIG, hf_config(config, pad))
+        write_json(folder / HF_CONFIG, hf_config(config, pad, tokenizer.boundary_id()))
         atomic_write_text(folder / "tokenizer.json", tokenizer_json)
         write_json(
             folder / "tokenizer_config.json", _hf_tokenizer_config(tokenizer, config.block_size)

@@ -9,12 +9,8 @@ subclass that carries its own behaviour: its default prompt, its ``<UNK>`` (if a
 what bits-per-char charges for it, its ``tokenizers`` form for exports, what a checkpoint
 stores. The rest of smolgpt calls these methods and never asks which class it has.
 
-The char and word tokenizers read text through :func:`normalize_text` first, the training
-text and a prompt alike:
-CRLF and lone CR line endings become LF, byte-order marks (U+FEFF) are dropped, and
-typographic quotes and apostrophes become ASCII ``'`` and ``"``. So a typed ``don't`` is the
-book's ``don’t``, and no CR or curly quote is in any vocabulary. (Tokenizers from
-checkpoints written before smolgpt 0.5 read text as given, as they were trained.)
+The char and word tokenizers read text and prompts through :func:`normalize_text` (LF line
+ends, no byte-order marks, ASCII quotes: a typed ``don't`` is the book's ``don’t``).
 
 - :class:`CharTokenizer`: one id per distinct character of the corpus, in code-point order.
 - :class:`WordTokenizer`: lowercased words and punctuation marks split by an NLTK regular
@@ -163,10 +159,14 @@ class Tokenizer(ABC):
         unk_token); {} where there are none."""
         return {}
 
+    def boundary_id(self) -> int:
+        """The begin token exports name (which lm-evaluation-harness starts texts from): the
+        one smolgpt's generation starts from, its default prompt's (a line break)."""
+        return self.encode(self.default_prompt())[0]
+
     def byte_level_bpe(self) -> tuple[list[str], list[tuple[str, str]]]:
-        """(tokens, merges) of a byte-level BPE, tokens written as GPT-2 writes bytes
-        (BYTE_SYMBOLS), that encodes text to this tokenizer's ids: what GGUF's "gpt2"
-        tokenizer model holds (see smolgpt.gguf_export). SmolGPTError where there is none."""
+        """(tokens, merges) of a byte-level BPE (tokens in BYTE_SYMBOLS) that encodes text to
+        this tokenizer's ids, for GGUF (smolgpt.gguf_export); SmolGPTError where none does."""
         raise SmolGPTError(
             f"a {self.level}-level vocabulary has no exact GGUF form (GGUF tokenizers split "
             "text into pieces of its bytes): export it with --format hf"
@@ -403,6 +403,9 @@ class WordTokenizer(Tokenizer):
 
     def hf_special_tokens(self) -> dict[str, str]:
         return {"pad_token": self.PAD, "unk_token": self.UNK}
+
+    def boundary_id(self) -> int:
+        return self.pad_id  # not a word: transformers would cut a special "the" from "theatre"
 
 
 # Text is encoded in pieces of about this many characters, cut after line breaks, on all
