@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,13 @@ def harness_bits_per_byte(task_dir: Path, out: Path, *args: str) -> float:
     return json.loads(record.read_text())["results"][TASK]["bits_per_byte,none"]
 
 
+def make_tokenizer(level: str, text: str):
+    if level == "char":
+        return CharTokenizer.train([text])
+    pytest.importorskip("tokenizers", reason='needs the bpe extra: pip install -e ".[bpe]"')
+    return BPETokenizer.train([text], vocab_size=400)
+
+
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory):
     """(training text, held-out ASCII text, the task's folder)."""
@@ -102,4 +111,46 @@ def test_the_harness_reads_the_hf_export_as_it_is(heldout, tmp_path, level):
     theirs = harness_bits_per_byte(
         task_dir, tmp_path / "results", "--model", "hf", "--model_args", f"pretrained={export}"
     )
+    assert abs(theirs - ours) < 0.002, (theirs, ours)
+
+
+@pytest.mark.parametrize("level", ["char", "bpe"])
+def test_the_harness_scores_through_smolgpt_serve(heldout, tmp_path, smol_cli, level):
+    """`lm_eval --model local-completions` against `smolgpt serve`: token-id prompts, echoed
+    prompt log-probabilities; the same bits per byte as smolgpt eval."""
+    pytest.importorskip(
+        "starlette", reason='the server needs the serve extra: pip install -e ".[serve]"'
+    )
+    train, held, task_dir = heldout
+    tokenizer = make_tokenizer(level, train)
+    model = e2e_sharp_model(tokenizer.vocab_size, "learned")
+    export = export_hf(model, tokenizer, tmp_path / "export")
+    ours = smolgpt.load(export, device="cpu").evaluate(held).bits_per_char
+    process = smol_cli.popen("module", "serve", export, "--port", "0").outlive_tests()
+    try:
+        found = smol_cli.wait_for(
+            lambda: re.search(r"serving .* at (http://\S+/) ", process.stderr_so_far()),
+            timeout=120,
+            process=process,
+            what="the server to listen",
+        )
+        base = found.group(1).replace("0.0.0.0", "127.0.0.1")
+        with urllib.request.urlopen(base + "v1/models") as response:
+            name = json.load(response)["data"][0]["id"]
+        settings = [
+            f"model={name}",
+            f"base_url={base}v1/completions",
+            f"tokenizer={export}",  # the harness tokenizes; the server takes the ids
+            f"max_length={model.config.block_size}",
+        ]
+        theirs = harness_bits_per_byte(
+            task_dir,
+            tmp_path / "results",
+            "--model",
+            "local-completions",
+            "--model_args",
+            ",".join(settings),
+        )
+    finally:
+        process.kill()
     assert abs(theirs - ours) < 0.002, (theirs, ours)
