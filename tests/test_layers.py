@@ -26,7 +26,16 @@ LAYERS = [
     # the machine, and the pieces of a model
     ["distributed", "signals", "hardware", "wordtext", "tokenizer", "model", "kernels", "optim"],
     # text to batches, scoring, checkpoints, sampling, other formats, pictures
-    ["sources", "tokendata", "tokencache", "batches", "evaluate", "checkpoint", "sampling"],
+    [
+        "sources",
+        "tokendata",
+        "tokencache",
+        "batches",
+        "evaluate",
+        "logprobs",
+        "checkpoint",
+        "sampling",
+    ],
     ["export", "hf", "gguf_export", "interop", "plots"],
     # training
     ["runlog", "training", "finetune", "inspection", "runinfo", "runsetup"],

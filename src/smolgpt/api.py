@@ -25,7 +25,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -413,10 +413,17 @@ class Model:
         write = hf.export_hf if format == "hf" else export.export_safetensors
         return write(self.module, self.tokenizer, out, self.train_config, overwrite, self.data_info)
 
-    def text_stream(self, prompt: Optional[str] = None, **sampling: Any) -> TextStream:
+    def text_stream(
+        self,
+        prompt: Union[str, Sequence[int], None] = None,
+        logprobs: Optional[int] = None,
+        **sampling: Any,
+    ) -> TextStream:
         """The :class:`~smolgpt.sampling.TextStream` of every sample at once, with how many
         tokens each took and whether a stop string ended it: what :meth:`generate` and
-        :meth:`stream` are made of, for callers that need more than the text (the server)."""
+        :meth:`stream` are made of, for callers that need more than the text (the server).
+        prompt: text, or its token ids; logprobs: score each generated token, with that many
+        most likely alternatives (TextStream.scored)."""
         names = {f.name for f in dataclasses.fields(SampleConfig)}
         unknown = sorted(set(sampling) - names)
         if unknown:
@@ -429,6 +436,21 @@ class Model:
             prompt = self.default_prompt()
         if not prompt:
             raise SmolGPTError("the prompt is empty: give some text to continue")
+        prompt_ids = self._prompt_ids(prompt)
+        if not prompt_ids:
+            raise SmolGPTError("the prompt has no words the model can read: give some text")
+        return TextStream(self.module, self.tokenizer, prompt_ids, settings, logprobs)
+
+    def _prompt_ids(self, prompt: Union[str, Sequence[int]]) -> list[int]:
+        """A prompt's token ids: text encoded, or ids checked against the vocabulary."""
+        if not isinstance(prompt, str):
+            vocab = self.tokenizer.vocab_size
+            outside = [t for t in prompt if not 0 <= t < vocab]
+            if outside:
+                raise SmolGPTError(
+                    f"token id {outside[0]} is not in the vocabulary (0 to {vocab - 1})"
+                )
+            return list(prompt)
         prompt_ids = self.tokenizer.encode(prompt)  # raises for unknown characters
         if self.tokenizer.unk_id is not None:  # (a char model's encode refused them)
             unknown_words = self.tokenizer.unknown(prompt)
@@ -436,9 +458,7 @@ class Model:
                 log.warning(
                     "words not in the vocabulary, read as <UNK>: %s", ", ".join(unknown_words[:10])
                 )
-        if not prompt_ids:
-            raise SmolGPTError("the prompt has no words the model can read: give some text")
-        return TextStream(self.module, self.tokenizer, prompt_ids, settings)
+        return prompt_ids
 
 
 class _Pieces:

@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 import torch
 
 from .config import SampleConfig
+from .logprobs import TokenLogprob, score
 from .model import GPT, KVCache
 from .tokenizer import Tokenizer
 
@@ -83,10 +84,15 @@ def next_token(
 
 
 @torch.inference_mode()
-def sample(model: GPT, prompt: list[int], settings: SampleConfig) -> Iterator[torch.Tensor]:
+def sample(
+    model: GPT, prompt: list[int], settings: SampleConfig
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield settings.max_new_tokens tokens continuing prompt, one (num_samples,) tensor per
-    step, as soon as each is chosen; stop iterating to stop generating. The same settings,
+    step as soon as each is chosen, with the logits (num_samples, vocab) it was drawn from
+    (before the sampling filters); stop iterating to stop generating. The same settings,
     seed included, give the same tokens."""
+    if settings.max_new_tokens == 0:
+        return  # not even the prompt's forward pass
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     block = model.config.block_size
@@ -105,7 +111,7 @@ def sample(model: GPT, prompt: list[int], settings: SampleConfig) -> Iterator[to
     logits, _ = model(recent[:, :end], cache=cache)
     for step in range(settings.max_new_tokens):
         token = next_token(logits[:, -1, :], settings, generator, seen)
-        yield token
+        yield token, logits[:, -1, :]
         if step + 1 == settings.max_new_tokens:
             break  # no forward pass for a token nobody will see
         if seen is not None:
@@ -128,7 +134,7 @@ def generate(
     :class:`~smolgpt.config.SampleConfig`'s, the command line's); return only the new ids of
     each. The same settings, seed included, give the same ids."""
     settings = settings or SampleConfig()
-    steps = list(sample(model, prompt, settings))
+    steps = [token for token, _ in sample(model, prompt, settings)]
     if not steps:
         return [[] for _ in range(settings.num_samples)]
     return torch.stack(steps, dim=1).tolist()
@@ -147,14 +153,34 @@ class _SampleText:
         self.shown = 0  # characters of text given out
         self.tokens = 0  # tokens taken, up to and including the one that reached a stop string
         self.stopped = False
+        self.finished = False
+        # Scored tokens not given out yet, each with where its text ends.
+        self.pending: list[tuple[TokenLogprob, int]] = []
 
-    def add(self, token: int) -> str:
-        """Take one new token; return the text that can now be shown."""
+    def add(self, token: int, scored: Optional[tuple[float, list]] = None) -> str:
+        """Take one new token (and what the model gave it, to be given out by
+        :meth:`scored`); return the text that can now be shown."""
         if self.stopped:
             return ""
         self.tokens += 1
-        self._extend(self.decoder.add([token]))
+        new_text, start = self.decoder.add([token]), len(self.text)
+        if scored is not None:
+            self.pending.append((TokenLogprob(token, start, *scored), start + len(new_text)))
+        self._extend(new_text)
         return self._show(len(self.text) - (0 if self.stopped else self._held_back()))
+
+    def scored(self) -> list[TokenLogprob]:
+        """The scored tokens whose text has all been shown since the last call, as the text
+        is; once finished, the rest of those whose text begins in the final text (a stop
+        string's tokens are left out with it)."""
+        if self.finished:
+            given = [t for t, _ in self.pending if t.offset < len(self.text) or not self.stopped]
+            self.pending = []
+            return given
+        shown = len(self.pending)
+        shown = next((i for i, (_, end) in enumerate(self.pending) if end > self.shown), shown)
+        given, self.pending = self.pending[:shown], self.pending[shown:]
+        return [t for t, _ in given]
 
     def _extend(self, new_text: str) -> None:
         """Add new_text, and cut the text at the first stop string."""
@@ -182,6 +208,7 @@ class _SampleText:
         character left incomplete, as U+FFFD)."""
         if not self.stopped:
             self._extend(self.decoder.flush())
+        self.finished = True
         return self._show(len(self.text))
 
     def _show(self, end: int) -> str:
@@ -197,25 +224,47 @@ class TextStream:
     generated so far (``samples[i].tokens`` those of sample i until it stopped, and
     ``samples[i].stopped`` whether a stop string ended it); iteration ends when every sample
     has stopped or max_new_tokens is reached. Stop iterating (or :meth:`close`) to stop
-    generating."""
+    generating.
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, prompt: list[int], settings: SampleConfig):
+    With logprobs (0 or more), each generated token is scored as :mod:`smolgpt.logprobs` says,
+    with the logprobs most likely tokens: after each step, ``scored[i]`` holds sample i's
+    tokens whose text that step's piece completed (offsets in the continuation), so that the
+    tokens given out cover the text given out."""
+
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Tokenizer,
+        prompt: list[int],
+        settings: SampleConfig,
+        logprobs: Optional[int] = None,
+    ):
         self.samples = [
             _SampleText(tokenizer, prompt, settings.stop) for _ in range(settings.num_samples)
         ]
         self.new_tokens = 0
+        self.prompt = prompt
         self.prompt_tokens = len(prompt)
+        self.logprobs = logprobs
+        self.scored: list[list[TokenLogprob]] = [[] for _ in self.samples]
         self._tokens = sample(model, prompt, settings)
         self._pieces = self._generate()
 
     def _generate(self) -> Iterator[list[str]]:
         yield [s.prompt for s in self.samples]
-        for tokens in self._tokens:
+        for tokens, logits in self._tokens:
             self.new_tokens += 1
-            yield [s.add(t) for s, t in zip(self.samples, tokens.tolist())]
+            scores = [None] * len(self.samples)
+            if self.logprobs is not None:
+                scores = score(logits, tokens, self.logprobs)
+            pieces = [s.add(t, sc) for s, t, sc in zip(self.samples, tokens.tolist(), scores)]
+            self.scored = [s.scored() for s in self.samples]
+            yield pieces
             if all(s.stopped for s in self.samples):
                 break
-        yield [s.finish() for s in self.samples]
+        pieces = [s.finish() for s in self.samples]
+        self.scored = [s.scored() for s in self.samples]
+        yield pieces
 
     def __iter__(self) -> "TextStream":
         return self

@@ -15,11 +15,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence, Union
 
 from .config import SampleConfig, ServeConfig
 from .errors import SmolGPTError
+from .logprobs import TokenLogprob, prompt_logprobs, report
 from .rundir import BEST, LATEST, METRICS
+from .sampling import TextStream
 from .serve_schema import MAX_SEED, OPENAI_NAMES, ApiError, chat_prompt, chat_stops, check
 
 # ------------------------------------------------------------------ the models served
@@ -95,12 +97,13 @@ class Completion:
     and the answer is in chat's shape)."""
 
     served: Served
-    prompts: list[str]
+    prompts: list[Union[str, list[int]]]  # texts, or token ids
     sampling: dict[str, Any]  # SampleConfig's settings
     stream: bool
     echo: bool
     include_usage: bool
     chat: bool = False
+    logprobs: Optional[int] = None  # give logprobs with this many most likely tokens
 
     @property
     def choices(self) -> int:
@@ -111,7 +114,18 @@ def parse_completion(
     body: dict[str, Any], served: Sequence[Served], schema: dict[str, Any], cfg: ServeConfig
 ) -> Completion:
     model, sampling = _parse_request(body, served, schema)
-    prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+    prompt = body["prompt"]
+    # One text or one list of ids is one prompt (the schema let through no empty list).
+    prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+    vocab = model.model.tokenizer.vocab_size
+    outside = [t for p in prompts if not isinstance(p, str) for t in p if t >= vocab]
+    if outside:
+        raise ApiError(
+            400,
+            f"prompt holds token id {outside[0]}, outside model {model.id}'s vocabulary "
+            f"(0 to {vocab - 1})",
+            "prompt",
+        )
     n = sampling.get("num_samples", 1)
     if n * len(prompts) > cfg.max_n:
         raise ApiError(
@@ -202,6 +216,7 @@ def _completion(
         bool(body.get("echo")),
         stream and bool((body.get("stream_options") or {}).get("include_usage")),
         chat,
+        body.get("logprobs"),
     )
 
 
@@ -293,45 +308,94 @@ class Generator:
 
     async def events(
         self, job: Completion, deadline: float, usage: Usage, gone: Callable[[], Awaitable[bool]]
-    ) -> AsyncIterator[tuple[int, str, Optional[str]]]:
-        """(choice index, new text, finish reason or None) as the text is made, choice by
-        choice in OpenAI's order (every sample of the first prompt, then the next prompt's);
-        a chat reply without the whitespace around it. Returns early once gone() says the
-        client left; ApiError 504 past the deadline."""
+    ) -> AsyncIterator[tuple[int, str, Optional[str], Optional[dict[str, list]]]]:
+        """(choice index, new text, finish reason or None, logprobs or None) as the text is
+        made, choice by choice in OpenAI's order (every sample of the first prompt, then the
+        next prompt's); a chat reply without the whitespace around it. With job.logprobs,
+        logprobs are those of the new text's tokens in OpenAI's shape (logprobs.report),
+        offsets in the choice's text; the echoed prompt's come with its text. Returns early
+        once gone() says the client left; ApiError 504 past the deadline."""
         n = job.sampling.get("num_samples", 1)
         for p, prompt in enumerate(job.prompts):
-            try:
-                stream = await self._call(
-                    lambda prompt=prompt: job.served.model.text_stream(prompt, **job.sampling)
-                )
-            except SmolGPTError as exc:  # a prompt the model cannot read
-                raise ApiError(400, str(exc), "messages" if job.chat else "prompt") from None
+            stream = await self._open(job, prompt)
             usage.prompt_tokens += stream.prompt_tokens
-            trims = [_Trimmed() for _ in range(n)]
             try:
-                first = True
-                while True:
-                    if await gone():
-                        return
-                    if time.monotonic() > deadline:
-                        raise _timeout()
-                    before = stream.new_tokens
-                    pieces = await self._call(next, stream, None)
-                    if pieces is None:
-                        break
-                    self.tokens_generated += (stream.new_tokens - before) * n
-                    for j, piece in enumerate(pieces):
-                        if job.chat and not first:
-                            piece = trims[j](piece)
-                        if piece and (job.echo or not first):
-                            yield p * n + j, piece, None
-                    first = False
+                async for j, piece, logprobs in self._pieces(job, stream, deadline, gone):
+                    yield p * n + j, piece, None, logprobs
             finally:
                 # On the worker, after any step still running there (a cancelled request's).
                 self._worker.submit(stream.close)
+            if await gone():
+                return
             for j, sample in enumerate(stream.samples):
                 usage.completion_tokens += sample.tokens
-                yield p * n + j, "", "stop" if sample.stopped else "length"
+                yield p * n + j, "", "stop" if sample.stopped else "length", None
+
+    async def _open(self, job: Completion, prompt: Union[str, list[int]]) -> TextStream:
+        try:
+            return await self._call(
+                lambda: job.served.model.text_stream(prompt, job.logprobs, **job.sampling)
+            )
+        except SmolGPTError as exc:  # a prompt the model cannot read
+            raise ApiError(400, str(exc), "messages" if job.chat else "prompt") from None
+
+    async def _pieces(
+        self,
+        job: Completion,
+        stream: TextStream,
+        deadline: float,
+        gone: Callable[[], Awaitable[bool]],
+    ) -> AsyncIterator[tuple[int, str, Optional[dict[str, list]]]]:
+        """(sample, new text, logprobs or None) of one prompt's samples, step by step (see
+        :meth:`events`); returns early once gone() says the client left."""
+        n, tokenizer = len(stream.samples), job.served.model.tokenizer
+        scoring = job.logprobs is not None
+        echoed = await self._scored_prompt(job, stream, deadline, gone) if job.echo else []
+        trims = [_Trimmed() for _ in range(n)]
+        first = True
+        while True:
+            if await gone():
+                return
+            if time.monotonic() > deadline:
+                raise _timeout()
+            before = stream.new_tokens
+            pieces = await self._call(next, stream, None)
+            if pieces is None:
+                break
+            self.tokens_generated += (stream.new_tokens - before) * n
+            for j, piece in enumerate(pieces):
+                if first and not job.echo:
+                    continue
+                if job.chat and not first:
+                    piece = trims[j](piece)
+                scored = echoed if first else stream.scored[j]
+                shift = len(stream.samples[j].prompt) if job.echo and not first else 0
+                if piece or (scoring and scored):
+                    yield j, piece, report(tokenizer, scored, shift) if scoring else None
+            first = False
+
+    async def _scored_prompt(
+        self,
+        job: Completion,
+        stream: TextStream,
+        deadline: float,
+        gone: Callable[[], Awaitable[bool]],
+    ) -> list[TokenLogprob]:
+        """The prompt's tokens scored (none without job.logprobs), a window per call on the
+        worker so that other requests take their turns between them."""
+        if job.logprobs is None:
+            return []
+        model = job.served.model
+        windows = prompt_logprobs(model.module, model.tokenizer, stream.prompt, job.logprobs)
+        scored: list[TokenLogprob] = []
+        while not await gone():
+            if time.monotonic() > deadline:
+                raise _timeout()
+            window = await self._call(next, windows, None)
+            if window is None:
+                break
+            scored += window
+        return scored
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)

@@ -21,7 +21,44 @@ REASONS = {
 FINISH_REASON = {"type": "string", "nullable": True, "enum": ["stop", "length", None]}
 
 
-def _choice(key: str, schema: dict[str, Any]) -> dict[str, Any]:
+# A completion's logprobs (the request's logprobs says what they are), one item per token.
+LOGPROBS = {
+    "type": "object",
+    "nullable": True,
+    "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
+    "properties": {
+        "tokens": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "each token's text (U+FFFD for a byte-level token inside a character)",
+        },
+        "token_logprobs": {
+            "type": "array",
+            "items": {"type": "number", "nullable": True},
+            "description": "each token's log-probability (null for a prompt's first token)",
+        },
+        "top_logprobs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "nullable": True,
+                "additionalProperties": {"type": "number"},
+            },
+            "description": "the most likely tokens at each position and the token itself, "
+            "{text: log-probability} (null for a prompt's first token)",
+        },
+        "text_offset": {
+            "type": "array",
+            "items": {"type": "integer"},
+            "description": "where each token's text begins in the choice's text",
+        },
+    },
+    "description": "with logprobs asked for: the tokens of this text, scored (in a stream's "
+    "chunk, those of its new text); else null",
+}
+
+
+def _choice(key: str, schema: dict[str, Any], logprobs: dict[str, Any]) -> dict[str, Any]:
     """A choice of an answer, whose text is under key."""
     return {
         "type": "object",
@@ -29,13 +66,13 @@ def _choice(key: str, schema: dict[str, Any]) -> dict[str, Any]:
         "properties": {
             key: schema,
             "index": {"type": "integer"},
-            "logprobs": {"nullable": True},
+            "logprobs": logprobs,
             "finish_reason": FINISH_REASON,
         },
     }
 
 
-CHOICE = _choice("text", {"type": "string"})
+CHOICE = _choice("text", {"type": "string"}, LOGPROBS)
 CHAT_CHOICE = _choice(
     "message",
     {
@@ -46,6 +83,7 @@ CHAT_CHOICE = _choice(
             "content": {"type": "string"},
         },
     },
+    {"nullable": True, "description": "always null"},
 )
 USAGE = {
     "type": "object",

@@ -27,6 +27,7 @@ from .settings import json_schema
 MAX_STOPS = 4  # OpenAI's limit on stop strings
 MAX_STOP_CHARS = 200
 MAX_SEED = 2**63 - 1
+MAX_LOGPROBS = 20  # OpenAI's cap on logprobs in completions
 
 
 class ApiError(Exception):
@@ -131,6 +132,21 @@ OPTIONS = {
         "default": False,
         "description": "begin each completion with its prompt",
     },
+    "logprobs": {
+        "type": "integer",
+        "nullable": True,
+        "minimum": 0,
+        "maximum": MAX_LOGPROBS,
+        "description": "give each choice's logprobs: every token of its text (the prompt's "
+        "too with echo) with its log-probability, the log_softmax of the model's logits before "
+        "any sampling filter (temperature, top_k, top_p, min_p, repetition_penalty), and this "
+        "many most likely tokens at its position, plus the token itself where it is not among "
+        "them (as OpenAI's API). A prompt longer than the model's context is scored as "
+        "smolgpt eval scores a text: in windows of block_size + 1 tokens every block_size "
+        "tokens, each token predicted from those before it in its window; the first token has "
+        "none (null). A token's text is its own decoded alone: U+FFFD for a byte-level token "
+        "inside a character",
+    },
     "user": {"type": "string", "nullable": True, "description": "accepted and ignored"},
     "frequency_penalty": _unsupported("not supported: only 0 (use repetition_penalty)"),
     "presence_penalty": _unsupported("not supported: only 0 (use repetition_penalty)"),
@@ -141,6 +157,13 @@ def completion_schema(cfg: ServeConfig, model_ids: Sequence[str]) -> dict[str, A
     """The JSON schema (OpenAPI 3.0 dialect) of a completion request: what is accepted,
     with the limits of cfg."""
     text = {"type": "string", "minLength": 1, "maxLength": cfg.max_prompt_chars}
+    # Token ids: as many as the characters a text may hold (a token is at least one).
+    ids = {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0},
+        "minItems": 1,
+        "maxItems": cfg.max_prompt_chars,
+    }
     properties = {
         "model": {
             "type": "string",
@@ -148,8 +171,15 @@ def completion_schema(cfg: ServeConfig, model_ids: Sequence[str]) -> dict[str, A
             "description": "the model's id (GET /v1/models); optional when one is served",
         },
         "prompt": {
-            "oneOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": cfg.max_n}],
-            "description": "the text to continue, or a list of texts",
+            "oneOf": [
+                text,
+                {"type": "array", "items": text, "minItems": 1, "maxItems": cfg.max_n},
+                ids,
+                {"type": "array", "items": ids, "minItems": 1, "maxItems": cfg.max_n},
+            ],
+            "description": "the text to continue, a list of texts, the token ids of one "
+            "(below the model's vocab_size, GET /v1/models; at most max_prompt_chars of them), "
+            "or a list of those; one choice per prompt (times n)",
         },
         **_sampling(cfg),
         **OPTIONS,
@@ -173,7 +203,10 @@ def chat_schema(cfg: ServeConfig, model_ids: Sequence[str]) -> dict[str, Any]:
     prompt (and no echo)."""
     completion = completion_schema(cfg, model_ids)
     settings = {
-        k: v for k, v in completion["properties"].items() if k not in ("model", "prompt", "echo")
+        k: v
+        for k, v in completion["properties"].items()
+        # A chat's logprobs are another field (a flag, with top_logprobs), not served.
+        if k not in ("model", "prompt", "echo", "logprobs")
     }
     message = {
         "type": "object",
@@ -279,18 +312,22 @@ def check(value: Any, schema: dict[str, Any], name: str, param: Optional[str] = 
 
 
 def _one_of(value: Any, options: list[dict[str, Any]], name: str, param: str) -> dict[str, Any]:
-    """The option of a oneOf that value's type picks."""
-    kind = _json_type(value)
-    matching = [
-        o for o in options if o["type"] == kind or (o["type"] == "number" and kind == "integer")
-    ]
+    """The option of a oneOf that value's type picks (an array's: its first item's type)."""
+    matching = [o for o in options if _fits(value, o)]
     if not matching:
-        raise ApiError(
-            400,
-            f"{name} must be a {' or an '.join(o['type'] for o in options)}, not {kind}",
-            param,
-        )
-    return matching[0]
+        kinds = " or an ".join(dict.fromkeys(o["type"] for o in options))
+        raise ApiError(400, f"{name} must be a {kinds}, not {_json_type(value)}", param)
+    arrays = [o for o in matching if o["type"] == "array" and value and _fits(value[0], o["items"])]
+    if len(matching) > 1 and value and not arrays:
+        kinds = " or an ".join(dict.fromkeys(o["items"]["type"] for o in matching))
+        raise ApiError(400, f"{name}[0] must be a {kinds}, not {_json_type(value[0])}", param)
+    return (arrays or matching)[0]
+
+
+def _fits(value: Any, schema: dict[str, Any]) -> bool:
+    """Whether value has schema's type."""
+    kind = _json_type(value)
+    return schema["type"] == kind or (schema["type"] == "number" and kind == "integer")
 
 
 def _check_number(value: float, schema: dict[str, Any], name: str, param: str) -> None:

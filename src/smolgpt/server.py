@@ -76,8 +76,9 @@ class Server:
         self.chat_schema = chat_schema(cfg, list(self.by_id))
         self.turns = Turns(cfg.parallel, cfg.queue)
         self.generator = Generator()
-        # A prompt may take 6 bytes a character in JSON (\uXXXX escapes).
-        self.max_body = 6 * cfg.max_prompt_chars * cfg.max_n + JSON_OVERHEAD
+        # A prompt may take 6 bytes a character in JSON (\uXXXX escapes), or 8 a token id
+        # (a comma, a space and 6 digits), as many ids as characters.
+        self.max_body = 8 * cfg.max_prompt_chars * cfg.max_n + JSON_OVERHEAD
 
     def authorize(self, headers: Any) -> None:
         if self.api_key is None:
@@ -150,15 +151,27 @@ class Server:
         """A whole completion (or chat) response (the caller holds a turn)."""
         texts = [""] * job.choices
         reasons: list[Optional[str]] = [None] * len(texts)
+        # Each choice's logprobs (with logprobs asked for), the lists of its events joined.
+        scores = [None if job.logprobs is None else _no_logprobs() for _ in texts]
         usage = Usage()
-        async for index, piece, reason in self.generator.events(job, deadline, usage, gone):
+        events = self.generator.events(job, deadline, usage, gone)
+        async for index, piece, reason, logprobs in events:
             texts[index] += piece
             reasons[index] = reason or reasons[index]
+            for key, values in (logprobs or {}).items():
+                scores[index][key] += values
         return {
             **_head(job),
-            "choices": [_choice(job, i, text, reasons[i]) for i, text in enumerate(texts)],
+            "choices": [
+                _choice(job, i, text, reasons[i], logprobs=scores[i])
+                for i, text in enumerate(texts)
+            ],
             "usage": usage.body(),
         }
+
+
+def _no_logprobs() -> dict[str, list]:
+    return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
 
 def _finite(value: float) -> Optional[float]:
@@ -184,11 +197,17 @@ def install_hint() -> str:
 
 
 def _choice(
-    job: Completion, index: int, text: str, reason: Optional[str], chunk: bool = False
+    job: Completion,
+    index: int,
+    text: str,
+    reason: Optional[str],
+    chunk: bool = False,
+    logprobs: Optional[dict[str, list]] = None,
 ) -> dict[str, Any]:
-    """One choice of a response, or (chunk) its new text in an event of a stream."""
+    """One choice of a response, or (chunk) its new text in an event of a stream, with the
+    logprobs of its tokens (a completion's, where asked for)."""
     if not job.chat:
-        return {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
+        return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": reason}
     if chunk:  # a chat's deltas: the role came first (EventStream), then the text
         key, message = "delta", ({"content": text} if text else {})
     else:
@@ -411,8 +430,8 @@ class EventStream:
                 first["delta"] = {"role": "assistant", "content": ""}
                 await _event(send, {**head, "choices": [first]})
             while event is not None:
-                index, piece, reason = event
-                choice = _choice(self.job, index, piece, reason, chunk=True)
+                index, piece, reason, logprobs = event
+                choice = _choice(self.job, index, piece, reason, chunk=True, logprobs=logprobs)
                 await _event(send, {**head, "choices": [choice]})
                 event = await anext(events, None)
             if self.left.is_set():
