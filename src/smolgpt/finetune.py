@@ -46,6 +46,7 @@ SHAPE = (
     "block_size",
     "bias",
     "position",
+    "activation",
     "tie_embeddings",
     "causal",
 )
