@@ -24,7 +24,17 @@ LAYERS = [
         "rundir",
     ],
     # the machine, and the pieces of a model
-    ["distributed", "signals", "hardware", "wordtext", "tokenizer", "model", "kernels", "optim"],
+    [
+        "distributed",
+        "signals",
+        "hardware",
+        "wordtext",
+        "tokenizer",
+        "gpt2tokenizer",
+        "model",
+        "kernels",
+        "optim",
+    ],
     # text to batches, scoring, checkpoints, sampling, other formats, pictures
     [
         "sources",
