@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from smolgpt.config import SampleConfig
+from smolgpt.gpt2 import read_gpt2
 from smolgpt.gpt2tokenizer import GPT2Tokenizer
+from smolgpt.sampling import generate
 from smolgpt.tokenizer import tokenizer_from_dict
 
 transformers = pytest.importorskip("transformers")
@@ -109,3 +112,53 @@ def test_the_tokenizer_is_self_contained_in_a_checkpoints_dict(gpt2_dir):
     assert type(back) is GPT2Tokenizer
     assert back.to_dict() == ours.to_dict()
     assert back.encode(TEXT) == ours.encode(TEXT)
+
+
+# -------------------------------------------------------------------------- the weights
+
+
+def test_smolgpt_computes_what_gpt2_lm_head_model_computes(gpt2_dir):
+    module, tokenizer = read_gpt2(gpt2_dir)
+    assert module.config.activation == "gelu_tanh" and module.config.position == "learned"
+    hf = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+    ids = tokenizer.encode(TEXT * 2)[:64]
+    assert len(ids) == 64  # the whole context
+    with torch.no_grad():
+        ours = module(torch.tensor([ids]))[0][0]
+        theirs = hf(torch.tensor([ids])).logits[0]
+    assert ours.std() > 0.5  # logits that differ clearly: the comparison says something
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+    prompt, new = ids[:8], 40
+    greedy = generate(module, prompt, SampleConfig(temperature=0, max_new_tokens=new))[0]
+    hf_greedy = hf.generate(
+        torch.tensor([prompt]),
+        do_sample=False,
+        max_new_tokens=new,
+        min_new_tokens=new,  # (the model's eos would end transformers' continuation)
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    )
+    assert hf_greedy[0].tolist() == prompt + greedy
+    assert len(set(greedy)) > 1
+
+
+def test_the_hubs_older_names_and_mask_buffers_read_the_same(gpt2_dir, tmp_path):
+    """openai-community/gpt2's model.safetensors names its tensors without "transformer."
+    and holds each layer's attention mask (attn.bias): the same model."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    for f in gpt2_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    tensors = {
+        k.removeprefix("transformer."): v
+        for k, v in load_file(gpt2_dir / "model.safetensors").items()
+    }
+    for i in range(2):
+        tensors[f"h.{i}.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
+    save_file(tensors, folder / "model.safetensors")
+    a, _ = read_gpt2(gpt2_dir)
+    b, _ = read_gpt2(folder)
+    for name, t in a.state_dict().items():
+        assert torch.equal(b.state_dict()[name], t), name

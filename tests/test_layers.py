@@ -46,7 +46,7 @@ LAYERS = [
         "checkpoint",
         "sampling",
     ],
-    ["export", "hf", "gguf_export", "interop", "plots"],
+    ["export", "hf", "gpt2", "gguf_export", "interop", "plots"],
     # training
     ["runlog", "training", "finetune", "inspection", "runinfo", "runsetup"],
     # the Python API, then what stands on it

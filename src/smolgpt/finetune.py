@@ -2,7 +2,8 @@
 random weights.
 
 The source (a smolgpt checkpoint, a run directory, or a directory ``smolgpt export`` wrote,
-all read by :func:`smolgpt.interop.load_source`) gives the new run:
+all read by :func:`smolgpt.interop.load_source`; or OpenAI's GPT-2, by name or as a
+transformers directory, read by :mod:`smolgpt.gpt2`) gives the new run:
 
 - its weights, in place of the random initialisation;
 - its tokenizer: the new text is encoded with the source's vocabulary, since the model's
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import interop
+from . import gpt2, interop
 from .config import FINETUNE_LR_FACTOR, PRESETS, TrainConfig
 from .errors import SmolGPTError
 from .model import GPT
@@ -71,14 +72,31 @@ class Source:
 
 def load_source(init_from: str) -> Source:
     """The model --init_from names (a run directory means its best_model.pth, else its
-    latest_model.pth), on the CPU: the trainer copies its weights to the run's device.
-    A path that is missing or holds no model is a SmolGPTError."""
+    latest_model.pth; gpt2, gpt2-medium, gpt2-large or gpt2-xl OpenAI's GPT-2, downloaded
+    once; a transformers GPT-2 directory that GPT-2), on the CPU: the trainer copies its
+    weights to the run's device. A path that is missing or holds no model is a
+    SmolGPTError."""
+    if init_from in gpt2.PRETRAINED or gpt2.is_gpt2_dir(Path(init_from).expanduser()):
+        return _gpt2_source(init_from)
     try:
         path = locate(init_from).model
         module, tokenizer, train_config, _ = interop.load_source(path, torch.device("cpu"))
     except SmolGPTError as exc:
         raise SmolGPTError(f"--init_from: {exc}") from None
     return Source(path, module, tokenizer, dict(train_config or {}))
+
+
+def _gpt2_source(init_from: str) -> Source:
+    """OpenAI's GPT-2 (a release name, downloaded once, or a transformers directory)."""
+    if init_from in gpt2.PRETRAINED:
+        folder = gpt2.download(init_from)
+    else:
+        folder = Path(init_from).expanduser()
+    try:
+        module, tokenizer = gpt2.read_gpt2(folder)
+    except SmolGPTError as exc:
+        raise SmolGPTError(f"--init_from: {exc}") from None
+    return Source(folder, module, tokenizer, {})
 
 
 def source_settings(settings: dict[str, Any], source: Source) -> dict[str, Any]:

@@ -344,7 +344,7 @@ def export_hf(
 # ------------------------------------------------------------------------------ reading
 
 
-def _hf_model_config(cfg: dict, path: Path) -> ModelConfig:
+def hf_model_config(cfg: dict, path: Path) -> ModelConfig:
     """The ModelConfig a Hugging Face config.json describes, if smolgpt computes that model
     exactly (with biases and no dropout: config.json does not say)."""
     layout = next(
@@ -405,11 +405,11 @@ def _hf_model_config(cfg: dict, path: Path) -> ModelConfig:
     )
 
 
-def read_hf(folder: Path):
-    """(model config, smolgpt.json, smolgpt state dict) of a Hugging Face export."""
-    config = _hf_model_config(read_json(folder / HF_CONFIG), folder / HF_CONFIG)
-    meta = read_meta(folder, "smolgpt cannot rebuild the tokenizer of a model it did not export")
-    tensors = read_weights(folder)
+def checked_tensors(
+    folder: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """tensors (of folder's model.safetensors), checked to be exactly what config's layout
+    has (names and shapes), a tied head that repeats the embedding dropped."""
     layout = LAYOUTS[config.position]
     if not config.tie_embeddings:  # an untied head under an older name: the current one
         for old in layout.heads[1:]:
@@ -441,6 +441,14 @@ def read_hf(folder: Path):
                 f"{tuple(tensors[name].shape)}, {HF_CONFIG} implies "
                 f"{tuple(expected[name].shape)}"
             )
+    return tensors
+
+
+def read_hf(folder: Path):
+    """(model config, smolgpt.json, smolgpt state dict) of a Hugging Face export."""
+    config = hf_model_config(read_json(folder / HF_CONFIG), folder / HF_CONFIG)
+    meta = read_meta(folder, "smolgpt cannot rebuild the tokenizer of a model it did not export")
+    tensors = checked_tensors(folder, config, read_weights(folder))
     # Not in config.json: dropout, and whether the model has biases. An export of a model
     # without has zero ones, but a fine-tuned one may have learned some: it keeps them.
     stored = meta.get("model_config") if isinstance(meta.get("model_config"), dict) else {}
