@@ -6,11 +6,15 @@ Hub's openai-community/gpt2 is laid out; smolgpt must compute what transformers 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import smolgpt as smolgpt_api
 from smolgpt.config import SampleConfig
 from smolgpt.gpt2 import read_gpt2
 from smolgpt.gpt2tokenizer import GPT2Tokenizer
@@ -162,3 +166,48 @@ def test_the_hubs_older_names_and_mask_buffers_read_the_same(gpt2_dir, tmp_path)
     b, _ = read_gpt2(folder)
     for name, t in a.state_dict().items():
         assert torch.equal(b.state_dict()[name], t), name
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def smolgpt(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "smolgpt", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_train_from_a_gpt2_directory_and_generate(gpt2_dir, tmp_path):
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT * 20, encoding="utf-8")
+    out = tmp_path / "run"
+    args = ["--data", data, "--out_dir", out, "--max_iters", 5, "--batch_size", 2]
+    result = smolgpt("train", "--init_from", gpt2_dir, *args, "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    model = smolgpt_api.load(out, device="cpu")
+    assert model.module.config.activation == "gelu_tanh"
+    assert model.tokenizer.to_dict() == GPT2Tokenizer.from_files(gpt2_dir).to_dict()
+    assert isinstance(model.generate("It was", max_new_tokens=5), str)
+
+    conflict = smolgpt("train", "--init_from", gpt2_dir, *args, "--n_layer", 3, "--overwrite")
+    assert conflict.returncode == 2 and "--n_layer 3 (source: 2)" in conflict.stderr
+
+
+def test_init_from_gpt2_offline_says_what_it_needs_in_one_line(tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = smolgpt("train", "--init_from", "gpt2", "--data", tmp_path, env=env)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--init_from gpt2 needs the network once" in lines[0], lines
+
+
+def test_a_directory_that_is_not_a_gpt2_is_refused_in_one_line(gpt2_dir, tmp_path):
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    result = smolgpt("train", "--init_from", folder, "--data", tmp_path)
+    assert result.returncode == 2 and "is not a GPT-2 directory" in result.stderr
