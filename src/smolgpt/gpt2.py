@@ -17,7 +17,7 @@ from .extras import install_command
 from .gpt2tokenizer import GPT2Tokenizer
 from .hf import checked_tensors, hf_model_config, smolgpt_state_dict
 from .model import GPT
-from .rundir import HF_CONFIG
+from .rundir import HF_CONFIG, is_run_config
 
 # --init_from names -> Hub repositories (OpenAI's releases, 124M to 1.5B parameters).
 PRETRAINED = {
@@ -46,8 +46,9 @@ _MASKS = re.compile(r"transformer\.h\.\d+\.attn\.(masked_)?bias")
 
 def is_gpt2_dir(path: Path) -> bool:
     """Whether path is a transformers directory that smolgpt did not export (a config.json
-    of transformers', no smolgpt.json): what read_gpt2 reads."""
-    return (path / HF_CONFIG).is_file() and not (path / "smolgpt.json").is_file()
+    that is not a training run's, no smolgpt.json): what read_gpt2 reads."""
+    config = path / HF_CONFIG
+    return config.is_file() and not is_run_config(config) and not (path / "smolgpt.json").is_file()
 
 
 def download(name: str) -> Path:
