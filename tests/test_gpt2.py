@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import smolgpt as smolgpt_api
+from smolgpt import finetune
 from smolgpt.config import SampleConfig
 from smolgpt.gpt2 import read_gpt2
 from smolgpt.gpt2tokenizer import GPT2Tokenizer
@@ -195,6 +196,32 @@ def test_train_from_a_gpt2_directory_and_generate(gpt2_dir, tmp_path):
 
     conflict = smolgpt("train", "--init_from", gpt2_dir, *args, "--n_layer", 3, "--overwrite")
     assert conflict.returncode == 2 and "--n_layer 3 (source: 2)" in conflict.stderr
+
+
+def test_a_smaller_block_size_keeps_what_the_source_computes_there(gpt2_dir):
+    source = finetune.load_source(str(gpt2_dir))
+    ids = torch.tensor([GPT2Tokenizer.from_files(gpt2_dir).encode(TEXT)[:32]])
+    with torch.no_grad():
+        expected, _ = source.module(ids)
+        source.crop(32)
+        cropped, _ = source.module(ids)
+    assert source.module.config.block_size == 32 and source.module.wpe.weight.shape[0] == 32
+    assert torch.equal(cropped, expected)
+
+
+def test_train_a_gpt2_at_a_smaller_block_size(gpt2_dir, tmp_path):
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT * 20, encoding="utf-8")
+    out = tmp_path / "run"
+    args = ["--data", data, "--out_dir", out, "--max_iters", 3, "--batch_size", 2]
+    result = smolgpt("train", "--init_from", gpt2_dir, *args, "--block_size", 32)
+    assert result.returncode == 0, result.stderr
+    assert smolgpt_api.load(out, device="cpu").module.config.block_size == 32
+
+    more = smolgpt("train", "--init_from", gpt2_dir, *args, "--block_size", 128, "--overwrite")
+    lines = [line for line in more.stderr.splitlines() if line.strip()]
+    assert more.returncode == 2 and len(lines) == 1, more.stderr
+    assert "--block_size 128 is more than the 64 positions" in lines[0]
 
 
 def test_init_from_gpt2_offline_says_what_it_needs_in_one_line(tmp_path):
