@@ -5,11 +5,16 @@ Hub's openai-community/gpt2 is laid out; smolgpt must compute what transformers 
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import torch
@@ -238,3 +243,120 @@ def test_a_directory_that_is_not_a_gpt2_is_refused_in_one_line(gpt2_dir, tmp_pat
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
     result = smolgpt("train", "--init_from", folder, "--data", tmp_path)
     assert result.returncode == 2 and "is not a GPT-2 directory" in result.stderr
+
+
+# ------------------------------------------------------------------ the download
+
+
+class LocalHub:
+    """The Hugging Face Hub as huggingface_hub's snapshot_download asks it, on 127.0.0.1:
+    the revision API (the commit and the files), the tree API (newer clients list the files
+    there) and /{repo}/resolve/{revision}/{file} (HEAD for the ETag, commit and size, GET
+    for the bytes), for one repository holding the files of folder. requests counts them."""
+
+    COMMIT = "0" * 39 + "1"
+
+    def __init__(self, repo_id: str, folder: Path) -> None:
+        files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+        self.requests: list[str] = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+                self.answer(body=False)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self.answer(body=True)
+
+            def answer(self, body: bool) -> None:
+                hub.requests.append(f"{self.command} {self.path}")
+                path = unquote(urlsplit(self.path).path)
+                api = f"/api/models/{repo_id}"
+                resolve = f"/{repo_id}/resolve/"
+                headers = {"X-Repo-Commit": hub.COMMIT}
+                if path in (api, f"{api}/revision/main", f"{api}/revision/{hub.COMMIT}"):
+                    siblings = [{"rfilename": name} for name in files]
+                    data = json.dumps({"id": repo_id, "sha": hub.COMMIT, "siblings": siblings})
+                elif path.startswith(f"{api}/tree/"):
+                    tree = [
+                        {"type": "file", "path": name, "size": len(content), "oid": _sha1(content)}
+                        for name, content in files.items()
+                    ]
+                    data = json.dumps(tree)
+                elif path.startswith(resolve) and path.split("/")[-1] in files:
+                    content = files[path.split("/")[-1]]
+                    headers["ETag"] = f'"{hashlib.sha256(content).hexdigest()}"'
+                    return self.send(content, "application/octet-stream", headers, body)
+                else:
+                    return self.send_error(404)
+                self.send(data.encode(), "application/json", headers, body)
+
+            def send(self, content: bytes, kind: str, headers: dict, body: bool) -> None:
+                self.send_response(200)
+                for name, value in {**headers, "Content-Type": kind}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(content)
+
+            def log_message(self, *args) -> None:  # keep test output quiet
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+
+def _sha1(content: bytes) -> str:
+    """A file's git blob id, as the Hub lists it."""
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+
+
+def hub_env(endpoint: str, home: Path) -> dict:
+    """The environment of a smolgpt run whose Hub is endpoint and whose cache is under home
+    (never the user's), online."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    return {**env, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def test_init_from_gpt2_downloads_once_then_works_from_the_cache(gpt2_dir, tmp_path):
+    pytest.importorskip("huggingface_hub")
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT * 20, encoding="utf-8")
+    args = ["--data", data, "--max_iters", 2, "--batch_size", 2, "--block_size", 32]
+    hub = LocalHub("openai-community/gpt2", gpt2_dir)
+    try:
+        env = hub_env(hub.url, tmp_path / "hf")
+        first = smolgpt("train", "--init_from", "gpt2", *args, "--out_dir", tmp_path / "a", env=env)
+    finally:
+        hub.stop()
+    assert first.returncode == 0, first.stderr
+    downloads = [r for r in hub.requests if r.startswith("GET /openai-community/gpt2/resolve/")]
+    assert len(downloads) == 6, hub.requests  # gpt2.FILES, each fetched once
+    cached = list((tmp_path / "hf" / "hub").glob("models--openai-community--gpt2/snapshots/*"))
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
+    model = smolgpt_api.load(tmp_path / "a", device="cpu")
+    assert model.tokenizer.to_dict() == GPT2Tokenizer.from_files(gpt2_dir).to_dict()
+
+    # The Hub is gone now: the second run reads the cached copy.
+    second = smolgpt("train", "--init_from", "gpt2", *args, "--out_dir", tmp_path / "b", env=env)
+    assert second.returncode == 0, second.stderr
+
+
+def test_init_from_gpt2_with_the_hub_unreachable_says_what_it_needs_in_one_line(tmp_path):
+    pytest.importorskip("huggingface_hub")
+    with socket.socket() as sock:  # a port nothing listens on: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    env = hub_env(endpoint, tmp_path / "hf")
+    result = smolgpt("train", "--init_from", "gpt2", "--data", tmp_path, env=env)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--init_from gpt2 needs the network once" in lines[0], lines
