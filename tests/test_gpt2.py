@@ -237,6 +237,14 @@ def test_init_from_gpt2_offline_says_what_it_needs_in_one_line(tmp_path):
     assert len(lines) == 1 and "--init_from gpt2 needs the network once" in lines[0], lines
 
 
+def test_an_unknown_name_lists_the_gpt2_names_in_one_line(tmp_path):
+    result = smolgpt("train", "--init_from", "gpt3", "--data", tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "--init_from gpt3" in lines[0]
+    assert all(name in lines[0] for name in ("gpt2,", "gpt2-medium", "gpt2-large", "gpt2-xl"))
+
+
 def test_a_directory_that_is_not_a_gpt2_is_refused_in_one_line(gpt2_dir, tmp_path):
     folder = tmp_path / "llama"
     folder.mkdir()

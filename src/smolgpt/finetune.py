@@ -102,6 +102,13 @@ def load_source(init_from: str) -> Source:
         path = locate(init_from).model
         module, tokenizer, train_config, _ = interop.load_source(path, torch.device("cpu"))
     except SmolGPTError as exc:
+        if Path(init_from).name == init_from and not Path(init_from).exists():
+            # A bare name that is no file: most likely a pretrained model's, mistyped.
+            names = ", ".join(gpt2.PRETRAINED)
+            raise SmolGPTError(
+                f"--init_from {init_from}: no such file or directory, nor a GPT-2 name "
+                f"({names}): pass one of those, or a checkpoint, run or export directory"
+            ) from None
         raise SmolGPTError(f"--init_from: {exc}") from None
     return Source(path, module, tokenizer, dict(train_config or {}))
 
