@@ -67,11 +67,23 @@ def make_tokenizer(level: str):
 
 
 def make_model(
-    vocab_size: int, position: str, bias: bool = True, block_size: int = 32, tied: bool = True
+    vocab_size: int,
+    position: str,
+    bias: bool = True,
+    block_size: int = 32,
+    tied: bool = True,
+    activation: str = "gelu",
 ) -> GPT:
     """A tiny model whose weights are large enough that its logits say something."""
     return e2e_sharp_model(
-        vocab_size, position, 16, block_size, scale=20, bias=bias, tie_embeddings=tied
+        vocab_size,
+        position,
+        16,
+        block_size,
+        scale=20,
+        bias=bias,
+        tie_embeddings=tied,
+        activation=activation,
     )
 
 
@@ -110,21 +122,24 @@ def trained_run(make_trainer, folder: Path, level: str, **settings) -> Path:
 
 
 @pytest.mark.parametrize(
-    "level, position, bias, tied",
+    "level, position, bias, tied, activation",
     [
-        ("char", "learned", True, True),
-        ("char", "rope", False, True),
-        ("word", "learned", False, True),
-        ("word", "rope", True, True),
-        ("char", "learned", True, False),
-        ("word", "rope", False, False),
+        ("char", "learned", True, True, "gelu"),
+        ("char", "rope", False, True, "gelu"),
+        ("word", "learned", False, True, "gelu"),
+        ("word", "rope", True, True, "gelu"),
+        ("char", "learned", True, False, "gelu"),
+        ("word", "rope", False, False, "gelu"),
+        # GPT-2's tanh GELU (a model started from GPT-2) exports as transformers' gelu_new.
+        ("char", "learned", True, True, "gelu_tanh"),
+        ("word", "rope", True, True, "gelu_tanh"),
     ],
 )
 def test_transformers_computes_what_smolgpt_computes(
-    transformers, tmp_path, level, position, bias, tied
+    transformers, tmp_path, level, position, bias, tied, activation
 ):
     tokenizer = make_tokenizer(level)
-    model = make_model(tokenizer.vocab_size, position, bias, tied=tied)
+    model = make_model(tokenizer.vocab_size, position, bias, tied=tied, activation=activation)
     out = export_hf(model, tokenizer, tmp_path / "hf", train_config={"preset": "nano"})
     assert exported_files(out) == {
         "config.json",
@@ -445,10 +460,10 @@ def another_architecture(folder: Path) -> None:
 
 # (position of the exported model, how the directory is changed, what the error names)
 FOREIGN = {
-    "gelu_new": (
+    "another activation": (
         "learned",
-        lambda d: edit_json(d / "config.json", activation_function="gelu_new"),
-        ("config.json", "activation_function", "'gelu_new'", "'gelu'"),
+        lambda d: edit_json(d / "config.json", activation_function="relu"),
+        ("config.json", "activation_function", "'relu'", "gelu_new"),
     ),
     "parallel residual": (
         "rope",
@@ -602,12 +617,10 @@ def test_export_command_refuses_bad_input_in_one_line(run_cli, make_trainer, tmp
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "config.json").write_text(
-        json.dumps({"model_type": "gpt2", "activation_function": "gelu_new"})
+        json.dumps({"model_type": "gpt2", "activation_function": "relu"})
     )
-    e2e_assert_one_line_error(
-        run_cli("export", foreign, tmp_path / "o2", "--format", "hf"), "gelu_new"
-    )
-    e2e_assert_one_line_error(run_cli("generate", foreign), "gelu_new")
+    e2e_assert_one_line_error(run_cli("export", foreign, tmp_path / "o2", "--format", "hf"), "relu")
+    e2e_assert_one_line_error(run_cli("generate", foreign), "relu")
 
 
 # ------------------------------------------------------------------------- the guide

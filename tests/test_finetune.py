@@ -231,6 +231,12 @@ def test_a_preset_given_sets_the_recipe_but_not_the_shape(sources, tmp_path):
     assert cfg["muon_lr"] == TrainConfig.muon_lr  # unused by AdamW, left as it is
 
 
+def test_a_smaller_block_size_crops_a_rotary_source(sources, tmp_path):
+    result = finetune(sources["char"], tmp_path / "ft", block_size=8)
+    assert saved_config(result.out_dir)["block_size"] == 8
+    assert smolgpt.load(result.out_dir / "latest_model.pth").module.config.block_size == 8
+
+
 # ------------------------------------------------------------------ refusals
 
 
@@ -238,7 +244,8 @@ def test_a_preset_given_sets_the_recipe_but_not_the_shape(sources, tmp_path):
     "settings, needles",
     [  # the flag as typed (and the source's value where that is not a digit or in its path)
         ({"n_layer": 2}, ["--n_layer 2"]),
-        ({"n_embd": 32, "block_size": 8}, ["--n_embd 32", "--block_size 8"]),
+        ({"n_embd": 32, "n_layer": 2}, ["--n_embd 32", "--n_layer 2"]),
+        ({"block_size": 32}, ["--block_size 32", "16 positions"]),  # fewer would be cropped
         ({"position": "learned"}, ["--position learned", "rope"]),
         ({"level": "word"}, ["--level word"]),
         ({"min_word_freq": 1}, ["--min_word_freq"]),

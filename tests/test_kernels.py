@@ -181,3 +181,14 @@ def test_gelu_kernel_is_exact_gelu_and_leaves_onednn_on(shape):
     x = torch.randn(shape) * 3
     torch.testing.assert_close(GELU()(x), torch.nn.functional.gelu(x))
     assert torch.backends.mkldnn.enabled  # switched off for small inputs only while it runs
+
+
+def test_the_tanh_gelu_is_not_swapped_for_the_exact_one(tiny_config):
+    """GPT-2's tanh approximation (activation gelu_tanh) computes other numbers than the
+    exact GELU kernel: it stays PyTorch's own module."""
+    plain, fast = plain_and_fast(dataclasses.replace(tiny_config, activation="gelu_tanh"))
+    gelus = [m for m in fast.modules() if isinstance(m, torch.nn.GELU)]
+    assert gelus and all(type(m) is torch.nn.GELU and m.approximate == "tanh" for m in gelus)
+    x = ids(tiny_config, 2, 8)
+    plain.eval(), fast.eval()
+    torch.testing.assert_close(fast(x)[0], plain(x)[0], rtol=1e-4, atol=1e-5)

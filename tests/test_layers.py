@@ -24,7 +24,17 @@ LAYERS = [
         "rundir",
     ],
     # the machine, and the pieces of a model
-    ["distributed", "signals", "hardware", "wordtext", "tokenizer", "model", "kernels", "optim"],
+    [
+        "distributed",
+        "signals",
+        "hardware",
+        "wordtext",
+        "tokenizer",
+        "gpt2tokenizer",
+        "model",
+        "kernels",
+        "optim",
+    ],
     # text to batches, scoring, checkpoints, sampling, other formats, pictures
     [
         "sources",
@@ -36,7 +46,7 @@ LAYERS = [
         "checkpoint",
         "sampling",
     ],
-    ["export", "hf", "gguf_export", "interop", "plots"],
+    ["export", "hf", "gpt2", "gguf_export", "interop", "plots"],
     # training
     ["runlog", "training", "finetune", "inspection", "runinfo", "runsetup"],
     # the Python API, then what stands on it

@@ -137,6 +137,8 @@ def _train(settings: dict[str, Any]) -> TrainResult:
         source = finetune.load_source(settings["init_from"])
         settings = finetune.source_settings(settings, source)
     requested = _resolve(settings, source)  # settings are checked before anything heavy
+    if source is not None:  # a --block_size below the source's, now checked, crops it
+        source.crop(requested.block_size)
     # The device and its precision policy are checked before anything touches the disk.
     policy = hardware.precision_policy(hardware.resolve_device(requested.device), requested.amp)
     if policy.float32_cpu and not requested.resume:

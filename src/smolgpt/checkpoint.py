@@ -40,6 +40,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from . import gpt2tokenizer  # noqa: F401 - tokenizer_from_dict rebuilds its "gpt2" form
 from .config import LEGACY_DEFAULTS, ModelConfig
 from .distributed import Group
 from .errors import SmolGPTError

@@ -46,6 +46,7 @@ from .configfile import read_settings_file
 from .errors import SmolGPTError
 from .presets import CPU_FLOAT32, PRESETS, preset_values  # noqa: F401 - as above
 from .settings import (  # noqa: F401 - as above
+    ACTIVATIONS,
     DEVICES,
     EXPORT_FORMATS,
     HELP_GROUPS,
@@ -102,6 +103,15 @@ class ModelShape:
         label="position encoding",
         resume="fixed",
         legacy="learned",
+    )
+    activation: str = opt(
+        "gelu",
+        "the MLP's GELU: exact (gelu) or GPT-2's tanh approximation (gelu_tanh), which "
+        "models started from GPT-2 use",
+        "model",
+        choices=ACTIVATIONS,
+        resume="fixed",
+        legacy="gelu",
     )
     tie_embeddings: bool = opt(
         True,

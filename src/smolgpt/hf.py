@@ -1,7 +1,8 @@
 """The Hugging Face transformers format: :func:`export_hf` writes a directory that
 ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` read with no
 custom code, and :func:`read_hf` reads one back. Models with learned positions become
-``GPT2LMHeadModel`` (GPT-2 is exactly that architecture, with exact GELU); rotary models
+``GPT2LMHeadModel`` (GPT-2 is exactly that architecture; smolgpt's exact GELU is
+``activation_function: gelu``, GPT-2's tanh approximation ``gelu_new``); rotary models
 become ``GPTNeoXForCausalLM`` with full rotary and sequential residuals. The head is tied or
 not as the model's is (``tie_word_embeddings``). The tokenizer is a ``tokenizer.json`` built
 with the tokenizers library that gives smolgpt's ids. ``smolgpt.json`` travels along (see
@@ -23,9 +24,9 @@ What the transformers tokenizer does differently from smolgpt's (the model is th
   both, though not always the same number of them.
 
 Read back (by :func:`smolgpt.interop.load_source`), whatever smolgpt cannot reproduce
-exactly (another architecture, gelu_new, parallel residuals, partial rotary, a head said to
-be tied that is not, a directory without ``smolgpt.json``) is refused with one line saying
-why.
+exactly (another architecture, an activation other than GELU, parallel residuals, partial
+rotary, a head said to be tied that is not, a directory without ``smolgpt.json``) is
+refused with one line saying why.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class _Layout:
     architecture: str
     shape: dict[str, str]  # ModelConfig field -> config.json key
     inner: str  # config.json key of the MLP width (4 * n_embd)
+    # config.json key of the MLP's activation, and transformers' default when absent
+    activation: tuple[str, str]
     # config.json key -> (transformers' default when absent, the value smolgpt computes)
     requires: dict[str, tuple[Any, Any]]
     top: dict[str, str]  # smolgpt module -> tensor name prefix, outside the blocks
@@ -93,8 +96,8 @@ GPT2 = _Layout(
         "n_embd": "n_embd",
     },
     inner="n_inner",
+    activation=("activation_function", "gelu_new"),  # GPT-2's own is tanh-approximate
     requires={
-        "activation_function": ("gelu_new", "gelu"),  # GPT-2's own is tanh-approximate
         "layer_norm_epsilon": (1e-5, LAYER_NORM_EPS),
         "scale_attn_weights": (True, True),
         "scale_attn_by_inverse_layer_idx": (False, False),
@@ -126,8 +129,8 @@ NEOX = _Layout(
         "n_embd": "hidden_size",
     },
     inner="intermediate_size",
+    activation=("hidden_act", "gelu"),
     requires={
-        "hidden_act": ("gelu", "gelu"),
         "layer_norm_eps": (1e-5, LAYER_NORM_EPS),
         "use_parallel_residual": (True, False),  # smolgpt's blocks are sequential
         "attention_bias": (True, True),
@@ -147,6 +150,14 @@ NEOX = _Layout(
 )
 
 LAYOUTS = {layout.position: layout for layout in (GPT2, NEOX)}
+# transformers' names of the activations smolgpt computes (ModelConfig.activation); an
+# export writes the first of each. gelu_new is the tanh formula written out, and
+# gelu_pytorch_tanh PyTorch's kernel of it, which smolgpt's nn.GELU("tanh") is.
+ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+}
 # What full rotary with smolgpt's base is, and the defaults transformers assumes.
 _ROPE = {
     "rope_type": ("default", "default"),
@@ -229,6 +240,7 @@ def hf_config(
     out.update({key: getattr(config, field) for field, key in layout.shape.items()})
     out[layout.inner] = 4 * config.n_embd
     out.update({key: needed for key, (_, needed) in layout.requires.items()})
+    out[layout.activation[0]] = next(k for k, v in ACTIVATIONS.items() if v == config.activation)
     out["tie_word_embeddings"] = config.tie_embeddings
     if layout is GPT2:
         out.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -332,7 +344,7 @@ def export_hf(
 # ------------------------------------------------------------------------------ reading
 
 
-def _hf_model_config(cfg: dict, path: Path) -> ModelConfig:
+def hf_model_config(cfg: dict, path: Path) -> ModelConfig:
     """The ModelConfig a Hugging Face config.json describes, if smolgpt computes that model
     exactly (with biases and no dropout: config.json does not say)."""
     layout = next(
@@ -354,6 +366,10 @@ def _hf_model_config(cfg: dict, path: Path) -> ModelConfig:
     for key, (default, needed) in layout.requires.items():
         if cfg.get(key, default) != needed:
             raise refuse(key, cfg.get(key, default), needed)
+    key, default = layout.activation
+    activation = ACTIVATIONS.get(cfg.get(key, default))
+    if activation is None:
+        raise refuse(key, cfg.get(key, default), " or ".join(ACTIVATIONS))
     shape = {field: cfg.get(key) for field, key in layout.shape.items()}
     for field, key in layout.shape.items():
         value = shape[field]
@@ -380,15 +396,20 @@ def _hf_model_config(cfg: dict, path: Path) -> ModelConfig:
     if not isinstance(tied, bool):
         raise SmolGPTError(f"{path}: tie_word_embeddings is {tied!r}, not true or false")
     return ModelConfig(
-        **shape, position=layout.position, bias=True, dropout=0.0, tie_embeddings=tied
+        **shape,
+        position=layout.position,
+        activation=activation,
+        bias=True,
+        dropout=0.0,
+        tie_embeddings=tied,
     )
 
 
-def read_hf(folder: Path):
-    """(model config, smolgpt.json, smolgpt state dict) of a Hugging Face export."""
-    config = _hf_model_config(read_json(folder / HF_CONFIG), folder / HF_CONFIG)
-    meta = read_meta(folder, "smolgpt cannot rebuild the tokenizer of a model it did not export")
-    tensors = read_weights(folder)
+def checked_tensors(
+    folder: Path, config: ModelConfig, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """tensors (of folder's model.safetensors), checked to be exactly what config's layout
+    has (names and shapes), a tied head that repeats the embedding dropped."""
     layout = LAYOUTS[config.position]
     if not config.tie_embeddings:  # an untied head under an older name: the current one
         for old in layout.heads[1:]:
@@ -420,6 +441,14 @@ def read_hf(folder: Path):
                 f"{tuple(tensors[name].shape)}, {HF_CONFIG} implies "
                 f"{tuple(expected[name].shape)}"
             )
+    return tensors
+
+
+def read_hf(folder: Path):
+    """(model config, smolgpt.json, smolgpt state dict) of a Hugging Face export."""
+    config = hf_model_config(read_json(folder / HF_CONFIG), folder / HF_CONFIG)
+    meta = read_meta(folder, "smolgpt cannot rebuild the tokenizer of a model it did not export")
+    tensors = checked_tensors(folder, config, read_weights(folder))
     # Not in config.json: dropout, and whether the model has biases. An export of a model
     # without has zero ones, but a fine-tuned one may have learned some: it keeps them.
     stored = meta.get("model_config") if isinstance(meta.get("model_config"), dict) else {}

@@ -12,7 +12,11 @@ from typing import Any, Union
 
 import torch
 
-from . import checkpoint, kernels
+from . import (
+    checkpoint,
+    gpt2tokenizer,  # noqa: F401 - tokenizer_from_dict rebuilds its "gpt2" form
+    kernels,
+)
 from .errors import SmolGPTError
 from .export import META, WEIGHTS, read_safetensors_export
 from .hf import read_hf

@@ -171,9 +171,10 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        # Exact (erf) GELU: GPT-2 used a tanh approximation, which costs twice as much in bf16
-        # on CPUs (benchmarks/step_profile.py --kernels).
-        self.gelu = nn.GELU()
+        # Exact (erf) GELU by default: GPT-2 used a tanh approximation, which costs twice as
+        # much in bf16 on CPUs (benchmarks/step_profile.py --kernels); a model started from
+        # GPT-2's weights keeps it (activation "gelu_tanh"), since they were trained with it.
+        self.gelu = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 

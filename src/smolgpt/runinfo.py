@@ -21,7 +21,11 @@ from typing import Any, Optional, Union
 
 import torch
 
-from . import checkpoint, interop
+from . import (
+    checkpoint,
+    gpt2tokenizer,  # noqa: F401 - tokenizer_from_dict rebuilds its "gpt2" form
+    interop,
+)
 from .export import WEIGHTS
 from .model import GPT
 from .rundir import METRICS, RUN_CONFIG, locate

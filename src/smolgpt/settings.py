@@ -39,6 +39,8 @@ from .errors import SmolGPTError
 LEVELS = ("char", "word", "bpe")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 POSITIONS = ("rope", "learned")
+# The MLP's GELU: exact (erf), or GPT-2's tanh approximation (transformers' gelu_new).
+ACTIVATIONS = ("gelu", "gelu_tanh")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "linear", "constant")
 EXPORT_FORMATS = ("hf", "safetensors", "gguf")  # smolgpt export --format

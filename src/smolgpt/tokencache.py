@@ -33,7 +33,10 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from . import sources
+from . import (
+    gpt2tokenizer,  # noqa: F401 - tokenizer_from_dict rebuilds its "gpt2" form
+    sources,
+)
 from .config import LEVELS, check_vocab_size
 from .errors import SmolGPTError
 from .files import atomic_write, atomic_write_text, cache_dir

@@ -1,8 +1,9 @@
 """Text <-> token ids, at character, word or byte-pair level.
 
-Each tokenizer learns its vocabulary from the training text, turns text into ids and back,
-and serialises to plain JSON-compatible data (:meth:`to_dict` / :func:`tokenizer_from_dict`),
-which every checkpoint carries, so a checkpoint alone is enough to generate.
+Each tokenizer learns its vocabulary from the training text (GPT-2's own, in
+:mod:`smolgpt.gpt2tokenizer`, is pretrained), turns text into ids and back, and serialises to
+JSON-compatible data (:meth:`to_dict` / :func:`tokenizer_from_dict`) that every checkpoint
+carries, so a checkpoint alone is enough to generate.
 
 :class:`Tokenizer` is what every level does (an abstract base class); each level is a
 subclass that carries its own behaviour: its default prompt, its ``<UNK>`` (if any) and
@@ -27,12 +28,11 @@ ends, no byte-order marks, ASCII quotes: a typed ``don't`` is the book's ``donâ€
 from __future__ import annotations
 
 import bisect
-import codecs
 import itertools
 import json
 from abc import ABC, abstractmethod
 from collections import Counter
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
@@ -43,6 +43,7 @@ from .wordtext import (
     BYTE_SYMBOLS,
     HF_WORD_PATTERN,
     TEXT_REPLACEMENTS,
+    BPEDecoder,
     CharDecoder,
     WordDecoder,
     _hf_word_decoder,
@@ -564,32 +565,21 @@ class BPETokenizer(Tokenizer):
         return {"type": "bpe", "vocab": self.vocab, "merges": [list(m) for m in self.merges]}
 
 
-class BPEDecoder:
-    """Text of ids given a few at a time; the pieces (and :meth:`flush`) join into
-    :meth:`BPETokenizer.decode`. A character whose bytes are split over tokens appears once
-    its last byte arrives."""
-
-    def __init__(self, tokenizer: BPETokenizer):
-        self.token_bytes = tokenizer.token_bytes
-        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-
-    def add(self, ids: Iterable[int]) -> str:
-        return self.utf8.decode(b"".join(self.token_bytes[i] for i in ids))
-
-    def flush(self) -> str:
-        """The bytes held back for a character that never completed, as U+FFFD."""
-        return self.utf8.decode(b"", final=True)
+# Stored forms beyond the levels' own: type -> rebuild(data), added by gpt2tokenizer ("gpt2").
+FORMS: dict[str, Callable[[dict], Tokenizer]] = {}
 
 
 def tokenizer_from_dict(data: dict) -> Tokenizer:
     """Rebuild a tokenizer from :meth:`to_dict` output (as stored in a checkpoint)."""
     kind = data.get("type") if isinstance(data, dict) else None
-    if kind not in LEVELS:  # a tokenizer's type is the level it tokenizes at
+    if kind not in LEVELS and kind not in FORMS:  # a level's tokenizer has its level as type
         raise SmolGPTError(f"unknown tokenizer type {kind!r} in checkpoint")
     # A tokenizer saved before 0.5 has no "normalize": it learned from text as given, and
     # reads prompts the same way.
     normalize = bool(data.get("normalize", False))
     try:
+        if kind in FORMS:
+            return FORMS[kind](data)
         if kind == "char":
             return CharTokenizer(data["chars"], normalize)
         if kind == "bpe":

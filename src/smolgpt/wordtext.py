@@ -1,10 +1,11 @@
 """How the word level reads and writes text, apart from any vocabulary: the normalisation
 every level reads text through, the word pattern, the rules that join words back with
 spaces (detokenization), their form for the tokenizers library, and the streaming decoders
-of the char and word levels. tokenizer.py builds the tokenizers on these."""
+of every level. tokenizer.py builds the tokenizers on these."""
 
 from __future__ import annotations
 
+import codecs
 import functools
 from typing import Any, Iterable
 
@@ -157,3 +158,20 @@ BYTE_SYMBOLS = [
     for b in range(256)
 ]
 _BYTE_OF_SYMBOL = {symbol: b for b, symbol in enumerate(BYTE_SYMBOLS)}
+
+
+class BPEDecoder:
+    """Text of ids given a few at a time, for a byte-level tokenizer (``token_bytes``: each
+    id's bytes); the pieces (and :meth:`flush`) join into its decode. A character whose bytes
+    are split over tokens appears once its last byte arrives."""
+
+    def __init__(self, tokenizer: Any):
+        self.token_bytes = tokenizer.token_bytes
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def add(self, ids: Iterable[int]) -> str:
+        return self.utf8.decode(b"".join(self.token_bytes[i] for i in ids))
+
+    def flush(self) -> str:
+        """The bytes held back for a character that never completed, as U+FFFD."""
+        return self.utf8.decode(b"", final=True)
