@@ -13,7 +13,7 @@ TORCH ?= torch==2.13.0
 # pytest-xdist processes: one per core of the 2-core machines the timings were taken on.
 WORKERS ?= 2
 BIN := $(VENV)/bin
-EXTRAS := test,bench,hf,bpe,plot,tensorboard,notebook,serve,docs,gguf,eval
+EXTRAS := test,bench,hf,bpe,plot,tensorboard,notebook,serve,docs,gguf,eval,hub
 
 .PHONY: setup setup-test demo docs lint check test chromium clean
 

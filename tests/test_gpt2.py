@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import importlib.util
 import json
 import os
 import socket
@@ -368,3 +369,65 @@ def test_init_from_gpt2_with_the_hub_unreachable_says_what_it_needs_in_one_line(
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--init_from gpt2 needs the network once" in lines[0], lines
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("gguf") is None,
+    reason='needs the gguf and llamacpp extras: pip install -e ".[gguf,llamacpp]"',
+)
+def test_a_gpt2_exports_to_gguf_with_its_own_tokenizer(gpt2_dir, tmp_path):
+    """GPT-2's architecture, tokenizer and <|endoftext|> in GGUF: llama.cpp reads smolgpt's
+    ids and, with the same tanh GELU (but from its float16 table), nearly the same
+    log-probabilities."""
+    from llama_cpp import Llama
+
+    from smolgpt.gguf_export import export_gguf
+
+    module, tokenizer = read_gpt2(gpt2_dir)
+    path = export_gguf(module.eval(), tokenizer, tmp_path / "gpt2.gguf")
+    llama = Llama(
+        model_path=str(path),
+        n_ctx=64,
+        n_batch=64,
+        logits_all=True,
+        type_k=0,
+        type_v=0,
+        verbose=False,
+    )
+    ids = tokenizer.encode(TEXT * 2)[:64]
+    # (special: <|endoftext|> in the text is the token, as GPT-2's tokenizer reads it)
+    assert llama.tokenize((TEXT * 2).encode(), add_bos=False, special=True)[:64] == ids
+    assert llama.token_eos() == tokenizer.end_id == llama.token_bos()
+    llama.eval(ids)
+    theirs = torch.log_softmax(torch.tensor(llama.scores[: len(ids)], dtype=torch.float64), -1)
+    with torch.no_grad():
+        ours = torch.log_softmax(module(torch.tensor([ids]))[0][0].double(), -1)
+    # (its GELU reads float16-rounded inputs from a table: 2.1e-3 at most was measured, over
+    # every token of the vocabulary at every position)
+    assert (theirs - ours).abs().max() < 5e-3
+
+
+@pytest.mark.slow
+def test_a_model_fine_tuned_from_gpt2_goes_everywhere_models_go(gpt2_dir, tmp_path):
+    """eval, --resume, and the hf export back into transformers."""
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT * 20, encoding="utf-8")
+    out = tmp_path / "run"
+    args = ["--data", data, "--out_dir", out, "--batch_size", 2, "--eval_interval", 2]
+    assert smolgpt("train", "--init_from", gpt2_dir, *args, "--max_iters", 2).returncode == 0
+    resumed = smolgpt("train", "--init_from", gpt2_dir, *args, "--max_iters", 4, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    model = smolgpt_api.load(out, device="cpu")
+    assert model.config.block_size == 64
+    scored = smolgpt("eval", out)
+    assert scored.returncode == 0 and "bits per char" in scored.stdout, scored.stderr
+    export = model.export(tmp_path / "hf", format="hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(export).eval()
+    ids = model.tokenizer.encode(TEXT)[:32]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.module(torch.tensor([ids]))[0][0],
+            hf(torch.tensor([ids])).logits[0],
+            rtol=0,
+            atol=1e-4,
+        )

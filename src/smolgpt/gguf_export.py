@@ -133,7 +133,14 @@ def write_metadata(writer, module: GPT, tokenizer: Tokenizer, outtype: str, name
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.NORMAL] * len(tokens))
+    # A pretrained tokenizer's end token (GPT-2's <|endoftext|>) is a control token, found in
+    # a prompt as such, as transformers' tokenizer finds it; every other token is text.
+    writer.add_token_types(
+        [
+            gguf.TokenType.CONTROL if i == tokenizer.end_id else gguf.TokenType.NORMAL
+            for i in range(len(tokens))
+        ]
+    )
     # llama.cpp refuses a file without merges, and a character vocabulary of single bytes
     # (ASCII text) needs none: a merge of two 0xFF bytes, which no UTF-8 text holds, stands in.
     never = BYTE_SYMBOLS[0xFF]
@@ -152,6 +159,8 @@ def special_ids(tokenizer: Tokenizer, tokens: list[str]) -> tuple[int, int]:
     UTF-8 text contains (bpe level); a character vocabulary has none, and there it is the
     line break too."""
     begin = tokenizer.boundary_id()
+    if tokenizer.end_id is not None:  # a pretrained tokenizer's own (GPT-2's <|endoftext|>)
+        return begin, tokenizer.end_id
     never = BYTE_SYMBOLS[0xFF]
     return begin, tokens.index(never) if never in tokens else begin
 

@@ -14,6 +14,7 @@ rebuilds once this module is imported (the modules that read checkpoints import 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Union
 
@@ -131,6 +132,14 @@ class GPT2Tokenizer(Tokenizer):
     def boundary_id(self) -> int:
         """<|endoftext|>, GPT-2's begin and end of every document, where it has one."""
         return self.end_id if self.end_id is not None else super().boundary_id()
+
+    def byte_level_bpe(self) -> tuple[list[str], list[tuple[str, str]]]:
+        """GPT-2's vocabulary and merges as they are (tokenizer.json writes a merge as
+        "a b" or as ["a", "b"])."""
+        merges = json.loads(self._json)["model"]["merges"]
+        return list(self.tokens), [
+            tuple(m.split(" ", 1) if isinstance(m, str) else m) for m in merges
+        ]
 
     def to_dict(self) -> dict:
         return {"type": self.form, "tokenizer_json": self._json}

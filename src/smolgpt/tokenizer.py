@@ -60,7 +60,8 @@ class Tokenizer(ABC):
 
     Class attributes: ``level`` ("char", "word" or "bpe", also the ``type`` its
     :meth:`to_dict` records), ``unk_id`` (the id of ``<UNK>``, None where no text becomes an
-    unknown token), ``pad_id`` (the id of ``<PAD>``, or None), and
+    unknown token), ``pad_id`` (the id of ``<PAD>``, or None), ``end_id`` (a pretrained
+    tokenizer's end-of-text token, GPT-2's; None for smolgpt's own), and
     ``multiprocess_encoding`` (whether a large text encodes faster spread over processes).
     """
 
@@ -68,6 +69,7 @@ class Tokenizer(ABC):
     normalize: bool
     unk_id: Optional[int] = None
     pad_id: Optional[int] = None
+    end_id: Optional[int] = None
     multiprocess_encoding = False
 
     # ---------------------------------------------------------------- text <-> ids
