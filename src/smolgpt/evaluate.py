@@ -165,9 +165,9 @@ def score_windows(
     return total, count
 
 
-def score_splits(
+def score_run(
     loss: Callable,
-    splits: dict[str, Sequence[int]],
+    data: TokenData,
     block_size: int,
     most: int,
     batch_size: int,
@@ -177,11 +177,13 @@ def score_splits(
     should_stop: Callable[[], bool],
     report: Optional[Callable[[int, int], None]] = None,
 ) -> Optional[dict[str, float]]:
-    """{split: mean loss in nats} of loss(x, y) over each split's evaluation windows, at
-    most `most` of them spread evenly (a split that small is scored whole, as ``smolgpt
-    eval`` scores it). Under distributed training each rank scores its share of the
-    windows and the sums are added up. report(batches scored, batches in all) is called
+    """A training run's evaluation: {"train", "val": mean loss in nats} of loss(x, y) over
+    each split's evaluation windows, at most `most` of them spread evenly (a split that small
+    is scored whole, as ``smolgpt eval`` scores it), and with the validation text's size
+    known, "val_bits_per_char" too. Under distributed training each rank scores its share of
+    the windows and the sums are added up. report(batches scored, batches in all) is called
     after each batch; None as soon as should_stop() says so."""
+    splits = {"train": data.train, "val": data.val}
     starts = {
         split: window_starts(len(ids), block_size, most)[group.rank :: group.world_size]
         for split, ids in splits.items()
@@ -205,6 +207,10 @@ def score_splits(
             return None
         nats, count = group.sum(list(scored), device)
         out[split] = nats / count
+    if data.val_chars:
+        out["val_bits_per_char"] = bits_per_char(
+            out["val"], len(data.val) - 1, data.val_unk_bytes, data.val_chars
+        )
     return out
 
 
@@ -225,28 +231,3 @@ def _model_nats(module: GPT, ids: list[int], batch_size: int) -> float:
         return nats
     finally:
         module.train(was_training)
-
-
-def score_run(
-    loss: Callable,
-    data: TokenData,
-    block_size: int,
-    most: int,
-    batch_size: int,
-    autocast: Callable[[], ContextManager],
-    group: Group,
-    device: torch.device,
-    should_stop: Callable[[], bool],
-    report: Optional[Callable[[int, int], None]] = None,
-) -> Optional[dict[str, float]]:
-    """A training run's evaluation: score_splits over data's train and val splits, and
-    with the validation text's size known, "val_bits_per_char" too."""
-    splits = {"train": data.train, "val": data.val}
-    out = score_splits(
-        loss, splits, block_size, most, batch_size, autocast, group, device, should_stop, report
-    )
-    if out is not None and data.val_chars:
-        out["val_bits_per_char"] = bits_per_char(
-            out["val"], len(data.val) - 1, data.val_unk_bytes, data.val_chars
-        )
-    return out

@@ -113,8 +113,12 @@ def stored(gguf, name: str, tensor: torch.Tensor, outtype: str):
     return data.astype(np.float16), None
 
 
-def write_metadata(writer, module: GPT, tokenizer: Tokenizer, outtype: str, name: str) -> None:
-    gguf, config = require_gguf(), module.config
+def write_metadata(
+    gguf, writer, module: GPT, tokenizer: Tokenizer, vocabulary: tuple, outtype: str, name: str
+) -> None:
+    """The file's metadata: the architecture's shape, the file type, and the tokenizer, whose
+    vocabulary is its (tokens, merges) as Tokenizer.byte_level_bpe gives them."""
+    config = module.config
     arch = writer.arch
     writer.add_name(name)
     writer.add_context_length(config.block_size)
@@ -129,7 +133,7 @@ def write_metadata(writer, module: GPT, tokenizer: Tokenizer, outtype: str, name
         writer.add_rope_dimension_count(config.n_embd // config.n_head)  # every channel
         writer.add_rope_freq_base(ROPE_BASE)
         writer.add_bool(f"{arch}.use_parallel_residual", False)
-    tokens, merges = tokenizer.byte_level_bpe()
+    tokens, merges = vocabulary
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
@@ -185,7 +189,7 @@ def export_gguf(
             "this model was trained without the causal mask (--no-causal), and llama.cpp's "
             "models are causal: export it with --format safetensors"
         )
-    tokenizer.byte_level_bpe()  # a word-level tokenizer refuses here, before any writing
+    vocabulary = tokenizer.byte_level_bpe()  # a word-level tokenizer refuses before any writing
     given = Path(out_file)
     path = Path(os.path.abspath(given))
     check_out_file(path, overwrite)
@@ -196,7 +200,7 @@ def export_gguf(
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     writer = gguf.GGUFWriter(tmp, arch)
     try:
-        write_metadata(writer, module, tokenizer, outtype, name or path.stem)
+        write_metadata(gguf, writer, module, tokenizer, vocabulary, outtype, name or path.stem)
         for tensor_name, tensor in tensors(module).items():
             data, raw_dtype = stored(gguf, tensor_name, tensor, outtype)
             writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)

@@ -267,7 +267,7 @@ def hf_tokenizer(tokenizer: Tokenizer):
     return tokenizer.hf_tokenizer()
 
 
-def _hf_tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict[str, Any]:
+def _hf_tokenizer_config(tokenizer: Tokenizer, bos_token: str, block_size: int) -> dict[str, Any]:
     out = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         # transformers' clean-up would eat spaces before punctuation (" ." -> "."), which
@@ -281,7 +281,7 @@ def _hf_tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict[str, Any
     # found in text after normalisation, as the rest is ("\r\n" is one line break).
     out["bos_token"] = {
         "__type": "AddedToken",
-        "content": tokenizer.hf_tokenizer().id_to_token(tokenizer.boundary_id()),
+        "content": bos_token,
         "normalized": True,
         "special": True,
         "lstrip": False,
@@ -327,14 +327,17 @@ def export_hf(
     meta = export_meta(module, tokenizer, train_config, data_info, "hf")
     pad = tokenizer.pad_id
     tensors = hf_state_dict(float_state(module), config)
-    tokenizer_json = hf_tokenizer(tokenizer).to_str(pretty=True)
+    built = hf_tokenizer(tokenizer)
+    tokenizer_json = built.to_str(pretty=True)
+    bos_token = built.id_to_token(tokenizer.boundary_id())
 
     def write(folder: Path) -> None:
         write_weights(folder / WEIGHTS, tensors)
         write_json(folder / HF_CONFIG, hf_config(config, pad, tokenizer.boundary_id()))
         atomic_write_text(folder / "tokenizer.json", tokenizer_json)
         write_json(
-            folder / "tokenizer_config.json", _hf_tokenizer_config(tokenizer, config.block_size)
+            folder / "tokenizer_config.json",
+            _hf_tokenizer_config(tokenizer, bos_token, config.block_size),
         )
         write_json(folder / META, meta)
 
