@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -111,6 +112,44 @@ def child(level: str, path: str, min_word_freq: int, vocab_size: int) -> None:
     )
 
 
+def _children(pid: int) -> list[int]:
+    """The pids of pid's descendants (Linux /proc)."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids + [d for k in kids for d in _children(k)]
+
+
+def _pss_kb(pid: int) -> int:
+    """pid's proportional set size in KB: its private memory plus its share of what it
+    shares (forked workers share the main process's pages; summing RSS would count
+    them once per process)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class TreeMemory(threading.Thread):
+    """Samples, every 0.1 s, the summed PSS of a process and all its descendants; keeps the
+    peak (KB): the memory of all the processes at once."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak_kb, self.stopped = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.1):
+            total = sum(_pss_kb(p) for p in [self.pid, *_children(self.pid)])
+            self.peak_kb = max(self.peak_kb, total)
+
+
 def measure(level: str, corpus: Path, min_word_freq: int, vocab_size: int, tmp_root: Path) -> dict:
     """prepare() once in a fresh subprocess with an empty cache; its results, its wall time,
     and its peak RSS from os.wait4 (this child's own rusage, so per measurement)."""
@@ -134,14 +173,18 @@ def measure(level: str, corpus: Path, min_word_freq: int, vocab_size: int, tmp_r
             proc = subprocess.Popen(
                 command, stdout=subprocess.PIPE, stderr=err_file, text=True, env=env
             )
+        memory = TreeMemory(proc.pid)
+        memory.start()
         try:
             out = proc.stdout.read()
             proc.stdout.close()
+            memory.stopped.set()
             _, status, usage = os.wait4(proc.pid, 0)
         except BaseException:  # Ctrl-C: do not leave the child running
             proc.kill()
             proc.wait()
             raise
+        memory.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - start
         err = err_path.read_text()
@@ -151,6 +194,7 @@ def measure(level: str, corpus: Path, min_word_freq: int, vocab_size: int, tmp_r
     result["wall_s"] = wall
     # Linux: the larger of the child's own peak and its descendants' (KB).
     result["rss_tree_max_kb"] = usage.ru_maxrss
+    result["pss_all_peak_kb"] = memory.peak_kb
     return result
 
 
@@ -166,6 +210,7 @@ def markdown_table(rows: list[dict]) -> str:
         "workers",
         "peak RSS main MB",
         "peak RSS largest worker MB",
+        "peak memory, all processes MB",
     ]
     cells = []
     for r in rows:
@@ -183,6 +228,7 @@ def markdown_table(rows: list[dict]) -> str:
                 str(m["workers"]),
                 f"{m['rss_main_peak_kb'] / 1024:,.0f}",
                 worker_rss,
+                f"{m['pss_all_peak_kb'] / 1024:,.0f}",
             ]
         )
     return common.markdown_table(head, cells)
@@ -282,7 +328,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(
                     f"  round {r + 1} {level}: {res['seconds']:.2f}s in prepare "
                     f"({size / MB / res['seconds']:.2f} MB/s), {res['workers']} worker(s), "
-                    f"peak RSS {res['rss_main_peak_kb'] / 1024:,.0f} MB",
+                    f"peak RSS {res['rss_main_peak_kb'] / 1024:,.0f} MB, "
+                    f"all processes {res['pss_all_peak_kb'] / 1024:,.0f} MB",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -308,7 +355,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         'MB = 10^6 bytes. "prepare s" is the time inside smolgpt.tokencache.prepare (fingerprint, '
         'vocabulary, encoding, writing ids), with an empty cache; "process wall s" adds '
         "interpreter start and imports. Peak RSS: the measuring process (torch is imported) "
-        "and its largest tokenizer worker, from rusage."
+        "and its largest tokenizer worker, from rusage. Peak memory, all processes: the "
+        "largest sum of the proportional set sizes (PSS) of the process and its workers, "
+        "sampled every 0.1 s (shared pages counted once). The rate is MB/s of the text."
     )
     common.print_command(__file__, argv)
     common.write_record(

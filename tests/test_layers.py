@@ -16,6 +16,7 @@ LAYERS = [
         "extras",
         "openmp",
         "files",
+        "progress",
         "settings",
         "commandconfig",
         "presets",

@@ -30,6 +30,7 @@ from typing import Iterator, Optional
 
 from .errors import SmolGPTError
 from .files import atomic_write, atomic_write_text, cache_dir, file_encoding
+from .progress import PassMeter
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +209,11 @@ def _fetch(url: str, what: str) -> bytes:
 # --------------------------------------------------------------------------- reading text
 
 
-def fingerprint(corpus: Corpus) -> str:
-    """SHA-256 over the corpus files' bytes, checking each is non-empty text that decodes."""
+def fingerprint(corpus: Corpus, meter: Optional[PassMeter] = None) -> str:
+    """SHA-256 over the corpus files' bytes, checking each is non-empty text that decodes.
+    meter: told the bytes read so far."""
     digest = hashlib.sha256()
+    files_before = 0
     for path in corpus.paths:
         size = 0
         try:
@@ -221,12 +224,15 @@ def fingerprint(corpus: Corpus) -> str:
                     _check_decodes(decoder, block, path, encoding, size)
                     digest.update(block)
                     size += len(block)
+                    if meter is not None:
+                        meter.to(files_before + size)
             _check_decodes(decoder, b"", path, encoding, size, final=True)
         except OSError as exc:
             raise SmolGPTError(f"cannot read {path}: {exc.strerror}") from None
         if size == 0:
             raise SmolGPTError(f"{path} is empty: --data needs some text to learn from")
         digest.update(b"\x00" + str(path.name).encode() + b"\x00")
+        files_before += size
     return digest.hexdigest()
 
 
@@ -259,12 +265,23 @@ def _check_decodes(
         )
 
 
-def iter_text(corpus: Corpus, chunk_bytes: Optional[int] = None) -> Iterator[str]:
+def corpus_bytes(corpus: Corpus) -> int:
+    """The size of the corpus's files, in bytes."""
+    return sum(path.stat().st_size for path in corpus.paths)
+
+
+def iter_text(
+    corpus: Corpus, chunk_bytes: Optional[int] = None, meter: Optional[PassMeter] = None
+) -> Iterator[str]:
     """The corpus as text chunks of about chunk_bytes characters (default CHUNK_BYTES), each
-    ending at a line break, so no word is cut in two. Files are decoded as :func:`fingerprint`
-    checked them, with every line ending read as LF, and separated by a blank line."""
+    ending at a line break, so no word is cut in two; a line longer than that is cut just
+    before a space that follows a non-space (every level tokenizes the pieces as the whole),
+    so memory stays bounded. Files are decoded as :func:`fingerprint` checked them, with
+    every line ending read as LF, and separated by a blank line. meter: told the bytes of
+    the files read so far, chunk by chunk."""
     # CHUNK_BYTES is read at call time, as fingerprint and tokencache._workers read it.
     chunk_bytes = chunk_bytes or CHUNK_BYTES
+    files_before = 0
     for n, path in enumerate(corpus.paths):
         if n:
             yield "\n\n"
@@ -273,8 +290,10 @@ def iter_text(corpus: Corpus, chunk_bytes: Optional[int] = None) -> Iterator[str
         # CR that ends one read until the next shows whether an LF follows it.
         with open(path, encoding=file_encoding(path, corpus.encoding), newline=None) as f:
             while block := f.read(chunk_bytes):
+                if meter is not None:
+                    meter.to(files_before + f.buffer.tell())
                 block = carry + block
-                cut = block.rfind("\n") + 1
+                cut = block.rfind("\n") + 1 or _space_cut(block)
                 if cut == 0:
                     carry = block
                     continue
@@ -282,13 +301,27 @@ def iter_text(corpus: Corpus, chunk_bytes: Optional[int] = None) -> Iterator[str
                 yield block[:cut]
         if carry:
             yield carry
+        files_before += path.stat().st_size
 
 
-def text_chunks(corpus: Corpus, cut: Optional[int] = None) -> Iterator[str]:
-    """iter_text(corpus), where cut is given with a chunk ending just before the cut-th
-    character (the first of the validation split at bpe level)."""
+def _space_cut(block: str) -> int:
+    """Where a block without a line break may end: just before its last space that follows
+    a non-space (0 where it has none). No word, and no bpe pre-token (GPT-2's pattern puts a
+    space before the word it precedes), spans that point."""
+    at = len(block)
+    while (at := block.rfind(" ", 0, at)) > 0:
+        if not block[at - 1].isspace():
+            return at
+    return 0
+
+
+def text_chunks(
+    corpus: Corpus, cut: Optional[int] = None, meter: Optional[PassMeter] = None
+) -> Iterator[str]:
+    """iter_text(corpus, meter=meter), where cut is given with a chunk ending just before
+    the cut-th character (the first of the validation split at bpe level)."""
     at = 0
-    for chunk in iter_text(corpus):
+    for chunk in iter_text(corpus, meter=meter):
         if cut is not None and at < cut < at + len(chunk):
             yield chunk[: cut - at]
             chunk, at = chunk[cut - at :], cut
@@ -296,11 +329,12 @@ def text_chunks(corpus: Corpus, cut: Optional[int] = None) -> Iterator[str]:
         at += len(chunk)
 
 
-def text_cut(corpus: Corpus) -> int:
+def text_cut(corpus: Corpus, meter: Optional[PassMeter] = None) -> int:
     """Where a text is split for training and validation at bpe level: just after the first
     line break at or after TRAIN_FRACTION of its characters (at that character itself
-    if none follows, or the validation split would be empty)."""
-    total = sum(len(chunk) for chunk in iter_text(corpus))
+    if none follows, or the validation split would be empty). meter: told the bytes read
+    while counting the characters."""
+    total = sum(len(chunk) for chunk in iter_text(corpus, meter=meter))
     target, at = int(total * TRAIN_FRACTION), 0
     for chunk in iter_text(corpus):
         if at + len(chunk) > target:

@@ -21,15 +21,18 @@ split is tokenized on its own.
 from __future__ import annotations
 
 import codecs
+import collections
 import hashlib
 import json
 import logging
 import os
+import shutil
+import signal
 import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -40,8 +43,17 @@ from . import (
 from .config import LEVELS, check_vocab_size
 from .errors import SmolGPTError
 from .files import atomic_write, atomic_write_text, cache_dir
-from .sources import TRAIN_FRACTION, Corpus, fingerprint, iter_text, text_chunks, text_cut
-from .tokendata import TokenData, check_vocabulary, text_from
+from .progress import PassMeter
+from .sources import (
+    TRAIN_FRACTION,
+    Corpus,
+    corpus_bytes,
+    fingerprint,
+    iter_text,
+    text_chunks,
+    text_cut,
+)
+from .tokendata import TokenData, check_vocabulary, chunks_from
 from .tokenizer import BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
@@ -51,12 +63,24 @@ log = logging.getLogger(__name__)
 # 3 (smolgpt 0.5): line endings, byte-order marks and quotes normalised; keyed by encoding.
 # 4 (smolgpt 0.7): meta.json records the tokens of each chunk read (TokenData.val_text).
 # 5 (smolgpt 0.8): meta.json records the split (and at bpe level the character it is at).
-CACHE_FORMAT = 5
+# 6 (smolgpt 0.13): a line longer than a chunk is cut at a space (sources.iter_text).
+CACHE_FORMAT = 6
 CHECKSUM_BLOCK = 16 << 20  # bytes read at a time when checking tokens.bin
 # At bpe level, merges are learned from at most this many characters of the training split,
 # taken evenly from all of it: the pair counts of a larger text change little, and learning
 # costs about 0.17 s per MB on 2 cores (15.4 s for 90 MB: benchmarks/RESULTS.md).
 BPE_LEARN_CHARS = 20_000_000
+
+
+# At word level, every distinct word seen is counted in one dict (about 100 bytes each).
+# Real text keeps meeting new words (names, numbers, typos): past this many, the words seen
+# only once so far are forgotten (then twice, ... until half remain), so a corpus of
+# gigabytes is counted in bounded memory. A word forgotten early and seen again later is
+# undercounted by what was forgotten; only words near --min_word_freq can change sides.
+WORD_COUNT_LIMIT = 2_000_000
+# Chunks a process pool holds at a time, per worker: Executor.map would submit every chunk
+# of the corpus at once, reading all of it into memory.
+CHUNKS_AHEAD = 2
 
 
 def _word_counts(chunk: str) -> Counter:
@@ -66,13 +90,54 @@ def _word_counts(chunk: str) -> Counter:
 _worker_tokenizer: Optional[Tokenizer] = None
 
 
-def _init_encoder(tokenizer_dict: dict) -> None:
+def _init_worker(tokenizer_dict: Optional[dict] = None) -> None:
+    """In each worker process: leave Ctrl-C to the main process (which stops the pool and
+    says so in one line) and, for encoding, rebuild the tokenizer."""
     global _worker_tokenizer
-    _worker_tokenizer = tokenizer_from_dict(tokenizer_dict)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if tokenizer_dict is not None:
+        _worker_tokenizer = tokenizer_from_dict(tokenizer_dict)
 
 
 def _encode_chunk(chunk: str) -> np.ndarray:
     return _worker_tokenizer.encode_array(chunk)
+
+
+def _pool_map(pool: ProcessPoolExecutor, fn, items: Iterable, ahead: int) -> Iterator:
+    """fn over items on the pool, results in order, with at most ahead items in flight."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _pool(workers: int, tokenizer_dict: Optional[dict] = None) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer_dict,))
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Stop the pool: chunks not started are dropped (after an interrupt, at once)."""
+    pool.shutdown(cancel_futures=True)
+
+
+def prune_counts(counts: Counter, limit: int) -> None:
+    """Forget the rarest words of counts (seen once, then twice, ...) until at most half of
+    limit remain, where it holds more than limit: see WORD_COUNT_LIMIT."""
+    if len(counts) <= limit:
+        return
+    floor = 1
+    while len(counts) > limit // 2:
+        for word in [w for w, n in counts.items() if n <= floor]:
+            del counts[word]
+        floor += 1
+    log.info("more than %d distinct words: forgot those seen fewer than %d times", limit, floor)
+
+
+def _meter(what: str, corpus: Corpus) -> PassMeter:
+    return PassMeter(f"{what} {Path(corpus.name).name}", corpus_bytes(corpus))
 
 
 def _workers(corpus: Corpus) -> int:
@@ -94,35 +159,54 @@ def _learn(
 ) -> Tokenizer:
     """The tokenizer of the corpus at level (word counts spread over processes for a large
     corpus; at bpe level, learned from the text before cut only)."""
-    if level == "char":
-        return CharTokenizer.train(iter_text(corpus))
-    if level == "bpe":
-        bpe = BPETokenizer.train(
-            _sample(_before(corpus, cut), cut, BPE_LEARN_CHARS), vocab_size, strict
+    with _meter("learning the vocabulary of", corpus) as meter:
+        if level == "char":
+            return CharTokenizer.train(iter_text(corpus, meter=meter))
+        if level == "bpe":
+            return _learn_bpe(corpus, vocab_size, cut, strict, meter)
+        return _learn_words(corpus, min_word_freq, meter)
+
+
+def _learn_bpe(
+    corpus: Corpus, vocab_size: int, cut: int, strict: bool, meter: PassMeter
+) -> BPETokenizer:
+    """Merges learned from an even sample of the text before cut (BPE_LEARN_CHARS)."""
+    bpe = BPETokenizer.train(
+        _sample(_before(corpus, cut, meter), cut, BPE_LEARN_CHARS), vocab_size, strict
+    )
+    if bpe.vocab_size < vocab_size:
+        log.warning(
+            "the preset's vocab_size %d is more than the training split of %s "
+            "allows (every pair merged): the vocabulary has %d tokens",
+            vocab_size,
+            corpus.name,
+            bpe.vocab_size,
         )
-        if bpe.vocab_size < vocab_size:
-            log.warning(
-                "the preset's vocab_size %d is more than the training split of %s "
-                "allows (every pair merged): the vocabulary has %d tokens",
-                vocab_size,
-                corpus.name,
-                bpe.vocab_size,
-            )
-        return bpe
+    return bpe
+
+
+def _learn_words(corpus: Corpus, min_word_freq: int, meter: PassMeter) -> WordTokenizer:
+    """The word vocabulary, counted a chunk at a time (on every core for a large corpus)
+    in bounded memory (WORD_COUNT_LIMIT)."""
     workers = _workers(corpus)
-    if workers == 1:
-        return WordTokenizer.train(iter_text(corpus), min_word_freq)
+    chunks = iter_text(corpus, meter=meter)
+    pool = _pool(workers) if workers > 1 else None
+    counted = _pool_map(pool, _word_counts, chunks, workers * CHUNKS_AHEAD) if pool else None
     counts: Counter = Counter()
-    with ProcessPoolExecutor(workers) as counters:
-        for c in counters.map(_word_counts, iter_text(corpus)):
-            counts.update(c)
+    try:
+        for chunk_counts in counted or map(_word_counts, chunks):
+            counts.update(chunk_counts)
+            prune_counts(counts, WORD_COUNT_LIMIT)
+    finally:
+        if pool is not None:
+            _stop(pool)
     return WordTokenizer.from_counts(counts, min_word_freq)
 
 
-def _before(corpus: Corpus, cut: int) -> Iterator[str]:
+def _before(corpus: Corpus, cut: int, meter: Optional[PassMeter] = None) -> Iterator[str]:
     """The chunks of text_chunks(corpus, cut) before the cut."""
     at = 0
-    for chunk in text_chunks(corpus, cut):
+    for chunk in text_chunks(corpus, cut, meter):
         if at >= cut:
             return
         yield chunk
@@ -148,12 +232,11 @@ def _encode(
     Words a word tokenizer does not know are <UNK>."""
     dropped: Counter = Counter()
     pool = None
-    chunks = text_chunks(corpus, cut)
+    meter = _meter("encoding", corpus)
+    chunks = text_chunks(corpus, cut, meter)
     if tokenizer.multiprocess_encoding and (workers := _workers(corpus)) > 1:
-        pool = ProcessPoolExecutor(
-            workers, initializer=_init_encoder, initargs=(tokenizer.to_dict(),)
-        )
-        encoded = pool.map(_encode_chunk, chunks)
+        pool = _pool(workers, tokenizer.to_dict())
+        encoded = _pool_map(pool, _encode_chunk, chunks, workers * CHUNKS_AHEAD)
     else:  # (the bpe tokenizer encodes on every core by itself)
         encoded = (tokenizer.encode_known(chunk, dropped) for chunk in chunks)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -167,8 +250,9 @@ def _encode(
             count += len(ids)
             chunk_tokens.append(len(ids))
     finally:
+        meter.close()
         if pool is not None:
-            pool.shutdown()
+            _stop(pool)
     return count, crc, dropped, chunk_tokens
 
 
@@ -194,29 +278,46 @@ def prepare(
     characters a char tokenizer does not know are left out, and reported
     (:meth:`TokenData.dropped_warning`)."""
     _check_level(level, tokenizer)
-    text_hash = fingerprint(corpus)
+    with _meter("reading", corpus) as meter:
+        text_hash = fingerprint(corpus, meter)
     key = _cache_key(text_hash, corpus, level, min_word_freq, tokenizer, vocab_size)
     entry = cache_dir() / "tokens" / key
-    meta_path, ids_path = entry / "meta.json", entry / "tokens.bin"
-    meta, damage = _checked_entry(meta_path, ids_path)
+    meta, damage = _checked_entry(entry / "meta.json", entry / "tokens.bin")
     if damage:
         log.warning("token cache for %s was damaged (%s): rebuilding", corpus.name, damage)
     if meta is None:
-        cut = text_cut(corpus) if level == "bpe" else None
-        made: dict = {}
-
-        def write_ids(f) -> None:
-            made.update(
-                _tokenize(corpus, level, tokenizer, f, cut, min_word_freq, vocab_size, strict)
-            )
-
-        atomic_write(ids_path, write_ids)
-        meta = _entry_meta(corpus, text_hash, cut, made)
-        # Written last: an entry without it is incomplete (or damaged) and is rebuilt.
-        atomic_write_text(meta_path, json.dumps(meta))
-    tokens = _token_data(corpus, text_hash, meta, ids_path, given=tokenizer is not None)
+        meta = _build(entry, corpus, text_hash, level, tokenizer, min_word_freq, vocab_size, strict)
+    tokens = _token_data(corpus, text_hash, meta, entry / "tokens.bin", tokenizer is not None)
     check_vocabulary(tokens)
     return tokens
+
+
+def _build(
+    entry: Path,
+    corpus: Corpus,
+    text_hash: str,
+    level: str,
+    tokenizer: Optional[Tokenizer],
+    min_word_freq: int,
+    vocab_size: Optional[int],
+    strict: bool,
+) -> dict:
+    """Write the cache entry (tokens.bin, then meta.json) of the corpus at level: learn the
+    tokenizer unless given one, check the disk has room for the ids, encode; return its
+    metadata. An interrupted build leaves no entry (both files are written whole or not at
+    all), and the next run builds it again."""
+    cut = None
+    if level == "bpe":
+        with _meter("finding the validation split of", corpus) as meter:
+            cut = text_cut(corpus, meter)
+    tokenizer = tokenizer or _learn(corpus, level, min_word_freq, vocab_size, cut, strict)
+    check_room(entry, _expected_bytes(corpus, tokenizer), corpus.name)
+    made: dict = {}
+    atomic_write(entry / "tokens.bin", lambda f: made.update(_tokenize(corpus, tokenizer, f, cut)))
+    meta = _entry_meta(corpus, text_hash, cut, made)
+    # Written last: an entry without it is incomplete (or damaged) and is rebuilt.
+    atomic_write_text(entry / "meta.json", json.dumps(meta))
+    return meta
 
 
 def _check_level(level: str, tokenizer: Optional[Tokenizer]) -> None:
@@ -253,19 +354,38 @@ def _cache_key(
     return hashlib.sha256(f"{text_hash}-{settings}".encode()).hexdigest()[:24]
 
 
-def _tokenize(
-    corpus: Corpus,
-    level: str,
-    tokenizer: Optional[Tokenizer],
-    out,
-    cut: Optional[int],
-    min_word_freq: int,
-    vocab_size: Optional[int],
-    strict: bool,
-) -> dict:
-    """Learn the tokenizer (unless given one) and write the corpus's ids to out; return
-    what meta.json records of them (see :func:`_entry_meta`)."""
-    tokenizer = tokenizer or _learn(corpus, level, min_word_freq, vocab_size, cut, strict)
+def _expected_bytes(corpus: Corpus, tokenizer: Tokenizer) -> int:
+    """About how many bytes the corpus's ids take: the tokens per byte of its first chunk
+    (up to a megabyte of it), over all of its bytes, a tenth more for safety."""
+    sample = next(iter_text(corpus, 1 << 20), "")[: 1 << 20]
+    per_byte = len(tokenizer.encode_known(sample, Counter())) / max(
+        len(sample.encode("utf-8", "surrogatepass")), 1
+    )
+    itemsize = np.dtype(token_dtype(tokenizer.vocab_size)).itemsize
+    return int(per_byte * corpus_bytes(corpus) * itemsize * 1.1)
+
+
+def check_room(directory: Path, needed: int, name: str) -> None:
+    """Refuse, before anything is written, where directory's disk has not needed bytes free."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise SmolGPTError(
+            f"the token cache of {name} needs about {_mb(needed)} in {directory.parent}, and "
+            f"only {_mb(free)} are free there: free some space, or set SMOLGPT_CACHE_DIR "
+            "to a directory on a disk with room"
+        )
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB" if size < 1e9 else f"{size / 1e9:,.1f} GB"
+
+
+def _tokenize(corpus: Corpus, tokenizer: Tokenizer, out, cut: Optional[int]) -> dict:
+    """Write the corpus's ids to out; return what meta.json records of them (see
+    :func:`_entry_meta`)."""
     count, crc, dropped, chunk_tokens = _encode(corpus, tokenizer, out, cut)
     # Worked out before tokens.bin appears: another process that finds it without
     # meta.json takes the entry for damaged.
@@ -288,9 +408,15 @@ def _tokenize(
 def _val_stats(
     corpus: Corpus, tokenizer: Tokenizer, chunk_tokens: list[int], split: int, cut: Optional[int]
 ) -> dict[str, int]:
-    """The validation split's characters and <UNK> bytes (TokenData.val_chars, val_unk_bytes)."""
-    text = text_from(corpus, tokenizer, chunk_tokens, split, cut)
-    return {"val_chars": len(text), "val_unk_bytes": tokenizer.charged_unk_bytes(text)}
+    """The validation split's characters and <UNK> bytes (TokenData.val_chars, val_unk_bytes),
+    counted a chunk at a time."""
+    chars = unk_bytes = 0
+    with _meter("counting the validation text of", corpus) as meter:
+        chunks = chunks_from(corpus, tokenizer, chunk_tokens, split, cut, meter)
+        for n, chunk in enumerate(chunks):
+            chars += len(chunk)
+            unk_bytes += tokenizer.charged_unk_bytes(chunk, first=n == 0)
+    return {"val_chars": chars, "val_unk_bytes": unk_bytes}
 
 
 def _entry_meta(corpus: Corpus, text_hash: str, cut: Optional[int], made: dict) -> dict:

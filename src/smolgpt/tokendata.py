@@ -9,12 +9,13 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
 from .config import TrainConfig
 from .errors import SmolGPTError
+from .progress import PassMeter
 from .sources import Corpus, text_chunks
 from .tokenizer import Tokenizer
 
@@ -138,18 +139,31 @@ def text_from(
     cut: Optional[int] = None,
 ) -> str:
     """The corpus from the first character of its token-th token on, as the tokenizer reads
-    it (line endings as LF, normalised quotes). chunk_tokens: the tokens each chunk of
-    text_chunks(corpus, cut) made, so that only the chunk where that token lies is
-    tokenized again (at bpe level, none where the token starts a chunk)."""
-    before, pieces = 0, []
-    for chunk, count in zip(text_chunks(corpus, cut), chunk_tokens):
-        if pieces:
-            pieces.append(tokenizer.read(chunk))
+    it (line endings as LF, normalised quotes): :func:`chunks_from` joined."""
+    return "".join(chunks_from(corpus, tokenizer, chunk_tokens, token, cut))
+
+
+def chunks_from(
+    corpus: Corpus,
+    tokenizer: Tokenizer,
+    chunk_tokens: list[int],
+    token: int,
+    cut: Optional[int] = None,
+    meter: Optional[PassMeter] = None,
+) -> Iterator[str]:
+    """:func:`text_from` a chunk at a time (memory for one chunk, whatever the corpus's
+    size). chunk_tokens: the tokens each chunk of text_chunks(corpus, cut) made, so that only
+    the chunk where that token lies is tokenized again (at bpe level, none where the token
+    starts a chunk). meter: told the bytes read."""
+    before, started = 0, False
+    for chunk, count in zip(text_chunks(corpus, cut, meter), chunk_tokens):
+        if started:
+            yield tokenizer.read(chunk)
         elif before + count > token:
             start = tokenizer.token_start(chunk, token - before)
-            pieces.append(tokenizer.read(chunk)[start:])
+            started = True
+            yield tokenizer.read(chunk)[start:]
         before += count
-    return "".join(pieces)
 
 
 def _share(ids: np.ndarray, token: int) -> float:

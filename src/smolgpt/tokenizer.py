@@ -47,9 +47,10 @@ from .wordtext import (
     CharDecoder,
     WordDecoder,
     _hf_word_decoder,
-    _splitter,
     _tokenizers,
     normalize_text,
+    split_words,
+    word_starts,
 )
 
 
@@ -121,9 +122,10 @@ class Tokenizer(ABC):
         """What of text is not in the vocabulary, in order of first appearance: characters
         encode refuses where unk_id is None, words read as <UNK> where it is not."""
 
-    def charged_unk_bytes(self, text: str) -> int:
+    def charged_unk_bytes(self, text: str, first: bool = True) -> int:
         """What bits-per-char charges for the <UNK> tokens of encode(text): the UTF-8 bytes
-        of the words they stand for, all but the first token's (it is never predicted).
+        of the words they stand for, all but the first token's where text comes first (the
+        first token is never predicted; first=False: text continues a text before it).
         0 for a tokenizer without <UNK>."""
         return 0
 
@@ -305,7 +307,7 @@ class WordTokenizer(Tokenizer):
     @staticmethod
     def split(text: str) -> list[str]:
         """Lowercase and split into word and punctuation tokens (text as it is given)."""
-        return _splitter().tokenize(text.lower())
+        return split_words(text.lower())
 
     @staticmethod
     def count(text: str) -> Counter:
@@ -343,19 +345,19 @@ class WordTokenizer(Tokenizer):
             0 if w in self.stoi else len(w.encode("utf-8")) for w in self.split(self.read(text))
         ]
 
-    def charged_unk_bytes(self, text: str) -> int:
-        return sum(self.unk_bytes(text)[1:])  # the first token is never predicted
+    def charged_unk_bytes(self, text: str, first: bool = True) -> int:
+        return sum(self.unk_bytes(text)[1 if first else 0 :])
 
     def starts(self, text: str) -> list[int]:
         """Where each token of encode(text) begins in read(text)."""
         text = self.read(text)
         lowered = text.lower()
-        spans = _splitter().span_tokenize(lowered)
+        starts = word_starts(lowered)
         if len(lowered) == len(text):  # lowercasing kept every position
-            return [start for start, _ in spans]
+            return starts
         # A few characters lowercase to two (İ: i + a combining dot): map positions back.
         ends = list(itertools.accumulate(len(ch.lower()) for ch in text))
-        return [bisect.bisect_right(ends, start) for start, _ in spans]
+        return [bisect.bisect_right(ends, start) for start in starts]
 
     def encode_array(self, text: str) -> np.ndarray:
         return np.fromiter(

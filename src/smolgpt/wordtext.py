@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import codecs
 import functools
-from typing import Any, Iterable
+import re
+from typing import Any, Iterable, Iterator
 
 from .errors import SmolGPTError
 from .extras import install_command
@@ -50,6 +51,39 @@ def _splitter():
     from nltk.tokenize import RegexpTokenizer
 
     return RegexpTokenizer(WORD_PATTERN)
+
+
+# The word pattern runs on pieces of about this many characters: NLTK (3.10.4 on) stops any
+# one regular-expression call that runs past 5 s, which a few megabytes of text reach on a
+# slow core; a piece costs a few milliseconds.
+WORD_PIECE_CHARS = 1 << 14
+_SPACE = re.compile(r"\s")
+
+
+def word_pieces(text: str, size: int = WORD_PIECE_CHARS) -> Iterator[tuple[int, str]]:
+    """(offset, piece) for text cut into pieces of about size characters, each but the last
+    ending just before a whitespace character. No token of WORD_PATTERN holds whitespace,
+    so the pieces' tokens are the whole text's (a text without whitespace stays whole)."""
+    start = 0
+    while start < len(text):
+        found = _SPACE.search(text, start + size)
+        end = found.start() if found else len(text)
+        yield start, text[start:end]
+        start = end
+
+
+def split_words(text: str) -> list[str]:
+    """The tokens of WORD_PATTERN in text, in order, found piece by piece (word_pieces)."""
+    return [word for _, piece in word_pieces(text) for word in _splitter().tokenize(piece)]
+
+
+def word_starts(text: str) -> list[int]:
+    """Where each token of split_words(text) begins in text."""
+    return [
+        offset + start
+        for offset, piece in word_pieces(text)
+        for start, _ in _splitter().span_tokenize(piece)
+    ]
 
 
 # Detokenization: marks that hug the previous token, and marks the next token hugs. (The
