@@ -336,7 +336,7 @@ def markdown_table(results: list[dict], peer: bool, past: bool) -> str:
     return common.markdown_table(["model", "batch", *(head for head, _ in cols)], rows)
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="New tokens/s of generation: smolgpt (KV cache) in float32 and with int8 "
         "weights, smolgpt without the cache, and transformers' generate on the exported "
@@ -392,6 +392,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         default=common.OUT / "generation.json",
         help="JSON results file (default: benchmarks/out/generation.json)",
     )
+    return parser
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    """The arguments, --quick's settings filled in, the token counts checked."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:
         args.configs, args.batches, args.new_tokens, args.rounds = ["nano"], [1, 2], 8, 1
