@@ -327,17 +327,21 @@ def test_generation(runs):
     record = check(
         runs["generation"],
         "| model | batch | smolgpt tok/s | smolgpt, no cache",
+        "| cache speed-up | smolgpt int8 tok/s |",
+        "| past the window: smolgpt tok/s | past the window: smolgpt int8 tok/s |",
         "| nano (3L/3H/48, T128, V65) | 1 |",
         "| nano (3L/3H/48, T128, V65) | 2 |",
     )
     assert_peer_columns(
-        runs["generation"], record, "| transformers tok/s | smolgpt / transformers |"
+        runs["generation"],
+        record,
+        "| transformers tok/s | smolgpt / transformers | smolgpt int8 / transformers |",
     )
 
 
 def test_generation_without_transformers(runs):
     run = runs["generation-without-transformers"]
-    record = check(run, "| model | batch | smolgpt tok/s |")
+    record = check(run, "| model | batch | smolgpt tok/s |", "| smolgpt int8 tok/s |")
     assert says(
         run.stdout,
         "skipped",

@@ -34,6 +34,7 @@ LAYERS = [
         "gpt2tokenizer",
         "model",
         "kernels",
+        "quantize",
         "optim",
     ],
     # text to batches, scoring, checkpoints, sampling, other formats, pictures

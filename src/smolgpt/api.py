@@ -50,6 +50,7 @@ from .model import GPT
 from .rundir import BEST, LATEST, SAMPLES, locate
 from .runsetup import colab_run_dir, prepare_run
 from .sampling import TextStream
+from .settings import QUANTIZE, check_choice
 from .tokenizer import Tokenizer
 from .training import Trainer
 
@@ -244,7 +245,10 @@ class Model:
     ``module`` is the :class:`~smolgpt.model.GPT` (a ``torch.nn.Module``, in eval mode, on
     ``device``), ``tokenizer`` turns text into its token ids and back, ``config`` is its
     :class:`~smolgpt.config.ModelConfig`, and ``train_config`` the settings of the run that
-    trained it (a dict; empty for checkpoints that did not record them).
+    trained it (a dict; empty for checkpoints that did not record them). ``quantize`` says
+    how the module's weight matrices are stored: "none" (as trained) or "int8" (see
+    :mod:`smolgpt.quantize`; given as "int8", the module passed is converted, in place), and
+    ``parameter_count`` is the model's number of parameters, int8 matrices included.
     """
 
     def __init__(
@@ -253,8 +257,16 @@ class Model:
         tokenizer: Tokenizer,
         train_config: dict[str, Any],
         data_info: Optional[dict[str, Any]] = None,
+        quantize: str = "none",
     ):
+        # Counted before quantisation: int8 matrices are buffers, not parameters.
+        self.parameter_count = module.num_parameters()
+        if quantize == "int8":
+            from .quantize import to_int8
+
+            module = to_int8(module)
         self.module, self.tokenizer, self.train_config = module, tokenizer, train_config
+        self.quantize = quantize
         # What the run recorded of its text ("fingerprint", "source"); {} where unknown.
         self.data_info = data_info or {}
 
@@ -410,6 +422,11 @@ class Model:
         from . import export, gguf_export, hf
 
         cfg = ExportConfig(format=format, outtype=outtype, overwrite=overwrite)  # checks both
+        if self.quantize != "none":
+            raise SmolGPTError(
+                f"this model was loaded with quantize={self.quantize!r}: an export writes "
+                "the weights as trained; load it without quantize to export it"
+            )
         if cfg.format == "gguf":
             return gguf_export.export_gguf(self.module, self.tokenizer, out, outtype, overwrite)
         write = hf.export_hf if format == "hf" else export.export_safetensors
@@ -486,17 +503,26 @@ class _Pieces:
         self._stream.close()
 
 
-def load(path: Union[str, Path], device: str = "auto") -> Model:
+def load(path: Union[str, Path], device: str = "auto", quantize: str = "none") -> Model:
     """A model from a checkpoint written by :func:`train` (best_model.pth or
     latest_model.pth; a run directory means its best_model.pth), or from a directory
     ``smolgpt export`` wrote (either format), checked before use, on device ("auto": cuda,
-    then mps, then cpu)."""
+    then mps, then cpu).
+
+    quantize="int8" stores the weight matrices as 8-bit integers (:mod:`smolgpt.quantize`):
+    generation on a CPU is faster, at a little cost in quality (greedy text may differ from
+    float32's). It runs on the CPU only: "auto" then means the CPU, and a GPU is refused."""
     from . import interop
 
+    check_choice("quantize", quantize, QUANTIZE)
+    if quantize == "int8":  # refused, where it cannot run, before anything is read
+        from .quantize import int8_device
+
+        device = int8_device(device)
     located = locate(path, transformers_dirs=True)
     if located.kind == "run directory":
         log.info("%s is a run directory: using %s", located.given, located.model)
     module, tokenizer, train_config, data_info = interop.load_source(
         located.model, hardware.resolve_device(device)
     )
-    return Model(module, tokenizer, train_config, data_info)
+    return Model(module, tokenizer, train_config, data_info, quantize)

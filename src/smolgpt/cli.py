@@ -154,7 +154,7 @@ def run_generate(checkpoint_path: str, explicit: dict[str, Any]) -> int:
         check_output_file(Path(cfg.out))
     from .api import load
 
-    model = load(checkpoint_path, cfg.device)
+    model = load(checkpoint_path, cfg.device, cfg.quantize)
     sampling = dataclasses.asdict(cfg.sampling())
     if cfg.interactive:
         return interactive(model, sampling)
@@ -300,7 +300,7 @@ def run_eval(source: str, cfg: EvalConfig) -> int:
     if text_spec is not None:  # read before the model: a wrong path fails at once
         text = "".join(iter_text(resolve_corpus(text_spec, cfg.encoding)))
     path = locate(source).model  # a run directory: its checkpoint, which the output names
-    model = load(path, cfg.device)
+    model = load(path, cfg.device, cfg.quantize)
     what = (
         f"--data {text_spec}"
         if text_spec

@@ -17,10 +17,12 @@ from .settings import (
     GGUF_OUTTYPES,
     PLOT_AXES,
     PLOT_VALUES,
+    QUANTIZE_HELP,
     check_fields,
     device_setting,
     encoding_setting,
     opt,
+    quantize_setting,
 )
 
 
@@ -112,6 +114,7 @@ class GenerateConfig(SampleConfig):
         None, "write the text to this file (atomically) instead of stdout", "output"
     )
     device: str = device_setting()
+    quantize: str = quantize_setting()
 
     def __post_init__(self) -> None:
         check_fields(self, GenerateConfig)
@@ -174,6 +177,7 @@ class ServeConfig:
         16, "requests that may wait for a turn; more are answered 503 (busy)", "limits", minimum=0
     )
     device: str = device_setting()
+    quantize: str = quantize_setting()
 
     def __post_init__(self) -> None:
         check_fields(self, ServeConfig)
@@ -209,6 +213,9 @@ class EvalConfig:
     )
     batch_size: int = opt(8, "windows scored at a time", "options", positive=True)
     device: str = device_setting("options")
+    quantize: str = quantize_setting(
+        "options", QUANTIZE_HELP + "; scored with and without it, a text shows what int8 costs"
+    )
 
     def __post_init__(self) -> None:
         check_fields(self, EvalConfig)

@@ -169,9 +169,25 @@ def head_loss(
     return ChunkedHeadLoss.apply(x, weight, targets, dtype, rows, torch.is_grad_enabled())
 
 
+@torch.no_grad()
+def rows_loss(
+    x: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_elements: int
+) -> torch.Tensor:
+    """Mean cross-entropy of head(x) (x: (N, C)) against targets (N,), made a chunk of rows at
+    a time, so that the logits are never all held at once; no gradient. For a head without a
+    float matrix to multiply by, such as an int8 one (quantize.py)."""
+    rows = max(1, chunk_elements // head.out_features)
+    total = sum(
+        F.cross_entropy(head(x[i : i + rows]).float(), targets[i : i + rows], reduction="sum")
+        for i in range(0, x.size(0), rows)
+    )
+    return total / x.size(0)
+
+
 class TrainingLoss(nn.Module):
-    """model(idx, targets)[1], the mean loss, with the head's loss by :func:`head_loss`: at
-    word level the logits of a training batch are never all held at once.
+    """model(idx, targets)[1], the mean loss, with the head's loss by :func:`head_loss` (by
+    :func:`rows_loss` for an int8 head, which only scores): at word level the logits of a
+    training batch are never all held at once.
 
     A module of its own rather than a method of the model, so that what wraps it for
     training (DistributedDataParallel, torch.compile) sees an ordinary forward; its
@@ -185,9 +201,11 @@ class TrainingLoss(nn.Module):
         self.model = model
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        x = self.model.hidden_states(idx)
-        weight = self.model.lm_head.weight
-        return head_loss(x.flatten(0, 1), weight, targets.flatten(), self.chunk_elements)
+        x = self.model.hidden_states(idx).flatten(0, 1)
+        head = self.model.lm_head
+        if not isinstance(head.weight, torch.Tensor):  # int8 (quantize.py): no float matrix
+            return rows_loss(x, head, targets.flatten(), self.chunk_elements)
+        return head_loss(x, head.weight, targets.flatten(), self.chunk_elements)
 
 
 def use_fast_kernels(model: nn.Module) -> nn.Module:

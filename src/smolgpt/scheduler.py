@@ -45,7 +45,7 @@ class Served:
             "created": self.created,
             "owned_by": "smolgpt",
             "level": self.model.tokenizer.level,
-            "parameters": self.model.module.num_parameters(),
+            "parameters": self.model.parameter_count,
             "block_size": config.block_size,
             "vocab_size": config.vocab_size,
             "loss_curve": self.run_dir is not None,
@@ -65,9 +65,10 @@ def model_id(path: Path) -> str:
     return resolved.stem
 
 
-def load_models(paths: Sequence[str], device: str) -> list[Served]:
-    """Every checkpoint, run directory or export in paths, loaded and named; a name that
-    two paths would share gets -2, -3, ... in the order given."""
+def load_models(paths: Sequence[str], device: str, quantize: str = "none") -> list[Served]:
+    """Every checkpoint, run directory or export in paths, loaded (on device, its matrices
+    stored as quantize says) and named; a name that two paths would share gets -2, -3, ... in
+    the order given."""
     from .api import load
 
     if not paths:
@@ -75,7 +76,7 @@ def load_models(paths: Sequence[str], device: str) -> list[Served]:
     served: list[Served] = []
     for name in paths:
         path = Path(name)
-        model = load(path, device)
+        model = load(path, device, quantize)
         base = model_id(path)
         taken = {s.id for s in served}
         unique = (

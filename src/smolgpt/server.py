@@ -520,7 +520,7 @@ def serve(
         raise SmolGPTError(install_hint()) from None
     sock = listen(cfg.host, cfg.port)  # first: a port in use fails before models load
     try:
-        app = build_app(load_models(checkpoints, cfg.device), cfg, api_key)
+        app = build_app(load_models(checkpoints, cfg.device, cfg.quantize), cfg, api_key)
     except BaseException:
         sock.close()
         raise

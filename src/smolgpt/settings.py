@@ -46,6 +46,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 EXPORT_FORMATS = ("hf", "safetensors", "gguf")  # smolgpt export --format
 # smolgpt export --format gguf --outtype: how the weight matrices are stored (see gguf_export).
 GGUF_OUTTYPES = ("f32", "f16", "q8_0")
+# --quantize of the commands that load a model to generate or score with: how its weight
+# matrices are stored (see quantize.py).
+QUANTIZE = ("none", "int8")
 PLOT_AXES = ("iter", "time", "tokens")  # smolgpt plot --x: what the curves are drawn against
 # smolgpt plot --y: what the curves show, val loss in nats per token (comparable between runs
 # of one tokenizer only) or val bits per character (comparable across levels).
@@ -91,6 +94,19 @@ def check_encoding(encoding: str) -> None:
 def device_setting(group: str = "system", help: str = "where to run") -> Any:  # noqa: A002
     """--device, of every command that loads a model or trains one."""
     return opt("auto", help, group, choices=DEVICES)
+
+
+QUANTIZE_HELP = (
+    "int8: the weight matrices stored as 8-bit integers, which makes CPU generation faster "
+    "(for models of a few million parameters and up: tiny, small) and costs a little "
+    "quality (greedy text may differ from float32's); a CPU only, which --device auto then "
+    "picks"
+)
+
+
+def quantize_setting(group: str = "system", help: str = QUANTIZE_HELP) -> Any:  # noqa: A002
+    """--quantize, of every command that loads a model to generate text or score it."""
+    return opt("none", help, group, choices=QUANTIZE)
 
 
 def encoding_setting(group: str, **extra: Any) -> Any:
