@@ -26,10 +26,10 @@ from torch.nn import functional as F
 
 import smolgpt
 from smolgpt import kernels
-from smolgpt.config import SampleConfig
+from smolgpt.config import ModelConfig, SampleConfig
 from smolgpt.errors import SmolGPTError
 from smolgpt.model import GPT, KVCache
-from smolgpt.quantize import to_int8
+from smolgpt.quantize import INT8_MIN_WEIGHTS, to_int8
 from smolgpt.sampling import generate
 
 from e2e import e2e_sharp_model, names
@@ -41,7 +41,7 @@ MEAN_KL = 0.01  # nats: KL(float32's next-token distribution || int8's), average
 def quantized_copy(model):
     """A float32 model with the fast kernels, as smolgpt.load gives it, and its int8 copy."""
     model = kernels.use_fast_kernels(model.eval())
-    return model, to_int8(copy.deepcopy(model))
+    return model, to_int8(copy.deepcopy(model), min_weights=0)
 
 
 def relative_error(ref: torch.Tensor, other: torch.Tensor) -> float:
@@ -125,15 +125,49 @@ def test_generation_runs_past_the_context(tiny_model):
     assert rows == generate(q, [1, 2, 3], settings)  # the same seed, the same tokens
 
 
+def test_matrices_too_small_to_gain_stay_float32(tiny_model):
+    """By default only matrices of INT8_MIN_WEIGHTS weights and more become int8: a model
+    whose matrices are all smaller runs in float32 as it was."""
+    model = kernels.use_fast_kernels(copy.deepcopy(tiny_model).eval())
+    assert max(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)) < (
+        INT8_MIN_WEIGHTS
+    )
+    assert to_int8(model) is model
+    assert not [m for m in model.modules() if isinstance(m, Int8Linear)]
+    wide = GPT(ModelConfig(vocab_size=65, block_size=16, n_layer=1, n_head=4, n_embd=320))
+    to_int8(wide.eval())
+    int8 = {name for name, m in wide.named_modules() if isinstance(m, Int8Linear)}
+    # c_attn 320 x 960 and c_fc 320 x 1280 pass the line; c_proj (320 x 320, 1280 x 320: no,
+    # 409,600 yes) and the head (65 x 320) are measured too.
+    expected = {
+        name
+        for name, m in GPT(wide.config).named_modules()
+        if isinstance(m, nn.Linear) and m.weight.numel() >= INT8_MIN_WEIGHTS
+    }
+    assert int8 == expected == {"blocks.0.attn.c_attn", "blocks.0.mlp.c_fc", "blocks.0.mlp.c_proj"}
+
+
+@pytest.fixture(scope="module")
+def wide_run(smol_cli, tmp_path_factory):
+    """A char model wide enough (320) for int8 to apply to three of its block's matrices,
+    trained a few steps."""
+    out = tmp_path_factory.mktemp("int8") / "wide"
+    args = smol_cli.train_args("char", out, "--max_iters", "10")
+    args += ["--n_embd", "320", "--n_head", "4"]  # (the last flag wins)
+    result = smol_cli.run("train", *args)
+    assert result.returncode == 0, result.describe()
+    return out
+
+
 # ------------------------------------------------------------------ the Python API
 
 
 @pytest.mark.slow
-def test_load_int8_generates_streams_and_evaluates(smol_runs):
-    run = smol_runs["char"].out_dir
+def test_load_int8_generates_streams_and_evaluates(wide_run):
+    run = wide_run
     ref, q = smolgpt.load(run, device="cpu"), smolgpt.load(run, quantize="int8")
     assert q.quantize == "int8" and q.device == torch.device("cpu")
-    assert isinstance(q.module.lm_head, Int8Linear)
+    assert isinstance(q.module.blocks[0].mlp.c_fc, Int8Linear)
     assert q.parameter_count == ref.parameter_count == ref.module.num_parameters()
     text = q.validation_text()[0]
     ids = torch.tensor([q.tokenizer.encode(text)[: q.config.block_size]])
@@ -164,8 +198,8 @@ def test_load_refuses_what_int8_cannot_do(tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_and_eval_commands_with_int8(smol_cli, smol_runs):
-    run = smol_runs["char"].out_dir
+def test_generate_and_eval_commands_with_int8(smol_cli, wide_run):
+    run = wide_run
     generated, scored, float32, refused = smol_cli.run_many(
         [
             ("module", ["generate", run, "--quantize", "int8", "--max_new_tokens", "30"]),
@@ -184,8 +218,8 @@ def test_generate_and_eval_commands_with_int8(smol_cli, smol_runs):
 
 
 @pytest.mark.slow
-def test_serve_with_int8_answers_a_completion(smol_cli, smol_runs):
-    run = smol_runs["char"].out_dir
+def test_serve_with_int8_answers_a_completion(smol_cli, wide_run):
+    run = wide_run
     server = smol_cli.popen("module", "serve", run, "--quantize", "int8", "--port", "0")
     try:
         url = smol_cli.wait_for(
@@ -193,7 +227,7 @@ def test_serve_with_int8_answers_a_completion(smol_cli, smol_runs):
             process=server,
             what="the server to listen",
         ).group(1)
-        body = json.dumps({"model": "char", "prompt": "the ", "max_tokens": 20}).encode()
+        body = json.dumps({"model": "wide", "prompt": "the ", "max_tokens": 20}).encode()
         request = urllib.request.Request(
             url + "v1/completions", body, {"Content-Type": "application/json"}
         )
