@@ -154,8 +154,9 @@ def test_every_command_shown_parses():
 
 # Flags of other programs that the guides show: torchrun's, pip's, TensorBoard's, llama.cpp's,
 # lm_eval's,
-# the reference curves' benchmark script's.
+# the reference curves' and the corpus preparation benchmark scripts'.
 OTHER_PROGRAMS_FLAGS = {
+    "--mb",
     "--standalone",
     "--model",
     "--model_args",

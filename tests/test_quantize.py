@@ -137,8 +137,8 @@ def test_matrices_too_small_to_gain_stay_float32(tiny_model):
     wide = GPT(ModelConfig(vocab_size=65, block_size=16, n_layer=1, n_head=4, n_embd=320))
     to_int8(wide.eval())
     int8 = {name for name, m in wide.named_modules() if isinstance(m, Int8Linear)}
-    # c_attn 320 x 960 and c_fc 320 x 1280 pass the line; c_proj (320 x 320, 1280 x 320: no,
-    # 409,600 yes) and the head (65 x 320) are measured too.
+    # c_attn (320 x 960) and the MLP's c_fc and c_proj (320 x 1280) pass the line; attention's
+    # c_proj (320 x 320) and the head (65 x 320) do not.
     expected = {
         name
         for name, m in GPT(wide.config).named_modules()

@@ -47,10 +47,13 @@ from .model import GPT
 
 log = logging.getLogger(__name__)
 
-# Matrices with fewer weights stay float32 (see the module docstring): one matrix-vector
+# Matrices with fewer weights stay float32 (see the module docstring). One matrix-vector
 # product in int8 against float32, batch 1, on the CPU above, crosses over near 150,000
-# to 200,000 weights (192 x 768: 1.0x, 256 x 1024: 1.4x, 384 x 1152: 1.9x).
-INT8_MIN_WEIGHTS = 200_000
+# weights (128 x 512: 0.5x, 192 x 768: 1.0x, 256 x 1024: 1.4x); in a whole generation step
+# (batch 1 and 8) the tiny shape's 384 x 384 matrices gain too (new tokens/s with this line
+# at 2^17 against 200,000: 454 against 388 at batch 1, 1,548 against 1,411 at batch 8), and
+# micro's (128 wide) lose (761 against 1,153 in float32 at batch 1).
+INT8_MIN_WEIGHTS = 1 << 17  # 131,072
 
 
 def int8_device(device: str) -> str:

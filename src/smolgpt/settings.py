@@ -97,7 +97,7 @@ def device_setting(group: str = "system", help: str = "where to run") -> Any:  #
 
 
 QUANTIZE_HELP = (
-    "int8: the larger weight matrices (200,000 weights and up: the tiny and small presets') "
+    "int8: the larger weight matrices (131,072 weights and up: the tiny and small presets') "
     "stored as 8-bit integers, which makes CPU generation faster and costs a little "
     "quality (greedy text may differ from float32's); smaller ones stay float32, which is "
     "faster for them; a CPU only, which --device auto then picks"
