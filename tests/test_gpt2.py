@@ -10,10 +10,13 @@ import http.server
 import importlib.util
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -431,3 +434,36 @@ def test_a_model_fine_tuned_from_gpt2_goes_everywhere_models_go(gpt2_dir, tmp_pa
             rtol=0,
             atol=1e-4,
         )
+
+
+@pytest.mark.slow
+def test_a_model_fine_tuned_from_gpt2_serves_completions(gpt2_dir, smol_cli, tmp_path):
+    """smolgpt serve on a fine-tune of a GPT-2: a completion through GPT-2's own tokenizer,
+    its log-probabilities, and the same text greedy decoding gives in Python."""
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT * 20, encoding="utf-8")
+    out = tmp_path / "tuned"
+    args = ["--data", data, "--out_dir", out, "--max_iters", 2, "--batch_size", 2]
+    assert smolgpt("train", "--init_from", gpt2_dir, *args).returncode == 0
+    server = smol_cli.popen("module", "serve", out, "--port", "0")
+    try:
+        url = smol_cli.wait_for(
+            lambda: re.search(r"serving .* at (http://\S+/) ", server.stderr_so_far()),
+            process=server,
+            what="the server to listen",
+        ).group(1)
+        body = {"model": "tuned", "prompt": "It was", "max_tokens": 8, "temperature": 0}
+        request = urllib.request.Request(
+            url + "v1/completions",
+            json.dumps({**body, "logprobs": 2}).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            (choice,) = json.loads(response.read())["choices"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        result = server.wait(timeout=60)
+    assert "Traceback" not in result.stderr, result.describe()
+    model = smolgpt_api.load(out, device="cpu")
+    assert choice["text"] == model.generate("It was", max_new_tokens=8, temperature=0)[6:]
+    assert len(choice["logprobs"]["tokens"]) == 8
