@@ -476,6 +476,17 @@ class SmolCLI:
             ]
             return [f.result() for f in futures]
 
+    def server_url(self, process: "E2EProcess", timeout: float = 120) -> str:
+        """The base URL (http://127.0.0.1:PORT/) a `smolgpt serve` process says it listens at,
+        once it does."""
+        found = self.wait_for(
+            lambda: re.search(r"serving .* at (http://\S+/) ", process.stderr_so_far()),
+            timeout=timeout,
+            process=process,
+            what="the server to listen",
+        )
+        return found.group(1).replace("0.0.0.0", "127.0.0.1")
+
     def train_args(self, level: str, out_dir: Path, *extra) -> list:
         return ["--level", level, "--data", self.corpus, *self.tiny, "--out_dir", out_dir, *extra]
 

@@ -10,7 +10,6 @@ import http.server
 import importlib.util
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -447,11 +446,7 @@ def test_a_model_fine_tuned_from_gpt2_serves_completions(gpt2_dir, smol_cli, tmp
     assert smolgpt("train", "--init_from", gpt2_dir, *args).returncode == 0
     server = smol_cli.popen("module", "serve", out, "--port", "0")
     try:
-        url = smol_cli.wait_for(
-            lambda: re.search(r"serving .* at (http://\S+/) ", server.stderr_so_far()),
-            process=server,
-            what="the server to listen",
-        ).group(1)
+        url = smol_cli.server_url(server)
         body = {"model": "tuned", "prompt": "It was", "max_tokens": 8, "temperature": 0}
         request = urllib.request.Request(
             url + "v1/completions",

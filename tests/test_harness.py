@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import urllib.request
@@ -161,13 +160,7 @@ def test_the_harness_scores_through_smolgpt_serve(heldout, trained, tmp_path, sm
     ours = model.evaluate(held).bits_per_char
     process = smol_cli.popen("module", "serve", export, "--port", "0").outlive_tests()
     try:
-        found = smol_cli.wait_for(
-            lambda: re.search(r"serving .* at (http://\S+/) ", process.stderr_so_far()),
-            timeout=120,
-            process=process,
-            what="the server to listen",
-        )
-        base = found.group(1).replace("0.0.0.0", "127.0.0.1")
+        base = smol_cli.server_url(process)
         with urllib.request.urlopen(base + "v1/models") as response:
             name = json.load(response)["data"][0]["id"]
         max_length = model.config.block_size + 2  # windows of smolgpt eval's size (see docs)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import signal
 import urllib.request
 
@@ -222,11 +221,7 @@ def test_serve_with_int8_answers_a_completion(smol_cli, wide_run):
     run = wide_run
     server = smol_cli.popen("module", "serve", run, "--quantize", "int8", "--port", "0")
     try:
-        url = smol_cli.wait_for(
-            lambda: re.search(r"serving .* at (http://\S+/) ", server.stderr_so_far()),
-            process=server,
-            what="the server to listen",
-        ).group(1)
+        url = smol_cli.server_url(server)
         body = json.dumps({"model": "wide", "prompt": "the ", "max_tokens": 20}).encode()
         request = urllib.request.Request(
             url + "v1/completions", body, {"Content-Type": "application/json"}

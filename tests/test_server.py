@@ -92,15 +92,7 @@ def start_server(smol_cli, *args, env: dict = None) -> Server:
     process = smol_cli.popen(
         "module", "serve", *args, "--port", "0", env=smol_cli.env(**(env or {}))
     ).outlive_tests()
-    line = smol_cli.wait_for(
-        lambda: re.search(r"serving .* at (http://\S+/) ", process.stderr_so_far()),
-        timeout=120,
-        process=process,
-        what="the server to listen",
-    )
-    return Server(
-        process, line.group(1).replace("0.0.0.0", "127.0.0.1"), (env or {}).get("SMOLGPT_API_KEY")
-    )
+    return Server(process, smol_cli.server_url(process), (env or {}).get("SMOLGPT_API_KEY"))
 
 
 def stop_server(server: Server) -> str:
