@@ -95,6 +95,7 @@ def _init_worker(tokenizer_dict: Optional[dict] = None) -> None:
     says so in one line) and, for encoding, rebuild the tokenizer."""
     global _worker_tokenizer
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # (blocked by _pool)
     if tokenizer_dict is not None:
         _worker_tokenizer = tokenizer_from_dict(tokenizer_dict)
 
@@ -115,7 +116,19 @@ def _pool_map(pool: ProcessPoolExecutor, fn, items: Iterable, ahead: int) -> Ite
 
 
 def _pool(workers: int, tokenizer_dict: Optional[dict] = None) -> ProcessPoolExecutor:
-    return ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer_dict,))
+    """A pool of workers, started now with SIGINT blocked: a Ctrl-C that lands while they
+    are being forked waits in the main process until they ignore it, then interrupts it."""
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer_dict,))
+    try:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            pool.submit(os.getpid)  # (the first task forks every worker)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    except BaseException:  # the Ctrl-C that waited, or a failed fork
+        _stop(pool)
+        raise
+    return pool
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
