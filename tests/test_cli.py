@@ -253,8 +253,9 @@ def test_a_busy_cpu_slows_training_in_proportion_not_several_fold(smol_cli, tmp_
         assert result.returncode == 0, result.describe()
         rows = smol_cli.metrics(out)
         # A step is never cut short, and on a machine this loaded (busy loops beside the
-        # rest of the suite) one step, the first with its one-off costs, has taken 3 s.
-        assert rows[-1]["iter"] > 0 and rows[-1]["elapsed_s"] <= 6 + 4, result.describe()
+        # rest of the suite) one step, the first with its one-off costs, has taken 3 s;
+        # the full suite once ran it past 6 + 4 s (2026-12-07), hence 8.
+        assert rows[-1]["iter"] > 0 and rows[-1]["elapsed_s"] <= 6 + 8, result.describe()
         cpu_s = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
         return rows[-1]["tokens"] / cpu_s, result
 
@@ -270,9 +271,10 @@ def test_a_busy_cpu_slows_training_in_proportion_not_several_fold(smol_cli, tmp_
         result.describe()
     )
     # In proportion would be about a half; spinning threads gave 1 step where a quiet run
-    # made 379 (under 0.01). A tenth leaves room for the rest of a parallel suite, whose load
-    # falls unevenly on the two runs (0.14 and 0.19 were seen there).
-    assert busy >= quiet / 10, (
+    # made 379 (under 0.01). A twentieth leaves room for the rest of a parallel suite, whose
+    # load falls unevenly on the two runs (0.14 and 0.19 were seen there), and still fails
+    # spinning threads five times over.
+    assert busy >= quiet / 20, (
         f"{busy:.0f} tokens a CPU-second beside busy loops, {quiet:.0f} without"
     )
 
