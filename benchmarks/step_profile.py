@@ -87,6 +87,21 @@ def time_kernels(args) -> None:
             rows.append(
                 [f"attention {B}x{nh}x{T}x{C // nh}", dtype, backend.name, f"{mean_ms(attend):.2f}"]
             )
+        if dtype != torch.float32:  # smolgpt's choices under autocast
+            for name, small_elements in (
+                ("smolgpt: written out", kernels.FusedAttention.small_elements),
+                ("smolgpt: fused in float32", 0),
+            ):
+                attention = kernels.FusedAttention()
+                attention.small_elements = small_elements
+
+                def attend():
+                    with pol.autocast():
+                        attention(q, k, v).sum().backward()
+
+                rows.append(
+                    [f"attention {B}x{nh}x{T}x{C // nh}", dtype, name, f"{mean_ms(attend):.2f}"]
+                )
     x = torch.randn(B * T, C, requires_grad=True)
     linear = torch.nn.Linear(C, 4 * C)
     settings = [(torch.float32, "ieee")]
@@ -148,6 +163,7 @@ def build_step(
     foreach_clip: bool = False,
     compile: bool = False,  # noqa: A002 - the --compile variant, as TrainConfig names it
     torch_muon: bool = False,
+    fused_attention: bool = False,
 ) -> Callable[[], object]:
     """train_step of a fresh Trainer at the shape of args, over random ids. Variants change
     the Trainer before its first step: torch_dropout swaps the model's CPU dropout for
@@ -155,7 +171,8 @@ def build_step(
     smolgpt 0.2.0 did); pure_bf16 trains the whole model in bf16 without autocast (a bound
     on what keeping bf16 copies of the weights could save); foreach_clip clips with
     foreach=True; compile runs the model through torch.compile; torch_muon (with --muon)
-    uses torch.optim.Muon instead of smolgpt's BatchedMuon."""
+    uses torch.optim.Muon instead of smolgpt's BatchedMuon; fused_attention runs attention
+    by the fused kernel in float32 at every size under autocast (as 0.12.0 did)."""
     trainer = common.cpu_trainer(
         common.random_token_data(args.vocab),
         n_layer=args.n_layer,
@@ -178,6 +195,10 @@ def build_step(
                     setattr(module, name, torch.nn.Dropout(child.p))
     if whole_loss:
         trainer.training_loss.chunk_elements = sys.maxsize
+    if fused_attention:
+        for module in model.modules():
+            if isinstance(module, kernels.FusedAttention):
+                module.small_elements = 0
     if pure_bf16:
         model.bfloat16()
         trainer.precision = hardware.cpu_policy(hardware.cpu_info(), amp=False)  # no autocast
@@ -216,6 +237,7 @@ def compare_variants(args) -> None:
         "clip_grad_norm_(foreach=True)": build_step(args, foreach_clip=True),
     }
     if policy(args).reduced == torch.bfloat16:  # emulated bf16 would only measure emulation
+        variants["attention fused in float32 (0.12.0)"] = build_step(args, fused_attention=True)
         variants["whole model in bf16, no autocast"] = build_step(args, pure_bf16=True)
         if args.muon:  # its iteration is always in bf16
             variants["torch.optim.Muon (0.2.0)"] = build_step(args, torch_muon=True)

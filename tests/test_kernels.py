@@ -98,6 +98,51 @@ def test_fast_kernels_give_the_plain_models_logits_from_a_cache(tiny_config, cau
         torch.testing.assert_close(fast(x)[0], plain(x)[0], rtol=1e-4, atol=1e-5)
 
 
+# ---------------------------------------------------------------------------- attention
+
+
+@pytest.mark.parametrize("small_elements", [1 << 25, 0], ids=["written out", "fused in float32"])
+@pytest.mark.parametrize(
+    "causal, past",
+    [(True, 0), (True, 5), (False, 0)],
+    ids=["causal", "after a cache", "bidirectional"],
+)
+def test_attention_under_cpu_autocast_is_softmax_qk_v(small_elements, causal, past):
+    """Either path FusedAttention takes under CPU bf16 autocast (written out in bf16 where the
+    weights are small, else the fused kernel in float32) gives the plain expression's output
+    and gradients, in bf16; with `past` cached keys, the queries are the last T positions."""
+    torch.manual_seed(0)
+    B, nh, T, hs = 2, 3, 7, 8
+    q = torch.randn(B, nh, T, hs).bfloat16().requires_grad_()
+    k, v = (torch.randn(B, nh, past + T, hs).bfloat16().requires_grad_() for _ in range(2))
+    attention = kernels.FusedAttention(causal)
+    attention.small_elements = small_elements
+    assert attention.is_small(q, k) == (small_elements > 0)
+    grad_out = torch.randn(B, nh, T, hs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attention(q, k, v)
+    assert got.dtype == torch.bfloat16
+    got.float().backward(grad_out)
+    got_grads = [t.grad for t in (q, k, v)]
+    inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = Attention(causal)(*inputs)  # the model's own expression, in float64
+    want.backward(grad_out.double())
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
+    for got_grad, t in zip(got_grads, inputs):
+        torch.testing.assert_close(got_grad.double(), t.grad, rtol=5e-2, atol=5e-2)
+
+
+def test_long_attention_under_autocast_is_fused_not_written_out():
+    """Past small_keys keys, or small_elements weights, the written-out weights would cost
+    more time or memory than the fused kernel."""
+    attention = kernels.FusedAttention()
+    short = torch.zeros(1, 1, 64, 8)
+    long = torch.zeros(1, 1, attention.small_keys + 1, 8)
+    assert attention.is_small(short, short) and not attention.is_small(long, long)
+    attention.small_elements = 64 * 64 - 1
+    assert not attention.is_small(short, short)
+
+
 # --------------------------------------------------------------------------- head loss
 
 

@@ -14,13 +14,16 @@ the speed-ups:
 - :class:`GELU`: ``nn.GELU()``, without oneDNN's fixed cost on the small inputs of a
   generation step;
 - :class:`FusedAttention`: ``model.Attention`` (softmax(q k^T / sqrt(hs)) v written out) as
-  ``F.scaled_dot_product_attention``, a fused kernel that never holds the (T, T) weights,
-  run in float32 on a CPU under bf16 autocast, where it is fast only in float32;
+  ``F.scaled_dot_product_attention``, a fused kernel that never holds the (T, T) weights;
+  under CPU bf16 autocast, written out in bf16 where the weights are small (faster there
+  than any fused kernel), else the fused kernel in float32;
 - :class:`TrainingLoss`: ``model(idx, targets)[1]``, the head's cross-entropy made a chunk of
   rows at a time when the logits are large (word level), so they are never all held at once.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -81,11 +84,24 @@ class GELU(nn.GELU):
 
 
 class FusedAttention(Attention):
-    """model.Attention by F.scaled_dot_product_attention: one fused kernel (flash or
-    memory-efficient where the hardware has them) that never holds the (T, T) weights.
+    """model.Attention by the fastest CPU kernel measured for its size.
 
-    On a CPU the fused kernel is fast only in float32 (in bf16 it is 2-4x slower at these
-    sizes), so under CPU autocast q, k and v are converted to float32 and the result back."""
+    - float32 (and on GPUs): F.scaled_dot_product_attention, one fused kernel (flash or
+      memory-efficient where the hardware has them) that never holds the (T, T) weights.
+    - Under CPU bf16 autocast, PyTorch's fused kernel is 2-4x slower in bf16 than in float32
+      at these sizes. Where the weights are small (``small_elements``, ``small_keys``),
+      the plain expression in bf16 beats even the float32 fused kernel, by 1.3-2x forward
+      and backward at nano to tiny shapes (``benchmarks/step_profile.py --kernels``): two
+      batched matrix products and a softmax, the mask added inside the first. Longer
+      contexts convert q, k and v to float32 for the fused kernel (which skips the masked
+      half of the weights) and the result back.
+    """
+
+    # The largest attention weights (batch x heads x queries x keys) written out in bf16, and
+    # the most keys: 2^25 numbers are 64 MB per layer, kept for the backward pass; past 512
+    # keys the fused kernel's skipping of the masked half wins (at 1024 it was 1.1x faster).
+    small_elements = 1 << 25
+    small_keys = 512
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         T, Tk = q.size(2), k.size(2)
@@ -94,17 +110,45 @@ class FusedAttention(Attention):
         elif T == Tk:  # no cache: the kernel's own causal mask, its fastest path
             mask, causal = None, True
         else:  # new token i sits at position Tk - T + i and may see keys 0 .. Tk - T + i
-            rows = torch.arange(T, device=q.device).unsqueeze(1) + (Tk - T)
-            mask, causal = torch.arange(Tk, device=q.device) <= rows, False
+            mask, causal = self.visible(T, Tk, q.device), False
         if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            dtype = q.dtype
+            dtype = torch.get_autocast_dtype("cpu")
             with torch.autocast("cpu", enabled=False):
+                if self.is_small(q, k):
+                    return self.small(*(t.to(dtype) for t in (q, k, v)), causal or mask is not None)
                 q, k, v = (t.float() for t in (q, k, v))
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
             return y.to(dtype)
         # No context manager otherwise: entering even a null one costs a few microseconds per
         # layer, which a generation step at batch 1 notices.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+    def is_small(self, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Whether the attention of q over k (B, nh, T|Tk, hs) is written out under CPU
+        autocast rather than fused."""
+        B, nh, T, _ = q.shape
+        Tk = k.size(2)
+        return Tk <= self.small_keys and B * nh * T * Tk <= self.small_elements
+
+    @staticmethod
+    def visible(T: int, Tk: int, device: torch.device) -> torch.Tensor:
+        """(T, Tk) booleans: which keys each of the last T queries may see."""
+        rows = torch.arange(T, device=device).unsqueeze(1) + (Tk - T)
+        return torch.arange(Tk, device=device) <= rows
+
+    def small(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool):
+        """softmax(q k^T / sqrt(hs)) v written out, in the dtype of q, k, v (B, nh, T, hs)."""
+        B, nh, T, hs = q.shape
+        Tk = k.size(2)
+        q, k, v = (t.reshape(B * nh, -1, hs) for t in (q, k, v))
+        scale = 1.0 / math.sqrt(hs)
+        if causal:  # -inf where a key lies ahead of its query, added to the scores
+            hidden = torch.zeros(T, Tk, dtype=q.dtype, device=q.device)
+            hidden.masked_fill_(~self.visible(T, Tk, q.device), float("-inf"))
+            scores = torch.baddbmm(hidden, q, k.transpose(1, 2), alpha=scale)
+        else:
+            scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
+        return torch.bmm(scores.softmax(dim=-1), v).view(B, nh, T, hs)
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
