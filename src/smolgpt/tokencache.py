@@ -258,7 +258,9 @@ def _encode(
     try:
         for ids in encoded:
             ids = np.ascontiguousarray(ids, dtype=dtype)
-            ids.tofile(out)
+            # A Python write, not ids.tofile(out): a Ctrl-C inside numpy's tofile surfaced
+            # as a TypeError about the file object, with a traceback, not KeyboardInterrupt.
+            out.write(memoryview(ids).cast("B"))
             crc = zlib.crc32(ids, crc)
             count += len(ids)
             chunk_tokens.append(len(ids))
