@@ -132,6 +132,18 @@ def test_attention_under_cpu_autocast_is_softmax_qk_v(small_elements, causal, pa
         torch.testing.assert_close(got_grad.double(), t.grad, rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("small_elements", [1 << 25, 0], ids=["written out", "fused in float32"])
+def test_attention_under_cpu_autocast_answers_in_the_dtype_it_was_given(small_elements):
+    """float32 queries (from an int8 layer, which autocast leaves alone) get float32 back,
+    whichever dtype the attention is computed in: the next int8 layer takes only float32."""
+    attention = kernels.FusedAttention()
+    attention.small_elements = small_elements
+    q = torch.randn(1, 2, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention(q, q, q).dtype == torch.float32
+        assert attention(q.bfloat16(), q.bfloat16(), q.bfloat16()).dtype == torch.bfloat16
+
+
 def test_long_attention_under_autocast_is_fused_not_written_out():
     """Past small_keys keys, or small_elements weights, the written-out weights would cost
     more time or memory than the fused kernel."""

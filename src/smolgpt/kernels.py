@@ -88,9 +88,9 @@ class FusedAttention(Attention):
 
     - float32 (and on GPUs): F.scaled_dot_product_attention, one fused kernel (flash or
       memory-efficient where the hardware has them) that never holds the (T, T) weights.
-    - Under CPU bf16 autocast, PyTorch's fused kernel is 2-4x slower in bf16 than in float32
-      at these sizes. Where the weights are small (``small_elements``, ``small_keys``),
-      the plain expression in bf16 beats even the float32 fused kernel, by 1.3-2x forward
+    - Under CPU bf16 autocast, PyTorch's fused kernel is 2-3x slower in bf16 than in float32
+      at contexts of 64-128. Where the weights are small (``small_elements``, ``small_keys``),
+      the plain expression in bf16 beats even the float32 fused kernel, by 1.4-2.2x forward
       and backward at nano to tiny shapes (``benchmarks/step_profile.py --kernels``): two
       batched matrix products and a softmax, the mask added inside the first. Longer
       contexts convert q, k and v to float32 for the fused kernel (which skips the masked
@@ -99,7 +99,7 @@ class FusedAttention(Attention):
 
     # The largest attention weights (batch x heads x queries x keys) written out in bf16, and
     # the most keys: 2^25 numbers are 64 MB per layer, kept for the backward pass; past 512
-    # keys the fused kernel's skipping of the masked half wins (at 1024 it was 1.1x faster).
+    # keys the fused kernel's skipping of the masked half wins (at 1024: 1.04-1.13x faster).
     small_elements = 1 << 25
     small_keys = 512
 
@@ -112,12 +112,14 @@ class FusedAttention(Attention):
         else:  # new token i sits at position Tk - T + i and may see keys 0 .. Tk - T + i
             mask, causal = self.visible(T, Tk, q.device), False
         if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            dtype = torch.get_autocast_dtype("cpu")
+            dtype, reduced = q.dtype, torch.get_autocast_dtype("cpu")
             with torch.autocast("cpu", enabled=False):
                 if self.is_small(q, k):
-                    return self.small(*(t.to(dtype) for t in (q, k, v)), causal or mask is not None)
-                q, k, v = (t.float() for t in (q, k, v))
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+                    visible = self.visible(T, Tk, q.device) if causal else mask
+                    y = self.small(*(t.to(reduced) for t in (q, k, v)), visible)
+                else:
+                    q, k, v = (t.float() for t in (q, k, v))
+                    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
             return y.to(dtype)
         # No context manager otherwise: entering even a null one costs a few microseconds per
         # layer, which a generation step at batch 1 notices.
@@ -136,15 +138,16 @@ class FusedAttention(Attention):
         rows = torch.arange(T, device=device).unsqueeze(1) + (Tk - T)
         return torch.arange(Tk, device=device) <= rows
 
-    def small(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool):
-        """softmax(q k^T / sqrt(hs)) v written out, in the dtype of q, k, v (B, nh, T, hs)."""
+    @staticmethod
+    def small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible=None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hs)) v written out, in the dtype of q, k, v (B, nh, T|Tk, hs);
+        visible: the (T, Tk) booleans of :meth:`visible`, or None where every key is seen."""
         B, nh, T, hs = q.shape
-        Tk = k.size(2)
         q, k, v = (t.reshape(B * nh, -1, hs) for t in (q, k, v))
         scale = 1.0 / math.sqrt(hs)
-        if causal:  # -inf where a key lies ahead of its query, added to the scores
-            hidden = torch.zeros(T, Tk, dtype=q.dtype, device=q.device)
-            hidden.masked_fill_(~self.visible(T, Tk, q.device), float("-inf"))
+        if visible is not None:  # -inf where a key is hidden, added to the scores
+            hidden = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+            hidden.masked_fill_(~visible, float("-inf"))
             scores = torch.baddbmm(hidden, q, k.transpose(1, 2), alpha=scale)
         else:
             scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
