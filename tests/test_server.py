@@ -878,20 +878,32 @@ def test_playground_in_headless_chromium(main):
             page.eval_on_selector(
                 "#max_tokens", "e => { e.value = 400; e.dispatchEvent(new Event('input')); }"
             )
-            page.click("#generate")
-            # Text appears while Generate is still disabled: it streams.
-            page.wait_for_function(
-                "document.getElementById('completion')?.textContent.length > 0"
-                " && document.getElementById('generate').disabled"
+            # Text appears while Generate is still disabled: it streams. Watched by the page
+            # itself as the text changes (polling from here could miss a short generation on
+            # a loaded machine: it once did).
+            page.evaluate(
+                """() => {
+                    window.streamed = false;
+                    new MutationObserver(() => {
+                        const text = document.getElementById('completion')?.textContent;
+                        if (text && document.getElementById('generate').disabled) {
+                            window.streamed = true;
+                        }
+                    }).observe(document.body, {childList: true, subtree: true,
+                                               characterData: true});
+                }"""
             )
+            page.click("#generate")
             page.wait_for_function(
                 "document.getElementById('status').textContent.includes('tokens/s')", timeout=60_000
             )
+            streamed = page.evaluate("window.streamed")
             text = page.text_content("#completion")
             page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
         finally:
             browser.close()
     assert problems == []
+    assert streamed
     assert len(text) > 100
     assert any(url.endswith("/v1/completions") for url in requested)
     assert all(url.startswith(main.url) for url in requested), requested  # nothing external
