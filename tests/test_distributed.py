@@ -241,3 +241,31 @@ def test_a_signal_to_the_launch_stops_every_rank_at_one_step(smol_cli, tmp_path,
     # The iteration it stopped at is the one it saved.
     stops = [line for line in result.stderr.splitlines() if f"interrupted by {name}" in line]
     assert any(re.search(rf"\b{saved.iter}\b", line) for line in stops), result.describe()
+
+
+def test_one_process_under_torchrun_joins_a_group_of_one_and_a_plain_process_resumes(
+    smol_cli, tmp_path
+):
+    """--nproc_per_node=1 takes the multi-process path (a process group, DDP, the ranks'
+    checks), as on a machine with one GPU where it is the way to try a multi-GPU setup: it
+    trains as a plain process does, and a plain process resumes its run."""
+    steps = ("--max_iters", "60", "--eval_interval", "30")
+    launched = torchrun(
+        smol_cli,
+        tmp_path / "logs",
+        ["--standalone", "--nproc_per_node=1"],
+        *smol_cli.train_args("char", tmp_path / "launched", *steps),
+    ).wait(240)
+    assert launched.returncode == 0, launched.describe()
+    assert "distributed: 1 rank (Gloo); global batch" in launched.stderr, launched.describe()
+    plain = smol_cli.run("train", *smol_cli.train_args("char", tmp_path / "plain", *steps))
+    assert plain.returncode == 0, plain.describe()
+    assert "distributed" not in plain.stderr
+    assert_same_curves(rows(tmp_path / "launched"), rows(tmp_path / "plain"))
+
+    more = ("--max_iters", "90", "--eval_interval", "30", "--resume")
+    resumed = smol_cli.run("train", *smol_cli.train_args("char", tmp_path / "launched", *more))
+    assert resumed.returncode == 0, resumed.describe()
+    assert [r["iter"] for r in rows(tmp_path / "launched")] == [0, 30, 60, 90]
+    ckpt = checkpoint.load(tmp_path / "launched" / "latest_model.pth")
+    assert ckpt.progress.iter == 90 and ckpt.run_info["world_size"] == 1

@@ -3,10 +3,12 @@
 ``torchrun --nproc_per_node=N train.py ...`` starts N copies of the same command and tells
 each, through environment variables, who it is: ``RANK`` (0 .. WORLD_SIZE-1 over all
 machines), ``LOCAL_RANK`` (its place on this machine: which GPU it drives) and
-``WORLD_SIZE``. smolgpt reads them (:func:`from_environment`); with WORLD_SIZE > 1 each
-process joins a process group (NCCL between GPUs, Gloo between CPUs) and the trainer wraps
-its model in ``DistributedDataParallel``, which averages the gradients of all processes
-during the backward pass, so every process takes the same optimiser step.
+``WORLD_SIZE``. smolgpt reads them (:func:`from_environment`); each process joins a
+process group (NCCL between GPUs, Gloo between CPUs) and the trainer wraps its model in
+``DistributedDataParallel``, which averages the gradients of all processes during the
+backward pass, so every process takes the same optimiser step. A single process under
+torchrun (``--nproc_per_node=1``) joins a group of one all the same, as nanoGPT's does: the
+way to try the multi-GPU path (NCCL included) on a machine with one GPU.
 
 Who does what:
 
@@ -52,10 +54,13 @@ class Group:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    launched: bool = False  # started by torchrun, which may start a single process
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Whether this process belongs to a process group: several processes, or one that
+        torchrun started."""
+        return self.world_size > 1 or self.launched
 
     @property
     def is_main(self) -> bool:
@@ -163,6 +168,10 @@ class Group:
         )
 
 
+# torchrun sets this in every process it starts (and the ranks' variables with it).
+TORCHRUN_ENV = "TORCHELASTIC_RUN_ID"
+
+
 def from_environment() -> Group:
     """This process's Group, from the variables torchrun sets (none: one process)."""
     try:
@@ -179,7 +188,7 @@ def from_environment() -> Group:
             f"RANK {rank} does not fit WORLD_SIZE {world}: launch with "
             "torchrun, or unset them to train in one process"
         )
-    return Group(rank, local, world)
+    return Group(rank, local, world, launched=TORCHRUN_ENV in os.environ)
 
 
 @contextlib.contextmanager

@@ -311,9 +311,10 @@ def log_start(
     if group.distributed:
         sequences = cfg.batch_size * cfg.gradient_accumulation_steps * group.world_size
         log.info(
-            "distributed: %d ranks (%s); global batch %d sequences = %d per "
+            "distributed: %d rank%s (%s); global batch %d sequences = %d per "
             "micro-batch x %d accumulation x %d ranks, %d tokens a step",
             group.world_size,
+            "" if group.world_size == 1 else "s",
             "NCCL" if device.type == "cuda" else "Gloo",
             sequences,
             cfg.batch_size,

@@ -276,7 +276,7 @@ class Trainer:
                     run_log.finish()
                     break
                 self._step(run_log)
-        if group.distributed:
+        if group.world_size > 1:
             log.info("the %d ranks held identical weights at every evaluation", group.world_size)
         return p
 
