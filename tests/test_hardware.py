@@ -130,6 +130,19 @@ def test_cuda_policy_follows_the_compute_capability(capability, reduced):
     assert f"{capability[0]}.{capability[1]}" in policy.describe()
 
 
+def test_the_environment_makes_a_gpu_follow_another_compute_capability():
+    """SMOLGPT_CUDA_CAPABILITY=7.5 gives an H100 a T4's policy: fp16 with a gradient
+    scaler, Muon in float32; the reason names the variable."""
+    t4_path = hardware.cuda_policy((9, 0), forced="7.5")
+    assert t4_path.reduced == torch.float16 and t4_path.muon_dtype == torch.float32
+    assert "compute capability 7.5 (SMOLGPT_CUDA_CAPABILITY=7.5)" in t4_path.describe()
+    assert hardware.cuda_policy((7, 5), forced="9.0").reduced == torch.bfloat16
+    assert hardware.cuda_policy((9, 0), amp=False, forced="7.5").reduced is None
+    for wrong in ("7", "t4", "7.x", ""):
+        with pytest.raises(SmolGPTError, match=names("SMOLGPT_CUDA_CAPABILITY", repr(wrong))):
+            hardware.cuda_policy((9, 0), forced=wrong)
+
+
 def test_mps_and_unknown_devices_stay_in_float32():
     assert hardware.precision_policy(torch.device("meta")).reduced is None
 

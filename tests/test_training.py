@@ -199,3 +199,26 @@ def test_a_connection_lost_inside_torch_is_the_one_line_peer_lost():
     with pytest.raises(RuntimeError) as err, Group().talking_inside_torch():
         raise gloo
     assert err.value is gloo  # one process has no peers to lose
+
+
+def test_an_fp16_gradient_scaler_s_factor_is_in_every_metrics_row(make_trainer):
+    """Under fp16 (a T4's policy) each evaluation records the gradient scaler's factor, which
+    halves at every step skipped for an overflow. A CPU never trains in fp16, so the trainer
+    gets torch's own CPU GradScaler here, the object a T4's policy makes on its GPU: at a
+    factor of 2^127 the scaled loss overflows float32, each step is skipped and the factor
+    halves, until the gradients are finite again."""
+    import json
+
+    plain = make_trainer(max_iters=2, eval_interval=2, eval_iters=2)
+    plain.out_dir.mkdir(exist_ok=True)
+    plain.run()
+    rows = [json.loads(line) for line in (plain.out_dir / "metrics.jsonl").open()]
+    assert rows and all("loss_scale" not in r for r in rows)
+
+    scaled = make_trainer(max_iters=6, eval_interval=3, eval_iters=2)
+    scaled.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    scaled.run()
+    rows = [json.loads(line) for line in (scaled.out_dir / "metrics.jsonl").open()]
+    factors = [r["loss_scale"] for r in rows]
+    assert [r["iter"] for r in rows] == [0, 3, 6]
+    assert factors[0] == 2.0**127 and factors[0] > factors[1] >= factors[2] > 0, factors

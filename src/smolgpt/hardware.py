@@ -119,6 +119,8 @@ def cpu_info() -> CpuInfo:
 # "1" or "0" overrides what the CPU flags say about native bf16: for a virtual machine that
 # hides its flags, and to run the other CPU kind's code path on any machine (the tests do).
 CPU_BF16_ENV = "SMOLGPT_CPU_BF16"
+# The compute capability whose policy a GPU follows instead of its own ("7.5": a T4's).
+CUDA_CAPABILITY_ENV = "SMOLGPT_CUDA_CAPABILITY"
 
 
 @dataclass(frozen=True)
@@ -193,13 +195,35 @@ def cpu_policy(cpu: CpuInfo, amp: bool = True, forced: Optional[str] = None) -> 
     return PrecisionPolicy("cpu", torch.bfloat16 if native else None, why)
 
 
-def cuda_policy(capability: tuple[int, int], amp: bool = True) -> PrecisionPolicy:
+def forced_capability(value: Optional[str]) -> Optional[tuple[int, int]]:
+    """The compute capability that $SMOLGPT_CUDA_CAPABILITY names (value, e.g. "7.5"), or
+    None where it is unset."""
+    if value is None:
+        return None
+    major, dot, minor = value.partition(".")
+    if not (dot and major.isdigit() and minor.isdigit()):
+        raise SmolGPTError(
+            f"{CUDA_CAPABILITY_ENV}={value!r}: set it to a compute capability such as 7.5 "
+            "(a T4's policy: fp16 with loss scaling) or 8.0, or unset it to follow the GPU"
+        )
+    return int(major), int(minor)
+
+
+def cuda_policy(
+    capability: tuple[int, int], amp: bool = True, forced: Optional[str] = None
+) -> PrecisionPolicy:
     """bf16 autocast from compute capability 8.0 (Ampere) on. On 7.x (T4, V100) bf16 is
     emulated, while the tensor cores multiply fp16: fp16 autocast with a gradient scaler.
-    Older GPUs have no tensor cores: float32."""
+    Older GPUs have no tensor cores: float32. ``forced``: the value of
+    $SMOLGPT_CUDA_CAPABILITY, whose capability is followed instead of the GPU's own (to
+    try a T4's path on a newer GPU)."""
     if not amp:
         return PrecisionPolicy("cuda", None, "--no-amp")
+    if forced is not None:
+        capability = forced_capability(forced)
     cc = f"compute capability {capability[0]}.{capability[1]}"
+    if forced is not None:
+        cc += f" ({CUDA_CAPABILITY_ENV}={forced})"
     if tuple(capability) >= (8, 0):
         return PrecisionPolicy("cuda", torch.bfloat16, f"{cc} has native bf16")
     if tuple(capability) >= (7, 0):
@@ -212,7 +236,8 @@ def cuda_policy(capability: tuple[int, int], amp: bool = True) -> PrecisionPolic
 def precision_policy(device: torch.device, amp: bool = True) -> PrecisionPolicy:
     """The precision policy of a device, from what the hardware is, never from a timing."""
     if device.type == "cuda":
-        return cuda_policy(torch.cuda.get_device_capability(device), amp)
+        forced = os.environ.get(CUDA_CAPABILITY_ENV)
+        return cuda_policy(torch.cuda.get_device_capability(device), amp, forced)
     if device.type == "cpu":
         return cpu_policy(cpu_info(), amp, os.environ.get(CPU_BF16_ENV))
     # mps: autocast support is partial there; float32 is the safe choice

@@ -198,11 +198,13 @@ class RunLog:
         elapsed: float,
         eval_seconds: float,
         tokens: int,
+        loss_scale: Optional[float] = None,
     ) -> dict:
         """Write the metrics row of an evaluation that took eval_seconds, after `tokens`
         training tokens (every rank's), report it, and (--plot)
         redraw loss.png; throughput counts the training since the previous evaluation.
-        losses: "train", "val" and optionally "val_bits_per_char". Returns the row."""
+        losses: "train", "val" and optionally "val_bits_per_char"; loss_scale: the fp16
+        gradient scaler's factor, where there is one. Returns the row."""
         train_s = time.perf_counter() - self.window_start - eval_seconds
         tokens_per_s = self.window_tokens / train_s if self.window_steps else 0.0
         row = {
@@ -219,6 +221,8 @@ class RunLog:
         bpc = losses.get("val_bits_per_char")
         if bpc is not None:
             row["val_bits_per_char"] = round(bpc, 6)
+        if loss_scale is not None:
+            row["loss_scale"] = loss_scale
         if not self.group.is_main:
             self._restart_window()
             return row

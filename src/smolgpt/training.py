@@ -353,8 +353,9 @@ class Trainer:
         new_best = p.record(losses)
         lr = self.budget.learning_rate(max(p.iter - 1, 0))
         elapsed = self.budget.elapsed()
+        scale = self.scaler.get_scale() if self.scaler else None
         run_log.evaluation(
-            p.iter, losses, p.best_val_loss, new_best, lr, elapsed, scoring_s, p.tokens
+            p.iter, losses, p.best_val_loss, new_best, lr, elapsed, scoring_s, p.tokens, scale
         )
         if self.on_evaluation is not None:
             self.on_evaluation(self.model, p.iter, losses)
