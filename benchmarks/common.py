@@ -140,18 +140,23 @@ def _scratch_dir() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="smolgpt-bench-")  # removed at exit
 
 
-def cpu_trainer(data, **settings):
-    """A real ``smolgpt.training.Trainer`` of ``TrainConfig(device="cpu", **settings)`` over
+def trainer(data, device: str, **settings):
+    """A real ``smolgpt.training.Trainer`` of ``TrainConfig(device=device, **settings)`` over
     data. Its ``train_step()`` is exactly what ``train.py`` runs each step (autocast by the
-    CPU's precision policy, backward, clipping, the run's optimisers), so time that. Its
+    device's precision policy, backward, clipping, the run's optimisers), so time that. Its
     run directory is an empty temporary one: steps write nothing there."""
     import torch
 
     from smolgpt.config import TrainConfig
     from smolgpt.training import Trainer
 
-    cfg = TrainConfig(device="cpu", **settings)
-    return Trainer(cfg, data, Path(_scratch_dir().name), torch.device("cpu"))
+    cfg = TrainConfig(device=device, **settings)
+    return Trainer(cfg, data, Path(_scratch_dir().name), torch.device(device))
+
+
+def cpu_trainer(data, **settings):
+    """:func:`trainer` on the CPU."""
+    return trainer(data, "cpu", **settings)
 
 
 # ---------------------------------------------------------------- whole training runs
@@ -172,6 +177,7 @@ class TrainRun:
     """A finished ``python train.py`` process."""
 
     command: list[str]
+    out_dir: Path
     exit_code: int
     wall_s: float  # process start to exit: everything a user waits for
     rows: list[dict]  # metrics.jsonl; each row with "process_s", when it appeared
@@ -221,7 +227,7 @@ def run_train(
     rows = read_metrics(out_dir)
     for row, seconds in zip(rows, appeared):
         row["process_s"] = round(seconds, 2)
-    return TrainRun(command, proc.returncode, wall, rows, output)
+    return TrainRun(command, Path(out_dir), proc.returncode, wall, rows, output)
 
 
 # ------------------------------------------------------------------------------ corpora

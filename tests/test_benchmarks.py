@@ -64,6 +64,8 @@ def toy_runs(data: Path, records: Path, no_transformers: Path) -> dict[str, tupl
 
     throughput = ["throughput.py", "--quick"]
     return {
+        # Every part of the GPU script at toy size on the CPU: ten processes, ~40 s.
+        "gpu": (["gpu.py", "--toy", "--device", "cpu", "--data", data, *out("gpu")], {}),
         "levels": (
             [
                 "levels.py",
@@ -463,6 +465,70 @@ def test_frontier(runs):
     )
     (result,) = record["results"]
     assert result["config"] == "nanogpt-cpu" and 0 < result["val_loss"] < 10
+
+
+def test_gpu(runs):
+    record = check(
+        runs["gpu"],
+        "| nanoGPT's configuration | 20 |",
+        "| smolgpt --preset speedrun |",
+        "| smolgpt | no |",
+        "| a T4's policy (SMOLGPT_CUDA_CAPABILITY=7.5) |",
+        "1 rank (Gloo)",
+        "| nano | 300 |",
+    )
+    parts = record["parts"]
+    assert list(parts) == ["nanogpt", "throughput", "fp16", "torchrun", "vocab"]
+    assert not [p["error"] for p in parts.values() if "error" in p]
+    assert [r["steps"] for r in parts["nanogpt"]["runs"]][0] == 20
+    assert {r["compiled"] for r in parts["throughput"]["rows"]} == {False}  # --toy: eager
+    assert [r["skipped_after_warmup"] for r in parts["fp16"]["runs"]] == [0, 0, 0]
+    assert parts["torchrun"]["resumed_on"] == "cpu" and parts["torchrun"]["final_iter"] == 30
+    assert [r["vocab_size"] for r in parts["vocab"]["presets"]["nano"]] == [300, 400]
+
+
+def test_gpu_script_s_nanogpt_configuration_is_nanogpt_s(monkeypatch):
+    """The configuration the GPU script races is nanoGPT's published shakespeare_char one,
+    in flags that train.py takes (its toy run uses other sizes)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    gpu = importlib.import_module("gpu")
+    from smolgpt.cli import build_parser
+    from smolgpt.config import resolve_train_config
+
+    flags = ["train", "--level", "char", *gpu.NANOGPT_SHAKESPEARE_CHAR]
+    explicit = vars(build_parser().parse_args(flags))
+    explicit.pop("command")
+    cfg = resolve_train_config(explicit)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size) == (
+        6,
+        6,
+        384,
+        256,
+        64,
+    )
+    assert (cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.max_iters) == (
+        1e-3,
+        1e-4,
+        100,
+        5000,
+    )
+    assert (cfg.dropout, cfg.beta2, cfg.weight_decay, cfg.grad_clip) == (0.2, 0.99, 0.1, 1.0)
+    assert (cfg.optimizer, cfg.position, cfg.bias, cfg.compile) == ("adamw", "learned", False, True)
+    assert (cfg.eval_interval, cfg.eval_iters, cfg.lr_schedule) == (250, 200, "cosine")
+
+
+def test_gpu_script_counts_the_steps_the_fp16_scaler_skipped(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    gpu = importlib.import_module("gpu")
+    rows = [
+        {"iter": 0, "loss_scale": 65536.0},
+        {"iter": 50, "loss_scale": 8192.0},  # three skipped during the warm-up: not counted
+        {"iter": 150, "loss_scale": 8192.0},
+        {"iter": 200, "loss_scale": 2048.0},  # two after it
+        {"iter": 250, "loss_scale": 2048.0},
+    ]
+    assert gpu.skipped_after(rows, warmup=100) == 2
+    assert gpu.skipped_after([{"iter": 0, "val_loss": 1.0}], warmup=0) == 0  # no scaler
 
 
 def test_frontier_configs(monkeypatch):
