@@ -205,6 +205,7 @@ def _trainer(tmp_path, level: str, **overrides) -> Trainer:
     )
     if level == "word":  # the chunked head loss, as at a real word-level vocabulary
         trainer.training_loss.chunk_elements = 4 * tokens.tokenizer.vocab_size
+        trainer.training_loss.min_chunk_rows = 1
     return trainer
 
 

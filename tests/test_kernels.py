@@ -12,7 +12,7 @@ import torch
 
 from smolgpt import kernels
 from smolgpt.config import ModelConfig
-from smolgpt.kernels import GELU, ChunkedHeadLoss, Dropout, TrainingLoss
+from smolgpt.kernels import GELU, ChunkedHeadLoss, Dropout, TrainingLoss, head_loss
 from smolgpt.model import GPT, Attention, KVCache
 
 
@@ -79,6 +79,7 @@ def test_fast_kernels_give_the_plain_models_outputs_and_gradients(tiny_config, p
     fast.zero_grad()
     training_loss = TrainingLoss(fast)
     training_loss.chunk_elements = 5 * tiny_config.vocab_size
+    training_loss.min_chunk_rows = 1
     _, chunked = run(lambda x, y: (None, training_loss(x, y)))
     torch.testing.assert_close(chunked, plain_loss, **tol)
     torch.testing.assert_close(grads(fast), grads(plain), **tol)
@@ -174,6 +175,22 @@ def test_chunked_head_loss_equals_cross_entropy_and_its_gradients():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # softmax in float32
 
 
+def test_head_loss_chunks_have_min_rows_at_least(monkeypatch):
+    """Each chunk adds a pass over the head's whole gradient: a large vocabulary, which
+    would leave few rows in chunk_elements, gets min_rows rows a chunk; where min_rows
+    covers the batch, the ordinary path."""
+    rows_used = []
+    chunked = ChunkedHeadLoss.apply
+    monkeypatch.setattr(ChunkedHeadLoss, "apply", lambda *a: rows_used.append(a[4]) or chunked(*a))
+    torch.manual_seed(0)
+    x, weight, targets = torch.randn(40, 8), torch.randn(7, 8), torch.randint(7, (40,))
+    expected = torch.nn.functional.cross_entropy(x @ weight.t(), targets)
+    torch.testing.assert_close(head_loss(x, weight, targets, 2 * 7, min_rows=16), expected)
+    assert rows_used == [16]  # 2 rows by the elements, 16 by the floor
+    torch.testing.assert_close(head_loss(x, weight, targets, 2 * 7, min_rows=64), expected)
+    assert rows_used == [16]  # 64 rows cover all 40: no chunks
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_training_loss_is_the_models_loss_in_chunks_or_whole(tiny_config, autocast):
     torch.manual_seed(0)
@@ -193,6 +210,7 @@ def test_training_loss_is_the_models_loss_in_chunks_or_whole(tiny_config, autoca
     same, same_grads = loss_and_grads(training_loss)
     assert torch.equal(same, whole)
     training_loss.chunk_elements = 5 * tiny_config.vocab_size
+    training_loss.min_chunk_rows = 1
     chunked, chunked_grads = loss_and_grads(training_loss)  # 5 rows per chunk
     tol = {"rtol": 2e-2, "atol": 2e-3} if autocast else {"rtol": 1e-4, "atol": 1e-6}
     torch.testing.assert_close(chunked, whole, **tol)

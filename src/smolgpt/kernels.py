@@ -31,8 +31,16 @@ from torch.nn import functional as F
 
 from .model import GPT, Attention
 
-# Logits per chunk of the head loss: 2^20 float32 = 4 MB, which stays in cache.
+# Logits per chunk of the head loss: 2^20 float32 = 4 MB, which stays in cache...
 LOSS_CHUNK_ELEMENTS = 1 << 20
+# ...but no fewer rows than this: every chunk adds a pass over the head's whole gradient
+# (vocab x C floats), which at a large vocabulary costs more than the chunk's products (at
+# GPT-2's 50,257 tokens, 20 rows a chunk made the loss 5x slower than 256; step_profile.py
+# --kernels).
+LOSS_CHUNK_MIN_ROWS = 256
+# On a GPU, where no cache holds a chunk, logits are chunked only to bound the memory they
+# take: 2^28 float32 (1 GB) at a time.
+GPU_LOSS_CHUNK_ELEMENTS = 1 << 28
 # PyTorch's grain size: below this many numbers its elementwise kernels use one thread.
 SMALL_ELEMENTS = 32768
 
@@ -204,11 +212,15 @@ def head_loss(
     weight: torch.Tensor,
     targets: torch.Tensor,
     chunk_elements: int = LOSS_CHUNK_ELEMENTS,
+    min_rows: int = LOSS_CHUNK_MIN_ROWS,
 ) -> torch.Tensor:
     """Mean cross-entropy of the output head's logits x @ weight.T (x: (N, C) final hidden
     states) against targets (N,): ``F.cross_entropy(F.linear(x, weight), targets)``, by
-    :class:`ChunkedHeadLoss` when the logits would hold more than chunk_elements numbers."""
-    rows = max(1, chunk_elements // weight.size(0))
+    :class:`ChunkedHeadLoss` when the logits would hold more than chunk_elements numbers
+    (on a GPU, GPU_LOSS_CHUNK_ELEMENTS at least), in chunks of min_rows rows at least."""
+    if x.device.type != "cpu":
+        chunk_elements = max(chunk_elements, GPU_LOSS_CHUNK_ELEMENTS)
+    rows = max(1, min_rows, chunk_elements // weight.size(0))
     if x.size(0) <= rows:  # the logits are small: the ordinary path is faster
         return F.cross_entropy(F.linear(x, weight), targets)  # float32 under autocast
     device = x.device.type
@@ -240,8 +252,9 @@ class TrainingLoss(nn.Module):
     training (DistributedDataParallel, torch.compile) sees an ordinary forward; its
     parameters are the model's."""
 
-    # The largest logits the loss is made from in one piece.
+    # The largest logits the loss is made from in one piece, and the fewest rows of a chunk.
     chunk_elements = LOSS_CHUNK_ELEMENTS
+    min_chunk_rows = LOSS_CHUNK_MIN_ROWS
 
     def __init__(self, model: GPT):
         super().__init__()
@@ -252,7 +265,9 @@ class TrainingLoss(nn.Module):
         head = self.model.lm_head
         if not isinstance(head.weight, torch.Tensor):  # int8 (quantize.py): no float matrix
             return rows_loss(x, head, targets.flatten(), self.chunk_elements)
-        return head_loss(x, head.weight, targets.flatten(), self.chunk_elements)
+        return head_loss(
+            x, head.weight, targets.flatten(), self.chunk_elements, self.min_chunk_rows
+        )
 
 
 def use_fast_kernels(model: nn.Module) -> nn.Module:
