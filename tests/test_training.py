@@ -222,3 +222,36 @@ def test_an_fp16_gradient_scaler_s_factor_is_in_every_metrics_row(make_trainer):
     factors = [r["loss_scale"] for r in rows]
     assert [r["iter"] for r in rows] == [0, 3, 6]
     assert factors[0] == 2.0**127 and factors[0] > factors[1] >= factors[2] > 0, factors
+
+
+def test_a_t4_s_fp16_policy_trains_as_float32_does(make_trainer, monkeypatch):
+    """A T4's policy end to end (fp16 autocast, a gradient scaler, Muon's iteration in
+    float32), run on the CPU's own fp16 autocast, since no GPU here has the policy: the
+    scaler backs off from 2^16 in the first steps at most, skips no step after them, and
+    the losses follow a float32 run's."""
+    import json
+
+    from smolgpt import hardware
+
+    t4 = hardware.cuda_policy((7, 5))
+    policies = {
+        "float32": hardware.PrecisionPolicy("cpu", None, "float32"),
+        "fp16": hardware.PrecisionPolicy("cpu", t4.reduced, t4.reason),
+    }
+    rows, trainers = {}, {}
+    for name, policy in policies.items():
+        monkeypatch.setattr(hardware, "precision_policy", lambda device, amp=True, p=policy: p)
+        trainer = make_trainer(max_iters=60, eval_interval=20, eval_iters=4, warmup_iters=10)
+        trainer.out_dir.mkdir(exist_ok=True)
+        trainer.run()
+        rows[name] = [json.loads(line) for line in (trainer.out_dir / "metrics.jsonl").open()]
+        trainers[name] = trainer
+    fp16 = trainers["fp16"]
+    assert trainers["float32"].scaler is None and fp16.scaler is not None
+    assert fp16.optimizers[-1].ns_dtype == torch.float32  # Muon: never fp16
+    scales = [r["loss_scale"] for r in rows["fp16"]]
+    assert scales[1] == scales[2] == scales[3] <= 2.0**16, scales  # none skipped after iter 20
+    assert [r["iter"] for r in rows["fp16"]] == [0, 20, 40, 60]
+    for a, b in zip(rows["fp16"], rows["float32"]):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=0.02), (a, b)
+    assert rows["fp16"][-1]["val_loss"] < rows["fp16"][0]["val_loss"] - 0.3  # it learned
