@@ -478,7 +478,7 @@ def test_gpu(runs):
         "| nano | 300 |",
     )
     parts = record["parts"]
-    assert list(parts) == ["nanogpt", "throughput", "fp16", "torchrun", "vocab"]
+    assert list(parts) == ["nanogpt", "fp16", "torchrun", "throughput", "vocab"]
     assert not [p["error"] for p in parts.values() if "error" in p]
     assert [r["steps"] for r in parts["nanogpt"]["runs"]][0] == 20
     assert {r["compiled"] for r in parts["throughput"]["rows"]} == {False}  # --toy: eager
