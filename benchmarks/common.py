@@ -230,6 +230,21 @@ def run_train(
     return TrainRun(command, Path(out_dir), proc.returncode, wall, rows, output)
 
 
+def evaluate_checkpoint(checkpoint: Path, device: str = "cpu") -> dict:
+    """``smolgpt eval CHECKPOINT --json --device DEVICE``: the loss over the run's whole
+    validation split (every token after the first scored once), in its own process as a
+    user runs it. Raises RuntimeError with its stderr if it fails."""
+    result = subprocess.run(
+        [sys.executable, "-m", "smolgpt", "eval", str(checkpoint), "--json", "--device", device],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"smolgpt eval {checkpoint} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout)
+
+
 # ------------------------------------------------------------------------------ corpora
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -39,8 +38,8 @@ from typing import Optional
 
 from common import (
     OUT,
-    REPO,
     SHARED_DATA,
+    evaluate_checkpoint,
     markdown_table,
     print_command,
     print_machine,
@@ -86,19 +85,6 @@ CONFIGS = {
 DEFAULT_CONFIGS = ("speedrun", "nanogpt-cpu")
 BUDGETS = (30, 60, 150, 300, 600)
 NANOGPT_GPU = 1.4697  # nanoGPT's shakespeare_char result on an A100 (6x384, 5000 iterations)
-
-
-def evaluate(checkpoint: Path) -> dict:
-    """`smolgpt eval CHECKPOINT --json` (the model's own validation split, whole)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "smolgpt", "eval", str(checkpoint), "--json", "--device", "cpu"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"smolgpt eval failed:\n{result.stderr}")
-    return json.loads(result.stdout)
 
 
 def plot(results: list[dict], path: Path, cpu: str) -> Optional[Path]:
@@ -261,7 +247,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 run = run_train(flags, out_dir)
                 if run.exit_code != 0:
                     raise RuntimeError(f"{run.command} failed:\n{run.output[-3000:]}")
-                scored = evaluate(out_dir / "best_model.pth")
+                scored = evaluate_checkpoint(out_dir / "best_model.pth")
                 best_logged = min(r["val_loss"] for r in run.rows)
                 results.append(
                     {

@@ -46,6 +46,7 @@ recorded with its error and the next one starts; the exit status is then 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -58,9 +59,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import common
+import throughput
 
 
-class PartFailed(Exception):
+class PartFailed(RuntimeError):
     """A command a part runs failed; the message carries the end of its output."""
 
 
@@ -85,13 +87,18 @@ NANOGPT_TOY = (
 TOY_MODEL = "--n_layer 1 --n_head 2 --n_embd 32 --block_size 32 --batch_size 4 --eval_iters 2"
 GPT2_VOCAB = 50257
 T4_ENV = "SMOLGPT_CUDA_CAPABILITY"  # =7.5: a T4's precision policy on any GPU
-# The warm-up a recipe without --time_budget gets (TrainConfig.warmup_iters' default).
-WARMUP_ITERS = 100
 
 
-def train(args, flags: list[str], out_dir: Path, env: Optional[dict] = None, python_args=()):
-    """A whole train.py process on the corpus at char level, on args.device; raises with
-    its output if it fails."""
+def train(
+    args,
+    flags: list[str],
+    out_dir: Path,
+    env: Optional[dict] = None,
+    python_args=(),
+    device: Optional[str] = None,
+):
+    """A whole train.py process on the corpus at char level, on device (None: args.device);
+    raises PartFailed with its output if it fails."""
     run = common.run_train(
         [
             "--level",
@@ -99,7 +106,7 @@ def train(args, flags: list[str], out_dir: Path, env: Optional[dict] = None, pyt
             "--data",
             str(args.data / "tinyshakespeare.txt"),
             "--device",
-            args.device,
+            device or args.device,
             "--no-plot",
             *flags,
         ],
@@ -110,19 +117,6 @@ def train(args, flags: list[str], out_dir: Path, env: Optional[dict] = None, pyt
     if run.exit_code:
         raise PartFailed(f"{shlex.join(run.command)} failed:\n{run.output[-3000:]}")
     return run
-
-
-def evaluate(checkpoint: Path, device: str) -> dict:
-    """``smolgpt eval CHECKPOINT --json``: the run's whole validation split."""
-    result = subprocess.run(
-        [sys.executable, "-m", "smolgpt", "eval", str(checkpoint), "--json", "--device", device],
-        capture_output=True,
-        text=True,
-        cwd=common.REPO,
-    )
-    if result.returncode:
-        raise PartFailed(f"smolgpt eval {checkpoint} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout)
 
 
 # ----------------------------------------------------------------------------- nanogpt
@@ -142,7 +136,7 @@ def part_nanogpt(args, folder: Path) -> dict:
         nanogpt_flags = [f for f in nanogpt_flags if f != "--compile"]
         name += " without torch.compile (failed with it)"
         peer = train(args, nanogpt_flags, folder / "nanogpt-eager")
-    rows = [summary(name, nanogpt_flags, peer, peer.out_dir, args)]
+    rows = [summary(name, nanogpt_flags, peer, args)]
     # A process's start-up (imports, CUDA, the token cache) and final save lie outside its
     # --time_budget: about 10 s are kept for them.
     budget = max(1.0, 0.45 * peer.wall_s - 8.0)
@@ -153,8 +147,8 @@ def part_nanogpt(args, folder: Path) -> dict:
         print(f"  smolgpt {recipe} ...", file=sys.stderr, flush=True)
         try:  # a recipe that fails loses its own row, not the peer's measurement
             ours = train(args, flags, folder / f"ours{i}")
-            rows.append(summary(f"smolgpt {recipe}", flags, ours, ours.out_dir, args))
-        except PartFailed as exc:
+            rows.append(summary(f"smolgpt {recipe}", flags, ours, args))
+        except RuntimeError as exc:  # PartFailed, or smolgpt eval's failure
             rows.append({"name": f"smolgpt {recipe}", "flags": flags, "error": str(exc)})
             print(f"smolgpt {recipe} failed: {exc}")
     half = peer.wall_s / 2
@@ -178,10 +172,10 @@ def part_nanogpt(args, folder: Path) -> dict:
     return {"runs": rows, "half_of_nanogpt_s": half, "budget_s": budget}
 
 
-def summary(name: str, flags, run: common.TrainRun, out_dir: Path, args) -> dict:
-    """What a finished run in out_dir did and how its best checkpoint scores over the
-    whole validation split."""
-    score = evaluate(Path(out_dir) / "best_model.pth", args.device)
+def summary(name: str, flags, run: common.TrainRun, args) -> dict:
+    """What a finished run did and how its best checkpoint scores over the whole
+    validation split."""
+    score = common.evaluate_checkpoint(run.out_dir / "best_model.pth", args.device)
     return {
         "name": name,
         "flags": list(flags),
@@ -221,41 +215,6 @@ def rate(step: Callable[[], object], device, tokens_per_step: int, warmup: int, 
     return steps * tokens_per_step / (time.perf_counter() - start), first_s
 
 
-def transformers_step(shape: dict, data, device, compile: bool):  # noqa: A002
-    """GPT2LMHeadModel at shape, bf16 autocast, and the AdamW loop a user writes."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from smolgpt.batches import BatchSampler
-
-    torch.manual_seed(1337)
-    config = GPT2Config(
-        vocab_size=shape["vocab_size"],
-        n_positions=shape["block_size"],
-        n_embd=shape["n_embd"],
-        n_layer=shape["n_layer"],
-        n_head=shape["n_head"],
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    model = GPT2LMHeadModel(config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    forward = torch.compile(model) if compile else model
-    sampler = BatchSampler(data.train, shape["block_size"], shape["batch_size"], 1337, device)
-
-    def step():
-        x, _ = sampler.next()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = forward(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def part_throughput(args, folder: Path) -> dict:
     import torch
 
@@ -264,32 +223,28 @@ def part_throughput(args, folder: Path) -> dict:
 
     device = torch.device(args.device)
     if args.toy:
-        shape = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, batch_size=4, vocab_size=65)
+        config = throughput.BenchConfig("toy", 1, 2, 32, 32, 4, 65, "char", 0.0)
         warmup, steps = 2, 3
     else:
         small = PRESETS["small"]
-        shape = {k: small[k] for k in ("n_layer", "n_head", "n_embd")}
-        shape |= dict(block_size=1024, batch_size=args.batch, vocab_size=GPT2_VOCAB)
+        config = throughput.BenchConfig(
+            "small", small["n_layer"], small["n_head"], small["n_embd"], 1024, args.batch,
+            GPT2_VOCAB, "char", 0.0,
+        )  # fmt: skip
         warmup, steps = 5, 20
-    tokens_per_step = shape["block_size"] * shape["batch_size"]
-    data = common.random_token_data(shape["vocab_size"], n_tokens=50 * tokens_per_step)
+    tokens_per_step = config.block_size * config.batch_size
+    data = common.random_token_data(config.vocab_size, n_tokens=50 * tokens_per_step)
     transformers, why = common.import_transformers()
     compiles = (False,) if args.no_compile else (False, True)
     rows, flops = [], None
     for compiled in compiles:
-        trainer = common.trainer(
-            data,
-            args.device,
-            dropout=0.0,
-            compile=compiled,
-            **{k: v for k, v in shape.items() if k != "vocab_size"},
-        )
+        step, trainer = throughput.smolgpt_step(config, data, args.device, compile=compiled)
         policy, flops = trainer.precision, trainer.model.estimate_flops_per_token()
-        tok_s, first = rate(trainer.train_step, device, tokens_per_step, warmup, steps)
+        tok_s, first = rate(step, device, tokens_per_step, warmup, steps)
         rows.append(("smolgpt", compiled, tok_s, first))
-        del trainer
+        del step, trainer
         if transformers is not None:
-            step = transformers_step(shape, data, device, compiled)
+            step, _ = throughput.transformers_step(config, data, True, args.device, compiled)
             tok_s, first = rate(step, device, tokens_per_step, warmup, steps)
             rows.append(("transformers GPT2LMHeadModel", compiled, tok_s, first))
             del step
@@ -309,7 +264,7 @@ def part_throughput(args, folder: Path) -> dict:
     if transformers is None:
         print(f"transformers left out: {why}")
     print(
-        f"shape: {shape}, precision {policy.describe()}, peak {peak / 1e12:.0f} TFLOP/s "
+        f"shape: {config}, precision {policy.describe()}, peak {peak / 1e12:.0f} TFLOP/s "
         f"(measured), {flops / 1e9:.3f} GFLOP a token\n"
     )
     print(
@@ -322,7 +277,12 @@ def part_throughput(args, folder: Path) -> dict:
             ],
         )
     )
-    return {"shape": shape, "peak_flops": peak, "flops_per_token": flops, "rows": results}
+    return {
+        "shape": dataclasses.asdict(config),
+        "peak_flops": peak,
+        "flops_per_token": flops,
+        "rows": results,
+    }
 
 
 # ------------------------------------------------------------------------------- fp16
@@ -346,7 +306,9 @@ def part_fp16(args, folder: Path) -> dict:
     steps = 20 if args.toy else args.fp16_steps
     flags = ["--preset", "micro", "--max_iters", str(steps), "--eval_interval", str(steps // 8)]
     flags += (TOY_MODEL.split() + ["--warmup_iters", "2"]) if args.toy else ["--eval_iters", "20"]
-    warmup = 2 if args.toy else WARMUP_ITERS
+    from smolgpt.config import TrainConfig
+
+    warmup = 2 if args.toy else TrainConfig.warmup_iters  # the preset's: micro keeps it
     own = {k: v for k, v in os.environ.items() if k != T4_ENV}
     runs = {
         "own policy, seed 1337": (own, []),
@@ -403,13 +365,7 @@ def part_torchrun(args, folder: Path) -> dict:
     print("  resumed on the CPU ...", file=sys.stderr, flush=True)
     more = ["--preset", "micro", "--max_iters", str(steps + steps // 2), "--resume"]
     more += ["--eval_interval", str(steps // 2), *(TOY_MODEL.split() if args.toy else [])]
-    resumed = common.run_train(
-        ["--level", "char", "--data", str(args.data / "tinyshakespeare.txt"), "--device", "cpu"]
-        + ["--no-plot", *more],
-        out_dir,
-    )
-    if resumed.exit_code:
-        raise PartFailed(f"the resume on the CPU failed:\n{resumed.output[-3000:]}")
+    resumed = train(args, more, out_dir, device="cpu")
     ckpt = checkpoint.load(out_dir / "latest_model.pth")
     result = {
         "distributed_line": line.split("distributed:", 1)[-1].strip(),

@@ -104,12 +104,13 @@ def bench_configs(dropout: float) -> list[BenchConfig]:
 
 
 def smolgpt_step(
-    c: BenchConfig, data: TokenData, **settings
+    c: BenchConfig, data: TokenData, device: str = "cpu", **settings
 ) -> tuple[Callable[[], float], Trainer]:
-    """(step function, trainer): train_step of a real Trainer of config c; settings such
-    as optimizer="muon" or amp=False go to its TrainConfig."""
-    trainer = common.cpu_trainer(
+    """(step function, trainer): train_step of a real Trainer of config c on device;
+    settings such as optimizer="muon" or amp=False go to its TrainConfig."""
+    trainer = common.trainer(
         data,
+        device,
         level=c.level,
         n_layer=c.n_layer,
         n_head=c.n_head,
@@ -124,8 +125,15 @@ def smolgpt_step(
     return (lambda: trainer.train_step().item()), trainer
 
 
-def transformers_step(c: BenchConfig, data: TokenData, bf16: bool):
-    """GPT2LMHeadModel at the same shape and a plain AdamW loop; returns (step, model)."""
+def transformers_step(
+    c: BenchConfig,
+    data: TokenData,
+    bf16: bool,
+    device: str = "cpu",
+    compile: bool = False,  # noqa: A002 - torch.compile of the model, as TrainConfig names it
+):
+    """GPT2LMHeadModel at the same shape on device (torch.compile'd if compile) and a plain
+    AdamW loop; returns (step, model)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(1337)
@@ -141,18 +149,20 @@ def transformers_step(c: BenchConfig, data: TokenData, bf16: bool):
         bos_token_id=0,
         eos_token_id=0,
     )  # activation_function stays transformers' default ("gelu_new")
-    model = GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config).to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    sampler = BatchSampler(data.train, c.block_size, c.batch_size, 1337, torch.device("cpu"))
+    forward = torch.compile(model) if compile else model
+    sampler = BatchSampler(data.train, c.block_size, c.batch_size, 1337, torch.device(device))
+    kind = torch.device(device).type
     autocast = (
-        (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        (lambda: torch.autocast(kind, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     )
 
     def step() -> float:
         x, _ = sampler.next()  # HF shifts the labels itself
         with autocast():
-            loss = model(input_ids=x, labels=x).loss
+            loss = forward(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -35,7 +35,7 @@ from .model import GPT, Attention
 LOSS_CHUNK_ELEMENTS = 1 << 20
 # ...but no fewer rows than this: every chunk adds a pass over the head's whole gradient
 # (vocab x C floats), which at a large vocabulary costs more than the chunk's products (at
-# GPT-2's 50,257 tokens, 20 rows a chunk made the loss 5x slower than 256; step_profile.py
+# GPT-2's 50,257 tokens, 20 rows a chunk made the loss 4.5x slower than 256; step_profile.py
 # --kernels).
 LOSS_CHUNK_MIN_ROWS = 256
 # On a GPU, where no cache holds a chunk, logits are chunked only to bound the memory they
